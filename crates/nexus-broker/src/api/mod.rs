@@ -1,0 +1,141 @@
+//! The broker's HTTP API.
+//!
+//! Layers, outermost first: JSON errors for anything axum or tower answer on
+//! their own; request metrics and logs; body size limit; then per group of
+//! routes, the `ALLOWED_CIDRS` check and the `X-API-Key` check. `/health`,
+//! `/ready` and `/metrics` need no key (they reveal no secret and probes rarely
+//! carry one); everything else does.
+
+use std::sync::Arc;
+
+use axum::http::{Method, StatusCode, Uri};
+use axum::middleware::{from_fn, from_fn_with_state};
+use axum::routing::{get, post};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tower_http::limit::RequestBodyLimitLayer;
+
+use crate::audit::AuditSink;
+use crate::config::BrokerConfig;
+use crate::registry::Registry;
+use crate::store::Store;
+use crate::telemetry;
+
+pub mod audit;
+pub mod error;
+pub mod extract;
+pub mod guard;
+pub mod ops;
+pub mod providers;
+
+use error::ApiError;
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: BrokerConfig,
+    store: Store,
+    registry: Registry,
+    audit: AuditSink,
+    metrics: PrometheusHandle,
+}
+
+impl AppState {
+    /// Builds the state.
+    pub fn new(config: BrokerConfig, store: Store, audit: AuditSink, metrics: PrometheusHandle) -> Self {
+        let registry = Registry::new(store.clone(), config.keys.clone());
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                registry,
+                audit,
+                metrics,
+            }),
+        }
+    }
+
+    /// Validated configuration.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.inner.config
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The provider registry.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// Queue for audit events written off the request path.
+    pub fn audit(&self) -> &AuditSink {
+        &self.inner.audit
+    }
+
+    /// Prometheus handle.
+    pub fn metrics(&self) -> &PrometheusHandle {
+        &self.inner.metrics
+    }
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    // The path only, never the query string.
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {method} {}", uri.path()),
+    )
+}
+
+/// The complete router with all layers.
+pub fn router(state: AppState) -> Router {
+    let admin = Router::new()
+        .route("/providers", post(providers::create).get(providers::list))
+        .route("/providers/metadata", get(providers::metadata))
+        .route(
+            "/providers/by-name/{name}",
+            get(providers::get_by_name).delete(providers::delete_by_name),
+        )
+        .route(
+            "/providers/{id}",
+            get(providers::get)
+                .put(providers::replace)
+                .patch(providers::patch)
+                .delete(providers::delete),
+        )
+        .route(
+            "/providers/{id}/aliases",
+            post(providers::add_alias).get(providers::list_aliases),
+        )
+        .route(
+            "/providers/{id}/aliases/{alias}",
+            axum::routing::delete(providers::remove_alias),
+        )
+        .route("/audit", get(audit::list))
+        .route_layer(from_fn_with_state(state.clone(), guard::require_api_key))
+        .route_layer(from_fn_with_state(state.clone(), guard::allow_cidrs));
+
+    let ops = Router::new()
+        .route("/ready", get(ops::ready))
+        .route("/metrics", get(ops::metrics))
+        .route_layer(from_fn_with_state(state.clone(), guard::allow_cidrs))
+        .route("/health", get(ops::health));
+
+    let max_body = state.config().max_body_bytes;
+    Router::new()
+        .merge(admin)
+        .merge(ops)
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(RequestBodyLimitLayer::new(max_body))
+        .layer(from_fn(telemetry::track_requests))
+        .layer(from_fn(error::json_errors))
+        .with_state(state)
+}

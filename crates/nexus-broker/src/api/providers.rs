@@ -1,0 +1,156 @@
+//! `/providers`: the provider registry API (SPEC §3, §12), wire-compatible
+//! with the reference broker.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::error::ApiError;
+use super::extract::{ApiJson, Caller};
+use super::AppState;
+use crate::registry::Provider;
+use crate::store::rfc3339;
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn view(p: &Provider, aliases: Vec<String>) -> Value {
+    let mut obj = match p.profile.public_json() {
+        Value::Object(o) => o,
+        _ => Map::new(),
+    };
+    obj.insert("id".into(), json!(p.row.id));
+    obj.insert("client_secret_set".into(), json!(p.client_secret_set()));
+    obj.insert("strategy".into(), json!(p.strategy));
+    obj.insert("aliases".into(), json!(aliases));
+    obj.insert("created_at".into(), json!(rfc3339(p.row.created_at)));
+    obj.insert("updated_at".into(), json!(rfc3339(p.row.updated_at)));
+    Value::Object(obj)
+}
+
+/// `POST /providers` → 201 `{id, message}`.
+pub async fn create(State(st): State<AppState>, caller: Caller, ApiJson(body): ApiJson<Value>) -> ApiResult<impl IntoResponse> {
+    let id = st.registry().create(body, &caller.admin()).await?;
+    Ok((StatusCode::CREATED, Json(json!({"id": id, "message": "provider created"}))))
+}
+
+/// `GET /providers` → `[{id, name, auth_type}]`.
+pub async fn list(State(st): State<AppState>) -> ApiResult<Json<Value>> {
+    let providers = st.registry().list().await?;
+    Ok(Json(Value::Array(
+        providers
+            .iter()
+            .map(|p| json!({"id": p.row.id, "name": p.profile.name, "auth_type": p.profile.auth_type.as_str()}))
+            .collect(),
+    )))
+}
+
+/// `GET /providers/metadata` → `{auth_type: {name: {id, api_base_url, user_info_endpoint, scopes, description, category}}}`.
+pub async fn metadata(State(st): State<AppState>) -> ApiResult<Json<Value>> {
+    let providers = st.registry().list().await?;
+    let mut grouped: BTreeMap<&str, Map<String, Value>> = BTreeMap::new();
+    for p in &providers {
+        grouped.entry(p.profile.auth_type.as_str()).or_default().insert(
+            p.profile.name.clone(),
+            json!({
+                "id": p.row.id,
+                "api_base_url": p.profile.api_base_url,
+                "user_info_endpoint": p.profile.user_info_endpoint,
+                "scopes": p.profile.scopes,
+                "description": p.profile.description,
+                "category": p.profile.category,
+            }),
+        );
+    }
+    Ok(Json(json!(grouped)))
+}
+
+/// `GET /providers/{id}`: the profile without its secret.
+pub async fn get(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let reg = st.registry();
+    let p = reg.get(&id).await?;
+    let aliases = reg.aliases(&id).await?.into_iter().map(|(_, display)| display).collect();
+    Ok(Json(view(&p, aliases)))
+}
+
+/// `PUT /providers/{id}`: replace the profile.
+pub async fn replace(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<Value>,
+) -> ApiResult<Json<Value>> {
+    st.registry().replace(&id, body, &caller.admin()).await?;
+    Ok(Json(json!({"id": id, "message": "provider updated"})))
+}
+
+/// `PATCH /providers/{id}`: JSON merge patch of the profile.
+pub async fn patch(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<Value>,
+) -> ApiResult<Json<Value>> {
+    st.registry().patch(&id, body, &caller.admin()).await?;
+    Ok(Json(json!({"id": id, "message": "provider updated"})))
+}
+
+/// `DELETE /providers/{id}`: soft delete.
+pub async fn delete(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    st.registry().delete(&id, &caller.admin()).await?;
+    Ok(Json(json!({"id": id, "message": "provider deleted"})))
+}
+
+/// `GET /providers/by-name/{name}` → `{id}` (name, or any alias spelling).
+pub async fn get_by_name(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+    let p = st.registry().find(&name).await?;
+    Ok(Json(json!({"id": p.row.id, "name": p.profile.name})))
+}
+
+/// `DELETE /providers/by-name/{name}`.
+pub async fn delete_by_name(State(st): State<AppState>, caller: Caller, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+    let reg = st.registry();
+    let p = reg.find(&name).await?;
+    reg.delete(&p.row.id, &caller.admin()).await?;
+    Ok(Json(json!({"id": p.row.id, "message": "provider deleted"})))
+}
+
+/// Body of `POST /providers/{id}/aliases`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AliasBody {
+    alias: String,
+}
+
+/// `POST /providers/{id}/aliases` → 201 `{provider_id, alias}`.
+pub async fn add_alias(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<AliasBody>,
+) -> ApiResult<impl IntoResponse> {
+    let alias = st.registry().add_alias(&id, &body.alias, &caller.admin()).await?;
+    Ok((StatusCode::CREATED, Json(json!({"provider_id": id, "alias": alias}))))
+}
+
+/// `GET /providers/{id}/aliases` → `[{alias, display}]`.
+pub async fn list_aliases(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let aliases = st.registry().aliases(&id).await?;
+    Ok(Json(Value::Array(
+        aliases.into_iter().map(|(alias, display)| json!({"alias": alias, "display": display})).collect(),
+    )))
+}
+
+/// `DELETE /providers/{id}/aliases/{alias}`.
+pub async fn remove_alias(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((id, alias)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    st.registry().remove_alias(&id, &alias, &caller.admin()).await?;
+    Ok(Json(json!({"provider_id": id, "message": "alias removed"})))
+}

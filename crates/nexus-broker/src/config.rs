@@ -1,0 +1,351 @@
+//! Broker configuration: one typed struct, validated once at start-up.
+//!
+//! [`Settings`] is the raw layer (strings as they came from flags, the
+//! environment or the state folder); [`BrokerConfig::from_settings`] turns it
+//! into checked values and names the variable in every error.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use ipnet::IpNet;
+use url::Url;
+
+use crate::vault::KeyRing;
+use crate::Secret;
+
+/// Default limit for request bodies on the admin API.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+const MIN_API_KEY_LEN: usize = 24;
+const MIN_STATE_KEY_BYTES: usize = 32;
+
+/// A configuration value is missing or wrong; `Display` is one line naming the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {reason}")]
+pub struct ConfigError {
+    /// The environment variable (or flag) at fault.
+    pub var: &'static str,
+    /// What is wrong and how to fix it.
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(var: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            var,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Raw settings, each named after its environment variable. `None` means unset.
+#[derive(Default, Clone)]
+pub struct Settings {
+    /// `DATABASE_URL`: `sqlite:path` or `postgres://...`.
+    pub database_url: Option<String>,
+    /// `ENCRYPTION_KEY`: one base64 32-byte key.
+    pub encryption_key: Option<String>,
+    /// `ENCRYPTION_KEYS`: `id:base64,...`, first active; wins over `ENCRYPTION_KEY`.
+    pub encryption_keys: Option<String>,
+    /// `STATE_KEY`: base64, at least 32 bytes; signs OAuth `state`.
+    pub state_key: Option<String>,
+    /// `API_KEY`: the admin key callers send as `X-API-Key`.
+    pub api_key: Option<String>,
+    /// `BASE_URL`: the public URL the provider redirects back to.
+    pub base_url: Option<String>,
+    /// `REDIRECT_PATH`: path of the OAuth callback under `BASE_URL`.
+    pub redirect_path: Option<String>,
+    /// `ALLOWED_RETURN_DOMAINS`: comma-separated hosts a handshake may return to.
+    pub allowed_return_domains: Option<String>,
+    /// `ALLOWED_CIDRS`: comma-separated networks allowed to call the admin API.
+    pub allowed_cidrs: Option<String>,
+    /// `BROKER_ADDR`: socket address to listen on.
+    pub broker_addr: Option<String>,
+    /// `MAX_BODY_BYTES`: request body limit.
+    pub max_body_bytes: Option<String>,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Keys are secrets: say only whether they are set.
+        f.debug_struct("Settings")
+            .field("database_url", &self.database_url.as_ref().map(|u| redact_url(u)))
+            .field("encryption_key", &self.encryption_key.as_ref().map(|_| "[set]"))
+            .field("encryption_keys", &self.encryption_keys.as_ref().map(|_| "[set]"))
+            .field("state_key", &self.state_key.as_ref().map(|_| "[set]"))
+            .field("api_key", &self.api_key.as_ref().map(|_| "[set]"))
+            .field("base_url", &self.base_url)
+            .field("broker_addr", &self.broker_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Hides the password of a database URL for logs.
+pub fn redact_url(raw: &str) -> String {
+    match Url::parse(raw) {
+        Ok(mut u) if u.password().is_some() => {
+            // Setting a password only fails for URLs that cannot have one, which this has.
+            let _ = u.set_password(Some("REDACTED"));
+            u.to_string()
+        }
+        _ => raw.to_string(),
+    }
+}
+
+/// Validated broker configuration.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Where the store lives.
+    pub database_url: String,
+    /// The vault's keys.
+    pub keys: Arc<KeyRing>,
+    /// Key for signing handshake state.
+    pub state_key: Arc<Secret<Vec<u8>>>,
+    /// Admin API key.
+    pub api_key: Arc<Secret<String>>,
+    /// Public base URL.
+    pub base_url: Url,
+    /// Callback path under `base_url`.
+    pub redirect_path: String,
+    /// Hosts a handshake may return the browser to.
+    pub allowed_return_domains: Vec<String>,
+    /// Networks allowed to call the admin API; empty means all.
+    pub allowed_cidrs: Vec<IpNet>,
+    /// Listen address.
+    pub listen_addr: SocketAddr,
+    /// Request body limit in bytes.
+    pub max_body_bytes: usize,
+    /// Audit writer tuning.
+    pub audit: AuditConfig,
+}
+
+/// Tuning of the batching audit writer.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditConfig {
+    /// Events held in memory before writers wait (back-pressure).
+    pub queue_capacity: usize,
+    /// Most events written in one insert batch.
+    pub max_batch: usize,
+    /// Longest an event waits before its batch is flushed.
+    pub flush_interval: Duration,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 10_000,
+            max_batch: 500,
+            flush_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+fn non_empty(v: &Option<String>) -> Option<&str> {
+    v.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
+impl BrokerConfig {
+    /// Validates raw settings. Every error names its variable.
+    pub fn from_settings(s: &Settings) -> Result<Self, ConfigError> {
+        let database_url = non_empty(&s.database_url)
+            .ok_or_else(|| ConfigError::new("DATABASE_URL", "is not set; use sqlite:nexus.db or postgres://user@host/db"))?
+            .to_string();
+        if !(database_url.starts_with("sqlite:")
+            || database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::new(
+                "DATABASE_URL",
+                "must start with sqlite:, postgres:// or postgresql://",
+            ));
+        }
+
+        let keys = match (non_empty(&s.encryption_keys), non_empty(&s.encryption_key)) {
+            (Some(ring), _) => KeyRing::from_keys_var(ring),
+            (None, Some(one)) => KeyRing::from_single_key(one),
+            (None, None) => {
+                return Err(ConfigError::new(
+                    "ENCRYPTION_KEY",
+                    "is not set (nor ENCRYPTION_KEYS); generate one with `nexus keys generate`",
+                ))
+            }
+        }
+        .map_err(|e| {
+            let var = if non_empty(&s.encryption_keys).is_some() {
+                "ENCRYPTION_KEYS"
+            } else {
+                "ENCRYPTION_KEY"
+            };
+            // The vault's message already names the variable; strip a duplicated prefix.
+            let msg = e.to_string();
+            let reason = msg
+                .strip_prefix(&format!("{var} "))
+                .map(str::to_string)
+                .unwrap_or(msg);
+            ConfigError::new(var, reason)
+        })?;
+
+        let state_key_b64 = non_empty(&s.state_key).ok_or_else(|| {
+            ConfigError::new("STATE_KEY", "is not set; generate one with `nexus keys generate`")
+        })?;
+        let state_key = STANDARD.decode(state_key_b64).map_err(|_| {
+            ConfigError::new("STATE_KEY", "is not valid base64; generate one with `nexus keys generate`")
+        })?;
+        if state_key.len() < MIN_STATE_KEY_BYTES {
+            return Err(ConfigError::new(
+                "STATE_KEY",
+                format!(
+                    "must decode to at least {MIN_STATE_KEY_BYTES} bytes (got {}); generate one with `nexus keys generate`",
+                    state_key.len()
+                ),
+            ));
+        }
+
+        let api_key = non_empty(&s.api_key).ok_or_else(|| {
+            ConfigError::new("API_KEY", "is not set; generate one with `nexus keys generate`")
+        })?;
+        if api_key.len() < MIN_API_KEY_LEN {
+            return Err(ConfigError::new(
+                "API_KEY",
+                format!("must be at least {MIN_API_KEY_LEN} characters (got {})", api_key.len()),
+            ));
+        }
+
+        let listen_addr: SocketAddr = non_empty(&s.broker_addr)
+            .unwrap_or("127.0.0.1:8080")
+            .parse()
+            .map_err(|_| ConfigError::new("BROKER_ADDR", "must be an IP:port such as 127.0.0.1:8080"))?;
+
+        let base_url_raw = non_empty(&s.base_url)
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("http://{listen_addr}"));
+        let base_url = Url::parse(&base_url_raw)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            .ok_or_else(|| ConfigError::new("BASE_URL", "must be an absolute http(s) URL such as https://nexus.example.com"))?;
+
+        let redirect_path = non_empty(&s.redirect_path).unwrap_or("/auth/callback").to_string();
+        if !redirect_path.starts_with('/') {
+            return Err(ConfigError::new("REDIRECT_PATH", "must start with '/'"));
+        }
+
+        let allowed_return_domains = non_empty(&s.allowed_return_domains)
+            .map(|v| {
+                v.split(',')
+                    .map(|d| d.trim().to_ascii_lowercase())
+                    .filter(|d| !d.is_empty())
+                    .collect()
+            })
+            .unwrap_or_else(|| vec!["localhost".to_string(), "127.0.0.1".to_string()]);
+
+        let allowed_cidrs = match non_empty(&s.allowed_cidrs) {
+            None => Vec::new(),
+            Some(v) => v
+                .split(',')
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(|c| {
+                    c.parse::<IpNet>()
+                        .or_else(|_| c.parse::<std::net::IpAddr>().map(IpNet::from))
+                        .map_err(|_| {
+                            ConfigError::new("ALLOWED_CIDRS", format!("'{c}' is not a CIDR such as 10.0.0.0/8"))
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+
+        let max_body_bytes = match non_empty(&s.max_body_bytes) {
+            None => DEFAULT_MAX_BODY_BYTES,
+            Some(v) => v
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n >= 1024)
+                .ok_or_else(|| ConfigError::new("MAX_BODY_BYTES", "must be a whole number of bytes, at least 1024"))?,
+        };
+
+        Ok(Self {
+            database_url,
+            keys: Arc::new(keys),
+            state_key: Arc::new(Secret::new(state_key)),
+            api_key: Arc::new(Secret::new(api_key.to_string())),
+            base_url,
+            redirect_path,
+            allowed_return_domains,
+            allowed_cidrs,
+            listen_addr,
+            max_body_bytes,
+            audit: AuditConfig::default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vault::generate_key_b64;
+
+    fn good() -> Settings {
+        Settings {
+            database_url: Some("sqlite::memory:".into()),
+            encryption_key: Some(generate_key_b64().expose().clone()),
+            state_key: Some(generate_key_b64().expose().clone()),
+            api_key: Some("a".repeat(32)),
+            ..Default::default()
+        }
+    }
+
+    fn err(s: Settings) -> String {
+        BrokerConfig::from_settings(&s).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn good_settings_validate() {
+        let c = BrokerConfig::from_settings(&good()).unwrap();
+        assert_eq!(c.listen_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.redirect_path, "/auth/callback");
+        assert_eq!(c.keys.active_id(), "default");
+    }
+
+    #[test]
+    fn each_error_names_its_variable() {
+        let e = err(Settings { encryption_key: None, ..good() });
+        assert!(e.starts_with("ENCRYPTION_KEY:") && e.contains("nexus keys generate"), "{e}");
+        let e = err(Settings { encryption_key: Some(STANDARD.encode([1u8; 8])), ..good() });
+        assert!(e.starts_with("ENCRYPTION_KEY:") && e.contains("32 bytes"), "{e}");
+        assert!(!e.contains('\n'));
+        let e = err(Settings { encryption_keys: Some("x".into()), ..good() });
+        assert!(e.starts_with("ENCRYPTION_KEYS:"), "{e}");
+        let e = err(Settings { state_key: Some("%%%".into()), ..good() });
+        assert!(e.starts_with("STATE_KEY:") && e.contains("base64"), "{e}");
+        let e = err(Settings { state_key: Some(STANDARD.encode([1u8; 16])), ..good() });
+        assert!(e.starts_with("STATE_KEY:") && e.contains("32 bytes"), "{e}");
+        let e = err(Settings { api_key: Some("short".into()), ..good() });
+        assert!(e.starts_with("API_KEY:"), "{e}");
+        let e = err(Settings { api_key: None, ..good() });
+        assert!(e.starts_with("API_KEY:"), "{e}");
+        let e = err(Settings { database_url: Some("mysql://x".into()), ..good() });
+        assert!(e.starts_with("DATABASE_URL:"), "{e}");
+        let e = err(Settings { allowed_cidrs: Some("10.0.0.0/8, nope".into()), ..good() });
+        assert!(e.starts_with("ALLOWED_CIDRS:") && e.contains("nope"), "{e}");
+        let e = err(Settings { base_url: Some("ftp://x".into()), ..good() });
+        assert!(e.starts_with("BASE_URL:"), "{e}");
+        let e = err(Settings { broker_addr: Some("localhost".into()), ..good() });
+        assert!(e.starts_with("BROKER_ADDR:"), "{e}");
+    }
+
+    #[test]
+    fn debug_never_prints_keys() {
+        let s = good();
+        let key = s.encryption_key.clone().unwrap();
+        let dbg = format!("{s:?} {:?}", BrokerConfig::from_settings(&s).unwrap());
+        assert!(!dbg.contains(&key));
+        assert!(!dbg.contains(&"a".repeat(32)));
+    }
+
+    #[test]
+    fn database_password_is_redacted() {
+        assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:REDACTED@h/db");
+    }
+}

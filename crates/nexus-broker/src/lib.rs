@@ -1,0 +1,22 @@
+//! The Nexus broker: system of record for providers, connections and their
+//! secrets. See `ARCHITECTURE.md` at the repository root for the map.
+//!
+//! The crate is driven by the `nexus` binary; tests and embedders use
+//! [`server::Broker`] with a [`config::BrokerConfig`].
+
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod audit;
+pub mod config;
+pub mod profile;
+pub mod registry;
+pub mod rewrap;
+mod secret;
+pub mod server;
+pub mod store;
+pub mod strategy;
+pub mod telemetry;
+pub mod vault;
+
+pub use secret::Secret;

@@ -1,0 +1,87 @@
+//! Running the broker: connect, migrate, bind, serve, shut down gracefully.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState};
+use crate::audit::AuditWriter;
+use crate::config::BrokerConfig;
+use crate::store::{Store, StoreError};
+use crate::telemetry;
+
+/// Failures while starting or running the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store could not be opened or migrated.
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    /// The listen address could not be bound or the server failed.
+    #[error("listening on {addr}: {source}")]
+    Io {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// A broker that is bound and ready to serve.
+pub struct Broker {
+    state: AppState,
+    writer: AuditWriter,
+    listener: TcpListener,
+}
+
+impl Broker {
+    /// Opens the store (applying migrations), starts the audit writer and binds
+    /// `config.listen_addr` (port 0 picks a free port).
+    pub async fn start(config: BrokerConfig) -> Result<Self, ServeError> {
+        let store = Store::connect(&config.database_url).await?;
+        store.migrate().await?;
+        let listener = TcpListener::bind(config.listen_addr)
+            .await
+            .map_err(|source| ServeError::Io {
+                addr: config.listen_addr,
+                source,
+            })?;
+        let writer = AuditWriter::spawn(store.clone(), config.audit);
+        let state = AppState::new(config, store, writer.sink(), telemetry::metrics_handle());
+        Ok(Self {
+            state,
+            writer,
+            listener,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        // A bound TcpListener always has a local address; fall back to the configured one.
+        self.listener
+            .local_addr()
+            .unwrap_or(self.state.config().listen_addr)
+    }
+
+    /// Shared state (for embedding the broker in another process).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight requests,
+    /// flushes the audit queue and closes the database.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+        let addr = self.local_addr();
+        let app = api::router(self.state.clone());
+        let served = axum::serve(
+            self.listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await;
+        let stats = self.writer.shutdown().await;
+        tracing::info!(written = stats.written, dropped = stats.dropped, "audit writer flushed");
+        self.state.store().close().await;
+        served.map_err(|source| ServeError::Io { addr, source })
+    }
+}

@@ -1,0 +1,157 @@
+//! Audit rows: single inserts inside a caller's transaction, batched inserts
+//! for the [`crate::audit::AuditWriter`], and filtered reads.
+
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{Database, Executor, Row};
+
+use super::{on_pool, rfc3339, Store, StoreError};
+use crate::audit::AuditEvent;
+
+/// Filters for reading the audit log.
+#[derive(Debug, Default, Clone)]
+pub struct AuditFilter {
+    /// Exact event type.
+    pub event_type: Option<String>,
+    /// Events at or after this unix ms.
+    pub since_ms: Option<i64>,
+    /// Events of one connection.
+    pub connection_id: Option<String>,
+    /// Events of one provider.
+    pub provider_id: Option<String>,
+    /// Most rows returned.
+    pub limit: i64,
+    /// Oldest first instead of newest first.
+    pub ascending: bool,
+}
+
+/// An audit row as the API returns it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRecord {
+    /// Sequence number.
+    pub id: i64,
+    /// RFC 3339 time.
+    pub occurred_at: String,
+    /// Event type (`provider.created`, ...).
+    pub event_type: String,
+    /// Who did it (`admin`, `system`, ...).
+    pub actor: Option<String>,
+    /// Provider concerned.
+    pub provider_id: Option<String>,
+    /// Connection concerned.
+    pub connection_id: Option<String>,
+    /// Workspace concerned.
+    pub workspace_id: Option<String>,
+    /// Caller's IP address.
+    pub ip: Option<String>,
+    /// Caller's user agent.
+    pub user_agent: Option<String>,
+    /// Event-specific details; never secrets.
+    pub detail: Value,
+}
+
+const INSERT: &str = "INSERT INTO audit_events
+    (occurred_at, event_type, actor, provider_id, connection_id, workspace_id, ip, user_agent, detail)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
+/// Inserts one event on `exec` (usually the caller's transaction, so the
+/// event commits or rolls back with the change it describes).
+pub(crate) async fn insert_one<'e, DB, E>(exec: E, ev: &AuditEvent) -> Result<(), sqlx::Error>
+where
+    DB: Database,
+    E: Executor<'e, Database = DB>,
+    for<'q> <DB as Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<String>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    sqlx::query(INSERT)
+        .bind(ev.occurred_at_ms)
+        .bind(ev.event_type.clone())
+        .bind(ev.actor.clone())
+        .bind(ev.provider_id.clone())
+        .bind(ev.connection_id.clone())
+        .bind(ev.workspace_id.clone())
+        .bind(ev.ip.clone())
+        .bind(ev.user_agent.clone())
+        .bind(ev.detail.to_string())
+        .execute(exec)
+        .await?;
+    Ok(())
+}
+
+impl Store {
+    /// Writes a batch of events in one transaction.
+    pub async fn insert_audit_batch(&self, events: &[AuditEvent]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            for ev in events {
+                insert_one(&mut *tx, ev).await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// Reads audit events, newest first unless `ascending`.
+    pub async fn query_audit(&self, f: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
+        let mut clauses = Vec::new();
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            format!("${n}")
+        };
+        if f.event_type.is_some() {
+            clauses.push(format!("event_type = {}", next()));
+        }
+        if f.since_ms.is_some() {
+            clauses.push(format!("occurred_at >= {}", next()));
+        }
+        if f.connection_id.is_some() {
+            clauses.push(format!("connection_id = {}", next()));
+        }
+        if f.provider_id.is_some() {
+            clauses.push(format!("provider_id = {}", next()));
+        }
+        let limit_param = next();
+        let where_sql = if clauses.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", clauses.join(" AND "))
+        };
+        let order = if f.ascending { "ASC" } else { "DESC" };
+        let sql = format!(
+            "SELECT id, occurred_at, event_type, actor, provider_id, connection_id, workspace_id, ip, user_agent, detail
+             FROM audit_events {where_sql} ORDER BY id {order} LIMIT {limit_param}"
+        );
+        on_pool!(self, pool => {
+            let mut q = sqlx::query(&sql);
+            if let Some(v) = &f.event_type { q = q.bind(v); }
+            if let Some(v) = f.since_ms { q = q.bind(v); }
+            if let Some(v) = &f.connection_id { q = q.bind(v); }
+            if let Some(v) = &f.provider_id { q = q.bind(v); }
+            let rows = q.bind(f.limit).fetch_all(pool).await?;
+            rows.iter()
+                .map(|r| {
+                    let detail: String = r.try_get("detail")?;
+                    Ok(AuditRecord {
+                        id: r.try_get("id")?,
+                        occurred_at: rfc3339(r.try_get("occurred_at")?),
+                        event_type: r.try_get("event_type")?,
+                        actor: r.try_get("actor")?,
+                        provider_id: r.try_get("provider_id")?,
+                        connection_id: r.try_get("connection_id")?,
+                        workspace_id: r.try_get("workspace_id")?,
+                        ip: r.try_get("ip")?,
+                        user_agent: r.try_get("user_agent")?,
+                        detail: serde_json::from_str(&detail).unwrap_or(Value::String(detail)),
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(StoreError::from)
+        })
+    }
+}
