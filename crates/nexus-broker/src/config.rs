@@ -146,46 +146,48 @@ fn non_empty(v: &Option<String>) -> Option<&str> {
     v.as_deref().map(str::trim).filter(|s| !s.is_empty())
 }
 
+/// Validates `DATABASE_URL` alone (for `nexus migrate`).
+pub fn database_url(s: &Settings) -> Result<String, ConfigError> {
+    let url = non_empty(&s.database_url).ok_or_else(|| {
+        ConfigError::new(
+            "DATABASE_URL",
+            "is not set; use sqlite:nexus.db or postgres://user@host/db",
+        )
+    })?;
+    if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(ConfigError::new(
+            "DATABASE_URL",
+            "must start with sqlite:, postgres:// or postgresql://",
+        ));
+    }
+    Ok(url.to_string())
+}
+
+/// Validates the key ring alone (`ENCRYPTION_KEYS`, else `ENCRYPTION_KEY`), for `nexus keys rewrap`.
+pub fn key_ring(s: &Settings) -> Result<KeyRing, ConfigError> {
+    let (var, result) = match (non_empty(&s.encryption_keys), non_empty(&s.encryption_key)) {
+        (Some(ring), _) => ("ENCRYPTION_KEYS", KeyRing::from_keys_var(ring)),
+        (None, Some(one)) => ("ENCRYPTION_KEY", KeyRing::from_single_key(one)),
+        (None, None) => {
+            return Err(ConfigError::new(
+                "ENCRYPTION_KEY",
+                "is not set (nor ENCRYPTION_KEYS); generate one with `nexus keys generate`",
+            ))
+        }
+    };
+    result.map_err(|e| {
+        // The vault's message already names the variable; do not say it twice.
+        let msg = e.to_string();
+        let reason = msg.strip_prefix(&format!("{var} ")).map(str::to_string).unwrap_or(msg);
+        ConfigError::new(var, reason)
+    })
+}
+
 impl BrokerConfig {
     /// Validates raw settings. Every error names its variable.
     pub fn from_settings(s: &Settings) -> Result<Self, ConfigError> {
-        let database_url = non_empty(&s.database_url)
-            .ok_or_else(|| ConfigError::new("DATABASE_URL", "is not set; use sqlite:nexus.db or postgres://user@host/db"))?
-            .to_string();
-        if !(database_url.starts_with("sqlite:")
-            || database_url.starts_with("postgres://")
-            || database_url.starts_with("postgresql://"))
-        {
-            return Err(ConfigError::new(
-                "DATABASE_URL",
-                "must start with sqlite:, postgres:// or postgresql://",
-            ));
-        }
-
-        let keys = match (non_empty(&s.encryption_keys), non_empty(&s.encryption_key)) {
-            (Some(ring), _) => KeyRing::from_keys_var(ring),
-            (None, Some(one)) => KeyRing::from_single_key(one),
-            (None, None) => {
-                return Err(ConfigError::new(
-                    "ENCRYPTION_KEY",
-                    "is not set (nor ENCRYPTION_KEYS); generate one with `nexus keys generate`",
-                ))
-            }
-        }
-        .map_err(|e| {
-            let var = if non_empty(&s.encryption_keys).is_some() {
-                "ENCRYPTION_KEYS"
-            } else {
-                "ENCRYPTION_KEY"
-            };
-            // The vault's message already names the variable; strip a duplicated prefix.
-            let msg = e.to_string();
-            let reason = msg
-                .strip_prefix(&format!("{var} "))
-                .map(str::to_string)
-                .unwrap_or(msg);
-            ConfigError::new(var, reason)
-        })?;
+        let database_url = database_url(s)?;
+        let keys = key_ring(s)?;
 
         let state_key_b64 = non_empty(&s.state_key).ok_or_else(|| {
             ConfigError::new("STATE_KEY", "is not set; generate one with `nexus keys generate`")

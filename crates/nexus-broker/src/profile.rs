@@ -153,6 +153,7 @@ const READ_ONLY_FIELDS: &[&str] = &[
     "created_at",
     "updated_at",
     "deleted_at",
+    "strategy",
 ];
 
 /// Authorize parameters Nexus sets itself; `params` may not override them.

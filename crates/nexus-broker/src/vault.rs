@@ -89,6 +89,12 @@ pub fn generate_key_b64() -> Secret<String> {
     Secret::new(STANDARD.encode(key))
 }
 
+/// Generates an admin API key: `nxk_` and 32 random bytes, URL-safe base64.
+pub fn generate_api_key() -> Secret<String> {
+    let key = Aes256Gcm::generate_key(OsRng);
+    Secret::new(format!("nxk_{}", URL_SAFE_NO_PAD.encode(key)))
+}
+
 /// Decodes a base64 key of exactly 32 bytes, naming `var` in any error.
 pub fn decode_key(var: &str, b64: &str) -> Result<Secret<[u8; 32]>, VaultError> {
     let raw = STANDARD.decode(b64.trim()).map_err(|_| {

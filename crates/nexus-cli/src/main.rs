@@ -1,1 +1,344 @@
-fn main() {}
+//! `nexus`: one binary for every part of Nexus.
+//!
+//! `nexus up` is the zero-setup default (broker on loopback, embedded SQLite,
+//! keys generated into `.nexus/`); `nexus broker` runs the broker alone from
+//! the environment; `nexus migrate` and `nexus keys ...` are operator tools.
+
+mod state;
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use nexus_broker::config::{self, BrokerConfig, Settings};
+use nexus_broker::rewrap::{rewrap, RewrapProgress};
+use nexus_broker::server::Broker;
+use nexus_broker::store::Store;
+use nexus_broker::vault::{generate_api_key, generate_key_b64};
+
+use state::StateDir;
+
+#[derive(Parser)]
+#[command(name = "nexus", version, about = "Nexus: a credential broker for AI agents")]
+struct Cli {
+    /// Log output format.
+    #[arg(long, env = "NEXUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `nexus_broker=debug`.
+    #[arg(long, env = "NEXUS_LOG", default_value = "info", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run Nexus locally: the broker on loopback with embedded SQLite and keys
+    /// generated into the state folder on first run.
+    Up(UpArgs),
+    /// Run the broker alone, configured from the environment (production).
+    Broker(ServerArgs),
+    /// Apply pending database migrations and exit.
+    Migrate(ServerArgs),
+    /// Key management.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print fresh ENCRYPTION_KEY, STATE_KEY and API_KEY values.
+    Generate,
+    /// Re-encrypt every stored secret under the active key (the first of
+    /// ENCRYPTION_KEYS). Resumable and safe while the broker runs.
+    Rewrap(ServerArgs),
+}
+
+/// Settings shared by the server commands. Keys (ENCRYPTION_KEY(S), STATE_KEY,
+/// API_KEY) are read from the environment or the state folder only, never
+/// from flags, which other users can see in the process list.
+#[derive(Args, Clone)]
+struct ServerArgs {
+    /// State folder whose nexus.env fills in unset values.
+    #[arg(long, env = "NEXUS_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Database: sqlite:PATH or postgres://...
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// Broker listen address.
+    #[arg(long, env = "BROKER_ADDR")]
+    broker_addr: Option<String>,
+    /// Public base URL providers redirect back to.
+    #[arg(long, env = "BASE_URL")]
+    base_url: Option<String>,
+    /// Path of the OAuth callback under BASE_URL.
+    #[arg(long, env = "REDIRECT_PATH")]
+    redirect_path: Option<String>,
+    /// Comma-separated hosts a handshake may return the browser to.
+    #[arg(long, env = "ALLOWED_RETURN_DOMAINS")]
+    allowed_return_domains: Option<String>,
+    /// Comma-separated networks allowed to call the admin API.
+    #[arg(long, env = "ALLOWED_CIDRS")]
+    allowed_cidrs: Option<String>,
+    /// Request body limit in bytes.
+    #[arg(long, env = "MAX_BODY_BYTES")]
+    max_body_bytes: Option<String>,
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// State folder for nexus.db and nexus.env.
+    #[arg(long, env = "NEXUS_STATE_DIR", default_value = ".nexus")]
+    state_dir: PathBuf,
+    /// Broker listen address.
+    #[arg(long, env = "BROKER_ADDR", default_value = "127.0.0.1:8080")]
+    broker_addr: String,
+    /// Gateway listen address (used once the gateway is part of the build).
+    #[arg(long, env = "GATEWAY_ADDR", default_value = "127.0.0.1:8090")]
+    gateway_addr: String,
+    #[command(flatten)]
+    rest: UpOverrides,
+}
+
+#[derive(Args)]
+struct UpOverrides {
+    /// Database URL (default: sqlite in the state folder).
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// Public base URL (default: the broker address).
+    #[arg(long, env = "BASE_URL")]
+    base_url: Option<String>,
+    /// Comma-separated networks allowed to call the admin API.
+    #[arg(long, env = "ALLOWED_CIDRS")]
+    allowed_cidrs: Option<String>,
+    /// Comma-separated hosts a handshake may return the browser to.
+    #[arg(long, env = "ALLOWED_RETURN_DOMAINS")]
+    allowed_return_domains: Option<String>,
+}
+
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// Secrets come from the environment first, then the state folder.
+fn secret(name: &str, state: Option<&StateDir>) -> Option<String> {
+    env_var(name).or_else(|| state.and_then(|s| s.get(name)))
+}
+
+fn settings(args: &ServerArgs, state: Option<&StateDir>) -> Settings {
+    let from_state = |name: &str| state.and_then(|s| s.get(name));
+    Settings {
+        database_url: args.database_url.clone().or_else(|| from_state("DATABASE_URL")),
+        encryption_key: secret("ENCRYPTION_KEY", state),
+        encryption_keys: secret("ENCRYPTION_KEYS", state),
+        state_key: secret("STATE_KEY", state),
+        api_key: secret("API_KEY", state),
+        base_url: args.base_url.clone().or_else(|| from_state("BASE_URL")),
+        redirect_path: args.redirect_path.clone().or_else(|| from_state("REDIRECT_PATH")),
+        allowed_return_domains: args
+            .allowed_return_domains
+            .clone()
+            .or_else(|| from_state("ALLOWED_RETURN_DOMAINS")),
+        allowed_cidrs: args.allowed_cidrs.clone().or_else(|| from_state("ALLOWED_CIDRS")),
+        broker_addr: args.broker_addr.clone().or_else(|| from_state("BROKER_ADDR")),
+        max_body_bytes: args.max_body_bytes.clone().or_else(|| from_state("MAX_BODY_BYTES")),
+    }
+}
+
+fn open_state(dir: Option<&Path>) -> Result<Option<StateDir>> {
+    match dir {
+        Some(d) => StateDir::open_existing(d),
+        None => Ok(None),
+    }
+}
+
+fn init_logging(format: LogFormat, filter: &str) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("NEXUS_LOG: '{filter}' is not a valid log filter"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests and flushing the audit log");
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line per cause, so configuration errors read as one clear line.
+            eprintln!("nexus: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<()> {
+    let cli = Cli::parse();
+    // Exactly one rustls crypto provider for the whole process (ring).
+    if rustls::crypto::ring::default_provider().install_default().is_err() {
+        bail!("a rustls crypto provider was already installed");
+    }
+    init_logging(cli.log_format, &cli.log)?;
+    match cli.command {
+        Command::Up(args) => up(args).await,
+        Command::Broker(args) => {
+            let state = open_state(args.state_dir.as_deref())?;
+            let config = BrokerConfig::from_settings(&settings(&args, state.as_ref()))?;
+            let broker = Broker::start(config).await?;
+            tracing::info!(addr = %broker.local_addr(), "broker listening");
+            broker.run(shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Migrate(args) => {
+            let state = open_state(args.state_dir.as_deref().or(Some(Path::new(".nexus"))))?;
+            let mut s = settings(&args, state.as_ref());
+            if s.database_url.is_none() {
+                s.database_url = state.as_ref().map(StateDir::db_url);
+            }
+            let url = config::database_url(&s)?;
+            let store = Store::connect(&url).await.context("opening the database")?;
+            store.migrate().await.context("applying migrations")?;
+            println!("migrations applied ({})", config::redact_url(&url));
+            Ok(())
+        }
+        Command::Keys { command } => match command {
+            KeysCommand::Generate => {
+                println!("ENCRYPTION_KEY={}", generate_key_b64().expose());
+                println!("STATE_KEY={}", generate_key_b64().expose());
+                println!("API_KEY={}", generate_api_key().expose());
+                eprintln!(
+                    "# To rotate the encryption key: ENCRYPTION_KEYS=new:<new key>,default:<old key>, \
+                     restart the broker, then run `nexus keys rewrap`."
+                );
+                Ok(())
+            }
+            KeysCommand::Rewrap(args) => keys_rewrap(args).await,
+        },
+    }
+}
+
+async fn up(args: UpArgs) -> Result<()> {
+    let state = StateDir::open_or_create(&args.state_dir)?;
+    let server = ServerArgs {
+        state_dir: Some(args.state_dir.clone()),
+        database_url: args.rest.database_url.or_else(|| Some(state.db_url())),
+        broker_addr: Some(args.broker_addr),
+        base_url: args.rest.base_url,
+        redirect_path: None,
+        allowed_return_domains: args.rest.allowed_return_domains,
+        allowed_cidrs: args.rest.allowed_cidrs,
+        max_body_bytes: None,
+    };
+    let config = BrokerConfig::from_settings(&settings(&server, Some(&state)))
+        .with_context(|| format!("configuration (keys are read from the environment, then {})", state.env_path().display()))?;
+    let backend = if config.database_url.starts_with("sqlite:") { "embedded SQLite" } else { "PostgreSQL" };
+    let broker = Broker::start(config).await?;
+    let addr = broker.local_addr();
+    println!("Nexus is up ({backend}).");
+    println!("  broker API  http://{addr}   (send X-API-Key: the API_KEY in {})", state.env_path().display());
+    println!("  health      http://{addr}/health");
+    println!("  metrics     http://{addr}/metrics");
+    println!(
+        "  state       {}   ({}: {})",
+        args.state_dir.display(),
+        if state.created { "created, keys generated" } else { "reused" },
+        state.env_path().display()
+    );
+    println!("  gateway     {} is reserved for the gateway, which is not part of this build yet", args.gateway_addr);
+    println!("Stop with Ctrl-C.");
+    broker.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn keys_rewrap(args: ServerArgs) -> Result<()> {
+    let state = open_state(args.state_dir.as_deref().or(Some(Path::new(".nexus"))))?;
+    let mut s = settings(&args, state.as_ref());
+    if s.database_url.is_none() {
+        s.database_url = state.as_ref().map(StateDir::db_url);
+    }
+    let url = config::database_url(&s)?;
+    let keys = config::key_ring(&s)?;
+    let store = Store::connect(&url).await.context("opening the database")?;
+    store.migrate().await.context("applying migrations")?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_on_signal = stop.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            stop_on_signal.store(true, Ordering::SeqCst);
+        }
+    });
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("rewrap {bar:40} {pos}/{len} secrets  {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let report = rewrap(&store, &keys, |p: RewrapProgress| {
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+        if stop.load(Ordering::SeqCst) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .await?;
+    bar.finish_and_clear();
+    println!(
+        "rewrapped {} secret(s) to key '{}'; {} changed concurrently and were already current",
+        report.rewrapped,
+        keys.active_id(),
+        report.raced
+    );
+    if report.interrupted {
+        println!("interrupted: run `nexus keys rewrap` again to finish (it resumes where it stopped)");
+    }
+    if !report.failed.is_empty() {
+        for f in &report.failed {
+            eprintln!("  cannot rewrap {}.{} row {}: {}", f.table, f.column, f.row_id, f.reason);
+        }
+        bail!("{} secret(s) could not be decrypted with any key in the ring", report.failed.len());
+    }
+    Ok(())
+}

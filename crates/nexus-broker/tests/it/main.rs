@@ -1,0 +1,10 @@
+//! Integration tests of the broker: a real server on loopback, against SQLite
+//! and PostgreSQL (the same tests run on both).
+
+mod harness;
+
+mod audit;
+mod bad_input;
+mod providers;
+mod rewrap;
+mod secrets;
