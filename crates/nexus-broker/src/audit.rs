@@ -115,10 +115,7 @@ impl AuditSink {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(ev)) => {
                 metrics::counter!("nexus_audit_queue_full_total").increment(1);
-                self.tx
-                    .send(ev)
-                    .await
-                    .map_err(|e| closed(e.0))
+                self.tx.send(ev).await.map_err(|e| closed(e.0))
             }
             Err(mpsc::error::TrySendError::Closed(ev)) => Err(closed(ev)),
         }
@@ -242,7 +239,12 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// Writes `buf` as one batch, retrying with capped backoff. With
 /// `max_attempts` (shutdown) it gives up after that many tries and counts the
 /// loss; otherwise it keeps trying, and the full queue pushes back on callers.
-async fn write(store: &Store, buf: &mut Vec<AuditEvent>, stats: &mut AuditWriterStats, max_attempts: Option<u32>) {
+async fn write(
+    store: &Store,
+    buf: &mut Vec<AuditEvent>,
+    stats: &mut AuditWriterStats,
+    max_attempts: Option<u32>,
+) {
     if buf.is_empty() {
         return;
     }
@@ -262,7 +264,8 @@ async fn write(store: &Store, buf: &mut Vec<AuditEvent>, stats: &mut AuditWriter
                 metrics::counter!("nexus_audit_write_errors_total").increment(1);
                 if max_attempts.is_some_and(|max| attempt >= max) {
                     stats.dropped += buf.len() as u64;
-                    metrics::counter!("nexus_audit_events_dropped_total").increment(buf.len() as u64);
+                    metrics::counter!("nexus_audit_events_dropped_total")
+                        .increment(buf.len() as u64);
                     tracing::error!(error = %e, events = buf.len(), "audit events could not be written at shutdown and are lost");
                     buf.clear();
                     return;

@@ -71,9 +71,18 @@ impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Keys are secrets: say only whether they are set.
         f.debug_struct("Settings")
-            .field("database_url", &self.database_url.as_ref().map(|u| redact_url(u)))
-            .field("encryption_key", &self.encryption_key.as_ref().map(|_| "[set]"))
-            .field("encryption_keys", &self.encryption_keys.as_ref().map(|_| "[set]"))
+            .field(
+                "database_url",
+                &self.database_url.as_ref().map(|u| redact_url(u)),
+            )
+            .field(
+                "encryption_key",
+                &self.encryption_key.as_ref().map(|_| "[set]"),
+            )
+            .field(
+                "encryption_keys",
+                &self.encryption_keys.as_ref().map(|_| "[set]"),
+            )
             .field("state_key", &self.state_key.as_ref().map(|_| "[set]"))
             .field("api_key", &self.api_key.as_ref().map(|_| "[set]"))
             .field("base_url", &self.base_url)
@@ -154,7 +163,10 @@ pub fn database_url(s: &Settings) -> Result<String, ConfigError> {
             "is not set; use sqlite:nexus.db or postgres://user@host/db",
         )
     })?;
-    if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+    if !(url.starts_with("sqlite:")
+        || url.starts_with("postgres://")
+        || url.starts_with("postgresql://"))
+    {
         return Err(ConfigError::new(
             "DATABASE_URL",
             "must start with sqlite:, postgres:// or postgresql://",
@@ -178,7 +190,10 @@ pub fn key_ring(s: &Settings) -> Result<KeyRing, ConfigError> {
     result.map_err(|e| {
         // The vault's message already names the variable; do not say it twice.
         let msg = e.to_string();
-        let reason = msg.strip_prefix(&format!("{var} ")).map(str::to_string).unwrap_or(msg);
+        let reason = msg
+            .strip_prefix(&format!("{var} "))
+            .map(str::to_string)
+            .unwrap_or(msg);
         ConfigError::new(var, reason)
     })
 }
@@ -190,10 +205,16 @@ impl BrokerConfig {
         let keys = key_ring(s)?;
 
         let state_key_b64 = non_empty(&s.state_key).ok_or_else(|| {
-            ConfigError::new("STATE_KEY", "is not set; generate one with `nexus keys generate`")
+            ConfigError::new(
+                "STATE_KEY",
+                "is not set; generate one with `nexus keys generate`",
+            )
         })?;
         let state_key = STANDARD.decode(state_key_b64).map_err(|_| {
-            ConfigError::new("STATE_KEY", "is not valid base64; generate one with `nexus keys generate`")
+            ConfigError::new(
+                "STATE_KEY",
+                "is not valid base64; generate one with `nexus keys generate`",
+            )
         })?;
         if state_key.len() < MIN_STATE_KEY_BYTES {
             return Err(ConfigError::new(
@@ -206,19 +227,27 @@ impl BrokerConfig {
         }
 
         let api_key = non_empty(&s.api_key).ok_or_else(|| {
-            ConfigError::new("API_KEY", "is not set; generate one with `nexus keys generate`")
+            ConfigError::new(
+                "API_KEY",
+                "is not set; generate one with `nexus keys generate`",
+            )
         })?;
         if api_key.len() < MIN_API_KEY_LEN {
             return Err(ConfigError::new(
                 "API_KEY",
-                format!("must be at least {MIN_API_KEY_LEN} characters (got {})", api_key.len()),
+                format!(
+                    "must be at least {MIN_API_KEY_LEN} characters (got {})",
+                    api_key.len()
+                ),
             ));
         }
 
         let listen_addr: SocketAddr = non_empty(&s.broker_addr)
             .unwrap_or("127.0.0.1:8080")
             .parse()
-            .map_err(|_| ConfigError::new("BROKER_ADDR", "must be an IP:port such as 127.0.0.1:8080"))?;
+            .map_err(|_| {
+                ConfigError::new("BROKER_ADDR", "must be an IP:port such as 127.0.0.1:8080")
+            })?;
 
         let base_url_raw = non_empty(&s.base_url)
             .map(str::to_string)
@@ -226,9 +255,16 @@ impl BrokerConfig {
         let base_url = Url::parse(&base_url_raw)
             .ok()
             .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-            .ok_or_else(|| ConfigError::new("BASE_URL", "must be an absolute http(s) URL such as https://nexus.example.com"))?;
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "BASE_URL",
+                    "must be an absolute http(s) URL such as https://nexus.example.com",
+                )
+            })?;
 
-        let redirect_path = non_empty(&s.redirect_path).unwrap_or("/auth/callback").to_string();
+        let redirect_path = non_empty(&s.redirect_path)
+            .unwrap_or("/auth/callback")
+            .to_string();
         if !redirect_path.starts_with('/') {
             return Err(ConfigError::new("REDIRECT_PATH", "must start with '/'"));
         }
@@ -252,7 +288,10 @@ impl BrokerConfig {
                     c.parse::<IpNet>()
                         .or_else(|_| c.parse::<std::net::IpAddr>().map(IpNet::from))
                         .map_err(|_| {
-                            ConfigError::new("ALLOWED_CIDRS", format!("'{c}' is not a CIDR such as 10.0.0.0/8"))
+                            ConfigError::new(
+                                "ALLOWED_CIDRS",
+                                format!("'{c}' is not a CIDR such as 10.0.0.0/8"),
+                            )
                         })
                 })
                 .collect::<Result<_, _>>()?,
@@ -264,7 +303,12 @@ impl BrokerConfig {
                 .parse::<usize>()
                 .ok()
                 .filter(|n| *n >= 1024)
-                .ok_or_else(|| ConfigError::new("MAX_BODY_BYTES", "must be a whole number of bytes, at least 1024"))?,
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        "MAX_BODY_BYTES",
+                        "must be a whole number of bytes, at least 1024",
+                    )
+                })?,
         };
 
         Ok(Self {
@@ -312,28 +356,67 @@ mod tests {
 
     #[test]
     fn each_error_names_its_variable() {
-        let e = err(Settings { encryption_key: None, ..good() });
-        assert!(e.starts_with("ENCRYPTION_KEY:") && e.contains("nexus keys generate"), "{e}");
-        let e = err(Settings { encryption_key: Some(STANDARD.encode([1u8; 8])), ..good() });
-        assert!(e.starts_with("ENCRYPTION_KEY:") && e.contains("32 bytes"), "{e}");
+        let e = err(Settings {
+            encryption_key: None,
+            ..good()
+        });
+        assert!(
+            e.starts_with("ENCRYPTION_KEY:") && e.contains("nexus keys generate"),
+            "{e}"
+        );
+        let e = err(Settings {
+            encryption_key: Some(STANDARD.encode([1u8; 8])),
+            ..good()
+        });
+        assert!(
+            e.starts_with("ENCRYPTION_KEY:") && e.contains("32 bytes"),
+            "{e}"
+        );
         assert!(!e.contains('\n'));
-        let e = err(Settings { encryption_keys: Some("x".into()), ..good() });
+        let e = err(Settings {
+            encryption_keys: Some("x".into()),
+            ..good()
+        });
         assert!(e.starts_with("ENCRYPTION_KEYS:"), "{e}");
-        let e = err(Settings { state_key: Some("%%%".into()), ..good() });
+        let e = err(Settings {
+            state_key: Some("%%%".into()),
+            ..good()
+        });
         assert!(e.starts_with("STATE_KEY:") && e.contains("base64"), "{e}");
-        let e = err(Settings { state_key: Some(STANDARD.encode([1u8; 16])), ..good() });
+        let e = err(Settings {
+            state_key: Some(STANDARD.encode([1u8; 16])),
+            ..good()
+        });
         assert!(e.starts_with("STATE_KEY:") && e.contains("32 bytes"), "{e}");
-        let e = err(Settings { api_key: Some("short".into()), ..good() });
+        let e = err(Settings {
+            api_key: Some("short".into()),
+            ..good()
+        });
         assert!(e.starts_with("API_KEY:"), "{e}");
-        let e = err(Settings { api_key: None, ..good() });
+        let e = err(Settings {
+            api_key: None,
+            ..good()
+        });
         assert!(e.starts_with("API_KEY:"), "{e}");
-        let e = err(Settings { database_url: Some("mysql://x".into()), ..good() });
+        let e = err(Settings {
+            database_url: Some("mysql://x".into()),
+            ..good()
+        });
         assert!(e.starts_with("DATABASE_URL:"), "{e}");
-        let e = err(Settings { allowed_cidrs: Some("10.0.0.0/8, nope".into()), ..good() });
+        let e = err(Settings {
+            allowed_cidrs: Some("10.0.0.0/8, nope".into()),
+            ..good()
+        });
         assert!(e.starts_with("ALLOWED_CIDRS:") && e.contains("nope"), "{e}");
-        let e = err(Settings { base_url: Some("ftp://x".into()), ..good() });
+        let e = err(Settings {
+            base_url: Some("ftp://x".into()),
+            ..good()
+        });
         assert!(e.starts_with("BASE_URL:"), "{e}");
-        let e = err(Settings { broker_addr: Some("localhost".into()), ..good() });
+        let e = err(Settings {
+            broker_addr: Some("localhost".into()),
+            ..good()
+        });
         assert!(e.starts_with("BROKER_ADDR:"), "{e}");
     }
 
@@ -348,6 +431,9 @@ mod tests {
 
     #[test]
     fn database_password_is_redacted() {
-        assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:REDACTED@h/db");
+        assert_eq!(
+            redact_url("postgres://u:pw@h/db"),
+            "postgres://u:REDACTED@h/db"
+        );
     }
 }

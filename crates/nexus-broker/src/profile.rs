@@ -239,11 +239,15 @@ impl ProviderProfile {
         }
 
         if self.auth_type == AuthType::Oauth2 {
-            if self.client_id.as_deref().is_none_or(|c| c.trim().is_empty()) {
+            if self
+                .client_id
+                .as_deref()
+                .is_none_or(|c| c.trim().is_empty())
+            {
                 return Err(perr("client_id", "is required for oauth2 providers"));
             }
-            let discovers = self.well_known_url.is_some()
-                || (self.enable_discovery && self.issuer.is_some());
+            let discovers =
+                self.well_known_url.is_some() || (self.enable_discovery && self.issuer.is_some());
             if self.enable_discovery && self.issuer.is_none() && self.well_known_url.is_none() {
                 return Err(perr(
                     "issuer",
@@ -306,8 +310,12 @@ impl ProviderProfile {
                 )
             })?;
             let fields = check_credential_schema(schema)?;
-            strategy::validate(self.auth_type, self.params.get("strategy"), fields.as_deref())
-                .map_err(|m| perr("params.strategy", m))
+            strategy::validate(
+                self.auth_type,
+                self.params.get("strategy"),
+                fields.as_deref(),
+            )
+            .map_err(|m| perr("params.strategy", m))
         }
     }
 }
@@ -337,7 +345,9 @@ pub fn check_credential_schema(schema: &Value) -> Result<Option<Vec<String>>, Pr
     if let Some(r) = find_external_ref(schema) {
         return Err(perr(
             FIELD,
-            format!("$ref '{r}' points outside the schema; only local references ('#...') are allowed"),
+            format!(
+                "$ref '{r}' points outside the schema; only local references ('#...') are allowed"
+            ),
         ));
     }
     if let Err(e) = jsonschema::meta::validate(schema) {
@@ -348,7 +358,10 @@ pub fn check_credential_schema(schema: &Value) -> Result<Option<Vec<String>>, Pr
     }
     if let Some(t) = schema.get("type") {
         if t != "object" {
-            return Err(perr(FIELD, "must describe an object (\"type\": \"object\")"));
+            return Err(perr(
+                FIELD,
+                "must describe an object (\"type\": \"object\")",
+            ));
         }
     }
     Ok(schema
@@ -424,7 +437,10 @@ mod tests {
             (json!({"token_url": "ftp://x/y"}), "token_url"),
             (json!({"auth_url": "not a url"}), "auth_url"),
             (json!({"client_id": ""}), "client_id"),
-            (json!({"params": {"redirect_uri": "https://evil"}}), "params.redirect_uri"),
+            (
+                json!({"params": {"redirect_uri": "https://evil"}}),
+                "params.redirect_uri",
+            ),
             (json!({"params": {"prompt": 1}}), "params.prompt"),
             (json!({"auth_url": null}), "auth_url"),
         ];
@@ -433,7 +449,9 @@ mod tests {
             for (k, val) in patch.as_object().unwrap() {
                 v[k] = val.clone();
             }
-            let err = parse_profile(v).and_then(|mut p| p.validate().map(|_| ())).unwrap_err();
+            let err = parse_profile(v)
+                .and_then(|mut p| p.validate().map(|_| ()))
+                .unwrap_err();
             assert_eq!(err.field, field, "{err}");
         }
     }
@@ -445,7 +463,10 @@ mod tests {
         assert!(parse_profile(v).is_err());
         let mut v = oauth();
         v["auth_type"] = json!("kerberos");
-        assert!(parse_profile(v).unwrap_err().message.contains("unknown variant"));
+        assert!(parse_profile(v)
+            .unwrap_err()
+            .message
+            .contains("unknown variant"));
         let mut v = oauth();
         v["id"] = json!("abc");
         v["client_secret_set"] = json!(true);
@@ -454,9 +475,16 @@ mod tests {
 
     #[test]
     fn credential_schema_rules() {
-        assert!(check_credential_schema(&json!({"type": "object", "properties": {"api_key": {"type": "string"}}})).is_ok());
-        let remote = json!({"type": "object", "properties": {"k": {"$ref": "https://evil.example/s.json"}}});
-        assert!(check_credential_schema(&remote).unwrap_err().message.contains("$ref"));
+        assert!(check_credential_schema(
+            &json!({"type": "object", "properties": {"api_key": {"type": "string"}}})
+        )
+        .is_ok());
+        let remote =
+            json!({"type": "object", "properties": {"k": {"$ref": "https://evil.example/s.json"}}});
+        assert!(check_credential_schema(&remote)
+            .unwrap_err()
+            .message
+            .contains("$ref"));
         let file = json!({"$ref": "file:///etc/passwd"});
         assert!(check_credential_schema(&file).is_err());
         let local = json!({"type": "object", "$defs": {"k": {"type": "string"}}, "properties": {"k": {"$ref": "#/$defs/k"}}});
@@ -468,8 +496,14 @@ mod tests {
 
     #[test]
     fn aliases_normalize() {
-        assert_eq!(normalize_alias("Google_Prod").as_deref(), Some("google-prod"));
-        assert_eq!(normalize_alias("google--prod!").as_deref(), Some("google-prod"));
+        assert_eq!(
+            normalize_alias("Google_Prod").as_deref(),
+            Some("google-prod")
+        );
+        assert_eq!(
+            normalize_alias("google--prod!").as_deref(),
+            Some("google-prod")
+        );
         assert_eq!(normalize_alias("   "), None);
     }
 }

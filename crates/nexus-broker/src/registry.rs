@@ -209,7 +209,11 @@ impl Registry {
 
     /// A live provider by id.
     pub async fn get(&self, id: &str) -> Result<Provider, RegistryError> {
-        let row = self.store.get_provider(id).await?.ok_or(RegistryError::NotFound)?;
+        let row = self
+            .store
+            .get_provider(id)
+            .await?
+            .ok_or(RegistryError::NotFound)?;
         Provider::from_row(row)
     }
 
@@ -333,17 +337,20 @@ impl Registry {
     }
 
     /// Adds an alias; returns its normalized form.
-    pub async fn add_alias(&self, id: &str, alias: &str, actor: &Actor) -> Result<String, RegistryError> {
+    pub async fn add_alias(
+        &self,
+        id: &str,
+        alias: &str,
+        actor: &Actor,
+    ) -> Result<String, RegistryError> {
         let normalized = normalize_alias(alias).ok_or_else(|| ProfileError {
             field: "alias".into(),
             message: "must contain letters or digits (at most 100 characters)".into(),
         })?;
-        let audit = actor.event(
-            "provider.alias_added",
-            id,
-            json!({"alias": normalized}),
-        );
-        self.store.add_alias(id, &normalized, alias.trim(), &audit).await?;
+        let audit = actor.event("provider.alias_added", id, json!({"alias": normalized}));
+        self.store
+            .add_alias(id, &normalized, alias.trim(), &audit)
+            .await?;
         Ok(normalized)
     }
 
@@ -354,13 +361,14 @@ impl Registry {
     }
 
     /// Removes an alias (given in any spelling that normalizes to it).
-    pub async fn remove_alias(&self, id: &str, alias: &str, actor: &Actor) -> Result<(), RegistryError> {
+    pub async fn remove_alias(
+        &self,
+        id: &str,
+        alias: &str,
+        actor: &Actor,
+    ) -> Result<(), RegistryError> {
         let normalized = normalize_alias(alias).ok_or(RegistryError::NotFound)?;
-        let audit = actor.event(
-            "provider.alias_removed",
-            id,
-            json!({"alias": normalized}),
-        );
+        let audit = actor.event("provider.alias_removed", id, json!({"alias": normalized}));
         self.store.remove_alias(id, &normalized, &audit).await?;
         Ok(())
     }

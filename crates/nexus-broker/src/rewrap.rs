@@ -65,8 +65,12 @@ pub async fn rewrap(
     for col in ENCRYPTED_COLUMNS {
         let mut after = String::new();
         loop {
-            let batch = store.envelopes_not_on_key(col, &prefix, &after, BATCH).await?;
-            let Some((last_id, _)) = batch.last() else { break };
+            let batch = store
+                .envelopes_not_on_key(col, &prefix, &after, BATCH)
+                .await?;
+            let Some((last_id, _)) = batch.last() else {
+                break;
+            };
             after = last_id.clone();
             for (id, old) in batch {
                 let aad = Aad {

@@ -70,7 +70,10 @@ impl Broker {
 
     /// Serves until `shutdown` resolves, then drains in-flight requests,
     /// flushes the audit queue and closes the database.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
         let addr = self.local_addr();
         let app = api::router(self.state.clone());
         let served = axum::serve(
@@ -80,7 +83,11 @@ impl Broker {
         .with_graceful_shutdown(shutdown)
         .await;
         let stats = self.writer.shutdown().await;
-        tracing::info!(written = stats.written, dropped = stats.dropped, "audit writer flushed");
+        tracing::info!(
+            written = stats.written,
+            dropped = stats.dropped,
+            "audit writer flushed"
+        );
         self.state.store().close().await;
         served.map_err(|source| ServeError::Io { addr, source })
     }

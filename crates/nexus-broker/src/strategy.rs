@@ -169,7 +169,10 @@ pub fn validate(
         }
     }
     if kind == StrategyKind::HmacPayload {
-        let algorithm = config.get("algorithm").and_then(Value::as_str).unwrap_or("");
+        let algorithm = config
+            .get("algorithm")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if !matches!(algorithm, "sha256" | "sha512") {
             return Err("hmac_payload algorithm must be 'sha256' or 'sha512'".into());
         }
@@ -213,7 +216,10 @@ mod tests {
         let s = validate(AuthType::Oauth2, None, None).unwrap();
         assert_eq!(s.kind, StrategyKind::Oauth2);
         let e = validate(AuthType::ApiKey, None, None).unwrap_err();
-        assert!(e.contains("header_name") && e.contains("credential_field"), "{e}");
+        assert!(
+            e.contains("header_name") && e.contains("credential_field"),
+            "{e}"
+        );
         let ok = json!({"type": "header", "config": {"header_name": "X-Api-Key", "credential_field": "api_key"}});
         assert!(validate(AuthType::ApiKey, Some(&ok), Some(&fields(&["api_key"]))).is_ok());
         let qp = json!({"type": "query_param", "config": {"param_name": "key", "credential_field": "api_key"}});
@@ -222,7 +228,12 @@ mod tests {
 
     #[test]
     fn rejects_mismatches() {
-        let e = validate(AuthType::BasicAuth, Some(&json!({"type": "aws_sigv4"})), None).unwrap_err();
+        let e = validate(
+            AuthType::BasicAuth,
+            Some(&json!({"type": "aws_sigv4"})),
+            None,
+        )
+        .unwrap_err();
         assert!(e.contains("cannot be used"), "{e}");
         let e = validate(AuthType::Header, Some(&json!({"type": "nope"})), None).unwrap_err();
         assert!(e.contains("not a known strategy"), "{e}");
@@ -230,7 +241,12 @@ mod tests {
         let e = validate(AuthType::Header, Some(&hdr), Some(&fields(&["api_key"]))).unwrap_err();
         assert!(e.contains("'token'"), "{e}");
         let aws = json!({"config": {"region": "us-east-1", "service": "s3"}});
-        let e = validate(AuthType::AwsSigv4, Some(&aws), Some(&fields(&["access_key"]))).unwrap_err();
+        let e = validate(
+            AuthType::AwsSigv4,
+            Some(&aws),
+            Some(&fields(&["access_key"])),
+        )
+        .unwrap_err();
         assert!(e.contains("secret_key"), "{e}");
         let hmac = json!({"config": {"header_name": "X-Sig", "algorithm": "md5", "credential_field": "k", "encoding": "hex"}});
         assert!(validate(AuthType::HmacPayload, Some(&hmac), None).is_err());

@@ -20,14 +20,18 @@ const LATENCY_BUCKETS: &[f64] = &[
 pub fn metrics_handle() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), LATENCY_BUCKETS);
+            let builder = PrometheusBuilder::new().set_buckets_for_metric(
+                Matcher::Suffix("duration_seconds".into()),
+                LATENCY_BUCKETS,
+            );
             match builder {
                 Ok(b) => {
                     let recorder = b.build_recorder();
                     let handle = recorder.handle();
                     if metrics::set_global_recorder(recorder).is_err() {
-                        tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+                        tracing::warn!(
+                            "a metrics recorder was already installed; /metrics will be empty"
+                        );
                     }
                     handle
                 }

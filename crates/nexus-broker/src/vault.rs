@@ -273,7 +273,9 @@ fn split_envelope(envelope: &str) -> Result<(&str, Vec<u8>, Vec<u8>), VaultError
     let nonce = URL_SAFE_NO_PAD
         .decode(nonce)
         .map_err(|_| VaultError::Malformed)?;
-    let ct = URL_SAFE_NO_PAD.decode(ct).map_err(|_| VaultError::Malformed)?;
+    let ct = URL_SAFE_NO_PAD
+        .decode(ct)
+        .map_err(|_| VaultError::Malformed)?;
     if nonce.len() != NONCE_LEN || ct.len() < TAG_LEN {
         return Err(VaultError::Malformed);
     }
@@ -389,15 +391,22 @@ mod tests {
         assert_eq!(rotated.decrypt(AAD, &env).unwrap().expose(), b"v");
         assert_eq!(envelope_key_id(&rotated.encrypt(AAD, b"v")), Some("new"));
         let only_new = ring(&["new"]);
-        assert!(matches!(only_new.decrypt(AAD, &env), Err(VaultError::UnknownKey(id)) if id == "old"));
+        assert!(
+            matches!(only_new.decrypt(AAD, &env), Err(VaultError::UnknownKey(id)) if id == "old")
+        );
     }
 
     #[test]
     fn bad_keys_are_explained() {
         let short = STANDARD.encode([0u8; 16]);
         let e = KeyRing::from_single_key(&short).unwrap_err().to_string();
-        assert!(e.contains("ENCRYPTION_KEY") && e.contains("32 bytes"), "{e}");
-        let e = KeyRing::from_single_key("not base64!!").unwrap_err().to_string();
+        assert!(
+            e.contains("ENCRYPTION_KEY") && e.contains("32 bytes"),
+            "{e}"
+        );
+        let e = KeyRing::from_single_key("not base64!!")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ENCRYPTION_KEY") && e.contains("base64"), "{e}");
         let e = KeyRing::from_keys_var("nocolon").unwrap_err().to_string();
         assert!(e.contains("ENCRYPTION_KEYS"), "{e}");
@@ -414,8 +423,17 @@ mod tests {
     #[test]
     fn malformed_envelopes_are_rejected() {
         let r = ring(&["a"]);
-        for bad in ["", "nxv1", "nxv2.a.AAAA.AAAA", "nxv1.a.!!.AAAA", "nxv1.a.AAAA.AAAA.x"] {
-            assert!(matches!(r.decrypt(AAD, bad), Err(VaultError::Malformed)), "{bad}");
+        for bad in [
+            "",
+            "nxv1",
+            "nxv2.a.AAAA.AAAA",
+            "nxv1.a.!!.AAAA",
+            "nxv1.a.AAAA.AAAA.x",
+        ] {
+            assert!(
+                matches!(r.decrypt(AAD, bad), Err(VaultError::Malformed)),
+                "{bad}"
+            );
         }
     }
 }

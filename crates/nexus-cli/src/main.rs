@@ -22,7 +22,11 @@ use nexus_broker::vault::{generate_api_key, generate_key_b64};
 use state::StateDir;
 
 #[derive(Parser)]
-#[command(name = "nexus", version, about = "Nexus: a credential broker for AI agents")]
+#[command(
+    name = "nexus",
+    version,
+    about = "Nexus: a credential broker for AI agents"
+)]
 struct Cli {
     /// Log output format.
     #[arg(long, env = "NEXUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -139,20 +143,35 @@ fn secret(name: &str, state: Option<&StateDir>) -> Option<String> {
 fn settings(args: &ServerArgs, state: Option<&StateDir>) -> Settings {
     let from_state = |name: &str| state.and_then(|s| s.get(name));
     Settings {
-        database_url: args.database_url.clone().or_else(|| from_state("DATABASE_URL")),
+        database_url: args
+            .database_url
+            .clone()
+            .or_else(|| from_state("DATABASE_URL")),
         encryption_key: secret("ENCRYPTION_KEY", state),
         encryption_keys: secret("ENCRYPTION_KEYS", state),
         state_key: secret("STATE_KEY", state),
         api_key: secret("API_KEY", state),
         base_url: args.base_url.clone().or_else(|| from_state("BASE_URL")),
-        redirect_path: args.redirect_path.clone().or_else(|| from_state("REDIRECT_PATH")),
+        redirect_path: args
+            .redirect_path
+            .clone()
+            .or_else(|| from_state("REDIRECT_PATH")),
         allowed_return_domains: args
             .allowed_return_domains
             .clone()
             .or_else(|| from_state("ALLOWED_RETURN_DOMAINS")),
-        allowed_cidrs: args.allowed_cidrs.clone().or_else(|| from_state("ALLOWED_CIDRS")),
-        broker_addr: args.broker_addr.clone().or_else(|| from_state("BROKER_ADDR")),
-        max_body_bytes: args.max_body_bytes.clone().or_else(|| from_state("MAX_BODY_BYTES")),
+        allowed_cidrs: args
+            .allowed_cidrs
+            .clone()
+            .or_else(|| from_state("ALLOWED_CIDRS")),
+        broker_addr: args
+            .broker_addr
+            .clone()
+            .or_else(|| from_state("BROKER_ADDR")),
+        max_body_bytes: args
+            .max_body_bytes
+            .clone()
+            .or_else(|| from_state("MAX_BODY_BYTES")),
     }
 }
 
@@ -168,6 +187,8 @@ fn init_logging(format: LogFormat, filter: &str) -> Result<()> {
         .with_context(|| format!("NEXUS_LOG: '{filter}' is not a valid log filter"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour only for a person at a terminal, never in files or log pipelines.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -216,7 +237,10 @@ async fn main() -> std::process::ExitCode {
 async fn run() -> Result<()> {
     let cli = Cli::parse();
     // Exactly one rustls crypto provider for the whole process (ring).
-    if rustls::crypto::ring::default_provider().install_default().is_err() {
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
         bail!("a rustls crypto provider was already installed");
     }
     init_logging(cli.log_format, &cli.log)?;
@@ -270,22 +294,41 @@ async fn up(args: UpArgs) -> Result<()> {
         allowed_cidrs: args.rest.allowed_cidrs,
         max_body_bytes: None,
     };
-    let config = BrokerConfig::from_settings(&settings(&server, Some(&state)))
-        .with_context(|| format!("configuration (keys are read from the environment, then {})", state.env_path().display()))?;
-    let backend = if config.database_url.starts_with("sqlite:") { "embedded SQLite" } else { "PostgreSQL" };
+    let config =
+        BrokerConfig::from_settings(&settings(&server, Some(&state))).with_context(|| {
+            format!(
+                "configuration (keys are read from the environment, then {})",
+                state.env_path().display()
+            )
+        })?;
+    let backend = if config.database_url.starts_with("sqlite:") {
+        "embedded SQLite"
+    } else {
+        "PostgreSQL"
+    };
     let broker = Broker::start(config).await?;
     let addr = broker.local_addr();
     println!("Nexus is up ({backend}).");
-    println!("  broker API  http://{addr}   (send X-API-Key: the API_KEY in {})", state.env_path().display());
+    println!(
+        "  broker API  http://{addr}   (send X-API-Key: the API_KEY in {})",
+        state.env_path().display()
+    );
     println!("  health      http://{addr}/health");
     println!("  metrics     http://{addr}/metrics");
     println!(
         "  state       {}   ({}: {})",
         args.state_dir.display(),
-        if state.created { "created, keys generated" } else { "reused" },
+        if state.created {
+            "created, keys generated"
+        } else {
+            "reused"
+        },
         state.env_path().display()
     );
-    println!("  gateway     {} is reserved for the gateway, which is not part of this build yet", args.gateway_addr);
+    println!(
+        "  gateway     {} is reserved for the gateway, which is not part of this build yet",
+        args.gateway_addr
+    );
     println!("Stop with Ctrl-C.");
     broker.run(shutdown_signal()).await?;
     Ok(())
@@ -332,13 +375,21 @@ async fn keys_rewrap(args: ServerArgs) -> Result<()> {
         report.raced
     );
     if report.interrupted {
-        println!("interrupted: run `nexus keys rewrap` again to finish (it resumes where it stopped)");
+        println!(
+            "interrupted: run `nexus keys rewrap` again to finish (it resumes where it stopped)"
+        );
     }
     if !report.failed.is_empty() {
         for f in &report.failed {
-            eprintln!("  cannot rewrap {}.{} row {}: {}", f.table, f.column, f.row_id, f.reason);
+            eprintln!(
+                "  cannot rewrap {}.{} row {}: {}",
+                f.table, f.column, f.row_id, f.reason
+            );
         }
-        bail!("{} secret(s) could not be decrypted with any key in the ring", report.failed.len());
+        bail!(
+            "{} secret(s) could not be decrypted with any key in the ring",
+            report.failed.len()
+        );
     }
     Ok(())
 }

@@ -75,7 +75,8 @@ impl StateDir {
 
     fn read(dir: &Path) -> Result<Self> {
         let env_path = dir.join(ENV_FILE);
-        let meta = fs::metadata(&env_path).with_context(|| format!("reading {}", env_path.display()))?;
+        let meta =
+            fs::metadata(&env_path).with_context(|| format!("reading {}", env_path.display()))?;
         if meta.permissions().mode() & 0o077 != 0 {
             tracing::warn!(
                 path = %env_path.display(),
@@ -83,7 +84,8 @@ impl StateDir {
                 env_path.display()
             );
         }
-        let text = fs::read_to_string(&env_path).with_context(|| format!("reading {}", env_path.display()))?;
+        let text = fs::read_to_string(&env_path)
+            .with_context(|| format!("reading {}", env_path.display()))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             values: parse_env(&text),
@@ -110,7 +112,8 @@ fn write_new_env(path: &Path) -> Result<()> {
         .with_context(|| format!("creating {}", path.display()))?;
     f.write_all(body.as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
-    f.sync_all().with_context(|| format!("writing {}", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 

@@ -42,21 +42,39 @@ fn parse_since(raw: &str) -> Result<i64, ApiError> {
 
 /// `GET /audit?event_type=&since=&connection_id=&provider_id=&limit=&order=asc|desc`
 /// → `{events: [...]}`, newest first unless `order=asc`.
-pub async fn list(State(st): State<AppState>, Query(q): Query<AuditQuery>) -> Result<Json<Value>, ApiError> {
+pub async fn list(
+    State(st): State<AppState>,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Value>, ApiError> {
     let limit = match q.limit.as_deref() {
         None | Some("") => DEFAULT_LIMIT,
         Some(v) => v
             .parse::<i64>()
             .ok()
             .filter(|n| (1..=MAX_LIMIT).contains(n))
-            .ok_or_else(|| ApiError::bad_request("invalid_query", format!("limit must be a whole number from 1 to {MAX_LIMIT}")))?,
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_query",
+                    format!("limit must be a whole number from 1 to {MAX_LIMIT}"),
+                )
+            })?,
     };
     let ascending = match q.order.as_deref() {
         None | Some("") | Some("desc") => false,
         Some("asc") => true,
-        Some(_) => return Err(ApiError::bad_request("invalid_query", "order must be 'asc' or 'desc'")),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "order must be 'asc' or 'desc'",
+            ))
+        }
     };
-    let since_ms = q.since.as_deref().filter(|s| !s.is_empty()).map(parse_since).transpose()?;
+    let since_ms = q
+        .since
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .map(parse_since)
+        .transpose()?;
     let filter = AuditFilter {
         event_type: q.event_type.filter(|s| !s.is_empty()),
         since_ms,

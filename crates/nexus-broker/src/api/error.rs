@@ -89,9 +89,11 @@ impl From<RegistryError> for ApiError {
             RegistryError::Invalid(p) => {
                 ApiError::bad_request("invalid_profile", p.to_string()).with("field", p.field)
             }
-            RegistryError::NotFound => {
-                ApiError::new(StatusCode::NOT_FOUND, "provider_not_found", "provider not found")
-            }
+            RegistryError::NotFound => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "provider_not_found",
+                "provider not found",
+            ),
             RegistryError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
             RegistryError::Store(s) => s.into(),
         }
@@ -145,8 +147,9 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
         .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string());
     let body = json!({"error": code_for(status), "message": text}).to_string();
     parts.headers.remove(header::CONTENT_LENGTH);
-    parts
-        .headers
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     Response::from_parts(parts, Body::from(body))
 }

@@ -17,7 +17,10 @@ use super::AppState;
 pub async fn allow_cidrs(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let cidrs = &state.config().allowed_cidrs;
     if !cidrs.is_empty() {
-        let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        let peer = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
         let allowed = peer.is_some_and(|ip| {
             // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
             let ip = match ip {
@@ -49,12 +52,20 @@ pub fn keys_match(given: &[u8], expected: &[u8]) -> bool {
 /// Requires `X-API-Key` to equal `API_KEY`.
 pub async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let Some(given) = req.headers().get("x-api-key") else {
-        return ApiError::new(StatusCode::UNAUTHORIZED, "missing_api_key", "send the admin API key in X-API-Key")
-            .into_response();
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing_api_key",
+            "send the admin API key in X-API-Key",
+        )
+        .into_response();
     };
     if !keys_match(given.as_bytes(), state.config().api_key.expose().as_bytes()) {
-        return ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "the API key is not valid")
-            .into_response();
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_api_key",
+            "the API key is not valid",
+        )
+        .into_response();
     }
     next.run(req).await
 }

@@ -46,7 +46,12 @@ struct Inner {
 
 impl AppState {
     /// Builds the state.
-    pub fn new(config: BrokerConfig, store: Store, audit: AuditSink, metrics: PrometheusHandle) -> Self {
+    pub fn new(
+        config: BrokerConfig,
+        store: Store,
+        audit: AuditSink,
+        metrics: PrometheusHandle,
+    ) -> Self {
         let registry = Registry::new(store.clone(), config.keys.clone());
         Self {
             inner: Arc::new(Inner {

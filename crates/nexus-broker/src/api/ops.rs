@@ -38,10 +38,14 @@ pub async fn ready(State(st): State<AppState>) -> Response {
     if !keys_ok {
         problems.push("encryption key self-test failed");
     }
-    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", problems.join("; "))
-        .with("database", if db_ok { "ok" } else { "unreachable" })
-        .with("keys", if keys_ok { "ok" } else { "failed" })
-        .into_response()
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not_ready",
+        problems.join("; "),
+    )
+    .with("database", if db_ok { "ok" } else { "unreachable" })
+    .with("keys", if keys_ok { "ok" } else { "failed" })
+    .into_response()
 }
 
 /// Prometheus text exposition.

@@ -33,9 +33,16 @@ fn view(p: &Provider, aliases: Vec<String>) -> Value {
 }
 
 /// `POST /providers` → 201 `{id, message}`.
-pub async fn create(State(st): State<AppState>, caller: Caller, ApiJson(body): ApiJson<Value>) -> ApiResult<impl IntoResponse> {
+pub async fn create(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<Value>,
+) -> ApiResult<impl IntoResponse> {
     let id = st.registry().create(body, &caller.admin()).await?;
-    Ok((StatusCode::CREATED, Json(json!({"id": id, "message": "provider created"}))))
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": id, "message": "provider created"})),
+    ))
 }
 
 /// `GET /providers` → `[{id, name, auth_type}]`.
@@ -54,17 +61,20 @@ pub async fn metadata(State(st): State<AppState>) -> ApiResult<Json<Value>> {
     let providers = st.registry().list().await?;
     let mut grouped: BTreeMap<&str, Map<String, Value>> = BTreeMap::new();
     for p in &providers {
-        grouped.entry(p.profile.auth_type.as_str()).or_default().insert(
-            p.profile.name.clone(),
-            json!({
-                "id": p.row.id,
-                "api_base_url": p.profile.api_base_url,
-                "user_info_endpoint": p.profile.user_info_endpoint,
-                "scopes": p.profile.scopes,
-                "description": p.profile.description,
-                "category": p.profile.category,
-            }),
-        );
+        grouped
+            .entry(p.profile.auth_type.as_str())
+            .or_default()
+            .insert(
+                p.profile.name.clone(),
+                json!({
+                    "id": p.row.id,
+                    "api_base_url": p.profile.api_base_url,
+                    "user_info_endpoint": p.profile.user_info_endpoint,
+                    "scopes": p.profile.scopes,
+                    "description": p.profile.description,
+                    "category": p.profile.category,
+                }),
+            );
     }
     Ok(Json(json!(grouped)))
 }
@@ -73,7 +83,12 @@ pub async fn metadata(State(st): State<AppState>) -> ApiResult<Json<Value>> {
 pub async fn get(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let reg = st.registry();
     let p = reg.get(&id).await?;
-    let aliases = reg.aliases(&id).await?.into_iter().map(|(_, display)| display).collect();
+    let aliases = reg
+        .aliases(&id)
+        .await?
+        .into_iter()
+        .map(|(_, display)| display)
+        .collect();
     Ok(Json(view(&p, aliases)))
 }
 
@@ -100,19 +115,30 @@ pub async fn patch(
 }
 
 /// `DELETE /providers/{id}`: soft delete.
-pub async fn delete(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn delete(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
     st.registry().delete(&id, &caller.admin()).await?;
     Ok(Json(json!({"id": id, "message": "provider deleted"})))
 }
 
 /// `GET /providers/by-name/{name}` → `{id}` (name, or any alias spelling).
-pub async fn get_by_name(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn get_by_name(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
     let p = st.registry().find(&name).await?;
     Ok(Json(json!({"id": p.row.id, "name": p.profile.name})))
 }
 
 /// `DELETE /providers/by-name/{name}`.
-pub async fn delete_by_name(State(st): State<AppState>, caller: Caller, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn delete_by_name(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
     let reg = st.registry();
     let p = reg.find(&name).await?;
     reg.delete(&p.row.id, &caller.admin()).await?;
@@ -133,15 +159,27 @@ pub async fn add_alias(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<AliasBody>,
 ) -> ApiResult<impl IntoResponse> {
-    let alias = st.registry().add_alias(&id, &body.alias, &caller.admin()).await?;
-    Ok((StatusCode::CREATED, Json(json!({"provider_id": id, "alias": alias}))))
+    let alias = st
+        .registry()
+        .add_alias(&id, &body.alias, &caller.admin())
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"provider_id": id, "alias": alias})),
+    ))
 }
 
 /// `GET /providers/{id}/aliases` → `[{alias, display}]`.
-pub async fn list_aliases(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn list_aliases(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
     let aliases = st.registry().aliases(&id).await?;
     Ok(Json(Value::Array(
-        aliases.into_iter().map(|(alias, display)| json!({"alias": alias, "display": display})).collect(),
+        aliases
+            .into_iter()
+            .map(|(alias, display)| json!({"alias": alias, "display": display}))
+            .collect(),
     )))
 }
 
@@ -151,6 +189,8 @@ pub async fn remove_alias(
     caller: Caller,
     Path((id, alias)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    st.registry().remove_alias(&id, &alias, &caller.admin()).await?;
+    st.registry()
+        .remove_alias(&id, &alias, &caller.admin())
+        .await?;
     Ok(Json(json!({"provider_id": id, "message": "alias removed"})))
 }

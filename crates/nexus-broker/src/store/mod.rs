@@ -12,7 +12,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 
 use crate::vault::VaultError;
 
@@ -58,7 +60,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("backend", &self.backend()).finish()
+        f.debug_struct("Store")
+            .field("backend", &self.backend())
+            .finish()
     }
 }
 
@@ -117,7 +121,10 @@ pub fn now_ms() -> i64 {
 pub fn rfc3339(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
@@ -126,7 +133,8 @@ impl Store {
     /// file is created when missing.
     pub async fn connect(database_url: &str) -> Result<Self, StoreError> {
         if database_url.starts_with("sqlite:") {
-            let in_memory = database_url.contains(":memory:") || database_url.contains("mode=memory");
+            let in_memory =
+                database_url.contains(":memory:") || database_url.contains("mode=memory");
             let opts = SqliteConnectOptions::from_str(database_url)?
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)

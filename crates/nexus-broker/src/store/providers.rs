@@ -86,7 +86,11 @@ where
 
 impl Store {
     /// Inserts a provider and its audit event in one transaction.
-    pub async fn insert_provider(&self, p: &NewProvider, audit: &AuditEvent) -> Result<(), StoreError> {
+    pub async fn insert_provider(
+        &self,
+        p: &NewProvider,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
         let now = now_ms();
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
@@ -111,7 +115,9 @@ impl Store {
 
     /// A live provider by id.
     pub async fn get_provider(&self, id: &str) -> Result<Option<ProviderRow>, StoreError> {
-        let sql = format!("SELECT {PROVIDER_COLUMNS} FROM providers WHERE id = $1 AND deleted_at IS NULL");
+        let sql = format!(
+            "SELECT {PROVIDER_COLUMNS} FROM providers WHERE id = $1 AND deleted_at IS NULL"
+        );
         on_pool!(self, pool => {
             let row = sqlx::query(&sql).bind(id).fetch_optional(pool).await?;
             Ok(row.as_ref().map(provider_from_row).transpose()?)
@@ -120,7 +126,9 @@ impl Store {
 
     /// All live providers, by name.
     pub async fn list_providers(&self) -> Result<Vec<ProviderRow>, StoreError> {
-        let sql = format!("SELECT {PROVIDER_COLUMNS} FROM providers WHERE deleted_at IS NULL ORDER BY name");
+        let sql = format!(
+            "SELECT {PROVIDER_COLUMNS} FROM providers WHERE deleted_at IS NULL ORDER BY name"
+        );
         on_pool!(self, pool => {
             let rows = sqlx::query(&sql).fetch_all(pool).await?;
             Ok(rows.iter().map(provider_from_row).collect::<Result<_, _>>()?)
@@ -128,12 +136,22 @@ impl Store {
     }
 
     /// A live provider by exact name, else by normalized alias.
-    pub async fn find_provider(&self, name: &str, normalized_alias: Option<&str>) -> Result<Option<ProviderRow>, StoreError> {
-        let by_name = format!("SELECT {PROVIDER_COLUMNS} FROM providers WHERE name = $1 AND deleted_at IS NULL");
+    pub async fn find_provider(
+        &self,
+        name: &str,
+        normalized_alias: Option<&str>,
+    ) -> Result<Option<ProviderRow>, StoreError> {
+        let by_name = format!(
+            "SELECT {PROVIDER_COLUMNS} FROM providers WHERE name = $1 AND deleted_at IS NULL"
+        );
         let by_alias = format!(
             "SELECT {} FROM providers p JOIN provider_aliases a ON a.provider_id = p.id
              WHERE a.alias = $1 AND p.deleted_at IS NULL",
-            PROVIDER_COLUMNS.split(", ").map(|c| format!("p.{c}")).collect::<Vec<_>>().join(", ")
+            PROVIDER_COLUMNS
+                .split(", ")
+                .map(|c| format!("p.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         on_pool!(self, pool => {
             if let Some(row) = sqlx::query(&by_name).bind(name).fetch_optional(pool).await? {
@@ -146,13 +164,22 @@ impl Store {
     }
 
     /// Updates a live provider and audits it in one transaction.
-    pub async fn update_provider(&self, id: &str, u: &ProviderUpdate, audit: &AuditEvent) -> Result<(), StoreError> {
+    pub async fn update_provider(
+        &self,
+        id: &str,
+        u: &ProviderUpdate,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
         let now = now_ms();
-        const SET: &str = "UPDATE providers SET name = $1, auth_type = $2, profile = $3, updated_at = $4";
+        const SET: &str =
+            "UPDATE providers SET name = $1, auth_type = $2, profile = $3, updated_at = $4";
         const WHERE: &str = "WHERE id = $5 AND deleted_at IS NULL";
         let (sql, secret) = match &u.client_secret {
             SecretUpdate::Keep => (format!("{SET} {WHERE}"), None),
-            SecretUpdate::Set(s) => (format!("{SET}, client_secret = $6 {WHERE}"), Some(Some(s.as_str()))),
+            SecretUpdate::Set(s) => (
+                format!("{SET}, client_secret = $6 {WHERE}"),
+                Some(Some(s.as_str())),
+            ),
             SecretUpdate::Clear => (format!("{SET}, client_secret = $6 {WHERE}"), Some(None)),
         };
         on_pool!(self, pool => {
@@ -195,7 +222,13 @@ impl Store {
     }
 
     /// Adds an alias to a live provider (audited in the same transaction).
-    pub async fn add_alias(&self, provider_id: &str, alias: &str, display: &str, audit: &AuditEvent) -> Result<(), StoreError> {
+    pub async fn add_alias(
+        &self,
+        provider_id: &str,
+        alias: &str,
+        display: &str,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
         let now = now_ms();
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
@@ -222,7 +255,10 @@ impl Store {
     }
 
     /// Aliases of a provider as `(normalized, display)`.
-    pub async fn list_aliases(&self, provider_id: &str) -> Result<Vec<(String, String)>, StoreError> {
+    pub async fn list_aliases(
+        &self,
+        provider_id: &str,
+    ) -> Result<Vec<(String, String)>, StoreError> {
         on_pool!(self, pool => {
             let rows = sqlx::query("SELECT alias, display FROM provider_aliases WHERE provider_id = $1 ORDER BY alias")
                 .bind(provider_id)
@@ -236,7 +272,12 @@ impl Store {
     }
 
     /// Removes an alias of a provider (audited in the same transaction).
-    pub async fn remove_alias(&self, provider_id: &str, alias: &str, audit: &AuditEvent) -> Result<(), StoreError> {
+    pub async fn remove_alias(
+        &self,
+        provider_id: &str,
+        alias: &str,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             let res = sqlx::query("DELETE FROM provider_aliases WHERE provider_id = $1 AND alias = $2")

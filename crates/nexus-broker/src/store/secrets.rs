@@ -35,8 +35,16 @@ impl EncryptedColumn {
 
 impl Store {
     /// Counts envelopes in `col` not written under the key whose envelope prefix is `prefix`.
-    pub async fn count_not_on_key(&self, col: &EncryptedColumn, prefix: &str) -> Result<i64, StoreError> {
-        let sql = format!("SELECT COUNT(*) AS n FROM {} WHERE {}", col.table, col.not_on_key_clause());
+    pub async fn count_not_on_key(
+        &self,
+        col: &EncryptedColumn,
+        prefix: &str,
+    ) -> Result<i64, StoreError> {
+        let sql = format!(
+            "SELECT COUNT(*) AS n FROM {} WHERE {}",
+            col.table,
+            col.not_on_key_clause()
+        );
         on_pool!(self, pool => {
             let row = sqlx::query(&sql).bind(prefix.len() as i64).bind(prefix).fetch_one(pool).await?;
             Ok(row.try_get::<i64, _>("n")?)
@@ -76,7 +84,13 @@ impl Store {
     /// Replaces an envelope only if it still holds `old` (compare-and-swap), so a
     /// concurrent write by the running broker is never overwritten. Returns
     /// whether the row was updated.
-    pub async fn swap_envelope(&self, col: &EncryptedColumn, id: &str, old: &str, new: &str) -> Result<bool, StoreError> {
+    pub async fn swap_envelope(
+        &self,
+        col: &EncryptedColumn,
+        id: &str,
+        old: &str,
+        new: &str,
+    ) -> Result<bool, StoreError> {
         let sql = format!(
             "UPDATE {t} SET {c} = $1 WHERE {id} = $2 AND {c} = $3",
             t = col.table,

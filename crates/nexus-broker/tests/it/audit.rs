@@ -17,15 +17,33 @@ async fn mutations_are_audited_and_filterable(b: Backend) {
     let t = TestBroker::start(&b).await;
     let g = t.create_provider(oauth_profile("google")).await;
     let w = t.create_provider(api_key_profile("weather")).await;
-    t.post(&format!("/providers/{g}/aliases"), json!({"alias": "gp"})).await;
-    t.call(Method::PATCH, &format!("/providers/{g}"), Some(json!({"profile": {"category": "x"}}))).await;
-    t.call(Method::DELETE, &format!("/providers/{w}"), None).await;
+    t.post(&format!("/providers/{g}/aliases"), json!({"alias": "gp"}))
+        .await;
+    t.call(
+        Method::PATCH,
+        &format!("/providers/{g}"),
+        Some(json!({"profile": {"category": "x"}})),
+    )
+    .await;
+    t.call(Method::DELETE, &format!("/providers/{w}"), None)
+        .await;
 
     let (_, all) = t.get("/audit").await;
-    let types: Vec<&str> = all["events"].as_array().unwrap().iter().map(|e| e["event_type"].as_str().unwrap()).collect();
+    let types: Vec<&str> = all["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
     assert_eq!(
         types,
-        ["provider.deleted", "provider.updated", "provider.alias_added", "provider.created", "provider.created"],
+        [
+            "provider.deleted",
+            "provider.updated",
+            "provider.alias_added",
+            "provider.created",
+            "provider.created"
+        ],
         "newest first"
     );
     let first = &all["events"][4];
@@ -51,7 +69,9 @@ async fn mutations_are_audited_and_filterable(b: Backend) {
 }
 
 fn event(i: usize) -> AuditEvent {
-    AuditEvent::new("token.fetched").connection(format!("c{i}")).detail(json!({"i": i}))
+    AuditEvent::new("token.fetched")
+        .connection(format!("c{i}"))
+        .detail(json!({"i": i}))
 }
 
 async fn writer_batches_and_flushes_on_shutdown(b: Backend) {
@@ -60,7 +80,11 @@ async fn writer_batches_and_flushes_on_shutdown(b: Backend) {
     // A flush interval far beyond the test: only shutdown can write these.
     let writer = AuditWriter::spawn(
         store.clone(),
-        AuditConfig { queue_capacity: 1000, max_batch: 100, flush_interval: Duration::from_secs(3600) },
+        AuditConfig {
+            queue_capacity: 1000,
+            max_batch: 100,
+            flush_interval: Duration::from_secs(3600),
+        },
     );
     let sink = writer.sink();
     for i in 0..250 {
@@ -70,7 +94,13 @@ async fn writer_batches_and_flushes_on_shutdown(b: Backend) {
     assert_eq!(stats.written, 250);
     assert_eq!(stats.dropped, 0);
     assert!(stats.batches >= 3, "{stats:?}");
-    let rows = store.query_audit(&AuditFilter { limit: 1000, ..Default::default() }).await.unwrap();
+    let rows = store
+        .query_audit(&AuditFilter {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(rows.len(), 250);
     // After shutdown the sink refuses, loudly.
     assert!(sink.record(event(999)).await.is_err());
@@ -83,7 +113,11 @@ async fn writer_flushes_on_its_interval_and_pushes_back_when_full(b: Backend) {
     let store = db.store().await;
     let writer = AuditWriter::spawn(
         store.clone(),
-        AuditConfig { queue_capacity: 4, max_batch: 8, flush_interval: Duration::from_millis(20) },
+        AuditConfig {
+            queue_capacity: 4,
+            max_batch: 8,
+            flush_interval: Duration::from_millis(20),
+        },
     );
     // 16 concurrent producers, 25 events each, through a queue of 4.
     let mut tasks = Vec::new();
@@ -101,7 +135,14 @@ async fn writer_flushes_on_its_interval_and_pushes_back_when_full(b: Backend) {
     // Written by the interval flush, without a shutdown (bounded wait).
     let mut seen = 0;
     for _ in 0..200 {
-        seen = store.query_audit(&AuditFilter { limit: 1000, ..Default::default() }).await.unwrap().len();
+        seen = store
+            .query_audit(&AuditFilter {
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .len();
         if seen == 400 {
             break;
         }
@@ -119,7 +160,11 @@ async fn writer_counts_what_it_cannot_write(b: Backend) {
     let store = db.store().await;
     let writer = AuditWriter::spawn(
         store.clone(),
-        AuditConfig { queue_capacity: 100, max_batch: 100, flush_interval: Duration::from_secs(3600) },
+        AuditConfig {
+            queue_capacity: 100,
+            max_batch: 100,
+            flush_interval: Duration::from_secs(3600),
+        },
     );
     let sink = writer.sink();
     for i in 0..10 {
@@ -138,11 +183,17 @@ async fn writer_counts_what_it_cannot_write(b: Backend) {
 async fn drop_audit_table(db: &TestDb) {
     if db.url.starts_with("sqlite:") {
         let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
-        sqlx::query("DROP TABLE audit_events").execute(&pool).await.unwrap();
+        sqlx::query("DROP TABLE audit_events")
+            .execute(&pool)
+            .await
+            .unwrap();
         pool.close().await;
     } else {
         let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-        sqlx::query("DROP TABLE audit_events").execute(&pool).await.unwrap();
+        sqlx::query("DROP TABLE audit_events")
+            .execute(&pool)
+            .await
+            .unwrap();
         pool.close().await;
     }
 }

@@ -4,11 +4,23 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::harness::{assert_json_error, backend_tests, test_settings, Backend, TestBroker, TestDb};
+use crate::harness::{
+    assert_json_error, backend_tests, test_settings, Backend, TestBroker, TestDb,
+};
 use crate::providers::{api_key_profile, oauth_profile};
 
-async fn raw(t: &TestBroker, method: Method, path: &str, key: Option<&str>, content_type: Option<&str>, body: Vec<u8>) -> (StatusCode, Value) {
-    let mut req = t.client.request(method, format!("{}{path}", t.base)).body(body);
+async fn raw(
+    t: &TestBroker,
+    method: Method,
+    path: &str,
+    key: Option<&str>,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> (StatusCode, Value) {
+    let mut req = t
+        .client
+        .request(method, format!("{}{path}", t.base))
+        .body(body);
     if let Some(k) = key {
         req = req.header("x-api-key", k);
     }
@@ -25,7 +37,16 @@ async fn raw(t: &TestBroker, method: Method, path: &str, key: Option<&str>, cont
 async fn malformed_bodies_are_4xx_json(b: Backend) {
     let t = TestBroker::start(&b).await;
     let key = t.api_key.clone();
-    let post = |ct: Option<&'static str>, body: &[u8]| raw(&t, Method::POST, "/providers", Some(&key), ct, body.to_vec());
+    let post = |ct: Option<&'static str>, body: &[u8]| {
+        raw(
+            &t,
+            Method::POST,
+            "/providers",
+            Some(&key),
+            ct,
+            body.to_vec(),
+        )
+    };
 
     let (s, body) = post(Some("application/json"), b"{\"profile\": {").await;
     assert_json_error(s, &body, 400, "invalid_json");
@@ -41,16 +62,46 @@ async fn malformed_bodies_are_4xx_json(b: Backend) {
     let mut cases: Vec<(Value, &str)> = vec![
         (json!({"profile": {"auth_type": "oauth2"}}), "missing name"),
         (json!({"profile": "x"}), "profile not an object"),
-        (json!({"profile": {"name": 5, "auth_type": "oauth2"}}), "wrong type"),
-        (json!({"profile": {"name": "x", "auth_type": "kerberos"}}), "unknown auth_type"),
-        (json!({"profile": {"name": "x", "auth_type": "oauth2", "auth_header": "client_secret_jwt", "client_id": "c", "auth_url": "https://a/x", "token_url": "https://a/t"}}), "unknown auth_header"),
-        (json!({"profile": {"name": "x", "auth_type": "oauth2", "client_id": "c", "auth_url": "javascript:alert(1)", "token_url": "https://a/t"}}), "bad url"),
-        (json!({"profile": {"name": "x", "auth_type": "oauth2", "client_id": "c"}}), "no endpoints"),
-        (json!({"profile": {"name": "x", "auth_type": "oauth2", "client_id": "c", "auth_url": "https://a/x", "token_url": "https://a/t", "scopes": [1]}}), "scope not a string"),
-        (json!({"profile": {"name": "x", "auth_type": "oauth2", "client_id": "c", "auth_url": "https://a/x", "token_url": "https://a/t", "enable_discovery": "yes"}}), "bool as string"),
-        (json!({"profile": {"name": "x", "auth_type": "api_key", "params": {}}}), "static without schema"),
-        (json!({"profile": {"name": "x", "auth_type": "api_key", "client_secret": "s", "params": {"credential_schema": {"type": "object"}, "strategy": {"config": {"header_name": "h", "credential_field": "k"}}}}}), "static with client secret"),
-        (json!({"profile": {"name": "", "auth_type": "oauth2"}}), "empty name"),
+        (
+            json!({"profile": {"name": 5, "auth_type": "oauth2"}}),
+            "wrong type",
+        ),
+        (
+            json!({"profile": {"name": "x", "auth_type": "kerberos"}}),
+            "unknown auth_type",
+        ),
+        (
+            json!({"profile": {"name": "x", "auth_type": "oauth2", "auth_header": "client_secret_jwt", "client_id": "c", "auth_url": "https://a/x", "token_url": "https://a/t"}}),
+            "unknown auth_header",
+        ),
+        (
+            json!({"profile": {"name": "x", "auth_type": "oauth2", "client_id": "c", "auth_url": "javascript:alert(1)", "token_url": "https://a/t"}}),
+            "bad url",
+        ),
+        (
+            json!({"profile": {"name": "x", "auth_type": "oauth2", "client_id": "c"}}),
+            "no endpoints",
+        ),
+        (
+            json!({"profile": {"name": "x", "auth_type": "oauth2", "client_id": "c", "auth_url": "https://a/x", "token_url": "https://a/t", "scopes": [1]}}),
+            "scope not a string",
+        ),
+        (
+            json!({"profile": {"name": "x", "auth_type": "oauth2", "client_id": "c", "auth_url": "https://a/x", "token_url": "https://a/t", "enable_discovery": "yes"}}),
+            "bool as string",
+        ),
+        (
+            json!({"profile": {"name": "x", "auth_type": "api_key", "params": {}}}),
+            "static without schema",
+        ),
+        (
+            json!({"profile": {"name": "x", "auth_type": "api_key", "client_secret": "s", "params": {"credential_schema": {"type": "object"}, "strategy": {"config": {"header_name": "h", "credential_field": "k"}}}}}),
+            "static with client secret",
+        ),
+        (
+            json!({"profile": {"name": "", "auth_type": "oauth2"}}),
+            "empty name",
+        ),
     ];
     // Invalid JSON Schema, and schemas that would fetch over the network or from disk.
     for schema in [
@@ -65,18 +116,33 @@ async fn malformed_bodies_are_4xx_json(b: Backend) {
     }
     let mut missing_strategy_field = api_key_profile("x");
     missing_strategy_field["params"]["strategy"]["config"] = json!({"header_name": "X-Api-Key"});
-    cases.push((json!({"profile": missing_strategy_field}), "strategy lacks credential_field"));
+    cases.push((
+        json!({"profile": missing_strategy_field}),
+        "strategy lacks credential_field",
+    ));
 
     for (body, what) in cases {
         let (s, resp) = t.post("/providers", body).await;
         assert!(s.is_client_error(), "{what}: {s} {resp}");
-        assert!(resp["error"].is_string() && resp["message"].is_string(), "{what}: {resp}");
+        assert!(
+            resp["error"].is_string() && resp["message"].is_string(),
+            "{what}: {resp}"
+        );
     }
-    let (s, body) = t.post("/providers", json!({"profile": {"name": "x", "auth_type": "kerberos"}})).await;
+    let (s, body) = t
+        .post(
+            "/providers",
+            json!({"profile": {"name": "x", "auth_type": "kerberos"}}),
+        )
+        .await;
     assert_json_error(s, &body, 400, "invalid_profile");
-    assert!(body["message"].as_str().unwrap().contains("kerberos"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("kerberos"),
+        "{body}"
+    );
     let mut remote = api_key_profile("x");
-    remote["params"]["credential_schema"]["properties"]["api_key"] = json!({"$ref": "https://schemas.example.com/key.json"});
+    remote["params"]["credential_schema"]["properties"]["api_key"] =
+        json!({"$ref": "https://schemas.example.com/key.json"});
     let (s, body) = t.post("/providers", json!({"profile": remote})).await;
     assert_json_error(s, &body, 400, "invalid_profile");
     assert_eq!(body["field"], "params.credential_schema");
@@ -100,7 +166,12 @@ async fn oversized_body_is_413(b: Backend) {
 
 async fn api_key_is_required_and_checked(b: Backend) {
     let t = TestBroker::start(&b).await;
-    for path in ["/providers", "/providers/metadata", "/audit", "/providers/by-name/x"] {
+    for path in [
+        "/providers",
+        "/providers/metadata",
+        "/audit",
+        "/providers/by-name/x",
+    ] {
         let (s, body) = raw(&t, Method::GET, path, None, None, vec![]).await;
         assert_json_error(s, &body, 401, "missing_api_key");
         let (s, body) = raw(&t, Method::GET, path, Some("wrong-key"), None, vec![]).await;
@@ -110,7 +181,15 @@ async fn api_key_is_required_and_checked(b: Backend) {
         assert_json_error(s, &body, 401, "invalid_api_key");
     }
     let body = serde_json::to_vec(&json!({"profile": oauth_profile("x")})).unwrap();
-    let (s, resp) = raw(&t, Method::POST, "/providers", None, Some("application/json"), body).await;
+    let (s, resp) = raw(
+        &t,
+        Method::POST,
+        "/providers",
+        None,
+        Some("application/json"),
+        body,
+    )
+    .await;
     assert_json_error(s, &resp, 401, "missing_api_key");
     // Liveness needs no key.
     let (s, _) = raw(&t, Method::GET, "/health", None, None, vec![]).await;
@@ -145,18 +224,29 @@ async fn unknown_routes_methods_and_queries(b: Backend) {
     let t = TestBroker::start(&b).await;
     let (s, body) = t.get("/no/such/route?code=CANARY").await;
     assert_json_error(s, &body, 404, "not_found");
-    assert!(!body["message"].as_str().unwrap().contains("CANARY"), "query strings are never echoed");
+    assert!(
+        !body["message"].as_str().unwrap().contains("CANARY"),
+        "query strings are never echoed"
+    );
     let (s, body) = t.call(Method::PUT, "/providers", Some(json!({}))).await;
     assert_json_error(s, &body, 405, "method_not_allowed");
     let (s, body) = t.get("/providers/not-a-uuid").await;
     assert_json_error(s, &body, 404, "provider_not_found");
-    for q in ["limit=0", "limit=1001", "limit=ten", "since=yesterday", "order=sideways"] {
+    for q in [
+        "limit=0",
+        "limit=1001",
+        "limit=ten",
+        "since=yesterday",
+        "order=sideways",
+    ] {
         let (s, body) = t.get(&format!("/audit?{q}")).await;
         assert_json_error(s, &body, 400, "invalid_query");
     }
     let (s, body) = t.post("/providers/x/aliases", json!({"alias": 5})).await;
     assert_json_error(s, &body, 400, "invalid_request");
-    let (s, body) = t.post("/providers/x/aliases", json!({"alias": "a", "extra": 1})).await;
+    let (s, body) = t
+        .post("/providers/x/aliases", json!({"alias": "a", "extra": 1}))
+        .await;
     assert_json_error(s, &body, 400, "invalid_request");
     t.finish().await;
 }

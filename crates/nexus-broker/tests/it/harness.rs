@@ -76,23 +76,38 @@ impl TestDb {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("tempdir");
                 let url = format!("sqlite:{}", dir.path().join("nexus.db").display());
-                TestDb { url, dir: Some(dir), pg: None }
+                TestDb {
+                    url,
+                    dir: Some(dir),
+                    pg: None,
+                }
             }
             Backend::Postgres(admin_url) => {
                 let schema = format!("nxt_{}", uuid::Uuid::new_v4().simple());
-                let admin = sqlx::PgPool::connect(admin_url).await.expect("connect to NEXUS_TEST_DATABASE_URL");
-                sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await.expect("create schema");
+                let admin = sqlx::PgPool::connect(admin_url)
+                    .await
+                    .expect("connect to NEXUS_TEST_DATABASE_URL");
+                sqlx::query(&format!("CREATE SCHEMA {schema}"))
+                    .execute(&admin)
+                    .await
+                    .expect("create schema");
                 admin.close().await;
                 let sep = if admin_url.contains('?') { '&' } else { '?' };
                 let url = format!("{admin_url}{sep}options[search_path]={schema}");
-                TestDb { url, dir: None, pg: Some((admin_url.clone(), schema)) }
+                TestDb {
+                    url,
+                    dir: None,
+                    pg: Some((admin_url.clone(), schema)),
+                }
             }
         }
     }
 
     /// The SQLite database files (main, WAL, shared memory), for leak checks.
     pub fn sqlite_files(&self) -> Vec<std::path::PathBuf> {
-        let Some(dir) = &self.dir else { return Vec::new() };
+        let Some(dir) = &self.dir else {
+            return Vec::new();
+        };
         std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -108,7 +123,9 @@ impl TestDb {
     pub async fn drop_db(self) {
         if let Some((admin_url, schema)) = &self.pg {
             if let Ok(admin) = sqlx::PgPool::connect(admin_url).await {
-                let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&admin).await;
+                let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+                    .execute(&admin)
+                    .await;
                 admin.close().await;
             }
         }
@@ -166,7 +183,12 @@ impl TestBroker {
     }
 
     /// Sends a request with the admin key; returns status and JSON body.
-    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut req = self
             .client
             .request(method, format!("{}{path}", self.base))
@@ -177,7 +199,8 @@ impl TestBroker {
         let resp = req.send().await.expect("request");
         let status = resp.status();
         let text = resp.text().await.expect("body");
-        let json = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{status} body is not JSON: {text}"));
+        let json = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{status} body is not JSON: {text}"));
         (status, json)
     }
 
@@ -191,7 +214,9 @@ impl TestBroker {
 
     /// Registers a provider and returns its id.
     pub async fn create_provider(&self, profile: Value) -> String {
-        let (status, body) = self.post("/providers", serde_json::json!({"profile": profile})).await;
+        let (status, body) = self
+            .post("/providers", serde_json::json!({"profile": profile}))
+            .await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         body["id"].as_str().expect("id").to_string()
     }
@@ -202,7 +227,9 @@ impl TestBroker {
             let _ = tx.send(());
         }
         if let Some(task) = self.task.take() {
-            task.await.expect("broker task").expect("broker ran cleanly");
+            task.await
+                .expect("broker task")
+                .expect("broker ran cleanly");
         }
         self.db
     }
@@ -217,7 +244,10 @@ impl TestBroker {
 pub fn assert_json_error(status: StatusCode, body: &Value, expected_status: u16, code: &str) {
     assert_eq!(status.as_u16(), expected_status, "{body}");
     assert_eq!(body["error"].as_str(), Some(code), "{body}");
-    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
 }
 
 static LOGS: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
@@ -227,7 +257,9 @@ struct LogWriter;
 impl Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if let Some(m) = LOGS.get() {
-            m.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+            m.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(buf);
         }
         Ok(buf.len())
     }

@@ -45,7 +45,12 @@ async fn crud_round_trip(b: Backend) {
 
     let (s, list) = t.get("/providers").await;
     assert_eq!(s, StatusCode::OK);
-    let names: Vec<&str> = list.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["google", "weather"]);
     assert!(list[0]["id"].is_string());
 
@@ -53,14 +58,20 @@ async fn crud_round_trip(b: Backend) {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(p["id"], google);
     assert_eq!(p["client_secret_set"], true);
-    assert!(p.get("client_secret").is_none(), "secret must never be returned: {p}");
+    assert!(
+        p.get("client_secret").is_none(),
+        "secret must never be returned: {p}"
+    );
     assert_eq!(p["auth_header"], "client_secret_post");
     assert_eq!(p["strategy"]["type"], "oauth2");
     assert_eq!(p["params"]["access_type"], "offline");
 
     let (_, w) = t.get(&format!("/providers/{weather}")).await;
     assert_eq!(w["client_secret_set"], false);
-    assert_eq!(w["strategy"], json!({"type": "header", "config": {"header_name": "X-Api-Key", "credential_field": "api_key"}}));
+    assert_eq!(
+        w["strategy"],
+        json!({"type": "header", "config": {"header_name": "X-Api-Key", "credential_field": "api_key"}})
+    );
 
     let (s, by_name) = t.get("/providers/by-name/google").await;
     assert_eq!(s, StatusCode::OK);
@@ -70,14 +81,26 @@ async fn crud_round_trip(b: Backend) {
     let mut changed = oauth_profile("google");
     changed.as_object_mut().unwrap().remove("client_secret");
     changed["scopes"] = json!(["openid", "email", "calendar.read"]);
-    let (s, body) = t.call(Method::PUT, &format!("/providers/{google}"), Some(json!({"profile": changed}))).await;
+    let (s, body) = t
+        .call(
+            Method::PUT,
+            &format!("/providers/{google}"),
+            Some(json!({"profile": changed})),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK, "{body}");
     let (_, p) = t.get(&format!("/providers/{google}")).await;
     assert_eq!(p["scopes"], json!(["openid", "email", "calendar.read"]));
     assert_eq!(p["client_secret_set"], true);
 
     // A GET body can be sent back as a PUT unchanged.
-    let (s, body) = t.call(Method::PUT, &format!("/providers/{google}"), Some(json!({"profile": p}))).await;
+    let (s, body) = t
+        .call(
+            Method::PUT,
+            &format!("/providers/{google}"),
+            Some(json!({"profile": p})),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK, "{body}");
 
     // PATCH merges; null removes.
@@ -93,7 +116,11 @@ async fn crud_round_trip(b: Backend) {
 
     // PATCH that breaks a rule is refused and changes nothing.
     let (s, body) = t
-        .call(Method::PATCH, &format!("/providers/{google}"), Some(json!({"profile": {"token_url": "ftp://nope", "category": "x"}})))
+        .call(
+            Method::PATCH,
+            &format!("/providers/{google}"),
+            Some(json!({"profile": {"token_url": "ftp://nope", "category": "x"}})),
+        )
         .await;
     assert_json_error(s, &body, 400, "invalid_profile");
     assert_eq!(body["field"], "token_url");
@@ -123,29 +150,47 @@ async fn duplicate_names_conflict_and_failed_changes_keep_data(b: Backend) {
     let t = TestBroker::start(&b).await;
     t.create_provider(oauth_profile("google")).await;
     let github = t.create_provider(oauth_profile("github")).await;
-    let (s, body) = t.post("/providers", json!({"profile": oauth_profile("google")})).await;
+    let (s, body) = t
+        .post("/providers", json!({"profile": oauth_profile("google")}))
+        .await;
     assert_json_error(s, &body, 409, "conflict");
     assert!(body["message"].as_str().unwrap().contains("google"));
 
     // Renaming onto a taken name fails as a whole: row and audit log unchanged.
     let (_, before) = t.get("/audit").await;
-    let (s, body) = t.call(Method::PATCH, &format!("/providers/{github}"), Some(json!({"profile": {"name": "google", "category": "x"}}))).await;
+    let (s, body) = t
+        .call(
+            Method::PATCH,
+            &format!("/providers/{github}"),
+            Some(json!({"profile": {"name": "google", "category": "x"}})),
+        )
+        .await;
     assert_json_error(s, &body, 409, "conflict");
     let (_, p) = t.get(&format!("/providers/{github}")).await;
     assert_eq!(p["name"], "github");
     assert_eq!(p["category"], "identity");
     let (_, after) = t.get("/audit").await;
-    assert_eq!(before["count"], after["count"], "a failed change writes no audit event");
+    assert_eq!(
+        before["count"], after["count"],
+        "a failed change writes no audit event"
+    );
     t.finish().await;
 }
 
 async fn soft_delete_frees_the_name(b: Backend) {
     let t = TestBroker::start(&b).await;
     let id = t.create_provider(oauth_profile("google")).await;
-    let (s, _) = t.post(&format!("/providers/{id}/aliases"), json!({"alias": "Google Prod"})).await;
+    let (s, _) = t
+        .post(
+            &format!("/providers/{id}/aliases"),
+            json!({"alias": "Google Prod"}),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED);
 
-    let (s, body) = t.call(Method::DELETE, &format!("/providers/{id}"), None).await;
+    let (s, body) = t
+        .call(Method::DELETE, &format!("/providers/{id}"), None)
+        .await;
     assert_eq!(s, StatusCode::OK, "{body}");
     let (s, body) = t.get(&format!("/providers/{id}")).await;
     assert_json_error(s, &body, 404, "provider_not_found");
@@ -153,7 +198,9 @@ async fn soft_delete_frees_the_name(b: Backend) {
     assert_json_error(s, &body, 404, "provider_not_found");
     let (s, body) = t.get("/providers/by-name/google-prod").await;
     assert_json_error(s, &body, 404, "provider_not_found");
-    let (s, body) = t.call(Method::DELETE, &format!("/providers/{id}"), None).await;
+    let (s, body) = t
+        .call(Method::DELETE, &format!("/providers/{id}"), None)
+        .await;
     assert_json_error(s, &body, 404, "provider_not_found");
     let (_, list) = t.get("/providers").await;
     assert_eq!(list, json!([]));
@@ -161,11 +208,18 @@ async fn soft_delete_frees_the_name(b: Backend) {
     // Name and alias are free again.
     let again = t.create_provider(oauth_profile("google")).await;
     assert_ne!(again, id);
-    let (s, _) = t.post(&format!("/providers/{again}/aliases"), json!({"alias": "google-prod"})).await;
+    let (s, _) = t
+        .post(
+            &format!("/providers/{again}/aliases"),
+            json!({"alias": "google-prod"}),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED);
 
     // Delete by name, through an alias spelling.
-    let (s, body) = t.call(Method::DELETE, "/providers/by-name/GOOGLE_PROD", None).await;
+    let (s, body) = t
+        .call(Method::DELETE, "/providers/by-name/GOOGLE_PROD", None)
+        .await;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(body["id"], again);
 
@@ -179,7 +233,12 @@ async fn aliases_resolve_by_normalized_form(b: Backend) {
     let t = TestBroker::start(&b).await;
     let id = t.create_provider(oauth_profile("google")).await;
     let other = t.create_provider(oauth_profile("github")).await;
-    let (s, body) = t.post(&format!("/providers/{id}/aliases"), json!({"alias": "Google Prod"})).await;
+    let (s, body) = t
+        .post(
+            &format!("/providers/{id}/aliases"),
+            json!({"alias": "Google Prod"}),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED, "{body}");
     assert_eq!(body["alias"], "google-prod");
 
@@ -189,21 +248,42 @@ async fn aliases_resolve_by_normalized_form(b: Backend) {
         assert_eq!(body["id"], id);
     }
     // The same alias cannot point at two providers.
-    let (s, body) = t.post(&format!("/providers/{other}/aliases"), json!({"alias": "google_prod"})).await;
+    let (s, body) = t
+        .post(
+            &format!("/providers/{other}/aliases"),
+            json!({"alias": "google_prod"}),
+        )
+        .await;
     assert_json_error(s, &body, 409, "conflict");
     // Unknown provider, empty alias.
-    let (s, body) = t.post("/providers/00000000-0000-0000-0000-000000000000/aliases", json!({"alias": "x"})).await;
+    let (s, body) = t
+        .post(
+            "/providers/00000000-0000-0000-0000-000000000000/aliases",
+            json!({"alias": "x"}),
+        )
+        .await;
     assert_json_error(s, &body, 404, "provider_not_found");
-    let (s, body) = t.post(&format!("/providers/{id}/aliases"), json!({"alias": "--"})).await;
+    let (s, body) = t
+        .post(&format!("/providers/{id}/aliases"), json!({"alias": "--"}))
+        .await;
     assert_json_error(s, &body, 400, "invalid_profile");
 
     let (s, list) = t.get(&format!("/providers/{id}/aliases")).await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!(list, json!([{"alias": "google-prod", "display": "Google Prod"}]));
+    assert_eq!(
+        list,
+        json!([{"alias": "google-prod", "display": "Google Prod"}])
+    );
     let (_, p) = t.get(&format!("/providers/{id}")).await;
     assert_eq!(p["aliases"], json!(["Google Prod"]));
 
-    let (s, _) = t.call(Method::DELETE, &format!("/providers/{id}/aliases/Google%20Prod"), None).await;
+    let (s, _) = t
+        .call(
+            Method::DELETE,
+            &format!("/providers/{id}/aliases/Google%20Prod"),
+            None,
+        )
+        .await;
     assert_eq!(s, StatusCode::OK);
     let (s, body) = t.get("/providers/by-name/google-prod").await;
     assert_json_error(s, &body, 404, "provider_not_found");
@@ -213,15 +293,43 @@ async fn aliases_resolve_by_normalized_form(b: Backend) {
 async fn every_static_auth_type_registers(b: Backend) {
     let t = TestBroker::start(&b).await;
     let schema = |fields: &[&str]| {
-        let props: serde_json::Map<String, Value> = fields.iter().map(|f| (f.to_string(), json!({"type": "string"}))).collect();
+        let props: serde_json::Map<String, Value> = fields
+            .iter()
+            .map(|f| (f.to_string(), json!({"type": "string"})))
+            .collect();
         json!({"type": "object", "required": fields, "properties": props})
     };
     let cases = [
-        ("basic", "basic_auth", schema(&["username", "password"]), json!({"config": {"username_field": "username", "password_field": "password"}})),
-        ("hdr", "header", schema(&["token"]), json!({"config": {"header_name": "Authorization", "credential_field": "token", "value_prefix": "Token "}})),
-        ("qp", "query_param", schema(&["key"]), json!({"config": {"param_name": "key", "credential_field": "key"}})),
-        ("hmac", "hmac_payload", schema(&["secret"]), json!({"config": {"header_name": "X-Signature", "algorithm": "sha256", "credential_field": "secret", "encoding": "hex"}})),
-        ("aws", "aws_sigv4", schema(&["access_key", "secret_key", "session_token"]), json!({"config": {"region": "eu-west-1", "service": "s3"}})),
+        (
+            "basic",
+            "basic_auth",
+            schema(&["username", "password"]),
+            json!({"config": {"username_field": "username", "password_field": "password"}}),
+        ),
+        (
+            "hdr",
+            "header",
+            schema(&["token"]),
+            json!({"config": {"header_name": "Authorization", "credential_field": "token", "value_prefix": "Token "}}),
+        ),
+        (
+            "qp",
+            "query_param",
+            schema(&["key"]),
+            json!({"config": {"param_name": "key", "credential_field": "key"}}),
+        ),
+        (
+            "hmac",
+            "hmac_payload",
+            schema(&["secret"]),
+            json!({"config": {"header_name": "X-Signature", "algorithm": "sha256", "credential_field": "secret", "encoding": "hex"}}),
+        ),
+        (
+            "aws",
+            "aws_sigv4",
+            schema(&["access_key", "secret_key", "session_token"]),
+            json!({"config": {"region": "eu-west-1", "service": "s3"}}),
+        ),
     ];
     for (name, auth_type, schema, strategy) in cases {
         let id = t

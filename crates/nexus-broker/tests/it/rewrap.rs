@@ -19,8 +19,17 @@ async fn secrets_by_id(store: &Store, keys: Arc<KeyRing>) -> Vec<(String, Option
     let registry = Registry::new(store.clone(), keys);
     let mut out = Vec::new();
     for p in registry.list().await.unwrap() {
-        let secret = registry.client_secret(&p).unwrap().map(|s| s.expose().clone());
-        let key_id = p.row.client_secret.as_deref().and_then(envelope_key_id).unwrap_or("-").to_string();
+        let secret = registry
+            .client_secret(&p)
+            .unwrap()
+            .map(|s| s.expose().clone());
+        let key_id = p
+            .row
+            .client_secret
+            .as_deref()
+            .and_then(envelope_key_id)
+            .unwrap_or("-")
+            .to_string();
         out.push((p.profile.name.clone(), secret, key_id));
     }
     out
@@ -53,16 +62,31 @@ async fn rotation_and_resumable_rewrap(b: Backend) {
     // Old rows still decrypt with the new key active.
     let before = secrets_by_id(&store, ring.clone()).await;
     assert_eq!(before.len(), 8);
-    assert!(before.iter().filter(|(_, s, _)| s.is_some()).all(|(_, _, k)| k == "default"));
+    assert!(before
+        .iter()
+        .filter(|(_, s, _)| s.is_some())
+        .all(|(_, _, k)| k == "default"));
 
     // Interrupted after 3 rows...
-    let report = rewrap(&store, &ring, |p| if p.done >= 3 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) })
-        .await
-        .unwrap();
+    let report = rewrap(&store, &ring, |p| {
+        if p.done >= 3 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .await
+    .unwrap();
     assert!(report.interrupted);
     assert_eq!(report.rewrapped, 3);
     let prefix = "nxv1.k2.";
-    assert_eq!(store.count_not_on_key(&ENCRYPTED_COLUMNS[0], prefix).await.unwrap(), 4);
+    assert_eq!(
+        store
+            .count_not_on_key(&ENCRYPTED_COLUMNS[0], prefix)
+            .await
+            .unwrap(),
+        4
+    );
 
     // ... and resumed: only the rest is touched.
     let mut totals = Vec::new();
@@ -76,17 +100,32 @@ async fn rotation_and_resumable_rewrap(b: Backend) {
     assert_eq!(report.rewrapped, 4);
     assert!(report.failed.is_empty());
     assert_eq!(totals.first(), Some(&4));
-    assert_eq!(store.count_not_on_key(&ENCRYPTED_COLUMNS[0], prefix).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .count_not_on_key(&ENCRYPTED_COLUMNS[0], prefix)
+            .await
+            .unwrap(),
+        0
+    );
 
     // With the old key gone, every secret still reads back, identical.
     let only_new = Arc::new(KeyRing::from_keys_var(&format!("k2:{new_key}")).unwrap());
     let after = secrets_by_id(&store, only_new).await;
-    let strip = |v: &Vec<(String, Option<String>, String)>| v.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect::<Vec<_>>();
+    let strip = |v: &Vec<(String, Option<String>, String)>| {
+        v.iter()
+            .map(|(n, s, _)| (n.clone(), s.clone()))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(strip(&before), strip(&after));
-    assert!(after.iter().filter(|(_, s, _)| s.is_some()).all(|(_, _, k)| k == "k2"));
+    assert!(after
+        .iter()
+        .filter(|(_, s, _)| s.is_some())
+        .all(|(_, _, k)| k == "k2"));
 
     // A rerun has nothing to do.
-    let report = rewrap(&store, &ring, |_| ControlFlow::Continue(())).await.unwrap();
+    let report = rewrap(&store, &ring, |_| ControlFlow::Continue(()))
+        .await
+        .unwrap();
     assert_eq!(report.rewrapped, 0);
 
     // The broker restarted on the rotated ring serves and writes with the new key.
@@ -98,7 +137,10 @@ async fn rotation_and_resumable_rewrap(b: Backend) {
     let db = t.stop().await;
     let store = db.store().await;
     let row = store.get_provider(&id).await.unwrap().unwrap();
-    assert_eq!(row.client_secret.as_deref().and_then(envelope_key_id), Some("k2"));
+    assert_eq!(
+        row.client_secret.as_deref().and_then(envelope_key_id),
+        Some("k2")
+    );
     store.close().await;
     db.drop_db().await;
 }
@@ -112,7 +154,13 @@ async fn rewrap_never_overwrites_a_concurrent_write(b: Backend) {
     let db = t.stop().await;
     let store = db.store().await;
     let col = &ENCRYPTED_COLUMNS[0];
-    let old = store.get_provider(&id).await.unwrap().unwrap().client_secret.unwrap();
+    let old = store
+        .get_provider(&id)
+        .await
+        .unwrap()
+        .unwrap()
+        .client_secret
+        .unwrap();
     let keys = BrokerConfig::from_settings(&settings).unwrap().keys;
 
     // The broker writes a new secret after rewrap read the row: the swap must lose.
@@ -120,14 +168,31 @@ async fn rewrap_never_overwrites_a_concurrent_write(b: Backend) {
     let current = registry.get(&id).await.unwrap();
     let mut profile = current.profile.public_json();
     profile["client_secret"] = json!("v2");
-    registry.replace(&id, json!({"profile": profile}), &Default::default()).await.unwrap();
-    assert!(!store.swap_envelope(col, &id, &old, "nxv1.x.AAAAAAAAAAAAAAAA.AAAAAAAAAAAAAAAAAAAAAA").await.unwrap());
+    registry
+        .replace(&id, json!({"profile": profile}), &Default::default())
+        .await
+        .unwrap();
+    assert!(!store
+        .swap_envelope(
+            col,
+            &id,
+            &old,
+            "nxv1.x.AAAAAAAAAAAAAAAA.AAAAAAAAAAAAAAAAAAAAAA"
+        )
+        .await
+        .unwrap());
     let after = registry.get(&id).await.unwrap();
-    assert_eq!(registry.client_secret(&after).unwrap().unwrap().expose(), "v2");
+    assert_eq!(
+        registry.client_secret(&after).unwrap().unwrap().expose(),
+        "v2"
+    );
 
     // A row no key can open is reported, not skipped silently and not fatal.
-    let other_ring = Arc::new(KeyRing::from_keys_var(&format!("k9:{}", generate_key_b64().expose())).unwrap());
-    let report = rewrap(&store, &other_ring, |_| ControlFlow::Continue(())).await.unwrap();
+    let other_ring =
+        Arc::new(KeyRing::from_keys_var(&format!("k9:{}", generate_key_b64().expose())).unwrap());
+    let report = rewrap(&store, &other_ring, |_| ControlFlow::Continue(()))
+        .await
+        .unwrap();
     assert_eq!(report.failed.len(), 1);
     assert_eq!(report.failed[0].row_id, id);
     assert!(!report.failed[0].reason.contains("v2"));
@@ -135,4 +200,7 @@ async fn rewrap_never_overwrites_a_concurrent_write(b: Backend) {
     db.drop_db().await;
 }
 
-backend_tests!(rotation_and_resumable_rewrap, rewrap_never_overwrites_a_concurrent_write);
+backend_tests!(
+    rotation_and_resumable_rewrap,
+    rewrap_never_overwrites_a_concurrent_write
+);

@@ -37,17 +37,37 @@ async fn canary_client_secret_never_leaks(b: Backend) {
     bodies.push(dup.to_string());
     let mut broken = profile.clone();
     broken["token_url"] = json!("not a url");
-    bodies.push(t.post("/providers", json!({"profile": broken})).await.1.to_string());
+    bodies.push(
+        t.post("/providers", json!({"profile": broken}))
+            .await
+            .1
+            .to_string(),
+    );
     let (_, upd) = t
-        .call(Method::PATCH, &format!("/providers/{id}"), Some(json!({"profile": {"client_secret": rotated}})))
+        .call(
+            Method::PATCH,
+            &format!("/providers/{id}"),
+            Some(json!({"profile": {"client_secret": rotated}})),
+        )
         .await;
     bodies.push(upd.to_string());
     bodies.push(t.get(&format!("/providers/{id}")).await.1.to_string());
-    let metrics = t.client.get(format!("{}/metrics", t.base)).send().await.unwrap().text().await.unwrap();
+    let metrics = t
+        .client
+        .get(format!("{}/metrics", t.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
 
     for secret in [&canary, &rotated] {
         for body in &bodies {
-            assert!(!body.contains(secret.as_str()), "secret in a response: {body}");
+            assert!(
+                !body.contains(secret.as_str()),
+                "secret in a response: {body}"
+            );
         }
         assert!(!metrics.contains(secret.as_str()), "secret in /metrics");
     }
@@ -98,13 +118,25 @@ async fn stored_secret_decrypts_and_is_bound_to_its_row(b: Backend) {
     let store = db.store().await;
     let registry = Registry::new(store.clone(), Arc::clone(&config.keys));
     let pa = registry.get(&a_id).await.unwrap();
-    assert_eq!(registry.client_secret(&pa).unwrap().unwrap().expose(), "secret-of-a");
+    assert_eq!(
+        registry.client_secret(&pa).unwrap().unwrap().expose(),
+        "secret-of-a"
+    );
 
     // Copy a's ciphertext into b's row: it must not decrypt as b's secret.
     let env_a = pa.row.client_secret.clone().unwrap();
     let col = &nexus_broker::store::ENCRYPTED_COLUMNS[0];
-    let env_b = registry.get(&b_id).await.unwrap().row.client_secret.unwrap();
-    assert!(store.swap_envelope(col, &b_id, &env_b, &env_a).await.unwrap());
+    let env_b = registry
+        .get(&b_id)
+        .await
+        .unwrap()
+        .row
+        .client_secret
+        .unwrap();
+    assert!(store
+        .swap_envelope(col, &b_id, &env_b, &env_a)
+        .await
+        .unwrap());
     let pb = registry.get(&b_id).await.unwrap();
     assert!(matches!(
         registry.client_secret(&pb),
@@ -114,4 +146,7 @@ async fn stored_secret_decrypts_and_is_bound_to_its_row(b: Backend) {
     db.drop_db().await;
 }
 
-backend_tests!(canary_client_secret_never_leaks, stored_secret_decrypts_and_is_bound_to_its_row);
+backend_tests!(
+    canary_client_secret_never_leaks,
+    stored_secret_decrypts_and_is_bound_to_its_row
+);

@@ -1,0 +1,374 @@
+//! Tests of the `nexus` binary itself: what a newcomer and an operator run.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use nexus_broker::config::{BrokerConfig, Settings};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_nexus");
+
+/// The binary with a clean environment: only what the test passes in.
+fn nexus(dir: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    c
+}
+
+/// Starts `nexus up` and waits (bounded) for the line with the broker URL.
+async fn up(dir: &Path, extra_env: &[(&str, &str)]) -> (Child, String) {
+    let mut cmd = nexus(dir);
+    cmd.args(["up", "--state-dir", "state", "--broker-addr", "127.0.0.1:0"])
+        .env("NEXUS_LOG", "trace");
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn nexus up");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let url = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.expect("read stdout") {
+            if let Some(rest) = line.trim().strip_prefix("broker API") {
+                return rest.split_whitespace().next().expect("url").to_string();
+            }
+        }
+        panic!("nexus up exited before printing its URL");
+    })
+    .await
+    .expect("nexus up printed its URL in time");
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, url)
+}
+
+/// Sends a signal and waits (bounded) for a clean exit; returns stderr.
+async fn stop(mut child: Child, signal: &str) -> String {
+    let pid = child.id().expect("running").to_string();
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let mut stderr = child.stderr.take().expect("stderr");
+    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits in time")
+        .unwrap();
+    let mut err = String::new();
+    stderr.read_to_string(&mut err).await.unwrap();
+    assert!(exit.success(), "exit {exit:?}; stderr:\n{err}");
+    err
+}
+
+fn env_file(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("state/nexus.env")).expect("nexus.env")
+}
+
+fn env_value(text: &str, name: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("{name} in nexus.env"))
+        .to_string()
+}
+
+#[tokio::test]
+async fn up_starts_from_nothing_and_reuses_its_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let canary = "canary-up-client-secret-31c9";
+    let (child, url) = up(tmp.path(), &[]).await;
+    let http = reqwest::Client::new();
+    let health: Value = http
+        .get(format!("{url}/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health, json!({"status": "ok"}));
+
+    let env = env_file(tmp.path());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(tmp.path().join("state/nexus.env"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let key = env_value(&env, "API_KEY");
+    let resp = http
+        .post(format!("{url}/providers"))
+        .header("x-api-key", &key)
+        .json(&json!({"profile": {"name": "google", "auth_type": "oauth2", "client_id": "cid", "client_secret": canary,
+            "issuer": "https://accounts.google.com", "enable_discovery": true, "scopes": ["openid"]}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let stderr = stop(child, "-INT").await;
+    assert!(
+        stderr.contains("route=/providers"),
+        "request logs are on stderr:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains(canary),
+        "the client secret reached the logs"
+    );
+    for f in std::fs::read_dir(tmp.path().join("state")).unwrap() {
+        let bytes = std::fs::read(f.unwrap().path()).unwrap();
+        assert!(!bytes.windows(canary.len()).any(|w| w == canary.as_bytes()));
+    }
+
+    // Second run: same keys, same data; SIGTERM also stops it cleanly.
+    let (child, url) = up(tmp.path(), &[]).await;
+    assert_eq!(env_file(tmp.path()), env);
+    let list: Value = http
+        .get(format!("{url}/providers"))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list[0]["name"], "google");
+    stop(child, "-TERM").await;
+
+    // An explicit environment variable wins over the state folder.
+    let (child, url) = up(
+        tmp.path(),
+        &[("API_KEY", "an-explicit-admin-key-from-env-1234")],
+    )
+    .await;
+    let status = http
+        .get(format!("{url}/providers"))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status.as_u16(), 401);
+    let status = http
+        .get(format!("{url}/providers"))
+        .header("x-api-key", "an-explicit-admin-key-from-env-1234")
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status.as_u16(), 200);
+    stop(child, "-INT").await;
+}
+
+async fn broker_fails_with(env: &[(&str, &str)]) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = nexus(tmp.path());
+    cmd.arg("broker").env("BROKER_ADDR", "127.0.0.1:0");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!out.status.success(), "broker must refuse to start");
+    let err = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line, got:\n{err}");
+    lines[0].to_string()
+}
+
+#[tokio::test]
+async fn bad_keys_stop_startup_with_one_line_naming_the_variable() {
+    let good_key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let base = [
+        ("DATABASE_URL", "sqlite:nexus.db"),
+        ("ENCRYPTION_KEY", good_key),
+        ("STATE_KEY", good_key),
+        ("API_KEY", "an-admin-key-long-enough-123"),
+    ];
+    let with = |k: &'static str, v: &'static str| -> Vec<(&'static str, &'static str)> {
+        base.iter()
+            .map(|(bk, bv)| if *bk == k { (*bk, v) } else { (*bk, *bv) })
+            .filter(|(_, v)| !v.is_empty())
+            .collect()
+    };
+    let line = broker_fails_with(&with("ENCRYPTION_KEY", "c2hvcnQ=")).await;
+    assert!(
+        line.contains("ENCRYPTION_KEY") && line.contains("32 bytes"),
+        "{line}"
+    );
+    let line = broker_fails_with(&with("ENCRYPTION_KEY", "not base64 at all!")).await;
+    assert!(
+        line.contains("ENCRYPTION_KEY") && line.contains("base64"),
+        "{line}"
+    );
+    let line = broker_fails_with(&with("ENCRYPTION_KEY", "")).await;
+    assert!(
+        line.contains("ENCRYPTION_KEY") && line.contains("not set"),
+        "{line}"
+    );
+    let line = broker_fails_with(&with("STATE_KEY", "")).await;
+    assert!(line.contains("STATE_KEY"), "{line}");
+    let line = broker_fails_with(&with("API_KEY", "short")).await;
+    assert!(line.contains("API_KEY"), "{line}");
+    let mut ring = with("ENCRYPTION_KEY", "");
+    ring.push(("ENCRYPTION_KEYS", "k1=nope"));
+    let line = broker_fails_with(&ring).await;
+    assert!(line.contains("ENCRYPTION_KEYS"), "{line}");
+    // The bad value itself is never printed.
+    let line = broker_fails_with(&with("ENCRYPTION_KEY", "c2VjcmV0LWJ1dC1zaG9ydA==")).await;
+    assert!(!line.contains("c2VjcmV0LWJ1dC1zaG9ydA=="), "{line}");
+}
+
+#[tokio::test]
+async fn keys_generate_prints_keys_the_broker_accepts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = nexus(tmp.path())
+        .args(["keys", "generate"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let settings = Settings {
+        database_url: Some("sqlite::memory:".into()),
+        encryption_key: Some(env_value(&text, "ENCRYPTION_KEY")),
+        state_key: Some(env_value(&text, "STATE_KEY")),
+        api_key: Some(env_value(&text, "API_KEY")),
+        ..Default::default()
+    };
+    BrokerConfig::from_settings(&settings).expect("generated keys are valid");
+    let again = nexus(tmp.path())
+        .args(["keys", "generate"])
+        .output()
+        .await
+        .unwrap();
+    assert_ne!(
+        String::from_utf8(again.stdout).unwrap(),
+        text,
+        "fresh keys every time"
+    );
+}
+
+async fn rewrap_cmd(dir: &Path) -> (bool, String, String) {
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        nexus(dir)
+            .args(["keys", "rewrap", "--state-dir", "state"])
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn rotate_then_rewrap_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, url) = up(tmp.path(), &[]).await;
+    let key = env_value(&env_file(tmp.path()), "API_KEY");
+    let http = reqwest::Client::new();
+    for name in ["a", "b", "c"] {
+        let resp = http
+            .post(format!("{url}/providers"))
+            .header("x-api-key", &key)
+            .json(&json!({"profile": {"name": name, "auth_type": "oauth2", "client_id": "cid", "client_secret": format!("s-{name}"),
+                "auth_url": "https://idp.example/auth", "token_url": "https://idp.example/token"}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 201);
+    }
+    stop(child, "-INT").await;
+
+    // Rotate: a new active key in front of the old one.
+    let env = env_file(tmp.path());
+    let old = env_value(&env, "ENCRYPTION_KEY");
+    let generated = nexus(tmp.path())
+        .args(["keys", "generate"])
+        .output()
+        .await
+        .unwrap();
+    let new_key = env_value(
+        &String::from_utf8(generated.stdout).unwrap(),
+        "ENCRYPTION_KEY",
+    );
+    std::fs::write(
+        tmp.path().join("state/nexus.env"),
+        format!("{env}ENCRYPTION_KEYS=k2:{new_key},default:{old}\n"),
+    )
+    .unwrap();
+    let (ok, out, err) = rewrap_cmd(tmp.path()).await;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("rewrapped 3 secret(s) to key 'k2'"), "{out}");
+    let (ok, out, _) = rewrap_cmd(tmp.path()).await;
+    assert!(ok && out.contains("rewrapped 0"), "{out}");
+
+    // Drop the old key: nothing is left on it, so nothing fails.
+    std::fs::write(
+        tmp.path().join("state/nexus.env"),
+        format!("{env}ENCRYPTION_KEYS=k2:{new_key}\n"),
+    )
+    .unwrap();
+    let (ok, out, err) = rewrap_cmd(tmp.path()).await;
+    assert!(ok, "{out}{err}");
+
+    // Had a row stayed behind, a ring without its key says so and fails.
+    let other = nexus(tmp.path())
+        .args(["keys", "generate"])
+        .output()
+        .await
+        .unwrap();
+    let other_key = env_value(&String::from_utf8(other.stdout).unwrap(), "ENCRYPTION_KEY");
+    std::fs::write(
+        tmp.path().join("state/nexus.env"),
+        format!("{env}ENCRYPTION_KEYS=k3:{other_key}\n"),
+    )
+    .unwrap();
+    let (ok, _, err) = rewrap_cmd(tmp.path()).await;
+    assert!(!ok);
+    assert!(err.contains("no key with id 'k2'"), "{err}");
+    assert!(err.contains("3 secret(s) could not be decrypted"), "{err}");
+}
+
+#[tokio::test]
+async fn migrate_applies_and_is_idempotent() {
+    let tmp = tempfile::tempdir().unwrap();
+    for _ in 0..2 {
+        let out = nexus(tmp.path())
+            .args(["migrate", "--database-url", "sqlite:m.db"])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8(out.stdout)
+            .unwrap()
+            .contains("migrations applied"));
+    }
+    let out = nexus(tmp.path())
+        .args(["migrate", "--database-url", "mysql://x"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8(out.stderr)
+        .unwrap()
+        .contains("DATABASE_URL"));
+}
