@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::sync::{Mutex, OnceLock};
 
+use nexus_broker::api::AppState;
 use nexus_broker::config::{BrokerConfig, Settings};
 use nexus_broker::server::{Broker, ServeError};
 use nexus_broker::store::Store;
@@ -151,6 +152,8 @@ pub struct TestBroker {
     pub client: reqwest::Client,
     pub db: TestDb,
     pub settings: Settings,
+    /// The running broker's state (store, config), for tests that reach inside.
+    pub state: AppState,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServeError>>>,
 }
@@ -167,6 +170,7 @@ impl TestBroker {
         let config = BrokerConfig::from_settings(&settings).expect("valid test config");
         let broker = Broker::start(config).await.expect("broker starts");
         let base = format!("http://{}", broker.local_addr());
+        let state = broker.state().clone();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(broker.run(async {
             let _ = rx.await;
@@ -177,6 +181,7 @@ impl TestBroker {
             client: reqwest::Client::new(),
             db,
             settings,
+            state,
             shutdown: Some(tx),
             task: Some(task),
         }

@@ -5,6 +5,7 @@ mod harness;
 
 mod audit;
 mod bad_input;
+mod ops;
 mod providers;
 mod rewrap;
 mod secrets;

@@ -372,3 +372,25 @@ async fn migrate_applies_and_is_idempotent() {
         .unwrap()
         .contains("DATABASE_URL"));
 }
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, url) = up_with(tmp.path(), &[], &["--log-format", "json"]).await;
+    reqwest::get(format!("{url}/health")).await.unwrap();
+    let stderr = stop(child, "-INT").await;
+    let mut saw_request = false;
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
+        if v["fields"]["route"] == "/health" {
+            saw_request = true;
+            assert_eq!(v["fields"]["status"], 200);
+        }
+    }
+    assert!(saw_request, "{stderr}");
+}
