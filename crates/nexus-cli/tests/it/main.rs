@@ -26,8 +26,13 @@ fn nexus(dir: &Path) -> Command {
 
 /// Starts `nexus up` and waits (bounded) for the line with the broker URL.
 async fn up(dir: &Path, extra_env: &[(&str, &str)]) -> (Child, String) {
+    up_with(dir, extra_env, &[]).await
+}
+
+async fn up_with(dir: &Path, extra_env: &[(&str, &str)], extra_args: &[&str]) -> (Child, String) {
     let mut cmd = nexus(dir);
     cmd.args(["up", "--state-dir", "state", "--broker-addr", "127.0.0.1:0"])
+        .args(extra_args)
         .env("NEXUS_LOG", "trace");
     for (k, v) in extra_env {
         cmd.env(k, v);
