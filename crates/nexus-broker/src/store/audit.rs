@@ -86,10 +86,28 @@ impl Store {
         if events.is_empty() {
             return Ok(());
         }
+        // One multi-row INSERT per chunk: one round trip instead of one per
+        // event. 9 binds per row keeps a chunk far below both backends' limits.
+        const ROWS_PER_STATEMENT: usize = 500;
+        let details: Vec<String> = events.iter().map(|e| e.detail.to_string()).collect();
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            for ev in events {
-                insert_one(&mut *tx, ev).await?;
+            for (chunk, chunk_details) in events.chunks(ROWS_PER_STATEMENT).zip(details.chunks(ROWS_PER_STATEMENT)) {
+                let mut qb = sqlx::QueryBuilder::new(
+                    "INSERT INTO audit_events (occurred_at, event_type, actor, provider_id, connection_id, workspace_id, ip, user_agent, detail) ",
+                );
+                qb.push_values(chunk.iter().zip(chunk_details), |mut row, (ev, detail)| {
+                    row.push_bind(ev.occurred_at_ms)
+                        .push_bind(&ev.event_type)
+                        .push_bind(&ev.actor)
+                        .push_bind(&ev.provider_id)
+                        .push_bind(&ev.connection_id)
+                        .push_bind(&ev.workspace_id)
+                        .push_bind(&ev.ip)
+                        .push_bind(&ev.user_agent)
+                        .push_bind(detail);
+                });
+                qb.build().execute(&mut *tx).await?;
             }
             tx.commit().await?;
         });
