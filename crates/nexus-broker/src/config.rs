@@ -65,6 +65,8 @@ pub struct Settings {
     pub broker_addr: Option<String>,
     /// `MAX_BODY_BYTES`: request body limit.
     pub max_body_bytes: Option<String>,
+    /// `PROVIDER_TIMEOUT_SECS`: timeout of each call to a provider.
+    pub provider_timeout_secs: Option<String>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -128,6 +130,8 @@ pub struct BrokerConfig {
     pub max_body_bytes: usize,
     /// Audit writer tuning.
     pub audit: AuditConfig,
+    /// Timeout of each call to a provider (token, discovery, JWKS, UserInfo).
+    pub provider_timeout: Duration,
 }
 
 /// Tuning of the batching audit writer.
@@ -311,6 +315,21 @@ impl BrokerConfig {
                 })?,
         };
 
+        let provider_timeout = match non_empty(&s.provider_timeout_secs) {
+            None => Duration::from_secs(10),
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (1..=300).contains(n))
+                .map(Duration::from_secs)
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        "PROVIDER_TIMEOUT_SECS",
+                        "must be a whole number of seconds from 1 to 300",
+                    )
+                })?,
+        };
+
         Ok(Self {
             database_url,
             keys: Arc::new(keys),
@@ -323,6 +342,7 @@ impl BrokerConfig {
             listen_addr,
             max_body_bytes,
             audit: AuditConfig::default(),
+            provider_timeout,
         })
     }
 }

@@ -9,11 +9,17 @@
 pub mod api;
 pub mod audit;
 pub mod config;
+pub mod discovery;
+pub mod handshake;
+pub mod id_token;
+pub mod outbound;
+pub mod pkce;
 pub mod profile;
 pub mod registry;
 pub mod rewrap;
 mod secret;
 pub mod server;
+pub mod state_token;
 pub mod store;
 pub mod strategy;
 pub mod telemetry;

@@ -17,6 +17,9 @@ pub enum ServeError {
     /// The store could not be opened or migrated.
     #[error("database: {0}")]
     Store(#[from] StoreError),
+    /// The outbound HTTP client could not be built.
+    #[error(transparent)]
+    Outbound(#[from] crate::outbound::OutboundError),
     /// The listen address could not be bound or the server failed.
     #[error("listening on {addr}: {source}")]
     Io {
@@ -47,7 +50,7 @@ impl Broker {
                 source,
             })?;
         let writer = AuditWriter::spawn(store.clone(), config.audit);
-        let state = AppState::new(config, store, writer.sink(), telemetry::metrics_handle());
+        let state = AppState::new(config, store, writer.sink(), telemetry::metrics_handle())?;
         Ok(Self {
             state,
             writer,
@@ -76,12 +79,14 @@ impl Broker {
     ) -> Result<(), ServeError> {
         let addr = self.local_addr();
         let app = api::router(self.state.clone());
+        let cleanup = tokio::spawn(cleanup_loop(self.state.clone()));
         let served = axum::serve(
             self.listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(shutdown)
         .await;
+        cleanup.abort();
         let stats = self.writer.shutdown().await;
         tracing::info!(
             written = stats.written,
@@ -90,5 +95,24 @@ impl Broker {
         );
         self.state.store().close().await;
         served.map_err(|source| ServeError::Io { addr, source })
+    }
+}
+
+/// Removes expired handshakes and abandoned pending connections every minute.
+async fn cleanup_loop(state: AppState) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        match state.handshakes().cleanup().await {
+            Ok((0, 0)) => {}
+            Ok((handshakes, connections)) => {
+                tracing::info!(
+                    handshakes,
+                    connections,
+                    "removed expired handshakes and abandoned pending connections"
+                )
+            }
+            Err(e) => tracing::warn!(error = %e, "handshake cleanup failed"),
+        }
     }
 }

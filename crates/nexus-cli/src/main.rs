@@ -98,6 +98,9 @@ struct ServerArgs {
     /// Request body limit in bytes.
     #[arg(long, env = "MAX_BODY_BYTES")]
     max_body_bytes: Option<String>,
+    /// Timeout of each call to a provider, in seconds.
+    #[arg(long, env = "PROVIDER_TIMEOUT_SECS")]
+    provider_timeout_secs: Option<String>,
 }
 
 #[derive(Args)]
@@ -172,6 +175,10 @@ fn settings(args: &ServerArgs, state: Option<&StateDir>) -> Settings {
             .max_body_bytes
             .clone()
             .or_else(|| from_state("MAX_BODY_BYTES")),
+        provider_timeout_secs: args
+            .provider_timeout_secs
+            .clone()
+            .or_else(|| from_state("PROVIDER_TIMEOUT_SECS")),
     }
 }
 
@@ -293,6 +300,7 @@ async fn up(args: UpArgs) -> Result<()> {
         allowed_return_domains: args.rest.allowed_return_domains,
         allowed_cidrs: args.rest.allowed_cidrs,
         max_body_bytes: None,
+        provider_timeout_secs: None,
     };
     let config =
         BrokerConfig::from_settings(&settings(&server, Some(&state))).with_context(|| {

@@ -17,6 +17,9 @@ use tower_http::limit::RequestBodyLimitLayer;
 
 use crate::audit::AuditSink;
 use crate::config::BrokerConfig;
+use crate::discovery::Discovery;
+use crate::handshake::Handshakes;
+use crate::outbound::{self, OutboundError};
 use crate::registry::Registry;
 use crate::store::Store;
 use crate::telemetry;
@@ -25,6 +28,7 @@ pub mod audit;
 pub mod error;
 pub mod extract;
 pub mod guard;
+pub mod handshake;
 pub mod ops;
 pub mod providers;
 
@@ -40,6 +44,7 @@ struct Inner {
     config: BrokerConfig,
     store: Store,
     registry: Registry,
+    handshakes: Handshakes,
     audit: AuditSink,
     metrics: PrometheusHandle,
 }
@@ -51,17 +56,21 @@ impl AppState {
         store: Store,
         audit: AuditSink,
         metrics: PrometheusHandle,
-    ) -> Self {
+    ) -> Result<Self, OutboundError> {
         let registry = Registry::new(store.clone(), config.keys.clone());
-        Self {
+        let http = outbound::client(config.provider_timeout)?;
+        let discovery = Arc::new(Discovery::new(http.clone(), store.clone()));
+        let handshakes = Handshakes::new(&config, store.clone(), registry.clone(), discovery, http);
+        Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 store,
                 registry,
+                handshakes,
                 audit,
                 metrics,
             }),
-        }
+        })
     }
 
     /// Validated configuration.
@@ -77,6 +86,11 @@ impl AppState {
     /// The provider registry.
     pub fn registry(&self) -> &Registry {
         &self.inner.registry
+    }
+
+    /// The handshake engine.
+    pub fn handshakes(&self) -> &Handshakes {
+        &self.inner.handshakes
     }
 
     /// Queue for audit events written off the request path.
@@ -124,6 +138,7 @@ pub fn router(state: AppState) -> Router {
             axum::routing::delete(providers::remove_alias),
         )
         .route("/audit", get(audit::list))
+        .route("/auth/consent-spec", post(handshake::consent_spec))
         .route_layer(from_fn_with_state(state.clone(), guard::require_api_key))
         .route_layer(from_fn_with_state(state.clone(), guard::allow_cidrs));
 
@@ -133,10 +148,14 @@ pub fn router(state: AppState) -> Router {
         .route_layer(from_fn_with_state(state.clone(), guard::allow_cidrs))
         .route("/health", get(ops::health));
 
+    // Browsers arrive here from the provider: no API key, no CIDR allowlist.
+    let public = Router::new().route(&state.config().redirect_path, get(handshake::callback));
+
     let max_body = state.config().max_body_bytes;
     Router::new()
         .merge(admin)
         .merge(ops)
+        .merge(public)
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(RequestBodyLimitLayer::new(max_body))

@@ -19,10 +19,14 @@ use sqlx::sqlite::{
 use crate::vault::VaultError;
 
 mod audit;
+mod connections;
+mod http_cache;
 mod providers;
 mod secrets;
 
 pub use audit::{AuditFilter, AuditRecord};
+pub use connections::{Activation, ConnectionRow, Consumed, HandshakeRow};
+pub use http_cache::CachedDoc;
 pub use providers::{NewProvider, ProviderRow, ProviderUpdate, SecretUpdate};
 pub use secrets::{EncryptedColumn, ENCRYPTED_COLUMNS};
 

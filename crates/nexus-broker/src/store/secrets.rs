@@ -17,11 +17,38 @@ pub struct EncryptedColumn {
 
 /// Every encrypted column in the schema. A migration that adds a secret column
 /// must add it here, or rewrap will leave it on the old key.
-pub const ENCRYPTED_COLUMNS: &[EncryptedColumn] = &[EncryptedColumn {
-    table: "providers",
-    id_column: "id",
-    column: "client_secret",
-}];
+pub const ENCRYPTED_COLUMNS: &[EncryptedColumn] = &[
+    EncryptedColumn {
+        table: "providers",
+        id_column: "id",
+        column: "client_secret",
+    },
+    EncryptedColumn {
+        table: "connections",
+        id_column: "id",
+        column: "access_token",
+    },
+    EncryptedColumn {
+        table: "connections",
+        id_column: "id",
+        column: "refresh_token",
+    },
+    EncryptedColumn {
+        table: "connections",
+        id_column: "id",
+        column: "id_token",
+    },
+    EncryptedColumn {
+        table: "connections",
+        id_column: "id",
+        column: "credentials",
+    },
+    EncryptedColumn {
+        table: "handshakes",
+        id_column: "id",
+        column: "code_verifier",
+    },
+];
 
 impl EncryptedColumn {
     fn not_on_key_clause(&self) -> String {

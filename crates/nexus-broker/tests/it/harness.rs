@@ -165,6 +165,26 @@ impl TestBroker {
         Self::start_on(db, settings).await
     }
 
+    /// A free loopback port, for brokers whose BASE_URL must be known before they start.
+    pub fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// Starts on a fixed free port with BASE_URL pointing at it.
+    pub async fn start_public(backend: &Backend, adjust: impl FnOnce(&mut Settings)) -> TestBroker {
+        let db = TestDb::new(backend).await;
+        let mut settings = test_settings(&db);
+        let port = Self::free_port();
+        settings.broker_addr = Some(format!("127.0.0.1:{port}"));
+        settings.base_url = Some(format!("http://127.0.0.1:{port}"));
+        adjust(&mut settings);
+        Self::start_on(db, settings).await
+    }
+
     pub async fn start_on(db: TestDb, settings: Settings) -> TestBroker {
         init_logs();
         let config = BrokerConfig::from_settings(&settings).expect("valid test config");
@@ -278,6 +298,8 @@ impl Write for LogWriter {
 pub fn init_logs() {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
+        // The test process's one rustls provider, as the binary installs at start-up.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         LOGS.get_or_init(|| Mutex::new(Vec::new()));
         let _ = tracing_subscriber::fmt()
             .with_max_level(tracing::Level::TRACE)

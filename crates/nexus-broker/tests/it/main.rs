@@ -5,6 +5,8 @@ mod harness;
 
 mod audit;
 mod bad_input;
+mod fake_idp;
+mod handshake;
 mod ops;
 mod providers;
 mod rewrap;
