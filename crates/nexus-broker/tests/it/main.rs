@@ -9,5 +9,6 @@ mod fake_idp;
 mod handshake;
 mod ops;
 mod providers;
+mod real_idp;
 mod rewrap;
 mod secrets;
