@@ -9,11 +9,10 @@
 //! silently: a batch that cannot be written after shutdown retries is logged
 //! and counted in `nexus_audit_events_dropped_total`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -142,7 +141,7 @@ pub struct AuditWriterStats {
 /// Background task writing queued audit events in batches.
 pub struct AuditWriter {
     sink: AuditSink,
-    shutdown: Arc<Notify>,
+    shutdown: watch::Sender<bool>,
     task: JoinHandle<AuditWriterStats>,
 }
 
@@ -150,8 +149,8 @@ impl AuditWriter {
     /// Starts the writer on the current runtime.
     pub fn spawn(store: Store, cfg: AuditConfig) -> Self {
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
-        let shutdown = Arc::new(Notify::new());
-        let task = tokio::spawn(run(store, cfg, rx, shutdown.clone()));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let task = tokio::spawn(run(store, cfg, rx, shutdown_rx));
         Self {
             sink: AuditSink { tx },
             shutdown,
@@ -166,7 +165,8 @@ impl AuditWriter {
 
     /// Stops accepting events, writes everything queued, and returns totals.
     pub async fn shutdown(self) -> AuditWriterStats {
-        self.shutdown.notify_one();
+        // send_replace cannot fail: it stores the value even with no receiver left.
+        self.shutdown.send_replace(true);
         drop(self.sink);
         match self.task.await {
             Ok(stats) => stats,
@@ -178,22 +178,29 @@ impl AuditWriter {
     }
 }
 
+/// Attempts at shutdown before a batch is given up (and counted as dropped).
 const SHUTDOWN_WRITE_ATTEMPTS: u32 = 5;
+/// Attempts before a batch that keeps failing for a reason other than an
+/// unreachable database is split, so one bad event cannot wedge the queue.
+const SPLIT_AFTER_ATTEMPTS: u32 = 5;
 
 async fn run(
     store: Store,
     cfg: AuditConfig,
     mut rx: mpsc::Receiver<AuditEvent>,
-    shutdown: Arc<Notify>,
+    mut shutdown: watch::Receiver<bool>,
 ) -> AuditWriterStats {
     let max_batch = cfg.max_batch.max(1);
     let mut stats = AuditWriterStats::default();
     let mut buf: Vec<AuditEvent> = Vec::with_capacity(max_batch);
     let mut deadline: Option<Instant> = None;
     loop {
+        if *shutdown.borrow() {
+            break;
+        }
         tokio::select! {
             biased;
-            _ = shutdown.notified() => break,
+            _ = shutdown.changed() => break,
             ev = rx.recv() => match ev {
                 Some(ev) => {
                     buf.push(ev);
@@ -204,7 +211,7 @@ async fn run(
                         }
                     }
                     if buf.len() >= max_batch {
-                        write(&store, &mut buf, &mut stats, None).await;
+                        write(&store, &mut buf, &mut stats, &mut shutdown).await;
                         deadline = None;
                     } else if deadline.is_none() {
                         deadline = Some(Instant::now() + cfg.flush_interval);
@@ -213,7 +220,7 @@ async fn run(
                 None => break,
             },
             _ = sleep_until(deadline), if deadline.is_some() => {
-                write(&store, &mut buf, &mut stats, None).await;
+                write(&store, &mut buf, &mut stats, &mut shutdown).await;
                 deadline = None;
             }
         }
@@ -223,10 +230,10 @@ async fn run(
     while let Some(ev) = rx.recv().await {
         buf.push(ev);
         if buf.len() >= max_batch {
-            write(&store, &mut buf, &mut stats, Some(SHUTDOWN_WRITE_ATTEMPTS)).await;
+            write(&store, &mut buf, &mut stats, &mut shutdown).await;
         }
     }
-    write(&store, &mut buf, &mut stats, Some(SHUTDOWN_WRITE_ATTEMPTS)).await;
+    write(&store, &mut buf, &mut stats, &mut shutdown).await;
     stats
 }
 
@@ -236,14 +243,18 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Writes `buf` as one batch, retrying with capped backoff. With
-/// `max_attempts` (shutdown) it gives up after that many tries and counts the
-/// loss; otherwise it keeps trying, and the full queue pushes back on callers.
+/// Writes `buf` as one batch, retrying with capped backoff.
+///
+/// While the database is unreachable it keeps trying, and the full queue
+/// pushes back on callers; once shutdown begins it gives up after
+/// [`SHUTDOWN_WRITE_ATTEMPTS`] and counts the loss. A batch refused for any
+/// other reason is retried, then written event by event so that only the
+/// event the database refuses is dropped (logged and counted).
 async fn write(
     store: &Store,
     buf: &mut Vec<AuditEvent>,
     stats: &mut AuditWriterStats,
-    max_attempts: Option<u32>,
+    shutdown: &mut watch::Receiver<bool>,
 ) {
     if buf.is_empty() {
         return;
@@ -262,18 +273,52 @@ async fn write(
             }
             Err(e) => {
                 metrics::counter!("nexus_audit_write_errors_total").increment(1);
-                if max_attempts.is_some_and(|max| attempt >= max) {
-                    stats.dropped += buf.len() as u64;
-                    metrics::counter!("nexus_audit_events_dropped_total")
-                        .increment(buf.len() as u64);
-                    tracing::error!(error = %e, events = buf.len(), "audit events could not be written at shutdown and are lost");
-                    buf.clear();
+                let stopping = *shutdown.borrow();
+                if stopping && attempt >= SHUTDOWN_WRITE_ATTEMPTS {
+                    drop_events(buf, stats, &e, "at shutdown");
+                    return;
+                }
+                if !e.is_unavailable() && attempt >= SPLIT_AFTER_ATTEMPTS && buf.len() > 1 {
+                    write_one_by_one(store, buf, stats).await;
+                    return;
+                }
+                if !e.is_unavailable() && attempt >= SPLIT_AFTER_ATTEMPTS {
+                    drop_events(buf, stats, &e, "after retries");
                     return;
                 }
                 tracing::warn!(error = %e, events = buf.len(), attempt, "audit batch write failed; retrying");
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    // Shutdown cuts the wait short and switches to bounded attempts.
+                    _ = shutdown.changed(), if !stopping => {}
+                }
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     }
+}
+
+async fn write_one_by_one(store: &Store, buf: &mut Vec<AuditEvent>, stats: &mut AuditWriterStats) {
+    for ev in buf.drain(..) {
+        match store.insert_audit_batch(std::slice::from_ref(&ev)).await {
+            Ok(()) => {
+                stats.written += 1;
+                metrics::counter!("nexus_audit_events_written_total").increment(1);
+            }
+            Err(e) => drop_events(&mut vec![ev], stats, &e, "refused by the database"),
+        }
+    }
+    stats.batches += 1;
+}
+
+fn drop_events(
+    buf: &mut Vec<AuditEvent>,
+    stats: &mut AuditWriterStats,
+    e: &crate::store::StoreError,
+    when: &str,
+) {
+    stats.dropped += buf.len() as u64;
+    metrics::counter!("nexus_audit_events_dropped_total").increment(buf.len() as u64);
+    tracing::error!(error = %e, events = buf.len(), "audit events could not be written {when} and are lost");
+    buf.clear();
 }

@@ -93,20 +93,38 @@ impl std::fmt::Debug for Settings {
     }
 }
 
-/// Hides the password of a database URL for logs.
+/// Hides the password of a database URL for logs, in the userinfo part or
+/// as a `password=` query parameter.
 pub fn redact_url(raw: &str) -> String {
-    match Url::parse(raw) {
-        Ok(mut u) if u.password().is_some() => {
-            // Setting a password only fails for URLs that cannot have one, which this has.
-            let _ = u.set_password(Some("REDACTED"));
-            u.to_string()
-        }
-        _ => raw.to_string(),
+    let Ok(mut u) = Url::parse(raw) else {
+        return raw.to_string();
+    };
+    if u.password().is_some() {
+        // Setting a password only fails for URLs that cannot have one, which this has.
+        let _ = u.set_password(Some("REDACTED"));
     }
+    if u.query_pairs()
+        .any(|(k, _)| k.eq_ignore_ascii_case("password"))
+    {
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k.eq_ignore_ascii_case("password") {
+                    "REDACTED".into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    u.to_string()
 }
 
-/// Validated broker configuration.
-#[derive(Debug, Clone)]
+/// Validated broker configuration. `Debug` hides the database password;
+/// keys are `Secret`s or a `KeyRing`, which print no key material.
+#[derive(Clone)]
 pub struct BrokerConfig {
     /// Where the store lives.
     pub database_url: String,
@@ -132,6 +150,22 @@ pub struct BrokerConfig {
     pub audit: AuditConfig,
     /// Timeout of each call to a provider (token, discovery, JWKS, UserInfo).
     pub provider_timeout: Duration,
+}
+
+impl std::fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerConfig")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("keys", &self.keys)
+            .field("base_url", &self.base_url.as_str())
+            .field("redirect_path", &self.redirect_path)
+            .field("allowed_return_domains", &self.allowed_return_domains)
+            .field("allowed_cidrs", &self.allowed_cidrs)
+            .field("listen_addr", &self.listen_addr)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("provider_timeout", &self.provider_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Tuning of the batching audit writer.

@@ -196,6 +196,13 @@ pub fn parse_profile(mut value: Value) -> Result<ProviderProfile, ProfileError> 
     for f in READ_ONLY_FIELDS {
         obj.remove(*f);
     }
+    // serde's type errors quote the offending value; for the secret, say less.
+    if obj
+        .get("client_secret")
+        .is_some_and(|v| !v.is_string() && !v.is_null())
+    {
+        return Err(perr("client_secret", "must be a string"));
+    }
     serde_json::from_value(value).map_err(|e| perr("profile", e.to_string()))
 }
 
@@ -407,6 +414,9 @@ pub fn normalize_alias(raw: &str) -> Option<String> {
         } else if !out.ends_with('-') {
             out.push('-');
         }
+    }
+    if raw.chars().any(char::is_control) {
+        return None;
     }
     let out = out.trim_matches('-').to_string();
     (!out.is_empty() && out.len() <= 100).then_some(out)

@@ -55,11 +55,14 @@ impl Provider {
     fn from_row(row: ProviderRow) -> Result<Self, RegistryError> {
         let value: Value = serde_json::from_str(&row.profile)
             .map_err(|e| StoreError::Corrupt(format!("provider {} profile: {e}", row.id)))?;
-        let mut profile = parse_profile(value)
+        let profile = parse_profile(value)
             .map_err(|e| StoreError::Corrupt(format!("provider {} profile: {e}", row.id)))?;
-        let strategy = profile
-            .validate()
-            .map_err(|e| StoreError::Corrupt(format!("provider {} profile: {e}", row.id)))?;
+        // Stored profiles were fully validated when written; reads only derive
+        // the strategy (no schema compilation, and a rule made stricter later
+        // cannot make old rows unreadable).
+        let strategy =
+            crate::strategy::validate(profile.auth_type, profile.params.get("strategy"), None)
+                .map_err(|e| StoreError::Corrupt(format!("provider {} strategy: {e}", row.id)))?;
         Ok(Self {
             row,
             profile,
@@ -317,6 +320,7 @@ impl Registry {
                     auth_type: profile.auth_type.as_str().to_string(),
                     profile: public.to_string(),
                     client_secret,
+                    expected_version: current.row.version,
                 },
                 &audit,
             )
@@ -345,7 +349,9 @@ impl Registry {
     ) -> Result<String, RegistryError> {
         let normalized = normalize_alias(alias).ok_or_else(|| ProfileError {
             field: "alias".into(),
-            message: "must contain letters or digits (at most 100 characters)".into(),
+            message:
+                "must contain letters or digits, no control characters, at most 100 characters"
+                    .into(),
         })?;
         let audit = actor.event("provider.alias_added", id, json!({"alias": normalized}));
         self.store

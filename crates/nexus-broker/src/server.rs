@@ -20,6 +20,9 @@ pub enum ServeError {
     /// The outbound HTTP client could not be built.
     #[error(transparent)]
     Outbound(#[from] crate::outbound::OutboundError),
+    /// Stored secrets use keys the configured ring does not hold.
+    #[error("{0}")]
+    MissingKeys(String),
     /// The listen address could not be bound or the server failed.
     #[error("listening on {addr}: {source}")]
     Io {
@@ -43,6 +46,7 @@ impl Broker {
     pub async fn start(config: BrokerConfig) -> Result<Self, ServeError> {
         let store = Store::connect(&config.database_url).await?;
         store.migrate().await?;
+        check_key_ring(&store, &config).await?;
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .map_err(|source| ServeError::Io {
@@ -96,6 +100,29 @@ impl Broker {
         self.state.store().close().await;
         served.map_err(|source| ServeError::Io { addr, source })
     }
+}
+
+/// Refuses to start when stored secrets were written under a key id that
+/// the ring no longer holds: better one clear line at start-up than failed
+/// decryptions later.
+async fn check_key_ring(store: &Store, config: &BrokerConfig) -> Result<(), ServeError> {
+    let prefixes: Vec<String> = config
+        .keys
+        .key_ids()
+        .map(|id| format!("{}.{id}.", crate::vault::ENVELOPE_VERSION))
+        .collect();
+    let mut unreadable = 0;
+    for col in crate::store::ENCRYPTED_COLUMNS {
+        unreadable += store.count_outside_keys(col, &prefixes).await?;
+    }
+    if unreadable > 0 {
+        let ids: Vec<&str> = config.keys.key_ids().collect();
+        return Err(ServeError::MissingKeys(format!(
+            "ENCRYPTION_KEY(S): {unreadable} stored secret(s) use a key id not in the key ring ({}); add the old key back (after the active one) and run `nexus keys rewrap` before removing it",
+            ids.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 /// Removes expired handshakes and abandoned pending connections every minute.

@@ -60,6 +60,8 @@ enum Command {
     },
 }
 
+// Parsed once at start-up; the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum KeysCommand {
     /// Print fresh ENCRYPTION_KEY, STATE_KEY and API_KEY values.
@@ -279,8 +281,8 @@ async fn run() -> Result<()> {
                 println!("STATE_KEY={}", generate_key_b64().expose());
                 println!("API_KEY={}", generate_api_key().expose());
                 eprintln!(
-                    "# To rotate the encryption key: ENCRYPTION_KEYS=new:<new key>,default:<old key>, \
-                     restart the broker, then run `nexus keys rewrap`."
+                    "# To rotate the encryption key, see README \"Rotating the encryption key\": \
+                     add it second, then first, in ENCRYPTION_KEYS, then run `nexus keys rewrap`."
                 );
                 Ok(())
             }

@@ -70,6 +70,10 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "not_found", "not found"),
             StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            e if e.is_bad_text() => ApiError::bad_request(
+                "invalid_request",
+                "text must not contain NUL or invalid characters",
+            ),
             e if e.is_unavailable() => {
                 tracing::error!(error = %e, "database unavailable");
                 ApiError::new(
@@ -119,6 +123,22 @@ fn code_for(status: StatusCode) -> &'static str {
 }
 
 const MAX_PASSTHROUGH_MESSAGE: usize = 512;
+
+/// Middleware: refuses NUL (`%00`) anywhere in the path or query with 400,
+/// before any handler or database sees it.
+pub async fn reject_nul(req: Request, next: Next) -> Response {
+    let has_nul = |s: &str| {
+        s.as_bytes()
+            .windows(3)
+            .any(|w| w.eq_ignore_ascii_case(b"%00"))
+    };
+    let uri = req.uri();
+    if has_nul(uri.path()) || uri.query().is_some_and(has_nul) {
+        return ApiError::bad_request("invalid_request", "NUL characters are not allowed in URLs")
+            .into_response();
+    }
+    next.run(req).await
+}
 
 /// Middleware, outermost: any error response that is not already JSON (from
 /// axum's own rejections, method-not-allowed, the body-limit layer) is

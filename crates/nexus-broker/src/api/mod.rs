@@ -159,6 +159,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(RequestBodyLimitLayer::new(max_body))
+        .layer(from_fn(error::reject_nul))
         .layer(from_fn(telemetry::track_requests))
         .layer(from_fn(error::json_errors))
         .with_state(state)

@@ -54,6 +54,16 @@ const INSERT: &str = "INSERT INTO audit_events
     (occurred_at, event_type, actor, provider_id, connection_id, workspace_id, ip, user_agent, detail)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
+/// PostgreSQL `TEXT` cannot hold NUL; an audit event must never fail on
+/// what a caller typed, so NUL becomes U+FFFD on both backends alike.
+fn no_nul(s: &str) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}")
+    } else {
+        s.to_string()
+    }
+}
+
 /// Inserts one event on `exec` (usually the caller's transaction, so the
 /// event commits or rolls back with the change it describes).
 pub(crate) async fn insert_one<'e, DB, E>(exec: E, ev: &AuditEvent) -> Result<(), sqlx::Error>
@@ -67,14 +77,14 @@ where
 {
     sqlx::query(INSERT)
         .bind(ev.occurred_at_ms)
-        .bind(ev.event_type.clone())
-        .bind(ev.actor.clone())
-        .bind(ev.provider_id.clone())
-        .bind(ev.connection_id.clone())
-        .bind(ev.workspace_id.clone())
-        .bind(ev.ip.clone())
-        .bind(ev.user_agent.clone())
-        .bind(ev.detail.to_string())
+        .bind(no_nul(&ev.event_type))
+        .bind(ev.actor.as_deref().map(no_nul))
+        .bind(ev.provider_id.as_deref().map(no_nul))
+        .bind(ev.connection_id.as_deref().map(no_nul))
+        .bind(ev.workspace_id.as_deref().map(no_nul))
+        .bind(ev.ip.as_deref().map(no_nul))
+        .bind(ev.user_agent.as_deref().map(no_nul))
+        .bind(no_nul(&ev.detail.to_string()))
         .execute(exec)
         .await?;
     Ok(())
@@ -89,7 +99,10 @@ impl Store {
         // One multi-row INSERT per chunk: one round trip instead of one per
         // event. 9 binds per row keeps a chunk far below both backends' limits.
         const ROWS_PER_STATEMENT: usize = 500;
-        let details: Vec<String> = events.iter().map(|e| e.detail.to_string()).collect();
+        let details: Vec<String> = events
+            .iter()
+            .map(|e| no_nul(&e.detail.to_string()))
+            .collect();
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             for (chunk, chunk_details) in events.chunks(ROWS_PER_STATEMENT).zip(details.chunks(ROWS_PER_STATEMENT)) {
@@ -98,13 +111,13 @@ impl Store {
                 );
                 qb.push_values(chunk.iter().zip(chunk_details), |mut row, (ev, detail)| {
                     row.push_bind(ev.occurred_at_ms)
-                        .push_bind(&ev.event_type)
-                        .push_bind(&ev.actor)
-                        .push_bind(&ev.provider_id)
-                        .push_bind(&ev.connection_id)
-                        .push_bind(&ev.workspace_id)
-                        .push_bind(&ev.ip)
-                        .push_bind(&ev.user_agent)
+                        .push_bind(no_nul(&ev.event_type))
+                        .push_bind(ev.actor.as_deref().map(no_nul))
+                        .push_bind(ev.provider_id.as_deref().map(no_nul))
+                        .push_bind(ev.connection_id.as_deref().map(no_nul))
+                        .push_bind(ev.workspace_id.as_deref().map(no_nul))
+                        .push_bind(ev.ip.as_deref().map(no_nul))
+                        .push_bind(ev.user_agent.as_deref().map(no_nul))
                         .push_bind(detail);
                 });
                 qb.build().execute(&mut *tx).await?;

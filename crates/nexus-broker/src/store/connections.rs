@@ -87,7 +87,7 @@ pub struct HandshakeRow {
 #[derive(Debug)]
 pub enum Consumed {
     /// This caller consumed it; nobody else will.
-    Now(HandshakeRow),
+    Now(Box<HandshakeRow>),
     /// Someone consumed it before.
     AlreadyUsed,
     /// Past its expiry.
@@ -246,7 +246,7 @@ impl Store {
             .await?;
             let Some(row) = row else { return Ok(Consumed::Unknown) };
             if res.rows_affected() == 1 {
-                return Ok(Consumed::Now(handshake_from_row(&row)?));
+                return Ok(Consumed::Now(Box::new(handshake_from_row(&row)?)));
             }
             let consumed: Option<i64> = row.try_get("consumed_at")?;
             Ok(if consumed.is_some() { Consumed::AlreadyUsed } else { Consumed::Expired })

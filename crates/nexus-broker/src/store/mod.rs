@@ -108,6 +108,12 @@ impl StoreError {
         )
     }
 
+    /// True when the database refused text (PostgreSQL: NUL or an
+    /// untranslatable character); the caller sent it, so answer 400.
+    pub fn is_bad_text(&self) -> bool {
+        matches!(self, StoreError::Db(sqlx::Error::Database(db)) if matches!(db.code().as_deref(), Some("22021") | Some("22P05")))
+    }
+
     pub(crate) fn from_unique(e: sqlx::Error, what: impl FnOnce() -> String) -> Self {
         match &e {
             sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(what()),

@@ -23,6 +23,8 @@ pub struct ProviderRow {
     pub created_at: i64,
     /// Unix ms.
     pub updated_at: i64,
+    /// Bumped on every update (optimistic concurrency).
+    pub version: i64,
 }
 
 /// A provider to insert.
@@ -62,10 +64,12 @@ pub struct ProviderUpdate {
     pub profile: String,
     /// Client secret change.
     pub client_secret: SecretUpdate,
+    /// The version the change was computed from.
+    pub expected_version: i64,
 }
 
 const PROVIDER_COLUMNS: &str =
-    "id, name, auth_type, profile, client_secret, created_at, updated_at";
+    "id, name, auth_type, profile, client_secret, created_at, updated_at, version";
 
 fn provider_from_row<R: Row>(row: &R) -> Result<ProviderRow, sqlx::Error>
 where
@@ -81,6 +85,7 @@ where
         client_secret: row.try_get("client_secret")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        version: row.try_get("version")?,
     })
 }
 
@@ -172,19 +177,26 @@ impl Store {
     ) -> Result<(), StoreError> {
         let now = now_ms();
         const SET: &str =
-            "UPDATE providers SET name = $1, auth_type = $2, profile = $3, updated_at = $4";
-        const WHERE: &str = "WHERE id = $5 AND deleted_at IS NULL";
+            "UPDATE providers SET name = $1, auth_type = $2, profile = $3, updated_at = $4, \
+                           version = version + 1";
+        const WHERE: &str = "WHERE id = $5 AND version = $6 AND deleted_at IS NULL";
         let (sql, secret) = match &u.client_secret {
             SecretUpdate::Keep => (format!("{SET} {WHERE}"), None),
             SecretUpdate::Set(s) => (
-                format!("{SET}, client_secret = $6 {WHERE}"),
+                format!("{SET}, client_secret = $7 {WHERE}"),
                 Some(Some(s.as_str())),
             ),
-            SecretUpdate::Clear => (format!("{SET}, client_secret = $6 {WHERE}"), Some(None)),
+            SecretUpdate::Clear => (format!("{SET}, client_secret = $7 {WHERE}"), Some(None)),
         };
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            let mut q = sqlx::query(&sql).bind(&u.name).bind(&u.auth_type).bind(&u.profile).bind(now).bind(id);
+            let mut q = sqlx::query(&sql)
+                .bind(&u.name)
+                .bind(&u.auth_type)
+                .bind(&u.profile)
+                .bind(now)
+                .bind(id)
+                .bind(u.expected_version);
             if let Some(secret) = secret {
                 q = q.bind(secret);
             }
@@ -193,7 +205,14 @@ impl Store {
                 .await
                 .map_err(|e| StoreError::from_unique(e, || format!("a provider named '{}' already exists", u.name)))?;
             if res.rows_affected() == 0 {
-                return Err(StoreError::NotFound);
+                let live = sqlx::query("SELECT version FROM providers WHERE id = $1 AND deleted_at IS NULL")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                return Err(match live {
+                    Some(_) => StoreError::Conflict("the provider was changed by another request; read it again and retry".into()),
+                    None => StoreError::NotFound,
+                });
             }
             super::audit::insert_one(&mut *tx, audit).await?;
             tx.commit().await?;
@@ -230,17 +249,22 @@ impl Store {
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
         let now = now_ms();
+        // On PostgreSQL the provider row is locked, so a concurrent soft delete
+        // either finishes first (no alias is added) or waits for this insert
+        // and then removes the alias with the rest.
+        let lock = match self.backend() {
+            super::Backend::Postgres => " FOR UPDATE",
+            super::Backend::Sqlite => "",
+        };
+        let insert_alias = format!(
+            "INSERT INTO provider_aliases (alias, display, provider_id, created_at)
+             SELECT $1, $2, id, $4 FROM providers WHERE id = $3 AND deleted_at IS NULL{lock}"
+        );
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            // Lock-free existence check inside the transaction; the FK guards the rest.
-            let live = sqlx::query("SELECT id FROM providers WHERE id = $1 AND deleted_at IS NULL")
-                .bind(provider_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if live.is_none() {
-                return Err(StoreError::NotFound);
-            }
-            sqlx::query("INSERT INTO provider_aliases (alias, display, provider_id, created_at) VALUES ($1, $2, $3, $4)")
+            // One statement, so SQLite never has to upgrade a read lock (which
+            // fails at once under concurrent writers).
+            let res = sqlx::query(&insert_alias)
                 .bind(alias)
                 .bind(display)
                 .bind(provider_id)
@@ -248,6 +272,9 @@ impl Store {
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| StoreError::from_unique(e, || format!("alias '{alias}' is already in use")))?;
+            if res.rows_affected() == 0 {
+                return Err(StoreError::NotFound);
+            }
             super::audit::insert_one(&mut *tx, audit).await?;
             tx.commit().await?;
         });

@@ -61,6 +61,35 @@ impl EncryptedColumn {
 }
 
 impl Store {
+    /// Counts envelopes in `col` written under none of the keys whose envelope
+    /// prefixes are given (secrets the current key ring cannot open).
+    pub async fn count_outside_keys(
+        &self,
+        col: &EncryptedColumn,
+        prefixes: &[String],
+    ) -> Result<i64, StoreError> {
+        let mut sql = format!(
+            "SELECT COUNT(*) AS n FROM {} WHERE {} IS NOT NULL",
+            col.table, col.column
+        );
+        for i in 0..prefixes.len() {
+            sql.push_str(&format!(
+                " AND substr({c}, 1, CAST(${a} AS INTEGER)) <> ${b}",
+                c = col.column,
+                a = 2 * i + 1,
+                b = 2 * i + 2
+            ));
+        }
+        on_pool!(self, pool => {
+            let mut q = sqlx::query(&sql);
+            for p in prefixes {
+                q = q.bind(p.len() as i64).bind(p.as_str());
+            }
+            let row = q.fetch_one(pool).await?;
+            Ok(row.try_get::<i64, _>("n")?)
+        })
+    }
+
     /// Counts envelopes in `col` not written under the key whose envelope prefix is `prefix`.
     pub async fn count_not_on_key(
         &self,

@@ -109,6 +109,7 @@ async fn writer_batches_and_flushes_on_shutdown(b: Backend) {
 }
 
 async fn writer_flushes_on_its_interval_and_pushes_back_when_full(b: Backend) {
+    let full_before = crate::harness::counter("nexus_audit_queue_full_total");
     let db = TestDb::new(&b).await;
     let store = db.store().await;
     let writer = AuditWriter::spawn(
@@ -149,6 +150,10 @@ async fn writer_flushes_on_its_interval_and_pushes_back_when_full(b: Backend) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert_eq!(seen, 400);
+    assert!(
+        crate::harness::counter("nexus_audit_queue_full_total") > full_before,
+        "16 producers through a queue of 4 must have waited"
+    );
     let stats = writer.shutdown().await;
     assert_eq!(stats.written, 400);
     store.close().await;
@@ -156,6 +161,7 @@ async fn writer_flushes_on_its_interval_and_pushes_back_when_full(b: Backend) {
 }
 
 async fn writer_counts_what_it_cannot_write(b: Backend) {
+    crate::harness::init_logs();
     let db = TestDb::new(&b).await;
     let store = db.store().await;
     let writer = AuditWriter::spawn(
@@ -171,7 +177,7 @@ async fn writer_counts_what_it_cannot_write(b: Backend) {
         sink.record(event(i)).await.unwrap();
     }
     // The table disappears under the writer: shutdown cannot write and must say so.
-    drop_audit_table(&db).await;
+    db.exec("DROP TABLE audit_events").await;
     let stats = writer.shutdown().await;
     assert_eq!(stats.written, 0);
     assert_eq!(stats.dropped, 10);
@@ -180,25 +186,82 @@ async fn writer_counts_what_it_cannot_write(b: Backend) {
     db.drop_db().await;
 }
 
-async fn drop_audit_table(db: &TestDb) {
-    if db.url.starts_with("sqlite:") {
-        let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
-        sqlx::query("DROP TABLE audit_events")
-            .execute(&pool)
-            .await
-            .unwrap();
-        pool.close().await;
-    } else {
-        let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-        sqlx::query("DROP TABLE audit_events")
-            .execute(&pool)
-            .await
-            .unwrap();
-        pool.close().await;
+async fn writer_shutdown_is_prompt_while_the_database_is_down(b: Backend) {
+    crate::harness::init_logs();
+    let db = TestDb::new(&b).await;
+    let store = db.store().await;
+    let writer = AuditWriter::spawn(
+        store.clone(),
+        AuditConfig {
+            queue_capacity: 100,
+            max_batch: 100,
+            flush_interval: Duration::from_millis(10),
+        },
+    );
+    let sink = writer.sink();
+    store.close().await;
+    for i in 0..3 {
+        sink.record(event(i)).await.unwrap();
     }
+    // Let it start retrying against the closed pool.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stats = tokio::time::timeout(Duration::from_secs(15), writer.shutdown())
+        .await
+        .expect("shutdown must not hang while the database is down");
+    assert_eq!(stats.written, 0);
+    assert_eq!(stats.dropped, 3);
+    db.drop_db().await;
+}
+
+async fn a_poison_event_does_not_wedge_the_queue(b: Backend) {
+    crate::harness::init_logs();
+    let db = TestDb::new(&b).await;
+    let store = db.store().await;
+    // A CHECK that refuses one event type stands in for any event the database rejects.
+    let poison = if db.url.starts_with("sqlite:") {
+        "CREATE TRIGGER poison BEFORE INSERT ON audit_events WHEN NEW.event_type = 'poison' BEGIN SELECT RAISE(ABORT, 'poison'); END"
+    } else {
+        "ALTER TABLE audit_events ADD CONSTRAINT no_poison CHECK (event_type <> 'poison')"
+    };
+    db.exec(poison).await;
+    let writer = AuditWriter::spawn(
+        store.clone(),
+        AuditConfig {
+            queue_capacity: 100,
+            max_batch: 100,
+            flush_interval: Duration::from_millis(10),
+        },
+    );
+    let sink = writer.sink();
+    sink.record(event(1)).await.unwrap();
+    sink.record(AuditEvent::new("poison")).await.unwrap();
+    sink.record(event(2)).await.unwrap();
+    // The good events arrive without a shutdown: the batch was split.
+    let mut seen = 0;
+    for _ in 0..200 {
+        seen = store
+            .query_audit(&AuditFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .len();
+        if seen == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(seen, 2);
+    let stats = writer.shutdown().await;
+    assert_eq!((stats.written, stats.dropped), (2, 1));
+    store.close().await;
+    db.drop_db().await;
 }
 
 backend_tests!(
+    writer_shutdown_is_prompt_while_the_database_is_down,
+    a_poison_event_does_not_wedge_the_queue,
     mutations_are_audited_and_filterable,
     writer_batches_and_flushes_on_shutdown,
     writer_flushes_on_its_interval_and_pushes_back_when_full,

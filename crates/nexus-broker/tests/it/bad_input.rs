@@ -251,7 +251,69 @@ async fn unknown_routes_methods_and_queries(b: Backend) {
     t.finish().await;
 }
 
+async fn nul_and_odd_input_answer_alike_on_both_backends(b: Backend) {
+    let t = TestBroker::start(&b).await;
+    let id = t.create_provider(oauth_profile("google")).await;
+    for path in [
+        "/providers/%00",
+        "/providers/by-name/a%00",
+        "/audit?event_type=%00",
+        "/providers/by-name/%2500x%00",
+    ] {
+        let (s, body) = t.get(path).await;
+        assert_json_error(s, &body, 400, "invalid_request");
+    }
+    let (s, body) = t
+        .post(
+            &format!("/providers/{id}/aliases"),
+            json!({"alias": "abc\u{0}"}),
+        )
+        .await;
+    assert_json_error(s, &body, 400, "invalid_request");
+    let (s, body) = t
+        .post(
+            &format!("/providers/{id}/aliases"),
+            json!({"alias": "tab\there"}),
+        )
+        .await;
+    assert_json_error(s, &body, 400, "invalid_profile");
+    let mut p = oauth_profile("nul\u{0}name");
+    let (s, body) = t.post("/providers", json!({"profile": p.clone()})).await;
+    assert_json_error(s, &body, 400, "invalid_request");
+    // A secret of the wrong type is refused without quoting it back.
+    p["name"] = json!("typed");
+    p["client_secret"] = json!(987654321);
+    let (s, body) = t.post("/providers", json!({"profile": p})).await;
+    assert_json_error(s, &body, 400, "invalid_profile");
+    assert!(!body.to_string().contains("987654321"), "{body}");
+    // Made-up methods do not become metric labels.
+    let resp = t
+        .client
+        .request(
+            Method::from_bytes(b"BREW").unwrap(),
+            format!("{}/providers", t.base),
+        )
+        .header("x-api-key", &t.api_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let metrics = t
+        .client
+        .get(format!("{}/metrics", t.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!metrics.contains("BREW"));
+    assert!(metrics.contains("method=\"other\""));
+    t.finish().await;
+}
+
 backend_tests!(
+    nul_and_odd_input_answer_alike_on_both_backends,
     malformed_bodies_are_4xx_json,
     oversized_body_is_413,
     api_key_is_required_and_checked,

@@ -247,8 +247,13 @@ async fn client_secret_basic_is_honoured(b: Backend) {
     )
     .await;
     assert_eq!(s, StatusCode::SEE_OTHER, "{body}");
-    let c = idp.counters();
-    let auth = c.last_token_auth.clone().unwrap();
+    let (auth, form) = {
+        let c = idp.counters();
+        (
+            c.last_token_auth.clone().unwrap(),
+            c.last_token_form.clone(),
+        )
+    };
     let decoded = String::from_utf8(
         base64::Engine::decode(
             &base64::engine::general_purpose::STANDARD,
@@ -261,8 +266,7 @@ async fn client_secret_basic_is_honoured(b: Backend) {
         decoded, "fake-client:s3cr%3Aet%2F%2B",
         "RFC 6749 §2.3.1 form-encoding"
     );
-    assert!(c.last_token_form.get("client_secret").is_none());
-    drop(c);
+    assert!(form.get("client_secret").is_none());
     t.finish().await;
 }
 
@@ -867,24 +871,10 @@ async fn cleanup_removes_abandoned_handshakes(b: Backend) {
     assert_eq!(t.state.handshakes().cleanup().await.unwrap(), (0, 0));
     // Age every handshake past its expiry and the pending connection past its TTL.
     let old = nexus_broker::store::now_ms() - 3_600_000;
-    let url = &t.db.url;
-    let stmts = [
-        format!("UPDATE handshakes SET expires_at = {old}"),
-        format!("UPDATE connections SET created_at = {old}"),
-    ];
-    if url.starts_with("sqlite:") {
-        let pool = sqlx::SqlitePool::connect(url).await.unwrap();
-        for s in &stmts {
-            sqlx::query(s).execute(&pool).await.unwrap();
-        }
-        pool.close().await;
-    } else {
-        let pool = sqlx::PgPool::connect(url).await.unwrap();
-        for s in &stmts {
-            sqlx::query(s).execute(&pool).await.unwrap();
-        }
-        pool.close().await;
-    }
+    t.db.exec(&format!("UPDATE handshakes SET expires_at = {old}"))
+        .await;
+    t.db.exec(&format!("UPDATE connections SET created_at = {old}"))
+        .await;
     let (handshakes, connections) = t.state.handshakes().cleanup().await.unwrap();
     assert_eq!((handshakes, connections), (2, 1));
     assert!(t

@@ -121,6 +121,34 @@ impl TestDb {
         s
     }
 
+    /// Runs raw SQL on this database (tests that age rows or break tables).
+    pub async fn exec(&self, sql: &str) {
+        if self.url.starts_with("sqlite:") {
+            let pool = sqlx::SqlitePool::connect(&self.url).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+            pool.close().await;
+        } else {
+            let pool = sqlx::PgPool::connect(&self.url).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+    }
+
+    /// Reads one integer (or NULL) with raw SQL.
+    pub async fn scalar(&self, sql: &str) -> Option<i64> {
+        if self.url.starts_with("sqlite:") {
+            let pool = sqlx::SqlitePool::connect(&self.url).await.unwrap();
+            let v = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
+            pool.close().await;
+            v
+        } else {
+            let pool = sqlx::PgPool::connect(&self.url).await.unwrap();
+            let v = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
+            pool.close().await;
+            v
+        }
+    }
+
     pub async fn drop_db(self) {
         if let Some((admin_url, schema)) = &self.pg {
             if let Ok(admin) = sqlx::PgPool::connect(admin_url).await {
@@ -263,6 +291,15 @@ impl TestBroker {
     pub async fn finish(self) {
         self.stop().await.drop_db().await;
     }
+}
+
+/// The current value of a counter in the process-wide Prometheus registry.
+pub fn counter(name: &str) -> f64 {
+    let text = nexus_broker::telemetry::metrics_handle().render();
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Every error response must be `{"error": code, "message": text}`.

@@ -223,9 +223,17 @@ async fn soft_delete_frees_the_name(b: Backend) {
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(body["id"], again);
 
-    // The soft-deleted rows are still in the database.
-    let store = t.db.store().await;
-    assert!(store.get_provider(&id).await.unwrap().is_none());
+    // Soft delete: the rows are still there, marked deleted.
+    let deleted_at =
+        t.db.scalar(&format!(
+            "SELECT deleted_at FROM providers WHERE id = '{id}'"
+        ))
+        .await;
+    assert!(deleted_at.is_some_and(|ms| ms > 0));
+    let rows =
+        t.db.scalar("SELECT COUNT(*) FROM providers WHERE name = 'google'")
+            .await;
+    assert_eq!(rows, Some(2));
     t.finish().await;
 }
 
@@ -346,7 +354,73 @@ async fn every_static_auth_type_registers(b: Backend) {
     t.finish().await;
 }
 
+async fn concurrent_changes_never_fail_or_get_lost(b: Backend) {
+    let t = TestBroker::start(&b).await;
+    let id = t.create_provider(oauth_profile("google")).await;
+    // Alias adds racing provider creates: every one succeeds, none is a 5xx.
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let (client, base, key, id) = (
+            t.client.clone(),
+            t.base.clone(),
+            t.api_key.clone(),
+            id.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let alias = client
+                .post(format!("{base}/providers/{id}/aliases"))
+                .header("x-api-key", &key)
+                .json(&json!({"alias": format!("alias-{i}")}))
+                .send();
+            let create = client
+                .post(format!("{base}/providers"))
+                .header("x-api-key", &key)
+                .json(&json!({"profile": oauth_profile(&format!("p{i}"))}))
+                .send();
+            let (a, c) = tokio::join!(alias, create);
+            (a.unwrap().status(), c.unwrap().status())
+        }));
+    }
+    for task in tasks {
+        let (a, c) = task.await.unwrap();
+        assert_eq!((a, c), (StatusCode::CREATED, StatusCode::CREATED));
+    }
+    let (_, aliases) = t.get(&format!("/providers/{id}/aliases")).await;
+    assert_eq!(aliases.as_array().unwrap().len(), 30);
+
+    // An update computed from a stale read is refused, not applied over a newer one.
+    let store = t.state.store();
+    let row = store.get_provider(&id).await.unwrap().unwrap();
+    let (s, _) = t
+        .call(
+            Method::PATCH,
+            &format!("/providers/{id}"),
+            Some(json!({"profile": {"category": "newer"}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let stale = nexus_broker::store::ProviderUpdate {
+        name: row.name.clone(),
+        auth_type: row.auth_type.clone(),
+        profile: row.profile.clone(),
+        client_secret: nexus_broker::store::SecretUpdate::Keep,
+        expected_version: row.version,
+    };
+    let err = store
+        .update_provider(&id, &stale, &nexus_broker::audit::AuditEvent::new("test"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, nexus_broker::store::StoreError::Conflict(_)),
+        "{err}"
+    );
+    let (_, p) = t.get(&format!("/providers/{id}")).await;
+    assert_eq!(p["category"], "newer");
+    t.finish().await;
+}
+
 backend_tests!(
+    concurrent_changes_never_fail_or_get_lost,
     crud_round_trip,
     metadata_groups_by_auth_type,
     duplicate_names_conflict_and_failed_changes_keep_data,

@@ -200,7 +200,89 @@ async fn rewrap_never_overwrites_a_concurrent_write(b: Backend) {
     db.drop_db().await;
 }
 
+async fn rewrap_racing_the_broker_keeps_the_newer_secret(b: Backend) {
+    let t = TestBroker::start(&b).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let mut p = oauth_profile(&format!("r{i}"));
+        p["client_secret"] = json!(format!("old-{i}"));
+        ids.push(t.create_provider(p).await);
+    }
+    let old_settings = t.settings.clone();
+    let db = t.stop().await;
+    let rotated = Settings {
+        encryption_key: None,
+        encryption_keys: Some(format!(
+            "k2:{},default:{}",
+            generate_key_b64().expose(),
+            old_settings.encryption_key.clone().unwrap()
+        )),
+        ..old_settings
+    };
+    let ring = BrokerConfig::from_settings(&rotated).unwrap().keys;
+    let store = db.store().await;
+    let registry = Registry::new(store.clone(), ring.clone());
+    let mut sorted = ids.clone();
+    sorted.sort();
+    let last = sorted.last().unwrap().clone();
+
+    // While rewrap works through its batch, the broker writes a new secret
+    // for a row rewrap has already read but not yet swapped.
+    let mut injected = false;
+    let report = rewrap(&store, &ring, |_| {
+        if !injected {
+            injected = true;
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    let cur = registry.get(&last).await.unwrap();
+                    let mut profile = cur.profile.public_json();
+                    profile["client_secret"] = json!("written-during-rewrap");
+                    registry
+                        .replace(&last, json!({"profile": profile}), &Default::default())
+                        .await
+                        .unwrap();
+                })
+            });
+        }
+        ControlFlow::Continue(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.raced, 1, "{report:?}");
+    assert_eq!(report.rewrapped, 2);
+    let p = registry.get(&last).await.unwrap();
+    assert_eq!(
+        registry.client_secret(&p).unwrap().unwrap().expose(),
+        "written-during-rewrap"
+    );
+    assert_eq!(
+        store
+            .count_not_on_key(&ENCRYPTED_COLUMNS[0], "nxv1.k2.")
+            .await
+            .unwrap(),
+        0
+    );
+    store.close().await;
+
+    // A ring that lost the key still in use refuses to start, naming the problem.
+    let lost = Settings {
+        encryption_keys: Some(format!("k9:{}", generate_key_b64().expose())),
+        ..rotated
+    };
+    let err = nexus_broker::server::Broker::start(BrokerConfig::from_settings(&lost).unwrap())
+        .await
+        .err()
+        .expect("refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("3 stored secret(s)") && msg.contains("k9"),
+        "{msg}"
+    );
+    db.drop_db().await;
+}
+
 backend_tests!(
+    rewrap_racing_the_broker_keeps_the_newer_secret,
     rotation_and_resumable_rewrap,
     rewrap_never_overwrites_a_concurrent_write
 );
