@@ -11,6 +11,13 @@ use tokio::process::{Child, Command};
 
 const BIN: &str = env!("CARGO_BIN_EXE_nexus");
 
+/// An HTTP client for talking to the spawned binary. The test process needs
+/// its one rustls provider, as the binary installs its own at start-up.
+fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
 /// The binary with a clean environment: only what the test passes in.
 fn nexus(dir: &Path) -> Command {
     let mut c = Command::new(BIN);
@@ -90,7 +97,7 @@ async fn up_starts_from_nothing_and_reuses_its_state() {
     let tmp = tempfile::tempdir().unwrap();
     let canary = "canary-up-client-secret-31c9";
     let (child, url) = up(tmp.path(), &[]).await;
-    let http = reqwest::Client::new();
+    let http = http();
     let health: Value = http
         .get(format!("{url}/health"))
         .send()
@@ -285,7 +292,7 @@ async fn rotate_then_rewrap_from_the_command_line() {
     let tmp = tempfile::tempdir().unwrap();
     let (child, url) = up(tmp.path(), &[]).await;
     let key = env_value(&env_file(tmp.path()), "API_KEY");
-    let http = reqwest::Client::new();
+    let http = http();
     for name in ["a", "b", "c"] {
         let resp = http
             .post(format!("{url}/providers"))
@@ -382,7 +389,7 @@ async fn migrate_applies_and_is_idempotent() {
 async fn json_logs_are_one_object_per_line() {
     let tmp = tempfile::tempdir().unwrap();
     let (child, url) = up_with(tmp.path(), &[], &["--log-format", "json"]).await;
-    reqwest::get(format!("{url}/health")).await.unwrap();
+    http().get(format!("{url}/health")).send().await.unwrap();
     let stderr = stop(child, "-INT").await;
     let mut saw_request = false;
     for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
