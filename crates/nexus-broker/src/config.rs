@@ -303,8 +303,33 @@ impl BrokerConfig {
         let redirect_path = non_empty(&s.redirect_path)
             .unwrap_or("/auth/callback")
             .to_string();
-        if !redirect_path.starts_with('/') {
-            return Err(ConfigError::new("REDIRECT_PATH", "must start with '/'"));
+        // It becomes a route: only plain path characters, and none of the broker's own routes.
+        const TAKEN: &[&str] = &[
+            "/health",
+            "/ready",
+            "/metrics",
+            "/audit",
+            "/auth/consent-spec",
+            "/auth/capture",
+            "/auth/capture-schema",
+            "/auth/capture-credential",
+        ];
+        if !redirect_path.starts_with('/')
+            || redirect_path.len() < 2
+            || !redirect_path
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/-_.".contains(&b))
+        {
+            return Err(ConfigError::new(
+                "REDIRECT_PATH",
+                "must be a path like /auth/callback (letters, digits, / - _ .)",
+            ));
+        }
+        if TAKEN.contains(&redirect_path.as_str()) || redirect_path.starts_with("/providers") {
+            return Err(ConfigError::new(
+                "REDIRECT_PATH",
+                format!("{redirect_path} is one of the broker's own routes"),
+            ));
         }
 
         let allowed_return_domains = non_empty(&s.allowed_return_domains)

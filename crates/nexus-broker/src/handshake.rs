@@ -21,7 +21,7 @@ use crate::discovery::{Discovery, DiscoveryError, Endpoints};
 use crate::id_token::{self, IdTokenError};
 use crate::outbound::{self, OutboundError};
 use crate::pkce;
-use crate::profile::{AuthHeader, AuthType};
+use crate::profile::AuthHeader;
 use crate::registry::{Actor, Provider, Registry, RegistryError};
 use crate::state_token::{self, StateError};
 use crate::store::{now_ms, Activation, ConnectionRow, Consumed, HandshakeRow, Store, StoreError};
@@ -168,17 +168,18 @@ struct TokenSet {
 
 /// The handshake engine.
 pub struct Handshakes {
-    store: Store,
-    registry: Registry,
-    keys: Arc<KeyRing>,
-    state_key: Arc<Secret<Vec<u8>>>,
+    pub(crate) store: Store,
+    pub(crate) registry: Registry,
+    pub(crate) keys: Arc<KeyRing>,
+    pub(crate) state_key: Arc<Secret<Vec<u8>>>,
     discovery: Arc<Discovery>,
     http: reqwest::Client,
     redirect_uri: String,
+    pub(crate) capture_url: String,
     allowed_return_domains: Vec<String>,
 }
 
-fn json_list(v: &[String]) -> String {
+pub(crate) fn json_list(v: &[String]) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
 }
 
@@ -204,11 +205,9 @@ impl Handshakes {
         discovery: Arc<Discovery>,
         http: reqwest::Client,
     ) -> Self {
-        let redirect_uri = format!(
-            "{}{}",
-            config.base_url.as_str().trim_end_matches('/'),
-            config.redirect_path
-        );
+        let base = config.base_url.as_str().trim_end_matches('/');
+        let redirect_uri = format!("{base}{}", config.redirect_path);
+        let capture_url = format!("{base}/auth/capture");
         Self {
             store,
             registry,
@@ -217,6 +216,7 @@ impl Handshakes {
             discovery,
             http,
             redirect_uri,
+            capture_url,
             allowed_return_domains: config.allowed_return_domains.clone(),
         }
     }
@@ -226,7 +226,7 @@ impl Handshakes {
         &self.redirect_uri
     }
 
-    fn aad<'a>(table: &'a str, row_id: &'a str, column: &'a str) -> Aad<'a> {
+    pub(crate) fn aad<'a>(table: &'a str, row_id: &'a str, column: &'a str) -> Aad<'a> {
         Aad {
             table,
             row_id,
@@ -302,15 +302,6 @@ impl Handshakes {
             }
             None => None,
         };
-        if provider.profile.auth_type != AuthType::Oauth2 {
-            return Err(HandshakeError::Invalid(format!(
-                "provider '{}' uses static credentials ({}); hosted credential capture is not available in this version",
-                provider.profile.name,
-                provider.profile.auth_type.as_str()
-            )));
-        }
-        let endpoints = self.discovery.endpoints(&provider.profile).await?;
-
         let handshake_id = uuid::Uuid::new_v4().simple().to_string();
         let connection_id = reconnect
             .as_ref()
@@ -318,10 +309,71 @@ impl Handshakes {
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let expires_at = now_ms() + HANDSHAKE_TTL.as_millis() as i64;
         let state = state_token::sign(self.state_key.expose(), &handshake_id, expires_at / 1000);
+        let is_static = provider.profile.auth_type.is_static();
         let verifier = pkce::verifier();
-        let oidc = scopes.iter().any(|s| s == "openid");
+        let oidc = !is_static && scopes.iter().any(|s| s == "openid");
         let nonce = oidc.then(|| pkce::random_token(24));
 
+        let auth_url = if is_static {
+            // A person types the credentials into the broker's own hosted form.
+            let mut u = Url::parse(&self.capture_url).map_err(|_| {
+                HandshakeError::Invalid("BASE_URL does not form a capture URL".into())
+            })?;
+            u.query_pairs_mut().append_pair("state", &state);
+            u
+        } else {
+            let endpoints = self.discovery.endpoints(&provider.profile).await?;
+            self.authorize_url(
+                &endpoints,
+                &provider,
+                &scopes,
+                &state,
+                &verifier,
+                nonce.as_deref(),
+            )?
+        };
+        let hs = HandshakeRow {
+            id: handshake_id.clone(),
+            connection_id: connection_id.clone(),
+            provider_id: provider.row.id.clone(),
+            workspace_id: workspace_id.clone(),
+            scopes: json_list(&scopes),
+            return_url,
+            redirect_uri: if is_static {
+                self.capture_url.clone()
+            } else {
+                self.redirect_uri.clone()
+            },
+            code_verifier: (!is_static).then(|| {
+                self.keys.encrypt_str(
+                    Self::aad("handshakes", &handshake_id, "code_verifier"),
+                    &verifier,
+                )
+            }),
+            nonce,
+            is_reconnect: reconnect.is_some(),
+            expires_at,
+        };
+        self.record_start(&hs, reconnect.is_some(), &scopes, actor)
+            .await?;
+        Ok(ConsentSpec {
+            auth_url: auth_url.to_string(),
+            state,
+            scopes,
+            provider_id: provider.row.id,
+            connection_id,
+        })
+    }
+
+    fn authorize_url(
+        &self,
+        endpoints: &Endpoints,
+        provider: &Provider,
+        scopes: &[String],
+        state: &str,
+        verifier: &Secret<String>,
+        nonce: Option<&str>,
+    ) -> Result<Url, HandshakeError> {
         let mut auth_url = Url::parse(&endpoints.authorization).map_err(|_| {
             HandshakeError::Invalid("provider authorization endpoint is not a URL".into())
         })?;
@@ -336,10 +388,10 @@ impl Handshakes {
             if !scopes.is_empty() {
                 q.append_pair("scope", &scopes.join(" "));
             }
-            q.append_pair("state", &state);
-            q.append_pair("code_challenge", &pkce::challenge_s256(&verifier));
+            q.append_pair("state", state);
+            q.append_pair("code_challenge", &pkce::challenge_s256(verifier));
             q.append_pair("code_challenge_method", "S256");
-            if let Some(n) = &nonce {
+            if let Some(n) = nonce {
                 q.append_pair("nonce", n);
             }
             for (k, v) in &provider.profile.params {
@@ -348,68 +400,55 @@ impl Handshakes {
                 }
             }
         }
+        Ok(auth_url)
+    }
 
-        let hs = HandshakeRow {
-            id: handshake_id.clone(),
-            connection_id: connection_id.clone(),
-            provider_id: provider.row.id.clone(),
-            workspace_id: workspace_id.clone(),
-            scopes: json_list(&scopes),
-            return_url,
-            redirect_uri: self.redirect_uri.clone(),
-            code_verifier: Some(self.keys.encrypt_str(
-                Self::aad("handshakes", &handshake_id, "code_verifier"),
-                &verifier,
-            )),
-            nonce,
-            is_reconnect: reconnect.is_some(),
-            expires_at,
-        };
+    /// Stores the handshake (and, for a new connection, the pending connection) with its audit event.
+    async fn record_start(
+        &self,
+        hs: &HandshakeRow,
+        reconnect: bool,
+        scopes: &[String],
+        actor: &Actor,
+    ) -> Result<(), HandshakeError> {
         let audit = AuditEvent::new("handshake.started")
             .actor(actor.name.clone())
             .caller(actor.ip.clone(), actor.user_agent.clone())
-            .provider(provider.row.id.clone())
-            .connection(connection_id.clone())
-            .workspace(workspace_id.clone())
-            .detail(json!({"scopes": scopes, "reconnect": reconnect.is_some()}));
-        match &reconnect {
-            Some(_) => self.store.add_handshake(&hs, &audit).await?,
-            None => {
-                let conn = ConnectionRow {
-                    id: connection_id.clone(),
-                    workspace_id,
-                    provider_id: provider.row.id.clone(),
-                    status: "pending".into(),
-                    requested_scopes: json_list(&scopes),
-                    granted_scopes: "[]".into(),
-                    access_token: None,
-                    refresh_token: None,
-                    id_token: None,
-                    credentials: None,
-                    token_type: None,
-                    expires_at: None,
-                    identity: None,
-                    version: 0,
-                    last_success_at: None,
-                    last_failure_at: None,
-                    error_code: None,
-                    error_description: None,
-                    consecutive_failures: 0,
-                    failing_scopes: "[]".into(),
-                    next_refresh_at: None,
-                    created_at: 0,
-                    updated_at: 0,
-                };
-                self.store.create_pending(&conn, &hs, &audit).await?
-            }
+            .provider(hs.provider_id.clone())
+            .connection(hs.connection_id.clone())
+            .workspace(hs.workspace_id.clone())
+            .detail(json!({"scopes": scopes, "reconnect": reconnect}));
+        if reconnect {
+            self.store.add_handshake(hs, &audit).await?;
+            return Ok(());
         }
-        Ok(ConsentSpec {
-            auth_url: auth_url.to_string(),
-            state,
-            scopes,
-            provider_id: provider.row.id,
-            connection_id,
-        })
+        let conn = ConnectionRow {
+            id: hs.connection_id.clone(),
+            workspace_id: hs.workspace_id.clone(),
+            provider_id: hs.provider_id.clone(),
+            status: "pending".into(),
+            requested_scopes: json_list(scopes),
+            granted_scopes: "[]".into(),
+            access_token: None,
+            refresh_token: None,
+            id_token: None,
+            credentials: None,
+            token_type: None,
+            expires_at: None,
+            identity: None,
+            version: 0,
+            last_success_at: None,
+            last_failure_at: None,
+            error_code: None,
+            error_description: None,
+            consecutive_failures: 0,
+            failing_scopes: "[]".into(),
+            next_refresh_at: None,
+            created_at: 0,
+            updated_at: 0,
+        };
+        self.store.create_pending(&conn, hs, &audit).await?;
+        Ok(())
     }
 
     /// Handles the provider's redirect. `Ok` is where to send the browser (the

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod capture;
 pub mod config;
 pub mod discovery;
 pub mod handshake;

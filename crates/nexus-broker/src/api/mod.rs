@@ -25,6 +25,7 @@ use crate::store::Store;
 use crate::telemetry;
 
 pub mod audit;
+pub mod capture;
 pub mod error;
 pub mod extract;
 pub mod guard;
@@ -149,7 +150,11 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(ops::health));
 
     // Browsers arrive here from the provider: no API key, no CIDR allowlist.
-    let public = Router::new().route(&state.config().redirect_path, get(handshake::callback));
+    let public = Router::new()
+        .route(&state.config().redirect_path, get(handshake::callback))
+        .route("/auth/capture", get(capture::form))
+        .route("/auth/capture-schema", get(capture::schema))
+        .route("/auth/capture-credential", post(capture::submit));
 
     let max_body = state.config().max_body_bytes;
     Router::new()

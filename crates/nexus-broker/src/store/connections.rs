@@ -253,6 +253,26 @@ impl Store {
         })
     }
 
+    /// Reads a handshake without consuming it; also says whether it was consumed.
+    pub async fn peek_handshake(
+        &self,
+        id: &str,
+    ) -> Result<Option<(HandshakeRow, bool)>, StoreError> {
+        on_pool!(self, pool => {
+            let row = sqlx::query(
+                "SELECT id, connection_id, provider_id, workspace_id, scopes, return_url, redirect_uri, code_verifier, nonce,
+                        is_reconnect, expires_at, consumed_at
+                 FROM handshakes WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+            let Some(row) = row else { return Ok(None) };
+            let consumed: Option<i64> = row.try_get("consumed_at")?;
+            Ok(Some((handshake_from_row(&row)?, consumed.is_some())))
+        })
+    }
+
     /// A connection by id.
     pub async fn get_connection(&self, id: &str) -> Result<Option<ConnectionRow>, StoreError> {
         let sql = format!("SELECT {CONNECTION_COLUMNS} FROM connections WHERE id = $1");

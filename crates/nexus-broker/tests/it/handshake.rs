@@ -616,7 +616,7 @@ async fn consent_spec_input_rules(b: Backend) {
         .await;
     assert_eq!(s, StatusCode::OK, "{spec}");
     assert_eq!(spec["scopes"], json!(["openid"]));
-    // Static providers need the capture form, which this version does not have.
+    // Static providers get the broker's own capture form.
     t.create_provider(crate::providers::api_key_profile("weather"))
         .await;
     let (s, resp) = t
@@ -625,7 +625,12 @@ async fn consent_spec_input_rules(b: Backend) {
             with("provider_name", json!("weather")),
         )
         .await;
-    assert_json_error(s, &resp, 400, "invalid_request");
+    assert_eq!(s, StatusCode::OK, "{resp}");
+    let capture = format!("{}/auth/capture?state=", t.base);
+    assert!(
+        resp["authUrl"].as_str().unwrap().starts_with(&capture),
+        "{resp}"
+    );
     // No key, no handshake.
     let resp = reqwest::Client::new()
         .post(format!("{}/auth/consent-spec", t.base))

@@ -5,6 +5,7 @@ mod harness;
 
 mod audit;
 mod bad_input;
+mod capture;
 mod fake_idp;
 mod handshake;
 mod ops;
