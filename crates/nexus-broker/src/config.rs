@@ -67,6 +67,10 @@ pub struct Settings {
     pub max_body_bytes: Option<String>,
     /// `PROVIDER_TIMEOUT_SECS`: timeout of each call to a provider.
     pub provider_timeout_secs: Option<String>,
+    /// `REDIS_URL`: optional Redis for caches shared by replicas.
+    pub redis_url: Option<String>,
+    /// `REDIS_KEY_PREFIX`: prefix of every Redis key (default `nexus:`).
+    pub redis_key_prefix: Option<String>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -150,6 +154,10 @@ pub struct BrokerConfig {
     pub audit: AuditConfig,
     /// Timeout of each call to a provider (token, discovery, JWKS, UserInfo).
     pub provider_timeout: Duration,
+    /// Redis for shared caches, when configured.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key.
+    pub redis_key_prefix: String,
 }
 
 impl std::fmt::Debug for BrokerConfig {
@@ -164,6 +172,7 @@ impl std::fmt::Debug for BrokerConfig {
             .field("listen_addr", &self.listen_addr)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("provider_timeout", &self.provider_timeout)
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
             .finish_non_exhaustive()
     }
 }
@@ -389,6 +398,18 @@ impl BrokerConfig {
                 })?,
         };
 
+        let redis_url = match non_empty(&s.redis_url) {
+            None => None,
+            Some(u) if u.starts_with("redis://") => Some(u.to_string()),
+            Some(u) if u.starts_with("rediss://") => {
+                return Err(ConfigError::new("REDIS_URL", "TLS to Redis (rediss://) is not supported in this version; use redis:// on a private network"))
+            }
+            Some(_) => return Err(ConfigError::new("REDIS_URL", "must start with redis://")),
+        };
+        let redis_key_prefix = non_empty(&s.redis_key_prefix)
+            .unwrap_or("nexus:")
+            .to_string();
+
         Ok(Self {
             database_url,
             keys: Arc::new(keys),
@@ -402,6 +423,8 @@ impl BrokerConfig {
             max_body_bytes,
             audit: AuditConfig::default(),
             provider_timeout,
+            redis_url,
+            redis_key_prefix,
         })
     }
 }

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::outbound::{self, OutboundError};
 use crate::profile::ProviderProfile;
+use crate::shared_cache::SharedCache;
 use crate::store::{now_ms, CachedDoc, Store};
 
 const DEFAULT_TTL_MS: i64 = 3_600_000;
@@ -90,6 +91,15 @@ pub struct Discovery {
     mem: Mutex<HashMap<String, Cached>>,
     last_forced: Mutex<HashMap<String, Instant>>,
     refetch_interval: Duration,
+    shared: Option<SharedCache>,
+}
+
+/// How long Redis keeps an entry past its freshness, so a stale entry can
+/// still be revalidated (or served while the provider is down).
+const SHARED_GRACE: Duration = Duration::from_secs(86_400);
+
+fn shared_key(url: &str) -> String {
+    format!("httpcache:{url}")
 }
 
 fn ttl_ms(cache_control: Option<&str>) -> i64 {
@@ -116,6 +126,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+fn from_shared(raw: &str) -> Option<Cached> {
+    let v: Value = serde_json::from_str(raw).ok()?;
+    let body: Value = serde_json::from_str(v.get("body")?.as_str()?).ok()?;
+    Some(Cached {
+        body: Arc::new(body),
+        etag: v.get("etag").and_then(Value::as_str).map(str::to_string),
+        last_modified: v
+            .get("last_modified")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        expires_at: v.get("expires_at")?.as_i64()?,
+    })
+}
+
 impl Discovery {
     /// A cache using `http` for fetches and `store` for persistence.
     pub fn new(http: reqwest::Client, store: Store) -> Self {
@@ -125,7 +149,14 @@ impl Discovery {
             mem: Mutex::new(HashMap::new()),
             last_forced: Mutex::new(HashMap::new()),
             refetch_interval: Duration::from_secs(60),
+            shared: None,
         }
+    }
+
+    /// Also caches in Redis, shared with other replicas (checked after memory, before the database).
+    pub fn with_shared_cache(mut self, shared: Option<SharedCache>) -> Self {
+        self.shared = shared;
+        self
     }
 
     /// Sets the minimum time between two forced JWKS refetches of one URL.
@@ -143,6 +174,13 @@ impl Discovery {
             fetched_at: now_ms(),
             expires_at: c.expires_at,
         };
+        if let Some(shared) = &self.shared {
+            let ttl = Duration::from_millis((c.expires_at - now_ms()).max(0) as u64) + SHARED_GRACE;
+            let value = serde_json::json!({
+                "body": doc.body, "etag": doc.etag, "last_modified": doc.last_modified, "expires_at": doc.expires_at
+            });
+            shared.set(&shared_key(url), &value.to_string(), ttl).await;
+        }
         if let Err(e) = self.store.put_cached_doc(&doc).await {
             // The memory cache still works; the next restart refetches.
             tracing::warn!(error = %e, url, "could not persist discovery cache entry");
@@ -152,6 +190,16 @@ impl Discovery {
     async fn cached(&self, url: &str) -> Option<Cached> {
         if let Some(c) = lock(&self.mem).get(url).cloned() {
             return Some(c);
+        }
+        if let Some(shared) = &self.shared {
+            if let Some(c) = shared
+                .get(&shared_key(url))
+                .await
+                .and_then(|raw| from_shared(&raw))
+            {
+                lock(&self.mem).insert(url.to_string(), c.clone());
+                return Some(c);
+            }
         }
         let doc = self.store.get_cached_doc(url).await.ok().flatten()?;
         let body: Value = serde_json::from_str(&doc.body).ok()?;

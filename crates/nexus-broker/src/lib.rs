@@ -20,6 +20,7 @@ pub mod registry;
 pub mod rewrap;
 mod secret;
 pub mod server;
+pub mod shared_cache;
 pub mod state_token;
 pub mod store;
 pub mod strategy;

@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 use crate::api::{self, AppState};
 use crate::audit::AuditWriter;
 use crate::config::BrokerConfig;
+use crate::shared_cache::SharedCache;
 use crate::store::{Store, StoreError};
 use crate::telemetry;
 
@@ -20,6 +21,9 @@ pub enum ServeError {
     /// The outbound HTTP client could not be built.
     #[error(transparent)]
     Outbound(#[from] crate::outbound::OutboundError),
+    /// `REDIS_URL` is set but Redis cannot be reached.
+    #[error(transparent)]
+    Redis(#[from] crate::shared_cache::SharedCacheError),
     /// Stored secrets use keys the configured ring does not hold.
     #[error("{0}")]
     MissingKeys(String),
@@ -53,8 +57,18 @@ impl Broker {
                 addr: config.listen_addr,
                 source,
             })?;
+        let shared = match &config.redis_url {
+            Some(url) => Some(SharedCache::connect(url, &config.redis_key_prefix).await?),
+            None => None,
+        };
         let writer = AuditWriter::spawn(store.clone(), config.audit);
-        let state = AppState::new(config, store, writer.sink(), telemetry::metrics_handle())?;
+        let state = AppState::new(
+            config,
+            store,
+            writer.sink(),
+            telemetry::metrics_handle(),
+            shared,
+        )?;
         Ok(Self {
             state,
             writer,

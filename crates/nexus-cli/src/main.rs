@@ -103,6 +103,12 @@ struct ServerArgs {
     /// Timeout of each call to a provider, in seconds.
     #[arg(long, env = "PROVIDER_TIMEOUT_SECS")]
     provider_timeout_secs: Option<String>,
+    /// Redis for caches shared by broker replicas (redis://...).
+    #[arg(long, env = "REDIS_URL")]
+    redis_url: Option<String>,
+    /// Prefix of every Redis key.
+    #[arg(long, env = "REDIS_KEY_PREFIX")]
+    redis_key_prefix: Option<String>,
 }
 
 #[derive(Args)]
@@ -134,6 +140,9 @@ struct UpOverrides {
     /// Comma-separated hosts a handshake may return the browser to.
     #[arg(long, env = "ALLOWED_RETURN_DOMAINS")]
     allowed_return_domains: Option<String>,
+    /// Redis for shared caches (redis://...).
+    #[arg(long, env = "REDIS_URL")]
+    redis_url: Option<String>,
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -181,6 +190,11 @@ fn settings(args: &ServerArgs, state: Option<&StateDir>) -> Settings {
             .provider_timeout_secs
             .clone()
             .or_else(|| from_state("PROVIDER_TIMEOUT_SECS")),
+        redis_url: args.redis_url.clone().or_else(|| from_state("REDIS_URL")),
+        redis_key_prefix: args
+            .redis_key_prefix
+            .clone()
+            .or_else(|| from_state("REDIS_KEY_PREFIX")),
     }
 }
 
@@ -303,6 +317,8 @@ async fn up(args: UpArgs) -> Result<()> {
         allowed_cidrs: args.rest.allowed_cidrs,
         max_body_bytes: None,
         provider_timeout_secs: None,
+        redis_url: args.rest.redis_url,
+        redis_key_prefix: None,
     };
     let config =
         BrokerConfig::from_settings(&settings(&server, Some(&state))).with_context(|| {

@@ -21,6 +21,7 @@ use crate::discovery::Discovery;
 use crate::handshake::Handshakes;
 use crate::outbound::{self, OutboundError};
 use crate::registry::Registry;
+use crate::shared_cache::SharedCache;
 use crate::store::Store;
 use crate::telemetry;
 
@@ -57,10 +58,12 @@ impl AppState {
         store: Store,
         audit: AuditSink,
         metrics: PrometheusHandle,
+        shared: Option<SharedCache>,
     ) -> Result<Self, OutboundError> {
         let registry = Registry::new(store.clone(), config.keys.clone());
         let http = outbound::client(config.provider_timeout)?;
-        let discovery = Arc::new(Discovery::new(http.clone(), store.clone()));
+        let discovery =
+            Arc::new(Discovery::new(http.clone(), store.clone()).with_shared_cache(shared));
         let handshakes = Handshakes::new(&config, store.clone(), registry.clone(), discovery, http);
         Ok(Self {
             inner: Arc::new(Inner {

@@ -897,7 +897,73 @@ async fn cleanup_removes_abandoned_handshakes(b: Backend) {
     t.finish().await;
 }
 
+async fn discovery_is_shared_through_redis(b: Backend) {
+    let Some(redis) = crate::harness::redis_url() else {
+        return;
+    };
+    let idp = FakeIdp::start().await;
+    let prefix = format!("nexus-test-{}:", uuid::Uuid::new_v4().simple());
+    let with_redis = |s: &mut nexus_broker::config::Settings| {
+        s.redis_url = Some(redis.clone());
+        s.redis_key_prefix = Some(prefix.clone());
+    };
+    // Two replicas with separate databases share only Redis.
+    let a = TestBroker::start_public(&b, with_redis).await;
+    let bb = TestBroker::start_public(&b, with_redis).await;
+    a.create_provider(idp.profile("fake")).await;
+    bb.create_provider(idp.profile("fake")).await;
+    start(&a, &idp, "fake", json!({})).await;
+    assert_eq!(idp.counters().discovery_requests, 1);
+    let flow = start(&bb, &idp, "fake", json!({})).await;
+    assert_eq!(
+        idp.counters().discovery_requests,
+        1,
+        "the second replica read it from Redis"
+    );
+    // And the JWKS fetched by one replica serves the other.
+    let (s, _, _) = callback(
+        &a,
+        &[
+            ("code", "c"),
+            ("state", &start(&a, &idp, "fake", json!({})).await.state),
+            ("iss", &idp.base),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    let jwks = idp.counters().jwks_requests;
+    {
+        let mut k = idp.knobs();
+        k.nonce = flow.param("nonce").unwrap();
+        k.challenge = flow.param("code_challenge").unwrap();
+    }
+    let (s, loc, _) = callback(
+        &bb,
+        &[("code", "c"), ("state", &flow.state), ("iss", &idp.base)],
+    )
+    .await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    assert_eq!(q(&loc.unwrap(), "status").as_deref(), Some("success"));
+    assert_eq!(idp.counters().jwks_requests, jwks);
+    a.finish().await;
+    bb.finish().await;
+}
+
+async fn unreachable_redis_stops_startup(b: Backend) {
+    let db = crate::harness::TestDb::new(&b).await;
+    let mut settings = crate::harness::test_settings(&db);
+    settings.redis_url = Some("redis://127.0.0.1:1".into());
+    let err = nexus_broker::server::Broker::start(BrokerConfig::from_settings(&settings).unwrap())
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().starts_with("REDIS_URL:"), "{err}");
+    db.drop_db().await;
+}
+
 backend_tests!(
+    discovery_is_shared_through_redis,
+    unreachable_redis_stops_startup,
     full_flow_with_pkce_stores_sealed_tokens,
     client_secret_basic_is_honoured,
     replayed_and_racing_callbacks_exchange_once,

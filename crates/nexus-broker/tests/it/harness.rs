@@ -38,6 +38,21 @@ impl Backend {
     }
 }
 
+/// Redis from `NEXUS_TEST_REDIS_URL`; skipped with one line without it,
+/// except under CI, where a missing peer fails.
+pub fn redis_url() -> Option<String> {
+    match std::env::var("NEXUS_TEST_REDIS_URL") {
+        Ok(url) if !url.trim().is_empty() => Some(url),
+        _ => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("CI=true but NEXUS_TEST_REDIS_URL is not set: Redis tests must run in CI");
+            }
+            eprintln!("skipped: Redis test (set NEXUS_TEST_REDIS_URL to run it)");
+            None
+        }
+    }
+}
+
 /// Generates one test per backend for each listed `async fn name(Backend)`.
 macro_rules! backend_tests {
     ($($name:ident),* $(,)?) => {
