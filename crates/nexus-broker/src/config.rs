@@ -69,6 +69,8 @@ pub struct Settings {
     pub provider_timeout_secs: Option<String>,
     /// `REDIS_URL`: optional Redis for caches shared by replicas.
     pub redis_url: Option<String>,
+    /// `REFRESH_MARGIN_SECS`: refresh tokens this long before they expire.
+    pub refresh_margin_secs: Option<String>,
     /// `REDIS_KEY_PREFIX`: prefix of every Redis key (default `nexus:`).
     pub redis_key_prefix: Option<String>,
 }
@@ -156,6 +158,8 @@ pub struct BrokerConfig {
     pub provider_timeout: Duration,
     /// Redis for shared caches, when configured.
     pub redis_url: Option<String>,
+    /// Tokens are refreshed this long before they expire.
+    pub refresh_margin: Duration,
     /// Prefix of every Redis key.
     pub redis_key_prefix: String,
 }
@@ -173,6 +177,7 @@ impl std::fmt::Debug for BrokerConfig {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("provider_timeout", &self.provider_timeout)
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("refresh_margin", &self.refresh_margin)
             .finish_non_exhaustive()
     }
 }
@@ -409,6 +414,20 @@ impl BrokerConfig {
         let redis_key_prefix = non_empty(&s.redis_key_prefix)
             .unwrap_or("nexus:")
             .to_string();
+        let refresh_margin = match non_empty(&s.refresh_margin_secs) {
+            None => Duration::from_secs(300),
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n <= 86_400)
+                .map(Duration::from_secs)
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        "REFRESH_MARGIN_SECS",
+                        "must be a whole number of seconds from 0 to 86400",
+                    )
+                })?,
+        };
 
         Ok(Self {
             database_url,
@@ -424,6 +443,7 @@ impl BrokerConfig {
             audit: AuditConfig::default(),
             provider_timeout,
             redis_url,
+            refresh_margin,
             redis_key_prefix,
         })
     }

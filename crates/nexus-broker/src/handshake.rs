@@ -144,9 +144,9 @@ impl std::fmt::Display for CallbackParams {
 
 /// A failure after the handshake was consumed: recorded, then reported to the return URL.
 #[derive(Debug)]
-struct Failure {
-    code: &'static str,
-    description: String,
+pub(crate) struct Failure {
+    pub(crate) code: &'static str,
+    pub(crate) description: String,
 }
 
 fn fail(code: &'static str, description: impl Into<String>) -> Failure {
@@ -157,13 +157,13 @@ fn fail(code: &'static str, description: impl Into<String>) -> Failure {
 }
 
 /// Token endpoint answer, parsed strictly.
-struct TokenSet {
-    access_token: Secret<String>,
-    token_type: String,
-    expires_in: Option<i64>,
-    refresh_token: Option<Secret<String>>,
-    id_token: Option<Secret<String>>,
-    scope: Option<String>,
+pub(crate) struct TokenSet {
+    pub(crate) access_token: Secret<String>,
+    pub(crate) token_type: String,
+    pub(crate) expires_in: Option<i64>,
+    pub(crate) refresh_token: Option<Secret<String>>,
+    pub(crate) id_token: Option<Secret<String>>,
+    pub(crate) scope: Option<String>,
 }
 
 /// The handshake engine.
@@ -183,7 +183,7 @@ pub(crate) fn json_list(v: &[String]) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
 }
 
-fn parse_list(s: &str) -> Vec<String> {
+pub(crate) fn parse_list(s: &str) -> Vec<String> {
     serde_json::from_str(s).unwrap_or_default()
 }
 
@@ -747,7 +747,6 @@ impl Handshakes {
         redirect_uri: &str,
         verifier: Option<&Secret<String>>,
     ) -> Result<TokenSet, Failure> {
-        let client_id = provider.profile.client_id.clone().unwrap_or_default();
         let mut form: Vec<(&str, &str)> = vec![
             ("grant_type", "authorization_code"),
             ("code", code),
@@ -756,25 +755,15 @@ impl Handshakes {
         if let Some(v) = verifier {
             form.push(("code_verifier", v.expose()));
         }
-        let mut req = self
-            .http
-            .post(&endpoints.token)
-            .header("accept", "application/json");
-        match (provider.profile.auth_header, client_secret) {
-            (Some(AuthHeader::ClientSecretBasic), Some(secret)) => {
-                // RFC 6749 §2.3.1: form-urlencode both parts before Basic encoding.
-                let enc = |s: &str| {
-                    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
-                };
-                req = req.basic_auth(enc(&client_id), Some(enc(secret.expose())));
-            }
-            (_, Some(secret)) => {
-                form.push(("client_id", &client_id));
-                form.push(("client_secret", secret.expose()));
-            }
-            (_, None) => form.push(("client_id", &client_id)),
-        }
-        let fetched = outbound::send(req.form(&form)).await.map_err(|e| match e {
+        let fetched = outbound::send(token_request(
+            &self.http,
+            &endpoints.token,
+            provider,
+            client_secret,
+            form,
+        ))
+        .await
+        .map_err(|e| match e {
             OutboundError::TooLarge => fail(
                 "token_exchange_failed",
                 "token endpoint response is too large",
@@ -822,8 +811,35 @@ fn state_reason(e: StateError) -> &'static str {
     }
 }
 
+/// A POST to a token endpoint with the provider's client authentication
+/// (client_secret_post, client_secret_basic, or a public client's id alone).
+pub(crate) fn token_request<'a>(
+    http: &reqwest::Client,
+    token_url: &str,
+    provider: &'a Provider,
+    client_secret: Option<&'a Secret<String>>,
+    mut form: Vec<(&'a str, &'a str)>,
+) -> reqwest::RequestBuilder {
+    let client_id: &str = provider.profile.client_id.as_deref().unwrap_or_default();
+    let mut req = http.post(token_url).header("accept", "application/json");
+    match (provider.profile.auth_header, client_secret) {
+        (Some(AuthHeader::ClientSecretBasic), Some(secret)) => {
+            // RFC 6749 §2.3.1: form-urlencode both parts before Basic encoding.
+            let enc =
+                |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+            req = req.basic_auth(enc(client_id), Some(enc(secret.expose())));
+        }
+        (_, Some(secret)) => {
+            form.push(("client_id", client_id));
+            form.push(("client_secret", secret.expose()));
+        }
+        (_, None) => form.push(("client_id", client_id)),
+    }
+    req.form(&form)
+}
+
 /// Parses a token endpoint answer strictly (RFC 6749 §5.1, §5.2).
-fn parse_token_response(status: StatusCode, body: &[u8]) -> Result<TokenSet, Failure> {
+pub(crate) fn parse_token_response(status: StatusCode, body: &[u8]) -> Result<TokenSet, Failure> {
     let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else {
         return Err(fail(
             "token_exchange_failed",

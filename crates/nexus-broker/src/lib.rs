@@ -25,6 +25,7 @@ pub mod state_token;
 pub mod store;
 pub mod strategy;
 pub mod telemetry;
+pub mod token;
 pub mod vault;
 
 pub use secret::Secret;

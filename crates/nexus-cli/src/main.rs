@@ -109,6 +109,9 @@ struct ServerArgs {
     /// Prefix of every Redis key.
     #[arg(long, env = "REDIS_KEY_PREFIX")]
     redis_key_prefix: Option<String>,
+    /// Refresh tokens this many seconds before they expire.
+    #[arg(long, env = "REFRESH_MARGIN_SECS")]
+    refresh_margin_secs: Option<String>,
 }
 
 #[derive(Args)]
@@ -195,6 +198,10 @@ fn settings(args: &ServerArgs, state: Option<&StateDir>) -> Settings {
             .redis_key_prefix
             .clone()
             .or_else(|| from_state("REDIS_KEY_PREFIX")),
+        refresh_margin_secs: args
+            .refresh_margin_secs
+            .clone()
+            .or_else(|| from_state("REFRESH_MARGIN_SECS")),
     }
 }
 
@@ -312,13 +319,15 @@ async fn up(args: UpArgs) -> Result<()> {
         database_url: args.rest.database_url.or_else(|| Some(state.db_url())),
         broker_addr: Some(args.broker_addr),
         base_url: args.rest.base_url,
-        redirect_path: None,
+        redirect_path: env_var("REDIRECT_PATH"),
         allowed_return_domains: args.rest.allowed_return_domains,
         allowed_cidrs: args.rest.allowed_cidrs,
-        max_body_bytes: None,
-        provider_timeout_secs: None,
+        // Settings without an `up` flag still come from the environment.
+        max_body_bytes: env_var("MAX_BODY_BYTES"),
+        provider_timeout_secs: env_var("PROVIDER_TIMEOUT_SECS"),
         redis_url: args.rest.redis_url,
-        redis_key_prefix: None,
+        redis_key_prefix: env_var("REDIS_KEY_PREFIX"),
+        refresh_margin_secs: env_var("REFRESH_MARGIN_SECS"),
     };
     let config =
         BrokerConfig::from_settings(&settings(&server, Some(&state))).with_context(|| {

@@ -24,9 +24,11 @@ use crate::registry::Registry;
 use crate::shared_cache::SharedCache;
 use crate::store::Store;
 use crate::telemetry;
+use crate::token::Tokens;
 
 pub mod audit;
 pub mod capture;
+pub mod connections;
 pub mod error;
 pub mod extract;
 pub mod guard;
@@ -47,6 +49,7 @@ struct Inner {
     store: Store,
     registry: Registry,
     handshakes: Handshakes,
+    tokens: Tokens,
     audit: AuditSink,
     metrics: PrometheusHandle,
 }
@@ -64,6 +67,15 @@ impl AppState {
         let http = outbound::client(config.provider_timeout)?;
         let discovery =
             Arc::new(Discovery::new(http.clone(), store.clone()).with_shared_cache(shared));
+        let tokens = Tokens::new(
+            store.clone(),
+            registry.clone(),
+            config.keys.clone(),
+            discovery.clone(),
+            http.clone(),
+            audit.clone(),
+            config.refresh_margin,
+        );
         let handshakes = Handshakes::new(&config, store.clone(), registry.clone(), discovery, http);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -71,6 +83,7 @@ impl AppState {
                 store,
                 registry,
                 handshakes,
+                tokens,
                 audit,
                 metrics,
             }),
@@ -95,6 +108,11 @@ impl AppState {
     /// The handshake engine.
     pub fn handshakes(&self) -> &Handshakes {
         &self.inner.handshakes
+    }
+
+    /// The token service.
+    pub fn tokens(&self) -> &Tokens {
+        &self.inner.tokens
     }
 
     /// Queue for audit events written off the request path.
@@ -143,6 +161,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/audit", get(audit::list))
         .route("/auth/consent-spec", post(handshake::consent_spec))
+        .route("/connections", get(connections::list))
+        .route("/connections/{id}", get(connections::get))
+        .route("/connections/{id}/token", get(connections::token))
+        .route("/connections/{id}/refresh", post(connections::refresh))
+        .route(
+            "/workspaces/{id}/connections/status",
+            get(connections::status),
+        )
         .route_layer(from_fn_with_state(state.clone(), guard::require_api_key))
         .route_layer(from_fn_with_state(state.clone(), guard::allow_cidrs));
 

@@ -96,6 +96,21 @@ pub enum Consumed {
     Unknown,
 }
 
+/// Tokens written by a successful refresh (envelopes).
+#[derive(Debug)]
+pub struct Refreshed {
+    /// Envelope.
+    pub access_token: String,
+    /// Envelope of a rotated refresh token; `None` keeps the stored one.
+    pub refresh_token: Option<String>,
+    /// Token type.
+    pub token_type: String,
+    /// Unix ms.
+    pub expires_at: Option<i64>,
+    /// JSON array.
+    pub granted_scopes: String,
+}
+
 /// Credentials written when a handshake succeeds.
 #[derive(Debug, Default)]
 pub struct Activation {
@@ -280,6 +295,80 @@ impl Store {
             let row = sqlx::query(&sql).bind(id).fetch_optional(pool).await?;
             Ok(row.as_ref().map(connection_from_row).transpose()?)
         })
+    }
+
+    /// Connections of a workspace, newest first.
+    pub async fn list_connections(
+        &self,
+        workspace_id: &str,
+    ) -> Result<Vec<ConnectionRow>, StoreError> {
+        let sql = format!("SELECT {CONNECTION_COLUMNS} FROM connections WHERE workspace_id = $1 ORDER BY created_at DESC, id");
+        on_pool!(self, pool => {
+            let rows = sqlx::query(&sql).bind(workspace_id).fetch_all(pool).await?;
+            Ok(rows.iter().map(connection_from_row).collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Stores refreshed tokens if the row is still at `expected_version`
+    /// (another refresher may have won). Returns whether this write won.
+    pub async fn store_refresh(
+        &self,
+        id: &str,
+        expected_version: i64,
+        r: &Refreshed,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        on_pool!(self, pool => {
+            let res = sqlx::query(
+                "UPDATE connections SET access_token = $1, refresh_token = COALESCE($2, refresh_token), token_type = $3,
+                    expires_at = $4, granted_scopes = $5, last_success_at = $6, error_code = NULL, error_description = NULL,
+                    consecutive_failures = 0, version = version + 1, updated_at = $6
+                 WHERE id = $7 AND version = $8 AND status IN ('active', 'degraded')",
+            )
+            .bind(&r.access_token)
+            .bind(&r.refresh_token)
+            .bind(&r.token_type)
+            .bind(r.expires_at)
+            .bind(&r.granted_scopes)
+            .bind(now)
+            .bind(id)
+            .bind(expected_version)
+            .execute(pool)
+            .await?;
+            Ok(res.rows_affected() == 1)
+        })
+    }
+
+    /// Records a failed refresh. With `attention`, the connection needs a person
+    /// (status `attention_required`, audited in the same transaction).
+    pub async fn record_refresh_failure(
+        &self,
+        id: &str,
+        code: &str,
+        description: &str,
+        attention: Option<&AuditEvent>,
+    ) -> Result<(), StoreError> {
+        let now = now_ms();
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let status_sql = if attention.is_some() { ", status = 'attention_required'" } else { "" };
+            sqlx::query(&format!(
+                "UPDATE connections SET error_code = $1, error_description = $2, last_failure_at = $3,
+                    consecutive_failures = consecutive_failures + 1, updated_at = $3{status_sql}
+                 WHERE id = $4"
+            ))
+            .bind(code)
+            .bind(description)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            if let Some(ev) = attention {
+                super::audit::insert_one(&mut *tx, ev).await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
     }
 
     /// Marks a connection active with fresh credentials (one transaction with its audit).

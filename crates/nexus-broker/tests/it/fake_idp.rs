@@ -29,6 +29,8 @@ pub enum TokenMode {
     Slow(Duration),
     /// A JSON error body with status 400.
     Error(&'static str),
+    /// Any status with a raw JSON body (e.g. 200 `{"ok":false,...}`).
+    Raw(u16, &'static str),
 }
 
 /// How the id_token is made.
@@ -56,6 +58,9 @@ pub struct Knobs {
     pub access_token: String,
     pub granted_scope: Option<String>,
     pub userinfo_sub: Option<String>,
+    pub expires_in: i64,
+    /// Whether refresh responses carry a (rotated) refresh token.
+    pub rotate: bool,
 }
 
 #[derive(Default)]
@@ -66,6 +71,7 @@ pub struct Counters {
     pub jwks_requests: usize,
     pub userinfo_requests: usize,
     pub last_token_form: Map<String, Value>,
+    pub refresh_requests: usize,
     pub last_token_auth: Option<String>,
 }
 
@@ -102,6 +108,8 @@ impl FakeIdp {
                 access_token: "fake-access-token".into(),
                 granted_scope: None,
                 userinfo_sub: None,
+                expires_in: 3600,
+                rotate: true,
             }),
             counters: Mutex::new(Counters::default()),
             key_pkcs8: pkcs8.as_ref().to_vec(),
@@ -240,6 +248,14 @@ async fn token(
         (k.token_mode.clone(), k.challenge.clone())
     };
     match mode {
+        TokenMode::Raw(status, body) => {
+            return (
+                StatusCode::from_u16(status).unwrap(),
+                [("content-type", "application/json")],
+                body,
+            )
+                .into_response()
+        }
         TokenMode::Html => {
             return (
                 [("content-type", "text/html")],
@@ -263,6 +279,15 @@ async fn token(
         }
         TokenMode::NoAccessToken | TokenMode::Normal => {}
     }
+    if form.get("grant_type").and_then(Value::as_str) == Some("refresh_token") {
+        idp.counters().refresh_requests += 1;
+        let k = idp.knobs();
+        let mut body = json!({"token_type": "Bearer", "expires_in": k.expires_in, "access_token": k.access_token});
+        if k.rotate {
+            body["refresh_token"] = json!(k.refresh_token);
+        }
+        return Json(body).into_response();
+    }
     // Real PKCE: the verifier must hash to the challenge of the authorize request.
     let verifier = form
         .get("code_verifier")
@@ -279,7 +304,7 @@ async fn token(
     }
     let k = idp.knobs();
     let mut body = json!({
-        "token_type": "Bearer", "expires_in": 3600,
+        "token_type": "Bearer", "expires_in": k.expires_in,
         "access_token": k.access_token, "refresh_token": k.refresh_token,
     });
     if let Some(s) = &k.granted_scope {

@@ -13,3 +13,4 @@ mod providers;
 mod real_idp;
 mod rewrap;
 mod secrets;
+mod tokens;

@@ -210,4 +210,148 @@ async fn real_provider_consent_refresh_token_identity_and_reconnect(b: Backend) 
     t.finish().await;
 }
 
-backend_tests!(real_provider_consent_refresh_token_identity_and_reconnect);
+async fn real_provider_refresh_is_single_flight_and_revocation_needs_a_person(b: Backend) {
+    let port = TestBroker::free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let clients = json!([client(
+        "nexus",
+        "client_secret_post",
+        &format!("{base}/auth/callback")
+    )]);
+    // Short-lived access tokens: 10 s, refreshed when fewer than 8 s remain.
+    let Some(peer) = OidcPeer::start(clients, &[("ACCESS_TOKEN_TTL", "10")]).await else {
+        return;
+    };
+    let t = TestBroker::start_public(&b, |s| {
+        s.broker_addr = Some(format!("127.0.0.1:{port}"));
+        s.base_url = Some(base.clone());
+        s.refresh_margin_secs = Some("8".into());
+    })
+    .await;
+    t.create_provider(json!({
+        "name": "idp", "auth_type": "oauth2", "client_id": "nexus", "client_secret": "nexus-secret",
+        "issuer": peer.issuer, "enable_discovery": true, "scopes": ["openid", "email", "calendar.read"]
+    }))
+    .await;
+    let (_, spec) = t
+        .post(
+            "/auth/consent-spec",
+            json!({"workspace_id": "ws", "provider_name": "idp", "return_url": RETURN_URL}),
+        )
+        .await;
+    let back = consent(&browser(), spec["authUrl"].as_str().unwrap(), &base).await;
+    assert_eq!(q(&back, "status").as_deref(), Some("success"), "{back}");
+    let id = spec["connection_id"].as_str().unwrap().to_string();
+    let (_, first) = t.get(&format!("/connections/{id}/token")).await;
+    assert_eq!(
+        peer.stats().await["token_requests"]["refresh_token"],
+        0,
+        "a fresh token is served as is"
+    );
+
+    // Once the token is inside the margin, 50 concurrent token requests make
+    // exactly one refresh. With rotation and reuse detection at the provider,
+    // a second refresh with the same refresh token would kill the grant.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let (client, url, key) = (
+            t.client.clone(),
+            format!("{}/connections/{id}/token", t.base),
+            t.api_key.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let r = client
+                .get(url)
+                .header("x-api-key", key)
+                .send()
+                .await
+                .unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        }));
+    }
+    let mut tokens = std::collections::HashSet::new();
+    for task in tasks {
+        let (s, tok) = task.await.unwrap();
+        assert_eq!(s, StatusCode::OK, "{tok}");
+        tokens.insert(tok["access_token"].as_str().unwrap().to_string());
+    }
+    assert_eq!(tokens.len(), 1, "everyone got the one refreshed token");
+    assert!(
+        !tokens.contains(first["access_token"].as_str().unwrap()),
+        "nobody got the expiring token"
+    );
+    assert_eq!(peer.stats().await["token_requests"]["refresh_token"], 1);
+
+    // Concurrent forced refreshes coalesce with any refresh finished after they
+    // asked; whatever they did, the grant must survive (no refresh-token reuse).
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (client, url, key) = (
+            t.client.clone(),
+            format!("{}/connections/{id}/refresh", t.base),
+            t.api_key.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            client
+                .post(url)
+                .header("x-api-key", key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), StatusCode::OK);
+    }
+    let grants: Value = reqwest::get(format!(
+        "{}/__admin/grants?sub=alice&client_id=nexus",
+        peer.issuer
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        grants["grants"].as_array().unwrap().len(),
+        1,
+        "the grant survived: {grants}"
+    );
+
+    // The person revokes access at the provider: the next refresh needs a person.
+    let revoked: Value = reqwest::Client::new()
+        .post(format!("{}/__admin/revoke-grant", peer.issuer))
+        .json(&json!({"sub": "alice", "client_id": "nexus"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(revoked["revoked"], 1);
+    let (s, body) = t
+        .call(
+            reqwest::Method::POST,
+            &format!("/connections/{id}/refresh"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"], "attention_required");
+    let (s, body) = t.get(&format!("/connections/{id}/token")).await;
+    assert_eq!(
+        (s, body["error"].as_str()),
+        (StatusCode::CONFLICT, Some("attention_required"))
+    );
+    let (_, health) = t.get(&format!("/connections/{id}")).await;
+    assert_eq!(health["status"], "attention_required");
+    assert_eq!(health["error_code"], "invalid_grant");
+    t.finish().await;
+}
+
+backend_tests!(
+    real_provider_consent_refresh_token_identity_and_reconnect,
+    real_provider_refresh_is_single_flight_and_revocation_needs_a_person,
+);
