@@ -71,6 +71,10 @@ pub struct Settings {
     pub redis_url: Option<String>,
     /// `REFRESH_MARGIN_SECS`: refresh tokens this long before they expire.
     pub refresh_margin_secs: Option<String>,
+    /// `REFRESH_LEASE_SECS`: how long a refresh lease lasts.
+    pub refresh_lease_secs: Option<String>,
+    /// `REFRESH_WORKER`: `false` to run no background refresher on this replica.
+    pub refresh_worker: Option<String>,
     /// `REDIS_KEY_PREFIX`: prefix of every Redis key (default `nexus:`).
     pub redis_key_prefix: Option<String>,
 }
@@ -158,8 +162,8 @@ pub struct BrokerConfig {
     pub provider_timeout: Duration,
     /// Redis for shared caches, when configured.
     pub redis_url: Option<String>,
-    /// Tokens are refreshed this long before they expire.
-    pub refresh_margin: Duration,
+    /// Refresh engine tuning (margin from `REFRESH_MARGIN_SECS`).
+    pub refresh: crate::token::RefreshSettings,
     /// Prefix of every Redis key.
     pub redis_key_prefix: String,
 }
@@ -177,7 +181,7 @@ impl std::fmt::Debug for BrokerConfig {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("provider_timeout", &self.provider_timeout)
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
-            .field("refresh_margin", &self.refresh_margin)
+            .field("refresh", &self.refresh)
             .finish_non_exhaustive()
     }
 }
@@ -411,6 +415,28 @@ impl BrokerConfig {
             }
             Some(_) => return Err(ConfigError::new("REDIS_URL", "must start with redis://")),
         };
+        let refresh_lease = match non_empty(&s.refresh_lease_secs) {
+            None => Duration::from_secs(30),
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (1..=600).contains(n))
+                .map(Duration::from_secs)
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        "REFRESH_LEASE_SECS",
+                        "must be a whole number of seconds from 1 to 600",
+                    )
+                })?,
+        };
+        let refresh_worker = match non_empty(&s.refresh_worker)
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("true") | Some("1") | Some("yes") => true,
+            Some("false") | Some("0") | Some("no") => false,
+            Some(_) => return Err(ConfigError::new("REFRESH_WORKER", "must be true or false")),
+        };
         let redis_key_prefix = non_empty(&s.redis_key_prefix)
             .unwrap_or("nexus:")
             .to_string();
@@ -443,7 +469,12 @@ impl BrokerConfig {
             audit: AuditConfig::default(),
             provider_timeout,
             redis_url,
-            refresh_margin,
+            refresh: crate::token::RefreshSettings {
+                margin: refresh_margin,
+                lease: refresh_lease,
+                worker: refresh_worker,
+                ..Default::default()
+            },
             redis_key_prefix,
         })
     }

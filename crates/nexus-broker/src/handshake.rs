@@ -177,6 +177,7 @@ pub struct Handshakes {
     redirect_uri: String,
     pub(crate) capture_url: String,
     allowed_return_domains: Vec<String>,
+    refresh: crate::token::RefreshSettings,
 }
 
 pub(crate) fn json_list(v: &[String]) -> String {
@@ -218,6 +219,7 @@ impl Handshakes {
             redirect_uri,
             capture_url,
             allowed_return_domains: config.allowed_return_domains.clone(),
+            refresh: config.refresh,
         }
     }
 
@@ -705,17 +707,24 @@ impl Handshakes {
         let seal = |col: &'static str, s: &Secret<String>| {
             self.keys.encrypt_str(Self::aad("connections", cid, col), s)
         };
+        // A re-consent that returns no refresh token keeps the one we have.
+        let refresh_token = match &tokens.refresh_token {
+            Some(rt) => Some(seal("refresh_token", rt)),
+            None => previous.as_ref().and_then(|c| c.refresh_token.clone()),
+        };
+        let expires_at = tokens.expires_in.map(|s| now_ms() + s * 1000);
         let activation = Activation {
             access_token: Some(seal("access_token", &tokens.access_token)),
-            // A re-consent that returns no refresh token keeps the one we have.
-            refresh_token: match &tokens.refresh_token {
-                Some(rt) => Some(seal("refresh_token", rt)),
-                None => previous.as_ref().and_then(|c| c.refresh_token.clone()),
-            },
+            next_refresh_at: crate::token::next_refresh_at(
+                &self.refresh,
+                expires_at,
+                refresh_token.is_some(),
+            ),
+            refresh_token,
             id_token: tokens.id_token.as_ref().map(|t| seal("id_token", t)),
             credentials: None,
             token_type: Some(tokens.token_type.clone()),
-            expires_at: tokens.expires_in.map(|s| now_ms() + s * 1000),
+            expires_at,
             granted_scopes: json_list(&granted),
             failing_scopes: json_list(&failing),
             identity: (!identity.is_empty()).then(|| Value::Object(identity).to_string()),

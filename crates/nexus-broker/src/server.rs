@@ -98,6 +98,12 @@ impl Broker {
         let addr = self.local_addr();
         let app = api::router(self.state.clone());
         let cleanup = tokio::spawn(cleanup_loop(self.state.clone()));
+        let refresher = self
+            .state
+            .config()
+            .refresh
+            .worker
+            .then(|| tokio::spawn(self.state.tokens().clone().run_worker()));
         let served = axum::serve(
             self.listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -105,6 +111,9 @@ impl Broker {
         .with_graceful_shutdown(shutdown)
         .await;
         cleanup.abort();
+        if let Some(r) = refresher {
+            r.abort();
+        }
         let stats = self.writer.shutdown().await;
         tracing::info!(
             written = stats.written,

@@ -1,19 +1,27 @@
-//! The token API (SPEC §2, §4): what an agent gets for a connection, a
-//! strategy plus usage secrets, never a refresh token, client secret or any
-//! other master secret.
+//! The token API and the refresh engine (SPEC §2, §4, §7).
 //!
-//! A token inside the refresh margin is refreshed before it is served. Within
-//! this process one refresh runs per connection at a time (the others wait and
-//! read its result); the write is guarded by the row's version, so a replica
-//! that lost the race reads the winner's tokens instead of overwriting them.
-//! `invalid_grant` (and providers' equivalents) moves the connection to
-//! `attention_required`; transient faults never do, and a still-valid token
-//! keeps being served while the provider is down.
+//! An agent gets a strategy plus usage secrets, never a refresh token, client
+//! secret or other master secret. Tokens are refreshed ahead of expiry by a
+//! background worker (`next_refresh_at` = expiry − margin − jitter), and on
+//! demand when a request finds a token inside the margin.
+//!
+//! One refresh per connection at a time: in this process, callers of the same
+//! connection queue on one lock and the later ones take the result of a
+//! refresh that finished after they asked; across replicas, a lease
+//! (`lease_owner`, `lease_until`) is taken first, and a replica that finds the
+//! lease held waits for the holder's result. A crashed holder's lease expires.
+//! Rotated refresh tokens are written with a version check before the new
+//! access token is served. `invalid_grant` and providers' equivalents move the
+//! connection to `attention_required`; transient faults never do: they are
+//! retried with capped exponential backoff and full jitter (honouring
+//! `Retry-After`), and a still-valid token keeps being served meanwhile.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use aes_gcm::aead::rand_core::RngCore;
+use aes_gcm::aead::OsRng;
 use serde_json::{json, Map, Value};
 
 use crate::audit::{AuditEvent, AuditSink};
@@ -26,6 +34,82 @@ use crate::store::{now_ms, rfc3339, ConnectionRow, Refreshed, Store, StoreError}
 use crate::strategy::StrategyKind;
 use crate::vault::KeyRing;
 use crate::Secret;
+
+/// Tuning of the refresh engine.
+#[derive(Debug, Clone, Copy)]
+pub struct RefreshSettings {
+    /// Refresh this long before expiry.
+    pub margin: Duration,
+    /// How long a refresh lease lasts (a crashed holder blocks at most this long).
+    pub lease: Duration,
+    /// Refresh interval for tokens without an expiry (keeps refresh tokens alive).
+    pub keepalive: Duration,
+    /// First retry delay after a transient failure (doubles, with full jitter).
+    pub backoff_base: Duration,
+    /// Longest retry delay.
+    pub backoff_cap: Duration,
+    /// How often the worker looks for due connections.
+    pub tick: Duration,
+    /// Connections claimed per batch.
+    pub batch: i64,
+    /// Refreshes in flight at once in the worker.
+    pub concurrency: usize,
+    /// Whether this replica runs the background worker.
+    pub worker: bool,
+}
+
+impl Default for RefreshSettings {
+    fn default() -> Self {
+        Self {
+            margin: Duration::from_secs(300),
+            lease: Duration::from_secs(30),
+            keepalive: Duration::from_secs(24 * 3600),
+            backoff_base: Duration::from_secs(10),
+            backoff_cap: Duration::from_secs(900),
+            tick: Duration::from_secs(1),
+            batch: 100,
+            concurrency: 32,
+            worker: true,
+        }
+    }
+}
+
+fn random_below(n: u64) -> u64 {
+    if n == 0 {
+        0
+    } else {
+        OsRng.next_u64() % n
+    }
+}
+
+/// When the worker should next refresh a token expiring at `expires_at`:
+/// `margin` before expiry, minus up to a fifth of the margin (at most a
+/// minute) of jitter so tokens issued together do not refresh together.
+/// Without an expiry, a keep-alive refresh. Without a refresh token, never.
+pub fn next_refresh_at(
+    s: &RefreshSettings,
+    expires_at: Option<i64>,
+    has_refresh_token: bool,
+) -> Option<i64> {
+    if !has_refresh_token {
+        return None;
+    }
+    let margin = s.margin.as_millis() as i64;
+    Some(match expires_at {
+        Some(e) => e - margin - random_below((margin as u64 / 5).min(60_000)) as i64,
+        None => now_ms() + s.keepalive.as_millis() as i64,
+    })
+}
+
+/// Delay before retry `attempt` (1-based): full jitter over a capped
+/// exponential, never shorter than `Retry-After`.
+pub fn backoff(s: &RefreshSettings, attempt: i64, retry_after: Option<Duration>) -> Duration {
+    let exp = s.backoff_base.as_millis() as u64
+        * 2u64.saturating_pow((attempt.max(1) - 1).min(20) as u32);
+    let capped = exp.min(s.backoff_cap.as_millis() as u64);
+    let jittered = Duration::from_millis(random_below(capped + 1).max(1000));
+    retry_after.map_or(jittered, |r| jittered.max(r))
+}
 
 /// Why no token is served.
 #[derive(Debug, thiserror::Error)]
@@ -68,16 +152,26 @@ impl From<RegistryError> for TokenError {
     }
 }
 
-/// What a refresh attempt concluded.
+/// Who asks for a refresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A token request found the token inside the margin.
+    Due,
+    /// `POST /connections/{id}/refresh`.
+    Forced,
+    /// The background worker (it already holds the lease).
+    Scheduled,
+}
+
+/// What a call to the token endpoint concluded.
 enum Outcome {
-    /// New tokens stored (or another refresher's tokens found).
     Refreshed(Box<ConnectionRow>),
     /// The grant is gone: a person must re-consent.
     Revoked(String, String),
     /// The provider refused our client (integration fault, not the user's).
     ClientRejected(String),
-    /// Try again later.
-    Transient(String),
+    /// Try again later (with the provider's Retry-After, if any).
+    Transient(String, Option<Duration>),
 }
 
 /// Error codes by which providers say "this refresh token is dead".
@@ -89,7 +183,7 @@ const GRANT_GONE: &[&str] = &[
     "refresh_token_expired",
 ];
 
-/// Token service.
+/// Token service and refresh engine.
 pub struct Tokens {
     store: Store,
     registry: Registry,
@@ -97,7 +191,9 @@ pub struct Tokens {
     discovery: Arc<Discovery>,
     http: reqwest::Client,
     audit: AuditSink,
-    margin: Duration,
+    settings: RefreshSettings,
+    /// Lease owner id of this process.
+    owner: String,
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -119,8 +215,9 @@ impl Tokens {
         discovery: Arc<Discovery>,
         http: reqwest::Client,
         audit: AuditSink,
-        margin: Duration,
+        settings: RefreshSettings,
     ) -> Self {
+        let owner = format!("broker-{}", uuid::Uuid::new_v4().simple());
         Self {
             store,
             registry,
@@ -128,7 +225,8 @@ impl Tokens {
             discovery,
             http,
             audit,
-            margin,
+            settings,
+            owner,
             inflight: Mutex::new(HashMap::new()),
         }
     }
@@ -160,7 +258,7 @@ impl Tokens {
         if provider.profile.auth_type == AuthType::Oauth2 {
             let due = c
                 .expires_at
-                .is_some_and(|e| e - now_ms() < self.margin.as_millis() as i64);
+                .is_some_and(|e| e - now_ms() < self.settings.margin.as_millis() as i64);
             if force || due {
                 if c.refresh_token.is_none() {
                     if force || c.expires_at.is_some_and(|e| e <= now_ms()) {
@@ -169,7 +267,8 @@ impl Tokens {
                         ));
                     }
                 } else {
-                    c = self.refresh(&provider, c, force, asked_at).await?;
+                    let mode = if force { Mode::Forced } else { Mode::Due };
+                    c = self.refresh(&provider, c, mode, asked_at).await?;
                 }
             }
         }
@@ -203,14 +302,14 @@ impl Tokens {
         &self,
         provider: &Provider,
         seen: ConnectionRow,
-        force: bool,
+        mode: Mode,
         asked_at: i64,
     ) -> Result<ConnectionRow, TokenError> {
         let id = seen.id.clone();
         let lock = self.lock_for(&id);
         let result = {
             let _guard = lock.lock().await;
-            self.refresh_locked(provider, seen, force, asked_at).await
+            self.refresh_locked(provider, seen, mode, asked_at).await
         };
         self.release(&id, lock);
         result
@@ -220,36 +319,59 @@ impl Tokens {
         &self,
         provider: &Provider,
         seen: ConnectionRow,
-        force: bool,
+        mode: Mode,
         asked_at: i64,
     ) -> Result<ConnectionRow, TokenError> {
-        // Someone else may have refreshed while we waited: re-read, and skip
-        // when a refresh finished after this caller asked (even a forced one:
-        // concurrent forced refreshes coalesce into one).
+        // Someone may have refreshed while we waited: re-read, and take the
+        // result of any refresh that finished after this caller asked (so
+        // concurrent forced refreshes coalesce too).
         let c = self
             .store
             .get_connection(&seen.id)
             .await?
             .ok_or(TokenError::NotFound)?;
-        usable(&c)?;
-        if c.version != seen.version && c.last_success_at.is_some_and(|t| t >= asked_at) {
-            return Ok(c);
+        if let Err(e) = usable(&c) {
+            self.store.release_lease(&c.id, &self.owner).await?;
+            return Err(e);
         }
+        let refreshed_since = c.last_success_at.is_some_and(|t| t >= asked_at);
         let fresh = c
             .expires_at
-            .is_none_or(|e| e - now_ms() >= self.margin.as_millis() as i64);
-        if !force && fresh {
+            .is_none_or(|e| e - now_ms() >= self.settings.margin.as_millis() as i64);
+        let scheduled_due = c.next_refresh_at.is_some_and(|t| t <= now_ms());
+        let done = match mode {
+            Mode::Forced => c.version != seen.version && refreshed_since,
+            Mode::Due => fresh || (c.version != seen.version && refreshed_since),
+            // Keep-alive refreshes have no expiry: the schedule decides.
+            Mode::Scheduled => !scheduled_due || (c.expires_at.is_some() && fresh),
+        };
+        if done {
+            self.store.release_lease(&c.id, &self.owner).await?;
             return Ok(c);
         }
+        // Cooldown: after a failure, requests wait for the scheduled retry
+        // instead of calling the provider again (no refresh storms).
+        if mode == Mode::Due
+            && c.consecutive_failures > 0
+            && c.next_refresh_at.is_some_and(|t| t > now_ms())
+        {
+            return serve_or_unavailable(c, "the provider failed recently; a retry is scheduled");
+        }
+        let c = match self.take_lease(c).await? {
+            Leased::Mine(c) => *c,
+            Leased::Theirs(row) => {
+                usable(&row)?;
+                return Ok(*row);
+            }
+        };
         let started = Instant::now();
         let outcome = self.call_provider(provider, &c).await;
         metrics::histogram!("nexus_refresh_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         match outcome {
             Outcome::Refreshed(row) => {
-                let row = *row;
                 metrics::counter!("nexus_refreshes_total", "outcome" => "success").increment(1);
-                Ok(row)
+                Ok(*row)
             }
             Outcome::Revoked(code, description) => {
                 metrics::counter!("nexus_refreshes_total", "outcome" => "attention_required")
@@ -261,7 +383,7 @@ impl Tokens {
                     .workspace(c.workspace_id.clone())
                     .detail(json!({"cause": "refresh_rejected", "error": code, "previous_status": c.status}));
                 self.store
-                    .record_refresh_failure(&c.id, &code, &description, Some(&ev))
+                    .record_refresh_failure(&c.id, &code, &description, None, Some(&ev))
                     .await?;
                 Err(TokenError::AttentionRequired(format!(
                     "the provider rejected the refresh ({code}); re-consent is needed"
@@ -279,40 +401,79 @@ impl Tokens {
                 if let Err(e) = self.audit.record(ev).await {
                     tracing::error!(error = %e, "provider.unhealthy audit event not recorded");
                 }
-                self.transient(c, "invalid_client", &description).await
+                self.transient(c, "invalid_client", &description, None)
+                    .await
             }
-            Outcome::Transient(description) => {
+            Outcome::Transient(description, retry_after) => {
                 metrics::counter!("nexus_refreshes_total", "outcome" => "transient").increment(1);
-                self.transient(c, "provider_unavailable", &description)
+                self.transient(c, "provider_unavailable", &description, retry_after)
                     .await
             }
         }
     }
 
-    /// A failed refresh that is not the user's doing: record it, and keep
-    /// serving the current token while it is still valid.
+    /// Takes the connection's lease, or waits for the replica holding it and
+    /// returns what that replica stored. An expired lease is taken over.
+    async fn take_lease(&self, c: ConnectionRow) -> Result<Leased, TokenError> {
+        let lease_ms = self.settings.lease.as_millis() as i64;
+        let deadline = Instant::now() + self.settings.lease + Duration::from_secs(1);
+        loop {
+            if self
+                .store
+                .try_lease(&c.id, &self.owner, now_ms() + lease_ms)
+                .await?
+            {
+                // Leased: re-read, another replica may have finished just before.
+                let now = self
+                    .store
+                    .get_connection(&c.id)
+                    .await?
+                    .ok_or(TokenError::NotFound)?;
+                if now.version != c.version {
+                    self.store.release_lease(&c.id, &self.owner).await?;
+                    return Ok(Leased::Theirs(Box::new(now)));
+                }
+                return Ok(Leased::Mine(Box::new(now)));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let row = self
+                .store
+                .get_connection(&c.id)
+                .await?
+                .ok_or(TokenError::NotFound)?;
+            if row.version != c.version || row.status != c.status {
+                metrics::counter!("nexus_refresh_waited_for_peer_total").increment(1);
+                return Ok(Leased::Theirs(Box::new(row)));
+            }
+            if Instant::now() > deadline {
+                return serve_or_unavailable(c, "another broker holds the refresh lease")
+                    .map(|c| Leased::Theirs(Box::new(c)));
+            }
+        }
+    }
+
+    /// A failed refresh that is not the user's doing: schedule a retry with
+    /// backoff, and keep serving the current token while it is still valid.
     async fn transient(
         &self,
         c: ConnectionRow,
         code: &str,
         description: &str,
+        retry_after: Option<Duration>,
     ) -> Result<ConnectionRow, TokenError> {
-        tracing::warn!(connection_id = %c.id, error = code, description, "refresh failed");
+        let delay = backoff(&self.settings, c.consecutive_failures + 1, retry_after);
+        tracing::warn!(connection_id = %c.id, error = code, description, retry_in_ms = delay.as_millis() as u64, "refresh failed");
+        let retry_at = now_ms() + delay.as_millis() as i64;
         self.store
-            .record_refresh_failure(&c.id, code, description, None)
+            .record_refresh_failure(&c.id, code, description, Some(retry_at), None)
             .await?;
-        if c.expires_at.is_some_and(|e| e > now_ms()) {
-            return Ok(c);
-        }
-        Err(TokenError::ProviderUnavailable(format!(
-            "the provider could not refresh the token ({description}); retry later"
-        )))
+        serve_or_unavailable(c, description)
     }
 
     async fn call_provider(&self, provider: &Provider, c: &ConnectionRow) -> Outcome {
         let endpoints = match self.discovery.endpoints(&provider.profile).await {
             Ok(e) => e,
-            Err(e) => return Outcome::Transient(e.to_string()),
+            Err(e) => return Outcome::Transient(e.to_string(), None),
         };
         let refresh_token = match c
             .refresh_token
@@ -321,7 +482,7 @@ impl Tokens {
         {
             Some(Ok(rt)) => rt,
             Some(Err(e)) => {
-                return Outcome::Transient(format!("stored refresh token unreadable: {e}"))
+                return Outcome::Transient(format!("stored refresh token unreadable: {e}"), None)
             }
             None => {
                 return Outcome::Revoked(
@@ -332,7 +493,7 @@ impl Tokens {
         };
         let secret = match self.registry.client_secret(provider) {
             Ok(s) => s,
-            Err(e) => return Outcome::Transient(e.to_string()),
+            Err(e) => return Outcome::Transient(e.to_string(), None),
         };
         let form = vec![
             ("grant_type", "refresh_token"),
@@ -347,8 +508,12 @@ impl Tokens {
         );
         let fetched = match outbound::send(req).await {
             Ok(f) => f,
-            Err(e) => return Outcome::Transient(e.to_string()),
+            Err(e) => return Outcome::Transient(e.to_string(), None),
         };
+        let retry_after = fetched
+            .header("retry-after")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         let body: Option<Map<String, Value>> = serde_json::from_slice(&fetched.body).ok();
         let error = body
             .as_ref()
@@ -365,12 +530,13 @@ impl Tokens {
         }
         let tokens = match parse_token_response(fetched.status, &fetched.body) {
             Ok(t) => t,
-            Err(f) => return Outcome::Transient(f.description),
+            Err(f) => return Outcome::Transient(f.description, retry_after),
         };
         let granted = match &tokens.scope {
             Some(s) => json_list(&s.split_whitespace().map(str::to_string).collect::<Vec<_>>()),
             None => c.granted_scopes.clone(),
         };
+        let expires_at = tokens.expires_in.map(|s| now_ms() + s * 1000);
         let refreshed = Refreshed {
             access_token: self
                 .keys
@@ -381,21 +547,101 @@ impl Tokens {
                 .as_ref()
                 .map(|rt| self.keys.encrypt_str(aad(&c.id, "refresh_token"), rt)),
             token_type: tokens.token_type.clone(),
-            expires_at: tokens.expires_in.map(|s| now_ms() + s * 1000),
+            expires_at,
             granted_scopes: granted,
+            next_refresh_at: next_refresh_at(&self.settings, expires_at, true),
         };
         match self.store.store_refresh(&c.id, c.version, &refreshed).await {
             Ok(true) => {}
-            // Another replica stored first: serve what it stored.
-            Ok(false) => metrics::counter!("nexus_refresh_races_lost_total").increment(1),
+            // Someone stored first (it cannot normally happen under the lease): serve theirs.
+            Ok(false) => {
+                metrics::counter!("nexus_refresh_races_lost_total").increment(1);
+                if let Err(e) = self.store.release_lease(&c.id, &self.owner).await {
+                    return Outcome::Transient(e.to_string(), None);
+                }
+            }
             Err(e) => {
-                return Outcome::Transient(format!("refreshed tokens could not be stored: {e}"))
+                return Outcome::Transient(
+                    format!("refreshed tokens could not be stored: {e}"),
+                    None,
+                )
             }
         }
         match self.store.get_connection(&c.id).await {
             Ok(Some(row)) => Outcome::Refreshed(Box::new(row)),
-            Ok(None) => Outcome::Transient("connection disappeared".into()),
-            Err(e) => Outcome::Transient(e.to_string()),
+            Ok(None) => Outcome::Transient("connection disappeared".into(), None),
+            Err(e) => Outcome::Transient(e.to_string(), None),
+        }
+    }
+
+    /// Refreshes one connection the worker has claimed.
+    async fn refresh_claimed(&self, id: &str) -> Result<(), TokenError> {
+        let c = self
+            .store
+            .get_connection(id)
+            .await?
+            .ok_or(TokenError::NotFound)?;
+        let provider = match self.registry.get(&c.provider_id).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.store.release_lease(id, &self.owner).await?;
+                return Err(e.into());
+            }
+        };
+        self.refresh(&provider, c, Mode::Scheduled, now_ms())
+            .await
+            .map(|_| ())
+    }
+
+    /// The background worker: every tick, claims due connections in batches
+    /// (memory stays flat however many there are) and refreshes them with
+    /// bounded concurrency. Runs until the task is aborted.
+    pub async fn run_worker(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.settings.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_gauge = Instant::now() - Duration::from_secs(3600);
+        loop {
+            tick.tick().await;
+            if last_gauge.elapsed() >= Duration::from_secs(15) {
+                last_gauge = Instant::now();
+                if let Ok(counts) = self.store.count_by_status().await {
+                    for (status, n) in counts {
+                        metrics::gauge!("nexus_connections", "status" => status).set(n as f64);
+                    }
+                }
+            }
+            loop {
+                let until = now_ms() + self.settings.lease.as_millis() as i64;
+                let ids = match self
+                    .store
+                    .claim_due(&self.owner, until, self.settings.batch)
+                    .await
+                {
+                    Ok(ids) => ids,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "refresh worker cannot claim due connections");
+                        break;
+                    }
+                };
+                if ids.is_empty() {
+                    break;
+                }
+                let gate = Arc::new(tokio::sync::Semaphore::new(
+                    self.settings.concurrency.max(1),
+                ));
+                let mut set = tokio::task::JoinSet::new();
+                for id in ids {
+                    let (me, gate) = (self.clone(), gate.clone());
+                    set.spawn(async move {
+                        // The semaphore is never closed, so acquire only fails if it were.
+                        let Ok(_permit) = gate.acquire().await else { return };
+                        if let Err(e) = me.refresh_claimed(&id).await {
+                            tracing::debug!(connection_id = %id, error = %e, "scheduled refresh did not succeed");
+                        }
+                    });
+                }
+                while set.join_next().await.is_some() {}
+            }
         }
     }
 
@@ -478,6 +724,25 @@ impl Tokens {
             json!(parse_list(&c.failing_scopes)),
         );
         Ok(Value::Object(out))
+    }
+}
+
+/// The result of trying to take a lease.
+enum Leased {
+    /// This process holds it; the row as re-read after taking it.
+    Mine(Box<ConnectionRow>),
+    /// Another replica refreshed (or holds the lease and its token is still served).
+    Theirs(Box<ConnectionRow>),
+}
+
+/// Serves the current token while it is still valid; otherwise 503.
+fn serve_or_unavailable(c: ConnectionRow, why: &str) -> Result<ConnectionRow, TokenError> {
+    if c.expires_at.is_some_and(|e| e > now_ms()) {
+        Ok(c)
+    } else {
+        Err(TokenError::ProviderUnavailable(format!(
+            "the token could not be refreshed ({why}); retry later"
+        )))
     }
 }
 

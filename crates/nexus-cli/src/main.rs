@@ -112,6 +112,12 @@ struct ServerArgs {
     /// Refresh tokens this many seconds before they expire.
     #[arg(long, env = "REFRESH_MARGIN_SECS")]
     refresh_margin_secs: Option<String>,
+    /// How long a refresh lease lasts, in seconds.
+    #[arg(long, env = "REFRESH_LEASE_SECS")]
+    refresh_lease_secs: Option<String>,
+    /// Set to false to run no background refresher on this replica.
+    #[arg(long, env = "REFRESH_WORKER")]
+    refresh_worker: Option<String>,
 }
 
 #[derive(Args)]
@@ -202,6 +208,14 @@ fn settings(args: &ServerArgs, state: Option<&StateDir>) -> Settings {
             .refresh_margin_secs
             .clone()
             .or_else(|| from_state("REFRESH_MARGIN_SECS")),
+        refresh_lease_secs: args
+            .refresh_lease_secs
+            .clone()
+            .or_else(|| from_state("REFRESH_LEASE_SECS")),
+        refresh_worker: args
+            .refresh_worker
+            .clone()
+            .or_else(|| from_state("REFRESH_WORKER")),
     }
 }
 
@@ -328,6 +342,8 @@ async fn up(args: UpArgs) -> Result<()> {
         redis_url: args.rest.redis_url,
         redis_key_prefix: env_var("REDIS_KEY_PREFIX"),
         refresh_margin_secs: env_var("REFRESH_MARGIN_SECS"),
+        refresh_lease_secs: env_var("REFRESH_LEASE_SECS"),
+        refresh_worker: env_var("REFRESH_WORKER"),
     };
     let config =
         BrokerConfig::from_settings(&settings(&server, Some(&state))).with_context(|| {

@@ -49,7 +49,7 @@ struct Inner {
     store: Store,
     registry: Registry,
     handshakes: Handshakes,
-    tokens: Tokens,
+    tokens: Arc<Tokens>,
     audit: AuditSink,
     metrics: PrometheusHandle,
 }
@@ -67,15 +67,15 @@ impl AppState {
         let http = outbound::client(config.provider_timeout)?;
         let discovery =
             Arc::new(Discovery::new(http.clone(), store.clone()).with_shared_cache(shared));
-        let tokens = Tokens::new(
+        let tokens = Arc::new(Tokens::new(
             store.clone(),
             registry.clone(),
             config.keys.clone(),
             discovery.clone(),
             http.clone(),
             audit.clone(),
-            config.refresh_margin,
-        );
+            config.refresh,
+        ));
         let handshakes = Handshakes::new(&config, store.clone(), registry.clone(), discovery, http);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -111,7 +111,7 @@ impl AppState {
     }
 
     /// The token service.
-    pub fn tokens(&self) -> &Tokens {
+    pub fn tokens(&self) -> &Arc<Tokens> {
         &self.inner.tokens
     }
 

@@ -109,6 +109,8 @@ pub struct Refreshed {
     pub expires_at: Option<i64>,
     /// JSON array.
     pub granted_scopes: String,
+    /// When the refresh engine should next refresh it (unix ms).
+    pub next_refresh_at: Option<i64>,
 }
 
 /// Credentials written when a handshake succeeds.
@@ -132,6 +134,8 @@ pub struct Activation {
     pub failing_scopes: String,
     /// JSON identity.
     pub identity: Option<String>,
+    /// When the refresh engine should first refresh it (unix ms).
+    pub next_refresh_at: Option<i64>,
 }
 
 const CONNECTION_COLUMNS: &str = "id, workspace_id, provider_id, status, requested_scopes, granted_scopes, access_token, \
@@ -322,7 +326,8 @@ impl Store {
             let res = sqlx::query(
                 "UPDATE connections SET access_token = $1, refresh_token = COALESCE($2, refresh_token), token_type = $3,
                     expires_at = $4, granted_scopes = $5, last_success_at = $6, error_code = NULL, error_description = NULL,
-                    consecutive_failures = 0, version = version + 1, updated_at = $6
+                    consecutive_failures = 0, version = version + 1, updated_at = $6, next_refresh_at = $9,
+                    lease_owner = NULL, lease_until = NULL
                  WHERE id = $7 AND version = $8 AND status IN ('active', 'degraded')",
             )
             .bind(&r.access_token)
@@ -333,6 +338,7 @@ impl Store {
             .bind(now)
             .bind(id)
             .bind(expected_version)
+            .bind(r.next_refresh_at)
             .execute(pool)
             .await?;
             Ok(res.rows_affected() == 1)
@@ -346,6 +352,7 @@ impl Store {
         id: &str,
         code: &str,
         description: &str,
+        retry_at: Option<i64>,
         attention: Option<&AuditEvent>,
     ) -> Result<(), StoreError> {
         let now = now_ms();
@@ -354,13 +361,15 @@ impl Store {
             let status_sql = if attention.is_some() { ", status = 'attention_required'" } else { "" };
             sqlx::query(&format!(
                 "UPDATE connections SET error_code = $1, error_description = $2, last_failure_at = $3,
-                    consecutive_failures = consecutive_failures + 1, updated_at = $3{status_sql}
+                    consecutive_failures = consecutive_failures + 1, updated_at = $3, next_refresh_at = $5,
+                    lease_owner = NULL, lease_until = NULL{status_sql}
                  WHERE id = $4"
             ))
             .bind(code)
             .bind(description)
             .bind(now)
             .bind(id)
+            .bind(retry_at)
             .execute(&mut *tx)
             .await?;
             if let Some(ev) = attention {
@@ -385,7 +394,8 @@ impl Store {
                 "UPDATE connections SET status = 'active', access_token = $1, refresh_token = $2, id_token = $3,
                     credentials = $4, token_type = $5, expires_at = $6, granted_scopes = $7, identity = $8,
                     failing_scopes = $9, last_success_at = $10, error_code = NULL, error_description = NULL,
-                    consecutive_failures = 0, version = version + 1, updated_at = $10
+                    consecutive_failures = 0, version = version + 1, updated_at = $10, next_refresh_at = $12,
+                    lease_owner = NULL, lease_until = NULL
                  WHERE id = $11",
             )
             .bind(&a.access_token)
@@ -399,6 +409,7 @@ impl Store {
             .bind(&a.failing_scopes)
             .bind(now)
             .bind(id)
+            .bind(a.next_refresh_at)
             .execute(&mut *tx)
             .await?;
             if res.rows_affected() == 0 {
@@ -408,6 +419,73 @@ impl Store {
             tx.commit().await?;
         });
         Ok(())
+    }
+
+    /// Takes the refresh lease of one connection for `owner` until `until`,
+    /// unless another owner holds an unexpired lease. Returns whether it was taken.
+    pub async fn try_lease(&self, id: &str, owner: &str, until: i64) -> Result<bool, StoreError> {
+        let now = now_ms();
+        on_pool!(self, pool => {
+            let res = sqlx::query(
+                "UPDATE connections SET lease_owner = $1, lease_until = $2
+                 WHERE id = $3 AND (lease_until IS NULL OR lease_until < $4 OR lease_owner = $1)",
+            )
+            .bind(owner)
+            .bind(until)
+            .bind(id)
+            .bind(now)
+            .execute(pool)
+            .await?;
+            Ok(res.rows_affected() == 1)
+        })
+    }
+
+    /// Gives a lease back without a refresh result (e.g. nothing was due after all).
+    pub async fn release_lease(&self, id: &str, owner: &str) -> Result<(), StoreError> {
+        on_pool!(self, pool => {
+            sqlx::query("UPDATE connections SET lease_owner = NULL, lease_until = NULL WHERE id = $1 AND lease_owner = $2")
+                .bind(id)
+                .bind(owner)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Claims up to `limit` connections due for refresh, oldest due first, by
+    /// leasing them to `owner` until `until`. On PostgreSQL, rows another
+    /// replica is claiming right now are skipped (`FOR UPDATE SKIP LOCKED`).
+    pub async fn claim_due(
+        &self,
+        owner: &str,
+        until: i64,
+        limit: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let now = now_ms();
+        let skip_locked = match self.backend() {
+            super::Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+            super::Backend::Sqlite => "",
+        };
+        let sql = format!(
+            "UPDATE connections SET lease_owner = $1, lease_until = $2
+             WHERE id IN (SELECT id FROM connections
+                          WHERE status IN ('active', 'degraded') AND next_refresh_at IS NOT NULL AND next_refresh_at <= $3
+                            AND (lease_until IS NULL OR lease_until < $3)
+                          ORDER BY next_refresh_at LIMIT $4{skip_locked})
+             RETURNING id"
+        );
+        on_pool!(self, pool => {
+            let rows = sqlx::query(&sql).bind(owner).bind(until).bind(now).bind(limit).fetch_all(pool).await?;
+            Ok(rows.iter().map(|r| r.try_get::<String, _>("id")).collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Counts connections by status (for the `nexus_connections` gauge).
+    pub async fn count_by_status(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        on_pool!(self, pool => {
+            let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM connections GROUP BY status").fetch_all(pool).await?;
+            Ok(rows.iter().map(|r| Ok((r.try_get("status")?, r.try_get("n")?))).collect::<Result<_, sqlx::Error>>()?)
+        })
     }
 
     /// Records a failed handshake. A new connection becomes `failed`; a

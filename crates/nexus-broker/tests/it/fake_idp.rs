@@ -61,6 +61,8 @@ pub struct Knobs {
     pub expires_in: i64,
     /// Whether refresh responses carry a (rotated) refresh token.
     pub rotate: bool,
+    /// Leave `expires_in` out of token responses (a token without expiry).
+    pub omit_expiry: bool,
 }
 
 #[derive(Default)]
@@ -110,6 +112,7 @@ impl FakeIdp {
                 userinfo_sub: None,
                 expires_in: 3600,
                 rotate: true,
+                omit_expiry: false,
             }),
             counters: Mutex::new(Counters::default()),
             key_pkcs8: pkcs8.as_ref().to_vec(),
@@ -242,6 +245,9 @@ async fn token(
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        if form.get("grant_type").and_then(Value::as_str) == Some("refresh_token") {
+            c.refresh_requests += 1;
+        }
     }
     let (mode, challenge) = {
         let k = idp.knobs();
@@ -280,7 +286,6 @@ async fn token(
         TokenMode::NoAccessToken | TokenMode::Normal => {}
     }
     if form.get("grant_type").and_then(Value::as_str) == Some("refresh_token") {
-        idp.counters().refresh_requests += 1;
         let k = idp.knobs();
         let mut body = json!({"token_type": "Bearer", "expires_in": k.expires_in, "access_token": k.access_token});
         if k.rotate {
@@ -309,6 +314,9 @@ async fn token(
     });
     if let Some(s) = &k.granted_scope {
         body["scope"] = json!(s);
+    }
+    if k.omit_expiry {
+        body.as_object_mut().unwrap().remove("expires_in");
     }
     if mode == TokenMode::NoAccessToken {
         body.as_object_mut().unwrap().remove("access_token");

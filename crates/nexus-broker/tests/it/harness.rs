@@ -119,6 +119,16 @@ impl TestDb {
         }
     }
 
+    /// Another handle on the same database (a second broker replica); dropping
+    /// it removes nothing.
+    pub fn share(&self) -> TestDb {
+        TestDb {
+            url: self.url.clone(),
+            dir: None,
+            pg: None,
+        }
+    }
+
     /// The SQLite database files (main, WAL, shared memory), for leak checks.
     pub fn sqlite_files(&self) -> Vec<std::path::PathBuf> {
         let Some(dir) = &self.dir else {
@@ -184,6 +194,9 @@ pub fn test_settings(db: &TestDb) -> Settings {
         state_key: Some(generate_key_b64().expose().clone()),
         api_key: Some(format!("test-admin-key-{}", uuid::Uuid::new_v4().simple())),
         broker_addr: Some("127.0.0.1:0".into()),
+        // Tests of the background refresher turn it on; elsewhere it would
+        // race the on-demand behaviour under test.
+        refresh_worker: Some("false".into()),
         ..Default::default()
     }
 }

@@ -11,6 +11,7 @@ mod handshake;
 mod ops;
 mod providers;
 mod real_idp;
+mod refresh;
 mod rewrap;
 mod secrets;
 mod tokens;

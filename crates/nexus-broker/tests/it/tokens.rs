@@ -237,6 +237,11 @@ async fn transient_faults_never_need_a_person(b: Backend) {
             "{mode:?}: the still-valid token is served: {tok}"
         );
         assert_eq!(tok["access_token"], "access-1");
+        // Skip the backoff so the next mode is tried at once.
+        t.db.exec(&format!(
+            "UPDATE connections SET next_refresh_at = 0 WHERE id = '{id}'"
+        ))
+        .await;
     }
     let c = t.state.store().get_connection(&id).await.unwrap().unwrap();
     assert_eq!(c.status, "active");
@@ -258,8 +263,18 @@ async fn transient_faults_never_need_a_person(b: Backend) {
             .status,
         "active"
     );
-    // The provider recovers: so does the connection.
+    // Inside the backoff, requests do not call the provider again (no storm).
+    let calls = idp2.counters().token_requests;
+    let (s, body) = t2.get(&format!("/connections/{id2}/token")).await;
+    assert_json_error(s, &body, 503, "provider_unavailable");
+    assert_eq!(idp2.counters().token_requests, calls);
+    // The provider recovers and the retry comes due: so does the connection.
     idp2.knobs().token_mode = TokenMode::Normal;
+    t2.db
+        .exec(&format!(
+            "UPDATE connections SET next_refresh_at = 0 WHERE id = '{id2}'"
+        ))
+        .await;
     let (s, tok) = t2.get(&format!("/connections/{id2}/token")).await;
     assert_eq!(s, StatusCode::OK, "{tok}");
     let c = t2
