@@ -71,8 +71,12 @@ pub struct Settings {
     pub redis_url: Option<String>,
     /// `REFRESH_MARGIN_SECS`: refresh tokens this long before they expire.
     pub refresh_margin_secs: Option<String>,
+    /// `REFRESH_JITTER_SECS`: refresh up to this much earlier again, at random.
+    pub refresh_jitter_secs: Option<String>,
     /// `REFRESH_LEASE_SECS`: how long a refresh lease lasts.
     pub refresh_lease_secs: Option<String>,
+    /// `TOKEN_CACHE_CAPACITY`: decrypted token responses kept in memory (0 disables).
+    pub token_cache_capacity: Option<String>,
     /// `REFRESH_WORKER`: `false` to run no background refresher on this replica.
     pub refresh_worker: Option<String>,
     /// `REDIS_KEY_PREFIX`: prefix of every Redis key (default `nexus:`).
@@ -429,6 +433,18 @@ impl BrokerConfig {
                     )
                 })?,
         };
+        // A refresh is a discovery call plus a token call, each bounded by the
+        // provider timeout; a lease that can expire mid-refresh would let a
+        // second replica refresh with the same refresh token.
+        if refresh_lease <= provider_timeout * 2 {
+            return Err(ConfigError::new(
+                "REFRESH_LEASE_SECS",
+                format!(
+                    "must be more than twice PROVIDER_TIMEOUT_SECS ({}s), so a lease outlasts a refresh",
+                    provider_timeout.as_secs()
+                ),
+            ));
+        }
         let refresh_worker = match non_empty(&s.refresh_worker)
             .map(str::to_ascii_lowercase)
             .as_deref()
@@ -454,6 +470,33 @@ impl BrokerConfig {
                     )
                 })?,
         };
+        let refresh_jitter = match non_empty(&s.refresh_jitter_secs) {
+            None => Duration::from_secs(60),
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n <= 3_600)
+                .map(Duration::from_secs)
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        "REFRESH_JITTER_SECS",
+                        "must be a whole number of seconds from 0 to 3600",
+                    )
+                })?,
+        };
+        let cache_capacity = match non_empty(&s.token_cache_capacity) {
+            None => 10_000,
+            Some(v) => v
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n <= 10_000_000)
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        "TOKEN_CACHE_CAPACITY",
+                        "must be a whole number from 0 (off) to 10000000",
+                    )
+                })?,
+        };
 
         Ok(Self {
             database_url,
@@ -471,6 +514,8 @@ impl BrokerConfig {
             redis_url,
             refresh: crate::token::RefreshSettings {
                 margin: refresh_margin,
+                jitter: refresh_jitter,
+                cache_capacity,
                 lease: refresh_lease,
                 worker: refresh_worker,
                 ..Default::default()

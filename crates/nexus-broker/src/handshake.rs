@@ -707,18 +707,22 @@ impl Handshakes {
         let seal = |col: &'static str, s: &Secret<String>| {
             self.keys.encrypt_str(Self::aad("connections", cid, col), s)
         };
-        // A re-consent that returns no refresh token keeps the one we have.
-        let refresh_token = match &tokens.refresh_token {
-            Some(rt) => Some(seal("refresh_token", rt)),
-            None => previous.as_ref().and_then(|c| c.refresh_token.clone()),
-        };
+        // A re-consent that returns no refresh token keeps the one we have
+        // (`None` here: the store keeps the column as it is at write time, so
+        // a refresh that rotated it meanwhile is not undone).
+        let refresh_token = tokens
+            .refresh_token
+            .as_ref()
+            .map(|rt| seal("refresh_token", rt));
+        let has_refresh_token =
+            refresh_token.is_some() || previous.as_ref().is_some_and(|c| c.refresh_token.is_some());
         let expires_at = tokens.expires_in.map(|s| now_ms() + s * 1000);
         let activation = Activation {
             access_token: Some(seal("access_token", &tokens.access_token)),
             next_refresh_at: crate::token::next_refresh_at(
                 &self.refresh,
                 expires_at,
-                refresh_token.is_some(),
+                has_refresh_token,
             ),
             refresh_token,
             id_token: tokens.id_token.as_ref().map(|t| seal("id_token", t)),

@@ -26,6 +26,7 @@ pub mod store;
 pub mod strategy;
 pub mod telemetry;
 pub mod token;
+pub mod token_cache;
 pub mod vault;
 
 pub use secret::Secret;

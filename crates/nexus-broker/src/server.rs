@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 
@@ -98,12 +99,13 @@ impl Broker {
         let addr = self.local_addr();
         let app = api::router(self.state.clone());
         let cleanup = tokio::spawn(cleanup_loop(self.state.clone()));
+        let (stop_refresher, stop) = tokio::sync::watch::channel(false);
         let refresher = self
             .state
             .config()
             .refresh
             .worker
-            .then(|| tokio::spawn(self.state.tokens().clone().run_worker()));
+            .then(|| tokio::spawn(self.state.tokens().clone().run_worker(stop)));
         let served = axum::serve(
             self.listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -111,8 +113,16 @@ impl Broker {
         .with_graceful_shutdown(shutdown)
         .await;
         cleanup.abort();
-        if let Some(r) = refresher {
-            r.abort();
+        if let Some(mut r) = refresher {
+            // Let refreshes in flight store their result (a rotated refresh
+            // token must not be lost); each is bounded by the provider
+            // timeout, and the lease bounds the whole batch.
+            let _ = stop_refresher.send(true);
+            let grace = self.state.config().refresh.lease + Duration::from_secs(5);
+            if tokio::time::timeout(grace, &mut r).await.is_err() {
+                tracing::warn!("refresh worker did not stop in time; aborting it");
+                r.abort();
+            }
         }
         let stats = self.writer.shutdown().await;
         tracing::info!(

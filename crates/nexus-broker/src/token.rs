@@ -30,16 +30,22 @@ use crate::handshake::{json_list, parse_list, parse_token_response, token_reques
 use crate::outbound;
 use crate::profile::AuthType;
 use crate::registry::{Provider, Registry, RegistryError};
-use crate::store::{now_ms, rfc3339, ConnectionRow, Refreshed, Store, StoreError};
+use crate::store::{now_ms, rfc3339, ConnectionRow, Refreshed, Store, StoreError, TokenStamp};
 use crate::strategy::StrategyKind;
+use crate::token_cache::{Cached, TokenCache};
 use crate::vault::KeyRing;
 use crate::Secret;
 
-/// Tuning of the refresh engine.
+/// Tuning of the token service and the refresh engine.
 #[derive(Debug, Clone, Copy)]
 pub struct RefreshSettings {
     /// Refresh this long before expiry.
     pub margin: Duration,
+    /// Up to this much earlier again, at random, so tokens issued together
+    /// are not refreshed together.
+    pub jitter: Duration,
+    /// Decrypted token responses kept in memory (0 disables the cache).
+    pub cache_capacity: usize,
     /// How long a refresh lease lasts (a crashed holder blocks at most this long).
     pub lease: Duration,
     /// Refresh interval for tokens without an expiry (keeps refresh tokens alive).
@@ -62,6 +68,8 @@ impl Default for RefreshSettings {
     fn default() -> Self {
         Self {
             margin: Duration::from_secs(300),
+            jitter: Duration::from_secs(60),
+            cache_capacity: 10_000,
             lease: Duration::from_secs(30),
             keepalive: Duration::from_secs(24 * 3600),
             backoff_base: Duration::from_secs(10),
@@ -82,10 +90,33 @@ fn random_below(n: u64) -> u64 {
     }
 }
 
-/// When the worker should next refresh a token expiring at `expires_at`:
-/// `margin` before expiry, minus up to a fifth of the margin (at most a
-/// minute) of jitter so tokens issued together do not refresh together.
-/// Without an expiry, a keep-alive refresh. Without a refresh token, never.
+/// The refresh margin (ms) of a token issued at `issued_at`: the configured
+/// margin, but at most half the token's lifetime. Without the cap, a provider
+/// issuing 5-minute tokens under a 5-minute margin would see a refresh on
+/// every request.
+pub fn effective_margin(s: &RefreshSettings, expires_at: i64, issued_at: Option<i64>) -> i64 {
+    let margin = s.margin.as_millis() as i64;
+    match issued_at {
+        Some(i) if expires_at > i => margin.min((expires_at - i) / 2),
+        _ => margin,
+    }
+}
+
+/// Whether a token is inside its refresh margin at `now`.
+pub fn inside_margin(
+    s: &RefreshSettings,
+    expires_at: Option<i64>,
+    issued_at: Option<i64>,
+    now: i64,
+) -> bool {
+    expires_at.is_some_and(|e| e - now < effective_margin(s, e, issued_at))
+}
+
+/// When the worker should next refresh a token issued now and expiring at
+/// `expires_at`: the effective margin before expiry, minus a random share of
+/// `jitter` (at most half that margin) so tokens issued together do not
+/// refresh together. Without an expiry, a keep-alive refresh. Without a
+/// refresh token, never.
 pub fn next_refresh_at(
     s: &RefreshSettings,
     expires_at: Option<i64>,
@@ -94,10 +125,14 @@ pub fn next_refresh_at(
     if !has_refresh_token {
         return None;
     }
-    let margin = s.margin.as_millis() as i64;
+    let now = now_ms();
     Some(match expires_at {
-        Some(e) => e - margin - random_below((margin as u64 / 5).min(60_000)) as i64,
-        None => now_ms() + s.keepalive.as_millis() as i64,
+        Some(e) => {
+            let margin = effective_margin(s, e, Some(now));
+            let jitter = (s.jitter.as_millis() as i64).min(margin / 2);
+            e - margin - random_below(jitter as u64) as i64
+        }
+        None => now + s.keepalive.as_millis() as i64,
     })
 }
 
@@ -195,6 +230,7 @@ pub struct Tokens {
     /// Lease owner id of this process.
     owner: String,
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    cache: TokenCache,
 }
 
 fn aad<'a>(row_id: &'a str, column: &'a str) -> crate::vault::Aad<'a> {
@@ -228,12 +264,13 @@ impl Tokens {
             settings,
             owner,
             inflight: Mutex::new(HashMap::new()),
+            cache: TokenCache::new(settings.cache_capacity),
         }
     }
 
     /// The token response for a connection, refreshing first when the token
     /// is inside the margin (or always, with `force`).
-    pub async fn token(&self, id: &str, force: bool) -> Result<Value, TokenError> {
+    pub async fn token(self: &Arc<Self>, id: &str, force: bool) -> Result<Value, TokenError> {
         let result = self.token_inner(id, force).await;
         let outcome = match &result {
             Ok(_) => "ok",
@@ -246,8 +283,33 @@ impl Tokens {
         result
     }
 
-    async fn token_inner(&self, id: &str, force: bool) -> Result<Value, TokenError> {
+    async fn token_inner(self: &Arc<Self>, id: &str, force: bool) -> Result<Value, TokenError> {
         let asked_at = now_ms();
+        if !force {
+            // Warm path: one narrow primary-key read, no decryption.
+            let stamp = self
+                .store
+                .token_stamp(id)
+                .await?
+                .ok_or(TokenError::NotFound)?;
+            let servable = matches!(stamp.status.as_str(), "active" | "degraded")
+                && !inside_margin(
+                    &self.settings,
+                    stamp.expires_at,
+                    stamp.last_success_at,
+                    now_ms(),
+                );
+            if servable {
+                if let Some(hit) = self.cache.get(id, &stamp) {
+                    metrics::counter!("nexus_token_cache_total", "result" => "hit").increment(1);
+                    let body = finish(hit.body.expose().clone(), stamp.expires_at);
+                    self.audit_issued(id, &stamp.provider_id, &hit.workspace_id)
+                        .await;
+                    return Ok(body);
+                }
+            }
+            metrics::counter!("nexus_token_cache_total", "result" => "miss").increment(1);
+        }
         let mut c = self
             .store
             .get_connection(id)
@@ -256,33 +318,87 @@ impl Tokens {
         usable(&c)?;
         let provider = self.registry.get(&c.provider_id).await?;
         if provider.profile.auth_type == AuthType::Oauth2 {
-            let due = c
-                .expires_at
-                .is_some_and(|e| e - now_ms() < self.settings.margin.as_millis() as i64);
+            let due = inside_margin(&self.settings, c.expires_at, c.last_success_at, now_ms());
             if force || due {
-                if c.refresh_token.is_none() {
-                    if force || c.expires_at.is_some_and(|e| e <= now_ms()) {
-                        return Err(TokenError::AttentionRequired(
-                            "the access token expired and the provider issued no refresh token; re-consent is needed".into(),
-                        ));
-                    }
-                } else {
+                if c.refresh_token.is_some() {
                     let mode = if force { Mode::Forced } else { Mode::Due };
-                    c = self.refresh(&provider, c, mode, asked_at).await?;
+                    c = self.refresh(&provider, c, mode, asked_at, None).await?;
+                    // Whatever the refresh saw, serve only a usable connection
+                    // (it may have been revoked meanwhile, by any replica).
+                    usable(&c)?;
+                } else if c.expires_at.is_some_and(|e| e <= now_ms()) {
+                    return Err(self.no_refresh_token(&c).await);
                 }
+                // No refresh token but still valid: serve it; nothing better exists.
             }
         }
-        let resp = self.response(&provider, &c)?;
-        let ev = AuditEvent::new("token.issued")
-            .actor("agent")
+        let body = self.response(&provider, &c)?;
+        self.cache.put(
+            &c.id,
+            Cached {
+                stamp: TokenStamp::of(&c, provider.row.version),
+                workspace_id: c.workspace_id.clone(),
+                body: Secret::new(body.clone()),
+            },
+        );
+        self.audit_issued(&c.id, &c.provider_id, &c.workspace_id)
+            .await;
+        Ok(finish(body, c.expires_at))
+    }
+
+    /// The token expired and there is no refresh token: the connection needs
+    /// a person. Recorded (and audited) as a transition, not only answered.
+    async fn no_refresh_token(&self, c: &ConnectionRow) -> TokenError {
+        let description = "the access token expired and the provider issued no refresh token; re-consent is needed";
+        let ev = AuditEvent::new("connection.attention_required")
+            .actor("system")
             .provider(c.provider_id.clone())
             .connection(c.id.clone())
-            .workspace(c.workspace_id.clone());
+            .workspace(c.workspace_id.clone())
+            .detail(json!({"cause": "expired_without_refresh_token", "previous_status": c.status}));
+        match self
+            .store
+            .record_refresh_failure(
+                &c.id,
+                c.version,
+                &self.attempt_owner(),
+                "no_refresh_token",
+                description,
+                None,
+                Some(&ev),
+            )
+            .await
+        {
+            Ok(true) => TokenError::AttentionRequired(description.into()),
+            Ok(false) => TokenError::ProviderUnavailable(
+                "the connection changed while it was read; retry".into(),
+            ),
+            Err(e) => e.into(),
+        }
+    }
+
+    async fn audit_issued(&self, id: &str, provider_id: &str, workspace_id: &str) {
+        let ev = AuditEvent::new("token.issued")
+            .actor("agent")
+            .provider(provider_id.to_string())
+            .connection(id.to_string())
+            .workspace(workspace_id.to_string());
         // Batched off the request path; waits only if the queue is full.
         if let Err(e) = self.audit.record(ev).await {
             tracing::error!(error = %e, "token audit event not recorded");
         }
-        Ok(resp)
+    }
+
+    /// Drops this replica's cached response for a connection. Not needed for
+    /// correctness (every use checks the stamp); it frees the secrets early.
+    pub fn forget(&self, id: &str) {
+        self.cache.forget(id);
+    }
+
+    /// A lease owner id for one refresh attempt (or one worker batch): a lease
+    /// is only ever extended or released by the attempt that took it.
+    fn attempt_owner(&self) -> String {
+        format!("{}.{}", self.owner, uuid::Uuid::new_v4().simple())
     }
 
     fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -298,21 +414,39 @@ impl Tokens {
         }
     }
 
+    /// Refreshes under the in-process lock and the database lease. Runs in its
+    /// own task: a caller going away (client disconnect, worker shutdown) must
+    /// not cancel a refresh between the provider rotating the refresh token
+    /// and the new one being stored, or the connection would be left holding
+    /// a dead refresh token.
     async fn refresh(
-        &self,
+        self: &Arc<Self>,
         provider: &Provider,
         seen: ConnectionRow,
         mode: Mode,
         asked_at: i64,
+        claim_owner: Option<String>,
     ) -> Result<ConnectionRow, TokenError> {
-        let id = seen.id.clone();
-        let lock = self.lock_for(&id);
-        let result = {
-            let _guard = lock.lock().await;
-            self.refresh_locked(provider, seen, mode, asked_at).await
-        };
-        self.release(&id, lock);
-        result
+        let me = self.clone();
+        let provider = provider.clone();
+        let task = tokio::spawn(async move {
+            let id = seen.id.clone();
+            let lock = me.lock_for(&id);
+            let result = {
+                let _guard = lock.lock().await;
+                let owner = claim_owner.unwrap_or_else(|| me.attempt_owner());
+                me.refresh_locked(&provider, seen, mode, asked_at, &owner)
+                    .await
+            };
+            me.release(&id, lock);
+            result
+        });
+        task.await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "refresh task failed");
+            Err(TokenError::ProviderUnavailable(
+                "the refresh did not complete; retry".into(),
+            ))
+        })
     }
 
     async fn refresh_locked(
@@ -321,6 +455,7 @@ impl Tokens {
         seen: ConnectionRow,
         mode: Mode,
         asked_at: i64,
+        owner: &str,
     ) -> Result<ConnectionRow, TokenError> {
         // Someone may have refreshed while we waited: re-read, and take the
         // result of any refresh that finished after this caller asked (so
@@ -331,41 +466,38 @@ impl Tokens {
             .await?
             .ok_or(TokenError::NotFound)?;
         if let Err(e) = usable(&c) {
-            self.store.release_lease(&c.id, &self.owner).await?;
+            self.store.release_lease(&c.id, owner).await?;
             return Err(e);
         }
+        let now = now_ms();
         let refreshed_since = c.last_success_at.is_some_and(|t| t >= asked_at);
-        let fresh = c
-            .expires_at
-            .is_none_or(|e| e - now_ms() >= self.settings.margin.as_millis() as i64);
-        let scheduled_due = c.next_refresh_at.is_some_and(|t| t <= now_ms());
+        let moved = c.version != seen.version && refreshed_since;
+        let fresh = !inside_margin(&self.settings, c.expires_at, c.last_success_at, now);
         let done = match mode {
-            Mode::Forced => c.version != seen.version && refreshed_since,
-            Mode::Due => fresh || (c.version != seen.version && refreshed_since),
-            // Keep-alive refreshes have no expiry: the schedule decides.
-            Mode::Scheduled => !scheduled_due || (c.expires_at.is_some() && fresh),
+            Mode::Forced => moved,
+            Mode::Due => fresh || moved,
+            // The schedule decides (it includes the jitter, so the token may
+            // still look fresh); a peer's refresh moves the schedule ahead.
+            Mode::Scheduled => c.next_refresh_at.is_none_or(|t| t > now),
         };
         if done {
-            self.store.release_lease(&c.id, &self.owner).await?;
+            self.store.release_lease(&c.id, owner).await?;
             return Ok(c);
         }
         // Cooldown: after a failure, requests wait for the scheduled retry
         // instead of calling the provider again (no refresh storms).
-        if mode == Mode::Due
+        if mode != Mode::Scheduled
             && c.consecutive_failures > 0
-            && c.next_refresh_at.is_some_and(|t| t > now_ms())
+            && c.next_refresh_at.is_some_and(|t| t > now)
         {
             return serve_or_unavailable(c, "the provider failed recently; a retry is scheduled");
         }
-        let c = match self.take_lease(c).await? {
+        let c = match self.take_lease(c, owner).await? {
             Leased::Mine(c) => *c,
-            Leased::Theirs(row) => {
-                usable(&row)?;
-                return Ok(*row);
-            }
+            Leased::Theirs(before, row) => return theirs(&before, *row),
         };
         let started = Instant::now();
-        let outcome = self.call_provider(provider, &c).await;
+        let outcome = self.call_provider(provider, &c, owner).await;
         metrics::histogram!("nexus_refresh_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         match outcome {
@@ -382,9 +514,28 @@ impl Tokens {
                     .connection(c.id.clone())
                     .workspace(c.workspace_id.clone())
                     .detail(json!({"cause": "refresh_rejected", "error": code, "previous_status": c.status}));
-                self.store
-                    .record_refresh_failure(&c.id, &code, &description, None, Some(&ev))
+                let recorded = self
+                    .store
+                    .record_refresh_failure(
+                        &c.id,
+                        c.version,
+                        owner,
+                        &code,
+                        &description,
+                        None,
+                        Some(&ev),
+                    )
                     .await?;
+                if !recorded {
+                    // The row moved under us (a peer took over an expired
+                    // lease, or the connection was revoked): its state wins.
+                    let row = self
+                        .store
+                        .get_connection(&c.id)
+                        .await?
+                        .ok_or(TokenError::NotFound)?;
+                    return theirs(&c, row);
+                }
                 Err(TokenError::AttentionRequired(format!(
                     "the provider rejected the refresh ({code}); re-consent is needed"
                 )))
@@ -401,12 +552,12 @@ impl Tokens {
                 if let Err(e) = self.audit.record(ev).await {
                     tracing::error!(error = %e, "provider.unhealthy audit event not recorded");
                 }
-                self.transient(c, "invalid_client", &description, None)
+                self.transient(c, owner, "invalid_client", &description, None)
                     .await
             }
             Outcome::Transient(description, retry_after) => {
                 metrics::counter!("nexus_refreshes_total", "outcome" => "transient").increment(1);
-                self.transient(c, "provider_unavailable", &description, retry_after)
+                self.transient(c, owner, "provider_unavailable", &description, retry_after)
                     .await
             }
         }
@@ -414,24 +565,25 @@ impl Tokens {
 
     /// Takes the connection's lease, or waits for the replica holding it and
     /// returns what that replica stored. An expired lease is taken over.
-    async fn take_lease(&self, c: ConnectionRow) -> Result<Leased, TokenError> {
+    async fn take_lease(&self, c: ConnectionRow, owner: &str) -> Result<Leased, TokenError> {
         let lease_ms = self.settings.lease.as_millis() as i64;
         let deadline = Instant::now() + self.settings.lease + Duration::from_secs(1);
         loop {
             if self
                 .store
-                .try_lease(&c.id, &self.owner, now_ms() + lease_ms)
+                .try_lease(&c.id, owner, now_ms() + lease_ms)
                 .await?
             {
-                // Leased: re-read, another replica may have finished just before.
+                // Leased: re-read, another replica may have finished (or
+                // failed) just before; then its result stands.
                 let now = self
                     .store
                     .get_connection(&c.id)
                     .await?
                     .ok_or(TokenError::NotFound)?;
-                if now.version != c.version {
-                    self.store.release_lease(&c.id, &self.owner).await?;
-                    return Ok(Leased::Theirs(Box::new(now)));
+                if changed(&c, &now) {
+                    self.store.release_lease(&c.id, owner).await?;
+                    return Ok(Leased::Theirs(Box::new(c), Box::new(now)));
                 }
                 return Ok(Leased::Mine(Box::new(now)));
             }
@@ -441,13 +593,13 @@ impl Tokens {
                 .get_connection(&c.id)
                 .await?
                 .ok_or(TokenError::NotFound)?;
-            if row.version != c.version || row.status != c.status {
+            if changed(&c, &row) {
                 metrics::counter!("nexus_refresh_waited_for_peer_total").increment(1);
-                return Ok(Leased::Theirs(Box::new(row)));
+                return Ok(Leased::Theirs(Box::new(c), Box::new(row)));
             }
             if Instant::now() > deadline {
                 return serve_or_unavailable(c, "another broker holds the refresh lease")
-                    .map(|c| Leased::Theirs(Box::new(c)));
+                    .map(|c| Leased::Theirs(Box::new(c.clone()), Box::new(c)));
             }
         }
     }
@@ -457,6 +609,7 @@ impl Tokens {
     async fn transient(
         &self,
         c: ConnectionRow,
+        owner: &str,
         code: &str,
         description: &str,
         retry_after: Option<Duration>,
@@ -465,12 +618,20 @@ impl Tokens {
         tracing::warn!(connection_id = %c.id, error = code, description, retry_in_ms = delay.as_millis() as u64, "refresh failed");
         let retry_at = now_ms() + delay.as_millis() as i64;
         self.store
-            .record_refresh_failure(&c.id, code, description, Some(retry_at), None)
+            .record_refresh_failure(
+                &c.id,
+                c.version,
+                owner,
+                code,
+                description,
+                Some(retry_at),
+                None,
+            )
             .await?;
         serve_or_unavailable(c, description)
     }
 
-    async fn call_provider(&self, provider: &Provider, c: &ConnectionRow) -> Outcome {
+    async fn call_provider(&self, provider: &Provider, c: &ConnectionRow, owner: &str) -> Outcome {
         let endpoints = match self.discovery.endpoints(&provider.profile).await {
             Ok(e) => e,
             Err(e) => return Outcome::Transient(e.to_string(), None),
@@ -513,7 +674,9 @@ impl Tokens {
         let retry_after = fetched
             .header("retry-after")
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            // A provider asking for more than an hour gets an hour: the
+            // connection must not be parked for days by one header.
+            .map(|secs| Duration::from_secs(secs.min(3600)));
         let body: Option<Map<String, Value>> = serde_json::from_slice(&fetched.body).ok();
         let error = body
             .as_ref()
@@ -556,7 +719,7 @@ impl Tokens {
             // Someone stored first (it cannot normally happen under the lease): serve theirs.
             Ok(false) => {
                 metrics::counter!("nexus_refresh_races_lost_total").increment(1);
-                if let Err(e) = self.store.release_lease(&c.id, &self.owner).await {
+                if let Err(e) = self.store.release_lease(&c.id, owner).await {
                     return Outcome::Transient(e.to_string(), None);
                 }
             }
@@ -574,8 +737,32 @@ impl Tokens {
         }
     }
 
-    /// Refreshes one connection the worker has claimed.
-    async fn refresh_claimed(&self, id: &str) -> Result<(), TokenError> {
+    /// Refreshes one connection the worker has claimed (leased to `owner`).
+    /// Whatever happens, the connection leaves the due set: either the
+    /// attempt moved its schedule, or it is deferred by a backoff, so the
+    /// worker never spins on a connection it cannot refresh.
+    async fn refresh_claimed(self: &Arc<Self>, id: &str, owner: String) -> Result<(), TokenError> {
+        let result = self.refresh_claimed_inner(id, owner.clone()).await;
+        let attempt = match self.store.get_connection(id).await {
+            Ok(Some(c)) => c.consecutive_failures + 1,
+            _ => 1,
+        };
+        let retry_at = now_ms() + backoff(&self.settings, attempt, None).as_millis() as i64;
+        if self
+            .store
+            .defer_if_due(id, &owner, now_ms(), retry_at)
+            .await?
+        {
+            tracing::warn!(connection_id = %id, "scheduled refresh deferred without a result");
+        }
+        result
+    }
+
+    async fn refresh_claimed_inner(
+        self: &Arc<Self>,
+        id: &str,
+        owner: String,
+    ) -> Result<(), TokenError> {
         let c = self
             .store
             .get_connection(id)
@@ -583,25 +770,49 @@ impl Tokens {
             .ok_or(TokenError::NotFound)?;
         let provider = match self.registry.get(&c.provider_id).await {
             Ok(p) => p,
-            Err(e) => {
-                self.store.release_lease(id, &self.owner).await?;
-                return Err(e.into());
+            Err(RegistryError::NotFound) => {
+                // Nothing to refresh against until someone reconnects it to a
+                // provider: stop scheduling it, and say why on the connection.
+                self.store
+                    .record_refresh_failure(
+                        id,
+                        c.version,
+                        &owner,
+                        "provider_deleted",
+                        "the connection's provider was deleted",
+                        None,
+                        None,
+                    )
+                    .await?;
+                return Err(TokenError::Unusable(
+                    "the connection's provider was deleted".into(),
+                ));
             }
+            Err(e) => return Err(e.into()),
         };
-        self.refresh(&provider, c, Mode::Scheduled, now_ms())
+        if provider.profile.auth_type != AuthType::Oauth2 {
+            self.store.release_lease(id, &owner).await?;
+            return Ok(());
+        }
+        self.refresh(&provider, c, Mode::Scheduled, now_ms(), Some(owner))
             .await
             .map(|_| ())
     }
 
     /// The background worker: every tick, claims due connections in batches
     /// (memory stays flat however many there are) and refreshes them with
-    /// bounded concurrency. Runs until the task is aborted.
-    pub async fn run_worker(self: Arc<Self>) {
+    /// bounded concurrency. When `stop` turns true (or its sender is
+    /// dropped) it finishes the batch in hand and returns, so no refresh is
+    /// cut off midway.
+    pub async fn run_worker(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(self.settings.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_gauge = Instant::now() - Duration::from_secs(3600);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                changed = stop.changed() => if changed.is_err() || *stop.borrow() { return },
+            }
             if last_gauge.elapsed() >= Duration::from_secs(15) {
                 last_gauge = Instant::now();
                 if let Ok(counts) = self.store.count_by_status().await {
@@ -610,11 +821,12 @@ impl Tokens {
                     }
                 }
             }
-            loop {
+            while !*stop.borrow() {
+                let owner = self.attempt_owner();
                 let until = now_ms() + self.settings.lease.as_millis() as i64;
                 let ids = match self
                     .store
-                    .claim_due(&self.owner, until, self.settings.batch)
+                    .claim_due(&owner, until, self.settings.batch)
                     .await
                 {
                     Ok(ids) => ids,
@@ -626,26 +838,35 @@ impl Tokens {
                 if ids.is_empty() {
                     break;
                 }
+                let full = ids.len() as i64 >= self.settings.batch;
                 let gate = Arc::new(tokio::sync::Semaphore::new(
                     self.settings.concurrency.max(1),
                 ));
                 let mut set = tokio::task::JoinSet::new();
                 for id in ids {
-                    let (me, gate) = (self.clone(), gate.clone());
+                    let (me, gate, owner) = (self.clone(), gate.clone(), owner.clone());
                     set.spawn(async move {
                         // The semaphore is never closed, so acquire only fails if it were.
                         let Ok(_permit) = gate.acquire().await else { return };
-                        if let Err(e) = me.refresh_claimed(&id).await {
+                        if let Err(e) = me.refresh_claimed(&id, owner).await {
                             tracing::debug!(connection_id = %id, error = %e, "scheduled refresh did not succeed");
                         }
                     });
                 }
                 while set.join_next().await.is_some() {}
+                if !full {
+                    break;
+                }
             }
         }
     }
 
-    fn response(&self, provider: &Provider, c: &ConnectionRow) -> Result<Value, TokenError> {
+    /// The token response, without `expires_in` (see [`finish`]).
+    fn response(
+        &self,
+        provider: &Provider,
+        c: &ConnectionRow,
+    ) -> Result<Map<String, Value>, TokenError> {
         let open = |column: &str, env: &str| -> Result<Secret<String>, TokenError> {
             self.keys
                 .decrypt_str(aad(&c.id, column), env)
@@ -706,10 +927,6 @@ impl Tokens {
         };
         out.insert("expires_at".into(), json!(c.expires_at.map(rfc3339)));
         out.insert(
-            "expires_in".into(),
-            json!(c.expires_at.map(|e| ((e - now_ms()) / 1000).max(0))),
-        );
-        out.insert(
             "scope".into(),
             json!(parse_list(&c.granted_scopes).join(" ")),
         );
@@ -723,16 +940,46 @@ impl Tokens {
             "failing_scopes".into(),
             json!(parse_list(&c.failing_scopes)),
         );
-        Ok(Value::Object(out))
+        Ok(out)
     }
+}
+
+/// Completes a (possibly cached) response with the seconds left at serve time.
+fn finish(mut body: Map<String, Value>, expires_at: Option<i64>) -> Value {
+    body.insert(
+        "expires_in".into(),
+        json!(expires_at.map(|e| ((e - now_ms()) / 1000).max(0))),
+    );
+    Value::Object(body)
 }
 
 /// The result of trying to take a lease.
 enum Leased {
-    /// This process holds it; the row as re-read after taking it.
+    /// This attempt holds it; the row as re-read after taking it.
     Mine(Box<ConnectionRow>),
-    /// Another replica refreshed (or holds the lease and its token is still served).
-    Theirs(Box<ConnectionRow>),
+    /// Another replica refreshed, failed, or still holds the lease: the row
+    /// before waiting, and the row as it is now.
+    Theirs(Box<ConnectionRow>, Box<ConnectionRow>),
+}
+
+/// Whether another refresher wrote a result (success or failure) or the
+/// state changed since `before` was read.
+fn changed(before: &ConnectionRow, now: &ConnectionRow) -> bool {
+    now.version != before.version
+        || now.status != before.status
+        || now.last_failure_at != before.last_failure_at
+}
+
+/// What to answer with another refresher's result: its new token, or after
+/// its failure the still-valid current token (else 503), never a second call
+/// to the provider with the same refresh token.
+fn theirs(before: &ConnectionRow, now: ConnectionRow) -> Result<ConnectionRow, TokenError> {
+    usable(&now)?;
+    if now.version != before.version {
+        Ok(now)
+    } else {
+        serve_or_unavailable(now, "another broker's refresh failed; a retry is scheduled")
+    }
 }
 
 /// Serves the current token while it is still valid; otherwise 503.
@@ -757,5 +1004,64 @@ fn usable(c: &ConnectionRow) -> Result<(), TokenError> {
         )),
         "revoked" => Err(TokenError::Revoked),
         _ => Err(TokenError::Failed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> RefreshSettings {
+        RefreshSettings {
+            margin: Duration::from_secs(300),
+            jitter: Duration::from_secs(60),
+            ..RefreshSettings::default()
+        }
+    }
+
+    #[test]
+    fn schedule_is_margin_plus_jitter_before_expiry() {
+        let s = settings();
+        let e = now_ms() + 3_600_000;
+        for _ in 0..200 {
+            let next = next_refresh_at(&s, Some(e), true).unwrap();
+            assert!(next <= e - 300_000 && next > e - 360_000, "{}", e - next);
+        }
+        assert_eq!(next_refresh_at(&s, Some(e), false), None);
+    }
+
+    #[test]
+    fn short_lived_tokens_refresh_at_half_life_not_on_every_request() {
+        let s = settings();
+        let now = now_ms();
+        // A 2-minute token under a 5-minute margin.
+        let e = now + 120_000;
+        let next = next_refresh_at(&s, Some(e), true).unwrap();
+        assert!(
+            next > now + 29_000 && next <= now + 60_000,
+            "{}",
+            next - now
+        );
+        assert!(!inside_margin(&s, Some(e), Some(now), now + 10_000));
+        assert!(inside_margin(&s, Some(e), Some(now), now + 61_000));
+        // Issue time unknown: the configured margin.
+        assert!(inside_margin(&s, Some(e), None, now));
+    }
+
+    #[test]
+    fn backoff_is_capped_jittered_and_honours_retry_after() {
+        let s = settings();
+        for attempt in 1..30 {
+            let d = backoff(&s, attempt, None);
+            assert!(d <= s.backoff_cap.max(Duration::from_secs(1)), "{d:?}");
+            assert!(d >= Duration::from_secs(1));
+        }
+        let first: Vec<_> = (0..50).map(|_| backoff(&s, 1, None)).collect();
+        assert!(first.iter().all(|d| *d <= s.backoff_base));
+        assert!(
+            first.iter().any(|d| *d != first[0]),
+            "full jitter varies the delay"
+        );
+        assert!(backoff(&s, 1, Some(Duration::from_secs(120))) >= Duration::from_secs(120));
     }
 }

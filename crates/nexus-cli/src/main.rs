@@ -115,6 +115,12 @@ struct ServerArgs {
     /// How long a refresh lease lasts, in seconds.
     #[arg(long, env = "REFRESH_LEASE_SECS")]
     refresh_lease_secs: Option<String>,
+    /// Refresh up to this much earlier again, at random (default 60).
+    #[arg(long, env = "REFRESH_JITTER_SECS")]
+    refresh_jitter_secs: Option<String>,
+    /// Decrypted token responses kept in memory; 0 disables (default 10000).
+    #[arg(long, env = "TOKEN_CACHE_CAPACITY")]
+    token_cache_capacity: Option<String>,
     /// Set to false to run no background refresher on this replica.
     #[arg(long, env = "REFRESH_WORKER")]
     refresh_worker: Option<String>,
@@ -208,6 +214,14 @@ fn settings(args: &ServerArgs, state: Option<&StateDir>) -> Settings {
             .refresh_margin_secs
             .clone()
             .or_else(|| from_state("REFRESH_MARGIN_SECS")),
+        refresh_jitter_secs: args
+            .refresh_jitter_secs
+            .clone()
+            .or_else(|| from_state("REFRESH_JITTER_SECS")),
+        token_cache_capacity: args
+            .token_cache_capacity
+            .clone()
+            .or_else(|| from_state("TOKEN_CACHE_CAPACITY")),
         refresh_lease_secs: args
             .refresh_lease_secs
             .clone()
@@ -343,6 +357,8 @@ async fn up(args: UpArgs) -> Result<()> {
         redis_key_prefix: env_var("REDIS_KEY_PREFIX"),
         refresh_margin_secs: env_var("REFRESH_MARGIN_SECS"),
         refresh_lease_secs: env_var("REFRESH_LEASE_SECS"),
+        refresh_jitter_secs: env_var("REFRESH_JITTER_SECS"),
+        token_cache_capacity: env_var("TOKEN_CACHE_CAPACITY"),
         refresh_worker: env_var("REFRESH_WORKER"),
     };
     let config =

@@ -113,12 +113,55 @@ pub struct Refreshed {
     pub next_refresh_at: Option<i64>,
 }
 
+/// The non-secret columns a token response is built from, plus the versions
+/// guarding the secret ones (every credential write bumps the connection's
+/// `version`, every profile change the provider's). Two equal stamps mean an
+/// equal token response, which is what lets decrypted responses be cached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenStamp {
+    /// Connection status.
+    pub status: String,
+    /// Connection version.
+    pub version: i64,
+    /// JSON array.
+    pub granted_scopes: String,
+    /// JSON array.
+    pub failing_scopes: String,
+    /// Token type.
+    pub token_type: Option<String>,
+    /// Unix ms.
+    pub expires_at: Option<i64>,
+    /// When the current token was issued (unix ms): it sets the refresh margin.
+    pub last_success_at: Option<i64>,
+    /// Provider id.
+    pub provider_id: String,
+    /// The live provider's version; `None` once it is deleted.
+    pub provider_version: Option<i64>,
+}
+
+impl TokenStamp {
+    /// The stamp of a row read in full.
+    pub fn of(c: &ConnectionRow, provider_version: i64) -> Self {
+        Self {
+            status: c.status.clone(),
+            version: c.version,
+            granted_scopes: c.granted_scopes.clone(),
+            failing_scopes: c.failing_scopes.clone(),
+            token_type: c.token_type.clone(),
+            expires_at: c.expires_at,
+            last_success_at: c.last_success_at,
+            provider_id: c.provider_id.clone(),
+            provider_version: Some(provider_version),
+        }
+    }
+}
+
 /// Credentials written when a handshake succeeds.
 #[derive(Debug, Default)]
 pub struct Activation {
     /// Envelope.
     pub access_token: Option<String>,
-    /// Envelope.
+    /// Envelope; `None` keeps the stored refresh token, if any.
     pub refresh_token: Option<String>,
     /// Envelope.
     pub id_token: Option<String>,
@@ -313,6 +356,38 @@ impl Store {
         })
     }
 
+    /// The token stamp of a connection: one primary-key read of narrow,
+    /// non-secret columns (no envelopes), for the token cache.
+    pub async fn token_stamp(&self, id: &str) -> Result<Option<TokenStamp>, StoreError> {
+        on_pool!(self, pool => {
+            let row = sqlx::query(
+                "SELECT c.status, c.version, c.granted_scopes, c.failing_scopes, c.token_type, c.expires_at,
+                        c.last_success_at, c.provider_id, p.version AS provider_version
+                   FROM connections c
+                   LEFT JOIN providers p ON p.id = c.provider_id AND p.deleted_at IS NULL
+                  WHERE c.id = $1",
+            )
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+            row.map(|r| -> Result<TokenStamp, sqlx::Error> {
+                Ok(TokenStamp {
+                    status: r.try_get("status")?,
+                    version: r.try_get("version")?,
+                    granted_scopes: r.try_get("granted_scopes")?,
+                    failing_scopes: r.try_get("failing_scopes")?,
+                    token_type: r.try_get("token_type")?,
+                    expires_at: r.try_get("expires_at")?,
+                    last_success_at: r.try_get("last_success_at")?,
+                    provider_id: r.try_get("provider_id")?,
+                    provider_version: r.try_get("provider_version")?,
+                })
+            })
+            .transpose()
+            .map_err(StoreError::from)
+        })
+    }
+
     /// Stores refreshed tokens if the row is still at `expected_version`
     /// (another refresher may have won). Returns whether this write won.
     pub async fn store_refresh(
@@ -347,37 +422,49 @@ impl Store {
 
     /// Records a failed refresh. With `attention`, the connection needs a person
     /// (status `attention_required`, audited in the same transaction).
+    #[allow(clippy::too_many_arguments)]
     pub async fn record_refresh_failure(
         &self,
         id: &str,
+        expected_version: i64,
+        owner: &str,
         code: &str,
         description: &str,
         retry_at: Option<i64>,
         attention: Option<&AuditEvent>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let now = now_ms();
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             let status_sql = if attention.is_some() { ", status = 'attention_required'" } else { "" };
-            sqlx::query(&format!(
+            // Guarded like a refresh: only the row this attempt read, still
+            // usable, and not leased to another attempt (whose result wins).
+            let res = sqlx::query(&format!(
                 "UPDATE connections SET error_code = $1, error_description = $2, last_failure_at = $3,
                     consecutive_failures = consecutive_failures + 1, updated_at = $3, next_refresh_at = $5,
                     lease_owner = NULL, lease_until = NULL{status_sql}
-                 WHERE id = $4"
+                 WHERE id = $4 AND version = $6 AND status IN ('active', 'degraded')
+                   AND (lease_owner IS NULL OR lease_owner = $7 OR lease_until < $3)"
             ))
             .bind(code)
             .bind(description)
             .bind(now)
             .bind(id)
             .bind(retry_at)
+            .bind(expected_version)
+            .bind(owner)
             .execute(&mut *tx)
             .await?;
+            if res.rows_affected() == 0 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
             if let Some(ev) = attention {
                 super::audit::insert_one(&mut *tx, ev).await?;
             }
             tx.commit().await?;
         });
-        Ok(())
+        Ok(true)
     }
 
     /// Marks a connection active with fresh credentials (one transaction with its audit).
@@ -391,7 +478,7 @@ impl Store {
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             let res = sqlx::query(
-                "UPDATE connections SET status = 'active', access_token = $1, refresh_token = $2, id_token = $3,
+                "UPDATE connections SET status = 'active', access_token = $1, refresh_token = COALESCE($2, refresh_token), id_token = $3,
                     credentials = $4, token_type = $5, expires_at = $6, granted_scopes = $7, identity = $8,
                     failing_scopes = $9, last_success_at = $10, error_code = NULL, error_description = NULL,
                     consecutive_failures = 0, version = version + 1, updated_at = $10, next_refresh_at = $12,
@@ -450,6 +537,33 @@ impl Store {
                 .await?;
         });
         Ok(())
+    }
+
+    /// Pushes a connection that is still due (and not leased by another
+    /// replica) to `retry_at` and drops `owner`'s lease. Returns whether it
+    /// did: a refresh that stored a result has already moved the schedule.
+    pub async fn defer_if_due(
+        &self,
+        id: &str,
+        owner: &str,
+        now: i64,
+        retry_at: i64,
+    ) -> Result<bool, StoreError> {
+        on_pool!(self, pool => {
+            let res = sqlx::query(
+                "UPDATE connections SET next_refresh_at = $1, lease_owner = NULL, lease_until = NULL,
+                    consecutive_failures = consecutive_failures + 1, last_failure_at = $3
+                 WHERE id = $2 AND next_refresh_at <= $3
+                   AND (lease_owner IS NULL OR lease_owner = $4 OR lease_until < $3)",
+            )
+            .bind(retry_at)
+            .bind(id)
+            .bind(now)
+            .bind(owner)
+            .execute(pool)
+            .await?;
+            Ok(res.rows_affected() == 1)
+        })
     }
 
     /// Claims up to `limit` connections due for refresh, oldest due first, by

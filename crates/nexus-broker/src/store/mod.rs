@@ -25,7 +25,7 @@ mod providers;
 mod secrets;
 
 pub use audit::{AuditFilter, AuditRecord};
-pub use connections::{Activation, ConnectionRow, Consumed, HandshakeRow, Refreshed};
+pub use connections::{Activation, ConnectionRow, Consumed, HandshakeRow, Refreshed, TokenStamp};
 pub use http_cache::CachedDoc;
 pub use providers::{NewProvider, ProviderRow, ProviderUpdate, SecretUpdate};
 pub use secrets::{EncryptedColumn, ENCRYPTED_COLUMNS};

@@ -63,6 +63,8 @@ pub struct Knobs {
     pub rotate: bool,
     /// Leave `expires_in` out of token responses (a token without expiry).
     pub omit_expiry: bool,
+    /// `Retry-After` header value on `Raw` answers.
+    pub retry_after: Option<&'static str>,
 }
 
 #[derive(Default)]
@@ -74,6 +76,8 @@ pub struct Counters {
     pub userinfo_requests: usize,
     pub last_token_form: Map<String, Value>,
     pub refresh_requests: usize,
+    /// Unix ms of the last refresh request.
+    pub last_refresh_at: i64,
     pub last_token_auth: Option<String>,
 }
 
@@ -113,6 +117,7 @@ impl FakeIdp {
                 expires_in: 3600,
                 rotate: true,
                 omit_expiry: false,
+                retry_after: None,
             }),
             counters: Mutex::new(Counters::default()),
             key_pkcs8: pkcs8.as_ref().to_vec(),
@@ -247,6 +252,7 @@ async fn token(
             .map(str::to_string);
         if form.get("grant_type").and_then(Value::as_str) == Some("refresh_token") {
             c.refresh_requests += 1;
+            c.last_refresh_at = nexus_broker::store::now_ms();
         }
     }
     let (mode, challenge) = {
@@ -255,12 +261,17 @@ async fn token(
     };
     match mode {
         TokenMode::Raw(status, body) => {
-            return (
+            let mut resp = (
                 StatusCode::from_u16(status).unwrap(),
                 [("content-type", "application/json")],
                 body,
             )
-                .into_response()
+                .into_response();
+            if let Some(ra) = idp.knobs().retry_after {
+                resp.headers_mut()
+                    .insert("retry-after", ra.parse().unwrap());
+            }
+            return resp;
         }
         TokenMode::Html => {
             return (
@@ -291,6 +302,9 @@ async fn token(
         if k.rotate {
             body["refresh_token"] = json!(k.refresh_token);
         }
+        if k.omit_expiry {
+            body.as_object_mut().unwrap().remove("expires_in");
+        }
         return Json(body).into_response();
     }
     // Real PKCE: the verifier must hash to the challenge of the authorize request.
@@ -312,6 +326,10 @@ async fn token(
         "token_type": "Bearer", "expires_in": k.expires_in,
         "access_token": k.access_token, "refresh_token": k.refresh_token,
     });
+    if k.refresh_token.is_empty() {
+        // A provider that issues no refresh token.
+        body.as_object_mut().unwrap().remove("refresh_token");
+    }
     if let Some(s) = &k.granted_scope {
         body["scope"] = json!(s);
     }

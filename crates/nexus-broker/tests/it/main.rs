@@ -14,4 +14,5 @@ mod real_idp;
 mod refresh;
 mod rewrap;
 mod secrets;
+mod token_cache;
 mod tokens;

@@ -218,7 +218,8 @@ async fn real_provider_refresh_is_single_flight_and_revocation_needs_a_person(b:
         "client_secret_post",
         &format!("{base}/auth/callback")
     )]);
-    // Short-lived access tokens: 10 s, refreshed when fewer than 8 s remain.
+    // Short-lived access tokens: 10 s; an 8 s margin is capped at half the
+    // lifetime, so they are refreshed when fewer than 5 s remain.
     let Some(peer) = OidcPeer::start(clients, &[("ACCESS_TOKEN_TTL", "10")]).await else {
         return;
     };
@@ -252,7 +253,7 @@ async fn real_provider_refresh_is_single_flight_and_revocation_needs_a_person(b:
     // Once the token is inside the margin, 50 concurrent token requests make
     // exactly one refresh. With rotation and reuse detection at the provider,
     // a second refresh with the same refresh token would kill the grant.
-    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(5500)).await;
     let mut tasks = Vec::new();
     for _ in 0..50 {
         let (client, url, key) = (
@@ -351,7 +352,103 @@ async fn real_provider_refresh_is_single_flight_and_revocation_needs_a_person(b:
     t.finish().await;
 }
 
+async fn real_provider_background_refresh_by_two_replicas_keeps_the_grant(b: Backend) {
+    let port = TestBroker::free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let clients = json!([client(
+        "nexus",
+        "client_secret_post",
+        &format!("{base}/auth/callback")
+    )]);
+    // 4 s access tokens, refreshed 2 s before expiry by the background
+    // workers of two replicas. The provider rotates refresh tokens and kills
+    // the grant on reuse, so one double refresh anywhere would end the test.
+    let Some(peer) = OidcPeer::start(clients, &[("ACCESS_TOKEN_TTL", "4")]).await else {
+        return;
+    };
+    let tune = |s: &mut nexus_broker::config::Settings| {
+        s.refresh_margin_secs = Some("2".into());
+        s.refresh_jitter_secs = Some("0".into());
+        s.refresh_worker = Some("true".into());
+    };
+    let t = TestBroker::start_public(&b, |s| {
+        s.broker_addr = Some(format!("127.0.0.1:{port}"));
+        s.base_url = Some(base.clone());
+        tune(s);
+    })
+    .await;
+    let mut settings = t.settings.clone();
+    settings.broker_addr = Some("127.0.0.1:0".into());
+    tune(&mut settings);
+    let replica = TestBroker::start_on(t.db.share(), settings).await;
+    t.create_provider(json!({
+        "name": "idp", "auth_type": "oauth2", "client_id": "nexus", "client_secret": "nexus-secret",
+        "issuer": peer.issuer, "enable_discovery": true, "scopes": ["openid", "calendar.read"]
+    }))
+    .await;
+    let (_, spec) = t
+        .post(
+            "/auth/consent-spec",
+            json!({"workspace_id": "ws", "provider_name": "idp", "return_url": RETURN_URL}),
+        )
+        .await;
+    let back = consent(&browser(), spec["authUrl"].as_str().unwrap(), &base).await;
+    assert_eq!(q(&back, "status").as_deref(), Some("success"), "{back}");
+    let id = spec["connection_id"].as_str().unwrap().to_string();
+
+    // Nobody asks for a token; three access-token lifetimes pass (bounded wait).
+    for _ in 0..150 {
+        if peer.stats().await["token_requests"]["refresh_token"]
+            .as_i64()
+            .unwrap()
+            >= 3
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let refreshes = peer.stats().await["token_requests"]["refresh_token"]
+        .as_i64()
+        .unwrap();
+    assert!(
+        refreshes >= 3,
+        "the workers refreshed ahead of expiry: {refreshes}"
+    );
+    // Whichever replica serves it, the token works at the resource API.
+    for broker in [&t, &replica] {
+        let (s, tok) = broker.get(&format!("/connections/{id}/token")).await;
+        assert_eq!(s, StatusCode::OK, "{tok}");
+        let api = reqwest::Client::new()
+            .get(format!("{}/api/resource?scope=calendar.read", peer.issuer))
+            .bearer_auth(tok["access_token"].as_str().unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(api.status(), StatusCode::OK);
+    }
+    let (_, health) = t.get(&format!("/connections/{id}")).await;
+    assert_eq!(health["status"], "active", "{health}");
+    assert_eq!(health["consecutive_failures"], 0, "{health}");
+    let grants: Value = reqwest::get(format!(
+        "{}/__admin/grants?sub=alice&client_id=nexus",
+        peer.issuer
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        grants["grants"].as_array().unwrap().len(),
+        1,
+        "no refresh token was ever reused: {grants}"
+    );
+    replica.stop().await;
+    t.finish().await;
+}
+
 backend_tests!(
     real_provider_consent_refresh_token_identity_and_reconnect,
     real_provider_refresh_is_single_flight_and_revocation_needs_a_person,
+    real_provider_background_refresh_by_two_replicas_keeps_the_grant,
 );

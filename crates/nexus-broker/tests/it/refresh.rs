@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nexus_broker::config::Settings;
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::fake_idp::{FakeIdp, TokenMode};
@@ -39,6 +39,13 @@ async fn connected(
     )
     .await;
     assert_eq!(s, StatusCode::SEE_OTHER, "{body}");
+    // As if the token had been issued an hour-long lifetime ago, so the
+    // configured margin applies (not the half-life cap for short tokens).
+    t.db.exec(&format!(
+        "UPDATE connections SET last_success_at = last_success_at - 3600000, next_refresh_at = expires_at - 300000 WHERE id = '{}'",
+        flow.connection_id
+    ))
+    .await;
     {
         let mut k = idp.knobs();
         k.expires_in = 3600;
@@ -113,7 +120,7 @@ async fn two_replicas_refresh_once(b: Backend) {
 }
 
 async fn a_crashed_refreshers_lease_expires(b: Backend) {
-    let (t, idp, id) = connected(&b, 60, |s| s.refresh_lease_secs = Some("1".into())).await;
+    let (t, idp, id) = connected(&b, 60, |s| s.refresh_lease_secs = Some("3".into())).await;
     // A broker took the lease and died mid-refresh.
     let until = nexus_broker::store::now_ms() + 1500;
     t.db.exec(&format!("UPDATE connections SET lease_owner = 'crashed-broker', lease_until = {until} WHERE id = '{id}'")).await;
@@ -124,6 +131,10 @@ async fn a_crashed_refreshers_lease_expires(b: Backend) {
         "the lease expired and this broker refreshed"
     );
     assert_eq!(idp.counters().refresh_requests, 1);
+    assert!(
+        idp.counters().last_refresh_at >= until,
+        "nobody called the provider while the crashed broker's lease held"
+    );
     assert_eq!(
         t.db.scalar(&format!(
             "SELECT lease_until FROM connections WHERE id = '{id}'"
@@ -218,6 +229,230 @@ async fn tokens_without_expiry_get_a_keepalive(b: Backend) {
         .await;
     assert_eq!(s, StatusCode::OK);
     assert!(tok["expires_at"].is_null());
+    let mut settings = t.settings.clone();
+    let db = t.stop().await;
+
+    // When the day is up, a broker running the worker refreshes it.
+    db.exec(&format!(
+        "UPDATE connections SET next_refresh_at = 0 WHERE id = '{}'",
+        flow.connection_id
+    ))
+    .await;
+    settings.refresh_worker = Some("true".into());
+    let t = TestBroker::start_on(db, settings).await;
+    // Bounded wait for the refresh to be stored.
+    let store = t.state.store().clone();
+    let mut next = 0;
+    for _ in 0..100 {
+        let c = store
+            .get_connection(&flow.connection_id)
+            .await
+            .unwrap()
+            .unwrap();
+        next = c.next_refresh_at.unwrap_or(0);
+        if next > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(idp.counters().refresh_requests, 1);
+    assert!(
+        next > nexus_broker::store::now_ms() + day - 60_000,
+        "next keep-alive in a day"
+    );
+    t.finish().await;
+}
+
+/// Waits (bounded: 10 s) until `done` holds.
+async fn wait_for(done: impl Fn() -> bool) {
+    for _ in 0..100 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn a_revocation_during_a_refresh_wins(b: Backend) {
+    let (t, idp, id) = connected(&b, 60, |_| {}).await;
+    idp.knobs().token_mode = TokenMode::Slow(Duration::from_millis(800));
+    let (client, url, key) = (
+        t.client.clone(),
+        format!("{}/connections/{id}/token", t.base),
+        t.api_key.clone(),
+    );
+    let fetch = tokio::spawn(async move {
+        let r = client
+            .get(url)
+            .header("x-api-key", key)
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json::<Value>().await.unwrap())
+    });
+    // The refresh is at the provider; meanwhile the connection is revoked
+    // (by an operator, or another replica).
+    wait_for(|| idp.counters().refresh_requests >= 1).await;
+    t.db.exec(&format!(
+        "UPDATE connections SET status = 'revoked' WHERE id = '{id}'"
+    ))
+    .await;
+    let (s, body) = fetch.await.unwrap();
+    assert_json_error(s, &body, 410, "connection_revoked");
+    let (s, body) = t.get(&format!("/connections/{id}/token")).await;
+    assert_json_error(s, &body, 410, "connection_revoked");
+    let c = t.state.store().get_connection(&id).await.unwrap().unwrap();
+    assert_eq!(c.status, "revoked", "the refresh did not resurrect it");
+    t.finish().await;
+}
+
+async fn a_waiter_takes_the_holders_failure_instead_of_calling_again(b: Backend) {
+    let (t, idp, id) = connected(&b, 60, |_| {}).await;
+    // Another replica holds the lease and is calling the provider.
+    let until = nexus_broker::store::now_ms() + 5_000;
+    t.db.exec(&format!("UPDATE connections SET lease_owner = 'other-broker', lease_until = {until} WHERE id = '{id}'")).await;
+    let (client, url, key) = (
+        t.client.clone(),
+        format!("{}/connections/{id}/token", t.base),
+        t.api_key.clone(),
+    );
+    let fetch = tokio::spawn(async move {
+        let r = client
+            .get(url)
+            .header("x-api-key", key)
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json::<Value>().await.unwrap())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // That replica's refresh fails (provider down): it records the failure
+    // and a retry, and gives the lease back.
+    let now = nexus_broker::store::now_ms();
+    t.db.exec(&format!(
+        "UPDATE connections SET lease_owner = NULL, lease_until = NULL, consecutive_failures = 1,
+            last_failure_at = {now}, error_code = 'provider_unavailable', next_refresh_at = {}
+         WHERE id = '{id}'",
+        now + 60_000
+    ))
+    .await;
+    let (s, tok) = fetch.await.unwrap();
+    assert_eq!(s, StatusCode::OK, "{tok}");
+    assert_eq!(tok["access_token"], "access-1", "the still-valid token");
+    assert_eq!(
+        idp.counters().refresh_requests,
+        0,
+        "no second call with the same refresh token"
+    );
+    t.finish().await;
+}
+
+async fn a_deleted_provider_is_not_rescheduled_forever(b: Backend) {
+    let (t, idp, id) = connected(&b, 60, |_| {}).await;
+    let (_, c) = t.get(&format!("/connections/{id}")).await;
+    let provider_id = c["provider_id"].as_str().unwrap().to_string();
+    let (s, body) = t
+        .call(Method::DELETE, &format!("/providers/{provider_id}"), None)
+        .await;
+    assert!(s.is_success(), "{s} {body}");
+    // Now a broker with the worker finds the connection due.
+    let mut settings = t.settings.clone();
+    settings.refresh_worker = Some("true".into());
+    let t = TestBroker::start_on(t.stop().await, settings).await;
+    let store = t.state.store().clone();
+    let mut last = None;
+    for _ in 0..100 {
+        last = store.get_connection(&id).await.unwrap();
+        if last.as_ref().unwrap().error_code.as_deref() == Some("provider_deleted") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let c = last.unwrap();
+    assert_eq!(c.error_code.as_deref(), Some("provider_deleted"));
+    assert_eq!(c.next_refresh_at, None, "no longer scheduled");
+    assert_eq!(c.consecutive_failures, 1, "tried once, not in a loop");
+    assert!(c.last_failure_at.is_some());
+    assert_eq!(idp.counters().refresh_requests, 0);
+    t.finish().await;
+}
+
+async fn retry_after_is_honoured_and_bounded(b: Backend) {
+    let (t, idp, id) = connected(&b, 60, |_| {}).await;
+    for (header, at_least, at_most) in [
+        ("120", 120_000, 900_000),
+        ("999999999", 3_000_000, 3_600_000),
+    ] {
+        {
+            let mut k = idp.knobs();
+            k.token_mode = TokenMode::Raw(429, r#"{"error":"slow_down"}"#);
+            k.retry_after = Some(header);
+        }
+        let now = nexus_broker::store::now_ms();
+        let (s, _) = t.get(&format!("/connections/{id}/token")).await;
+        assert_eq!(s, StatusCode::OK);
+        let c = t.state.store().get_connection(&id).await.unwrap().unwrap();
+        let wait = c.next_refresh_at.unwrap() - now;
+        assert!(
+            wait >= at_least && wait <= at_most + 1_000,
+            "Retry-After {header}: retry in {wait} ms"
+        );
+        t.db.exec(&format!(
+            "UPDATE connections SET next_refresh_at = 0 WHERE id = '{id}'"
+        ))
+        .await;
+    }
+    t.finish().await;
+}
+
+async fn forced_refreshes_respect_the_cooldown(b: Backend) {
+    let (t, idp, id) = connected(&b, 60, |_| {}).await;
+    idp.knobs().token_mode = TokenMode::ServerError;
+    for _ in 0..5 {
+        let (s, tok) = t
+            .post(&format!("/connections/{id}/refresh"), json!({}))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{tok}");
+        assert_eq!(tok["access_token"], "access-1");
+    }
+    assert_eq!(
+        idp.counters().refresh_requests,
+        1,
+        "one call, then the backoff holds"
+    );
+    t.finish().await;
+}
+
+async fn an_expired_token_without_refresh_token_needs_a_person(b: Backend) {
+    let idp = FakeIdp::start().await;
+    {
+        let mut k = idp.knobs();
+        k.refresh_token = String::new();
+        k.expires_in = 0;
+    }
+    let t = TestBroker::start_public(&b, |_| {}).await;
+    t.create_provider(idp.profile("fake")).await;
+    let flow = start(&t, &idp, "fake", json!({})).await;
+    callback(
+        &t,
+        &[("code", "c"), ("state", &flow.state), ("iss", &idp.base)],
+    )
+    .await;
+    let id = flow.connection_id;
+    let (s, body) = t.get(&format!("/connections/{id}/token")).await;
+    assert_json_error(s, &body, 409, "attention_required");
+    let (_, c) = t.get(&format!("/connections/{id}")).await;
+    assert_eq!(c["status"], "attention_required", "{c}");
+    assert_eq!(c["error_code"], "no_refresh_token");
+    let (_, status) = t.get("/workspaces/ws-1/connections/status").await;
+    assert_eq!(status["any_needs_attention"], true, "{status}");
+    let (_, audit) = t
+        .get(&format!(
+            "/audit?event_type=connection.attention_required&connection_id={id}"
+        ))
+        .await;
+    assert_eq!(audit["count"], 1);
+    assert_eq!(idp.counters().refresh_requests, 0);
     t.finish().await;
 }
 
@@ -228,4 +463,10 @@ backend_tests!(
     transient_failures_back_off_instead_of_storming,
     database_down_is_503_without_calling_the_provider,
     tokens_without_expiry_get_a_keepalive,
+    a_revocation_during_a_refresh_wins,
+    a_waiter_takes_the_holders_failure_instead_of_calling_again,
+    a_deleted_provider_is_not_rescheduled_forever,
+    retry_after_is_honoured_and_bounded,
+    forced_refreshes_respect_the_cooldown,
+    an_expired_token_without_refresh_token_needs_a_person,
 );

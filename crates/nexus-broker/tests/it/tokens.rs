@@ -28,6 +28,13 @@ async fn connected(b: &Backend, expires_in: i64) -> (TestBroker, std::sync::Arc<
     )
     .await;
     assert_eq!(s, StatusCode::SEE_OTHER, "{body}");
+    // As if the token had been issued an hour-long lifetime ago, so the
+    // configured margin applies (not the half-life cap for short tokens).
+    t.db.exec(&format!(
+        "UPDATE connections SET last_success_at = last_success_at - 3600000, next_refresh_at = expires_at - 300000 WHERE id = '{}'",
+        flow.connection_id
+    ))
+    .await;
     (t, idp, flow.connection_id)
 }
 
