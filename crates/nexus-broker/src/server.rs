@@ -99,6 +99,7 @@ impl Broker {
         let addr = self.local_addr();
         let app = api::router(self.state.clone());
         let cleanup = tokio::spawn(cleanup_loop(self.state.clone()));
+        let invalidation = tokio::spawn(self.state.tokens().clone().run_invalidation());
         let (stop_refresher, stop) = tokio::sync::watch::channel(false);
         let refresher = self
             .state
@@ -113,6 +114,7 @@ impl Broker {
         .with_graceful_shutdown(shutdown)
         .await;
         cleanup.abort();
+        invalidation.abort();
         if let Some(mut r) = refresher {
             // Let refreshes in flight store their result (a rotated refresh
             // token must not be lost); each is bounded by the provider

@@ -30,7 +30,10 @@ use crate::handshake::{json_list, parse_list, parse_token_response, token_reques
 use crate::outbound;
 use crate::profile::AuthType;
 use crate::registry::{Provider, Registry, RegistryError};
-use crate::store::{now_ms, rfc3339, ConnectionRow, Refreshed, Store, StoreError, TokenStamp};
+use crate::store::changes::Remote;
+use crate::store::{
+    now_ms, rfc3339, Change, ConnectionRow, Refreshed, Store, StoreError, TokenStamp,
+};
 use crate::strategy::StrategyKind;
 use crate::token_cache::{Cached, TokenCache};
 use crate::vault::KeyRing;
@@ -46,6 +49,9 @@ pub struct RefreshSettings {
     pub jitter: Duration,
     /// Decrypted token responses kept in memory (0 disables the cache).
     pub cache_capacity: usize,
+    /// Longest time a cached response is served without checking the
+    /// database, while change notifications are being received.
+    pub cache_max_age: Duration,
     /// How long a refresh lease lasts (a crashed holder blocks at most this long).
     pub lease: Duration,
     /// Refresh interval for tokens without an expiry (keeps refresh tokens alive).
@@ -70,6 +76,7 @@ impl Default for RefreshSettings {
             margin: Duration::from_secs(300),
             jitter: Duration::from_secs(60),
             cache_capacity: 10_000,
+            cache_max_age: Duration::from_secs(1),
             lease: Duration::from_secs(30),
             keepalive: Duration::from_secs(24 * 3600),
             backoff_base: Duration::from_secs(10),
@@ -264,7 +271,7 @@ impl Tokens {
             settings,
             owner,
             inflight: Mutex::new(HashMap::new()),
-            cache: TokenCache::new(settings.cache_capacity),
+            cache: TokenCache::new(settings.cache_capacity, settings.cache_max_age),
         }
     }
 
@@ -286,30 +293,30 @@ impl Tokens {
     async fn token_inner(self: &Arc<Self>, id: &str, force: bool) -> Result<Value, TokenError> {
         let asked_at = now_ms();
         if !force {
-            // Warm path: one narrow primary-key read, no decryption.
+            // Warm path: a trusted entry (invalidation live, checked within
+            // max age) is served with no database access and no decryption.
+            if let Some(hit) = self.cache.trusted(id) {
+                if servable(&self.settings, &hit.stamp) {
+                    metrics::counter!("nexus_token_cache_total", "result" => "hit").increment(1);
+                    return Ok(self.serve_cached(id, &hit).await);
+                }
+            }
+            // Otherwise one narrow primary-key read decides.
             let stamp = self
                 .store
                 .token_stamp(id)
                 .await?
                 .ok_or(TokenError::NotFound)?;
-            let servable = matches!(stamp.status.as_str(), "active" | "degraded")
-                && !inside_margin(
-                    &self.settings,
-                    stamp.expires_at,
-                    stamp.last_success_at,
-                    now_ms(),
-                );
-            if servable {
-                if let Some(hit) = self.cache.get(id, &stamp) {
-                    metrics::counter!("nexus_token_cache_total", "result" => "hit").increment(1);
-                    let body = finish(hit.body.expose().clone(), stamp.expires_at);
-                    self.audit_issued(id, &stamp.provider_id, &hit.workspace_id)
-                        .await;
-                    return Ok(body);
+            if servable(&self.settings, &stamp) {
+                if let Some(hit) = self.cache.validate(id, &stamp) {
+                    metrics::counter!("nexus_token_cache_total", "result" => "validated")
+                        .increment(1);
+                    return Ok(self.serve_cached(id, &hit).await);
                 }
             }
             metrics::counter!("nexus_token_cache_total", "result" => "miss").increment(1);
         }
+        let epoch = self.cache.epoch();
         let mut c = self
             .store
             .get_connection(id)
@@ -335,11 +342,12 @@ impl Tokens {
         let body = self.response(&provider, &c)?;
         self.cache.put(
             &c.id,
-            Cached {
-                stamp: TokenStamp::of(&c, provider.row.version),
-                workspace_id: c.workspace_id.clone(),
-                body: Secret::new(body.clone()),
-            },
+            Cached::new(
+                TokenStamp::of(&c, provider.row.version),
+                c.workspace_id.clone(),
+                body.clone(),
+            ),
+            epoch,
         );
         self.audit_issued(&c.id, &c.provider_id, &c.workspace_id)
             .await;
@@ -377,6 +385,77 @@ impl Tokens {
         }
     }
 
+    async fn serve_cached(&self, id: &str, hit: &Cached) -> Value {
+        self.audit_issued(id, &hit.stamp.provider_id, &hit.workspace_id)
+            .await;
+        finish(hit.body.expose().clone(), hit.stamp.expires_at)
+    }
+
+    /// Keeps the token cache in step with the store: drops entries as changes
+    /// are announced (this process's, and on PostgreSQL every replica's), and
+    /// marks the cache trusted only while no announcement can be missed.
+    /// Runs until aborted.
+    pub async fn run_invalidation(self: Arc<Self>) {
+        let local = {
+            let me = self.clone();
+            let mut rx = self.store.subscribe();
+            async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(change) => me.apply(change),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            me.cache.clear()
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            me.cache.set_listening(false);
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        if !self.store.has_remote_changes() {
+            // SQLite: one process serves the file; its own changes are all.
+            self.cache.set_listening(true);
+            local.await;
+            return;
+        }
+        let local = tokio::spawn(local);
+        let _abort_local = AbortOnDrop(local);
+        loop {
+            let mut remote = match self.store.listen_remote().await {
+                Ok(Some(l)) => l,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for changes; token cache validates every request");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            self.cache.set_listening(true);
+            while let Remote::Changed(change) = remote.next().await {
+                self.apply(change);
+            }
+            self.cache.set_listening(false);
+            metrics::counter!("nexus_token_cache_listener_lost_total").increment(1);
+            tracing::warn!(
+                "change notifications lost; token cache cleared and validating until they are back"
+            );
+        }
+    }
+
+    /// How many token responses this replica holds in memory.
+    pub fn cached_responses(&self) -> usize {
+        self.cache.len()
+    }
+
+    fn apply(&self, change: Change) {
+        match change {
+            Change::Connection(id) => self.cache.forget(&id),
+            Change::Provider(id) => self.cache.forget_provider(&id),
+        }
+    }
+
     async fn audit_issued(&self, id: &str, provider_id: &str, workspace_id: &str) {
         let ev = AuditEvent::new("token.issued")
             .actor("agent")
@@ -387,12 +466,6 @@ impl Tokens {
         if let Err(e) = self.audit.record(ev).await {
             tracing::error!(error = %e, "token audit event not recorded");
         }
-    }
-
-    /// Drops this replica's cached response for a connection. Not needed for
-    /// correctness (every use checks the stamp); it frees the secrets early.
-    pub fn forget(&self, id: &str) {
-        self.cache.forget(id);
     }
 
     /// A lease owner id for one refresh attempt (or one worker batch): a lease
@@ -980,6 +1053,22 @@ fn theirs(before: &ConnectionRow, now: ConnectionRow) -> Result<ConnectionRow, T
     } else {
         serve_or_unavailable(now, "another broker's refresh failed; a retry is scheduled")
     }
+}
+
+/// Aborts a task when dropped (the local listener dies with its parent).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Whether a cached response built from `stamp` may be served now: the
+/// connection is usable and its token outside the refresh margin.
+fn servable(s: &RefreshSettings, stamp: &TokenStamp) -> bool {
+    matches!(stamp.status.as_str(), "active" | "degraded")
+        && !inside_margin(s, stamp.expires_at, stamp.last_success_at, now_ms())
 }
 
 /// Serves the current token while it is still valid; otherwise 503.

@@ -1,24 +1,34 @@
-//! In-memory cache of decrypted token responses, validated against the
-//! database on every use.
+//! In-memory cache of decrypted token responses.
 //!
-//! A cached response is served only when the connection's [`TokenStamp`], read
-//! fresh from the database by primary key, equals the stamp the response was
-//! built from. The stamp holds every non-secret column of the response plus
-//! the connection's and provider's versions, which every credential or profile
-//! write bumps. So a refresh, a state change (revoked, attention_required,
-//! degraded) or a provider change made by *any* replica is seen by the next
-//! request on every replica, with no pub/sub to lose messages: the cache saves
-//! the decryption and the wide row read, never the freshness check.
+//! A cached response was built from a [`TokenStamp`]: every non-secret
+//! column of the response plus the connection's and provider's versions
+//! (every credential or profile write bumps them). Two ways keep it correct
+//! across replicas:
 //!
-//! Entries are bounded (least recently used evicted) and the cached secrets
-//! are wrapped in [`Secret`], so they never reach a log.
+//! * **Invalidation.** Every change to a stamp column is announced: by this
+//!   process's store after commit, and on PostgreSQL by triggers that
+//!   `NOTIFY` whoever made the change (see `store::changes`). The listener
+//!   drops the entry (or every entry of a changed provider) at once.
+//! * **Validation.** An entry is served without asking the database only
+//!   while it is *trusted*: invalidation is running and connected, and the
+//!   entry was checked against the database within `max_age`. Otherwise the
+//!   request reads the stamp (one narrow primary-key read) and serves the
+//!   entry only if it is equal. When the listener loses its connection,
+//!   notifications may have been missed: the whole cache is dropped and
+//!   every request validates until it is back.
+//!
+//! So a revocation made on any replica stops issuance everywhere within the
+//! notification's delivery time, and within `max_age` even if a notification
+//! were lost without the connection dropping. Entries are bounded (least
+//! recently used evicted) and the secrets are wrapped in [`Secret`].
 
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hashlink::LruCache;
 use serde_json::{Map, Value};
 
-use crate::store::TokenStamp;
+use crate::store::{now_ms, TokenStamp};
 use crate::Secret;
 
 /// One cached response.
@@ -30,38 +40,82 @@ pub struct Cached {
     pub workspace_id: String,
     /// The response without `expires_in` (computed at serve time).
     pub body: Secret<Map<String, Value>>,
+    /// When the stamp was last checked against the database (unix ms).
+    validated_at: AtomicI64,
+}
+
+impl Cached {
+    /// A response built just now from `stamp`.
+    pub fn new(stamp: TokenStamp, workspace_id: String, body: Map<String, Value>) -> Self {
+        Self {
+            stamp,
+            workspace_id,
+            body: Secret::new(body),
+            validated_at: AtomicI64::new(now_ms()),
+        }
+    }
 }
 
 /// Bounded LRU of token responses by connection id. Capacity 0 disables it.
 pub struct TokenCache {
     map: Option<Mutex<LruCache<String, Arc<Cached>>>>,
+    /// Whether invalidation is live (set by the listener task).
+    listening: AtomicBool,
+    /// Bumped (under the map lock) by every invalidation, so a response
+    /// built from a read older than an invalidation is not stored.
+    epoch: AtomicU64,
+    max_age_ms: i64,
 }
 
 impl std::fmt::Debug for TokenCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenCache")
             .field("enabled", &self.map.is_some())
+            .field("listening", &self.listening.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
 
 impl TokenCache {
-    /// A cache holding at most `capacity` responses.
-    pub fn new(capacity: usize) -> Self {
+    /// A cache holding at most `capacity` responses, trusted for `max_age`
+    /// between database checks while invalidation is live.
+    pub fn new(capacity: usize, max_age: std::time::Duration) -> Self {
         Self {
             map: (capacity > 0).then(|| Mutex::new(LruCache::new(capacity))),
+            listening: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+            max_age_ms: max_age.as_millis() as i64,
         }
     }
 
-    /// The cached response of `id` if it was built from exactly `stamp`.
-    /// A stale entry is dropped at once (its secrets leave memory).
-    pub fn get(&self, id: &str, stamp: &TokenStamp) -> Option<Arc<Cached>> {
-        let map = self.map.as_ref()?;
+    fn lock(&self) -> Option<std::sync::MutexGuard<'_, LruCache<String, Arc<Cached>>>> {
         // A poisoned lock only means another thread panicked mid-update of
         // the LRU order; the entries themselves are whole Arcs, safe to use.
-        let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+        self.map
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The entry of `id` if it may be served without asking the database.
+    pub fn trusted(&self, id: &str) -> Option<Arc<Cached>> {
+        if !self.listening.load(Ordering::Acquire) {
+            return None;
+        }
+        let hit = self.lock()?.get(id).cloned()?;
+        let age = now_ms() - hit.validated_at.load(Ordering::Relaxed);
+        (age < self.max_age_ms).then_some(hit)
+    }
+
+    /// The entry of `id` if it was built from exactly `stamp` (just read from
+    /// the database); it is then trusted again for `max_age`. A stale entry is
+    /// dropped at once (its secrets leave memory).
+    pub fn validate(&self, id: &str, stamp: &TokenStamp) -> Option<Arc<Cached>> {
+        let mut map = self.lock()?;
         match map.get(id) {
-            Some(hit) if &hit.stamp == stamp => Some(hit.clone()),
+            Some(hit) if &hit.stamp == stamp => {
+                hit.validated_at.store(now_ms(), Ordering::Relaxed);
+                Some(hit.clone())
+            }
             Some(_) => {
                 map.remove(id);
                 None
@@ -70,26 +124,63 @@ impl TokenCache {
         }
     }
 
-    /// Stores a freshly built response.
-    pub fn put(&self, id: &str, entry: Cached) {
-        if let Some(map) = &self.map {
-            let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
-            map.insert(id.to_string(), Arc::new(entry));
+    /// The current epoch: read it before reading what a response is built from.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Stores a response built from data read after `epoch` was taken,
+    /// unless something was invalidated since (it might be that data).
+    pub fn put(&self, id: &str, entry: Cached, epoch: u64) {
+        if let Some(mut map) = self.lock() {
+            if self.epoch.load(Ordering::Acquire) == epoch {
+                map.insert(id.to_string(), Arc::new(entry));
+            }
         }
     }
 
-    /// Drops a connection's entry (this replica knows it changed).
+    /// Drops a connection's entry.
     pub fn forget(&self, id: &str) {
-        if let Some(map) = &self.map {
-            map.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        if let Some(mut map) = self.lock() {
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+            map.remove(id);
         }
+    }
+
+    /// Drops every entry of a provider.
+    pub fn forget_provider(&self, provider_id: &str) {
+        if let Some(mut map) = self.lock() {
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+            let ids: Vec<String> = map
+                .iter()
+                .filter(|(_, c)| c.stamp.provider_id == provider_id)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in ids {
+                map.remove(&id);
+            }
+        }
+    }
+
+    /// Drops everything (notifications may have been missed).
+    pub fn clear(&self) {
+        if let Some(mut map) = self.lock() {
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+            map.clear();
+        }
+    }
+
+    /// Marks invalidation live (or not). Going live or dead clears the cache:
+    /// nothing cached before can be trusted to have heard every change.
+    pub fn set_listening(&self, live: bool) {
+        self.clear();
+        self.listening.store(live, Ordering::Release);
+        self.clear();
     }
 
     /// Number of cached responses.
     pub fn len(&self) -> usize {
-        self.map
-            .as_ref()
-            .map_or(0, |m| m.lock().unwrap_or_else(|e| e.into_inner()).len())
+        self.lock().map_or(0, |m| m.len())
     }
 
     /// Whether nothing is cached.
@@ -102,6 +193,7 @@ impl TokenCache {
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::time::Duration;
 
     fn stamp(version: i64, status: &str) -> TokenStamp {
         TokenStamp {
@@ -120,37 +212,76 @@ mod tests {
     fn entry(s: TokenStamp) -> Cached {
         let mut body = Map::new();
         body.insert("access_token".into(), json!("secret-canary"));
-        Cached {
-            stamp: s,
-            workspace_id: "w".into(),
-            body: Secret::new(body),
-        }
+        Cached::new(s, "w".into(), body)
     }
 
     #[test]
-    fn serves_only_the_exact_stamp() {
-        let c = TokenCache::new(10);
-        c.put("a", entry(stamp(1, "active")));
-        assert!(c.get("a", &stamp(1, "active")).is_some());
-        assert!(c.get("a", &stamp(1, "revoked")).is_none());
+    fn validates_only_the_exact_stamp() {
+        let c = TokenCache::new(10, Duration::from_secs(1));
+        c.put("a", entry(stamp(1, "active")), c.epoch());
+        assert!(c.validate("a", &stamp(1, "active")).is_some());
+        assert!(c.validate("a", &stamp(1, "revoked")).is_none());
         // The stale entry is gone, even for its old stamp.
-        assert!(c.get("a", &stamp(1, "active")).is_none());
-        c.put("a", entry(stamp(1, "active")));
-        assert!(c.get("a", &stamp(2, "active")).is_none());
+        assert!(c.validate("a", &stamp(1, "active")).is_none());
+        c.put("a", entry(stamp(1, "active")), c.epoch());
+        assert!(c.validate("a", &stamp(2, "active")).is_none());
         assert!(c.is_empty());
     }
 
     #[test]
+    fn trusted_only_while_listening_and_young() {
+        let c = TokenCache::new(10, Duration::from_millis(50));
+        c.put("a", entry(stamp(1, "active")), c.epoch());
+        assert!(c.trusted("a").is_none(), "not listening yet");
+        c.set_listening(true);
+        assert!(c.is_empty(), "going live clears");
+        c.put("a", entry(stamp(1, "active")), c.epoch());
+        assert!(c.trusted("a").is_some());
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(c.trusted("a").is_none(), "too old: validate first");
+        assert!(c.validate("a", &stamp(1, "active")).is_some());
+        assert!(c.trusted("a").is_some(), "validated again");
+        c.set_listening(false);
+        assert!(c.trusted("a").is_none());
+    }
+
+    #[test]
+    fn forgets_by_connection_and_by_provider() {
+        let c = TokenCache::new(10, Duration::from_secs(1));
+        c.put("a", entry(stamp(1, "active")), c.epoch());
+        c.put("b", entry(stamp(1, "active")), c.epoch());
+        let mut other = stamp(1, "active");
+        other.provider_id = "q".into();
+        c.put("c", entry(other), c.epoch());
+        c.forget("a");
+        assert_eq!(c.len(), 2);
+        c.forget_provider("p");
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
     fn is_bounded_and_can_be_disabled() {
-        let c = TokenCache::new(2);
+        let c = TokenCache::new(2, Duration::from_secs(1));
         for id in ["a", "b", "c"] {
-            c.put(id, entry(stamp(1, "active")));
+            c.put(id, entry(stamp(1, "active")), c.epoch());
         }
         assert_eq!(c.len(), 2);
-        assert!(c.get("a", &stamp(1, "active")).is_none(), "oldest evicted");
-        let off = TokenCache::new(0);
-        off.put("a", entry(stamp(1, "active")));
-        assert!(off.get("a", &stamp(1, "active")).is_none());
+        assert!(
+            c.validate("a", &stamp(1, "active")).is_none(),
+            "oldest evicted"
+        );
+        let off = TokenCache::new(0, Duration::from_secs(1));
+        off.put("a", entry(stamp(1, "active")), off.epoch());
+        assert!(off.validate("a", &stamp(1, "active")).is_none());
+    }
+
+    #[test]
+    fn a_response_read_before_an_invalidation_is_not_stored() {
+        let c = TokenCache::new(10, Duration::from_secs(1));
+        let before = c.epoch();
+        c.forget("a"); // a change lands while the response is being built
+        c.put("a", entry(stamp(1, "active")), before);
+        assert!(c.is_empty());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use sqlx::Row;
 
-use super::{now_ms, on_pool, Store, StoreError};
+use super::{now_ms, on_pool, Change, Store, StoreError};
 use crate::audit::AuditEvent;
 
 /// A stored connection. Token columns are vault envelopes bound to this row.
@@ -416,7 +416,11 @@ impl Store {
             .bind(r.next_refresh_at)
             .execute(pool)
             .await?;
-            Ok(res.rows_affected() == 1)
+            let won = res.rows_affected() == 1;
+            if won {
+                self.publish(Change::Connection(id.to_string()));
+            }
+            Ok(won)
         })
     }
 
@@ -464,6 +468,9 @@ impl Store {
             }
             tx.commit().await?;
         });
+        if attention.is_some() {
+            self.publish(Change::Connection(id.to_string()));
+        }
         Ok(true)
     }
 
@@ -505,6 +512,7 @@ impl Store {
             super::audit::insert_one(&mut *tx, audit).await?;
             tx.commit().await?;
         });
+        self.publish(Change::Connection(id.to_string()));
         Ok(())
     }
 
@@ -625,6 +633,7 @@ impl Store {
             super::audit::insert_one(&mut *tx, audit).await?;
             tx.commit().await?;
         });
+        self.publish(Change::Connection(connection_id.to_string()));
         Ok(())
     }
 

@@ -19,12 +19,14 @@ use sqlx::sqlite::{
 use crate::vault::VaultError;
 
 mod audit;
+pub mod changes;
 mod connections;
 mod http_cache;
 mod providers;
 mod secrets;
 
 pub use audit::{AuditFilter, AuditRecord};
+pub use changes::Change;
 pub use connections::{Activation, ConnectionRow, Consumed, HandshakeRow, Refreshed, TokenStamp};
 pub use http_cache::CachedDoc;
 pub use providers::{NewProvider, ProviderRow, ProviderUpdate, SecretUpdate};
@@ -60,6 +62,7 @@ pub(crate) enum Pool {
 #[derive(Clone)]
 pub struct Store {
     pub(crate) pool: Pool,
+    changes: tokio::sync::broadcast::Sender<changes::Change>,
 }
 
 impl std::fmt::Debug for Store {
@@ -167,6 +170,7 @@ impl Store {
                 .await?;
             Ok(Self {
                 pool: Pool::Sqlite(pool),
+                changes: tokio::sync::broadcast::channel(1024).0,
             })
         } else {
             let opts = PgConnectOptions::from_str(database_url)?;
@@ -177,6 +181,7 @@ impl Store {
                 .await?;
             Ok(Self {
                 pool: Pool::Postgres(pool),
+                changes: tokio::sync::broadcast::channel(1024).0,
             })
         }
     }

@@ -217,6 +217,7 @@ impl Store {
             super::audit::insert_one(&mut *tx, audit).await?;
             tx.commit().await?;
         });
+        self.publish(super::Change::Provider(id.to_string()));
         Ok(())
     }
 
@@ -237,6 +238,7 @@ impl Store {
             super::audit::insert_one(&mut *tx, audit).await?;
             tx.commit().await?;
         });
+        self.publish(super::Change::Provider(id.to_string()));
         Ok(())
     }
 

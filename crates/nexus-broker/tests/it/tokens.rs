@@ -318,7 +318,79 @@ async fn connection_states_answer_as_the_spec_says(b: Backend) {
     t.finish().await;
 }
 
+async fn refresh_tokens_never_leave_the_broker(b: Backend) {
+    crate::harness::init_logs();
+    let first = format!("canary-refresh-{}", uuid::Uuid::new_v4().simple());
+    let rotated = format!("canary-rotated-{}", uuid::Uuid::new_v4().simple());
+    let idp = FakeIdp::start().await;
+    let t = TestBroker::start_public(&b, |s| s.provider_timeout_secs = Some("1".into())).await;
+    t.create_provider(idp.profile("fake")).await;
+    {
+        let mut k = idp.knobs();
+        k.refresh_token = first.clone();
+        k.expires_in = 0;
+    }
+    let flow = start(&t, &idp, "fake", json!({})).await;
+    callback(
+        &t,
+        &[("code", "c"), ("state", &flow.state), ("iss", &idp.base)],
+    )
+    .await;
+    let id = flow.connection_id;
+    let mut seen = Vec::new();
+    // A refresh that rotates, a forced one, a failing one, a dead grant.
+    idp.knobs().refresh_token = rotated.clone();
+    seen.push(t.get(&format!("/connections/{id}/token")).await.1);
+    seen.push(
+        t.post(&format!("/connections/{id}/refresh"), json!({}))
+            .await
+            .1,
+    );
+    idp.knobs().token_mode = TokenMode::Raw(500, r#"{"error":"server_error"}"#);
+    seen.push(
+        t.post(&format!("/connections/{id}/refresh"), json!({}))
+            .await
+            .1,
+    );
+    t.db.exec(&format!(
+        "UPDATE connections SET next_refresh_at = 0, expires_at = 0 WHERE id = '{id}'"
+    ))
+    .await;
+    idp.knobs().token_mode = TokenMode::Error("invalid_grant");
+    seen.push(t.get(&format!("/connections/{id}/token")).await.1);
+    seen.push(t.get(&format!("/connections/{id}")).await.1);
+    seen.push(t.get("/connections?workspace_id=ws-1").await.1);
+    seen.push(t.get("/workspaces/ws-1/connections/status").await.1);
+    seen.push(t.get("/audit?limit=1000").await.1);
+    let metrics = t
+        .client
+        .get(format!("{}/metrics", t.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        idp.counters().refresh_requests >= 3,
+        "the refresh paths ran"
+    );
+    let logged = crate::harness::logs();
+    for secret in [&first, &rotated] {
+        for body in &seen {
+            assert!(
+                !body.to_string().contains(secret.as_str()),
+                "in a response: {body}"
+            );
+        }
+        assert!(!metrics.contains(secret.as_str()), "in metrics");
+        assert!(!logged.contains(secret.as_str()), "in logs");
+    }
+    t.finish().await;
+}
+
 backend_tests!(
+    refresh_tokens_never_leave_the_broker,
     token_response_carries_usage_secrets_only,
     static_credentials_serve_only_the_strategy_fields,
     an_expiring_token_is_refreshed_once_for_many_callers,

@@ -1,0 +1,300 @@
+//! Token fetch benchmark: `GET /connections/{id}/token` on a warm broker,
+//! against a bare axum handler returning the same JSON body (the baseline
+//! SPEC §11 measures the gateway against), with the token cache on and off.
+//!
+//! 64 concurrent keep-alive clients over loopback for a fixed time each;
+//! 1,000 active OAuth connections with hour-long tokens (no refresh due), so
+//! this is the steady-state path: stamp read, cache, audit via the batching
+//! writer. Runs on SQLite, and on PostgreSQL when `NEXUS_TEST_DATABASE_URL`
+//! is set (private schema, dropped afterwards).
+//!
+//! `cargo bench -p nexus-broker --bench token_fetch`
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::routing::get;
+use axum::{Json, Router};
+use nexus_broker::config::{BrokerConfig, Settings};
+use nexus_broker::server::Broker;
+use nexus_broker::store::now_ms;
+use nexus_broker::vault::{generate_key_b64, Aad};
+use nexus_broker::Secret;
+use serde_json::{json, Value};
+
+const CLIENTS: usize = 64;
+const CONNECTIONS: usize = 1_000;
+const RUN: Duration = Duration::from_secs(5);
+const API_KEY: &str = "bench-admin-key-0123456789abcdef";
+
+struct Figures {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+/// Drives `urls` round-robin from 64 tasks for `RUN`; every answer must be 200.
+async fn load(urls: Arc<Vec<String>>) -> Figures {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(CLIENTS)
+        .build()
+        .expect("client");
+    // Warm-up: open the connections, fill caches.
+    for u in urls.iter() {
+        let r = client
+            .get(u)
+            .header("x-api-key", API_KEY)
+            .send()
+            .await
+            .expect("warm-up");
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    }
+    let start = Instant::now();
+    let deadline = start + RUN;
+    let mut tasks = Vec::new();
+    for t in 0..CLIENTS {
+        let (client, urls) = (client.clone(), urls.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = t;
+            while Instant::now() < deadline {
+                let s = Instant::now();
+                let r = client
+                    .get(&urls[i % urls.len()])
+                    .header("x-api-key", API_KEY)
+                    .send()
+                    .await
+                    .expect("request");
+                assert_eq!(r.status(), 200);
+                r.bytes().await.expect("body");
+                lat.push(s.elapsed());
+                i += CLIENTS;
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("task"));
+    }
+    let took = start.elapsed();
+    lat.sort();
+    Figures {
+        rate: lat.len() as f64 / took.as_secs_f64(),
+        p50: lat[lat.len() / 2],
+        p99: lat[(lat.len() as f64 * 0.99) as usize],
+    }
+}
+
+async fn seed(url: &str, keys: &nexus_broker::vault::KeyRing, provider_id: &str) {
+    let now = now_ms();
+    let rows: Vec<(String, String, String)> = (0..CONNECTIONS)
+        .map(|i| {
+            let id = format!("conn-{i:05}");
+            let aad = |column| Aad {
+                table: "connections",
+                row_id: &id,
+                column,
+            };
+            let at = keys.encrypt_str(
+                aad("access_token"),
+                &Secret::new(format!("access-token-{i:05}-{}", "x".repeat(64))),
+            );
+            let rt = keys.encrypt_str(aad("refresh_token"), &Secret::new(format!("rt-{i}")));
+            (id.clone(), at, rt)
+        })
+        .collect();
+    macro_rules! insert_all {
+        ($pool:expr, $db:ty) => {{
+            let pool = $pool;
+            let mut qb = sqlx::QueryBuilder::<$db>::new(
+                "INSERT INTO connections (id, workspace_id, provider_id, status, requested_scopes, granted_scopes,
+                 access_token, refresh_token, token_type, expires_at, last_success_at, next_refresh_at, version,
+                 created_at, updated_at) ",
+            );
+            qb.push_values(&rows, |mut b, (id, at, rt)| {
+                b.push_bind(id)
+                    .push_bind("ws-bench")
+                    .push_bind(provider_id)
+                    .push_bind("active")
+                    .push_bind("[\"openid\",\"email\"]")
+                    .push_bind("[\"openid\",\"email\"]")
+                    .push_bind(at)
+                    .push_bind(rt)
+                    .push_bind("Bearer")
+                    .push_bind(now + 3_600_000)
+                    .push_bind(now)
+                    .push_bind(now + 3_000_000)
+                    .push_bind(1_i64)
+                    .push_bind(now)
+                    .push_bind(now);
+            });
+            qb.build().execute(&pool).await.expect("seed");
+        }};
+    }
+    if url.starts_with("sqlite:") {
+        insert_all!(
+            sqlx::SqlitePool::connect(url).await.expect("connect"),
+            sqlx::Sqlite
+        );
+    } else {
+        insert_all!(
+            sqlx::PgPool::connect(url).await.expect("connect"),
+            sqlx::Postgres
+        );
+    }
+}
+
+/// Starts a broker on `url`; returns its base URL, its shutdown sender and task.
+async fn broker(
+    url: &str,
+    cache: &str,
+) -> (
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+    Arc<nexus_broker::vault::KeyRing>,
+) {
+    let settings = Settings {
+        database_url: Some(url.into()),
+        encryption_key: Some(
+            KEY.get_or_init(|| generate_key_b64().expose().clone())
+                .clone(),
+        ),
+        state_key: Some(generate_key_b64().expose().clone()),
+        api_key: Some(API_KEY.into()),
+        broker_addr: Some("127.0.0.1:0".into()),
+        refresh_worker: Some("false".into()),
+        token_cache_capacity: Some(cache.into()),
+        ..Default::default()
+    };
+    let config = BrokerConfig::from_settings(&settings).expect("config");
+    let keys = config.keys.clone();
+    let b = Broker::start(config).await.expect("broker");
+    let base = format!("http://{}", b.local_addr());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _ = b
+            .run(async {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    (base, tx, task, keys)
+}
+
+/// One vault key for all brokers of a run, so seeded secrets stay readable.
+static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+async fn run(label: &str, url: &str) {
+    // First broker: register the provider (through the API) and seed.
+    let (base, stop, task, keys) = broker(url, "10000").await;
+    let http = reqwest::Client::new();
+    let resp: Value = http
+        .post(format!("{base}/providers"))
+        .header("x-api-key", API_KEY)
+        .json(&json!({"profile": {
+            "name": "bench", "auth_type": "oauth2", "client_id": "bench-client",
+            "client_secret": "bench-secret", "auth_url": "http://127.0.0.1:9/authorize",
+            "token_url": "http://127.0.0.1:9/token", "scopes": ["openid", "email"]
+        }}))
+        .send()
+        .await
+        .expect("provider")
+        .json()
+        .await
+        .expect("json");
+    let provider_id = resp["id"].as_str().expect("provider id").to_string();
+    seed(url, &keys, &provider_id).await;
+    let urls: Arc<Vec<String>> = Arc::new(
+        (0..CONNECTIONS)
+            .map(|i| format!("{base}/connections/conn-{i:05}/token"))
+            .collect(),
+    );
+    let body: Value = http
+        .get(&urls[0])
+        .header("x-api-key", API_KEY)
+        .send()
+        .await
+        .expect("token")
+        .json()
+        .await
+        .expect("json");
+    let warm = load(urls.clone()).await;
+    let _ = stop.send(());
+    let _ = task.await;
+
+    let (base, stop, task, _) = broker(url, "0").await;
+    let cold_urls: Arc<Vec<String>> = Arc::new(
+        (0..CONNECTIONS)
+            .map(|i| format!("{base}/connections/conn-{i:05}/token"))
+            .collect(),
+    );
+    let cold = load(cold_urls).await;
+    let _ = stop.send(());
+    let _ = task.await;
+
+    // Baseline: a bare axum handler returning the same body.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let bare = format!("http://{}", listener.local_addr().expect("addr"));
+    let app = Router::new().route(
+        "/connections/{id}/token",
+        get(move || {
+            let body = body.clone();
+            async move { Json(body) }
+        }),
+    );
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let bare_urls: Arc<Vec<String>> = Arc::new(
+        (0..CONNECTIONS)
+            .map(|i| format!("{bare}/connections/conn-{i:05}/token"))
+            .collect(),
+    );
+    let baseline = load(bare_urls).await;
+    server.abort();
+
+    for (name, f) in [
+        ("bare axum", &baseline),
+        ("broker, cache on", &warm),
+        ("broker, cache off", &cold),
+    ] {
+        println!(
+            "{label:<9} {name:<18} {:>8.0} req/s  ({:>5.1}% of bare)  p50 {:>8.1?}  p99 {:>8.1?}  ({:.2}x bare p99)",
+            f.rate,
+            100.0 * f.rate / baseline.rate,
+            f.p50,
+            f.p99,
+            f.p99.as_secs_f64() / baseline.p99.as_secs_f64(),
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite:{}", dir.path().join("bench.db").display());
+    run("sqlite", &url).await;
+    if let Ok(admin_url) = std::env::var("NEXUS_TEST_DATABASE_URL") {
+        let schema = format!("nxt_{}", uuid::Uuid::new_v4().simple());
+        let admin = sqlx::PgPool::connect(&admin_url).await.expect("connect");
+        sqlx::query(&format!("CREATE SCHEMA {schema}"))
+            .execute(&admin)
+            .await
+            .expect("schema");
+        let sep = if admin_url.contains('?') { '&' } else { '?' };
+        run(
+            "postgres",
+            &format!("{admin_url}{sep}options[search_path]={schema}"),
+        )
+        .await;
+        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(&admin)
+            .await
+            .expect("drop");
+    } else {
+        println!("postgres  skipped (set NEXUS_TEST_DATABASE_URL)");
+    }
+}

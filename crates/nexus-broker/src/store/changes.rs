@@ -1,0 +1,103 @@
+//! Change notifications for caches of what the store holds.
+//!
+//! Every store method that changes what a token response shows (a
+//! connection's credentials, status, scopes or expiry; a provider's profile)
+//! publishes a [`Change`] to this process's subscribers after it commits. On
+//! PostgreSQL, triggers (migration `0006_change_notify`) also `NOTIFY` every
+//! such change on [`CHANNEL`], whoever made it, so other replicas hear of it
+//! through [`Store::listen_remote`].
+
+use tokio::sync::broadcast;
+
+use super::{Pool, Store, StoreError};
+
+/// The PostgreSQL notification channel the triggers write to.
+pub const CHANNEL: &str = "nexus_changes";
+
+/// What changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A connection's row.
+    Connection(String),
+    /// A provider's profile (every connection of it is affected).
+    Provider(String),
+}
+
+impl Change {
+    /// Parses a notification payload (`c:<id>` or `p:<id>`).
+    pub fn parse(payload: &str) -> Option<Self> {
+        match payload.split_once(':') {
+            Some(("c", id)) => Some(Change::Connection(id.to_string())),
+            Some(("p", id)) => Some(Change::Provider(id.to_string())),
+            _ => None,
+        }
+    }
+}
+
+/// Remote notifications, or the news that some may have been missed.
+#[derive(Debug)]
+pub enum Remote {
+    /// Another process (or this one) changed something.
+    Changed(Change),
+    /// The listening connection was lost; notifications in the gap are gone.
+    Lost,
+}
+
+impl Store {
+    /// Subscribes to this process's changes.
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    /// Publishes a committed change to this process's subscribers.
+    pub(crate) fn publish(&self, change: Change) {
+        // No subscriber is fine: nothing caches yet.
+        let _ = self.changes.send(change);
+    }
+
+    /// Whether other processes' changes can be heard (PostgreSQL).
+    pub fn has_remote_changes(&self) -> bool {
+        matches!(self.pool, Pool::Postgres(_))
+    }
+
+    /// Listens for changes made by any process (PostgreSQL only; `None` on
+    /// SQLite). Each call opens its own connection.
+    pub async fn listen_remote(&self) -> Result<Option<RemoteListener>, StoreError> {
+        match &self.pool {
+            Pool::Sqlite(_) => Ok(None),
+            Pool::Postgres(pool) => {
+                let mut l = sqlx::postgres::PgListener::connect_with(pool).await?;
+                l.listen(CHANNEL).await?;
+                Ok(Some(RemoteListener { inner: l }))
+            }
+        }
+    }
+}
+
+/// A live `LISTEN` on [`CHANNEL`].
+pub struct RemoteListener {
+    inner: sqlx::postgres::PgListener,
+}
+
+impl std::fmt::Debug for RemoteListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RemoteListener")
+    }
+}
+
+impl RemoteListener {
+    /// The next notification, or [`Remote::Lost`] when the connection broke
+    /// (the caller should drop this listener and open a new one).
+    pub async fn next(&mut self) -> Remote {
+        loop {
+            match self.inner.try_recv().await {
+                Ok(Some(n)) => {
+                    if let Some(c) = Change::parse(n.payload()) {
+                        return Remote::Changed(c);
+                    }
+                }
+                Ok(None) | Err(_) => return Remote::Lost,
+            }
+        }
+    }
+}
