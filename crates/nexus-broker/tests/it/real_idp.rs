@@ -250,16 +250,24 @@ async fn real_provider_refresh_is_single_flight_and_revocation_needs_a_person(b:
         "a fresh token is served as is"
     );
 
-    // Once the token is inside the margin, 50 concurrent token requests make
-    // exactly one refresh. With rotation and reuse detection at the provider,
-    // a second refresh with the same refresh token would kill the grant.
+    // A second broker on the same database (its own pool, cache, locks and
+    // lease owner ids; the refresh lease in the database is all they share).
+    let mut settings = t.settings.clone();
+    settings.broker_addr = Some("127.0.0.1:0".into());
+    let replica = TestBroker::start_on(t.db.share(), settings).await;
+
+    // Once the token is inside the margin, 200 concurrent token requests split
+    // across both brokers make exactly one refresh. With rotation and reuse
+    // detection at the provider, a second refresh with the same refresh
+    // token would kill the grant.
     tokio::time::sleep(std::time::Duration::from_millis(5500)).await;
     let mut tasks = Vec::new();
-    for _ in 0..50 {
+    for i in 0..200 {
+        let broker = if i % 2 == 0 { &t } else { &replica };
         let (client, url, key) = (
-            t.client.clone(),
-            format!("{}/connections/{id}/token", t.base),
-            t.api_key.clone(),
+            broker.client.clone(),
+            format!("{}/connections/{id}/token", broker.base),
+            broker.api_key.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let r = client
@@ -320,6 +328,7 @@ async fn real_provider_refresh_is_single_flight_and_revocation_needs_a_person(b:
         1,
         "the grant survived: {grants}"
     );
+    replica.stop().await;
 
     // The person revokes access at the provider: the next refresh needs a person.
     let revoked: Value = reqwest::Client::new()
@@ -443,6 +452,37 @@ async fn real_provider_background_refresh_by_two_replicas_keeps_the_grant(b: Bac
         1,
         "no refresh token was ever reused: {grants}"
     );
+
+    // The person revokes the grant at the provider: the workers' next
+    // refresh (within one 4 s cycle) finds out, with nobody asking for a token.
+    let revoked: Value = reqwest::Client::new()
+        .post(format!("{}/__admin/revoke-grant", peer.issuer))
+        .json(&json!({"sub": "alice", "client_id": "nexus"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(revoked["revoked"], 1);
+    let mut health = Value::Null;
+    for _ in 0..100 {
+        health = t.get(&format!("/connections/{id}")).await.1;
+        if health["status"] == "attention_required" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(health["status"], "attention_required", "{health}");
+    assert_eq!(health["error_code"], "invalid_grant");
+    for broker in [&t, &replica] {
+        let (s, body) = broker.get(&format!("/connections/{id}/token")).await;
+        assert_eq!(
+            (s, body["error"].as_str()),
+            (StatusCode::CONFLICT, Some("attention_required")),
+            "{body}"
+        );
+    }
     replica.stop().await;
     t.finish().await;
 }
