@@ -8,6 +8,8 @@
 //!
 //! `cargo bench -p nexus-broker --bench audit_writer`
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use nexus_broker::audit::{AuditEvent, AuditWriter};
@@ -28,23 +30,6 @@ fn event(i: usize) -> AuditEvent {
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p) as usize]
-}
-
-async fn count(url: &str) -> i64 {
-    let sql = "SELECT COUNT(*) FROM audit_events";
-    if url.starts_with("sqlite:") {
-        let pool = sqlx::SqlitePool::connect(url).await.expect("connect");
-        sqlx::query_scalar(sql)
-            .fetch_one(&pool)
-            .await
-            .expect("count")
-    } else {
-        let pool = sqlx::PgPool::connect(url).await.expect("connect");
-        sqlx::query_scalar(sql)
-            .fetch_one(&pool)
-            .await
-            .expect("count")
-    }
 }
 
 async fn run(label: &str, url: &str) {
@@ -109,7 +94,7 @@ async fn run(label: &str, url: &str) {
     );
     assert_eq!(stats.written as usize, WRITER_EVENTS);
     assert_eq!(
-        count(url).await as usize,
+        support::scalar(url, "SELECT COUNT(*) FROM audit_events").await as usize,
         BASELINE_EVENTS + WRITER_EVENTS,
         "every event is stored"
     );
@@ -118,28 +103,5 @@ async fn run(label: &str, url: &str) {
 
 #[tokio::main]
 async fn main() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("sqlite:{}", dir.path().join("bench.db").display());
-    run("sqlite", &url).await;
-
-    if let Ok(admin_url) = std::env::var("NEXUS_TEST_DATABASE_URL") {
-        let schema = format!("nxb_{}", uuid::Uuid::new_v4().simple());
-        let admin = sqlx::PgPool::connect(&admin_url).await.expect("connect");
-        sqlx::query(&format!("CREATE SCHEMA {schema}"))
-            .execute(&admin)
-            .await
-            .expect("schema");
-        let sep = if admin_url.contains('?') { '&' } else { '?' };
-        run(
-            "postgres",
-            &format!("{admin_url}{sep}options[search_path]={schema}"),
-        )
-        .await;
-        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-            .execute(&admin)
-            .await
-            .expect("drop");
-    } else {
-        println!("postgres   skipped (set NEXUS_TEST_DATABASE_URL)");
-    }
+    support::on_each_backend(|label, url| async move { run(label, &url).await }).await;
 }

@@ -12,6 +12,8 @@
 //! `cargo bench -p nexus-broker --bench refresh_engine`
 //! (`BENCH_CONNECTIONS=10000,100000` by default; `BENCH_BACKENDS=sqlite,postgres`.)
 
+mod support;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -23,11 +25,11 @@ use axum::{Form, Json, Router};
 use nexus_broker::audit::AuditWriter;
 use nexus_broker::config::AuditConfig;
 use nexus_broker::discovery::Discovery;
+use nexus_broker::outbound;
 use nexus_broker::registry::{Actor, Registry};
 use nexus_broker::store::{now_ms, Store};
 use nexus_broker::token::{RefreshSettings, Tokens};
-use nexus_broker::vault::{generate_key_b64, Aad, KeyRing};
-use nexus_broker::{outbound, Secret};
+use nexus_broker::vault::{generate_key_b64, KeyRing};
 use serde_json::{json, Value};
 
 const LATENCY: Duration = Duration::from_millis(20);
@@ -75,79 +77,6 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// Inserts `n` active connections with encrypted refresh tokens, all due now.
-async fn seed(url: &str, keys: &KeyRing, provider_id: &str, n: usize, expires_at: i64) {
-    let now = now_ms();
-    let rows: Vec<(String, String, String)> = (0..n)
-        .map(|i| {
-            let id = format!("conn-{i:07}");
-            let aad = |column| Aad {
-                table: "connections",
-                row_id: &id,
-                column,
-            };
-            let at = keys.encrypt_str(aad("access_token"), &Secret::new(format!("at-{i}")));
-            let rt = keys.encrypt_str(aad("refresh_token"), &Secret::new(format!("rt-{i}")));
-            (id.clone(), at, rt)
-        })
-        .collect();
-    macro_rules! insert_all {
-        ($pool:expr, $db:ty) => {{
-            let pool = $pool;
-            for chunk in rows.chunks(1000) {
-                let mut qb = sqlx::QueryBuilder::<$db>::new(
-                    "INSERT INTO connections (id, workspace_id, provider_id, status, requested_scopes, granted_scopes,
-                     access_token, refresh_token, token_type, expires_at, next_refresh_at, created_at, updated_at) ",
-                );
-                qb.push_values(chunk, |mut b, (id, at, rt)| {
-                    b.push_bind(id)
-                        .push_bind("ws-bench")
-                        .push_bind(provider_id)
-                        .push_bind("active")
-                        .push_bind("[\"a\"]")
-                        .push_bind("[\"a\"]")
-                        .push_bind(at)
-                        .push_bind(rt)
-                        .push_bind("Bearer")
-                        .push_bind(expires_at)
-                        .push_bind(now)
-                        .push_bind(now)
-                        .push_bind(now);
-                });
-                qb.build().execute(&pool).await.expect("seed");
-            }
-        }};
-    }
-    if url.starts_with("sqlite:") {
-        insert_all!(
-            sqlx::SqlitePool::connect(url).await.expect("connect"),
-            sqlx::Sqlite
-        );
-    } else {
-        insert_all!(
-            sqlx::PgPool::connect(url).await.expect("connect"),
-            sqlx::Postgres
-        );
-    }
-}
-
-async fn not_refreshed(url: &str) -> i64 {
-    let sql = "SELECT COUNT(*) FROM connections WHERE version = 0 OR lease_owner IS NOT NULL";
-    if url.starts_with("sqlite:") {
-        let pool = sqlx::SqlitePool::connect(url).await.expect("connect");
-        sqlx::query_scalar(sql)
-            .fetch_one(&pool)
-            .await
-            .expect("count")
-    } else {
-        let pool = sqlx::PgPool::connect(url).await.expect("connect");
-        sqlx::query_scalar(sql)
-            .fetch_one(&pool)
-            .await
-            .expect("count")
-    }
-}
-
 async fn run(label: &str, url: &str, n: usize) {
     let ep = Arc::new(Endpoint {
         calls: (0..n).map(|_| AtomicU32::new(0)).collect(),
@@ -186,7 +115,19 @@ async fn run(label: &str, url: &str, n: usize) {
         .expect("provider");
     let expires_at = now_ms() + WINDOW.as_millis() as i64;
     let seeding = Instant::now();
-    seed(url, &keys, &provider_id, n, expires_at).await;
+    support::seed(
+        url,
+        &support::Seed {
+            keys: &keys,
+            provider_id: &provider_id,
+            count: n,
+            access_token: |i| format!("at-{i}"),
+            expires_at,
+            next_refresh_at: now_ms(),
+            last_success_at: None,
+        },
+    )
+    .await;
     let seeded_in = seeding.elapsed();
 
     let settings = RefreshSettings {
@@ -244,7 +185,11 @@ async fn run(label: &str, url: &str, n: usize) {
         .iter()
         .filter(|t| t.load(Ordering::Relaxed) >= expires_at)
         .count();
-    let pending = not_refreshed(url).await;
+    let pending = support::scalar(
+        url,
+        "SELECT COUNT(*) FROM connections WHERE version = 0 OR lease_owner IS NOT NULL",
+    )
+    .await;
     println!(
         "{label:<9} n={n:>6}  refreshed {refreshed:>6} in {:>6.1?} ({:>5.0}/s, seeding took {:.1?})  after expiry {late}  double {doubles}  calls {}  not stored {pending}  RSS {} MiB -> peak {} MiB (+{} MiB)",
         took,
@@ -267,36 +212,7 @@ async fn main() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "sqlite,postgres".into());
-    for &n in &sizes {
-        if backends.contains("sqlite") {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let url = format!("sqlite:{}", dir.path().join("bench.db").display());
-            run("sqlite", &url, n).await;
-        }
-        if !backends.contains("postgres") {
-            continue;
-        }
-        let Ok(admin_url) = std::env::var("NEXUS_TEST_DATABASE_URL") else {
-            println!("postgres  skipped (set NEXUS_TEST_DATABASE_URL)");
-            continue;
-        };
-        let schema = format!("nxr_{}", uuid::Uuid::new_v4().simple());
-        let admin = sqlx::PgPool::connect(&admin_url).await.expect("connect");
-        sqlx::query(&format!("CREATE SCHEMA {schema}"))
-            .execute(&admin)
-            .await
-            .expect("schema");
-        let sep = if admin_url.contains('?') { '&' } else { '?' };
-        run(
-            "postgres",
-            &format!("{admin_url}{sep}options[search_path]={schema}"),
-            n,
-        )
-        .await;
-        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-            .execute(&admin)
-            .await
-            .expect("drop");
+    for n in sizes {
+        support::on_each_backend(|label, url| async move { run(label, &url, n).await }).await;
     }
 }

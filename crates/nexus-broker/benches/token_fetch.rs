@@ -10,6 +10,8 @@
 //!
 //! `cargo bench -p nexus-broker --bench token_fetch`
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,8 +20,7 @@ use axum::{Json, Router};
 use nexus_broker::config::{BrokerConfig, Settings};
 use nexus_broker::server::Broker;
 use nexus_broker::store::now_ms;
-use nexus_broker::vault::{generate_key_b64, Aad};
-use nexus_broker::Secret;
+use nexus_broker::vault::generate_key_b64;
 use serde_json::{json, Value};
 
 const CLIENTS: usize = 64;
@@ -86,65 +87,6 @@ async fn load(urls: Arc<Vec<String>>) -> Figures {
     }
 }
 
-async fn seed(url: &str, keys: &nexus_broker::vault::KeyRing, provider_id: &str) {
-    let now = now_ms();
-    let rows: Vec<(String, String, String)> = (0..CONNECTIONS)
-        .map(|i| {
-            let id = format!("conn-{i:05}");
-            let aad = |column| Aad {
-                table: "connections",
-                row_id: &id,
-                column,
-            };
-            let at = keys.encrypt_str(
-                aad("access_token"),
-                &Secret::new(format!("access-token-{i:05}-{}", "x".repeat(64))),
-            );
-            let rt = keys.encrypt_str(aad("refresh_token"), &Secret::new(format!("rt-{i}")));
-            (id.clone(), at, rt)
-        })
-        .collect();
-    macro_rules! insert_all {
-        ($pool:expr, $db:ty) => {{
-            let pool = $pool;
-            let mut qb = sqlx::QueryBuilder::<$db>::new(
-                "INSERT INTO connections (id, workspace_id, provider_id, status, requested_scopes, granted_scopes,
-                 access_token, refresh_token, token_type, expires_at, last_success_at, next_refresh_at, version,
-                 created_at, updated_at) ",
-            );
-            qb.push_values(&rows, |mut b, (id, at, rt)| {
-                b.push_bind(id)
-                    .push_bind("ws-bench")
-                    .push_bind(provider_id)
-                    .push_bind("active")
-                    .push_bind("[\"openid\",\"email\"]")
-                    .push_bind("[\"openid\",\"email\"]")
-                    .push_bind(at)
-                    .push_bind(rt)
-                    .push_bind("Bearer")
-                    .push_bind(now + 3_600_000)
-                    .push_bind(now)
-                    .push_bind(now + 3_000_000)
-                    .push_bind(1_i64)
-                    .push_bind(now)
-                    .push_bind(now);
-            });
-            qb.build().execute(&pool).await.expect("seed");
-        }};
-    }
-    if url.starts_with("sqlite:") {
-        insert_all!(
-            sqlx::SqlitePool::connect(url).await.expect("connect"),
-            sqlx::Sqlite
-        );
-    } else {
-        insert_all!(
-            sqlx::PgPool::connect(url).await.expect("connect"),
-            sqlx::Postgres
-        );
-    }
-}
-
 /// Starts a broker on `url`; returns its base URL, its shutdown sender and task.
 async fn broker(
     url: &str,
@@ -205,10 +147,23 @@ async fn run(label: &str, url: &str) {
         .await
         .expect("json");
     let provider_id = resp["id"].as_str().expect("provider id").to_string();
-    seed(url, &keys, &provider_id).await;
+    let now = now_ms();
+    support::seed(
+        url,
+        &support::Seed {
+            keys: &keys,
+            provider_id: &provider_id,
+            count: CONNECTIONS,
+            access_token: |i| format!("access-token-{i:05}-{}", "x".repeat(64)),
+            expires_at: now + 3_600_000,
+            next_refresh_at: now + 3_000_000,
+            last_success_at: Some(now),
+        },
+    )
+    .await;
     let urls: Arc<Vec<String>> = Arc::new(
         (0..CONNECTIONS)
-            .map(|i| format!("{base}/connections/conn-{i:05}/token"))
+            .map(|i| format!("{base}/connections/{}/token", support::connection_id(i)))
             .collect(),
     );
     let body: Value = http
@@ -227,7 +182,7 @@ async fn run(label: &str, url: &str) {
     let (base, stop, task, _) = broker(url, "0").await;
     let cold_urls: Arc<Vec<String>> = Arc::new(
         (0..CONNECTIONS)
-            .map(|i| format!("{base}/connections/conn-{i:05}/token"))
+            .map(|i| format!("{base}/connections/{}/token", support::connection_id(i)))
             .collect(),
     );
     let cold = load(cold_urls).await;
@@ -249,7 +204,7 @@ async fn run(label: &str, url: &str) {
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     let bare_urls: Arc<Vec<String>> = Arc::new(
         (0..CONNECTIONS)
-            .map(|i| format!("{bare}/connections/conn-{i:05}/token"))
+            .map(|i| format!("{bare}/connections/{}/token", support::connection_id(i)))
             .collect(),
     );
     let baseline = load(bare_urls).await;
@@ -274,27 +229,5 @@ async fn run(label: &str, url: &str) {
 #[tokio::main]
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("sqlite:{}", dir.path().join("bench.db").display());
-    run("sqlite", &url).await;
-    if let Ok(admin_url) = std::env::var("NEXUS_TEST_DATABASE_URL") {
-        let schema = format!("nxt_{}", uuid::Uuid::new_v4().simple());
-        let admin = sqlx::PgPool::connect(&admin_url).await.expect("connect");
-        sqlx::query(&format!("CREATE SCHEMA {schema}"))
-            .execute(&admin)
-            .await
-            .expect("schema");
-        let sep = if admin_url.contains('?') { '&' } else { '?' };
-        run(
-            "postgres",
-            &format!("{admin_url}{sep}options[search_path]={schema}"),
-        )
-        .await;
-        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-            .execute(&admin)
-            .await
-            .expect("drop");
-    } else {
-        println!("postgres  skipped (set NEXUS_TEST_DATABASE_URL)");
-    }
+    support::on_each_backend(|label, url| async move { run(label, &url).await }).await;
 }

@@ -274,7 +274,7 @@ impl Handshakes {
         };
         let cid = &hs.connection_id;
         let sealed = self.keys.encrypt_str(
-            Self::aad("connections", cid, "credentials"),
+            crate::vault::Aad::new("connections", cid, "credentials"),
             &Secret::new(credentials.to_string()),
         );
         let field_names: Vec<&String> = credentials

@@ -228,14 +228,6 @@ impl Handshakes {
         &self.redirect_uri
     }
 
-    pub(crate) fn aad<'a>(table: &'a str, row_id: &'a str, column: &'a str) -> Aad<'a> {
-        Aad {
-            table,
-            row_id,
-            column,
-        }
-    }
-
     /// Starts a handshake.
     pub async fn consent_spec(
         &self,
@@ -348,7 +340,7 @@ impl Handshakes {
             },
             code_verifier: (!is_static).then(|| {
                 self.keys.encrypt_str(
-                    Self::aad("handshakes", &handshake_id, "code_verifier"),
+                    Aad::new("handshakes", &handshake_id, "code_verifier"),
                     &verifier,
                 )
             }),
@@ -601,7 +593,7 @@ impl Handshakes {
         let verifier = match &hs.code_verifier {
             Some(env) => Some(
                 self.keys
-                    .decrypt_str(Self::aad("handshakes", &hs.id, "code_verifier"), env)
+                    .decrypt_str(Aad::new("handshakes", &hs.id, "code_verifier"), env)
                     .map_err(|e| {
                         fail(
                             "internal_error",
@@ -705,7 +697,7 @@ impl Handshakes {
             .collect();
         let cid = &hs.connection_id;
         let seal = |col: &'static str, s: &Secret<String>| {
-            self.keys.encrypt_str(Self::aad("connections", cid, col), s)
+            self.keys.encrypt_str(Aad::new("connections", cid, col), s)
         };
         // A re-consent that returns no refresh token keeps the one we have
         // (`None` here: the store keeps the column as it is at write time, so

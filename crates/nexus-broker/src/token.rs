@@ -36,7 +36,7 @@ use crate::store::{
 };
 use crate::strategy::StrategyKind;
 use crate::token_cache::{Cached, TokenCache};
-use crate::vault::KeyRing;
+use crate::vault::{Aad, KeyRing};
 use crate::Secret;
 
 /// Tuning of the token service and the refresh engine.
@@ -240,14 +240,6 @@ pub struct Tokens {
     cache: TokenCache,
 }
 
-fn aad<'a>(row_id: &'a str, column: &'a str) -> crate::vault::Aad<'a> {
-    crate::vault::Aad {
-        table: "connections",
-        row_id,
-        column,
-    }
-}
-
 impl Tokens {
     /// Builds the service.
     #[allow(clippy::too_many_arguments)]
@@ -358,12 +350,7 @@ impl Tokens {
     /// a person. Recorded (and audited) as a transition, not only answered.
     async fn no_refresh_token(&self, c: &ConnectionRow) -> TokenError {
         let description = "the access token expired and the provider issued no refresh token; re-consent is needed";
-        let ev = AuditEvent::new("connection.attention_required")
-            .actor("system")
-            .provider(c.provider_id.clone())
-            .connection(c.id.clone())
-            .workspace(c.workspace_id.clone())
-            .detail(json!({"cause": "expired_without_refresh_token", "previous_status": c.status}));
+        let ev = attention_event(c, json!({"cause": "expired_without_refresh_token"}));
         match self
             .store
             .record_refresh_failure(
@@ -581,12 +568,7 @@ impl Tokens {
             Outcome::Revoked(code, description) => {
                 metrics::counter!("nexus_refreshes_total", "outcome" => "attention_required")
                     .increment(1);
-                let ev = AuditEvent::new("connection.attention_required")
-                    .actor("system")
-                    .provider(c.provider_id.clone())
-                    .connection(c.id.clone())
-                    .workspace(c.workspace_id.clone())
-                    .detail(json!({"cause": "refresh_rejected", "error": code, "previous_status": c.status}));
+                let ev = attention_event(&c, json!({"cause": "refresh_rejected", "error": code}));
                 let recorded = self
                     .store
                     .record_refresh_failure(
@@ -709,11 +691,10 @@ impl Tokens {
             Ok(e) => e,
             Err(e) => return Outcome::Transient(e.to_string(), None),
         };
-        let refresh_token = match c
-            .refresh_token
-            .as_deref()
-            .map(|env| self.keys.decrypt_str(aad(&c.id, "refresh_token"), env))
-        {
+        let refresh_token = match c.refresh_token.as_deref().map(|env| {
+            self.keys
+                .decrypt_str(Aad::new("connections", &c.id, "refresh_token"), env)
+        }) {
             Some(Ok(rt)) => rt,
             Some(Err(e)) => {
                 return Outcome::Transient(format!("stored refresh token unreadable: {e}"), None)
@@ -774,14 +755,15 @@ impl Tokens {
         };
         let expires_at = tokens.expires_in.map(|s| now_ms() + s * 1000);
         let refreshed = Refreshed {
-            access_token: self
-                .keys
-                .encrypt_str(aad(&c.id, "access_token"), &tokens.access_token),
+            access_token: self.keys.encrypt_str(
+                Aad::new("connections", &c.id, "access_token"),
+                &tokens.access_token,
+            ),
             // A response without a refresh token keeps the stored one.
-            refresh_token: tokens
-                .refresh_token
-                .as_ref()
-                .map(|rt| self.keys.encrypt_str(aad(&c.id, "refresh_token"), rt)),
+            refresh_token: tokens.refresh_token.as_ref().map(|rt| {
+                self.keys
+                    .encrypt_str(Aad::new("connections", &c.id, "refresh_token"), rt)
+            }),
             token_type: tokens.token_type.clone(),
             expires_at,
             granted_scopes: granted,
@@ -942,7 +924,7 @@ impl Tokens {
     ) -> Result<Map<String, Value>, TokenError> {
         let open = |column: &str, env: &str| -> Result<Secret<String>, TokenError> {
             self.keys
-                .decrypt_str(aad(&c.id, column), env)
+                .decrypt_str(Aad::new("connections", &c.id, column), env)
                 .map_err(|e| TokenError::Store(StoreError::Vault(e)))
         };
         let strategy = &provider.strategy;
@@ -1053,6 +1035,18 @@ fn theirs(before: &ConnectionRow, now: ConnectionRow) -> Result<ConnectionRow, T
     } else {
         serve_or_unavailable(now, "another broker's refresh failed; a retry is scheduled")
     }
+}
+
+/// The audit event of a connection moving to `attention_required`; `detail`
+/// says why, and gains the status it leaves.
+fn attention_event(c: &ConnectionRow, mut detail: Value) -> AuditEvent {
+    detail["previous_status"] = json!(c.status);
+    AuditEvent::new("connection.attention_required")
+        .actor("system")
+        .provider(c.provider_id.clone())
+        .connection(c.id.clone())
+        .workspace(c.workspace_id.clone())
+        .detail(detail)
 }
 
 /// Aborts a task when dropped (the local listener dies with its parent).

@@ -53,7 +53,16 @@ pub struct Aad<'a> {
     pub column: &'a str,
 }
 
-impl Aad<'_> {
+impl<'a> Aad<'a> {
+    /// Binds an envelope to `table`, `row_id` and `column`.
+    pub const fn new(table: &'a str, row_id: &'a str, column: &'a str) -> Self {
+        Self {
+            table,
+            row_id,
+            column,
+        }
+    }
+
     fn bytes(&self) -> Vec<u8> {
         // Length-prefix each part so "a|b" + "c" and "a" + "b|c" cannot collide.
         let mut out = Vec::with_capacity(64);

@@ -201,6 +201,48 @@ pub fn test_settings(db: &TestDb) -> Settings {
     }
 }
 
+/// Re-runs `step` until `done` holds for its result, at most 15 s (then the
+/// caller's assertion on the returned last result fails with context).
+pub async fn eventually<T, F: std::future::Future<Output = T>>(
+    mut step: impl FnMut() -> F,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let mut last = step().await;
+    for _ in 0..150 {
+        if done(&last) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        last = step().await;
+    }
+    last
+}
+
+/// Waits (at most 15 s) until `cond` holds.
+pub async fn wait_until(cond: impl Fn() -> bool) {
+    eventually(|| std::future::ready(()), |_| cond()).await;
+}
+
+/// One admin request; status and JSON body (a non-JSON body fails the test).
+async fn send(
+    client: reqwest::Client,
+    url: String,
+    api_key: String,
+    method: Method,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut req = client.request(method, url).header("x-api-key", api_key);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status();
+    let text = resp.text().await.expect("body");
+    let json =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("{status} body is not JSON: {text}"));
+    (status, json)
+}
+
 /// A broker serving on loopback.
 pub struct TestBroker {
     pub base: String,
@@ -270,19 +312,26 @@ impl TestBroker {
         path: &str,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let mut req = self
-            .client
-            .request(method, format!("{}{path}", self.base))
-            .header("x-api-key", &self.api_key);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.expect("request");
-        let status = resp.status();
-        let text = resp.text().await.expect("body");
-        let json = serde_json::from_str(&text)
-            .unwrap_or_else(|_| panic!("{status} body is not JSON: {text}"));
-        (status, json)
+        send(
+            self.client.clone(),
+            format!("{}{path}", self.base),
+            self.api_key.clone(),
+            method,
+            body,
+        )
+        .await
+    }
+
+    /// Like [`TestBroker::call`] without a body, on its own task (for
+    /// concurrent requests).
+    pub fn spawn_call(&self, method: Method, path: &str) -> JoinHandle<(StatusCode, Value)> {
+        tokio::spawn(send(
+            self.client.clone(),
+            format!("{}{path}", self.base),
+            self.api_key.clone(),
+            method,
+            None,
+        ))
     }
 
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {

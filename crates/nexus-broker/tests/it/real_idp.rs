@@ -264,20 +264,7 @@ async fn real_provider_refresh_is_single_flight_and_revocation_needs_a_person(b:
     let mut tasks = Vec::new();
     for i in 0..200 {
         let broker = if i % 2 == 0 { &t } else { &replica };
-        let (client, url, key) = (
-            broker.client.clone(),
-            format!("{}/connections/{id}/token", broker.base),
-            broker.api_key.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let r = client
-                .get(url)
-                .header("x-api-key", key)
-                .send()
-                .await
-                .unwrap();
-            (r.status(), r.json::<Value>().await.unwrap())
-        }));
+        tasks.push(broker.spawn_call(reqwest::Method::GET, &format!("/connections/{id}/token")));
     }
     let mut tokens = std::collections::HashSet::new();
     for task in tasks {
@@ -296,23 +283,10 @@ async fn real_provider_refresh_is_single_flight_and_revocation_needs_a_person(b:
     // asked; whatever they did, the grant must survive (no refresh-token reuse).
     let mut tasks = Vec::new();
     for _ in 0..10 {
-        let (client, url, key) = (
-            t.client.clone(),
-            format!("{}/connections/{id}/refresh", t.base),
-            t.api_key.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            client
-                .post(url)
-                .header("x-api-key", key)
-                .send()
-                .await
-                .unwrap()
-                .status()
-        }));
+        tasks.push(t.spawn_call(reqwest::Method::POST, &format!("/connections/{id}/refresh")));
     }
     for task in tasks {
-        assert_eq!(task.await.unwrap(), StatusCode::OK);
+        assert_eq!(task.await.unwrap().0, StatusCode::OK);
     }
     let grants: Value = reqwest::get(format!(
         "{}/__admin/grants?sub=alice&client_id=nexus",
@@ -406,19 +380,16 @@ async fn real_provider_background_refresh_by_two_replicas_keeps_the_grant(b: Bac
     let id = spec["connection_id"].as_str().unwrap().to_string();
 
     // Nobody asks for a token; three access-token lifetimes pass (bounded wait).
-    for _ in 0..150 {
-        if peer.stats().await["token_requests"]["refresh_token"]
-            .as_i64()
-            .unwrap()
-            >= 3
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let refreshes = peer.stats().await["token_requests"]["refresh_token"]
-        .as_i64()
-        .unwrap();
+    let peer_ref = &peer;
+    let refreshes = crate::harness::eventually(
+        || async move {
+            peer_ref.stats().await["token_requests"]["refresh_token"]
+                .as_i64()
+                .unwrap()
+        },
+        |n| *n >= 3,
+    )
+    .await;
     assert!(
         refreshes >= 3,
         "the workers refreshed ahead of expiry: {refreshes}"
@@ -465,14 +436,12 @@ async fn real_provider_background_refresh_by_two_replicas_keeps_the_grant(b: Bac
         .await
         .unwrap();
     assert_eq!(revoked["revoked"], 1);
-    let mut health = Value::Null;
-    for _ in 0..100 {
-        health = t.get(&format!("/connections/{id}")).await.1;
-        if health["status"] == "attention_required" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let path = format!("/connections/{id}");
+    let (_, health) = crate::harness::eventually(
+        || t.get(&path),
+        |(_, h)| h["status"] == "attention_required",
+    )
+    .await;
     assert_eq!(health["status"], "attention_required", "{health}");
     assert_eq!(health["error_code"], "invalid_grant");
     for broker in [&t, &replica] {

@@ -7,63 +7,35 @@ use std::time::Duration;
 
 use nexus_broker::config::Settings;
 use reqwest::{Method, StatusCode};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::fake_idp::{FakeIdp, TokenMode};
 use crate::handshake::{callback, start};
-use crate::harness::{assert_json_error, backend_tests, Backend, TestBroker};
+use crate::harness::{
+    assert_json_error, backend_tests, eventually, wait_until, Backend, TestBroker,
+};
 
-/// A broker (settings adjusted) with an active connection whose token expires in `expires_in` s.
+/// [`crate::tokens::connected`], with the provider's next refresh answer set
+/// to `access-2` / `refresh-2` (an hour long).
 async fn connected(
     b: &Backend,
     expires_in: i64,
     adjust: impl FnOnce(&mut Settings),
 ) -> (TestBroker, Arc<FakeIdp>, String) {
-    let idp = FakeIdp::start().await;
-    let t = TestBroker::start_public(b, |s| {
-        s.provider_timeout_secs = Some("1".into());
-        adjust(s);
-    })
-    .await;
-    t.create_provider(idp.profile("fake")).await;
-    {
-        let mut k = idp.knobs();
-        k.expires_in = expires_in;
-        k.access_token = "access-1".into();
-        k.refresh_token = "refresh-1".into();
-    }
-    let flow = start(&t, &idp, "fake", json!({})).await;
-    let (s, _, body) = callback(
-        &t,
-        &[("code", "c"), ("state", &flow.state), ("iss", &idp.base)],
-    )
-    .await;
-    assert_eq!(s, StatusCode::SEE_OTHER, "{body}");
-    // As if the token had been issued an hour-long lifetime ago, so the
-    // configured margin applies (not the half-life cap for short tokens).
-    t.db.exec(&format!(
-        "UPDATE connections SET last_success_at = last_success_at - 3600000, next_refresh_at = expires_at - 300000 WHERE id = '{}'",
-        flow.connection_id
-    ))
-    .await;
+    let (t, idp, id) = crate::tokens::connected(b, expires_in, adjust).await;
     {
         let mut k = idp.knobs();
         k.expires_in = 3600;
         k.access_token = "access-2".into();
         k.refresh_token = "refresh-2".into();
     }
-    (t, idp, flow.connection_id)
+    (t, idp, id)
 }
 
 async fn background_worker_refreshes_ahead_of_expiry(b: Backend) {
     let (t, idp, id) = connected(&b, 60, |s| s.refresh_worker = Some("true".into())).await;
     // Nobody asks for a token: the worker alone refreshes (bounded wait).
-    for _ in 0..100 {
-        if idp.counters().refresh_requests > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(|| idp.counters().refresh_requests > 0).await;
     assert_eq!(idp.counters().refresh_requests, 1);
     let c = t.state.store().get_connection(&id).await.unwrap().unwrap();
     let next = c.next_refresh_at.unwrap();
@@ -90,20 +62,7 @@ async fn two_replicas_refresh_once(b: Backend) {
     let mut tasks = Vec::new();
     for i in 0..60 {
         let broker = if i % 2 == 0 { &a } else { &replica };
-        let (client, url, key) = (
-            broker.client.clone(),
-            format!("{}/connections/{id}/token", broker.base),
-            broker.api_key.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let r = client
-                .get(url)
-                .header("x-api-key", key)
-                .send()
-                .await
-                .unwrap();
-            (r.status(), r.json::<Value>().await.unwrap())
-        }));
+        tasks.push(broker.spawn_call(Method::GET, &format!("/connections/{id}/token")));
     }
     for task in tasks {
         let (s, tok) = task.await.unwrap();
@@ -242,19 +201,15 @@ async fn tokens_without_expiry_get_a_keepalive(b: Backend) {
     let t = TestBroker::start_on(db, settings).await;
     // Bounded wait for the refresh to be stored.
     let store = t.state.store().clone();
-    let mut next = 0;
-    for _ in 0..100 {
-        let c = store
-            .get_connection(&flow.connection_id)
-            .await
-            .unwrap()
-            .unwrap();
-        next = c.next_refresh_at.unwrap_or(0);
-        if next > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (store, id) = (&store, &flow.connection_id);
+    let next = eventually(
+        || async move {
+            let c = store.get_connection(id).await.unwrap().unwrap();
+            c.next_refresh_at.unwrap_or(0)
+        },
+        |next| *next > 0,
+    )
+    .await;
     assert_eq!(idp.counters().refresh_requests, 1);
     assert!(
         next > nexus_broker::store::now_ms() + day - 60_000,
@@ -263,36 +218,13 @@ async fn tokens_without_expiry_get_a_keepalive(b: Backend) {
     t.finish().await;
 }
 
-/// Waits (bounded: 10 s) until `done` holds.
-async fn wait_for(done: impl Fn() -> bool) {
-    for _ in 0..100 {
-        if done() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn a_revocation_during_a_refresh_wins(b: Backend) {
     let (t, idp, id) = connected(&b, 60, |_| {}).await;
     idp.knobs().token_mode = TokenMode::Slow(Duration::from_millis(800));
-    let (client, url, key) = (
-        t.client.clone(),
-        format!("{}/connections/{id}/token", t.base),
-        t.api_key.clone(),
-    );
-    let fetch = tokio::spawn(async move {
-        let r = client
-            .get(url)
-            .header("x-api-key", key)
-            .send()
-            .await
-            .unwrap();
-        (r.status(), r.json::<Value>().await.unwrap())
-    });
+    let fetch = t.spawn_call(Method::GET, &format!("/connections/{id}/token"));
     // The refresh is at the provider; meanwhile the connection is revoked
     // (by an operator, or another replica).
-    wait_for(|| idp.counters().refresh_requests >= 1).await;
+    wait_until(|| idp.counters().refresh_requests >= 1).await;
     t.db.exec(&format!(
         "UPDATE connections SET status = 'revoked' WHERE id = '{id}'"
     ))
@@ -311,20 +243,7 @@ async fn a_waiter_takes_the_holders_failure_instead_of_calling_again(b: Backend)
     // Another replica holds the lease and is calling the provider.
     let until = nexus_broker::store::now_ms() + 5_000;
     t.db.exec(&format!("UPDATE connections SET lease_owner = 'other-broker', lease_until = {until} WHERE id = '{id}'")).await;
-    let (client, url, key) = (
-        t.client.clone(),
-        format!("{}/connections/{id}/token", t.base),
-        t.api_key.clone(),
-    );
-    let fetch = tokio::spawn(async move {
-        let r = client
-            .get(url)
-            .header("x-api-key", key)
-            .send()
-            .await
-            .unwrap();
-        (r.status(), r.json::<Value>().await.unwrap())
-    });
+    let fetch = t.spawn_call(Method::GET, &format!("/connections/{id}/token"));
     tokio::time::sleep(Duration::from_millis(300)).await;
     // That replica's refresh fails (provider down): it records the failure
     // and a retry, and gives the lease back.
@@ -360,15 +279,12 @@ async fn a_deleted_provider_is_not_rescheduled_forever(b: Backend) {
     settings.refresh_worker = Some("true".into());
     let t = TestBroker::start_on(t.stop().await, settings).await;
     let store = t.state.store().clone();
-    let mut last = None;
-    for _ in 0..100 {
-        last = store.get_connection(&id).await.unwrap();
-        if last.as_ref().unwrap().error_code.as_deref() == Some("provider_deleted") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let c = last.unwrap();
+    let (store, cid) = (&store, &id);
+    let c = eventually(
+        || async move { store.get_connection(cid).await.unwrap().unwrap() },
+        |c| c.error_code.as_deref() == Some("provider_deleted"),
+    )
+    .await;
     assert_eq!(c.error_code.as_deref(), Some("provider_deleted"));
     assert_eq!(c.next_refresh_at, None, "no longer scheduled");
     assert_eq!(c.consecutive_failures, 1, "tried once, not in a loop");

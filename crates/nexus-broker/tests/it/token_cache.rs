@@ -7,47 +7,25 @@ use reqwest::{Method, StatusCode};
 use serde_json::json;
 
 use crate::fake_idp::FakeIdp;
-use crate::handshake::{callback, start};
 use crate::harness::{assert_json_error, backend_tests, Backend, TestBroker};
 
-/// Fetches `path` until `done` holds (bounded: 3 s), returning the last answer.
+/// Fetches `path` until `done` holds (bounded), returning the last answer.
 async fn eventually(
     broker: &TestBroker,
     path: &str,
     done: impl Fn(StatusCode, &serde_json::Value) -> bool,
 ) -> (StatusCode, serde_json::Value) {
-    let mut last = broker.get(path).await;
-    for _ in 0..30 {
-        if done(last.0, &last.1) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        last = broker.get(path).await;
-    }
-    last
+    crate::harness::eventually(|| broker.get(path), |(s, body)| done(*s, body)).await
 }
 
+/// [`crate::tokens::connected`] with an hour-long token, plus a second broker
+/// (replica) on the same database.
 async fn connected(b: &Backend) -> (TestBroker, TestBroker, std::sync::Arc<FakeIdp>, String) {
-    let idp = FakeIdp::start().await;
-    let a = TestBroker::start_public(b, |_| {}).await;
-    a.create_provider(idp.profile("fake")).await;
-    {
-        let mut k = idp.knobs();
-        k.expires_in = 3600;
-        k.access_token = "access-1".into();
-        k.refresh_token = "refresh-1".into();
-    }
-    let flow = start(&a, &idp, "fake", json!({})).await;
-    let (s, _, body) = callback(
-        &a,
-        &[("code", "c"), ("state", &flow.state), ("iss", &idp.base)],
-    )
-    .await;
-    assert_eq!(s, StatusCode::SEE_OTHER, "{body}");
+    let (a, idp, id) = crate::tokens::connected(b, 3600, |_| {}).await;
     let mut settings = a.settings.clone();
     settings.broker_addr = Some("127.0.0.1:0".into());
     let replica = TestBroker::start_on(a.db.share(), settings).await;
-    (a, replica, idp, flow.connection_id)
+    (a, replica, idp, id)
 }
 
 async fn warm_path_serves_without_decrypting(b: Backend) {
@@ -199,12 +177,7 @@ async fn postgres_announces_changes_made_by_anyone(b: Backend) {
         "UPDATE connections SET status = 'revoked' WHERE id = '{id}'"
     ))
     .await;
-    for _ in 0..50 {
-        if a.state.tokens().cached_responses() == 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    crate::harness::wait_until(|| a.state.tokens().cached_responses() == 0).await;
     assert_eq!(
         a.state.tokens().cached_responses(),
         0,

@@ -4,16 +4,26 @@
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::fake_idp::{FakeIdp, TokenMode};
 use crate::handshake::{callback, start};
 use crate::harness::{assert_json_error, backend_tests, Backend, TestBroker};
 
-/// A broker with an active OAuth connection whose token expires in `expires_in` s.
-async fn connected(b: &Backend, expires_in: i64) -> (TestBroker, std::sync::Arc<FakeIdp>, String) {
+/// A broker (settings adjusted) with an active OAuth connection to the fake
+/// provider whose token (`access-1`, refresh token `refresh-1`) expires in
+/// `expires_in` s. Shared by the token, refresh and cache tests.
+pub(crate) async fn connected(
+    b: &Backend,
+    expires_in: i64,
+    adjust: impl FnOnce(&mut nexus_broker::config::Settings),
+) -> (TestBroker, std::sync::Arc<FakeIdp>, String) {
     let idp = FakeIdp::start().await;
-    let t = TestBroker::start_public(b, |s| s.provider_timeout_secs = Some("1".into())).await;
+    let t = TestBroker::start_public(b, |s| {
+        s.provider_timeout_secs = Some("1".into());
+        adjust(s);
+    })
+    .await;
     t.create_provider(idp.profile("fake")).await;
     {
         let mut k = idp.knobs();
@@ -54,7 +64,7 @@ fn stored_refresh_token(t: &TestBroker, id: &str, env: &str) -> String {
 }
 
 async fn token_response_carries_usage_secrets_only(b: Backend) {
-    let (t, _idp, id) = connected(&b, 3600).await;
+    let (t, _idp, id) = connected(&b, 3600, |_| {}).await;
     let (s, tok) = t.get(&format!("/connections/{id}/token")).await;
     assert_eq!(s, StatusCode::OK, "{tok}");
     assert_eq!(tok["access_token"], "access-1");
@@ -124,7 +134,7 @@ async fn static_credentials_serve_only_the_strategy_fields(b: Backend) {
 }
 
 async fn an_expiring_token_is_refreshed_once_for_many_callers(b: Backend) {
-    let (t, idp, id) = connected(&b, 60).await;
+    let (t, idp, id) = connected(&b, 60, |_| {}).await;
     {
         let mut k = idp.knobs();
         k.expires_in = 3600;
@@ -134,21 +144,7 @@ async fn an_expiring_token_is_refreshed_once_for_many_callers(b: Backend) {
     let before = idp.counters().token_requests;
     let mut tasks = Vec::new();
     for _ in 0..50 {
-        let (client, base, key, id) = (
-            t.client.clone(),
-            t.base.clone(),
-            t.api_key.clone(),
-            id.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let r = client
-                .get(format!("{base}/connections/{id}/token"))
-                .header("x-api-key", key)
-                .send()
-                .await
-                .unwrap();
-            (r.status(), r.json::<Value>().await.unwrap())
-        }));
+        tasks.push(t.spawn_call(Method::GET, &format!("/connections/{id}/token")));
     }
     for task in tasks {
         let (s, tok) = task.await.unwrap();
@@ -203,7 +199,7 @@ async fn a_dead_grant_needs_a_person(b: Backend) {
             "bad_refresh_token",
         ),
     ] {
-        let (t, idp, id) = connected(&b, 60).await;
+        let (t, idp, id) = connected(&b, 60, |_| {}).await;
         idp.knobs().token_mode = mode;
         let (s, body) = t.get(&format!("/connections/{id}/token")).await;
         assert_json_error(s, &body, 409, "attention_required");
@@ -228,7 +224,7 @@ async fn a_dead_grant_needs_a_person(b: Backend) {
 }
 
 async fn transient_faults_never_need_a_person(b: Backend) {
-    let (t, idp, id) = connected(&b, 60).await;
+    let (t, idp, id) = connected(&b, 60, |_| {}).await;
     for mode in [
         TokenMode::ServerError,
         TokenMode::Html,
@@ -256,7 +252,7 @@ async fn transient_faults_never_need_a_person(b: Backend) {
     assert_eq!(c.error_code.as_deref(), Some("invalid_client"));
 
     // Once the token has expired, a transient fault is a 503, still not attention_required.
-    let (t2, idp2, id2) = connected(&b, 0).await;
+    let (t2, idp2, id2) = connected(&b, 0, |_| {}).await;
     idp2.knobs().token_mode = TokenMode::ServerError;
     let (s, body) = t2.get(&format!("/connections/{id2}/token")).await;
     assert_json_error(s, &body, 503, "provider_unavailable");
