@@ -151,6 +151,7 @@ async fn run(label: &str, url: &str, n: usize) {
             http,
             writer.sink(),
             settings,
+            Arc::new(nexus_broker::pause::Pauses::new(store.clone())),
         ));
         let (stop, stopped) = tokio::sync::watch::channel(false);
         replicas.push((stop, tokio::spawn(tokens.run_worker(stopped))));

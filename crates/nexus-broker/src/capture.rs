@@ -294,9 +294,14 @@ impl Handshakes {
             failing_scopes: "[]".into(),
             ..Default::default()
         };
-        self.store
-            .activate_connection(cid, &activation, &audit)
-            .await?;
+        let previous = self.store.get_connection(cid).await?;
+        let t = crate::store::Transition {
+            audit,
+            event: previous.as_ref().map(|p| {
+                crate::webhook::activation_event(p, Some(&form.provider.profile.name), &[])
+            }),
+        };
+        self.store.activate_connection(cid, &activation, &t).await?;
         metrics::counter!("nexus_handshakes_total", "outcome" => "success").increment(1);
         let mut url = Url::parse(&hs.return_url)
             .map_err(|_| HandshakeError::Invalid("stored return_url is invalid".into()))?;

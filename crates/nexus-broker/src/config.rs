@@ -81,6 +81,12 @@ pub struct Settings {
     pub refresh_worker: Option<String>,
     /// `REDIS_KEY_PREFIX`: prefix of every Redis key (default `nexus:`).
     pub redis_key_prefix: Option<String>,
+    /// `WEBHOOK_URL`: one webhook endpoint receiving every event.
+    pub webhook_url: Option<String>,
+    /// `WEBHOOK_SECRET`: its signing secret (`whsec_` + base64).
+    pub webhook_secret: Option<String>,
+    /// `NEXUS_ISSUANCE_PAUSED`: `true` pauses token issuance at start-up.
+    pub issuance_paused: Option<String>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -103,6 +109,11 @@ impl std::fmt::Debug for Settings {
             .field("api_key", &self.api_key.as_ref().map(|_| "[set]"))
             .field("base_url", &self.base_url)
             .field("broker_addr", &self.broker_addr)
+            .field("webhook_url", &self.webhook_url)
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "[set]"),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -170,6 +181,16 @@ pub struct BrokerConfig {
     pub refresh: crate::token::RefreshSettings,
     /// Prefix of every Redis key.
     pub redis_key_prefix: String,
+    /// The endpoint configured by `WEBHOOK_URL`, with its secret.
+    pub webhook: Option<(Url, Arc<crate::webhook::WebhookSecret>)>,
+    /// Webhook delivery tuning.
+    pub webhooks: crate::webhook::WebhookSettings,
+    /// Scope report tuning.
+    pub scope: crate::scope::ScopeSettings,
+    /// `NEXUS_ISSUANCE_PAUSED`: set the operator pause at start-up.
+    pub issuance_paused: bool,
+    /// How often each replica re-reads the issuance pauses (besides notifications).
+    pub pause_reload: Duration,
 }
 
 impl std::fmt::Debug for BrokerConfig {
@@ -186,6 +207,8 @@ impl std::fmt::Debug for BrokerConfig {
             .field("provider_timeout", &self.provider_timeout)
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
             .field("refresh", &self.refresh)
+            .field("webhook_url", &self.webhook.as_ref().map(|w| w.0.as_str()))
+            .field("issuance_paused", &self.issuance_paused)
             .finish_non_exhaustive()
     }
 }
@@ -498,7 +521,52 @@ impl BrokerConfig {
                 })?,
         };
 
+        let webhook = match (non_empty(&s.webhook_url), non_empty(&s.webhook_secret)) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "WEBHOOK_URL",
+                    "is not set but WEBHOOK_SECRET is; set both, or neither",
+                ))
+            }
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "WEBHOOK_SECRET",
+                    "is not set but WEBHOOK_URL is; generate one with `nexus keys generate`",
+                ))
+            }
+            (Some(url), Some(secret)) => {
+                let url = crate::webhook::validate_url(url)
+                    .map_err(|e| ConfigError::new("WEBHOOK_URL", e))?;
+                let secret = crate::webhook::WebhookSecret::parse(secret).ok_or_else(|| {
+                    ConfigError::new(
+                        "WEBHOOK_SECRET",
+                        "must be whsec_ followed by base64 of 24 to 64 random bytes; generate one with `nexus keys generate`",
+                    )
+                })?;
+                Some((url, Arc::new(secret)))
+            }
+        };
+        let issuance_paused = match non_empty(&s.issuance_paused)
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("false") | Some("0") | Some("no") => false,
+            Some("true") | Some("1") | Some("yes") => true,
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "NEXUS_ISSUANCE_PAUSED",
+                    "must be true or false",
+                ))
+            }
+        };
+
         Ok(Self {
+            webhook,
+            webhooks: crate::webhook::WebhookSettings::default(),
+            scope: crate::scope::ScopeSettings::default(),
+            issuance_paused,
+            pause_reload: Duration::from_secs(1),
             database_url,
             keys: Arc::new(keys),
             state_key: Arc::new(Secret::new(state_key)),

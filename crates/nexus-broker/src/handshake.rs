@@ -24,7 +24,9 @@ use crate::pkce;
 use crate::profile::AuthHeader;
 use crate::registry::{Actor, Provider, Registry, RegistryError};
 use crate::state_token::{self, StateError};
-use crate::store::{now_ms, Activation, ConnectionRow, Consumed, HandshakeRow, Store, StoreError};
+use crate::store::{
+    now_ms, Activation, ConnectionRow, Consumed, HandshakeRow, Store, StoreError, Transition,
+};
 use crate::vault::{Aad, KeyRing};
 use crate::Secret;
 
@@ -180,13 +182,7 @@ pub struct Handshakes {
     refresh: crate::token::RefreshSettings,
 }
 
-pub(crate) fn json_list(v: &[String]) -> String {
-    serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
-}
-
-pub(crate) fn parse_list(s: &str) -> Vec<String> {
-    serde_json::from_str(s).unwrap_or_default()
-}
+pub(crate) use crate::store::{json_list, parse_json_list as parse_list};
 
 /// True when `host` is allowed: an exact entry, or below an entry written `.example.com`.
 pub fn return_host_allowed(host: &str, allowed: &[String]) -> bool {
@@ -737,8 +733,14 @@ impl Handshakes {
                 "granted_scopes": granted,
                 "refresh_token": tokens.refresh_token.is_some(),
             }));
+        let t = Transition {
+            audit,
+            event: previous.as_ref().map(|p| {
+                crate::webhook::activation_event(p, Some(&provider.profile.name), &failing)
+            }),
+        };
         self.store
-            .activate_connection(cid, &activation, &audit)
+            .activate_connection(cid, &activation, &t)
             .await
             .map_err(|e| fail("internal_error", e.to_string()))
     }

@@ -70,6 +70,33 @@ impl Broker {
             telemetry::metrics_handle(),
             shared,
         )?;
+        let config = state.config();
+        state
+            .webhooks()
+            .sync_env(
+                config.webhook.as_ref().map(|w| &w.0),
+                config.webhook.as_ref().map(|w| w.1.as_ref()),
+            )
+            .await?;
+        if config.issuance_paused {
+            let actor = crate::registry::Actor {
+                name: "config".into(),
+                ip: None,
+                user_agent: None,
+            };
+            state
+                .pauses()
+                .pause(
+                    crate::store::PauseScope::Operator,
+                    "NEXUS_ISSUANCE_PAUSED=true at start-up".into(),
+                    &actor,
+                )
+                .await?;
+            tracing::warn!(
+                "token issuance is paused (NEXUS_ISSUANCE_PAUSED); resume with DELETE /admin/pause"
+            );
+        }
+        state.pauses().reload().await?;
         Ok(Self {
             state,
             writer,
@@ -100,6 +127,19 @@ impl Broker {
         let app = api::router(self.state.clone());
         let cleanup = tokio::spawn(cleanup_loop(self.state.clone()));
         let invalidation = tokio::spawn(self.state.tokens().clone().run_invalidation());
+        let pauses = tokio::spawn(
+            self.state
+                .pauses()
+                .clone()
+                .run(self.state.config().pause_reload),
+        );
+        let (stop_deliveries, stop_d) = tokio::sync::watch::channel(false);
+        let deliverer = self
+            .state
+            .config()
+            .webhooks
+            .worker
+            .then(|| tokio::spawn(self.state.webhooks().clone().run_worker(stop_d)));
         let (stop_refresher, stop) = tokio::sync::watch::channel(false);
         let refresher = self
             .state
@@ -115,6 +155,17 @@ impl Broker {
         .await;
         cleanup.abort();
         invalidation.abort();
+        pauses.abort();
+        if let Some(mut d) = deliverer {
+            // Attempts in flight record their result (else they are retried
+            // after the lease: at least once either way).
+            let _ = stop_deliveries.send(true);
+            let grace = self.state.config().webhooks.timeout + Duration::from_secs(5);
+            if tokio::time::timeout(grace, &mut d).await.is_err() {
+                tracing::warn!("webhook worker did not stop in time; aborting it");
+                d.abort();
+            }
+        }
         if let Some(mut r) = refresher {
             // Let refreshes in flight store their result (a rotated refresh
             // token must not be lost); each is bounded by the provider

@@ -28,11 +28,13 @@ use crate::audit::{AuditEvent, AuditSink};
 use crate::discovery::Discovery;
 use crate::handshake::{json_list, parse_list, parse_token_response, token_request};
 use crate::outbound;
+use crate::pause::Pauses;
 use crate::profile::AuthType;
 use crate::registry::{Provider, Registry, RegistryError};
 use crate::store::changes::Remote;
 use crate::store::{
-    now_ms, rfc3339, Change, ConnectionRow, Refreshed, Store, StoreError, TokenStamp,
+    now_ms, rfc3339, Change, ConnectionRow, PauseRow, Refreshed, Store, StoreError, TokenStamp,
+    Transition,
 };
 use crate::strategy::StrategyKind;
 use crate::token_cache::{Cached, TokenCache};
@@ -146,11 +148,17 @@ pub fn next_refresh_at(
 /// Delay before retry `attempt` (1-based): full jitter over a capped
 /// exponential, never shorter than `Retry-After`.
 pub fn backoff(s: &RefreshSettings, attempt: i64, retry_after: Option<Duration>) -> Duration {
-    let exp = s.backoff_base.as_millis() as u64
-        * 2u64.saturating_pow((attempt.max(1) - 1).min(20) as u32);
-    let capped = exp.min(s.backoff_cap.as_millis() as u64);
-    let jittered = Duration::from_millis(random_below(capped + 1).max(1000));
+    let jittered = full_jitter(s.backoff_base, s.backoff_cap, attempt).max(Duration::from_secs(1));
     retry_after.map_or(jittered, |r| jittered.max(r))
+}
+
+/// A random delay up to `base × 2^(attempt−1)`, capped at `cap` ("full
+/// jitter"): retries of many clients spread out instead of arriving together.
+pub fn full_jitter(base: Duration, cap: Duration, attempt: i64) -> Duration {
+    let exp = (base.as_millis() as u64)
+        .saturating_mul(2u64.saturating_pow((attempt.max(1) - 1).min(20) as u32));
+    let capped = exp.min(cap.as_millis() as u64);
+    Duration::from_millis(random_below(capped + 1))
 }
 
 /// Why no token is served.
@@ -177,6 +185,9 @@ pub enum TokenError {
     /// The connection has no credentials to serve.
     #[error("{0}")]
     Unusable(String),
+    /// Issuance is paused (kill switch), operator-wide or for the workspace.
+    #[error("token issuance is paused: {}", .0.reason)]
+    Paused(PauseRow),
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -227,18 +238,25 @@ const GRANT_GONE: &[&str] = &[
 
 /// Token service and refresh engine.
 pub struct Tokens {
-    store: Store,
-    registry: Registry,
-    keys: Arc<KeyRing>,
-    discovery: Arc<Discovery>,
-    http: reqwest::Client,
+    pub(crate) store: Store,
+    pub(crate) registry: Registry,
+    pub(crate) keys: Arc<KeyRing>,
+    pub(crate) discovery: Arc<Discovery>,
+    pub(crate) http: reqwest::Client,
     audit: AuditSink,
-    settings: RefreshSettings,
+    pub(crate) settings: RefreshSettings,
     /// Lease owner id of this process.
     owner: String,
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     cache: TokenCache,
+    pauses: Arc<Pauses>,
+    /// When each provider's last `provider.unhealthy` webhook went out: one
+    /// per provider per [`UNHEALTHY_EVERY`], not one per connection refreshed.
+    unhealthy_sent: Mutex<HashMap<String, Instant>>,
 }
+
+/// Least time between two `provider.unhealthy` webhooks for one provider (per replica).
+const UNHEALTHY_EVERY: Duration = Duration::from_secs(900);
 
 impl Tokens {
     /// Builds the service.
@@ -251,6 +269,7 @@ impl Tokens {
         http: reqwest::Client,
         audit: AuditSink,
         settings: RefreshSettings,
+        pauses: Arc<Pauses>,
     ) -> Self {
         let owner = format!("broker-{}", uuid::Uuid::new_v4().simple());
         Self {
@@ -264,15 +283,32 @@ impl Tokens {
             owner,
             inflight: Mutex::new(HashMap::new()),
             cache: TokenCache::new(settings.cache_capacity, settings.cache_max_age),
+            pauses,
+            unhealthy_sent: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The issuance pauses this service obeys.
+    pub fn pauses(&self) -> &Arc<Pauses> {
+        &self.pauses
+    }
+
+    /// Refreshes a connection now without issuing its token (a 401 report
+    /// asks for this). Not subject to issuance pauses: refreshes go on.
+    pub async fn refresh_now(self: &Arc<Self>, id: &str) -> Result<(), TokenError> {
+        self.token_inner(id, true, false).await.map(|_| ())
     }
 
     /// The token response for a connection, refreshing first when the token
     /// is inside the margin (or always, with `force`).
     pub async fn token(self: &Arc<Self>, id: &str, force: bool) -> Result<Value, TokenError> {
-        let result = self.token_inner(id, force).await;
+        let result = match self.pauses.operator() {
+            Some(p) => Err(TokenError::Paused(p)),
+            None => self.token_inner(id, force, true).await,
+        };
         let outcome = match &result {
             Ok(_) => "ok",
+            Err(TokenError::Paused(_)) => "paused",
             Err(TokenError::AttentionRequired(_)) => "attention_required",
             Err(TokenError::ProviderUnavailable(_)) => "provider_unavailable",
             Err(TokenError::NotFound) => "not_found",
@@ -282,12 +318,24 @@ impl Tokens {
         result
     }
 
-    async fn token_inner(self: &Arc<Self>, id: &str, force: bool) -> Result<Value, TokenError> {
+    /// `issue`: serve a token (subject to workspace pauses, audited); without
+    /// it, only make sure the connection is refreshed.
+    async fn token_inner(
+        self: &Arc<Self>,
+        id: &str,
+        force: bool,
+        issue: bool,
+    ) -> Result<Value, TokenError> {
         let asked_at = now_ms();
+        let paused = |ws: &str| match self.pauses.check(Some(ws)) {
+            Some(p) if issue => Err(TokenError::Paused(p)),
+            _ => Ok(()),
+        };
         if !force {
             // Warm path: a trusted entry (invalidation live, checked within
             // max age) is served with no database access and no decryption.
             if let Some(hit) = self.cache.trusted(id) {
+                paused(&hit.workspace_id)?;
                 if servable(&self.settings, &hit.stamp) {
                     metrics::counter!("nexus_token_cache_total", "result" => "hit").increment(1);
                     return Ok(self.serve_cached(id, &hit).await);
@@ -299,6 +347,7 @@ impl Tokens {
                 .token_stamp(id)
                 .await?
                 .ok_or(TokenError::NotFound)?;
+            paused(&stamp.workspace_id)?;
             if servable(&self.settings, &stamp) {
                 if let Some(hit) = self.cache.validate(id, &stamp) {
                     metrics::counter!("nexus_token_cache_total", "result" => "validated")
@@ -314,6 +363,7 @@ impl Tokens {
             .get_connection(id)
             .await?
             .ok_or(TokenError::NotFound)?;
+        paused(&c.workspace_id)?;
         usable(&c)?;
         let provider = self.registry.get(&c.provider_id).await?;
         if provider.profile.auth_type == AuthType::Oauth2 {
@@ -326,12 +376,15 @@ impl Tokens {
                     // (it may have been revoked meanwhile, by any replica).
                     usable(&c)?;
                 } else if c.expires_at.is_some_and(|e| e <= now_ms()) {
-                    return Err(self.no_refresh_token(&c).await);
+                    return Err(self.no_refresh_token(&c, &provider).await);
                 }
                 // No refresh token but still valid: serve it; nothing better exists.
             }
         }
         let body = self.response(&provider, &c)?;
+        if !issue {
+            return Ok(Value::Null);
+        }
         self.cache.put(
             &c.id,
             Cached::new(
@@ -348,9 +401,14 @@ impl Tokens {
 
     /// The token expired and there is no refresh token: the connection needs
     /// a person. Recorded (and audited) as a transition, not only answered.
-    async fn no_refresh_token(&self, c: &ConnectionRow) -> TokenError {
+    async fn no_refresh_token(&self, c: &ConnectionRow, provider: &Provider) -> TokenError {
         let description = "the access token expired and the provider issued no refresh token; re-consent is needed";
-        let ev = attention_event(c, json!({"cause": "expired_without_refresh_token"}));
+        let ev = attention(
+            c,
+            provider,
+            "no_refresh_token",
+            json!({"cause": "expired_without_refresh_token"}),
+        );
         match self
             .store
             .record_refresh_failure(
@@ -436,10 +494,47 @@ impl Tokens {
         self.cache.len()
     }
 
+    /// Records a `provider.unhealthy` audit event; at most once per provider
+    /// per [`UNHEALTHY_EVERY`] it also goes out as a webhook (one broken
+    /// client would otherwise announce itself once per connection).
+    async fn provider_unhealthy(&self, provider: &Provider, audit: AuditEvent) {
+        let announce = {
+            let mut sent = self
+                .unhealthy_sent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let due = sent
+                .get(&provider.row.id)
+                .is_none_or(|t| t.elapsed() >= UNHEALTHY_EVERY);
+            if due {
+                sent.insert(provider.row.id.clone(), Instant::now());
+            }
+            due
+        };
+        if !announce {
+            if let Err(e) = self.audit.record(audit).await {
+                tracing::error!(error = %e, "provider.unhealthy audit event not recorded");
+            }
+            return;
+        }
+        let t = Transition {
+            audit,
+            event: Some(crate::webhook::provider_event(
+                &provider.row.id,
+                &provider.profile.name,
+                "invalid_client",
+            )),
+        };
+        if let Err(e) = self.store.record_transition(&t).await {
+            tracing::error!(error = %e, "provider.unhealthy event not recorded");
+        }
+    }
+
     fn apply(&self, change: Change) {
         match change {
             Change::Connection(id) => self.cache.forget(&id),
             Change::Provider(id) => self.cache.forget_provider(&id),
+            Change::Pauses => self.pauses.changed(),
         }
     }
 
@@ -568,7 +663,12 @@ impl Tokens {
             Outcome::Revoked(code, description) => {
                 metrics::counter!("nexus_refreshes_total", "outcome" => "attention_required")
                     .increment(1);
-                let ev = attention_event(&c, json!({"cause": "refresh_rejected", "error": code}));
+                let ev = attention(
+                    &c,
+                    provider,
+                    &code,
+                    json!({"cause": "refresh_rejected", "error": code}),
+                );
                 let recorded = self
                     .store
                     .record_refresh_failure(
@@ -604,9 +704,7 @@ impl Tokens {
                     .provider(c.provider_id.clone())
                     .connection(c.id.clone())
                     .detail(json!({"cause": "invalid_client", "description": description}));
-                if let Err(e) = self.audit.record(ev).await {
-                    tracing::error!(error = %e, "provider.unhealthy audit event not recorded");
-                }
+                self.provider_unhealthy(provider, ev).await;
                 self.transient(c, owner, "invalid_client", &description, None)
                     .await
             }
@@ -1039,14 +1137,25 @@ fn theirs(before: &ConnectionRow, now: ConnectionRow) -> Result<ConnectionRow, T
 
 /// The audit event of a connection moving to `attention_required`; `detail`
 /// says why, and gains the status it leaves.
-fn attention_event(c: &ConnectionRow, mut detail: Value) -> AuditEvent {
+fn attention(c: &ConnectionRow, provider: &Provider, code: &str, mut detail: Value) -> Transition {
     detail["previous_status"] = json!(c.status);
-    AuditEvent::new("connection.attention_required")
-        .actor("system")
-        .provider(c.provider_id.clone())
-        .connection(c.id.clone())
-        .workspace(c.workspace_id.clone())
-        .detail(detail)
+    let failing = crate::store::parse_json_list(&c.failing_scopes);
+    Transition {
+        audit: AuditEvent::new("connection.attention_required")
+            .actor("system")
+            .provider(c.provider_id.clone())
+            .connection(c.id.clone())
+            .workspace(c.workspace_id.clone())
+            .detail(detail),
+        event: Some(crate::webhook::connection_event(
+            crate::webhook::CONNECTION_ATTENTION_REQUIRED,
+            c,
+            Some(&provider.profile.name),
+            "attention_required",
+            Some(code),
+            &failing,
+        )),
+    }
 }
 
 /// Aborts a task when dropped (the local listener dies with its parent).
@@ -1076,7 +1185,8 @@ fn serve_or_unavailable(c: ConnectionRow, why: &str) -> Result<ConnectionRow, To
     }
 }
 
-fn usable(c: &ConnectionRow) -> Result<(), TokenError> {
+/// Whether a connection's status lets it serve tokens (and take reports).
+pub(crate) fn usable(c: &ConnectionRow) -> Result<(), TokenError> {
     match c.status.as_str() {
         "active" | "degraded" => Ok(()),
         "pending" => Err(TokenError::Pending),

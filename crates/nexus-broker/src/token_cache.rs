@@ -206,6 +206,7 @@ mod tests {
             last_success_at: None,
             provider_id: "p".into(),
             provider_version: Some(1),
+            workspace_id: "w".into(),
         }
     }
 

@@ -124,6 +124,12 @@ struct ServerArgs {
     /// Set to false to run no background refresher on this replica.
     #[arg(long, env = "REFRESH_WORKER")]
     refresh_worker: Option<String>,
+    /// One webhook endpoint for every event (its secret: WEBHOOK_SECRET, env only).
+    #[arg(long, env = "WEBHOOK_URL")]
+    webhook_url: Option<String>,
+    /// Start with token issuance paused (true/false); lift with DELETE /admin/pause.
+    #[arg(long, env = "NEXUS_ISSUANCE_PAUSED")]
+    issuance_paused: Option<String>,
 }
 
 #[derive(Args)]
@@ -230,6 +236,15 @@ fn settings(args: &ServerArgs, state: Option<&StateDir>) -> Settings {
             .refresh_worker
             .clone()
             .or_else(|| from_state("REFRESH_WORKER")),
+        webhook_url: args
+            .webhook_url
+            .clone()
+            .or_else(|| from_state("WEBHOOK_URL")),
+        webhook_secret: secret("WEBHOOK_SECRET", state),
+        issuance_paused: args
+            .issuance_paused
+            .clone()
+            .or_else(|| from_state("NEXUS_ISSUANCE_PAUSED")),
     }
 }
 
@@ -329,6 +344,12 @@ async fn run() -> Result<()> {
                 println!("ENCRYPTION_KEY={}", generate_key_b64().expose());
                 println!("STATE_KEY={}", generate_key_b64().expose());
                 println!("API_KEY={}", generate_api_key().expose());
+                println!(
+                    "WEBHOOK_SECRET={}",
+                    nexus_broker::webhook::WebhookSecret::generate()
+                        .encoded()
+                        .expose()
+                );
                 eprintln!(
                     "# To rotate the encryption key, see README \"Rotating the encryption key\": \
                      add it second, then first, in ENCRYPTION_KEYS, then run `nexus keys rewrap`."
@@ -360,6 +381,8 @@ async fn up(args: UpArgs) -> Result<()> {
         refresh_jitter_secs: env_var("REFRESH_JITTER_SECS"),
         token_cache_capacity: env_var("TOKEN_CACHE_CAPACITY"),
         refresh_worker: env_var("REFRESH_WORKER"),
+        webhook_url: env_var("WEBHOOK_URL"),
+        issuance_paused: env_var("NEXUS_ISSUANCE_PAUSED"),
     };
     let config =
         BrokerConfig::from_settings(&settings(&server, Some(&state))).with_context(|| {

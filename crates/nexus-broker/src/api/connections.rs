@@ -7,8 +7,10 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
+use super::extract::{ApiJson, Caller};
 use super::AppState;
 use crate::handshake::parse_list;
+use crate::scope::{ReportError, ScopeReport};
 use crate::store::{rfc3339, ConnectionRow};
 use crate::token::TokenError;
 
@@ -30,6 +32,13 @@ impl From<TokenError> for ApiError {
             }
             TokenError::Unusable(_) => {
                 ApiError::new(StatusCode::CONFLICT, "connection_unusable", msg)
+            }
+            TokenError::Paused(p) => {
+                let scope = crate::pause::scope_name(&p.scope);
+                ApiError::new(StatusCode::LOCKED, "issuance_paused", msg)
+                    .with("reason", p.reason)
+                    .with("paused_scope", scope)
+                    .with("paused_at", rfc3339(p.paused_at))
             }
             TokenError::Store(s) => s.into(),
         }
@@ -91,7 +100,7 @@ pub async fn list(
     ))
 }
 
-/// `GET /connections/{id}`.
+/// `GET /connections/{id}`: health, with what the scope reports said.
 pub async fn get(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -101,7 +110,50 @@ pub async fn get(
         .get_connection(&id)
         .await?
         .ok_or(TokenError::NotFound)?;
-    Ok(Json(view(&c)))
+    let mut v = view(&c);
+    v["scope_failures"] = json!(st.store().scope_failures(&id).await?);
+    Ok(Json(v))
+}
+
+/// `DELETE /connections/{id}`: revoke at the provider (RFC 7009), erase here.
+pub async fn revoke(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    let r = st.tokens().revoke(&id, &caller.admin()).await?;
+    Ok(Json(json!(r)))
+}
+
+impl From<ReportError> for ApiError {
+    fn from(e: ReportError) -> Self {
+        match e {
+            ReportError::Invalid(code, m) => ApiError::bad_request(code, m),
+            ReportError::RateLimited(wait) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many scope reports for this connection; retry later",
+            )
+            .retry_after(wait.as_secs().max(1)),
+            ReportError::Token(t) => t.into(),
+        }
+    }
+}
+
+/// `POST /connections/{id}/scope-failures` → 202 with what the report did.
+pub async fn scope_failures(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    caller: Caller,
+    ApiJson(report): ApiJson<ScopeReport>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let actor = crate::registry::Actor {
+        name: "agent".into(),
+        ip: caller.ip,
+        user_agent: caller.user_agent,
+    };
+    let outcome = st.scopes().report(&id, report, &actor).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!(outcome))))
 }
 
 /// `GET /workspaces/{id}/connections/status` → `{workspace_id, connections: {id: health}, any_needs_attention}`.
@@ -116,8 +168,9 @@ pub async fn status(
         v["needs_attention"] = json!(needs_attention(c));
         by_id.insert(c.id.clone(), v);
     }
+    let paused = st.pauses().check(Some(&ws)).map(|p| crate::pause::view(&p));
     Ok(Json(
-        json!({"workspace_id": ws, "connections": by_id, "any_needs_attention": rows.iter().any(needs_attention)}),
+        json!({"workspace_id": ws, "connections": by_id, "any_needs_attention": rows.iter().any(needs_attention), "issuance_paused": paused}),
     ))
 }
 

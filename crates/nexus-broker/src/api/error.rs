@@ -21,6 +21,8 @@ pub struct ApiError {
     pub message: String,
     /// Extra context fields merged into the body.
     pub context: Map<String, Value>,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -31,7 +33,14 @@ impl ApiError {
             code,
             message: message.into(),
             context: Map::new(),
+            retry_after: None,
         }
+    }
+
+    /// Adds `Retry-After` (and `retry_after_secs` in the body).
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self.with("retry_after_secs", secs)
     }
 
     /// Adds a context field.
@@ -61,7 +70,12 @@ impl IntoResponse for ApiError {
         let mut body = self.context;
         body.insert("error".into(), Value::String(self.code.into()));
         body.insert("message".into(), Value::String(self.message));
-        (self.status, axum::Json(Value::Object(body))).into_response()
+        let mut resp = (self.status, axum::Json(Value::Object(body))).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
     }
 }
 

@@ -20,11 +20,14 @@ use crate::config::BrokerConfig;
 use crate::discovery::Discovery;
 use crate::handshake::Handshakes;
 use crate::outbound::{self, OutboundError};
+use crate::pause::Pauses;
 use crate::registry::Registry;
+use crate::scope::ScopeReports;
 use crate::shared_cache::SharedCache;
 use crate::store::Store;
 use crate::telemetry;
 use crate::token::Tokens;
+use crate::webhook::Webhooks;
 
 pub mod audit;
 pub mod capture;
@@ -34,7 +37,9 @@ pub mod extract;
 pub mod guard;
 pub mod handshake;
 pub mod ops;
+pub mod pauses;
 pub mod providers;
+pub mod webhooks;
 
 use error::ApiError;
 
@@ -50,6 +55,8 @@ struct Inner {
     registry: Registry,
     handshakes: Handshakes,
     tokens: Arc<Tokens>,
+    scopes: ScopeReports,
+    webhooks: Arc<Webhooks>,
     audit: AuditSink,
     metrics: PrometheusHandle,
 }
@@ -67,6 +74,7 @@ impl AppState {
         let http = outbound::client(config.provider_timeout)?;
         let discovery =
             Arc::new(Discovery::new(http.clone(), store.clone()).with_shared_cache(shared));
+        let pauses = Arc::new(Pauses::new(store.clone()));
         let tokens = Arc::new(Tokens::new(
             store.clone(),
             registry.clone(),
@@ -75,6 +83,19 @@ impl AppState {
             http.clone(),
             audit.clone(),
             config.refresh,
+            pauses,
+        ));
+        let scopes = ScopeReports::new(
+            store.clone(),
+            registry.clone(),
+            tokens.clone(),
+            config.scope,
+        );
+        let webhooks = Arc::new(Webhooks::new(
+            store.clone(),
+            config.keys.clone(),
+            outbound::client(config.webhooks.timeout)?,
+            config.webhooks,
         ));
         let handshakes = Handshakes::new(&config, store.clone(), registry.clone(), discovery, http);
         Ok(Self {
@@ -84,6 +105,8 @@ impl AppState {
                 registry,
                 handshakes,
                 tokens,
+                scopes,
+                webhooks,
                 audit,
                 metrics,
             }),
@@ -113,6 +136,21 @@ impl AppState {
     /// The token service.
     pub fn tokens(&self) -> &Arc<Tokens> {
         &self.inner.tokens
+    }
+
+    /// Scope failure reports.
+    pub fn scopes(&self) -> &ScopeReports {
+        &self.inner.scopes
+    }
+
+    /// Webhook endpoints and delivery.
+    pub fn webhooks(&self) -> &Arc<Webhooks> {
+        &self.inner.webhooks
+    }
+
+    /// Issuance pauses.
+    pub fn pauses(&self) -> &Arc<Pauses> {
+        self.inner.tokens.pauses()
     }
 
     /// Queue for audit events written off the request path.
@@ -162,13 +200,38 @@ pub fn router(state: AppState) -> Router {
         .route("/audit", get(audit::list))
         .route("/auth/consent-spec", post(handshake::consent_spec))
         .route("/connections", get(connections::list))
-        .route("/connections/{id}", get(connections::get))
+        .route(
+            "/connections/{id}",
+            get(connections::get).delete(connections::revoke),
+        )
         .route("/connections/{id}/token", get(connections::token))
         .route("/connections/{id}/refresh", post(connections::refresh))
+        .route(
+            "/connections/{id}/scope-failures",
+            post(connections::scope_failures),
+        )
         .route(
             "/workspaces/{id}/connections/status",
             get(connections::status),
         )
+        .route(
+            "/workspaces/{id}/pause",
+            get(pauses::workspace_get)
+                .put(pauses::workspace_pause)
+                .delete(pauses::workspace_resume),
+        )
+        .route(
+            "/admin/pause",
+            get(pauses::operator_get)
+                .post(pauses::operator_pause)
+                .delete(pauses::operator_resume),
+        )
+        .route("/webhooks", post(webhooks::create).get(webhooks::list))
+        .route(
+            "/webhooks/{id}",
+            get(webhooks::get).delete(webhooks::delete),
+        )
+        .route("/webhooks/{id}/deliveries", get(webhooks::deliveries))
         .route_layer(from_fn_with_state(state.clone(), guard::require_api_key))
         .route_layer(from_fn_with_state(state.clone(), guard::allow_cidrs));
 

@@ -1,7 +1,8 @@
 //! Change notifications for caches of what the store holds.
 //!
 //! Every store method that changes what a token response shows (a
-//! connection's credentials, status, scopes or expiry; a provider's profile)
+//! connection's credentials, status, scopes or expiry; a provider's profile;
+//! the issuance pauses)
 //! publishes a [`Change`] to this process's subscribers after it commits. On
 //! PostgreSQL, triggers (migration `0006_change_notify`) also `NOTIFY` every
 //! such change on [`CHANNEL`], whoever made it, so other replicas hear of it
@@ -21,14 +22,17 @@ pub enum Change {
     Connection(String),
     /// A provider's profile (every connection of it is affected).
     Provider(String),
+    /// The issuance pauses (kill switch).
+    Pauses,
 }
 
 impl Change {
-    /// Parses a notification payload (`c:<id>` or `p:<id>`).
+    /// Parses a notification payload (`c:<id>`, `p:<id>` or `w:`).
     pub fn parse(payload: &str) -> Option<Self> {
         match payload.split_once(':') {
             Some(("c", id)) => Some(Change::Connection(id.to_string())),
             Some(("p", id)) => Some(Change::Provider(id.to_string())),
+            Some(("w", _)) => Some(Change::Pauses),
             _ => None,
         }
     }

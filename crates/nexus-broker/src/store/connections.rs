@@ -2,8 +2,87 @@
 
 use sqlx::Row;
 
+use super::webhooks::{insert_outbox, OutboxEvent};
 use super::{now_ms, on_pool, Change, Store, StoreError};
 use crate::audit::AuditEvent;
+
+/// A state change's record: its audit event and, for the transitions people
+/// must hear about, its webhook event. Both commit with the change.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    /// Audit event.
+    pub audit: AuditEvent,
+    /// Outbox event, when the transition is one webhooks announce.
+    pub event: Option<OutboxEvent>,
+}
+
+/// What a scope report changes, decided under the connection's row lock.
+#[derive(Debug, Clone, Default)]
+pub struct ScopeDelta {
+    /// Scopes failing for the first time.
+    pub added: Vec<String>,
+    /// Scopes already failing, reported again after the de-duplication window.
+    pub renewed: Vec<String>,
+    /// Scopes already failing, reported again inside the window (counted only).
+    pub repeated: Vec<String>,
+    /// Scopes that were failing and are reported working.
+    pub cleared: Vec<String>,
+    /// Failing scopes after the report.
+    pub failing_after: Vec<String>,
+    /// Status after the report (`active` or `degraded`).
+    pub status_after: String,
+}
+
+/// What a scope report records, given the row before it and the change it
+/// makes: audit events, and the webhook event if it is one people must hear of.
+pub type RecordScopeReport<'a> =
+    dyn Fn(&ConnectionRow, &ScopeDelta) -> (Vec<AuditEvent>, Option<OutboxEvent>) + Sync + 'a;
+
+/// One scope report, validated (see `crate::scope`).
+#[derive(Debug, Clone)]
+pub struct ScopeReportRow {
+    /// Scopes that failed (empty for a success-only report).
+    pub failing: Vec<String>,
+    /// Scopes that worked.
+    pub ok: Vec<String>,
+    /// 401 or 403 (0 for a success-only report).
+    pub status: i64,
+    /// HTTP method of the failed call.
+    pub method: Option<String>,
+    /// Host of the failed call.
+    pub host: Option<String>,
+    /// Path template of the failed call (never a concrete path with ids).
+    pub path_template: Option<String>,
+    /// What the provider said (error code or short text).
+    pub provider_error: Option<String>,
+    /// When the agent saw it (unix ms).
+    pub observed_at: i64,
+    /// Repeats of a failing scope within this many ms are only counted.
+    pub window_ms: i64,
+}
+
+/// A failing scope, as the health API shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScopeFailureView {
+    /// Scope.
+    pub scope: String,
+    /// RFC 3339.
+    pub first_seen_at: String,
+    /// RFC 3339.
+    pub last_seen_at: String,
+    /// Reports received.
+    pub reports: i64,
+    /// 401 or 403.
+    pub last_status: i64,
+    /// Method of the last failing call.
+    pub method: Option<String>,
+    /// Host of the last failing call.
+    pub host: Option<String>,
+    /// Path template of the last failing call.
+    pub path_template: Option<String>,
+    /// What the provider said.
+    pub provider_error: Option<String>,
+}
 
 /// A stored connection. Token columns are vault envelopes bound to this row.
 #[derive(Debug, Clone)]
@@ -137,6 +216,8 @@ pub struct TokenStamp {
     pub provider_id: String,
     /// The live provider's version; `None` once it is deleted.
     pub provider_version: Option<i64>,
+    /// Workspace (never changes; here so a workspace pause needs no other read).
+    pub workspace_id: String,
 }
 
 impl TokenStamp {
@@ -152,6 +233,7 @@ impl TokenStamp {
             last_success_at: c.last_success_at,
             provider_id: c.provider_id.clone(),
             provider_version: Some(provider_version),
+            workspace_id: c.workspace_id.clone(),
         }
     }
 }
@@ -362,7 +444,7 @@ impl Store {
         on_pool!(self, pool => {
             let row = sqlx::query(
                 "SELECT c.status, c.version, c.granted_scopes, c.failing_scopes, c.token_type, c.expires_at,
-                        c.last_success_at, c.provider_id, p.version AS provider_version
+                        c.last_success_at, c.provider_id, p.version AS provider_version, c.workspace_id
                    FROM connections c
                    LEFT JOIN providers p ON p.id = c.provider_id AND p.deleted_at IS NULL
                   WHERE c.id = $1",
@@ -381,6 +463,7 @@ impl Store {
                     last_success_at: r.try_get("last_success_at")?,
                     provider_id: r.try_get("provider_id")?,
                     provider_version: r.try_get("provider_version")?,
+                    workspace_id: r.try_get("workspace_id")?,
                 })
             })
             .transpose()
@@ -425,7 +508,7 @@ impl Store {
     }
 
     /// Records a failed refresh. With `attention`, the connection needs a person
-    /// (status `attention_required`, audited in the same transaction).
+    /// (status `attention_required`, audited and announced in the same transaction).
     #[allow(clippy::too_many_arguments)]
     pub async fn record_refresh_failure(
         &self,
@@ -435,7 +518,7 @@ impl Store {
         code: &str,
         description: &str,
         retry_at: Option<i64>,
-        attention: Option<&AuditEvent>,
+        attention: Option<&Transition>,
     ) -> Result<bool, StoreError> {
         let now = now_ms();
         on_pool!(self, pool => {
@@ -463,8 +546,11 @@ impl Store {
                 tx.rollback().await?;
                 return Ok(false);
             }
-            if let Some(ev) = attention {
-                super::audit::insert_one(&mut *tx, ev).await?;
+            if let Some(t) = attention {
+                super::audit::insert_one(&mut *tx, &t.audit).await?;
+                if let Some(ev) = &t.event {
+                    insert_outbox(&mut tx, ev).await?;
+                }
             }
             tx.commit().await?;
         });
@@ -479,17 +565,19 @@ impl Store {
         &self,
         id: &str,
         a: &Activation,
-        audit: &AuditEvent,
+        t: &Transition,
     ) -> Result<(), StoreError> {
         let now = now_ms();
+        let still_failing = super::parse_json_list(&a.failing_scopes);
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
+            // Scopes still failing after this consent keep the connection degraded.
             let res = sqlx::query(
-                "UPDATE connections SET status = 'active', access_token = $1, refresh_token = COALESCE($2, refresh_token), id_token = $3,
+                "UPDATE connections SET status = CASE WHEN $9 = '[]' THEN 'active' ELSE 'degraded' END, access_token = $1, refresh_token = COALESCE($2, refresh_token), id_token = $3,
                     credentials = $4, token_type = $5, expires_at = $6, granted_scopes = $7, identity = $8,
                     failing_scopes = $9, last_success_at = $10, error_code = NULL, error_description = NULL,
                     consecutive_failures = 0, version = version + 1, updated_at = $10, next_refresh_at = $12,
-                    lease_owner = NULL, lease_until = NULL
+                    lease_owner = NULL, lease_until = NULL, unauthorized_refresh_at = NULL
                  WHERE id = $11",
             )
             .bind(&a.access_token)
@@ -509,11 +597,243 @@ impl Store {
             if res.rows_affected() == 0 {
                 return Err(StoreError::NotFound);
             }
-            super::audit::insert_one(&mut *tx, audit).await?;
+            // The consent fixed every failing scope it granted: their details go too.
+            let rows = sqlx::query("SELECT scope FROM scope_failures WHERE connection_id = $1")
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?;
+            for row in &rows {
+                let scope: String = row.try_get("scope")?;
+                if !still_failing.contains(&scope) {
+                    sqlx::query("DELETE FROM scope_failures WHERE connection_id = $1 AND scope = $2")
+                        .bind(id)
+                        .bind(&scope)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            super::audit::insert_one(&mut *tx, &t.audit).await?;
+            if let Some(ev) = &t.event {
+                insert_outbox(&mut tx, ev).await?;
+            }
             tx.commit().await?;
         });
         self.publish(Change::Connection(id.to_string()));
         Ok(())
+    }
+
+    /// Records an event that changes no row (e.g. `provider.unhealthy`): its
+    /// audit event and webhook event, in one transaction.
+    pub async fn record_transition(&self, t: &Transition) -> Result<(), StoreError> {
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            super::audit::insert_one(&mut *tx, &t.audit).await?;
+            if let Some(ev) = &t.event {
+                insert_outbox(&mut tx, ev).await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// Revokes a connection: status `revoked`, every secret erased, nothing
+    /// scheduled; with its audit and webhook events. Returns the row as it
+    /// was, or `None` when it was already revoked (nothing written).
+    pub async fn revoke_connection(
+        &self,
+        id: &str,
+        t: &(dyn Fn(&ConnectionRow) -> Transition + Sync),
+    ) -> Result<Option<ConnectionRow>, StoreError> {
+        let now = now_ms();
+        let select = format!("SELECT {CONNECTION_COLUMNS} FROM connections WHERE id = $1");
+        let before = on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            // Write first: takes the row lock (PostgreSQL) or the write lock
+            // (SQLite) before reading, so nothing changes in between.
+            let locked = sqlx::query("UPDATE connections SET updated_at = updated_at WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            if locked.rows_affected() == 0 {
+                return Err(StoreError::NotFound);
+            }
+            let row = sqlx::query(&select).bind(id).fetch_one(&mut *tx).await?;
+            let before = connection_from_row(&row)?;
+            if before.status == "revoked" {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+            sqlx::query(
+                "UPDATE connections SET status = 'revoked', access_token = NULL, refresh_token = NULL, id_token = NULL,
+                    credentials = NULL, next_refresh_at = NULL, lease_owner = NULL, lease_until = NULL,
+                    version = version + 1, updated_at = $1, unauthorized_refresh_at = NULL
+                 WHERE id = $2",
+            )
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            let t = t(&before);
+            super::audit::insert_one(&mut *tx, &t.audit).await?;
+            if let Some(ev) = &t.event {
+                insert_outbox(&mut tx, ev).await?;
+            }
+            tx.commit().await?;
+            before
+        });
+        self.publish(Change::Connection(id.to_string()));
+        Ok(Some(before))
+    }
+
+    /// Applies a scope report under the connection's lock: records each
+    /// failing scope (first/last seen, count), clears the ones reported
+    /// working, moves the connection between `active` and `degraded`, and
+    /// writes what `record` makes of the change (audit events, a webhook
+    /// event) in the same transaction. A connection that is not usable is
+    /// returned untouched with `None`.
+    pub async fn apply_scope_report(
+        &self,
+        id: &str,
+        r: &ScopeReportRow,
+        record: &RecordScopeReport<'_>,
+    ) -> Result<(ConnectionRow, Option<ScopeDelta>), StoreError> {
+        let now = now_ms();
+        let select = format!("SELECT {CONNECTION_COLUMNS} FROM connections WHERE id = $1");
+        let (before, delta, moved) = on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let locked = sqlx::query("UPDATE connections SET updated_at = updated_at WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            if locked.rows_affected() == 0 {
+                return Err(StoreError::NotFound);
+            }
+            let row = sqlx::query(&select).bind(id).fetch_one(&mut *tx).await?;
+            let before = connection_from_row(&row)?;
+            if !matches!(before.status.as_str(), "active" | "degraded") {
+                tx.rollback().await?;
+                return Ok((before, None));
+            }
+            let rows = sqlx::query("SELECT scope, recorded_at FROM scope_failures WHERE connection_id = $1")
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?;
+            let mut recorded = std::collections::HashMap::new();
+            for row in &rows {
+                recorded.insert(row.try_get::<String, _>("scope")?, row.try_get::<i64, _>("recorded_at")?);
+            }
+            let current = super::parse_json_list(&before.failing_scopes);
+            let delta = scope_delta(&current, &recorded, r, now);
+            for scope in &r.failing {
+                let fresh = !delta.repeated.contains(scope);
+                sqlx::query(
+                    "INSERT INTO scope_failures (connection_id, scope, first_seen_at, last_seen_at, reports, recorded_at,
+                        last_status, last_method, last_host, last_path, provider_error)
+                     VALUES ($1, $2, $3, $3, 1, $4, $5, $6, $7, $8, $9)
+                     ON CONFLICT (connection_id, scope) DO UPDATE SET last_seen_at = $3, reports = scope_failures.reports + 1,
+                        recorded_at = CASE WHEN $10 = 1 THEN $4 ELSE scope_failures.recorded_at END,
+                        last_status = $5, last_method = $6, last_host = $7, last_path = $8, provider_error = $9",
+                )
+                .bind(id)
+                .bind(scope)
+                .bind(r.observed_at)
+                .bind(now)
+                .bind(r.status)
+                .bind(&r.method)
+                .bind(&r.host)
+                .bind(&r.path_template)
+                .bind(&r.provider_error)
+                .bind(i64::from(fresh))
+                .execute(&mut *tx)
+                .await?;
+            }
+            for scope in &delta.cleared {
+                sqlx::query("DELETE FROM scope_failures WHERE connection_id = $1 AND scope = $2")
+                    .bind(id)
+                    .bind(scope)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let moved = delta.failing_after != current || delta.status_after != before.status;
+            if moved {
+                sqlx::query("UPDATE connections SET failing_scopes = $1, status = $2, updated_at = $3 WHERE id = $4")
+                    .bind(super::json_list(&delta.failing_after))
+                    .bind(&delta.status_after)
+                    .bind(now)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let (audits, event) = record(&before, &delta);
+            for a in &audits {
+                super::audit::insert_one(&mut *tx, a).await?;
+            }
+            if let Some(ev) = &event {
+                insert_outbox(&mut tx, ev).await?;
+            }
+            tx.commit().await?;
+            (before, delta, moved)
+        });
+        if moved {
+            self.publish(Change::Connection(id.to_string()));
+        }
+        Ok((before, Some(delta)))
+    }
+
+    /// Notes that a 401 report made the broker refresh this connection.
+    pub async fn mark_unauthorized_refresh(&self, id: &str, at: i64) -> Result<(), StoreError> {
+        on_pool!(self, pool => {
+            sqlx::query("UPDATE connections SET unauthorized_refresh_at = $1 WHERE id = $2")
+                .bind(at)
+                .bind(id)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// When a 401 report last made the broker refresh this connection.
+    pub async fn unauthorized_refresh_at(&self, id: &str) -> Result<Option<i64>, StoreError> {
+        on_pool!(self, pool => {
+            let row = sqlx::query("SELECT unauthorized_refresh_at FROM connections WHERE id = $1")
+                .bind(id)
+                .fetch_optional(pool)
+                .await?;
+            Ok(match row {
+                Some(r) => r.try_get("unauthorized_refresh_at")?,
+                None => None,
+            })
+        })
+    }
+
+    /// The failing scopes of a connection, with what was reported.
+    pub async fn scope_failures(&self, id: &str) -> Result<Vec<ScopeFailureView>, StoreError> {
+        on_pool!(self, pool => {
+            let rows = sqlx::query(
+                "SELECT scope, first_seen_at, last_seen_at, reports, last_status, last_method, last_host, last_path,
+                        provider_error
+                   FROM scope_failures WHERE connection_id = $1 ORDER BY scope",
+            )
+            .bind(id)
+            .fetch_all(pool)
+            .await?;
+            rows.iter()
+                .map(|r| -> Result<ScopeFailureView, sqlx::Error> {
+                    Ok(ScopeFailureView {
+                        scope: r.try_get("scope")?,
+                        first_seen_at: super::rfc3339(r.try_get("first_seen_at")?),
+                        last_seen_at: super::rfc3339(r.try_get("last_seen_at")?),
+                        reports: r.try_get("reports")?,
+                        last_status: r.try_get("last_status")?,
+                        method: r.try_get("last_method")?,
+                        host: r.try_get("last_host")?,
+                        path_template: r.try_get("last_path")?,
+                        provider_error: r.try_get("provider_error")?,
+                    })
+                })
+                .collect::<Result<_, _>>()
+                .map_err(StoreError::from)
+        })
     }
 
     /// Takes the refresh lease of one connection for `owner` until `until`,
@@ -682,4 +1002,82 @@ where
         .bind(i64::from(hs.is_reconnect))
         .bind(hs.expires_at)
         .bind(now)
+}
+
+/// What a report does to the failing set (pure; see [`Store::apply_scope_report`]).
+fn scope_delta(
+    current: &[String],
+    recorded: &std::collections::HashMap<String, i64>,
+    r: &ScopeReportRow,
+    now: i64,
+) -> ScopeDelta {
+    let mut d = ScopeDelta::default();
+    for s in &r.failing {
+        if !current.contains(s) {
+            d.added.push(s.clone());
+        } else if recorded.get(s).is_some_and(|at| now - at < r.window_ms) {
+            d.repeated.push(s.clone());
+        } else {
+            d.renewed.push(s.clone());
+        }
+    }
+    // A scope reported both failing and working in one report stays failing.
+    d.cleared =
+        r.ok.iter()
+            .filter(|s| current.contains(s) && !r.failing.contains(s))
+            .cloned()
+            .collect();
+    d.failing_after = current
+        .iter()
+        .filter(|s| !d.cleared.contains(s))
+        .cloned()
+        .chain(d.added.iter().cloned())
+        .collect();
+    d.status_after = if d.failing_after.is_empty() {
+        "active".into()
+    } else {
+        "degraded".into()
+    };
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(failing: &[&str], ok: &[&str]) -> ScopeReportRow {
+        ScopeReportRow {
+            failing: failing.iter().map(|s| s.to_string()).collect(),
+            ok: ok.iter().map(|s| s.to_string()).collect(),
+            status: 403,
+            method: None,
+            host: None,
+            path_template: None,
+            provider_error: None,
+            observed_at: 0,
+            window_ms: 60_000,
+        }
+    }
+
+    #[test]
+    fn failing_scopes_are_a_union_with_repeats_and_clears() {
+        let cur = vec!["a".to_string(), "b".to_string()];
+        let mut rec = std::collections::HashMap::new();
+        rec.insert("a".to_string(), 1_000_000);
+        rec.insert("b".to_string(), 0);
+        let d = scope_delta(&cur, &rec, &report(&["a", "b", "c"], &[]), 1_030_000);
+        assert_eq!(d.added, ["c"]);
+        assert_eq!(d.repeated, ["a"]);
+        assert_eq!(d.renewed, ["b"]);
+        assert_eq!(d.failing_after, ["a", "b", "c"]);
+        assert_eq!(d.status_after, "degraded");
+
+        let d = scope_delta(&cur, &rec, &report(&[], &["a", "b", "zzz"]), 0);
+        assert_eq!(d.cleared, ["a", "b"]);
+        assert!(d.failing_after.is_empty());
+        assert_eq!(d.status_after, "active");
+
+        let d = scope_delta(&cur, &rec, &report(&["a"], &["a"]), 0);
+        assert!(d.cleared.is_empty(), "failing wins within one report");
+    }
 }

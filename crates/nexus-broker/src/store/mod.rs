@@ -22,15 +22,22 @@ mod audit;
 pub mod changes;
 mod connections;
 mod http_cache;
+mod pauses;
 mod providers;
 mod secrets;
+mod webhooks;
 
 pub use audit::{AuditFilter, AuditRecord};
 pub use changes::Change;
-pub use connections::{Activation, ConnectionRow, Consumed, HandshakeRow, Refreshed, TokenStamp};
+pub use connections::{
+    Activation, ConnectionRow, Consumed, HandshakeRow, Refreshed, ScopeDelta, ScopeFailureView,
+    ScopeReportRow, TokenStamp, Transition,
+};
 pub use http_cache::CachedDoc;
+pub use pauses::{PauseRow, PauseScope};
 pub use providers::{NewProvider, ProviderRow, ProviderUpdate, SecretUpdate};
 pub use secrets::{EncryptedColumn, ENCRYPTED_COLUMNS};
+pub use webhooks::{Attempt, AttemptResult, DeliveryJob, DeliveryView, EndpointRow, OutboxEvent};
 
 /// Runs `$body` with `$pool` bound to the concrete pool of either backend.
 macro_rules! on_pool {
@@ -123,6 +130,16 @@ impl StoreError {
             _ => StoreError::Db(e),
         }
     }
+}
+
+/// Parses a stored JSON array of strings (unreadable → empty).
+pub(crate) fn parse_json_list(s: &str) -> Vec<String> {
+    serde_json::from_str(s).unwrap_or_default()
+}
+
+/// A JSON array of strings, as stored.
+pub(crate) fn json_list(v: &[String]) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
 }
 
 /// Current time in unix milliseconds, the timestamp unit of every table.

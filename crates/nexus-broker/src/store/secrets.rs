@@ -48,6 +48,11 @@ pub const ENCRYPTED_COLUMNS: &[EncryptedColumn] = &[
         id_column: "id",
         column: "code_verifier",
     },
+    EncryptedColumn {
+        table: "webhook_endpoints",
+        id_column: "id",
+        column: "secret",
+    },
 ];
 
 impl EncryptedColumn {

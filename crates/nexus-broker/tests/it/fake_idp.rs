@@ -65,6 +65,8 @@ pub struct Knobs {
     pub omit_expiry: bool,
     /// `Retry-After` header value on `Raw` answers.
     pub retry_after: Option<&'static str>,
+    /// The revocation endpoint answers 503 this many times before 200.
+    pub revocation_unavailable: usize,
 }
 
 #[derive(Default)]
@@ -79,6 +81,8 @@ pub struct Counters {
     /// Unix ms of the last refresh request.
     pub last_refresh_at: i64,
     pub last_token_auth: Option<String>,
+    pub revocation_requests: usize,
+    pub last_revocation_form: Map<String, Value>,
 }
 
 pub struct FakeIdp {
@@ -118,6 +122,7 @@ impl FakeIdp {
                 rotate: true,
                 omit_expiry: false,
                 retry_after: None,
+                revocation_unavailable: 0,
             }),
             counters: Mutex::new(Counters::default()),
             key_pkcs8: pkcs8.as_ref().to_vec(),
@@ -129,6 +134,7 @@ impl FakeIdp {
             .route("/jwks", get(jwks))
             .route("/token", post(token))
             .route("/userinfo", get(userinfo))
+            .route("/revoke", post(revoke))
             .with_state(idp.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -226,6 +232,34 @@ async fn discovery(State(idp): State<Arc<FakeIdp>>, headers: HeaderMap) -> Respo
         Json(doc),
     )
         .into_response()
+}
+
+/// RFC 7009: 200 for any token of an authenticated client; 503 (with
+/// Retry-After) while `revocation_unavailable` lasts.
+async fn revoke(State(idp): State<Arc<FakeIdp>>, Form(form): Form<Map<String, Value>>) -> Response {
+    {
+        let mut c = idp.counters();
+        c.revocation_requests += 1;
+        c.last_revocation_form = form.clone();
+    }
+    let mut k = idp.knobs();
+    if k.revocation_unavailable > 0 {
+        k.revocation_unavailable -= 1;
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [("retry-after", "0")],
+            "busy",
+        )
+            .into_response();
+    }
+    if form.get("client_secret").and_then(Value::as_str) != Some("fake-client-secret") {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "invalid_client"})),
+        )
+            .into_response();
+    }
+    StatusCode::OK.into_response()
 }
 
 async fn jwks(State(idp): State<Arc<FakeIdp>>) -> Json<Value> {

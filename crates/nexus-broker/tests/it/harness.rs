@@ -284,8 +284,24 @@ impl TestBroker {
     }
 
     pub async fn start_on(db: TestDb, settings: Settings) -> TestBroker {
+        Self::start_with(db, settings, |_| {}).await
+    }
+
+    /// Like [`TestBroker::start_on`], with the validated config adjusted
+    /// (tuning that has no environment variable).
+    pub async fn start_with(
+        db: TestDb,
+        settings: Settings,
+        tune: impl FnOnce(&mut BrokerConfig),
+    ) -> TestBroker {
         init_logs();
-        let config = BrokerConfig::from_settings(&settings).expect("valid test config");
+        let mut config = BrokerConfig::from_settings(&settings).expect("valid test config");
+        // Webhooks are delivered promptly and retried quickly in tests.
+        config.webhooks.tick = std::time::Duration::from_millis(100);
+        config.webhooks.backoff_base = std::time::Duration::from_millis(200);
+        config.webhooks.backoff_cap = std::time::Duration::from_millis(500);
+        config.webhooks.timeout = std::time::Duration::from_secs(2);
+        tune(&mut config);
         let broker = Broker::start(config).await.expect("broker starts");
         let base = format!("http://{}", broker.local_addr());
         let state = broker.state().clone();

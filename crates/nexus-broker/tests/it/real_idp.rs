@@ -456,7 +456,175 @@ async fn real_provider_background_refresh_by_two_replicas_keeps_the_grant(b: Bac
     t.finish().await;
 }
 
+/// Calls the peer's scope-enforcing API with a token; status and WWW-Authenticate.
+async fn resource(peer: &OidcPeer, token: &str, scope: &str) -> (StatusCode, Option<String>) {
+    let resp = reqwest::Client::new()
+        .get(format!("{}/api/resource?scope={scope}", peer.issuer))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let www = resp
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_string());
+    (resp.status(), www)
+}
+
+async fn real_provider_partial_scope_withdrawal_reconsent_and_revocation(b: Backend) {
+    let port = TestBroker::free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let redirect = format!("{base}/auth/callback");
+    let Some(peer) = OidcPeer::start(
+        json!([client("nexus", "client_secret_post", &redirect)]),
+        &[],
+    )
+    .await
+    else {
+        return;
+    };
+    let receiver = crate::webhooks::Receiver::start().await;
+    let t = TestBroker::start_public(&b, |s| {
+        s.broker_addr = Some(format!("127.0.0.1:{port}"));
+        s.base_url = Some(base.clone());
+    })
+    .await;
+    crate::webhooks::subscribe(&t, &receiver, json!(["*"])).await;
+    t.create_provider(json!({
+        "name": "idp", "auth_type": "oauth2", "client_id": "nexus", "client_secret": "nexus-secret",
+        "auth_header": "client_secret_post", "issuer": peer.issuer, "enable_discovery": true,
+        "scopes": ["openid", "email", "profile", "calendar.read"]
+    }))
+    .await;
+    let browser = browser();
+    let (s, spec) = t
+        .post(
+            "/auth/consent-spec",
+            json!({"workspace_id": "ws-scope", "provider_name": "idp", "return_url": RETURN_URL}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{spec}");
+    let back = consent(&browser, spec["authUrl"].as_str().unwrap(), &base).await;
+    assert_eq!(q(&back, "status").as_deref(), Some("success"), "{back}");
+    let id = spec["connection_id"].as_str().unwrap().to_string();
+    let token_path = format!("/connections/{id}/token");
+    let (_, tok) = t.get(&token_path).await;
+    let at = tok["access_token"].as_str().unwrap().to_string();
+    assert_eq!(
+        resource(&peer, &at, "calendar.read").await.0,
+        StatusCode::OK
+    );
+
+    // The person withdraws calendar.read at the provider.
+    let removed: Value = reqwest::Client::new()
+        .post(format!("{}/__admin/remove-scope", peer.issuer))
+        .json(&json!({"sub": "alice", "client_id": "nexus", "scope": "calendar.read"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(removed["updated"], 1, "{removed}");
+    let (status, www) = resource(&peer, &at, "calendar.read").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // What an agent's bridge reports: the provider's own header.
+    let (s, out) = t
+        .post(
+            &format!("/connections/{id}/scope-failures"),
+            json!({"status": 403, "www_authenticate": www.unwrap(), "method": "GET",
+                   "host": "127.0.0.1", "path_template": "/api/resource"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{out}");
+    assert_eq!(out["status"], "degraded");
+    assert_eq!(
+        out["failing_scopes"],
+        json!(["calendar.read"]),
+        "exactly that scope"
+    );
+    // Other scopes are still served.
+    let (s, tok) = t.get(&token_path).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(tok["degraded"], true);
+    assert_eq!(tok["failing_scopes"], json!(["calendar.read"]));
+    let at = tok["access_token"].as_str().unwrap().to_string();
+    assert_eq!(resource(&peer, &at, "email").await.0, StatusCode::OK);
+    let degraded = crate::harness::eventually(
+        || std::future::ready(receiver.delivered("connection.degraded")),
+        |v| !v.is_empty(),
+    )
+    .await;
+    assert_eq!(degraded.len(), 1, "one connection.degraded webhook");
+    assert!(degraded[0].verified);
+    assert_eq!(
+        degraded[0].body["data"]["failing_scopes"],
+        json!(["calendar.read"])
+    );
+    let hint = &degraded[0].body["data"]["reconsent"]["body"];
+
+    // Re-consent as the webhook's hint says: the scope is granted again.
+    let mut again = hint.clone();
+    again["return_url"] = json!(RETURN_URL);
+    let (s, spec) = t.post("/auth/consent-spec", again).await;
+    assert_eq!(s, StatusCode::OK, "{spec}");
+    let back = consent(&browser, spec["authUrl"].as_str().unwrap(), &base).await;
+    assert_eq!(q(&back, "status").as_deref(), Some("success"), "{back}");
+    let (s, tok) = t.get(&token_path).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(tok["status"], "active", "{tok}");
+    assert_eq!(tok["degraded"], false);
+    let at = tok["access_token"].as_str().unwrap().to_string();
+    assert_eq!(
+        resource(&peer, &at, "calendar.read").await.0,
+        StatusCode::OK
+    );
+    let recovered = crate::harness::eventually(
+        || std::future::ready(receiver.delivered("connection.recovered")),
+        |v| !v.is_empty(),
+    )
+    .await;
+    assert_eq!(recovered.len(), 1);
+    assert_eq!(recovered[0].body["data"]["old_state"], "degraded");
+
+    // Revocation reaches the provider: the grant is gone there.
+    let revocations_before = peer.stats().await["revocations"].as_i64().unwrap();
+    let (s, out) = t
+        .call(reqwest::Method::DELETE, &format!("/connections/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{out}");
+    assert_eq!(out["provider_revocation"]["result"], "revoked", "{out}");
+    assert_eq!(
+        peer.stats().await["revocations"].as_i64().unwrap(),
+        revocations_before + 1
+    );
+    let grants: Value = reqwest::get(format!(
+        "{}/__admin/grants?sub=alice&client_id=nexus",
+        peer.issuer
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(grants["grants"], json!([]), "{grants}");
+    assert_eq!(
+        resource(&peer, &at, "email").await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (s, e) = t.get(&token_path).await;
+    crate::harness::assert_json_error(s, &e, 410, "connection_revoked");
+    let revoked = crate::harness::eventually(
+        || std::future::ready(receiver.delivered("connection.revoked")),
+        |v| !v.is_empty(),
+    )
+    .await;
+    assert_eq!(revoked.len(), 1);
+    t.finish().await;
+}
+
 backend_tests!(
+    real_provider_partial_scope_withdrawal_reconsent_and_revocation,
     real_provider_consent_refresh_token_identity_and_reconnect,
     real_provider_refresh_is_single_flight_and_revocation_needs_a_person,
     real_provider_background_refresh_by_two_replicas_keeps_the_grant,

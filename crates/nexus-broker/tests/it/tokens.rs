@@ -357,7 +357,32 @@ async fn refresh_tokens_never_leave_the_broker(b: Backend) {
     seen.push(t.get(&format!("/connections/{id}")).await.1);
     seen.push(t.get("/connections?workspace_id=ws-1").await.1);
     seen.push(t.get("/workspaces/ws-1/connections/status").await.1);
+    seen.push(
+        t.post(
+            &format!("/connections/{id}/scope-failures"),
+            json!({"status": 401, "scopes": ["calendar.read"]}),
+        )
+        .await
+        .1,
+    );
+    seen.push(
+        t.call(Method::DELETE, &format!("/connections/{id}"), None)
+            .await
+            .1,
+    );
+    assert_eq!(
+        idp.counters().last_revocation_form["token"],
+        rotated.as_str(),
+        "the provider got the refresh token to revoke"
+    );
     seen.push(t.get("/audit?limit=1000").await.1);
+    // Webhook payloads (attention_required, revoked) carry none either.
+    let events = t.db.scalar("SELECT COUNT(*) FROM webhook_messages").await;
+    assert!(events >= Some(2), "{events:?}");
+    let leaked =
+        t.db.scalar("SELECT COUNT(*) FROM webhook_messages WHERE payload LIKE '%canary-%'")
+            .await;
+    assert_eq!(leaked, Some(0));
     let metrics = t
         .client
         .get(format!("{}/metrics", t.base))

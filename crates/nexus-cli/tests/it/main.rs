@@ -255,6 +255,9 @@ async fn keys_generate_prints_keys_the_broker_accepts() {
         encryption_key: Some(env_value(&text, "ENCRYPTION_KEY")),
         state_key: Some(env_value(&text, "STATE_KEY")),
         api_key: Some(env_value(&text, "API_KEY")),
+        // The webhook secret works with any endpoint URL.
+        webhook_url: Some("https://hooks.example.test/nexus".into()),
+        webhook_secret: Some(env_value(&text, "WEBHOOK_SECRET")),
         ..Default::default()
     };
     BrokerConfig::from_settings(&settings).expect("generated keys are valid");

@@ -1,0 +1,93 @@
+//! Webhook endpoints: `POST|GET /webhooks`, `GET|DELETE /webhooks/{id}`,
+//! `GET /webhooks/{id}/deliveries`.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::extract::{ApiJson, Caller};
+use super::AppState;
+use crate::webhook::{NewEndpoint, WebhookError};
+
+impl From<WebhookError> for ApiError {
+    fn from(e: WebhookError) -> Self {
+        let msg = e.to_string();
+        match e {
+            WebhookError::Invalid(m) => ApiError::bad_request("invalid_request", m),
+            WebhookError::NotFound => {
+                ApiError::new(StatusCode::NOT_FOUND, "webhook_not_found", msg)
+            }
+            WebhookError::Managed => ApiError::new(StatusCode::CONFLICT, "managed_by_config", msg),
+            WebhookError::Store(s) => s.into(),
+        }
+    }
+}
+
+/// `POST /webhooks {url, events?, description?}` → 201 with the signing
+/// secret, shown this once.
+pub async fn create(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<NewEndpoint>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let (view, secret) = st.webhooks().create(req, &caller.admin()).await?;
+    let mut body = json!(view);
+    body["secret"] = json!(secret.expose());
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+/// `GET /webhooks`.
+pub async fn list(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({"webhooks": st.webhooks().list().await?})))
+}
+
+/// `GET /webhooks/{id}`.
+pub async fn get(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!(st.webhooks().get(&id).await?)))
+}
+
+/// `DELETE /webhooks/{id}`: undelivered events to it are cancelled.
+pub async fn delete(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    st.webhooks().delete(&id, &caller.admin()).await?;
+    Ok(Json(json!({"id": id, "deleted": true})))
+}
+
+/// `?limit=`.
+#[derive(Deserialize)]
+pub struct Limit {
+    limit: Option<String>,
+}
+
+/// `GET /webhooks/{id}/deliveries?limit=` (default 50, at most 500), newest first.
+pub async fn deliveries(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<Limit>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = match q.limit.as_deref() {
+        None => 50,
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=500).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_request",
+                    "limit must be a whole number from 1 to 500",
+                )
+            })?,
+    };
+    Ok(Json(
+        json!({"webhook_id": id, "deliveries": st.webhooks().deliveries(&id, limit).await?}),
+    ))
+}

@@ -1,0 +1,677 @@
+//! Webhooks (SPEC §9): events about connections and providers, signed in the
+//! [Standard Webhooks](https://www.standardwebhooks.com/) format.
+//!
+//! An event is built here ([`connection_event`], [`provider_event`]) and
+//! written to the outbox by the store method that makes the state change, in
+//! the same transaction. [`Webhooks::run_worker`] claims due deliveries with a
+//! lease, POSTs them signed (`webhook-id`, `webhook-timestamp`,
+//! `webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">`), and
+//! retries failures with capped exponential backoff and full jitter until
+//! the event is [`WebhookSettings::max_age`] old. Delivery is at least once:
+//! a receiver de-duplicates on `webhook-id`, which is the same on every retry.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aes_gcm::aead::rand_core::RngCore;
+use aes_gcm::aead::OsRng;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use url::Url;
+
+use crate::audit::AuditEvent;
+use crate::registry::Actor;
+use crate::store::{
+    now_ms, rfc3339, Attempt, AttemptResult, ConnectionRow, DeliveryJob, DeliveryView, EndpointRow,
+    OutboxEvent, Store, StoreError,
+};
+use crate::vault::{Aad, KeyRing};
+use crate::Secret;
+
+/// A connection became usable (first consent, or re-consent from a state that was not a failure).
+pub const CONNECTION_ACTIVE: &str = "connection.active";
+/// Some scopes fail at the provider.
+pub const CONNECTION_DEGRADED: &str = "connection.degraded";
+/// A person must re-consent.
+pub const CONNECTION_ATTENTION_REQUIRED: &str = "connection.attention_required";
+/// Disconnected.
+pub const CONNECTION_REVOKED: &str = "connection.revoked";
+/// Back to `active` from `degraded` or `attention_required`.
+pub const CONNECTION_RECOVERED: &str = "connection.recovered";
+/// The provider refused our client (integration fault).
+pub const PROVIDER_UNHEALTHY: &str = "provider.unhealthy";
+
+/// Every event type an endpoint can subscribe to.
+pub const EVENT_TYPES: &[&str] = &[
+    CONNECTION_ACTIVE,
+    CONNECTION_DEGRADED,
+    CONNECTION_ATTENTION_REQUIRED,
+    CONNECTION_REVOKED,
+    CONNECTION_RECOVERED,
+    PROVIDER_UNHEALTHY,
+];
+
+/// Tuning of delivery.
+#[derive(Debug, Clone, Copy)]
+pub struct WebhookSettings {
+    /// How often the worker looks for due deliveries.
+    pub tick: Duration,
+    /// Deliveries claimed at once.
+    pub batch: i64,
+    /// Deliveries in flight at once.
+    pub concurrency: usize,
+    /// Timeout of one POST.
+    pub timeout: Duration,
+    /// First retry delay (doubles, full jitter).
+    pub backoff_base: Duration,
+    /// Longest retry delay.
+    pub backoff_cap: Duration,
+    /// Give up on an event this long after it happened.
+    pub max_age: Duration,
+    /// Whether this replica delivers.
+    pub worker: bool,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        Self {
+            tick: Duration::from_secs(1),
+            batch: 50,
+            concurrency: 8,
+            timeout: Duration::from_secs(10),
+            backoff_base: Duration::from_secs(5),
+            backoff_cap: Duration::from_secs(3600),
+            max_age: Duration::from_secs(24 * 3600),
+            worker: true,
+        }
+    }
+}
+
+/// Webhook management failures.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    /// The request is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such endpoint.
+    #[error("webhook endpoint not found")]
+    NotFound,
+    /// The endpoint is managed by configuration.
+    #[error("this endpoint is configured by WEBHOOK_URL; unset it and restart to remove it")]
+    Managed,
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A signing secret: `whsec_` + base64 of 24 to 64 random bytes.
+pub struct WebhookSecret(Secret<Vec<u8>>);
+
+impl WebhookSecret {
+    /// A fresh 32-byte secret.
+    pub fn generate() -> Self {
+        let mut b = vec![0u8; 32];
+        OsRng.fill_bytes(&mut b);
+        Self(Secret::new(b))
+    }
+
+    /// Parses `whsec_<base64>` (the prefix is optional).
+    pub fn parse(s: &str) -> Option<Self> {
+        let b64 = s.trim().strip_prefix("whsec_").unwrap_or(s.trim());
+        let bytes = STANDARD.decode(b64).ok()?;
+        (24..=64)
+            .contains(&bytes.len())
+            .then(|| Self(Secret::new(bytes)))
+    }
+
+    /// The text form (`whsec_...`), shown once at creation.
+    pub fn encoded(&self) -> Secret<String> {
+        Secret::new(format!("whsec_{}", STANDARD.encode(self.0.expose())))
+    }
+
+    /// `v1,<base64 HMAC-SHA256("{id}.{timestamp}.{body}")>`.
+    pub fn sign(&self, id: &str, timestamp: i64, body: &str) -> String {
+        // HMAC accepts keys of any length, so this cannot fail.
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(self.0.expose()) else {
+            unreachable!("HMAC takes any key length")
+        };
+        mac.update(id.as_bytes());
+        mac.update(b".");
+        mac.update(timestamp.to_string().as_bytes());
+        mac.update(b".");
+        mac.update(body.as_bytes());
+        format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
+    }
+}
+
+fn message_id() -> String {
+    format!("msg_{}", uuid::Uuid::new_v4().simple())
+}
+
+fn envelope(event_type: &str, data: Value) -> OutboxEvent {
+    let created_at = now_ms();
+    OutboxEvent {
+        id: message_id(),
+        event_type: event_type.to_string(),
+        payload: json!({"type": event_type, "timestamp": rfc3339(created_at), "data": data})
+            .to_string(),
+        created_at,
+    }
+}
+
+/// A connection event. `c` is the row before the change; the new state and
+/// failing scopes are given. States that need a person carry the
+/// consent-spec call that fixes them (`return_url` is the caller's to add).
+pub fn connection_event(
+    event_type: &str,
+    c: &ConnectionRow,
+    provider_name: Option<&str>,
+    new_state: &str,
+    error_code: Option<&str>,
+    failing_scopes: &[String],
+) -> OutboxEvent {
+    let reconsent = matches!(new_state, "degraded" | "attention_required").then(|| {
+        let mut scopes = crate::store::parse_json_list(&c.requested_scopes);
+        for s in failing_scopes {
+            if !scopes.contains(s) {
+                scopes.push(s.clone());
+            }
+        }
+        json!({
+            "method": "POST",
+            "path": "/auth/consent-spec",
+            "body": {
+                "workspace_id": c.workspace_id,
+                "provider_id": c.provider_id,
+                "connection_id": c.id,
+                "scopes": scopes,
+            },
+            "note": "add a return_url; the person who owns the connection opens the returned authUrl",
+        })
+    });
+    envelope(
+        event_type,
+        json!({
+            "connection_id": c.id,
+            "workspace_id": c.workspace_id,
+            "provider_id": c.provider_id,
+            "provider_name": provider_name,
+            "old_state": c.status,
+            "new_state": new_state,
+            "error_code": error_code,
+            "failing_scopes": failing_scopes,
+            "reconsent": reconsent,
+        }),
+    )
+}
+
+/// A provider event (`provider.unhealthy`).
+pub fn provider_event(provider_id: &str, provider_name: &str, error_code: &str) -> OutboxEvent {
+    envelope(
+        PROVIDER_UNHEALTHY,
+        json!({"provider_id": provider_id, "provider_name": provider_name, "error_code": error_code}),
+    )
+}
+
+/// The event for a connection that became usable with `failing` scopes
+/// still failing: `recovered` when it leaves a state that needed a person,
+/// `degraded` when scopes still fail, else `active`.
+pub fn activation_event(
+    c: &ConnectionRow,
+    provider_name: Option<&str>,
+    failing: &[String],
+) -> OutboxEvent {
+    let new_state = if failing.is_empty() {
+        "active"
+    } else {
+        "degraded"
+    };
+    let kind = match (c.status.as_str(), new_state) {
+        ("degraded" | "attention_required", "active") => CONNECTION_RECOVERED,
+        ("attention_required", "degraded") => CONNECTION_RECOVERED,
+        (_, "degraded") => CONNECTION_DEGRADED,
+        _ => CONNECTION_ACTIVE,
+    };
+    connection_event(kind, c, provider_name, new_state, None, failing)
+}
+
+/// `POST /webhooks` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewEndpoint {
+    /// Where to POST.
+    pub url: String,
+    /// Event types (default: all).
+    pub events: Option<Vec<String>>,
+    /// Free text.
+    pub description: Option<String>,
+}
+
+/// An endpoint as the API shows it (never the secret, except once at creation).
+#[derive(Debug, Serialize)]
+pub struct EndpointView {
+    /// Id.
+    pub id: String,
+    /// URL.
+    pub url: String,
+    /// Subscribed event types (`["*"]` = all).
+    pub events: Vec<String>,
+    /// Free text.
+    pub description: Option<String>,
+    /// `api` or `env` (WEBHOOK_URL).
+    pub managed_by: &'static str,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+impl From<&EndpointRow> for EndpointView {
+    fn from(e: &EndpointRow) -> Self {
+        Self {
+            id: e.id.clone(),
+            url: e.url.clone(),
+            events: crate::store::parse_json_list(&e.events),
+            description: e.description.clone(),
+            managed_by: if e.id == "env" { "env" } else { "api" },
+            created_at: rfc3339(e.created_at),
+        }
+    }
+}
+
+/// Checks an endpoint URL: absolute http(s), no credentials, no fragment.
+pub fn validate_url(raw: &str) -> Result<Url, String> {
+    if raw.len() > 2048 {
+        return Err("url is longer than 2048 characters".into());
+    }
+    let u = Url::parse(raw).map_err(|e| format!("url is not an absolute URL: {e}"))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host().is_none() {
+        return Err("url must be an http or https URL with a host".into());
+    }
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err("url must not carry credentials; the signature authenticates us".into());
+    }
+    if u.fragment().is_some() {
+        return Err("url must not have a fragment".into());
+    }
+    Ok(u)
+}
+
+/// Checks an event list: known types or `*`, no duplicates, not empty.
+pub fn validate_events(events: Option<Vec<String>>) -> Result<Vec<String>, String> {
+    let Some(events) = events else {
+        return Ok(vec!["*".into()]);
+    };
+    if events.is_empty() {
+        return Err("events must name at least one event type (or \"*\" for all)".into());
+    }
+    let mut out: Vec<String> = Vec::new();
+    for e in events {
+        if e != "*" && !EVENT_TYPES.contains(&e.as_str()) {
+            return Err(format!(
+                "unknown event type '{}'; known: {}",
+                e.chars().take(64).collect::<String>(),
+                EVENT_TYPES.join(", ")
+            ));
+        }
+        if !out.contains(&e) {
+            out.push(e);
+        }
+    }
+    if out.iter().any(|e| e == "*") {
+        out = vec!["*".into()];
+    }
+    Ok(out)
+}
+
+/// Endpoint management and the delivery worker.
+pub struct Webhooks {
+    store: Store,
+    keys: Arc<KeyRing>,
+    http: reqwest::Client,
+    settings: WebhookSettings,
+    owner: String,
+}
+
+impl Webhooks {
+    /// Builds the service; `http` must not follow redirects.
+    pub fn new(
+        store: Store,
+        keys: Arc<KeyRing>,
+        http: reqwest::Client,
+        settings: WebhookSettings,
+    ) -> Self {
+        Self {
+            store,
+            keys,
+            http,
+            settings,
+            owner: format!("webhooks-{}", uuid::Uuid::new_v4().simple()),
+        }
+    }
+
+    fn seal(&self, id: &str, secret: &WebhookSecret) -> String {
+        self.keys.encrypt_str(
+            Aad::new("webhook_endpoints", id, "secret"),
+            &secret.encoded(),
+        )
+    }
+
+    /// Adds an endpoint; returns it with its secret, which is never shown again.
+    pub async fn create(
+        &self,
+        req: NewEndpoint,
+        actor: &Actor,
+    ) -> Result<(EndpointView, Secret<String>), WebhookError> {
+        let url = validate_url(req.url.trim()).map_err(WebhookError::Invalid)?;
+        let events = validate_events(req.events).map_err(WebhookError::Invalid)?;
+        if req.description.as_ref().is_some_and(|d| d.len() > 1024) {
+            return Err(WebhookError::Invalid(
+                "description is longer than 1024 characters".into(),
+            ));
+        }
+        let id = format!("wh_{}", uuid::Uuid::new_v4().simple());
+        let secret = WebhookSecret::generate();
+        let row = EndpointRow {
+            secret: self.seal(&id, &secret),
+            id: id.clone(),
+            url: url.to_string(),
+            events: crate::store::json_list(&events),
+            description: req.description,
+            created_at: now_ms(),
+        };
+        let audit = AuditEvent::new("webhook.created")
+            .actor(actor.name.clone())
+            .caller(actor.ip.clone(), actor.user_agent.clone())
+            .detail(json!({"webhook_id": id, "url": row.url, "events": events}));
+        self.store.create_endpoint(&row, &audit).await?;
+        Ok((EndpointView::from(&row), secret.encoded()))
+    }
+
+    /// Live endpoints.
+    pub async fn list(&self) -> Result<Vec<EndpointView>, WebhookError> {
+        Ok(self
+            .store
+            .list_endpoints()
+            .await?
+            .iter()
+            .map(EndpointView::from)
+            .collect())
+    }
+
+    /// One endpoint.
+    pub async fn get(&self, id: &str) -> Result<EndpointView, WebhookError> {
+        self.store
+            .get_endpoint(id)
+            .await?
+            .map(|e| EndpointView::from(&e))
+            .ok_or(WebhookError::NotFound)
+    }
+
+    /// Deletes an endpoint; what it had not received is cancelled.
+    pub async fn delete(&self, id: &str, actor: &Actor) -> Result<(), WebhookError> {
+        if id == "env" {
+            return Err(WebhookError::Managed);
+        }
+        let audit = AuditEvent::new("webhook.deleted")
+            .actor(actor.name.clone())
+            .caller(actor.ip.clone(), actor.user_agent.clone())
+            .detail(json!({"webhook_id": id}));
+        match self.store.delete_endpoint(id, &audit).await {
+            Err(StoreError::NotFound) => Err(WebhookError::NotFound),
+            other => Ok(other?),
+        }
+    }
+
+    /// An endpoint's recent deliveries.
+    pub async fn deliveries(
+        &self,
+        id: &str,
+        limit: i64,
+    ) -> Result<Vec<DeliveryView>, WebhookError> {
+        self.get(id).await?;
+        Ok(self.store.list_deliveries(id, limit).await?)
+    }
+
+    /// Makes the `WEBHOOK_URL` endpoint match the configuration (or retires it).
+    pub async fn sync_env(
+        &self,
+        url: Option<&Url>,
+        secret: Option<&WebhookSecret>,
+    ) -> Result<(), StoreError> {
+        match (url, secret) {
+            (Some(url), Some(secret)) => {
+                let row = EndpointRow {
+                    id: "env".into(),
+                    url: url.to_string(),
+                    events: r#"["*"]"#.into(),
+                    secret: self.seal("env", secret),
+                    description: Some("configured by WEBHOOK_URL".into()),
+                    created_at: now_ms(),
+                };
+                self.store.sync_env_endpoint(Some(&row)).await
+            }
+            _ => self.store.sync_env_endpoint(None).await,
+        }
+    }
+
+    /// The delivery worker: every tick, claims due deliveries and sends them
+    /// with bounded concurrency. When `stop` turns true it finishes the batch
+    /// in hand and returns.
+    pub async fn run_worker(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.settings.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_gauge = Instant::now() - Duration::from_secs(3600);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                changed = stop.changed() => if changed.is_err() || *stop.borrow() { return },
+            }
+            if last_gauge.elapsed() >= Duration::from_secs(15) {
+                last_gauge = Instant::now();
+                if let Ok(n) = self.store.count_pending_deliveries().await {
+                    metrics::gauge!("nexus_webhook_pending").set(n as f64);
+                }
+            }
+            while !*stop.borrow() {
+                // Long enough for a batch of POSTs, each bounded by the timeout.
+                let lease = self.settings.timeout * 2 + Duration::from_secs(5);
+                let until = now_ms() + lease.as_millis() as i64;
+                let jobs = match self
+                    .store
+                    .claim_deliveries(&self.owner, until, self.settings.batch)
+                    .await
+                {
+                    Ok(j) => j,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "webhook worker cannot claim deliveries");
+                        break;
+                    }
+                };
+                if jobs.is_empty() {
+                    break;
+                }
+                let full = jobs.len() as i64 >= self.settings.batch;
+                let gate = Arc::new(tokio::sync::Semaphore::new(
+                    self.settings.concurrency.max(1),
+                ));
+                let mut set = tokio::task::JoinSet::new();
+                for job in jobs {
+                    let (me, gate) = (self.clone(), gate.clone());
+                    set.spawn(async move {
+                        // The semaphore is never closed, so acquire only fails if it were.
+                        let Ok(_permit) = gate.acquire().await else {
+                            return;
+                        };
+                        me.deliver(job).await;
+                    });
+                }
+                while set.join_next().await.is_some() {}
+                if !full {
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn deliver(&self, job: DeliveryJob) {
+        let started = Instant::now();
+        let (http_status, error) = match (&job.url, &job.secret) {
+            (Some(url), Some(env)) => self.post(&job, url, env).await,
+            _ => {
+                self.finish(&job, None, Some("endpoint deleted".into()), started, true)
+                    .await;
+                return;
+            }
+        };
+        self.finish(&job, http_status, error, started, false).await;
+    }
+
+    /// POSTs one event; returns the status (if any) and an error text.
+    async fn post(&self, job: &DeliveryJob, url: &str, env: &str) -> (Option<u16>, Option<String>) {
+        let secret = match self
+            .keys
+            .decrypt_str(
+                Aad::new("webhook_endpoints", &job.endpoint_id, "secret"),
+                env,
+            )
+            .ok()
+            .and_then(|s| WebhookSecret::parse(s.expose()))
+        {
+            Some(s) => s,
+            None => return (None, Some("endpoint secret unreadable".into())),
+        };
+        let ts = now_ms() / 1000;
+        let signature = secret.sign(&job.message_id, ts, &job.payload);
+        let sent = self
+            .http
+            .post(url)
+            .timeout(self.settings.timeout)
+            .header("content-type", "application/json")
+            .header("webhook-id", &job.message_id)
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", signature)
+            .body(job.payload.clone())
+            .send()
+            .await;
+        match sent {
+            // The body is not read: receivers' answers are not ours to keep.
+            Ok(resp) if resp.status().is_success() => (Some(resp.status().as_u16()), None),
+            Ok(resp) => (
+                Some(resp.status().as_u16()),
+                Some(format!("receiver answered {}", resp.status().as_u16())),
+            ),
+            Err(e) => {
+                let e = e.without_url();
+                let kind = if e.is_timeout() {
+                    "timed out"
+                } else if e.is_connect() {
+                    "connection failed"
+                } else {
+                    "request failed"
+                };
+                (None, Some(kind.to_string()))
+            }
+        }
+    }
+
+    async fn finish(
+        &self,
+        job: &DeliveryJob,
+        http_status: Option<u16>,
+        error: Option<String>,
+        started: Instant,
+        cancelled: bool,
+    ) {
+        let now = now_ms();
+        let result = if cancelled {
+            AttemptResult::Cancelled
+        } else if error.is_none() {
+            AttemptResult::Delivered
+        } else {
+            let delay = crate::token::full_jitter(
+                self.settings.backoff_base,
+                self.settings.backoff_cap,
+                job.attempts + 1,
+            );
+            let next = now + delay.as_millis() as i64;
+            if next - job.created_at > self.settings.max_age.as_millis() as i64 {
+                AttemptResult::Failed
+            } else {
+                AttemptResult::Retry(next)
+            }
+        };
+        let outcome = match result {
+            AttemptResult::Delivered => "delivered",
+            AttemptResult::Retry(_) => "retry",
+            AttemptResult::Failed => "failed",
+            AttemptResult::Cancelled => "cancelled",
+        };
+        metrics::counter!("nexus_webhook_deliveries_total", "outcome" => outcome).increment(1);
+        if let Some(e) = &error {
+            tracing::warn!(message_id = %job.message_id, endpoint_id = %job.endpoint_id, event_type = %job.event_type, attempt = job.attempts + 1, error = %e, outcome, "webhook delivery failed");
+        }
+        let attempt = Attempt {
+            http_status,
+            error,
+            duration_ms: started.elapsed().as_millis() as i64,
+            result,
+        };
+        match self.store.record_attempt(job, &self.owner, &attempt).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(message_id = %job.message_id, "webhook delivery lease lost; another replica owns it now")
+            }
+            Err(e) => {
+                tracing::warn!(message_id = %job.message_id, error = %e, "webhook attempt not recorded; it will be retried")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_matches_the_standard_webhooks_example() {
+        // The example in the Standard Webhooks specification's reference tests.
+        let secret = WebhookSecret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let sig = secret.sign(
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            r#"{"test": 2432232314}"#,
+        );
+        assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn secrets_must_be_base64_of_24_to_64_bytes() {
+        assert!(WebhookSecret::parse("whsec_short").is_none());
+        assert!(WebhookSecret::parse("not base64 at all!!!!!!!!!!!!!!!!!!!").is_none());
+        let s = WebhookSecret::generate();
+        let text = s.encoded();
+        assert!(text.expose().starts_with("whsec_"));
+        assert!(WebhookSecret::parse(text.expose()).is_some());
+    }
+
+    #[test]
+    fn events_are_checked() {
+        assert_eq!(validate_events(None).unwrap(), ["*"]);
+        assert!(validate_events(Some(vec![])).is_err());
+        assert!(validate_events(Some(vec!["connection.nope".into()])).is_err());
+        assert_eq!(
+            validate_events(Some(vec![
+                CONNECTION_DEGRADED.into(),
+                CONNECTION_DEGRADED.into()
+            ]))
+            .unwrap(),
+            [CONNECTION_DEGRADED]
+        );
+        assert!(validate_url("ftp://x").is_err());
+        assert!(validate_url("http://u:p@x/").is_err());
+        assert!(validate_url("https://hooks.example.com/nexus").is_ok());
+    }
+}
