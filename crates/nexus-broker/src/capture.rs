@@ -288,20 +288,25 @@ impl Handshakes {
             .connection(cid.clone())
             .workspace(hs.workspace_id.clone())
             .detail(json!({"reconnect": hs.is_reconnect, "captured_fields": field_names}));
+        // New credentials are a new grant: whatever failed before is cleared.
         let activation = Activation {
             credentials: Some(sealed),
             granted_scopes: crate::handshake::json_list(&[]),
-            failing_scopes: "[]".into(),
+            clears_failing: true,
             ..Default::default()
         };
-        let previous = self.store.get_connection(cid).await?;
-        let t = crate::store::Transition {
-            audit,
-            event: previous.as_ref().map(|p| {
-                crate::webhook::activation_event(p, Some(&form.provider.profile.name), &[])
-            }),
-        };
-        self.store.activate_connection(cid, &activation, &t).await?;
+        let transition =
+            |before: &crate::store::ConnectionRow, failing: &[String]| crate::store::Transition {
+                audit: audit.clone(),
+                event: Some(crate::webhook::activation_event(
+                    before,
+                    Some(&form.provider.profile.name),
+                    failing,
+                )),
+            };
+        self.store
+            .activate_connection(cid, &activation, &transition)
+            .await?;
         metrics::counter!("nexus_handshakes_total", "outcome" => "success").increment(1);
         let mut url = Url::parse(&hs.return_url)
             .map_err(|_| HandshakeError::Invalid("stored return_url is invalid".into()))?;

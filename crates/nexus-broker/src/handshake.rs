@@ -684,13 +684,6 @@ impl Handshakes {
             .get_connection(&hs.connection_id)
             .await
             .map_err(|e| fail("internal_error", e.to_string()))?;
-        let failing: Vec<String> = previous
-            .as_ref()
-            .map(|c| parse_list(&c.failing_scopes))
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|s| !granted.contains(s))
-            .collect();
         let cid = &hs.connection_id;
         let seal = |col: &'static str, s: &Secret<String>| {
             self.keys.encrypt_str(Aad::new("connections", cid, col), s)
@@ -718,29 +711,32 @@ impl Handshakes {
             token_type: Some(tokens.token_type.clone()),
             expires_at,
             granted_scopes: json_list(&granted),
-            failing_scopes: json_list(&failing),
+            clears_failing: false,
             identity: (!identity.is_empty()).then(|| Value::Object(identity).to_string()),
         };
-        let audit = AuditEvent::new("connection.active")
-            .actor(actor.name.clone())
-            .caller(actor.ip.clone(), actor.user_agent.clone())
-            .provider(hs.provider_id.clone())
-            .connection(cid.clone())
-            .workspace(hs.workspace_id.clone())
-            .detail(json!({
-                "reconnect": hs.is_reconnect,
-                "previous_status": previous.as_ref().map(|c| c.status.clone()),
-                "granted_scopes": granted,
-                "refresh_token": tokens.refresh_token.is_some(),
-            }));
-        let t = Transition {
-            audit,
-            event: previous.as_ref().map(|p| {
-                crate::webhook::activation_event(p, Some(&provider.profile.name), &failing)
-            }),
+        // Decided under the row's lock (scope reports may land meanwhile).
+        let transition = |before: &ConnectionRow, failing: &[String]| Transition {
+            audit: AuditEvent::new("connection.active")
+                .actor(actor.name.clone())
+                .caller(actor.ip.clone(), actor.user_agent.clone())
+                .provider(hs.provider_id.clone())
+                .connection(cid.clone())
+                .workspace(hs.workspace_id.clone())
+                .detail(json!({
+                    "reconnect": hs.is_reconnect,
+                    "previous_status": before.status,
+                    "granted_scopes": granted,
+                    "failing_scopes": failing,
+                    "refresh_token": tokens.refresh_token.is_some(),
+                })),
+            event: Some(crate::webhook::activation_event(
+                before,
+                Some(&provider.profile.name),
+                failing,
+            )),
         };
         self.store
-            .activate_connection(cid, &activation, &t)
+            .activate_connection(cid, &activation, &transition)
             .await
             .map_err(|e| fail("internal_error", e.to_string()))
     }

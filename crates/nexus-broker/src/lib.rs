@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+pub mod agent_keys;
 pub mod api;
 pub mod audit;
 pub mod capture;

@@ -70,8 +70,26 @@ pub struct Revoked {
 }
 
 impl Tokens {
-    /// Revokes a connection at the provider and here.
+    /// Revokes a connection at the provider and here. Runs in its own task:
+    /// a caller going away must not leave the grant revoked at the provider
+    /// but the connection still `active` here.
     pub async fn revoke(self: &Arc<Self>, id: &str, actor: &Actor) -> Result<Revoked, TokenError> {
+        let (me, id, actor) = (self.clone(), id.to_string(), actor.clone());
+        tokio::spawn(async move { me.revoke_inner(&id, &actor).await })
+            .await
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "revocation task failed");
+                Err(TokenError::ProviderUnavailable(
+                    "the revocation did not complete; retry".into(),
+                ))
+            })
+    }
+
+    async fn revoke_inner(
+        self: &Arc<Self>,
+        id: &str,
+        actor: &Actor,
+    ) -> Result<Revoked, TokenError> {
         let c = self
             .store
             .get_connection(id)
@@ -110,7 +128,7 @@ impl Tokens {
         let provider = self.registry.get(&c.provider_id).await.ok();
         let at_provider = match &provider {
             None => ProviderRevocation::skipped("provider_deleted"),
-            Some(p) => self.revoke_at_provider(p, &c).await,
+            Some(p) => self.revoke_at_provider(p, &c, &owner).await,
         };
         metrics::counter!("nexus_revocations_total", "provider_result" => at_provider.result)
             .increment(1);
@@ -150,7 +168,21 @@ impl Tokens {
         })
     }
 
-    async fn revoke_at_provider(&self, p: &Provider, c: &ConnectionRow) -> ProviderRevocation {
+    /// Renews the revocation's hold on the refresh lease before a provider
+    /// call, so no refresh can rotate the token being revoked.
+    async fn renew(&self, id: &str, owner: &str) {
+        let until = now_ms() + self.settings.lease.as_millis() as i64;
+        if let Ok(false) | Err(_) = self.store.try_lease(id, owner, until).await {
+            tracing::warn!(connection_id = %id, "revocation could not renew the refresh lease");
+        }
+    }
+
+    async fn revoke_at_provider(
+        &self,
+        p: &Provider,
+        c: &ConnectionRow,
+        owner: &str,
+    ) -> ProviderRevocation {
         if p.profile.auth_type != AuthType::Oauth2 {
             return ProviderRevocation::skipped("not_applicable");
         }
@@ -183,6 +215,7 @@ impl Tokens {
                 return out;
             }
         };
+        self.renew(&c.id, owner).await;
         let endpoint = match self.discovery.endpoints(&p.profile).await {
             Ok(e) => e.revocation,
             Err(e) => {
@@ -202,6 +235,7 @@ impl Tokens {
         };
         while out.attempts < ATTEMPTS {
             out.attempts += 1;
+            self.renew(&c.id, owner).await;
             let form = vec![
                 ("token", token.expose().as_str()),
                 ("token_type_hint", hint),

@@ -34,6 +34,8 @@ pub struct ScopeSettings {
     pub per_minute: u32,
     /// Reports per connection at once (burst).
     pub burst: u32,
+    /// Most failing scopes recorded per connection.
+    pub max_failing: usize,
 }
 
 impl Default for ScopeSettings {
@@ -43,6 +45,7 @@ impl Default for ScopeSettings {
             unauthorized_window: Duration::from_secs(300),
             per_minute: 60,
             burst: 20,
+            max_failing: 64,
         }
     }
 }
@@ -303,6 +306,7 @@ pub fn validate(
         provider_error,
         observed_at,
         window_ms: settings.window.as_millis() as i64,
+        max_failing: settings.max_failing,
     })
 }
 

@@ -227,5 +227,12 @@ async fn cleanup_loop(state: AppState) {
             }
             Err(e) => tracing::warn!(error = %e, "handshake cleanup failed"),
         }
+        // Webhook history is kept for a week after the last delivery ended.
+        let week_ago = crate::store::now_ms() - 7 * 24 * 3600 * 1000;
+        match state.store().prune_webhooks(week_ago).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(events = n, "pruned old webhook events"),
+            Err(e) => tracing::warn!(error = %e, "webhook pruning failed"),
+        }
     }
 }

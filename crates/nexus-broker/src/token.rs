@@ -248,7 +248,7 @@ pub struct Tokens {
     /// Lease owner id of this process.
     owner: String,
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    cache: TokenCache,
+    cache: Arc<TokenCache>,
     pauses: Arc<Pauses>,
     /// When each provider's last `provider.unhealthy` webhook went out: one
     /// per provider per [`UNHEALTHY_EVERY`], not one per connection refreshed.
@@ -272,6 +272,16 @@ impl Tokens {
         pauses: Arc<Pauses>,
     ) -> Self {
         let owner = format!("broker-{}", uuid::Uuid::new_v4().simple());
+        let cache = Arc::new(TokenCache::new(
+            settings.cache_capacity,
+            settings.cache_max_age,
+        ));
+        {
+            // This process's own writes drop entries before they return, so
+            // a read right after a write never sees the old response.
+            let (cache, pauses) = (cache.clone(), pauses.clone());
+            store.on_change(move |c| apply(&cache, &pauses, c.clone()));
+        }
         Self {
             store,
             registry,
@@ -282,7 +292,7 @@ impl Tokens {
             settings,
             owner,
             inflight: Mutex::new(HashMap::new()),
-            cache: TokenCache::new(settings.cache_capacity, settings.cache_max_age),
+            cache,
             pauses,
             unhealthy_sent: Mutex::new(HashMap::new()),
         }
@@ -531,11 +541,7 @@ impl Tokens {
     }
 
     fn apply(&self, change: Change) {
-        match change {
-            Change::Connection(id) => self.cache.forget(&id),
-            Change::Provider(id) => self.cache.forget_provider(&id),
-            Change::Pauses => self.pauses.changed(),
-        }
+        apply(&self.cache, &self.pauses, change)
     }
 
     async fn audit_issued(&self, id: &str, provider_id: &str, workspace_id: &str) {
@@ -1094,6 +1100,15 @@ impl Tokens {
             json!(parse_list(&c.failing_scopes)),
         );
         Ok(out)
+    }
+}
+
+/// Drops what a change makes stale.
+fn apply(cache: &TokenCache, pauses: &Pauses, change: Change) {
+    match change {
+        Change::Connection(id) => cache.forget(&id),
+        Change::Provider(id) => cache.forget_provider(&id),
+        Change::Pauses => pauses.changed(),
     }
 }
 

@@ -476,8 +476,12 @@ impl Webhooks {
                 }
             }
             while !*stop.borrow() {
-                // Long enough for a batch of POSTs, each bounded by the timeout.
-                let lease = self.settings.timeout * 2 + Duration::from_secs(5);
+                // Long enough for the whole batch: `batch / concurrency` rounds
+                // of POSTs, each bounded by the timeout. A lease that ran out
+                // mid-batch would let another replica send the same rows.
+                let rounds = (self.settings.batch.max(1) as u32)
+                    .div_ceil(self.settings.concurrency.max(1) as u32);
+                let lease = self.settings.timeout * (rounds + 1) + Duration::from_secs(5);
                 let until = now_ms() + lease.as_millis() as i64;
                 let jobs = match self
                     .store

@@ -29,6 +29,7 @@ use crate::telemetry;
 use crate::token::Tokens;
 use crate::webhook::Webhooks;
 
+pub mod agent_keys;
 pub mod audit;
 pub mod capture;
 pub mod connections;
@@ -57,6 +58,7 @@ struct Inner {
     tokens: Arc<Tokens>,
     scopes: ScopeReports,
     webhooks: Arc<Webhooks>,
+    agent_keys: crate::agent_keys::AgentKeys,
     audit: AuditSink,
     metrics: PrometheusHandle,
 }
@@ -74,6 +76,7 @@ impl AppState {
         let http = outbound::client(config.provider_timeout)?;
         let discovery =
             Arc::new(Discovery::new(http.clone(), store.clone()).with_shared_cache(shared));
+        let agent_keys = crate::agent_keys::AgentKeys::new(store.clone());
         let pauses = Arc::new(Pauses::new(store.clone()));
         let tokens = Arc::new(Tokens::new(
             store.clone(),
@@ -107,6 +110,7 @@ impl AppState {
                 tokens,
                 scopes,
                 webhooks,
+                agent_keys,
                 audit,
                 metrics,
             }),
@@ -146,6 +150,11 @@ impl AppState {
     /// Webhook endpoints and delivery.
     pub fn webhooks(&self) -> &Arc<Webhooks> {
         &self.inner.webhooks
+    }
+
+    /// Agent keys.
+    pub fn agent_keys(&self) -> &crate::agent_keys::AgentKeys {
+        &self.inner.agent_keys
     }
 
     /// Issuance pauses.
@@ -232,6 +241,15 @@ pub fn router(state: AppState) -> Router {
             get(webhooks::get).delete(webhooks::delete),
         )
         .route("/webhooks/{id}/deliveries", get(webhooks::deliveries))
+        .route(
+            "/agent-keys",
+            post(agent_keys::create).get(agent_keys::list),
+        )
+        .route(
+            "/agent-keys/{id}",
+            axum::routing::delete(agent_keys::revoke),
+        )
+        .route("/agent-keys/verify", post(agent_keys::verify))
         .route_layer(from_fn_with_state(state.clone(), guard::require_api_key))
         .route_layer(from_fn_with_state(state.clone(), guard::allow_cidrs));
 

@@ -8,6 +8,8 @@
 //! such change on [`CHANNEL`], whoever made it, so other replicas hear of it
 //! through [`Store::listen_remote`].
 
+use std::sync::{Arc, RwLock};
+
 use tokio::sync::broadcast;
 
 use super::{Pool, Store, StoreError};
@@ -47,7 +49,20 @@ pub enum Remote {
     Lost,
 }
 
+/// Functions called synchronously on every committed change of this process.
+pub(crate) type Hooks = Arc<RwLock<Vec<Arc<dyn Fn(&Change) + Send + Sync>>>>;
+
 impl Store {
+    /// Calls `hook` on every change this process commits, before the store
+    /// method that made it returns: caches dropping entries here give this
+    /// process read-your-writes (the broadcast below is asynchronous).
+    pub fn on_change(&self, hook: impl Fn(&Change) + Send + Sync + 'static) {
+        self.hooks
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(hook));
+    }
+
     /// Subscribes to this process's changes.
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
@@ -55,6 +70,10 @@ impl Store {
 
     /// Publishes a committed change to this process's subscribers.
     pub(crate) fn publish(&self, change: Change) {
+        let hooks = self.hooks.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for hook in hooks {
+            hook(&change);
+        }
         // No subscriber is fine: nothing caches yet.
         let _ = self.changes.send(change);
     }

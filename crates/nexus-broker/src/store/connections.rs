@@ -38,6 +38,10 @@ pub struct ScopeDelta {
 pub type RecordScopeReport<'a> =
     dyn Fn(&ConnectionRow, &ScopeDelta) -> (Vec<AuditEvent>, Option<OutboxEvent>) + Sync + 'a;
 
+/// What an activation records, given the row before it and the scopes
+/// still failing after it: its audit event and webhook event.
+pub type ActivationRecord<'a> = dyn Fn(&ConnectionRow, &[String]) -> Transition + Sync + 'a;
+
 /// One scope report, validated (see `crate::scope`).
 #[derive(Debug, Clone)]
 pub struct ScopeReportRow {
@@ -59,6 +63,8 @@ pub struct ScopeReportRow {
     pub observed_at: i64,
     /// Repeats of a failing scope within this many ms are only counted.
     pub window_ms: i64,
+    /// Most failing scopes a connection may hold (a report beyond is refused).
+    pub max_failing: usize,
 }
 
 /// A failing scope, as the health API shows it.
@@ -255,8 +261,9 @@ pub struct Activation {
     pub expires_at: Option<i64>,
     /// JSON array.
     pub granted_scopes: String,
-    /// JSON array of scopes still failing after this consent.
-    pub failing_scopes: String,
+    /// Clear every failing scope (new static credentials); otherwise the
+    /// failing scopes this consent granted are cleared and the rest stay.
+    pub clears_failing: bool,
     /// JSON identity.
     pub identity: Option<String>,
     /// When the refresh engine should first refresh it (unix ms).
@@ -565,12 +572,32 @@ impl Store {
         &self,
         id: &str,
         a: &Activation,
-        t: &Transition,
+        t: &ActivationRecord<'_>,
     ) -> Result<(), StoreError> {
         let now = now_ms();
-        let still_failing = super::parse_json_list(&a.failing_scopes);
+        let granted = super::parse_json_list(&a.granted_scopes);
+        let select = format!("SELECT {CONNECTION_COLUMNS} FROM connections WHERE id = $1");
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
+            // Lock the row first: a scope report landing meanwhile must be
+            // either before this (and merged) or after it, never lost.
+            let locked = sqlx::query("UPDATE connections SET updated_at = updated_at WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            if locked.rows_affected() == 0 {
+                return Err(StoreError::NotFound);
+            }
+            let row = sqlx::query(&select).bind(id).fetch_one(&mut *tx).await?;
+            let before = connection_from_row(&row)?;
+            let still_failing: Vec<String> = if a.clears_failing {
+                Vec::new()
+            } else {
+                super::parse_json_list(&before.failing_scopes)
+                    .into_iter()
+                    .filter(|s| !granted.contains(s))
+                    .collect()
+            };
             // Scopes still failing after this consent keep the connection degraded.
             let res = sqlx::query(
                 "UPDATE connections SET status = CASE WHEN $9 = '[]' THEN 'active' ELSE 'degraded' END, access_token = $1, refresh_token = COALESCE($2, refresh_token), id_token = $3,
@@ -588,7 +615,7 @@ impl Store {
             .bind(a.expires_at)
             .bind(&a.granted_scopes)
             .bind(&a.identity)
-            .bind(&a.failing_scopes)
+            .bind(super::json_list(&still_failing))
             .bind(now)
             .bind(id)
             .bind(a.next_refresh_at)
@@ -612,6 +639,7 @@ impl Store {
                         .await?;
                 }
             }
+            let t = t(&before, &still_failing);
             super::audit::insert_one(&mut *tx, &t.audit).await?;
             if let Some(ev) = &t.event {
                 insert_outbox(&mut tx, ev).await?;
@@ -673,6 +701,12 @@ impl Store {
             .bind(id)
             .execute(&mut *tx)
             .await?;
+            // A consent started before the revocation must not bring it back.
+            sqlx::query("UPDATE handshakes SET consumed_at = $1 WHERE connection_id = $2 AND consumed_at IS NULL")
+                .bind(now)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
             let t = t(&before);
             super::audit::insert_one(&mut *tx, &t.audit).await?;
             if let Some(ev) = &t.event {
@@ -724,6 +758,13 @@ impl Store {
             }
             let current = super::parse_json_list(&before.failing_scopes);
             let delta = scope_delta(&current, &recorded, r, now);
+            if delta.failing_after.len() > r.max_failing && !delta.added.is_empty() {
+                tx.rollback().await?;
+                return Err(StoreError::Conflict(format!(
+                    "the connection already has {} failing scopes, the most it records; re-consent or report ok_scopes first",
+                    current.len()
+                )));
+            }
             for scope in &r.failing {
                 let fresh = !delta.repeated.contains(scope);
                 sqlx::query(
@@ -1056,6 +1097,7 @@ mod tests {
             provider_error: None,
             observed_at: 0,
             window_ms: 60_000,
+            max_failing: 64,
         }
     }
 

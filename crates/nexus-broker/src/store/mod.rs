@@ -18,6 +18,7 @@ use sqlx::sqlite::{
 
 use crate::vault::VaultError;
 
+mod agent_keys;
 mod audit;
 pub mod changes;
 mod connections;
@@ -27,6 +28,7 @@ mod providers;
 mod secrets;
 mod webhooks;
 
+pub use agent_keys::AgentKeyRow;
 pub use audit::{AuditFilter, AuditRecord};
 pub use changes::Change;
 pub use connections::{
@@ -70,6 +72,7 @@ pub(crate) enum Pool {
 pub struct Store {
     pub(crate) pool: Pool,
     changes: tokio::sync::broadcast::Sender<changes::Change>,
+    hooks: changes::Hooks,
 }
 
 impl std::fmt::Debug for Store {
@@ -188,6 +191,7 @@ impl Store {
             Ok(Self {
                 pool: Pool::Sqlite(pool),
                 changes: tokio::sync::broadcast::channel(1024).0,
+                hooks: Default::default(),
             })
         } else {
             let opts = PgConnectOptions::from_str(database_url)?;
@@ -199,6 +203,7 @@ impl Store {
             Ok(Self {
                 pool: Pool::Postgres(pool),
                 changes: tokio::sync::broadcast::channel(1024).0,
+                hooks: Default::default(),
             })
         }
     }

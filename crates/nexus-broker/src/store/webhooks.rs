@@ -354,7 +354,7 @@ impl Store {
             let res = sqlx::query(
                 "UPDATE webhook_deliveries SET status = $1, attempts = $2, next_attempt_at = $3, last_attempt_at = $4,
                     last_status = $5, last_error = $6, delivered_at = $7, lease_owner = NULL, lease_until = NULL
-                  WHERE message_id = $8 AND endpoint_id = $9 AND lease_owner = $10",
+                  WHERE message_id = $8 AND endpoint_id = $9 AND lease_owner = $10 AND status = 'pending'",
             )
             .bind(status)
             .bind(attempt)
@@ -428,6 +428,32 @@ impl Store {
                 })
                 .collect::<Result<_, _>>()
                 .map_err(StoreError::from)
+        })
+    }
+
+    /// Removes events older than `before` (unix ms) whose deliveries are all
+    /// finished (delivered, failed or cancelled), with their attempts.
+    /// Returns how many events went.
+    pub async fn prune_webhooks(&self, before: i64) -> Result<u64, StoreError> {
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let done = "SELECT id FROM webhook_messages m WHERE m.created_at < $1
+                 AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.message_id = m.id AND d.status = 'pending')";
+            sqlx::query(&format!("DELETE FROM webhook_attempts WHERE message_id IN ({done})"))
+                .bind(before)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(&format!("DELETE FROM webhook_deliveries WHERE message_id IN ({done})"))
+                .bind(before)
+                .execute(&mut *tx)
+                .await?;
+            let res = sqlx::query("DELETE FROM webhook_messages WHERE created_at < $1
+                 AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.message_id = webhook_messages.id)")
+                .bind(before)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(res.rows_affected())
         })
     }
 

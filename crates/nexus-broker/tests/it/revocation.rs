@@ -8,6 +8,9 @@ use crate::tokens::connected;
 
 async fn revocation_reaches_the_provider_and_erases_every_secret(b: Backend) {
     let (t, idp, id) = connected(&b, 3600, |_| {}).await;
+    // A re-consent started before the revocation...
+    let pending =
+        crate::handshake::start(&t, &idp, "fake", serde_json::json!({"connection_id": id})).await;
     idp.knobs().revocation_unavailable = 2;
     let (s, out) = t
         .call(Method::DELETE, &format!("/connections/{id}"), None)
@@ -57,6 +60,27 @@ async fn revocation_reaches_the_provider_and_erases_every_secret(b: Backend) {
         "revoked"
     );
     assert!(!audit.to_string().contains("refresh-1"));
+    // ...cannot bring the connection back afterwards.
+    let (s, _, _) = crate::handshake::callback(
+        &t,
+        &[("code", "c"), ("state", &pending.state), ("iss", &idp.base)],
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::BAD_REQUEST,
+        "the handshake was consumed by the revocation"
+    );
+    assert_eq!(
+        t.state
+            .store()
+            .get_connection(&id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        "revoked"
+    );
     let (s, e) = t.call(Method::DELETE, "/connections/nope", None).await;
     assert_json_error(s, &e, 404, "connection_not_found");
     t.finish().await;

@@ -302,8 +302,9 @@ async fn reports_are_rate_limited_per_connection(b: Backend) {
     settings.broker_addr = Some(format!("127.0.0.1:{port}"));
     settings.base_url = Some(format!("http://127.0.0.1:{port}"));
     let t = TestBroker::start_with(db, settings, |c| {
-        c.scope.burst = 3;
+        c.scope.burst = 4;
         c.scope.per_minute = 1;
+        c.scope.max_failing = 2;
     })
     .await;
     t.create_provider(idp.profile("fake")).await;
@@ -319,10 +320,17 @@ async fn reports_are_rate_limited_per_connection(b: Backend) {
         ids.push(flow.connection_id);
     }
     let body = json!({"status": 403, "scopes": ["calendar.read"]});
-    for _ in 0..3 {
-        let (s, out) = report(&t, &ids[0], body.clone()).await;
-        assert_eq!(s, StatusCode::ACCEPTED, "{out}");
-    }
+    let (s, out) = report(&t, &ids[0], body.clone()).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{out}");
+    let (s, out) = report(&t, &ids[0], json!({"status": 403, "scopes": ["b"]})).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{out}");
+    // At most max_failing scopes are recorded; a report beyond is refused.
+    let (s, e) = report(&t, &ids[0], json!({"status": 403, "scopes": ["c"]})).await;
+    assert_json_error(s, &e, 409, "conflict");
+    let (_, c) = t.get(&format!("/connections/{}", ids[0])).await;
+    assert_eq!(c["failing_scopes"], json!(["calendar.read", "b"]));
+    let (s, out) = report(&t, &ids[0], body.clone()).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "repeats are fine: {out}");
     let resp = t
         .client
         .post(format!("{}/connections/{}/scope-failures", t.base, ids[0]))

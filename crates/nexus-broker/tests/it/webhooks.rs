@@ -363,6 +363,22 @@ async fn receiver_down_for_a_while_gets_the_event_later_with_the_same_id(b: Back
     // Nothing more arrives once delivered.
     tokio::time::sleep(std::time::Duration::from_millis(600)).await;
     assert_eq!(r.delivered("connection.revoked").len(), 1);
+    // History goes once every delivery of an event has ended (here: pruning
+    // everything older than now; the live broker keeps a week).
+    let store = t.state.store();
+    let pruned = store
+        .prune_webhooks(nexus_broker::store::now_ms() + 1)
+        .await
+        .unwrap();
+    assert!(pruned >= 1, "{pruned}");
+    assert_eq!(
+        t.db.scalar("SELECT COUNT(*) FROM webhook_attempts").await,
+        Some(0)
+    );
+    assert_eq!(
+        t.db.scalar("SELECT COUNT(*) FROM webhook_deliveries").await,
+        Some(0)
+    );
     t.finish().await;
 }
 
