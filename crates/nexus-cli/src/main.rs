@@ -1,8 +1,9 @@
 //! `nexus`: one binary for every part of Nexus.
 //!
-//! `nexus up` is the zero-setup default (broker on loopback, embedded SQLite,
-//! keys generated into `.nexus/`); `nexus broker` runs the broker alone from
-//! the environment; `nexus migrate` and `nexus keys ...` are operator tools.
+//! `nexus up` is the zero-setup default (broker and gateway on loopback,
+//! embedded SQLite, keys generated into `.nexus/`); `nexus broker` and
+//! `nexus gateway` run one part each from the environment; `nexus migrate`,
+//! `nexus keys ...` and `nexus agents ...` are operator tools.
 
 mod state;
 
@@ -51,6 +52,13 @@ enum Command {
     Up(UpArgs),
     /// Run the broker alone, configured from the environment (production).
     Broker(ServerArgs),
+    /// Run the gateway alone in front of a broker (BROKER_URL, BROKER_API_KEY).
+    Gateway(GatewayArgs),
+    /// Agent keys: create, list, revoke (through the broker's admin API).
+    Agents {
+        #[command(subcommand)]
+        command: AgentsCommand,
+    },
     /// Apply pending database migrations and exit.
     Migrate(ServerArgs),
     /// Key management.
@@ -133,6 +141,61 @@ struct ServerArgs {
 }
 
 #[derive(Args)]
+struct GatewayArgs {
+    /// The broker's URL (private network).
+    #[arg(long, env = "BROKER_URL")]
+    broker_url: Option<String>,
+    /// Gateway listen address.
+    #[arg(long, env = "GATEWAY_ADDR")]
+    gateway_addr: Option<String>,
+    /// Comma-separated origins allowed by CORS (exact, none by default).
+    #[arg(long, env = "CORS_ALLOWED_ORIGINS")]
+    cors_allowed_origins: Option<String>,
+    /// Path of the OAuth callback forwarded to the broker.
+    #[arg(long, env = "REDIRECT_PATH")]
+    redirect_path: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum AgentsCommand {
+    /// Create an agent key (printed once).
+    Create {
+        /// Workspace the key may reach (repeat for several; `*` for all).
+        #[arg(long = "workspace", required = true)]
+        workspaces: Vec<String>,
+        /// Who uses it.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List agent keys (never the keys themselves).
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Revoke an agent key by id.
+    Revoke {
+        /// Key id (`ak_...`).
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// How the CLI reaches the broker's admin API. API_KEY comes from the
+/// environment or the state folder, never from a flag.
+#[derive(Args)]
+struct AdminArgs {
+    /// Broker URL (default: http://BROKER_ADDR from the state folder, else 127.0.0.1:8080).
+    #[arg(long, env = "BROKER_URL")]
+    broker_url: Option<String>,
+    /// State folder whose nexus.env supplies API_KEY when it is not set.
+    #[arg(long, env = "NEXUS_STATE_DIR", default_value = ".nexus")]
+    state_dir: PathBuf,
+}
+
+#[derive(Args)]
 struct UpArgs {
     /// State folder for nexus.db and nexus.env.
     #[arg(long, env = "NEXUS_STATE_DIR", default_value = ".nexus")]
@@ -140,7 +203,7 @@ struct UpArgs {
     /// Broker listen address.
     #[arg(long, env = "BROKER_ADDR", default_value = "127.0.0.1:8080")]
     broker_addr: String,
-    /// Gateway listen address (used once the gateway is part of the build).
+    /// Gateway listen address (agents and browsers come here).
     #[arg(long, env = "GATEWAY_ADDR", default_value = "127.0.0.1:8090")]
     gateway_addr: String,
     #[command(flatten)]
@@ -152,7 +215,7 @@ struct UpOverrides {
     /// Database URL (default: sqlite in the state folder).
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
-    /// Public base URL (default: the broker address).
+    /// Public base URL (default: the gateway address).
     #[arg(long, env = "BASE_URL")]
     base_url: Option<String>,
     /// Comma-separated networks allowed to call the admin API.
@@ -327,6 +390,22 @@ async fn run() -> Result<()> {
             broker.run(shutdown_signal()).await?;
             Ok(())
         }
+        Command::Gateway(args) => {
+            let state = open_state(Some(Path::new(".nexus")))?;
+            let config = nexus_gateway::GatewayConfig::from_settings(&gateway_settings(
+                &args,
+                state.as_ref(),
+            ))?;
+            let gw = nexus_gateway::GatewayServer::start(
+                config,
+                nexus_broker::telemetry::metrics_handle(),
+            )
+            .await?;
+            tracing::info!(addr = %gw.local_addr(), "gateway listening");
+            gw.run(shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Agents { command } => agents(command).await,
         Command::Migrate(args) => {
             let state = open_state(args.state_dir.as_deref().or(Some(Path::new(".nexus"))))?;
             let mut s = settings(&args, state.as_ref());
@@ -361,13 +440,31 @@ async fn run() -> Result<()> {
     }
 }
 
-async fn up(args: UpArgs) -> Result<()> {
+/// `host:0` becomes `host:<a free port>`: the broker's BASE_URL must name
+/// the gateway's real port before the gateway binds.
+fn resolve_port(addr: &str) -> Result<String> {
+    let parsed: std::net::SocketAddr = addr.parse().with_context(|| {
+        format!("GATEWAY_ADDR: '{addr}' is not an IP:port such as 127.0.0.1:8090")
+    })?;
+    if parsed.port() != 0 {
+        return Ok(addr.to_string());
+    }
+    let probe = std::net::TcpListener::bind(parsed).context("GATEWAY_ADDR: cannot bind")?;
+    Ok(probe.local_addr()?.to_string())
+}
+
+async fn up(mut args: UpArgs) -> Result<()> {
+    args.gateway_addr = resolve_port(&args.gateway_addr)?;
     let state = StateDir::open_or_create(&args.state_dir)?;
     let server = ServerArgs {
         state_dir: Some(args.state_dir.clone()),
         database_url: args.rest.database_url.or_else(|| Some(state.db_url())),
         broker_addr: Some(args.broker_addr),
-        base_url: args.rest.base_url,
+        // Providers redirect browsers to the gateway, which forwards to the broker.
+        base_url: args
+            .rest
+            .base_url
+            .or_else(|| Some(format!("http://{}", args.gateway_addr))),
         redirect_path: env_var("REDIRECT_PATH"),
         allowed_return_domains: args.rest.allowed_return_domains,
         allowed_cidrs: args.rest.allowed_cidrs,
@@ -396,14 +493,60 @@ async fn up(args: UpArgs) -> Result<()> {
     } else {
         "PostgreSQL"
     };
+    let api_key = config.api_key.clone();
     let broker = Broker::start(config).await?;
     let addr = broker.local_addr();
+    let mut state = state;
+    if state.get("AGENT_KEY").is_none() {
+        {
+            // A development key for every workspace, kept with the other keys.
+            let actor = nexus_broker::registry::Actor {
+                name: "nexus up".into(),
+                ..Default::default()
+            };
+            let (_, key) = broker
+                .state()
+                .agent_keys()
+                .create(
+                    nexus_broker::agent_keys::NewAgentKey {
+                        name: "development key (nexus up)".into(),
+                        workspaces: vec!["*".into()],
+                    },
+                    &actor,
+                )
+                .await
+                .context("creating the development agent key")?;
+            state.append(
+                "AGENT_KEY",
+                key.expose(),
+                "Development agent key for every workspace (nexus up); agents send it to the gateway",
+            )?;
+        }
+    }
+    let gateway_config =
+        nexus_gateway::GatewayConfig::from_settings(&nexus_gateway::GatewaySettings {
+            broker_url: Some(format!("http://{addr}")),
+            broker_api_key: Some(api_key.expose().clone()),
+            gateway_addr: Some(args.gateway_addr.clone()),
+            cors_allowed_origins: env_var("CORS_ALLOWED_ORIGINS"),
+            redirect_path: env_var("REDIRECT_PATH"),
+        })?;
+    let gateway = nexus_gateway::GatewayServer::start(
+        gateway_config,
+        nexus_broker::telemetry::metrics_handle(),
+    )
+    .await?;
+    let gaddr = gateway.local_addr();
     println!("Nexus is up ({backend}).");
     println!(
-        "  broker API  http://{addr}   (send X-API-Key: the API_KEY in {})",
+        "  gateway     http://{gaddr}   (agents: Authorization: Bearer $AGENT_KEY from {})",
         state.env_path().display()
     );
-    println!("  health      http://{addr}/health");
+    println!(
+        "  broker API  http://{addr}   (operators: X-API-Key: $API_KEY from {})",
+        state.env_path().display()
+    );
+    println!("  health      http://{gaddr}/health, http://{addr}/health");
     println!("  metrics     http://{addr}/metrics");
     println!(
         "  state       {}   ({}: {})",
@@ -415,12 +558,136 @@ async fn up(args: UpArgs) -> Result<()> {
         },
         state.env_path().display()
     );
-    println!(
-        "  gateway     {} is reserved for the gateway, which is not part of this build yet",
-        args.gateway_addr
-    );
     println!("Stop with Ctrl-C.");
-    broker.run(shutdown_signal()).await?;
+    // One signal stops both: the gateway first, then the broker drains.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let signal = tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let (g, b) = tokio::join!(
+        gateway.run(wait(stopped.clone())),
+        broker.run(wait(stopped))
+    );
+    signal.abort();
+    g?;
+    b?;
+    Ok(())
+}
+
+fn gateway_settings(
+    args: &GatewayArgs,
+    state: Option<&StateDir>,
+) -> nexus_gateway::GatewaySettings {
+    let from_state = |name: &str| state.and_then(|s| s.get(name));
+    nexus_gateway::GatewaySettings {
+        broker_url: args.broker_url.clone().or_else(|| from_state("BROKER_URL")),
+        // A secret: environment or state folder, never a flag.
+        broker_api_key: env_var("BROKER_API_KEY"),
+        gateway_addr: args
+            .gateway_addr
+            .clone()
+            .or_else(|| from_state("GATEWAY_ADDR")),
+        cors_allowed_origins: args
+            .cors_allowed_origins
+            .clone()
+            .or_else(|| from_state("CORS_ALLOWED_ORIGINS")),
+        redirect_path: args
+            .redirect_path
+            .clone()
+            .or_else(|| from_state("REDIRECT_PATH")),
+    }
+}
+
+/// `nexus agents ...`: the broker's admin API over HTTP.
+async fn agents(command: AgentsCommand) -> Result<()> {
+    let admin = match &command {
+        AgentsCommand::Create { admin, .. }
+        | AgentsCommand::List { admin }
+        | AgentsCommand::Revoke { admin, .. } => admin,
+    };
+    let state = StateDir::open_existing(&admin.state_dir)?;
+    let api_key = secret("API_KEY", state.as_ref())
+        .context("API_KEY is not set (nor in the state folder's nexus.env)")?;
+    let base = admin
+        .broker_url
+        .clone()
+        .or_else(|| {
+            state
+                .as_ref()
+                .and_then(|s| s.get("BROKER_ADDR"))
+                .map(|a| format!("http://{a}"))
+        })
+        .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(15))
+        .build()?;
+    let call = |method: reqwest::Method, path: String, body: Option<serde_json::Value>| {
+        let mut req = http
+            .request(method, format!("{}{path}", base.trim_end_matches('/')))
+            .header("x-api-key", &api_key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move {
+            let resp = req
+                .send()
+                .await
+                .with_context(|| format!("cannot reach the broker at {base}"))?;
+            let status = resp.status();
+            let body: serde_json::Value = resp.json().await.unwrap_or_default();
+            if !status.is_success() {
+                bail!(
+                    "the broker answered {status}: {}",
+                    body["message"].as_str().unwrap_or("no message")
+                );
+            }
+            Ok(body)
+        }
+    };
+    match command {
+        AgentsCommand::Create {
+            workspaces, name, ..
+        } => {
+            let k = call(
+                reqwest::Method::POST,
+                "/agent-keys".into(),
+                Some(serde_json::json!({"name": name, "workspaces": workspaces})),
+            )
+            .await?;
+            println!("{}", k["key"].as_str().unwrap_or_default());
+            eprintln!(
+                "agent key {} for {}: shown once, store it now",
+                k["id"].as_str().unwrap_or_default(),
+                k["workspaces"]
+            );
+        }
+        AgentsCommand::List { .. } => {
+            let list = call(reqwest::Method::GET, "/agent-keys".into(), None).await?;
+            println!(
+                "{:<36} {:<12} {:<8} {:<25} name / workspaces",
+                "id", "prefix", "revoked", "last used"
+            );
+            for k in list["agent_keys"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<36} {:<12} {:<8} {:<25} {} / {}",
+                    k["id"].as_str().unwrap_or_default(),
+                    k["prefix"].as_str().unwrap_or_default(),
+                    k["revoked"],
+                    k["last_used_at"].as_str().unwrap_or("never"),
+                    k["name"].as_str().unwrap_or_default(),
+                    k["workspaces"]
+                );
+            }
+        }
+        AgentsCommand::Revoke { id, .. } => {
+            call(reqwest::Method::DELETE, format!("/agent-keys/{id}"), None).await?;
+            println!("revoked {id}");
+        }
+    }
     Ok(())
 }
 

@@ -65,6 +65,21 @@ impl StateDir {
         Ok(state)
     }
 
+    /// Adds `NAME=value` to `nexus.env` (a value generated after first run,
+    /// such as the development agent key).
+    pub fn append(&mut self, name: &str, value: &str, comment: &str) -> Result<()> {
+        let path = self.env_path();
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        writeln!(f, "# {comment}\n{name}={value}")
+            .and_then(|_| f.sync_all())
+            .with_context(|| format!("writing {}", path.display()))?;
+        self.values.insert(name.to_string(), value.to_string());
+        Ok(())
+    }
+
     /// Reads an existing state folder; `None` when it has no `nexus.env`.
     pub fn open_existing(dir: &Path) -> Result<Option<Self>> {
         if !dir.join(ENV_FILE).exists() {

@@ -37,20 +37,45 @@ async fn up(dir: &Path, extra_env: &[(&str, &str)]) -> (Child, String) {
 }
 
 async fn up_with(dir: &Path, extra_env: &[(&str, &str)], extra_args: &[&str]) -> (Child, String) {
+    let (child, broker, _) = up_full(dir, extra_env, extra_args).await;
+    (child, broker)
+}
+
+/// Starts `nexus up`; the child, the broker URL and the gateway URL.
+async fn up_full(
+    dir: &Path,
+    extra_env: &[(&str, &str)],
+    extra_args: &[&str],
+) -> (Child, String, String) {
     let mut cmd = nexus(dir);
-    cmd.args(["up", "--state-dir", "state", "--broker-addr", "127.0.0.1:0"])
-        .args(extra_args)
-        .env("NEXUS_LOG", "trace");
+    cmd.args([
+        "up",
+        "--state-dir",
+        "state",
+        "--broker-addr",
+        "127.0.0.1:0",
+        "--gateway-addr",
+        "127.0.0.1:0",
+    ])
+    .args(extra_args)
+    .env("NEXUS_LOG", "trace");
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().expect("spawn nexus up");
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
-    let url = tokio::time::timeout(Duration::from_secs(30), async {
+    let (gateway, url) = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut gateway = String::new();
         while let Some(line) = lines.next_line().await.expect("read stdout") {
+            if let Some(rest) = line.trim().strip_prefix("gateway") {
+                gateway = rest.split_whitespace().next().expect("url").to_string();
+            }
             if let Some(rest) = line.trim().strip_prefix("broker API") {
-                return rest.split_whitespace().next().expect("url").to_string();
+                return (
+                    gateway,
+                    rest.split_whitespace().next().expect("url").to_string(),
+                );
             }
         }
         panic!("nexus up exited before printing its URL");
@@ -59,7 +84,7 @@ async fn up_with(dir: &Path, extra_env: &[(&str, &str)], extra_args: &[&str]) ->
     .expect("nexus up printed its URL in time");
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, url)
+    (child, url, gateway)
 }
 
 /// Sends a signal and waits (bounded) for a clean exit; returns stderr.
@@ -408,4 +433,92 @@ async fn json_logs_are_one_object_per_line() {
         }
     }
     assert!(saw_request, "{stderr}");
+}
+
+#[tokio::test]
+async fn up_runs_the_gateway_with_a_development_agent_key_and_agents_commands_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, broker, gateway) = up_full(tmp.path(), &[], &[]).await;
+    let http = http();
+    let env = env_file(tmp.path());
+    let dev_key = env_value(&env, "AGENT_KEY");
+    assert!(dev_key.starts_with("nxa_"));
+    let ok = http
+        .get(format!("{gateway}/v1/providers"))
+        .bearer_auth(&dev_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    let no = http
+        .get(format!("{gateway}/v1/providers"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no.status().as_u16(), 401);
+    let body: Value = no.json().await.unwrap();
+    assert_eq!(body["error"], "missing_agent_key");
+
+    let agents = |args: &[&str]| {
+        let mut c = nexus(tmp.path());
+        c.args(["agents"])
+            .args(args)
+            .args(["--state-dir", "state", "--broker-url", &broker]);
+        c.output()
+    };
+    let out = agents(&[
+        "create",
+        "--workspace",
+        "w1",
+        "--workspace",
+        "w2",
+        "--name",
+        "bot",
+    ])
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(key.starts_with("nxa_"), "{key}");
+    let ok = http
+        .get(format!("{gateway}/v1/workspaces/w2/connections/status"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    let out = agents(&["list"]).await.unwrap();
+    let listed = String::from_utf8(out.stdout).unwrap();
+    assert!(listed.contains("bot") && !listed.contains(&key), "{listed}");
+    let id = listed
+        .lines()
+        .find(|l| l.contains("bot"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let out = agents(&["revoke", &id]).await.unwrap();
+    assert!(out.status.success());
+    let out = agents(&["revoke", &id]).await.unwrap();
+    assert!(!out.status.success(), "revoking twice is an error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
+    // A second start reuses the development key.
+    let stderr = stop(child, "-TERM").await;
+    assert!(
+        !stderr.contains(&dev_key) && !stderr.contains(&key),
+        "keys never logged"
+    );
+    let (child, _, gateway) = up_full(tmp.path(), &[], &[]).await;
+    assert_eq!(env_value(&env_file(tmp.path()), "AGENT_KEY"), dev_key);
+    let ok = http
+        .get(format!("{gateway}/v1/providers"))
+        .bearer_auth(&dev_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    stop(child, "-TERM").await;
 }

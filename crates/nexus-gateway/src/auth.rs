@@ -1,0 +1,123 @@
+//! Agent keys at the gateway: taken from `Authorization: Bearer nxa_...` or
+//! `X-API-Key`, verified by the broker, and trusted for a short time
+//! (`key_cache_ttl`) so most calls cost no broker round trip. A revoked key
+//! stops working within that time.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, StatusCode};
+use hashlink::LruCache;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::broker::BrokerClient;
+use crate::error::GatewayError;
+
+/// A verified agent key.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Agent {
+    /// Key id.
+    pub id: String,
+    /// Key name.
+    pub name: String,
+    /// Workspaces it may reach (`*` = all).
+    pub workspaces: Vec<String>,
+}
+
+impl Agent {
+    /// Whether this key may reach `workspace`.
+    pub fn may(&self, workspace: &str) -> bool {
+        self.workspaces.iter().any(|w| w == "*" || w == workspace)
+    }
+}
+
+/// The key a request carries, if any.
+pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let (scheme, rest) = v.trim().split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| rest.trim())
+            .filter(|k| !k.is_empty());
+    }
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+}
+
+/// SHA-256 of a presented key.
+type KeyDigest = [u8; 32];
+
+/// Verified keys, by the SHA-256 of the key (the key itself is not kept).
+pub struct KeyCache {
+    broker: BrokerClient,
+    ttl: Duration,
+    seen: Mutex<LruCache<KeyDigest, (Arc<Agent>, Instant)>>,
+}
+
+impl KeyCache {
+    /// A cache trusting verifications for `ttl`.
+    pub fn new(broker: BrokerClient, ttl: Duration) -> Self {
+        Self {
+            broker,
+            ttl,
+            seen: Mutex::new(LruCache::new(10_000)),
+        }
+    }
+
+    /// The agent behind `key`.
+    pub async fn verify(&self, key: Option<&str>) -> Result<Arc<Agent>, GatewayError> {
+        let Some(key) = key else {
+            return Err(GatewayError::unauthenticated(
+                "missing_agent_key",
+                "send an agent key as Authorization: Bearer nxa_... or X-API-Key",
+            ));
+        };
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        if let Some((agent, at)) = self
+            .seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&digest)
+            .cloned()
+        {
+            if at.elapsed() < self.ttl {
+                return Ok(agent);
+            }
+        }
+        let reply = self
+            .broker
+            .post(
+                self.broker.url(&["agent-keys", "verify"]),
+                &serde_json::json!({"key": key}),
+            )
+            .await?;
+        match reply.status {
+            s if s.is_success() => {
+                let agent: Agent = serde_json::from_slice(&reply.body).map_err(|_| {
+                    GatewayError::broker_unavailable("unreadable agent key verification")
+                })?;
+                let agent = Arc::new(agent);
+                self.seen
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(digest, (agent.clone(), Instant::now()));
+                Ok(agent)
+            }
+            StatusCode::UNAUTHORIZED | StatusCode::BAD_REQUEST => {
+                metrics::counter!("nexus_gateway_auth_failures_total").increment(1);
+                Err(GatewayError::unauthenticated(
+                    "invalid_agent_key",
+                    "unknown or revoked agent key",
+                ))
+            }
+            s => Err(GatewayError::from_broker(s, &reply.body)),
+        }
+    }
+}

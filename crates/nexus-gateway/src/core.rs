@@ -1,0 +1,221 @@
+//! What the gateway does for an agent, shared by REST and gRPC: check the
+//! agent key's workspaces, then ask the broker.
+
+use std::sync::{Arc, Mutex};
+
+use axum::http::StatusCode;
+use hashlink::LruCache;
+use serde_json::{json, Map, Value};
+
+use crate::auth::{Agent, KeyCache};
+use crate::broker::{BrokerClient, Reply};
+use crate::config::GatewayConfig;
+use crate::error::GatewayError;
+
+/// The gateway's state.
+pub struct Gateway {
+    /// Broker client.
+    pub broker: BrokerClient,
+    /// Verified agent keys.
+    pub keys: KeyCache,
+    /// Validated configuration.
+    pub config: GatewayConfig,
+    /// Connection id → workspace (a connection never changes workspace).
+    workspaces: Mutex<LruCache<String, String>>,
+}
+
+/// Connection ids are broker-made; anything else is unknown without asking.
+fn plausible_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl Gateway {
+    /// Builds the gateway state.
+    pub fn new(config: GatewayConfig) -> Result<Arc<Self>, nexus_broker::outbound::OutboundError> {
+        let broker = BrokerClient::new(
+            config.broker_url.clone(),
+            config.broker_api_key.clone(),
+            config.broker_timeout,
+        )?;
+        Ok(Arc::new(Self {
+            keys: KeyCache::new(broker.clone(), config.key_cache_ttl),
+            broker,
+            config,
+            workspaces: Mutex::new(LruCache::new(100_000)),
+        }))
+    }
+
+    /// The workspace of a connection (404 when unknown).
+    async fn workspace_of(&self, id: &str) -> Result<String, GatewayError> {
+        if !plausible_id(id) {
+            return Err(GatewayError::connection_not_found());
+        }
+        if let Some(w) = self
+            .workspaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+        {
+            return Ok(w);
+        }
+        let c = self
+            .broker
+            .get(self.broker.url(&["connections", id]))
+            .await?
+            .ok()?
+            .json()?;
+        let ws = c["workspace_id"]
+            .as_str()
+            .ok_or_else(|| GatewayError::broker_unavailable("connection without workspace"))?
+            .to_string();
+        self.workspaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), ws.clone());
+        Ok(ws)
+    }
+
+    /// Refuses (as unknown) a connection outside the key's workspaces.
+    pub async fn authorize(&self, agent: &Agent, id: &str) -> Result<(), GatewayError> {
+        let ws = self.workspace_of(id).await?;
+        if agent.may(&ws) {
+            Ok(())
+        } else {
+            metrics::counter!("nexus_gateway_workspace_denied_total").increment(1);
+            Err(GatewayError::connection_not_found())
+        }
+    }
+
+    /// `POST /v1/request-connection`.
+    pub async fn request_connection(
+        &self,
+        agent: &Agent,
+        req: Map<String, Value>,
+    ) -> Result<Value, GatewayError> {
+        let str_field = |k: &str| req.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
+        let Some(user) = str_field("user_id").or_else(|| str_field("workspace_id")) else {
+            return Err(GatewayError::new(
+                StatusCode::BAD_REQUEST,
+                "missing_fields",
+                "user_id is required",
+            ));
+        };
+        if !agent.may(user) {
+            return Err(GatewayError::new(
+                StatusCode::FORBIDDEN,
+                "workspace_forbidden",
+                "this agent key may not act for that user_id",
+            ));
+        }
+        if let Some(cid) = str_field("connection_id") {
+            self.authorize(agent, cid).await?;
+        }
+        // Only the fields the broker knows; `metadata` (reference) is dropped.
+        let mut body = Map::new();
+        body.insert("workspace_id".into(), json!(user));
+        for k in [
+            "provider_id",
+            "provider_name",
+            "scopes",
+            "return_url",
+            "connection_id",
+        ] {
+            if let Some(v) = req.get(k).filter(|v| !v.is_null()) {
+                body.insert(k.into(), v.clone());
+            }
+        }
+        let reply = self
+            .broker
+            .post(
+                self.broker.url(&["auth", "consent-spec"]),
+                &Value::Object(body),
+            )
+            .await?
+            .ok()?;
+        let spec = reply.json()?;
+        if let Some(cid) = spec["connection_id"].as_str() {
+            self.workspaces
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(cid.to_string(), user.to_string());
+        }
+        Ok(spec)
+    }
+
+    /// `GET /v1/check-connection/{id}` → the status.
+    pub async fn check_connection(&self, agent: &Agent, id: &str) -> Result<String, GatewayError> {
+        self.authorize(agent, id).await?;
+        let c = self
+            .broker
+            .get(self.broker.url(&["connections", id]))
+            .await?
+            .ok()?
+            .json()?;
+        Ok(c["status"].as_str().unwrap_or("unknown").to_string())
+    }
+
+    /// The token response (refreshing first with `refresh`), body as the broker sent it.
+    pub async fn token(
+        &self,
+        agent: &Agent,
+        id: &str,
+        refresh: bool,
+    ) -> Result<Reply, GatewayError> {
+        self.authorize(agent, id).await?;
+        let reply = if refresh {
+            self.broker
+                .post(self.broker.url(&["connections", id, "refresh"]), &json!({}))
+                .await?
+        } else {
+            self.broker
+                .get(self.broker.url(&["connections", id, "token"]))
+                .await?
+        };
+        reply.ok()
+    }
+
+    /// `GET /v1/providers` → `[{id, name}]`.
+    pub async fn providers(&self) -> Result<Reply, GatewayError> {
+        self.broker.get(self.broker.url(&["providers"])).await?.ok()
+    }
+
+    /// `POST /v1/connections/{id}/scope-failures`.
+    pub async fn scope_failure(
+        &self,
+        agent: &Agent,
+        id: &str,
+        report: &Value,
+    ) -> Result<Reply, GatewayError> {
+        self.authorize(agent, id).await?;
+        self.broker
+            .post(
+                self.broker.url(&["connections", id, "scope-failures"]),
+                report,
+            )
+            .await?
+            .ok()
+    }
+
+    /// `GET /v1/workspaces/{id}/connections/status`.
+    pub async fn workspace_status(&self, agent: &Agent, ws: &str) -> Result<Reply, GatewayError> {
+        if !agent.may(ws) {
+            return Err(GatewayError::new(
+                StatusCode::FORBIDDEN,
+                "workspace_forbidden",
+                "this agent key may not read that workspace",
+            ));
+        }
+        self.broker
+            .get(
+                self.broker
+                    .url(&["workspaces", ws, "connections", "status"]),
+            )
+            .await?
+            .ok()
+    }
+}

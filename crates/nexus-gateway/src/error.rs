@@ -1,0 +1,124 @@
+//! The gateway's errors: the broker's `{"error", "message", ...}` passed
+//! through with its status, or the gateway's own, in the same shape; mapped
+//! to gRPC status codes with a machine-readable reason.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value};
+
+/// An error answer.
+#[derive(Debug, Clone)]
+pub struct GatewayError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Machine-readable code (`attention_required`, `connection_not_found`, ...).
+    pub code: String,
+    /// Human-readable text; never a secret.
+    pub message: String,
+    /// Extra fields (e.g. `reason` of a pause).
+    pub context: Map<String, Value>,
+}
+
+impl GatewayError {
+    /// An error of the gateway's own.
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code: code.to_string(),
+            message: message.into(),
+            context: Map::new(),
+        }
+    }
+
+    /// 401: no usable agent key.
+    pub fn unauthenticated(code: &str, message: &str) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, code, message)
+    }
+
+    /// 404 for a connection the key may not reach, exactly as for an unknown one.
+    pub fn connection_not_found() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "connection_not_found",
+            "connection not found",
+        )
+    }
+
+    /// 503: the broker did not answer.
+    pub fn broker_unavailable(why: impl std::fmt::Display) -> Self {
+        tracing::warn!(error = %why, "broker unavailable");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "broker_unavailable",
+            "the broker is unavailable; retry later",
+        )
+    }
+
+    /// The broker's error answer, passed through.
+    pub fn from_broker(status: StatusCode, body: &[u8]) -> Self {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(mut o)) => {
+                let code = o
+                    .remove("error")
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_else(|| "broker_error".into());
+                let message = o
+                    .remove("message")
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_else(|| "the broker refused the request".into());
+                Self {
+                    status,
+                    code,
+                    message,
+                    context: o,
+                }
+            }
+            _ => Self::new(
+                StatusCode::BAD_GATEWAY,
+                "broker_error",
+                format!("the broker answered {status} without a JSON error"),
+            ),
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Value {
+        let mut o = self.context.clone();
+        o.insert("error".into(), Value::String(self.code.clone()));
+        o.insert("message".into(), Value::String(self.message.clone()));
+        Value::Object(o)
+    }
+
+    /// The gRPC status: SPEC §4 mapping, with a `google.rpc.ErrorInfo` whose
+    /// reason is the error code.
+    pub fn to_status(&self) -> tonic::Status {
+        use tonic::Code;
+        let code = match self.status.as_u16() {
+            400 | 413 | 415 | 422 => Code::InvalidArgument,
+            401 => Code::Unauthenticated,
+            403 => Code::PermissionDenied,
+            404 => Code::NotFound,
+            409 | 410 => Code::FailedPrecondition,
+            // A pause is lifted by an operator: callers retry later.
+            423 => Code::Unavailable,
+            429 => Code::ResourceExhausted,
+            502..=504 => Code::Unavailable,
+            _ => Code::Internal,
+        };
+        let mut meta = std::collections::HashMap::new();
+        for (k, v) in &self.context {
+            if let Some(s) = v.as_str() {
+                meta.insert(k.clone(), s.to_string());
+            }
+        }
+        let details = tonic_types::ErrorDetails::with_error_info(self.code.clone(), "nexus", meta);
+        use tonic_types::StatusExt;
+        tonic::Status::with_error_details(code, self.message.clone(), details)
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body())).into_response()
+    }
+}

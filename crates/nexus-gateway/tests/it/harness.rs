@@ -1,0 +1,204 @@
+//! A broker and a gateway on loopback; agent keys; a static-credential
+//! connection made through the gateway's public capture route.
+
+use std::time::Duration;
+
+use nexus_broker::config::{BrokerConfig, Settings};
+use nexus_broker::server::Broker;
+use nexus_gateway::{GatewayConfig, GatewayServer, GatewaySettings};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+pub const RETURN_URL: &str = "http://localhost:3000/done";
+
+pub struct Stack {
+    /// Broker base URL (admin API).
+    pub broker: String,
+    /// Gateway base URL.
+    pub gateway: String,
+    pub api_key: String,
+    pub client: reqwest::Client,
+    pub broker_state: nexus_broker::api::AppState,
+    _dir: tempfile::TempDir,
+    stops: Vec<oneshot::Sender<()>>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Stack {
+    /// Starts both; `gateway_port` fixed (0 = any), CORS origins as given.
+    pub async fn start(gateway_port: u16, cors: &str) -> Stack {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let gport = if gateway_port == 0 {
+            free_port()
+        } else {
+            gateway_port
+        };
+        let api_key = format!("gw-test-admin-key-{}", uuid::Uuid::new_v4().simple());
+        let settings = Settings {
+            database_url: Some(format!("sqlite:{}", dir.path().join("n.db").display())),
+            encryption_key: Some(nexus_broker::vault::generate_key_b64().expose().clone()),
+            state_key: Some(nexus_broker::vault::generate_key_b64().expose().clone()),
+            api_key: Some(api_key.clone()),
+            broker_addr: Some("127.0.0.1:0".into()),
+            // Providers send browsers to the gateway, which forwards to the broker.
+            base_url: Some(format!("http://127.0.0.1:{gport}")),
+            refresh_worker: Some("false".into()),
+            ..Default::default()
+        };
+        let broker = Broker::start(BrokerConfig::from_settings(&settings).unwrap())
+            .await
+            .unwrap();
+        let broker_url = format!("http://{}", broker.local_addr());
+        let broker_state = broker.state().clone();
+        let (btx, brx) = oneshot::channel::<()>();
+        tokio::spawn(broker.run(async {
+            let _ = brx.await;
+        }));
+        let mut gconfig = GatewayConfig::from_settings(&GatewaySettings {
+            broker_url: Some(broker_url.clone()),
+            broker_api_key: Some(api_key.clone()),
+            gateway_addr: Some(format!("127.0.0.1:{gport}")),
+            cors_allowed_origins: Some(cors.into()),
+            redirect_path: None,
+        })
+        .unwrap();
+        gconfig.key_cache_ttl = Duration::from_millis(300);
+        let gw = GatewayServer::start(gconfig, nexus_broker::telemetry::metrics_handle())
+            .await
+            .unwrap();
+        let gateway = format!("http://{}", gw.local_addr());
+        let (gtx, grx) = oneshot::channel::<()>();
+        tokio::spawn(gw.run(async {
+            let _ = grx.await;
+        }));
+        Stack {
+            broker: broker_url,
+            gateway,
+            api_key,
+            client: reqwest::Client::new(),
+            broker_state,
+            _dir: dir,
+            stops: vec![gtx, btx],
+        }
+    }
+
+    pub async fn stop(mut self) {
+        for s in self.stops.drain(..) {
+            let _ = s.send(());
+        }
+    }
+
+    /// A broker admin call.
+    pub async fn admin(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.broker))
+            .header("x-api-key", &self.api_key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let s = resp.status();
+        (s, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A new agent key for `workspaces`.
+    pub async fn agent_key(&self, workspaces: &[&str]) -> (String, String) {
+        let (s, k) = self
+            .admin(
+                Method::POST,
+                "/agent-keys",
+                Some(json!({"name": "test agent", "workspaces": workspaces})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{k}");
+        (
+            k["id"].as_str().unwrap().into(),
+            k["key"].as_str().unwrap().into(),
+        )
+    }
+
+    /// A gateway call with an agent key (sent as Bearer).
+    pub async fn call(
+        &self,
+        key: Option<&str>,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.gateway));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let s = resp.status();
+        let text = resp.text().await.unwrap();
+        (
+            s,
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("{s} not JSON: {text}")),
+        )
+    }
+
+    /// Registers the static `weather` provider (header strategy).
+    pub async fn weather(&self) {
+        let (s, b) = self
+            .admin(
+                Method::POST,
+                "/providers",
+                Some(json!({"profile": {
+                    "name": "weather", "auth_type": "api_key",
+                    "params": {
+                        "credential_schema": {"type": "object", "required": ["api_key"],
+                            "properties": {"api_key": {"type": "string", "minLength": 8}}},
+                        "strategy": {"type": "header", "config": {"header_name": "X-Api-Key", "credential_field": "api_key"}}
+                    }
+                }})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+    }
+
+    /// An active `weather` connection of `user`, made through the gateway
+    /// (request-connection, then the public capture route).
+    pub async fn connect(&self, key: &str, user: &str) -> String {
+        let (s, spec) = self
+            .call(
+                Some(key),
+                Method::POST,
+                "/v1/request-connection",
+                Some(
+                    json!({"user_id": user, "provider_name": "weather", "return_url": RETURN_URL}),
+                ),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{spec}");
+        let resp = self
+            .client
+            .post(format!("{}/auth/capture-credential", self.gateway))
+            .json(&json!({"state": spec["state"], "credentials": {"api_key": "weather-key-123"}}))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "{:?}", resp.text().await);
+        spec["connection_id"].as_str().unwrap().to_string()
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests of the gateway: a real broker (SQLite in a temporary
+//! folder) and the gateway in front of it, both on loopback.
+
+mod grpc;
+mod harness;
+mod real_idp;
+mod rest;

@@ -1,0 +1,82 @@
+//! A complete OAuth handshake where the real OpenID provider redirects the
+//! browser to the gateway's callback, which forwards it to the broker.
+
+use nexus_testkit::{browser, client, consent, q, OidcPeer};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+use crate::harness::{Stack, RETURN_URL};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_through_the_gateway_callback() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gateway = format!("http://127.0.0.1:{port}");
+    let Some(peer) = OidcPeer::start(
+        json!([client(
+            "nexus",
+            "client_secret_post",
+            &format!("{gateway}/auth/callback")
+        )]),
+        &[],
+    )
+    .await
+    else {
+        return;
+    };
+    let s = Stack::start(port, "").await;
+    let (st, b) = s
+        .admin(
+            Method::POST,
+            "/providers",
+            Some(json!({"profile": {
+                "name": "idp", "auth_type": "oauth2", "client_id": "nexus", "client_secret": "nexus-secret",
+                "issuer": peer.issuer, "enable_discovery": true, "scopes": ["openid", "email", "calendar.read"]
+            }})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{b}");
+    let (_, key) = s.agent_key(&["u1"]).await;
+    let (st, spec) = s
+        .call(
+            Some(&key),
+            Method::POST,
+            "/v1/request-connection",
+            Some(json!({"user_id": "u1", "provider_name": "idp", "return_url": RETURN_URL})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{spec}");
+    let auth_url = spec["authUrl"].as_str().unwrap();
+    assert!(
+        auth_url.contains(&urlencode(&format!("{gateway}/auth/callback"))),
+        "redirect_uri is the gateway's: {auth_url}"
+    );
+    let back = consent(&browser(), auth_url, &gateway).await;
+    assert_eq!(q(&back, "status").as_deref(), Some("success"), "{back}");
+    let id = spec["connection_id"].as_str().unwrap();
+    let (st, tok) = s
+        .call(Some(&key), Method::GET, &format!("/v1/token/{id}"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{tok}");
+    assert_eq!(tok["strategy"]["type"], "oauth2");
+    let at = tok["access_token"].as_str().unwrap();
+    let r = reqwest::Client::new()
+        .get(format!("{}/api/resource?scope=calendar.read", peer.issuer))
+        .bearer_auth(at)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "the token works at the provider"
+    );
+    s.stop().await;
+}
+
+fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}

@@ -1,0 +1,359 @@
+//! REST through the gateway: every route, agent keys and workspaces, error
+//! pass-through, CORS, and the reference gateway's wire shapes.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::harness::{Stack, RETURN_URL};
+
+fn keys(v: &Value) -> Vec<String> {
+    let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+    k.sort();
+    k
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_works_for_the_keys_workspace() {
+    let s = Stack::start(0, "").await;
+    s.weather().await;
+    let (_, key) = s.agent_key(&["u1"]).await;
+    let id = s.connect(&key, "u1").await;
+
+    let (st, c) = s
+        .call(
+            Some(&key),
+            Method::GET,
+            &format!("/v1/check-connection/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(c, json!({"status": "active"}));
+    let (st, tok) = s
+        .call(Some(&key), Method::GET, &format!("/v1/token/{id}"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{tok}");
+    assert_eq!(tok["credentials"], json!({"api_key": "weather-key-123"}));
+    assert_eq!(tok["strategy"]["type"], "header");
+    assert_eq!(tok["provider"], "weather");
+    let (st, tok) = s
+        .call(Some(&key), Method::POST, &format!("/v1/refresh/{id}"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{tok}");
+    let (st, p) = s.call(Some(&key), Method::GET, "/v1/providers", None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(p[0]["name"], "weather", "{p}");
+    let (st, r) = s
+        .call(
+            Some(&key),
+            Method::POST,
+            &format!("/v1/connections/{id}/scope-failures"),
+            Some(json!({"status": 403, "scopes": ["forecast.read"]})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{r}");
+    assert_eq!(r["status"], "degraded");
+    let (st, w) = s
+        .call(
+            Some(&key),
+            Method::GET,
+            "/v1/workspaces/u1/connections/status",
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        w["connections"][&id]["failing_scopes"],
+        json!(["forecast.read"])
+    );
+    assert_eq!(w["any_needs_attention"], true);
+    // X-API-Key works as well as Bearer.
+    let resp = s
+        .client
+        .get(format!("{}/v1/token/{id}", s.gateway))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // Ops.
+    for path in ["/health", "/ready", "/metrics"] {
+        let r = s
+            .client
+            .get(format!("{}{path}", s.gateway))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_keys_and_workspaces_are_enforced() {
+    let s = Stack::start(0, "").await;
+    s.weather().await;
+    let (kid, key) = s.agent_key(&["u1"]).await;
+    let (_, other) = s.agent_key(&["u2"]).await;
+    let id = s.connect(&key, "u1").await;
+    let token = format!("/v1/token/{id}");
+
+    let (st, e) = s.call(None, Method::GET, &token, None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert_eq!(e["error"], "missing_agent_key");
+    let (st, e) = s.call(Some("nxa_wrong"), Method::GET, &token, None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert_eq!(e["error"], "invalid_agent_key");
+    // Another workspace's connection answers exactly like an unknown one.
+    let (st1, e1) = s.call(Some(&other), Method::GET, &token, None).await;
+    let (st2, e2) = s
+        .call(
+            Some(&other),
+            Method::GET,
+            "/v1/token/no-such-connection",
+            None,
+        )
+        .await;
+    assert_eq!((st1, &e1), (st2, &e2));
+    assert_eq!(st1, StatusCode::NOT_FOUND);
+    assert_eq!(e1["error"], "connection_not_found");
+    for (m, p) in [
+        (Method::GET, format!("/v1/check-connection/{id}")),
+        (Method::POST, format!("/v1/refresh/{id}")),
+    ] {
+        let (st, e) = s.call(Some(&other), m, &p, None).await;
+        assert_eq!(st, StatusCode::NOT_FOUND, "{p} {e}");
+    }
+    let (st, e) = s
+        .call(
+            Some(&other),
+            Method::POST,
+            &format!("/v1/connections/{id}/scope-failures"),
+            Some(json!({"status": 403, "scopes": ["x"]})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{e}");
+    let (st, e) = s
+        .call(
+            Some(&other),
+            Method::GET,
+            "/v1/workspaces/u1/connections/status",
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{e}");
+    let (st, e) = s
+        .call(
+            Some(&other),
+            Method::POST,
+            "/v1/request-connection",
+            Some(json!({"user_id": "u1", "provider_name": "weather", "return_url": RETURN_URL})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{e}");
+
+    // A revoked key stops working (after the short validation cache).
+    let (st, _) = s.call(Some(&key), Method::GET, &token, None).await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, _) = s
+        .admin(Method::DELETE, &format!("/agent-keys/{kid}"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let (st, e) = s.call(Some(&key), Method::GET, &token, None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED, "{e}");
+    // Listed with its last use, never the key.
+    let (_, list) = s.admin(Method::GET, "/agent-keys", None).await;
+    let text = list.to_string();
+    assert!(
+        !text.contains(&key) && !text.contains(&other),
+        "keys are never shown again"
+    );
+    let revoked = list["agent_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == kid.as_str())
+        .unwrap();
+    assert_eq!(revoked["revoked"], true);
+    assert!(revoked["last_used_at"].is_string());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_errors_pass_through_with_their_codes() {
+    let s = Stack::start(0, "").await;
+    s.weather().await;
+    let (_, key) = s.agent_key(&["*"]).await;
+    let id = s.connect(&key, "u1").await;
+    s.broker_state
+        .store()
+        .revoke_connection(&id, &|c| nexus_broker::store::Transition {
+            audit: nexus_broker::audit::AuditEvent::new("test").connection(c.id.clone()),
+            event: None,
+        })
+        .await
+        .unwrap();
+    let (st, e) = s
+        .call(Some(&key), Method::GET, &format!("/v1/token/{id}"), None)
+        .await;
+    assert_eq!(st, StatusCode::GONE);
+    assert_eq!(e["error"], "connection_revoked");
+    let id2 = s.connect(&key, "u1").await;
+    needs_a_person(&s, &id2).await;
+    let (st, e) = s
+        .call(Some(&key), Method::GET, &format!("/v1/token/{id2}"), None)
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{e}");
+    assert_eq!(e["error"], "attention_required");
+    let (st, e) = s
+        .call(
+            Some(&key),
+            Method::POST,
+            "/v1/request-connection",
+            Some(json!({"user_id": "u1", "provider_name": "nope", "return_url": RETURN_URL})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{e}");
+    assert_eq!(e["error"], "provider_not_found");
+    let resp = s
+        .client
+        .post(format!("{}/v1/request-connection", s.gateway))
+        .bearer_auth(&key)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"], "invalid_json");
+    let (st, e) = s
+        .call(
+            Some(&key),
+            Method::POST,
+            "/v1/request-connection",
+            Some(json!({"provider_name": "weather"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_eq!(e["error"], "missing_fields");
+    let (st, e) = s.call(Some(&key), Method::GET, "/v1/nope", None).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    assert!(e["message"].is_string());
+    s.stop().await;
+}
+
+/// Moves a connection to `attention_required` as a rejected refresh would
+/// (a state the gateway cannot cause).
+pub async fn needs_a_person(s: &Stack, id: &str) {
+    let store = s.broker_state.store();
+    let c = store.get_connection(id).await.unwrap().unwrap();
+    let ok = store
+        .record_refresh_failure(
+            id,
+            c.version,
+            "test",
+            "invalid_grant",
+            "the provider rejected the refresh",
+            None,
+            Some(&nexus_broker::store::Transition {
+                audit: nexus_broker::audit::AuditEvent::new("connection.attention_required"),
+                event: None,
+            }),
+        )
+        .await
+        .unwrap();
+    assert!(ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflight_only_for_configured_origins() {
+    let s = Stack::start(0, "https://app.example.test").await;
+    let preflight = |origin: &'static str| {
+        s.client
+            .request(Method::OPTIONS, format!("{}/v1/token/abc", s.gateway))
+            .header("origin", origin)
+            .header("access-control-request-method", "GET")
+            .header("access-control-request-headers", "authorization")
+            .send()
+    };
+    let ok = preflight("https://app.example.test").await.unwrap();
+    assert!(ok.status().is_success());
+    assert_eq!(
+        ok.headers()["access-control-allow-origin"],
+        "https://app.example.test"
+    );
+    assert!(ok.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .contains("authorization"));
+    let no = preflight("https://evil.example.test").await.unwrap();
+    assert!(no.headers().get("access-control-allow-origin").is_none());
+    s.stop().await;
+}
+
+/// The reference gateway's four original endpoints, with literal fixtures of
+/// its requests and the shapes of its responses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_wire_shapes() {
+    let s = Stack::start(0, "").await;
+    s.weather().await;
+    let (_, key) = s.agent_key(&["user-123"]).await;
+    let request: Value = serde_json::from_str(
+        r#"{"user_id": "user-123", "provider_name": "weather", "scopes": [], "return_url": "http://localhost:3000/done", "metadata": {"source": "sdk"}}"#,
+    )
+    .unwrap();
+    let (st, resp) = s
+        .call(
+            Some(&key),
+            Method::POST,
+            "/v1/request-connection",
+            Some(request),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{resp}");
+    assert_eq!(
+        keys(&resp),
+        ["authUrl", "connection_id", "provider_id", "scopes", "state"]
+    );
+    let id = resp["connection_id"].as_str().unwrap().to_string();
+    let (_, check) = s
+        .call(
+            Some(&key),
+            Method::GET,
+            &format!("/v1/check-connection/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(check, json!({"status": "pending"}));
+    let (st, e) = s
+        .call(Some(&key), Method::GET, &format!("/v1/token/{id}"), None)
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT);
+    assert_eq!(keys(&e), ["error", "message"]);
+    assert_eq!(e["error"], "connection_pending");
+    let id = s.connect(&key, "user-123").await;
+    let (_, tok) = s
+        .call(Some(&key), Method::GET, &format!("/v1/token/{id}"), None)
+        .await;
+    for k in [
+        "access_token",
+        "token_type",
+        "expires_in",
+        "expires_at",
+        "scope",
+        "provider",
+        "strategy",
+        "credentials",
+    ] {
+        // Static credentials have no access token; the keys the SDK reads are there.
+        if !["access_token", "token_type"].contains(&k) {
+            assert!(tok.get(k).is_some(), "{k} in {tok}");
+        }
+    }
+    assert!(tok.get("refresh_token").is_none());
+    let (_, tok) = s
+        .call(Some(&key), Method::POST, &format!("/v1/refresh/{id}"), None)
+        .await;
+    assert!(tok.get("credentials").is_some());
+    s.stop().await;
+}
