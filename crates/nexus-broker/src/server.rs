@@ -127,6 +127,21 @@ impl Broker {
         let app = api::router(self.state.clone());
         let cleanup = tokio::spawn(cleanup_loop(self.state.clone()));
         let invalidation = tokio::spawn(self.state.tokens().clone().run_invalidation());
+        // Never aborted mid-flush (events in hand would be lost): it stops
+        // between flushes, then the last flush runs below.
+        let (stop_issued, mut issued_stopped) = tokio::sync::watch::channel(false);
+        let issued = {
+            let tokens = self.state.tokens().clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => tokens.flush_issued().await,
+                        _ = issued_stopped.changed() => return,
+                    }
+                }
+            })
+        };
         let pauses = tokio::spawn(
             self.state
                 .pauses()
@@ -177,6 +192,9 @@ impl Broker {
                 r.abort();
             }
         }
+        let _ = stop_issued.send(true);
+        let _ = issued.await;
+        self.state.tokens().flush_issued().await;
         let stats = self.writer.shutdown().await;
         tracing::info!(
             written = stats.written,

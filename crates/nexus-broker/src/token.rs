@@ -250,9 +250,20 @@ pub struct Tokens {
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     cache: Arc<TokenCache>,
     pauses: Arc<Pauses>,
+    /// Tokens issued since the last audit flush, by connection.
+    issued: Mutex<HashMap<String, Issued>>,
     /// When each provider's last `provider.unhealthy` webhook went out: one
     /// per provider per [`UNHEALTHY_EVERY`], not one per connection refreshed.
     unhealthy_sent: Mutex<HashMap<String, Instant>>,
+}
+
+/// Issuances of one connection since the last audit flush.
+struct Issued {
+    provider_id: String,
+    workspace_id: String,
+    count: u64,
+    first_at: i64,
+    last_at: i64,
 }
 
 /// Least time between two `provider.unhealthy` webhooks for one provider (per replica).
@@ -295,6 +306,7 @@ impl Tokens {
             cache,
             pauses,
             unhealthy_sent: Mutex::new(HashMap::new()),
+            issued: Mutex::new(HashMap::new()),
         }
     }
 
@@ -348,7 +360,7 @@ impl Tokens {
                 paused(&hit.workspace_id)?;
                 if servable(&self.settings, &hit.stamp) {
                     metrics::counter!("nexus_token_cache_total", "result" => "hit").increment(1);
-                    return Ok(self.serve_cached(id, &hit).await);
+                    return Ok(self.serve_cached(id, &hit));
                 }
             }
             // Otherwise one narrow primary-key read decides.
@@ -362,7 +374,7 @@ impl Tokens {
                 if let Some(hit) = self.cache.validate(id, &stamp) {
                     metrics::counter!("nexus_token_cache_total", "result" => "validated")
                         .increment(1);
-                    return Ok(self.serve_cached(id, &hit).await);
+                    return Ok(self.serve_cached(id, &hit));
                 }
             }
             metrics::counter!("nexus_token_cache_total", "result" => "miss").increment(1);
@@ -404,8 +416,7 @@ impl Tokens {
             ),
             epoch,
         );
-        self.audit_issued(&c.id, &c.provider_id, &c.workspace_id)
-            .await;
+        self.audit_issued(&c.id, &c.provider_id, &c.workspace_id);
         Ok(finish(body, c.expires_at))
     }
 
@@ -440,9 +451,8 @@ impl Tokens {
         }
     }
 
-    async fn serve_cached(&self, id: &str, hit: &Cached) -> Value {
-        self.audit_issued(id, &hit.stamp.provider_id, &hit.workspace_id)
-            .await;
+    fn serve_cached(&self, id: &str, hit: &Cached) -> Value {
+        self.audit_issued(id, &hit.stamp.provider_id, &hit.workspace_id);
         finish(hit.body.expose().clone(), hit.stamp.expires_at)
     }
 
@@ -544,15 +554,50 @@ impl Tokens {
         apply(&self.cache, &self.pauses, change)
     }
 
-    async fn audit_issued(&self, id: &str, provider_id: &str, workspace_id: &str) {
-        let ev = AuditEvent::new("token.issued")
-            .actor("agent")
-            .provider(provider_id.to_string())
-            .connection(id.to_string())
-            .workspace(workspace_id.to_string());
-        // Batched off the request path; waits only if the queue is full.
-        if let Err(e) = self.audit.record(ev).await {
-            tracing::error!(error = %e, "token audit event not recorded");
+    /// Counts an issued token. Issuances are audited per connection per
+    /// [`Tokens::flush_issued`] period (one `token.issued` event with the
+    /// count and the first and last time), not one row per fetch: at
+    /// thousands of fetches a second the audit log would otherwise be mostly
+    /// identical rows, and writing them the largest cost of a fetch.
+    fn audit_issued(&self, id: &str, provider_id: &str, workspace_id: &str) {
+        let now = now_ms();
+        let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
+        match issued.get_mut(id) {
+            Some(n) => {
+                n.count += 1;
+                n.last_at = now;
+            }
+            None => {
+                issued.insert(
+                    id.to_string(),
+                    Issued {
+                        provider_id: provider_id.to_string(),
+                        workspace_id: workspace_id.to_string(),
+                        count: 1,
+                        first_at: now,
+                        last_at: now,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Writes the issuances counted so far as `token.issued` audit events
+    /// (through the batching writer). Called every second by the server and
+    /// once more at shutdown, before the audit writer is flushed.
+    pub async fn flush_issued(&self) {
+        let drained = std::mem::take(&mut *self.issued.lock().unwrap_or_else(|e| e.into_inner()));
+        for (id, n) in drained {
+            let mut ev = AuditEvent::new("token.issued")
+                .actor("agent")
+                .provider(n.provider_id)
+                .connection(id)
+                .workspace(n.workspace_id)
+                .detail(json!({"count": n.count, "first_at": rfc3339(n.first_at), "last_at": rfc3339(n.last_at)}));
+            ev.occurred_at_ms = n.first_at;
+            if let Err(e) = self.audit.record(ev).await {
+                tracing::error!(error = %e, "token audit event not recorded");
+            }
         }
     }
 

@@ -531,9 +531,15 @@ async fn up(mut args: UpArgs) -> Result<()> {
             cors_allowed_origins: env_var("CORS_ALLOWED_ORIGINS"),
             redirect_path: env_var("REDIRECT_PATH"),
         })?;
-    let gateway = nexus_gateway::GatewayServer::start(
+    // In one process the gateway calls the broker's router directly.
+    let local = nexus_gateway::broker::BrokerClient::local(
+        nexus_broker::api::router(broker.state().clone()),
+        api_key.clone(),
+    );
+    let gateway = nexus_gateway::GatewayServer::start_with(
         gateway_config,
         nexus_broker::telemetry::metrics_handle(),
+        Some(local),
     )
     .await?;
     let gaddr = gateway.local_addr();

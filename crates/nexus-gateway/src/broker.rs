@@ -1,14 +1,18 @@
 //! The broker client: persistent keep-alive connections, timeouts, bounded
 //! answers; idempotent reads are retried once on a transport failure, writes
-//! never are.
+//! never are. Inside one process (`nexus up`) it can call the broker's router
+//! directly instead, with no socket and no HTTP encoding in between.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::http::StatusCode;
+use axum::body::{Body, Bytes};
+use axum::extract::ConnectInfo;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use nexus_broker::Secret;
 use serde_json::Value;
+use tower::ServiceExt;
 use url::Url;
 
 use crate::error::GatewayError;
@@ -21,7 +25,9 @@ const MAX_ANSWER: usize = 1024 * 1024;
 pub struct Reply {
     /// Status.
     pub status: StatusCode,
-    /// JSON body.
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body.
     pub body: Bytes,
 }
 
@@ -43,10 +49,25 @@ impl Reply {
     }
 }
 
+#[derive(Clone)]
+enum Transport {
+    /// Over the network.
+    Http(reqwest::Client),
+    /// The broker's router in this process.
+    Local(axum::Router),
+}
+
+/// A transport failure (the request may or may not have reached the broker).
+struct Failed {
+    /// The connection could not be made: nothing was sent, a retry is safe.
+    before_sending: bool,
+    why: String,
+}
+
 /// Talks to the broker's admin API.
 #[derive(Clone)]
 pub struct BrokerClient {
-    http: reqwest::Client,
+    transport: Transport,
     base: Url,
     api_key: Arc<Secret<String>>,
 }
@@ -60,10 +81,21 @@ impl BrokerClient {
         timeout: Duration,
     ) -> Result<Self, nexus_broker::outbound::OutboundError> {
         Ok(Self {
-            http: nexus_broker::outbound::client(timeout)?,
+            transport: Transport::Http(nexus_broker::outbound::client(timeout)?),
             base,
             api_key,
         })
+    }
+
+    /// A client calling `router` (the broker's, in this process) directly.
+    pub fn local(router: axum::Router, api_key: Arc<Secret<String>>) -> Self {
+        Self {
+            transport: Transport::Local(router),
+            // Only the path and query are used.
+            base: Url::parse("http://broker.local/")
+                .unwrap_or_else(|_| unreachable!("a valid literal")),
+            api_key,
+        }
     }
 
     /// The broker URL of `segments` (each percent-encoded as one path segment).
@@ -76,48 +108,136 @@ impl BrokerClient {
         u
     }
 
-    /// The plain HTTP client (for forwarding public pages).
-    pub fn http(&self) -> &reqwest::Client {
-        &self.http
+    /// The broker URL of a path and query taken from a request to the gateway.
+    pub fn url_of(&self, path: &str, query: Option<&str>) -> Url {
+        let mut u = self.base.clone();
+        u.set_path(path);
+        u.set_query(query);
+        u
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Reply, reqwest::Error> {
-        let mut resp = req
-            .header("x-api-key", self.api_key.expose())
-            .send()
-            .await?;
-        let status = resp.status();
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await? {
-            if body.len() + chunk.len() > MAX_ANSWER {
-                break;
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(Reply {
-            status: StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY),
-            body: Bytes::from(body),
-        })
-    }
-
-    /// GET, retried once if the connection failed (a read is safe to repeat).
-    pub async fn get(&self, url: Url) -> Result<Reply, GatewayError> {
-        match self.send(self.http.get(url.clone())).await {
-            Ok(r) => Ok(r),
-            Err(e) if e.is_connect() || e.is_request() => {
-                metrics::counter!("nexus_gateway_broker_retries_total").increment(1);
-                self.send(self.http.get(url))
-                    .await
-                    .map_err(|e| GatewayError::broker_unavailable(e.without_url()))
-            }
-            Err(e) => Err(GatewayError::broker_unavailable(e.without_url())),
-        }
-    }
-
-    /// POST a JSON body; never retried (it may have taken effect).
-    pub async fn post(&self, url: Url, body: &Value) -> Result<Reply, GatewayError> {
-        self.send(self.http.post(url).json(body))
+    /// One exchange. `admin` adds the broker's API key.
+    pub async fn exchange(
+        &self,
+        method: Method,
+        url: &Url,
+        headers: &[(HeaderName, HeaderValue)],
+        body: Bytes,
+        admin: bool,
+    ) -> Result<Reply, GatewayError> {
+        match self
+            .send(method.clone(), url, headers, body.clone(), admin)
             .await
-            .map_err(|e| GatewayError::broker_unavailable(e.without_url()))
+        {
+            Ok(r) => Ok(r),
+            // A read that never reached the broker is safe to try once more.
+            Err(f) if f.before_sending && method == Method::GET => {
+                metrics::counter!("nexus_gateway_broker_retries_total").increment(1);
+                self.send(method, url, headers, body, admin)
+                    .await
+                    .map_err(|f| GatewayError::broker_unavailable(f.why))
+            }
+            Err(f) => Err(GatewayError::broker_unavailable(f.why)),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        url: &Url,
+        headers: &[(HeaderName, HeaderValue)],
+        body: Bytes,
+        admin: bool,
+    ) -> Result<Reply, Failed> {
+        match &self.transport {
+            Transport::Http(http) => {
+                let mut req = http.request(method, url.clone()).body(body);
+                for (k, v) in headers {
+                    req = req.header(k, v);
+                }
+                if admin {
+                    req = req.header("x-api-key", self.api_key.expose());
+                }
+                let mut resp = req.send().await.map_err(|e| Failed {
+                    before_sending: e.is_connect(),
+                    why: e.without_url().to_string(),
+                })?;
+                let status = resp.status();
+                let headers = resp.headers().clone();
+                let mut out = Vec::new();
+                while let Some(chunk) = resp.chunk().await.map_err(|e| Failed {
+                    before_sending: false,
+                    why: e.without_url().to_string(),
+                })? {
+                    if out.len() + chunk.len() > MAX_ANSWER {
+                        return Err(Failed {
+                            before_sending: false,
+                            why: "broker answer larger than 1 MiB".into(),
+                        });
+                    }
+                    out.extend_from_slice(&chunk);
+                }
+                Ok(Reply {
+                    status,
+                    headers,
+                    body: Bytes::from(out),
+                })
+            }
+            Transport::Local(router) => {
+                let path_and_query = match url.query() {
+                    Some(q) => format!("{}?{q}", url.path()),
+                    None => url.path().to_string(),
+                };
+                let mut req = axum::http::Request::builder()
+                    .method(method)
+                    .uri(path_and_query)
+                    .body(Body::from(body))
+                    .map_err(|e| Failed {
+                        before_sending: true,
+                        why: e.to_string(),
+                    })?;
+                req.headers_mut().extend(headers.iter().cloned());
+                if admin {
+                    if let Ok(v) = HeaderValue::from_str(self.api_key.expose()) {
+                        req.headers_mut().insert("x-api-key", v);
+                    }
+                }
+                // In-process calls come from this host.
+                req.extensions_mut()
+                    .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 0))));
+                let resp = match router.clone().oneshot(req).await {
+                    Ok(r) => r,
+                    Err(never) => match never {},
+                };
+                let (parts, body) = resp.into_parts();
+                let body = axum::body::to_bytes(body, MAX_ANSWER)
+                    .await
+                    .map_err(|e| Failed {
+                        before_sending: false,
+                        why: e.to_string(),
+                    })?;
+                Ok(Reply {
+                    status: parts.status,
+                    headers: parts.headers,
+                    body,
+                })
+            }
+        }
+    }
+
+    /// GET with the API key.
+    pub async fn get(&self, url: Url) -> Result<Reply, GatewayError> {
+        self.exchange(Method::GET, &url, &[], Bytes::new(), true)
+            .await
+    }
+
+    /// POST a JSON body with the API key; never retried (it may have taken effect).
+    pub async fn post(&self, url: Url, body: &Value) -> Result<Reply, GatewayError> {
+        let body = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
+        let ct = (
+            axum::http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        self.exchange(Method::POST, &url, &[ct], body, true).await
     }
 }

@@ -34,19 +34,24 @@ fn plausible_id(id: &str) -> bool {
 }
 
 impl Gateway {
-    /// Builds the gateway state.
+    /// Builds the gateway state, reaching the broker over the network.
     pub fn new(config: GatewayConfig) -> Result<Arc<Self>, nexus_broker::outbound::OutboundError> {
         let broker = BrokerClient::new(
             config.broker_url.clone(),
             config.broker_api_key.clone(),
             config.broker_timeout,
         )?;
-        Ok(Arc::new(Self {
+        Ok(Self::with_broker(config, broker))
+    }
+
+    /// Builds the gateway state with a given broker client.
+    pub fn with_broker(config: GatewayConfig, broker: BrokerClient) -> Arc<Self> {
+        Arc::new(Self {
             keys: KeyCache::new(broker.clone(), config.key_cache_ttl),
             broker,
             config,
             workspaces: Mutex::new(LruCache::new(100_000)),
-        }))
+        })
     }
 
     /// The workspace of a connection (404 when unknown).

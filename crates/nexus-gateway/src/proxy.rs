@@ -48,37 +48,27 @@ pub async fn forward(State(g): State<Arc<Gateway>>, req: Request) -> Response {
             .into_response()
         }
     };
-    let mut url = g.config.broker_url.clone();
-    url.set_path(parts.uri.path());
-    url.set_query(parts.uri.query());
-    let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes())
-        .unwrap_or(reqwest::Method::GET);
-    let mut out = g.broker.http().request(method, url);
+    let url = g.broker.url_of(parts.uri.path(), parts.uri.query());
+    let mut headers = Vec::new();
     for name in FORWARDED_REQUEST {
         for v in parts.headers.get_all(name) {
-            out = out.header(name.as_str(), v.as_bytes());
+            headers.push((name.clone(), v.clone()));
         }
     }
-    let resp = match out.body(body).send().await {
+    // Public pages: the browser's request, without the broker's API key.
+    let reply = match g
+        .broker
+        .exchange(parts.method, &url, &headers, body, false)
+        .await
+    {
         Ok(r) => r,
-        Err(e) => return GatewayError::broker_unavailable(e.without_url()).into_response(),
+        Err(e) => return e.into_response(),
     };
-    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-    let mut headers = Vec::new();
+    let mut r = Response::new(Body::from(reply.body));
+    *r.status_mut() = reply.status;
     for name in FORWARDED_RESPONSE {
-        for v in resp.headers().get_all(name.as_str()) {
-            headers.push((name.clone(), v.as_bytes().to_vec()));
-        }
-    }
-    let bytes = match resp.bytes().await {
-        Ok(b) => b,
-        Err(e) => return GatewayError::broker_unavailable(e.without_url()).into_response(),
-    };
-    let mut r = Response::new(Body::from(bytes));
-    *r.status_mut() = status;
-    for (name, v) in headers {
-        if let Ok(v) = axum::http::HeaderValue::from_bytes(&v) {
-            r.headers_mut().append(name, v);
+        for v in reply.headers.get_all(name) {
+            r.headers_mut().append(name.clone(), v.clone());
         }
     }
     r

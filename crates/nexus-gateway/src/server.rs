@@ -113,8 +113,21 @@ impl GatewayServer {
         config: GatewayConfig,
         metrics: PrometheusHandle,
     ) -> Result<Self, GatewayServeError> {
+        Self::start_with(config, metrics, None).await
+    }
+
+    /// Like [`GatewayServer::start`]; with `broker` (e.g. a
+    /// [`BrokerClient::local`] under `nexus up`) instead of one over the network.
+    pub async fn start_with(
+        config: GatewayConfig,
+        metrics: PrometheusHandle,
+        broker: Option<crate::broker::BrokerClient>,
+    ) -> Result<Self, GatewayServeError> {
         let addr = config.listen_addr;
-        let gateway = Gateway::new(config)?;
+        let gateway = match broker {
+            Some(b) => Gateway::with_broker(config, b),
+            None => Gateway::new(config)?,
+        };
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| GatewayServeError::Io { addr, source })?;

@@ -107,13 +107,14 @@ impl Store {
         on_pool!(self, pool => {
             let row = sqlx::query(&sql).bind(key_hash).fetch_optional(pool).await?;
             let Some(row) = row else { return Ok(None) };
-            let k = from_row(&row)?;
+            let mut k = from_row(&row)?;
             if k.last_used_at.is_none_or(|t| now - t > 60_000) {
                 sqlx::query("UPDATE agent_keys SET last_used_at = $1 WHERE id = $2")
                     .bind(now)
                     .bind(&k.id)
                     .execute(pool)
                     .await?;
+                k.last_used_at = Some(now);
             }
             Ok(Some(k))
         })

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod agent_keys;
 mod audit;
 mod bad_input;
 mod capture;

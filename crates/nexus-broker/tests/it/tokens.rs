@@ -410,7 +410,33 @@ async fn refresh_tokens_never_leave_the_broker(b: Backend) {
     t.finish().await;
 }
 
+async fn issued_tokens_are_audited_with_counts(b: Backend) {
+    let (t, _idp, id) = connected(&b, 3600, |_| {}).await;
+    for _ in 0..5 {
+        let (s, _) = t.get(&format!("/connections/{id}/token")).await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    // A graceful stop writes what was counted.
+    let db = t.stop().await;
+    let rows = db
+        .scalar(&format!(
+            "SELECT COUNT(*) FROM audit_events WHERE event_type = 'token.issued' AND connection_id = '{id}'"
+        ))
+        .await
+        .unwrap();
+    assert!((1..=2).contains(&rows), "coalesced: {rows} rows");
+    let total = db
+        .scalar(&format!(
+            "SELECT CAST(SUM(CAST(n AS BIGINT)) AS BIGINT) FROM (SELECT {} AS n FROM audit_events WHERE event_type = 'token.issued' AND connection_id = '{id}') x",
+            if db.url.starts_with("sqlite:") { "json_extract(detail, '$.count')" } else { "(detail::json->>'count')" }
+        ))
+        .await;
+    assert_eq!(total, Some(5), "every issuance counted");
+    db.drop_db().await;
+}
+
 backend_tests!(
+    issued_tokens_are_audited_with_counts,
     refresh_tokens_never_leave_the_broker,
     token_response_carries_usage_secrets_only,
     static_credentials_serve_only_the_strategy_fields,

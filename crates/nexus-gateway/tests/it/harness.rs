@@ -35,6 +35,12 @@ fn free_port() -> u16 {
 impl Stack {
     /// Starts both; `gateway_port` fixed (0 = any), CORS origins as given.
     pub async fn start(gateway_port: u16, cors: &str) -> Stack {
+        Self::start_mode(gateway_port, cors, false).await
+    }
+
+    /// With `in_process`, the gateway calls the broker's router directly (as
+    /// under `nexus up`) instead of over loopback HTTP.
+    pub async fn start_mode(gateway_port: u16, cors: &str, in_process: bool) -> Stack {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
         let gport = if gateway_port == 0 {
@@ -59,6 +65,12 @@ impl Stack {
             .unwrap();
         let broker_url = format!("http://{}", broker.local_addr());
         let broker_state = broker.state().clone();
+        let local = in_process.then(|| {
+            nexus_gateway::broker::BrokerClient::local(
+                nexus_broker::api::router(broker_state.clone()),
+                broker_state.config().api_key.clone(),
+            )
+        });
         let (btx, brx) = oneshot::channel::<()>();
         tokio::spawn(broker.run(async {
             let _ = brx.await;
@@ -72,9 +84,10 @@ impl Stack {
         })
         .unwrap();
         gconfig.key_cache_ttl = Duration::from_millis(300);
-        let gw = GatewayServer::start(gconfig, nexus_broker::telemetry::metrics_handle())
-            .await
-            .unwrap();
+        let gw =
+            GatewayServer::start_with(gconfig, nexus_broker::telemetry::metrics_handle(), local)
+                .await
+                .unwrap();
         let gateway = format!("http://{}", gw.local_addr());
         let (gtx, grx) = oneshot::channel::<()>();
         tokio::spawn(gw.run(async {

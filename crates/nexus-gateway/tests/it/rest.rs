@@ -14,7 +14,15 @@ fn keys(v: &Value) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_works_for_the_keys_workspace() {
-    let s = Stack::start(0, "").await;
+    every_route(Stack::start(0, "").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_works_with_the_broker_in_process() {
+    every_route(Stack::start_mode(0, "", true).await).await;
+}
+
+async fn every_route(s: Stack) {
     s.weather().await;
     let (_, key) = s.agent_key(&["u1"]).await;
     let id = s.connect(&key, "u1").await;

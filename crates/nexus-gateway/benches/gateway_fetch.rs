@@ -1,0 +1,346 @@
+//! Token fetch through the gateway (SPEC §11): `GET /v1/token/{id}` with an
+//! agent key, 64 concurrent keep-alive clients, against a bare axum handler
+//! serving the same JSON body, measured in the same run:
+//!
+//! - separate processes: broker, gateway and the bare handler each in their
+//!   own process (this binary re-executed in a role), the load from this one;
+//! - inside one process, as under `nexus up`: broker, gateway, bare handler
+//!   and load in this process.
+//!
+//! 100 active static-credential connections (header strategy) of one
+//! workspace, SQLite in a temporary folder, token cache on.
+//!
+//! `cargo bench -p nexus-gateway --bench gateway_fetch`
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::routing::get;
+use axum::{Json, Router};
+use nexus_broker::config::{BrokerConfig, Settings};
+use nexus_broker::server::Broker;
+use nexus_gateway::{GatewayConfig, GatewayServer, GatewaySettings};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const CLIENTS: usize = 64;
+const CONNECTIONS: usize = 100;
+const RUN: Duration = Duration::from_secs(5);
+const API_KEY: &str = "bench-admin-key-0123456789abcdef";
+const ROLE: &str = "NEXUS_BENCH_ROLE";
+
+struct Figures {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+/// Drives `urls` round-robin from 64 tasks for `RUN`; every answer must be 200.
+async fn load(urls: Arc<Vec<String>>, key: &str) -> Figures {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(CLIENTS)
+        .build()
+        .expect("client");
+    for u in urls.iter() {
+        let r = client
+            .get(u)
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("warm-up");
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    }
+    let start = Instant::now();
+    let deadline = start + RUN;
+    let mut tasks = Vec::new();
+    for t in 0..CLIENTS {
+        let (client, urls, key) = (client.clone(), urls.clone(), key.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = t;
+            while Instant::now() < deadline {
+                let s = Instant::now();
+                let r = client
+                    .get(&urls[i % urls.len()])
+                    .bearer_auth(&key)
+                    .send()
+                    .await
+                    .expect("request");
+                assert_eq!(r.status(), 200);
+                r.bytes().await.expect("body");
+                lat.push(s.elapsed());
+                i += CLIENTS;
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("task"));
+    }
+    let took = start.elapsed();
+    lat.sort();
+    Figures {
+        rate: lat.len() as f64 / took.as_secs_f64(),
+        p50: lat[lat.len() / 2],
+        p99: lat[(lat.len() as f64 * 0.99) as usize],
+    }
+}
+
+/// The vault and state keys all brokers of one run share.
+#[derive(Clone)]
+struct Keys {
+    encryption: String,
+    state: String,
+}
+
+fn broker_settings(db: &str, k: &Keys) -> Settings {
+    Settings {
+        database_url: Some(db.into()),
+        encryption_key: Some(k.encryption.clone()),
+        state_key: Some(k.state.clone()),
+        api_key: Some(API_KEY.into()),
+        broker_addr: Some("127.0.0.1:0".into()),
+        refresh_worker: Some("false".into()),
+        ..Default::default()
+    }
+}
+
+async fn start_broker(db: &str, k: &Keys) -> (String, Broker) {
+    let b = Broker::start(BrokerConfig::from_settings(&broker_settings(db, k)).expect("config"))
+        .await
+        .expect("broker");
+    (format!("http://{}", b.local_addr()), b)
+}
+
+async fn start_gateway(
+    broker: &str,
+    local: Option<nexus_gateway::broker::BrokerClient>,
+) -> (String, GatewayServer) {
+    let config = GatewayConfig::from_settings(&GatewaySettings {
+        broker_url: Some(broker.into()),
+        broker_api_key: Some(API_KEY.into()),
+        gateway_addr: Some("127.0.0.1:0".into()),
+        ..Default::default()
+    })
+    .expect("gateway config");
+    let g = GatewayServer::start_with(config, nexus_broker::telemetry::metrics_handle(), local)
+        .await
+        .expect("gateway");
+    (format!("http://{}", g.local_addr()), g)
+}
+
+async fn bare(body: Value) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let app = Router::new().route(
+        "/v1/token/{id}",
+        get(move || {
+            let body = body.clone();
+            async move { Json(body) }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+/// Runs one server in this process (a child of the benchmark) and prints
+/// `READY <url>`; stops when the parent closes stdin.
+async fn child(role: &str) {
+    let url = match role {
+        "broker" => {
+            let keys = Keys {
+                encryption: std::env::var("BENCH_ENCRYPTION_KEY").expect("key"),
+                state: std::env::var("BENCH_STATE_KEY").expect("key"),
+            };
+            let (url, b) = start_broker(&std::env::var("BENCH_DB").expect("db"), &keys).await;
+            tokio::spawn(b.run(std::future::pending()));
+            url
+        }
+        "gateway" => {
+            let (url, g) =
+                start_gateway(&std::env::var("BENCH_BROKER").expect("broker"), None).await;
+            tokio::spawn(g.run(std::future::pending()));
+            url
+        }
+        _ => {
+            let body: Value =
+                serde_json::from_str(&std::env::var("BENCH_BODY").expect("body")).expect("json");
+            bare(body).await
+        }
+    };
+    println!("READY {url}");
+    let _ = tokio::task::spawn_blocking(|| for _ in std::io::stdin().lines() {}).await;
+}
+
+/// Starts this binary in `role`; the child and its URL.
+async fn spawn(role: &str, env: &[(&str, String)]) -> (tokio::process::Child, String) {
+    let mut cmd = tokio::process::Command::new(std::env::current_exe().expect("exe"));
+    cmd.env(ROLE, role)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut c = cmd.spawn().expect("spawn");
+    let mut lines = BufReader::new(c.stdout.take().expect("stdout")).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("child ready in time")
+        .expect("read")
+        .expect("ready line");
+    let url = line.strip_prefix("READY ").expect("READY").to_string();
+    (c, url)
+}
+
+/// Registers a static provider, connects `CONNECTIONS` accounts of one
+/// workspace through the broker, makes an agent key; (ids, key, token body).
+async fn seed(broker: &str) -> (Vec<String>, String, Value) {
+    let http = reqwest::Client::new();
+    let admin = |m: reqwest::Method, path: &str, body: Value| {
+        http.request(m, format!("{broker}{path}"))
+            .header("x-api-key", API_KEY)
+            .json(&body)
+            .send()
+    };
+    let r = admin(reqwest::Method::POST, "/providers", json!({"profile": {
+        "name": "weather", "auth_type": "api_key",
+        "params": {
+            "credential_schema": {"type": "object", "required": ["api_key"], "properties": {"api_key": {"type": "string"}}},
+            "strategy": {"type": "header", "config": {"header_name": "X-Api-Key", "credential_field": "api_key"}}
+        }
+    }}))
+    .await
+    .expect("provider");
+    assert_eq!(r.status(), 201);
+    let mut ids = Vec::new();
+    for i in 0..CONNECTIONS {
+        let spec: Value = admin(
+            reqwest::Method::POST,
+            "/auth/consent-spec",
+            json!({"workspace_id": "bench", "provider_name": "weather", "return_url": "http://localhost/done"}),
+        )
+        .await
+        .expect("consent")
+        .json()
+        .await
+        .expect("json");
+        let r = http
+            .post(format!("{broker}/auth/capture-credential"))
+            .json(&json!({"state": spec["state"], "credentials": {"api_key": format!("weather-key-{i:04}-{}", "x".repeat(40))}}))
+            .send()
+            .await
+            .expect("capture");
+        assert!(r.status().is_success());
+        ids.push(spec["connection_id"].as_str().expect("id").to_string());
+    }
+    let k: Value = admin(
+        reqwest::Method::POST,
+        "/agent-keys",
+        json!({"name": "bench", "workspaces": ["bench"]}),
+    )
+    .await
+    .expect("agent key")
+    .json()
+    .await
+    .expect("json");
+    let body: Value = admin(
+        reqwest::Method::GET,
+        &format!("/connections/{}/token", ids[0]),
+        json!({}),
+    )
+    .await
+    .expect("token")
+    .json()
+    .await
+    .expect("json");
+    (ids, k["key"].as_str().expect("key").to_string(), body)
+}
+
+fn urls(base: &str, ids: &[String]) -> Arc<Vec<String>> {
+    Arc::new(
+        ids.iter()
+            .map(|id| format!("{base}/v1/token/{id}"))
+            .collect(),
+    )
+}
+
+fn report(label: &str, rows: &[(&str, &Figures)], baseline: &Figures) {
+    for (name, f) in rows {
+        println!(
+            "{label:<20} {name:<16} {:>8.0} req/s  ({:>5.1}% of bare)  p50 {:>8.1?}  p99 {:>8.1?}  ({:.2}x bare p99)",
+            f.rate,
+            100.0 * f.rate / baseline.rate,
+            f.p50,
+            f.p99,
+            f.p99.as_secs_f64() / baseline.p99.as_secs_f64(),
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Ok(role) = std::env::var(ROLE) {
+        return child(&role).await;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = format!("sqlite:{}", dir.path().join("bench.db").display());
+    let keys = Keys {
+        encryption: nexus_broker::vault::generate_key_b64().expose().clone(),
+        state: nexus_broker::vault::generate_key_b64().expose().clone(),
+    };
+
+    // Separate processes.
+    let (mut b, broker) = spawn(
+        "broker",
+        &[
+            ("BENCH_DB", db.clone()),
+            ("BENCH_ENCRYPTION_KEY", keys.encryption.clone()),
+            ("BENCH_STATE_KEY", keys.state.clone()),
+        ],
+    )
+    .await;
+    let (ids, key, body) = seed(&broker).await;
+    let (mut g, gateway) = spawn("gateway", &[("BENCH_BROKER", broker.clone())]).await;
+    let (mut x, bare_url) = spawn("bare", &[("BENCH_BODY", body.to_string())]).await;
+    let baseline = load(urls(&bare_url, &ids), &key).await;
+    let through = load(urls(&gateway, &ids), &key).await;
+    report(
+        "separate processes",
+        &[("bare axum", &baseline), ("gateway", &through)],
+        &baseline,
+    );
+    for c in [&mut g, &mut x, &mut b] {
+        let _ = c.kill().await;
+    }
+
+    // One process, as under `nexus up`.
+    let (broker, b) = start_broker(&db, &keys).await;
+    let local = nexus_gateway::broker::BrokerClient::local(
+        nexus_broker::api::router(b.state().clone()),
+        b.state().config().api_key.clone(),
+    );
+    let (bstop, brx) = tokio::sync::oneshot::channel::<()>();
+    let bt = tokio::spawn(b.run(async {
+        let _ = brx.await;
+    }));
+    let (gateway, g) = start_gateway(&broker, Some(local)).await;
+    let gt = tokio::spawn(g.run(std::future::pending()));
+    let bare_url = bare(body).await;
+    let baseline = load(urls(&bare_url, &ids), &key).await;
+    let through = load(urls(&gateway, &ids), &key).await;
+    report(
+        "one process",
+        &[("bare axum", &baseline), ("gateway", &through)],
+        &baseline,
+    );
+    gt.abort();
+    let _ = bstop.send(());
+    let _ = bt.await;
+}
