@@ -19,6 +19,7 @@ use crate::core::Gateway;
 use crate::grpc::pb::nexus_service_server::NexusServiceServer;
 use crate::grpc::Service;
 use crate::{proxy, rest};
+use nexus_broker::api::openapi::{doc, mount, Kind, Route, RouteDoc};
 
 /// Failures starting or running the gateway.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,140 @@ pub enum GatewayServeError {
     },
 }
 
+type Routes = Vec<Route<Arc<Gateway>>>;
+
+/// The agent API (agent key on every call).
+fn api_routes() -> Routes {
+    vec![
+        (
+            doc(
+                "POST",
+                "/v1/request-connection",
+                "Start a consent or capture handshake for user_id",
+            ),
+            post(rest::request_connection),
+        ),
+        (
+            doc(
+                "GET",
+                "/v1/check-connection/{id}",
+                "A connection's status ({status})",
+            ),
+            get(rest::check_connection),
+        ),
+        (
+            doc("GET", "/v1/token/{id}", "Strategy and usage secrets"),
+            get(rest::token),
+        ),
+        (
+            doc(
+                "POST",
+                "/v1/refresh/{id}",
+                "Refresh now, then the token response",
+            ),
+            post(rest::refresh),
+        ),
+        (
+            doc("GET", "/v1/providers", "Providers ({id, name})"),
+            get(rest::providers),
+        ),
+        (
+            doc(
+                "POST",
+                "/v1/connections/{id}/scope-failures",
+                "Report scopes the provider refused (or that work again)",
+            )
+            .status(202),
+            post(rest::scope_failures),
+        ),
+        (
+            doc(
+                "GET",
+                "/v1/workspaces/{id}/connections/status",
+                "A workspace's connections' health",
+            ),
+            get(rest::workspace_status),
+        ),
+    ]
+}
+
+/// Browsers arrive here from the provider; forwarded to the broker.
+fn public_routes(redirect_path: &str) -> Routes {
+    vec![
+        (
+            doc(
+                "GET",
+                redirect_path,
+                "OAuth callback (forwarded to the broker)",
+            )
+            .open()
+            .status(303)
+            .answers(Kind::Redirect),
+            get(proxy::forward),
+        ),
+        (
+            doc("GET", "/auth/capture", "Hosted form for static credentials")
+                .open()
+                .answers(Kind::Html),
+            get(proxy::forward),
+        ),
+        (
+            doc(
+                "GET",
+                "/auth/capture-schema",
+                "The credential schema of a capture",
+            )
+            .open(),
+            get(proxy::forward),
+        ),
+        (
+            doc(
+                "POST",
+                "/auth/capture-credential",
+                "Submit static credentials",
+            )
+            .open(),
+            post(proxy::forward),
+        ),
+    ]
+}
+
+fn ops_routes() -> Routes {
+    vec![
+        (doc("GET", "/health", "Liveness").open(), get(rest::health)),
+        (
+            doc("GET", "/ready", "The broker answers").open(),
+            get(rest::ready),
+        ),
+    ]
+}
+
+/// The gateway's OpenAPI document, from the same tables as [`router`]
+/// (gRPC is described by proto/nexus/v1/nexus.proto).
+pub fn openapi(redirect_path: &str) -> serde_json::Value {
+    let mut docs: Vec<RouteDoc> = api_routes()
+        .into_iter()
+        .chain(public_routes(redirect_path))
+        .chain(ops_routes())
+        .map(|(d, _)| d)
+        .collect();
+    docs.push(
+        doc("GET", "/metrics", "Prometheus metrics")
+            .open()
+            .answers(Kind::Text),
+    );
+    docs.push(doc("GET", "/openapi.json", "This document").open());
+    nexus_broker::api::openapi::document(
+        "Nexus gateway",
+        "The agent-facing API (SPEC §4). Send an agent key as Authorization: Bearer nxa_... (or X-API-Key). gRPC (nexus.v1.NexusService) is served on the same port.",
+        &docs,
+        "agentKey",
+        serde_json::json!({
+            "agentKey": {"type": "http", "scheme": "bearer", "description": "an agent key, nxa_..."},
+        }),
+    )
+}
+
 /// The complete router.
 pub fn router(g: Arc<Gateway>, metrics: PrometheusHandle) -> Router {
     let cors = CorsLayer::new()
@@ -47,32 +182,17 @@ pub fn router(g: Arc<Gateway>, metrics: PrometheusHandle) -> Router {
             "x-api-key".parse().unwrap_or(header::AUTHORIZATION),
         ])
         .max_age(std::time::Duration::from_secs(600));
-    let api = Router::new()
-        .route("/v1/request-connection", post(rest::request_connection))
-        .route("/v1/check-connection/{id}", get(rest::check_connection))
-        .route("/v1/token/{id}", get(rest::token))
-        .route("/v1/refresh/{id}", post(rest::refresh))
-        .route("/v1/providers", get(rest::providers))
-        .route(
-            "/v1/connections/{id}/scope-failures",
-            post(rest::scope_failures),
-        )
-        .route(
-            "/v1/workspaces/{id}/connections/status",
-            get(rest::workspace_status),
-        )
-        .layer(cors);
-    let public = Router::new()
-        .route(&g.config.redirect_path, get(proxy::forward))
-        .route("/auth/capture", get(proxy::forward))
-        .route("/auth/capture-schema", get(proxy::forward))
-        .route("/auth/capture-credential", post(proxy::forward));
-    let ops = Router::new()
-        .route("/health", get(rest::health))
-        .route("/ready", get(rest::ready))
+    let document = Arc::new(openapi(&g.config.redirect_path));
+    let api = mount(Router::new(), api_routes()).layer(cors);
+    let public = mount(Router::new(), public_routes(&g.config.redirect_path));
+    let ops = mount(Router::new(), ops_routes())
         .route(
             "/metrics",
             get(move || std::future::ready(metrics.render())),
+        )
+        .route(
+            "/openapi.json",
+            get(move || std::future::ready(axum::Json((*document).clone()))),
         );
     let grpc = tonic::service::Routes::new(NexusServiceServer::new(Service::new(g.clone())))
         .prepare()

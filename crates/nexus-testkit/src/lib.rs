@@ -128,3 +128,58 @@ pub fn q(url: &Url, k: &str) -> Option<String> {
         .find(|(n, _)| n == k)
         .map(|(_, v)| v.into_owned())
 }
+
+/// Checks an OpenAPI document with `openapi-spec-validator` (PyPI), an
+/// independent implementation of the specification. Skipped with one line
+/// when it is not installed, except under CI (`.ci/run` installs it).
+pub fn validate_openapi(doc: &Value) {
+    let path = std::env::temp_dir().join(format!(
+        "nexus-openapi-{}-{:?}.json",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::write(&path, doc.to_string()).unwrap();
+    let out = std::process::Command::new("python3")
+        .args(["-m", "openapi_spec_validator"])
+        .arg(&path)
+        .output();
+    let _ = std::fs::remove_file(&path);
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    match out {
+        Ok(o) if o.status.success() => {}
+        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("No module named") => {
+            if ci {
+                panic!("CI=true but openapi-spec-validator is not installed (pip install openapi-spec-validator)");
+            }
+            eprintln!("skipped: OpenAPI validation (pip install openapi-spec-validator to run it)");
+        }
+        Ok(o) => panic!(
+            "the OpenAPI document is invalid:\n{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => {
+            if ci {
+                panic!("CI=true but python3 cannot run: {e}");
+            }
+            eprintln!("skipped: OpenAPI validation (python3: {e})");
+        }
+    }
+}
+
+/// Every operation of an OpenAPI document, as (method, path with each
+/// `{param}` replaced by `x`).
+pub fn operations(doc: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        let concrete: String = path
+            .split('/')
+            .map(|seg| if seg.starts_with('{') { "x" } else { seg })
+            .collect::<Vec<_>>()
+            .join("/");
+        for method in ops.as_object().unwrap().keys() {
+            out.push((method.to_ascii_uppercase(), concrete.clone()));
+        }
+    }
+    out
+}

@@ -37,12 +37,14 @@ pub mod error;
 pub mod extract;
 pub mod guard;
 pub mod handshake;
+pub mod openapi;
 pub mod ops;
 pub mod pauses;
 pub mod providers;
 pub mod webhooks;
 
 use error::ApiError;
+use openapi::{doc, mount, Kind, Route, RouteDoc};
 
 /// Shared state of every handler.
 #[derive(Clone)]
@@ -182,89 +184,338 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
     )
 }
 
+/// The admin API: API key and `ALLOWED_CIDRS`.
+fn admin_routes() -> Vec<Route<AppState>> {
+    use axum::routing::{delete, patch, put};
+    vec![
+        (
+            doc("POST", "/providers", "Register a provider").status(201),
+            post(providers::create),
+        ),
+        (
+            doc("GET", "/providers", "List providers ({id, name})"),
+            get(providers::list),
+        ),
+        (
+            doc(
+                "GET",
+                "/providers/metadata",
+                "Providers grouped by auth type",
+            ),
+            get(providers::metadata),
+        ),
+        (
+            doc(
+                "GET",
+                "/providers/by-name/{name}",
+                "A provider's id by name",
+            ),
+            get(providers::get_by_name),
+        ),
+        (
+            doc(
+                "DELETE",
+                "/providers/by-name/{name}",
+                "Delete a provider by name (soft)",
+            ),
+            delete(providers::delete_by_name),
+        ),
+        (
+            doc("GET", "/providers/{id}", "A provider (no secret)"),
+            get(providers::get),
+        ),
+        (
+            doc("PUT", "/providers/{id}", "Replace a provider's profile"),
+            put(providers::replace),
+        ),
+        (
+            doc("PATCH", "/providers/{id}", "Change some profile fields"),
+            patch(providers::patch),
+        ),
+        (
+            doc("DELETE", "/providers/{id}", "Delete a provider (soft)"),
+            delete(providers::delete),
+        ),
+        (
+            doc("POST", "/providers/{id}/aliases", "Add an alias").status(201),
+            post(providers::add_alias),
+        ),
+        (
+            doc("GET", "/providers/{id}/aliases", "A provider's aliases"),
+            get(providers::list_aliases),
+        ),
+        (
+            doc(
+                "DELETE",
+                "/providers/{id}/aliases/{alias}",
+                "Remove an alias",
+            ),
+            delete(providers::remove_alias),
+        ),
+        (
+            doc(
+                "GET",
+                "/audit",
+                "Audit events (event_type, since, connection_id, provider_id, limit)",
+            ),
+            get(audit::list),
+        ),
+        (
+            doc(
+                "POST",
+                "/auth/consent-spec",
+                "Start a consent or capture handshake",
+            ),
+            post(handshake::consent_spec),
+        ),
+        (
+            doc(
+                "GET",
+                "/connections",
+                "Connections of a workspace (?workspace_id=)",
+            ),
+            get(connections::list),
+        ),
+        (
+            doc(
+                "GET",
+                "/connections/{id}",
+                "A connection's health, with its failing scopes",
+            ),
+            get(connections::get),
+        ),
+        (
+            doc(
+                "DELETE",
+                "/connections/{id}",
+                "Revoke: RFC 7009 at the provider, secrets erased",
+            ),
+            delete(connections::revoke),
+        ),
+        (
+            doc(
+                "GET",
+                "/connections/{id}/token",
+                "Strategy and usage secrets",
+            ),
+            get(connections::token),
+        ),
+        (
+            doc(
+                "POST",
+                "/connections/{id}/refresh",
+                "Refresh now, then the token response",
+            ),
+            post(connections::refresh),
+        ),
+        (
+            doc(
+                "POST",
+                "/connections/{id}/scope-failures",
+                "Report scopes the provider refused (or that work again)",
+            )
+            .status(202),
+            post(connections::scope_failures),
+        ),
+        (
+            doc(
+                "GET",
+                "/workspaces/{id}/connections/status",
+                "A workspace's connections' health",
+            ),
+            get(connections::status),
+        ),
+        (
+            doc(
+                "GET",
+                "/workspaces/{id}/pause",
+                "The pause that applies to a workspace",
+            ),
+            get(pauses::workspace_get),
+        ),
+        (
+            doc(
+                "PUT",
+                "/workspaces/{id}/pause",
+                "Pause token issuance for a workspace ({reason})",
+            ),
+            put(pauses::workspace_pause),
+        ),
+        (
+            doc("DELETE", "/workspaces/{id}/pause", "Resume a workspace"),
+            delete(pauses::workspace_resume),
+        ),
+        (
+            doc("GET", "/admin/pause", "The operator pause, if any"),
+            get(pauses::operator_get),
+        ),
+        (
+            doc(
+                "POST",
+                "/admin/pause",
+                "Pause token issuance everywhere ({reason?})",
+            ),
+            post(pauses::operator_pause),
+        ),
+        (
+            doc(
+                "DELETE",
+                "/admin/pause",
+                "Resume issuance (workspace pauses stay)",
+            ),
+            delete(pauses::operator_resume),
+        ),
+        (
+            doc(
+                "POST",
+                "/webhooks",
+                "Add a webhook endpoint (secret shown once)",
+            )
+            .status(201),
+            post(webhooks::create),
+        ),
+        (
+            doc("GET", "/webhooks", "Webhook endpoints"),
+            get(webhooks::list),
+        ),
+        (
+            doc("GET", "/webhooks/{id}", "A webhook endpoint"),
+            get(webhooks::get),
+        ),
+        (
+            doc("DELETE", "/webhooks/{id}", "Delete a webhook endpoint"),
+            delete(webhooks::delete),
+        ),
+        (
+            doc(
+                "GET",
+                "/webhooks/{id}/deliveries",
+                "An endpoint's recent deliveries",
+            ),
+            get(webhooks::deliveries),
+        ),
+        (
+            doc("POST", "/agent-keys", "Create an agent key (shown once)").status(201),
+            post(agent_keys::create),
+        ),
+        (
+            doc("GET", "/agent-keys", "Agent keys (never the keys)"),
+            get(agent_keys::list),
+        ),
+        (
+            doc("DELETE", "/agent-keys/{id}", "Revoke an agent key"),
+            delete(agent_keys::revoke),
+        ),
+        (
+            doc(
+                "POST",
+                "/agent-keys/verify",
+                "Verify an agent key (for the gateway)",
+            ),
+            post(agent_keys::verify),
+        ),
+    ]
+}
+
+/// Probes and documents: no key; `/ready` and `/metrics` behind `ALLOWED_CIDRS`.
+fn ops_routes() -> (Vec<Route<AppState>>, Vec<Route<AppState>>) {
+    (
+        vec![
+            (
+                doc("GET", "/ready", "Database reachable and vault self-test").open(),
+                get(ops::ready),
+            ),
+            (
+                doc("GET", "/metrics", "Prometheus metrics")
+                    .open()
+                    .answers(Kind::Text),
+                get(ops::metrics),
+            ),
+        ],
+        vec![(doc("GET", "/health", "Liveness").open(), get(ops::health))],
+    )
+}
+
+/// Browsers arrive here from the provider: no API key, no CIDR allowlist.
+fn public_routes(redirect_path: &str) -> Vec<Route<AppState>> {
+    vec![
+        (
+            doc(
+                "GET",
+                redirect_path,
+                "OAuth callback (the provider redirects the browser here)",
+            )
+            .open()
+            .status(303)
+            .answers(Kind::Redirect),
+            get(handshake::callback),
+        ),
+        (
+            doc(
+                "GET",
+                "/auth/capture",
+                "Hosted form for static credentials (?state=)",
+            )
+            .open()
+            .answers(Kind::Html),
+            get(capture::form),
+        ),
+        (
+            doc(
+                "GET",
+                "/auth/capture-schema",
+                "The credential schema of a capture (?state=)",
+            )
+            .open(),
+            get(capture::schema),
+        ),
+        (
+            doc(
+                "POST",
+                "/auth/capture-credential",
+                "Submit static credentials (form or JSON)",
+            )
+            .open(),
+            post(capture::submit),
+        ),
+    ]
+}
+
+/// The broker's OpenAPI document, from the same tables as [`router`].
+pub fn openapi(redirect_path: &str) -> serde_json::Value {
+    let (guarded, open) = ops_routes();
+    let mut docs: Vec<RouteDoc> = admin_routes()
+        .into_iter()
+        .chain(guarded)
+        .chain(open)
+        .chain(public_routes(redirect_path))
+        .map(|(d, _)| d)
+        .collect();
+    docs.push(doc("GET", "/openapi.json", "This document").open());
+    openapi::document(
+        "Nexus broker",
+        "The broker's internal API (SPEC §3). Send the admin key as X-API-Key.",
+        &docs,
+        "apiKey",
+        serde_json::json!({"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}),
+    )
+}
+
 /// The complete router with all layers.
 pub fn router(state: AppState) -> Router {
-    let admin = Router::new()
-        .route("/providers", post(providers::create).get(providers::list))
-        .route("/providers/metadata", get(providers::metadata))
-        .route(
-            "/providers/by-name/{name}",
-            get(providers::get_by_name).delete(providers::delete_by_name),
-        )
-        .route(
-            "/providers/{id}",
-            get(providers::get)
-                .put(providers::replace)
-                .patch(providers::patch)
-                .delete(providers::delete),
-        )
-        .route(
-            "/providers/{id}/aliases",
-            post(providers::add_alias).get(providers::list_aliases),
-        )
-        .route(
-            "/providers/{id}/aliases/{alias}",
-            axum::routing::delete(providers::remove_alias),
-        )
-        .route("/audit", get(audit::list))
-        .route("/auth/consent-spec", post(handshake::consent_spec))
-        .route("/connections", get(connections::list))
-        .route(
-            "/connections/{id}",
-            get(connections::get).delete(connections::revoke),
-        )
-        .route("/connections/{id}/token", get(connections::token))
-        .route("/connections/{id}/refresh", post(connections::refresh))
-        .route(
-            "/connections/{id}/scope-failures",
-            post(connections::scope_failures),
-        )
-        .route(
-            "/workspaces/{id}/connections/status",
-            get(connections::status),
-        )
-        .route(
-            "/workspaces/{id}/pause",
-            get(pauses::workspace_get)
-                .put(pauses::workspace_pause)
-                .delete(pauses::workspace_resume),
-        )
-        .route(
-            "/admin/pause",
-            get(pauses::operator_get)
-                .post(pauses::operator_pause)
-                .delete(pauses::operator_resume),
-        )
-        .route("/webhooks", post(webhooks::create).get(webhooks::list))
-        .route(
-            "/webhooks/{id}",
-            get(webhooks::get).delete(webhooks::delete),
-        )
-        .route("/webhooks/{id}/deliveries", get(webhooks::deliveries))
-        .route(
-            "/agent-keys",
-            post(agent_keys::create).get(agent_keys::list),
-        )
-        .route(
-            "/agent-keys/{id}",
-            axum::routing::delete(agent_keys::revoke),
-        )
-        .route("/agent-keys/verify", post(agent_keys::verify))
+    let redirect_path = state.config().redirect_path.clone();
+    let document = std::sync::Arc::new(openapi(&redirect_path));
+    let admin = mount(Router::new(), admin_routes())
         .route_layer(from_fn_with_state(state.clone(), guard::require_api_key))
         .route_layer(from_fn_with_state(state.clone(), guard::allow_cidrs));
-
-    let ops = Router::new()
-        .route("/ready", get(ops::ready))
-        .route("/metrics", get(ops::metrics))
-        .route_layer(from_fn_with_state(state.clone(), guard::allow_cidrs))
-        .route("/health", get(ops::health));
-
-    // Browsers arrive here from the provider: no API key, no CIDR allowlist.
-    let public = Router::new()
-        .route(&state.config().redirect_path, get(handshake::callback))
-        .route("/auth/capture", get(capture::form))
-        .route("/auth/capture-schema", get(capture::schema))
-        .route("/auth/capture-credential", post(capture::submit));
+    let (guarded, open) = ops_routes();
+    let ops = mount(Router::new(), guarded)
+        .route_layer(from_fn_with_state(state.clone(), guard::allow_cidrs));
+    let ops = mount(ops, open).route(
+        "/openapi.json",
+        get(move || std::future::ready(axum::Json((*document).clone()))),
+    );
+    let public = mount(Router::new(), public_routes(&redirect_path));
 
     let max_body = state.config().max_body_bytes;
     Router::new()

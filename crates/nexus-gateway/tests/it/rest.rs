@@ -365,3 +365,41 @@ async fn reference_wire_shapes() {
     assert!(tok.get("credentials").is_some());
     s.stop().await;
 }
+
+/// The gateway's OpenAPI document: valid, and every operation routed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_documents_every_route() {
+    let s = Stack::start(0, "").await;
+    let (_, key) = s.agent_key(&["*"]).await;
+    let doc: Value = s
+        .client
+        .get(format!("{}/openapi.json", s.gateway))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    nexus_testkit::validate_openapi(&doc);
+    let ops = nexus_testkit::operations(&doc);
+    assert!(ops.len() >= 14, "{ops:?}");
+    for (method, path) in ops {
+        let m = Method::from_bytes(method.as_bytes()).unwrap();
+        let resp = s
+            .client
+            .request(m, format!("{}{path}", s.gateway))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert!(!body.contains("no route for"), "{method} {path} not routed");
+    }
+    assert_eq!(
+        doc["paths"]["/v1/token/{id}"]["get"]["security"],
+        json!([{"agentKey": []}])
+    );
+    s.stop().await;
+}

@@ -7,44 +7,66 @@ use axum::routing::MethodRouter;
 use serde_json::{json, Map, Value};
 
 /// One documented route.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RouteDoc {
     /// `GET`, `POST`, ...
     pub method: &'static str,
     /// Axum path (`/connections/{id}`).
-    pub path: &'static str,
+    pub path: String,
     /// One line.
     pub summary: &'static str,
     /// Needs the API key (or an agent key, on the gateway).
     pub secured: bool,
     /// Success status.
     pub ok: u16,
+    /// What a success answers.
+    pub kind: Kind,
+}
+
+/// The media type of a success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A JSON object.
+    Json,
+    /// An HTML page.
+    Html,
+    /// A redirect (no body).
+    Redirect,
+    /// Prometheus text.
+    Text,
 }
 
 /// A route: its document and its handler.
 pub type Route<S> = (RouteDoc, MethodRouter<S>);
 
-/// A secured route answering 200.
-pub const fn doc(method: &'static str, path: &'static str, summary: &'static str) -> RouteDoc {
+/// A secured JSON route answering 200.
+pub fn doc(method: &'static str, path: &str, summary: &'static str) -> RouteDoc {
     RouteDoc {
         method,
-        path,
+        path: path.to_string(),
         summary,
         secured: true,
         ok: 200,
+        kind: Kind::Json,
     }
 }
 
 impl RouteDoc {
     /// The same route, open (no key).
-    pub const fn open(mut self) -> Self {
+    pub fn open(mut self) -> Self {
         self.secured = false;
         self
     }
 
     /// The same route with another success status.
-    pub const fn status(mut self, ok: u16) -> Self {
+    pub fn status(mut self, ok: u16) -> Self {
         self.ok = ok;
+        self
+    }
+
+    /// The same route answering `kind`.
+    pub fn answers(mut self, kind: Kind) -> Self {
+        self.kind = kind;
         self
     }
 }
@@ -55,7 +77,7 @@ pub fn mount<S: Clone + Send + Sync + 'static>(
     routes: Vec<Route<S>>,
 ) -> axum::Router<S> {
     for (d, r) in routes {
-        router = router.route(d.path, r);
+        router = router.route(&d.path, r);
     }
     router
 }
@@ -77,11 +99,25 @@ pub fn document(
             .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
             .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
             .collect();
+        let success = match d.kind {
+            Kind::Json => {
+                json!({"description": "success", "content": {"application/json": {"schema": {"type": "object"}}}})
+            }
+            Kind::Html => {
+                json!({"description": "an HTML page", "content": {"text/html": {"schema": {"type": "string"}}}})
+            }
+            Kind::Redirect => {
+                json!({"description": "redirect to the return URL", "headers": {"Location": {"schema": {"type": "string"}}}})
+            }
+            Kind::Text => {
+                json!({"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}})
+            }
+        };
         let mut op = json!({
             "summary": d.summary,
             "operationId": operation_id(d),
             "responses": {
-                d.ok.to_string(): {"description": "success", "content": {"application/json": {"schema": {"type": "object"}}}},
+                d.ok.to_string(): success,
                 "default": {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
             }
         });
@@ -95,7 +131,7 @@ pub fn document(
             op["requestBody"] = json!({"required": false, "content": {"application/json": {"schema": {"type": "object"}}}});
         }
         let entry = paths
-            .entry(d.path.to_string())
+            .entry(d.path.clone())
             .or_insert_with(|| Value::Object(Map::new()));
         entry[d.method.to_ascii_lowercase()] = op;
     }
