@@ -323,7 +323,7 @@ impl Tokens {
 
     /// The token response for a connection, refreshing first when the token
     /// is inside the margin (or always, with `force`).
-    pub async fn token(self: &Arc<Self>, id: &str, force: bool) -> Result<Value, TokenError> {
+    pub async fn token(self: &Arc<Self>, id: &str, force: bool) -> Result<TokenBody, TokenError> {
         let result = match self.pauses.operator() {
             Some(p) => Err(TokenError::Paused(p)),
             None => self.token_inner(id, force, true).await,
@@ -347,7 +347,7 @@ impl Tokens {
         id: &str,
         force: bool,
         issue: bool,
-    ) -> Result<Value, TokenError> {
+    ) -> Result<TokenBody, TokenError> {
         let asked_at = now_ms();
         let paused = |ws: &str| match self.pauses.check(Some(ws)) {
             Some(p) if issue => Err(TokenError::Paused(p)),
@@ -405,19 +405,17 @@ impl Tokens {
         }
         let body = self.response(&provider, &c)?;
         if !issue {
-            return Ok(Value::Null);
+            return Ok(TokenBody(Secret::new(Vec::new())));
         }
-        self.cache.put(
-            &c.id,
-            Cached::new(
-                TokenStamp::of(&c, provider.row.version),
-                c.workspace_id.clone(),
-                body.clone(),
-            ),
-            epoch,
+        let cached = Cached::new(
+            TokenStamp::of(&c, provider.row.version),
+            c.workspace_id.clone(),
+            &body,
         );
+        let served = finish(&cached.prefix, c.expires_at);
+        self.cache.put(&c.id, cached, epoch);
         self.audit_issued(&c.id, &c.provider_id, &c.workspace_id);
-        Ok(finish(body, c.expires_at))
+        Ok(served)
     }
 
     /// The token expired and there is no refresh token: the connection needs
@@ -451,9 +449,9 @@ impl Tokens {
         }
     }
 
-    fn serve_cached(&self, id: &str, hit: &Cached) -> Value {
+    fn serve_cached(&self, id: &str, hit: &Cached) -> TokenBody {
         self.audit_issued(id, &hit.stamp.provider_id, &hit.workspace_id);
-        finish(hit.body.expose().clone(), hit.stamp.expires_at)
+        finish(&hit.prefix, hit.stamp.expires_at)
     }
 
     /// Keeps the token cache in step with the store: drops entries as changes
@@ -1157,13 +1155,29 @@ fn apply(cache: &TokenCache, pauses: &Pauses, change: Change) {
     }
 }
 
+/// A token response: JSON text holding usage secrets (redacted in Debug).
+#[derive(Debug)]
+pub struct TokenBody(pub Secret<Vec<u8>>);
+
+impl TokenBody {
+    /// The response as a JSON value.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(self.0.expose()).unwrap_or(Value::Null)
+    }
+}
+
 /// Completes a (possibly cached) response with the seconds left at serve time.
-fn finish(mut body: Map<String, Value>, expires_at: Option<i64>) -> Value {
-    body.insert(
-        "expires_in".into(),
-        json!(expires_at.map(|e| ((e - now_ms()) / 1000).max(0))),
-    );
-    Value::Object(body)
+fn finish(prefix: &Secret<Vec<u8>>, expires_at: Option<i64>) -> TokenBody {
+    let prefix = prefix.expose();
+    let mut out = Vec::with_capacity(prefix.len() + 24);
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(b"\"expires_in\":");
+    match expires_at {
+        Some(e) => out.extend_from_slice(((e - now_ms()) / 1000).max(0).to_string().as_bytes()),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.push(b'}');
+    TokenBody(Secret::new(out))
 }
 
 /// The result of trying to take a lease.

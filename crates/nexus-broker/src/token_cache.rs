@@ -38,22 +38,35 @@ pub struct Cached {
     pub stamp: TokenStamp,
     /// For the audit event of a cache hit.
     pub workspace_id: String,
-    /// The response without `expires_in` (computed at serve time).
-    pub body: Secret<Map<String, Value>>,
+    /// The response without `expires_in` (computed at serve time), as JSON
+    /// text without its closing brace, so serving it is one copy and no
+    /// serialisation.
+    pub prefix: Secret<Vec<u8>>,
     /// When the stamp was last checked against the database (unix ms).
     validated_at: AtomicI64,
 }
 
 impl Cached {
     /// A response built just now from `stamp`.
-    pub fn new(stamp: TokenStamp, workspace_id: String, body: Map<String, Value>) -> Self {
+    pub fn new(stamp: TokenStamp, workspace_id: String, body: &Map<String, Value>) -> Self {
         Self {
             stamp,
             workspace_id,
-            body: Secret::new(body),
+            prefix: Secret::new(open_object(body)),
             validated_at: AtomicI64::new(now_ms()),
         }
     }
+}
+
+/// `body` as JSON without the closing brace, ready for one more member.
+pub fn open_object(body: &Map<String, Value>) -> Vec<u8> {
+    // Serialising a map of JSON values cannot fail.
+    let mut v = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    v.pop();
+    if v.len() > 1 {
+        v.push(b',');
+    }
+    v
 }
 
 /// Bounded LRU of token responses by connection id. Capacity 0 disables it.
@@ -213,7 +226,7 @@ mod tests {
     fn entry(s: TokenStamp) -> Cached {
         let mut body = Map::new();
         body.insert("access_token".into(), json!("secret-canary"));
-        Cached::new(s, "w".into(), body)
+        Cached::new(s, "w".into(), &body)
     }
 
     #[test]

@@ -283,24 +283,12 @@ fn report(label: &str, rows: &[(&str, &Figures)], baseline: &Figures) {
     }
 }
 
-#[tokio::main]
-async fn main() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    if let Ok(role) = std::env::var(ROLE) {
-        return child(&role).await;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = format!("sqlite:{}", dir.path().join("bench.db").display());
-    let keys = Keys {
-        encryption: nexus_broker::vault::generate_key_b64().expose().clone(),
-        state: nexus_broker::vault::generate_key_b64().expose().clone(),
-    };
-
-    // Separate processes.
+/// The separate-process run; returns what it seeded.
+async fn separate(db: &str, keys: &Keys) -> (Vec<String>, String, Value) {
     let (mut b, broker) = spawn(
         "broker",
         &[
-            ("BENCH_DB", db.clone()),
+            ("BENCH_DB", db.to_string()),
             ("BENCH_ENCRYPTION_KEY", keys.encryption.clone()),
             ("BENCH_STATE_KEY", keys.state.clone()),
         ],
@@ -319,6 +307,36 @@ async fn main() {
     for c in [&mut g, &mut x, &mut b] {
         let _ = c.kill().await;
     }
+    (ids, key, body)
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Ok(role) = std::env::var(ROLE) {
+        return child(&role).await;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = format!("sqlite:{}", dir.path().join("bench.db").display());
+    let keys = Keys {
+        encryption: nexus_broker::vault::generate_key_b64().expose().clone(),
+        state: nexus_broker::vault::generate_key_b64().expose().clone(),
+    };
+
+    // `BENCH_ONLY=one` skips the separate-process run (for profiling).
+    let (ids, key, body) = if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "one") {
+        let (broker, b) = start_broker(&db, &keys).await;
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let t = tokio::spawn(b.run(async {
+            let _ = rx.await;
+        }));
+        let seeded = seed(&broker).await;
+        let _ = stop.send(());
+        let _ = t.await;
+        seeded
+    } else {
+        separate(&db, &keys).await
+    };
 
     // One process, as under `nexus up`.
     let (broker, b) = start_broker(&db, &keys).await;

@@ -12,7 +12,7 @@ use super::AppState;
 use crate::handshake::parse_list;
 use crate::scope::{ReportError, ScopeReport};
 use crate::store::{rfc3339, ConnectionRow};
-use crate::token::TokenError;
+use crate::token::{TokenBody, TokenError};
 
 impl From<TokenError> for ApiError {
     fn from(e: TokenError) -> Self {
@@ -178,14 +178,24 @@ pub async fn status(
 pub async fn token(
     State(st): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(st.tokens().token(&id, false).await?))
+) -> Result<TokenBody, ApiError> {
+    Ok(st.tokens().token(&id, false).await?)
 }
 
 /// `POST /connections/{id}/refresh`: refresh now (single-flight), then the token response.
 pub async fn refresh(
     State(st): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(st.tokens().token(&id, true).await?))
+) -> Result<TokenBody, ApiError> {
+    Ok(st.tokens().token(&id, true).await?)
+}
+
+impl axum::response::IntoResponse for TokenBody {
+    fn into_response(self) -> axum::response::Response {
+        (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            self.0.into_inner(),
+        )
+            .into_response()
+    }
 }

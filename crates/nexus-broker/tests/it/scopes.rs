@@ -90,6 +90,13 @@ async fn a_403_report_degrades_the_connection_and_names_the_scope(b: Backend) {
     )
     .await;
     assert_eq!(degraded.len(), 2, "one per new scope, none for repeats");
+    // Deliveries run concurrently: order by what they describe, not arrival.
+    let mut degraded = degraded;
+    degraded.sort_by_key(|e| {
+        e.body["data"]["failing_scopes"]
+            .as_array()
+            .map_or(0, Vec::len)
+    });
     let d = &degraded[0].body["data"];
     assert_eq!(d["old_state"], "active");
     assert_eq!(d["new_state"], "degraded");
