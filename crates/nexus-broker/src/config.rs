@@ -370,7 +370,19 @@ impl BrokerConfig {
                 "must be a path like /auth/callback (letters, digits, / - _ .)",
             ));
         }
-        if TAKEN.contains(&redirect_path.as_str()) || redirect_path.starts_with("/providers") {
+        const TAKEN_PREFIXES: &[&str] = &[
+            "/providers",
+            "/connections",
+            "/workspaces",
+            "/webhooks",
+            "/agent-keys",
+            "/admin",
+            "/openapi.json",
+            "/v1/",
+        ];
+        if TAKEN.contains(&redirect_path.as_str())
+            || TAKEN_PREFIXES.iter().any(|p| redirect_path.starts_with(p))
+        {
             return Err(ConfigError::new(
                 "REDIRECT_PATH",
                 format!("{redirect_path} is one of the broker's own routes"),

@@ -497,7 +497,19 @@ async fn up(mut args: UpArgs) -> Result<()> {
     let broker = Broker::start(config).await?;
     let addr = broker.local_addr();
     let mut state = state;
-    if state.get("AGENT_KEY").is_none() {
+    // The development key must exist in this database (it may have been
+    // reset, or DATABASE_URL changed): otherwise make a new one.
+    let known = match state.get("AGENT_KEY") {
+        Some(k) => broker
+            .state()
+            .agent_keys()
+            .verify(&k)
+            .await
+            .context("checking the development agent key")?
+            .is_some_and(|v| !v.revoked),
+        None => false,
+    };
+    if !known {
         {
             // A development key for every workspace, kept with the other keys.
             let actor = nexus_broker::registry::Actor {
@@ -519,7 +531,7 @@ async fn up(mut args: UpArgs) -> Result<()> {
             state.append(
                 "AGENT_KEY",
                 key.expose(),
-                "Development agent key for every workspace (nexus up); agents send it to the gateway",
+                "Development agent key for every workspace (nexus up); agents send it to the gateway; the last AGENT_KEY line wins",
             )?;
         }
     }
@@ -530,6 +542,7 @@ async fn up(mut args: UpArgs) -> Result<()> {
             gateway_addr: Some(args.gateway_addr.clone()),
             cors_allowed_origins: env_var("CORS_ALLOWED_ORIGINS"),
             redirect_path: env_var("REDIRECT_PATH"),
+            metrics_allowed_cidrs: env_var("METRICS_ALLOWED_CIDRS"),
         })?;
     // In one process the gateway calls the broker's router directly.
     let local = nexus_gateway::broker::BrokerClient::local(
@@ -565,20 +578,16 @@ async fn up(mut args: UpArgs) -> Result<()> {
         state.env_path().display()
     );
     println!("Stop with Ctrl-C.");
-    // One signal stops both: the gateway first, then the broker drains.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let signal = tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = stop.send(true);
-    });
-    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let (g, b) = tokio::join!(
-        gateway.run(wait(stopped.clone())),
-        broker.run(wait(stopped))
-    );
-    signal.abort();
+    // One signal stops both, in order: the gateway drains its requests
+    // (which reach the broker in-process) before the broker flushes the
+    // audit log and closes the database.
+    let (stop_broker, broker_stopped) = tokio::sync::oneshot::channel::<()>();
+    let broker_task = tokio::spawn(broker.run(async {
+        let _ = broker_stopped.await;
+    }));
+    let g = gateway.run(shutdown_signal()).await;
+    let _ = stop_broker.send(());
+    let b = broker_task.await.context("broker task")?;
     g?;
     b?;
     Ok(())
@@ -605,6 +614,8 @@ fn gateway_settings(
             .redirect_path
             .clone()
             .or_else(|| from_state("REDIRECT_PATH")),
+        metrics_allowed_cidrs: env_var("METRICS_ALLOWED_CIDRS")
+            .or_else(|| from_state("METRICS_ALLOWED_CIDRS")),
     }
 }
 

@@ -51,6 +51,10 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
         .filter(|k| !k.is_empty())
 }
 
+fn invalid_key() -> GatewayError {
+    GatewayError::unauthenticated("invalid_agent_key", "unknown or revoked agent key")
+}
+
 /// SHA-256 of a presented key.
 type KeyDigest = [u8; 32];
 
@@ -79,6 +83,17 @@ impl KeyCache {
                 "send an agent key as Authorization: Bearer nxa_... or X-API-Key",
             ));
         };
+        // Keys are `nxa_` + 43 base64url characters: anything else is refused
+        // here, without costing the broker a lookup.
+        let well_formed = key.len() == 47
+            && key.starts_with("nxa_")
+            && key[4..]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !well_formed {
+            metrics::counter!("nexus_gateway_auth_failures_total").increment(1);
+            return Err(invalid_key());
+        }
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         if let Some((agent, at)) = self
             .seen
@@ -110,12 +125,12 @@ impl KeyCache {
                     .insert(digest, (agent.clone(), Instant::now()));
                 Ok(agent)
             }
-            StatusCode::UNAUTHORIZED | StatusCode::BAD_REQUEST => {
+            StatusCode::UNAUTHORIZED
+                if GatewayError::from_broker(reply.status, &reply.body).code
+                    == "invalid_agent_key" =>
+            {
                 metrics::counter!("nexus_gateway_auth_failures_total").increment(1);
-                Err(GatewayError::unauthenticated(
-                    "invalid_agent_key",
-                    "unknown or revoked agent key",
-                ))
+                Err(invalid_key())
             }
             s => Err(GatewayError::from_broker(s, &reply.body)),
         }

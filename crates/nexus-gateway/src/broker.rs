@@ -20,8 +20,8 @@ use crate::error::GatewayError;
 /// Largest broker answer read.
 const MAX_ANSWER: usize = 1024 * 1024;
 
-/// An answer from the broker, body unparsed (passed through as it is).
-#[derive(Debug)]
+/// An answer from the broker, body unparsed (passed through as it is). Its
+/// body can hold usage secrets: `Debug` shows only the status and size.
 pub struct Reply {
     /// Status.
     pub status: StatusCode,
@@ -29,6 +29,15 @@ pub struct Reply {
     pub headers: HeaderMap,
     /// Body.
     pub body: Bytes,
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reply")
+            .field("status", &self.status)
+            .field("body_bytes", &self.body.len())
+            .finish()
+    }
 }
 
 impl Reply {
@@ -44,7 +53,9 @@ impl Reply {
         if self.status.is_success() {
             Ok(self)
         } else {
-            Err(GatewayError::from_broker(self.status, &self.body))
+            let mut e = GatewayError::from_broker(self.status, &self.body);
+            e.retry_after = self.headers.get(axum::http::header::RETRY_AFTER).cloned();
+            Err(e)
         }
     }
 }

@@ -23,6 +23,8 @@ pub struct GatewaySettings {
     pub cors_allowed_origins: Option<String>,
     /// `REDIRECT_PATH`: the OAuth callback path forwarded to the broker.
     pub redirect_path: Option<String>,
+    /// `METRICS_ALLOWED_CIDRS`: networks that may read `/metrics` (default loopback).
+    pub metrics_allowed_cidrs: Option<String>,
 }
 
 impl std::fmt::Debug for GatewaySettings {
@@ -58,6 +60,8 @@ pub struct GatewayConfig {
     pub broker_timeout: Duration,
     /// Request body limit.
     pub max_body_bytes: usize,
+    /// Networks that may read `/metrics` (the gateway faces the internet).
+    pub metrics_allowed_cidrs: Vec<ipnet::IpNet>,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -133,12 +137,46 @@ impl GatewayConfig {
         let redirect_path = non_empty(&s.redirect_path)
             .unwrap_or("/auth/callback")
             .to_string();
-        if !redirect_path.starts_with('/') || redirect_path.starts_with("/v1/") {
+        // It becomes a route: plain path characters only, none of ours.
+        const TAKEN: &[&str] = &[
+            "/health",
+            "/ready",
+            "/metrics",
+            "/openapi.json",
+            "/auth/capture",
+            "/auth/capture-schema",
+            "/auth/capture-credential",
+        ];
+        if !redirect_path.starts_with('/')
+            || redirect_path.len() < 2
+            || !redirect_path
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/-_.".contains(&b))
+            || redirect_path.starts_with("/v1/")
+            || redirect_path.starts_with("/nexus.v1.")
+            || TAKEN.contains(&redirect_path.as_str())
+        {
             return Err(err(
                 "REDIRECT_PATH",
-                "must be a path like /auth/callback outside /v1/",
+                "must be a path like /auth/callback (letters, digits, / - _ .), not one of the gateway's own routes",
             ));
         }
+        let metrics_allowed_cidrs = non_empty(&s.metrics_allowed_cidrs)
+            .unwrap_or("127.0.0.0/8,::1/128")
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(|c| {
+                c.parse::<ipnet::IpNet>()
+                    .or_else(|_| c.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        err(
+                            "METRICS_ALLOWED_CIDRS",
+                            format!("'{c}' is not a CIDR such as 10.0.0.0/8"),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             broker_url,
             broker_api_key: Arc::new(Secret::new(broker_api_key.to_string())),
@@ -148,6 +186,7 @@ impl GatewayConfig {
             key_cache_ttl: Duration::from_secs(10),
             broker_timeout: Duration::from_secs(15),
             max_body_bytes: 1024 * 1024,
+            metrics_allowed_cidrs,
         })
     }
 }

@@ -17,6 +17,8 @@ pub struct GatewayError {
     pub message: String,
     /// Extra fields (e.g. `reason` of a pause).
     pub context: Map<String, Value>,
+    /// The broker's `Retry-After`, passed on.
+    pub retry_after: Option<axum::http::HeaderValue>,
 }
 
 impl GatewayError {
@@ -27,6 +29,7 @@ impl GatewayError {
             code: code.to_string(),
             message: message.into(),
             context: Map::new(),
+            retry_after: None,
         }
     }
 
@@ -54,8 +57,26 @@ impl GatewayError {
         )
     }
 
-    /// The broker's error answer, passed through.
+    /// The broker's error answer, passed through. The broker refusing the
+    /// gateway itself (wrong `BROKER_API_KEY`, not in `ALLOWED_CIDRS`) is a
+    /// configuration fault: agents get 502, the operator a log line.
     pub fn from_broker(status: StatusCode, body: &[u8]) -> Self {
+        let e = Self::from_broker_body(status, body);
+        if matches!(
+            e.code.as_str(),
+            "invalid_api_key" | "missing_api_key" | "ip_not_allowed"
+        ) {
+            tracing::error!(code = %e.code, "the broker refused the gateway; check BROKER_API_KEY and the broker's ALLOWED_CIDRS");
+            return Self::new(
+                StatusCode::BAD_GATEWAY,
+                "broker_unavailable",
+                "the gateway cannot use the broker; see the gateway log",
+            );
+        }
+        e
+    }
+
+    fn from_broker_body(status: StatusCode, body: &[u8]) -> Self {
         match serde_json::from_slice::<Value>(body) {
             Ok(Value::Object(mut o)) => {
                 let code = o
@@ -71,6 +92,7 @@ impl GatewayError {
                     code,
                     message,
                     context: o,
+                    retry_after: None,
                 }
             }
             _ => Self::new(
@@ -119,6 +141,10 @@ impl GatewayError {
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body())).into_response()
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        if let Some(v) = self.retry_after {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+        }
+        r
     }
 }

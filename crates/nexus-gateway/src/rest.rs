@@ -15,10 +15,15 @@ use crate::error::GatewayError;
 
 type Result<T> = std::result::Result<T, GatewayError>;
 
+/// The broker's answer as it is; never stored by browsers or proxies (token
+/// responses hold usage secrets).
 fn pass(reply: Reply) -> Response {
     (
         reply.status,
-        [(header::CONTENT_TYPE, "application/json")],
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
         reply.body,
     )
         .into_response()

@@ -185,10 +185,31 @@ pub fn router(g: Arc<Gateway>, metrics: PrometheusHandle) -> Router {
     let document = Arc::new(openapi(&g.config.redirect_path));
     let api = mount(Router::new(), api_routes()).layer(cors);
     let public = mount(Router::new(), public_routes(&g.config.redirect_path));
+    let cidrs = g.config.metrics_allowed_cidrs.clone();
     let ops = mount(Router::new(), ops_routes())
         .route(
             "/metrics",
-            get(move || std::future::ready(metrics.render())),
+            get(
+                move |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>| {
+                    let ip = match peer.ip() {
+                        std::net::IpAddr::V6(v6) => {
+                            v6.to_ipv4_mapped().map(Into::into).unwrap_or(peer.ip())
+                        }
+                        v4 => v4,
+                    };
+                    let allowed = cidrs.iter().any(|n| n.contains(&ip));
+                    let body = if allowed {
+                        Ok(metrics.render())
+                    } else {
+                        Err(crate::error::GatewayError::new(
+                            axum::http::StatusCode::FORBIDDEN,
+                            "ip_not_allowed",
+                            "your address is not in METRICS_ALLOWED_CIDRS",
+                        ))
+                    };
+                    std::future::ready(body)
+                },
+            ),
         )
         .route(
             "/openapi.json",
@@ -273,9 +294,12 @@ impl GatewayServer {
     ) -> Result<(), GatewayServeError> {
         let addr = self.local_addr();
         let app = router(self.gateway, self.metrics);
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|source| GatewayServeError::Io { addr, source })
+        axum::serve(
+            self.listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|source| GatewayServeError::Io { addr, source })
     }
 }

@@ -193,7 +193,11 @@ pub async fn refresh(
 impl axum::response::IntoResponse for TokenBody {
     fn into_response(self) -> axum::response::Response {
         (
-            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            [
+                (axum::http::header::CONTENT_TYPE, "application/json"),
+                // Usage secrets: never stored by a cache on the way.
+                (axum::http::header::CACHE_CONTROL, "no-store"),
+            ],
             self.0.into_inner(),
         )
             .into_response()

@@ -521,4 +521,29 @@ async fn up_runs_the_gateway_with_a_development_agent_key_and_agents_commands_wo
         .unwrap();
     assert_eq!(ok.status().as_u16(), 200);
     stop(child, "-TERM").await;
+    // A database reset leaves AGENT_KEY unknown: the next start makes a new one.
+    std::fs::remove_file(tmp.path().join("state/nexus.db")).unwrap();
+    for ext in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(tmp.path().join(format!("state/nexus.db{ext}")));
+    }
+    let (child, _, gateway) = up_full(tmp.path(), &[], &[]).await;
+    let fresh = env_value_last(&env_file(tmp.path()), "AGENT_KEY");
+    assert_ne!(fresh, dev_key);
+    let ok = http
+        .get(format!("{gateway}/v1/providers"))
+        .bearer_auth(&fresh)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    stop(child, "-TERM").await;
+}
+
+/// The last `NAME=` line (later lines win, as the state folder reads them).
+fn env_value_last(text: &str, name: &str) -> String {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&format!("{name}=")))
+        .last()
+        .unwrap_or_else(|| panic!("{name} in nexus.env"))
+        .to_string()
 }

@@ -80,7 +80,7 @@ impl Stack {
             broker_api_key: Some(api_key.clone()),
             gateway_addr: Some(format!("127.0.0.1:{gport}")),
             cors_allowed_origins: Some(cors.into()),
-            redirect_path: None,
+            ..Default::default()
         })
         .unwrap();
         gconfig.key_cache_ttl = Duration::from_millis(300);

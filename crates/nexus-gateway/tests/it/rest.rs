@@ -403,3 +403,111 @@ async fn openapi_documents_every_route() {
     );
     s.stop().await;
 }
+
+/// The broker refusing the gateway itself is the operator's problem: agents
+/// get 502, not a misleading 401. `/metrics` answers only to its networks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misconfiguration_is_not_blamed_on_agents() {
+    let s = Stack::start(0, "").await;
+    let (_, key) = s.agent_key(&["*"]).await;
+    let config = nexus_gateway::GatewayConfig::from_settings(&nexus_gateway::GatewaySettings {
+        broker_url: Some(s.broker.clone()),
+        broker_api_key: Some("not-the-broker-api-key-0000000".into()),
+        gateway_addr: Some("127.0.0.1:0".into()),
+        metrics_allowed_cidrs: Some("10.0.0.0/8".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let gw = nexus_gateway::GatewayServer::start(config, nexus_broker::telemetry::metrics_handle())
+        .await
+        .unwrap();
+    let base = format!("http://{}", gw.local_addr());
+    let task = tokio::spawn(gw.run(std::future::pending()));
+    let r = s
+        .client
+        .get(format!("{base}/v1/providers"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "broker_unavailable"
+    );
+    let r = s
+        .client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::FORBIDDEN,
+        "loopback is not in 10.0.0.0/8"
+    );
+    task.abort();
+    // Token answers are never cached on the way.
+    s.weather().await;
+    let id = s.connect(&key, "u1").await;
+    let r = s
+        .client
+        .get(format!("{}/v1/token/{id}", s.gateway))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    s.stop().await;
+}
+
+#[test]
+fn bad_gateway_settings_name_their_variable() {
+    use nexus_gateway::{GatewayConfig, GatewaySettings};
+    let ok = GatewaySettings {
+        broker_url: Some("http://10.0.0.5:8080".into()),
+        broker_api_key: Some("k".repeat(32)),
+        ..Default::default()
+    };
+    let err = |s: GatewaySettings| GatewayConfig::from_settings(&s).err().unwrap().to_string();
+    assert!(GatewayConfig::from_settings(&ok).is_ok());
+    assert!(err(GatewaySettings {
+        broker_url: None,
+        ..ok.clone()
+    })
+    .starts_with("BROKER_URL:"));
+    assert!(err(GatewaySettings {
+        broker_api_key: None,
+        ..ok.clone()
+    })
+    .starts_with("BROKER_API_KEY:"));
+    assert!(err(GatewaySettings {
+        gateway_addr: Some("x".into()),
+        ..ok.clone()
+    })
+    .starts_with("GATEWAY_ADDR:"));
+    assert!(err(GatewaySettings {
+        cors_allowed_origins: Some("https://a.test/path".into()),
+        ..ok.clone()
+    })
+    .starts_with("CORS_ALLOWED_ORIGINS:"));
+    for bad in [
+        "/health",
+        "/metrics",
+        "/v1/x",
+        "/auth/{x}",
+        "relative",
+        "/auth/capture",
+    ] {
+        let e = err(GatewaySettings {
+            redirect_path: Some(bad.into()),
+            ..ok.clone()
+        });
+        assert!(e.starts_with("REDIRECT_PATH:"), "{bad}: {e}");
+    }
+    assert!(err(GatewaySettings {
+        metrics_allowed_cidrs: Some("nope".into()),
+        ..ok
+    })
+    .starts_with("METRICS_ALLOWED_CIDRS:"));
+}
