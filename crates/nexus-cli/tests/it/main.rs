@@ -542,8 +542,8 @@ async fn up_runs_the_gateway_with_a_development_agent_key_and_agents_commands_wo
 /// The last `NAME=` line (later lines win, as the state folder reads them).
 fn env_value_last(text: &str, name: &str) -> String {
     text.lines()
-        .filter_map(|l| l.strip_prefix(&format!("{name}=")))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix(&format!("{name}=")))
         .unwrap_or_else(|| panic!("{name} in nexus.env"))
         .to_string()
 }
