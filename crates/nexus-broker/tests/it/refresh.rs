@@ -37,9 +37,18 @@ async fn background_worker_refreshes_ahead_of_expiry(b: Backend) {
     // Nobody asks for a token: the worker alone refreshes (bounded wait).
     wait_until(|| idp.counters().refresh_requests > 0).await;
     assert_eq!(idp.counters().refresh_requests, 1);
-    let c = t.state.store().get_connection(&id).await.unwrap().unwrap();
-    let next = c.next_refresh_at.unwrap();
+    // The provider answered; the result is stored a moment later.
     let now = nexus_broker::store::now_ms();
+    let store = t.state.store().clone();
+    let c = eventually(
+        || {
+            let (store, id) = (store.clone(), id.clone());
+            async move { store.get_connection(&id).await.unwrap().unwrap() }
+        },
+        |c| c.next_refresh_at.is_some_and(|n| n > now + 3_000_000),
+    )
+    .await;
+    let next = c.next_refresh_at.unwrap();
     assert!(
         next > now + 3_000_000,
         "next refresh about margin before the new expiry"
