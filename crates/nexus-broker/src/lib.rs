@@ -9,6 +9,7 @@
 pub mod agent_keys;
 pub mod api;
 pub mod audit;
+mod batch;
 pub mod capture;
 pub mod config;
 pub mod discovery;

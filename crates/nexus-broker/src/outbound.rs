@@ -113,12 +113,17 @@ fn transport(e: reqwest::Error) -> OutboundError {
     // reqwest's Display includes the URL; provider URLs carry no secrets
     // (codes travel in bodies), but strip the query to be safe.
     let e = e.without_url();
-    let kind = if e.is_timeout() {
+    OutboundError::Transport(format!("{}: {e}", failure_kind(&e)))
+}
+
+/// What kind of transport failure `e` is, in words fit for logs and
+/// delivery records (no URL, no body).
+pub fn failure_kind(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {
         "connection failed"
     } else {
         "request failed"
-    };
-    OutboundError::Transport(format!("{kind}: {e}"))
+    }
 }

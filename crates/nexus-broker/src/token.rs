@@ -1041,21 +1041,16 @@ impl Tokens {
                     break;
                 }
                 let full = ids.len() as i64 >= self.settings.batch;
-                let gate = Arc::new(tokio::sync::Semaphore::new(
-                    self.settings.concurrency.max(1),
-                ));
-                let mut set = tokio::task::JoinSet::new();
-                for id in ids {
-                    let (me, gate, owner) = (self.clone(), gate.clone(), owner.clone());
-                    set.spawn(async move {
-                        // The semaphore is never closed, so acquire only fails if it were.
-                        let Ok(_permit) = gate.acquire().await else { return };
+                let me = self.clone();
+                crate::batch::run_bounded(ids, self.settings.concurrency, move |id: String| {
+                    let (me, owner) = (me.clone(), owner.clone());
+                    async move {
                         if let Err(e) = me.refresh_claimed(&id, owner).await {
                             tracing::debug!(connection_id = %id, error = %e, "scheduled refresh did not succeed");
                         }
-                    });
-                }
-                while set.join_next().await.is_some() {}
+                    }
+                })
+                .await;
                 if !full {
                     break;
                 }

@@ -498,21 +498,12 @@ impl Webhooks {
                     break;
                 }
                 let full = jobs.len() as i64 >= self.settings.batch;
-                let gate = Arc::new(tokio::sync::Semaphore::new(
-                    self.settings.concurrency.max(1),
-                ));
-                let mut set = tokio::task::JoinSet::new();
-                for job in jobs {
-                    let (me, gate) = (self.clone(), gate.clone());
-                    set.spawn(async move {
-                        // The semaphore is never closed, so acquire only fails if it were.
-                        let Ok(_permit) = gate.acquire().await else {
-                            return;
-                        };
-                        me.deliver(job).await;
-                    });
-                }
-                while set.join_next().await.is_some() {}
+                let me = self.clone();
+                crate::batch::run_bounded(jobs, self.settings.concurrency, move |job| {
+                    let me = me.clone();
+                    async move { me.deliver(job).await }
+                })
+                .await;
                 if !full {
                     break;
                 }
@@ -567,17 +558,7 @@ impl Webhooks {
                 Some(resp.status().as_u16()),
                 Some(format!("receiver answered {}", resp.status().as_u16())),
             ),
-            Err(e) => {
-                let e = e.without_url();
-                let kind = if e.is_timeout() {
-                    "timed out"
-                } else if e.is_connect() {
-                    "connection failed"
-                } else {
-                    "request failed"
-                };
-                (None, Some(kind.to_string()))
-            }
+            Err(e) => (None, Some(crate::outbound::failure_kind(&e).to_string())),
         }
     }
 
