@@ -13,7 +13,9 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+
+use nexus_testkit::load;
+use std::time::Duration;
 
 use axum::routing::get;
 use axum::{Json, Router};
@@ -27,65 +29,6 @@ const CLIENTS: usize = 64;
 const CONNECTIONS: usize = 1_000;
 const RUN: Duration = Duration::from_secs(5);
 const API_KEY: &str = "bench-admin-key-0123456789abcdef";
-
-struct Figures {
-    rate: f64,
-    p50: Duration,
-    p99: Duration,
-}
-
-/// Drives `urls` round-robin from 64 tasks for `RUN`; every answer must be 200.
-async fn load(urls: Arc<Vec<String>>) -> Figures {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(CLIENTS)
-        .build()
-        .expect("client");
-    // Warm-up: open the connections, fill caches.
-    for u in urls.iter() {
-        let r = client
-            .get(u)
-            .header("x-api-key", API_KEY)
-            .send()
-            .await
-            .expect("warm-up");
-        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
-    }
-    let start = Instant::now();
-    let deadline = start + RUN;
-    let mut tasks = Vec::new();
-    for t in 0..CLIENTS {
-        let (client, urls) = (client.clone(), urls.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut i = t;
-            while Instant::now() < deadline {
-                let s = Instant::now();
-                let r = client
-                    .get(&urls[i % urls.len()])
-                    .header("x-api-key", API_KEY)
-                    .send()
-                    .await
-                    .expect("request");
-                assert_eq!(r.status(), 200);
-                r.bytes().await.expect("body");
-                lat.push(s.elapsed());
-                i += CLIENTS;
-            }
-            lat
-        }));
-    }
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.expect("task"));
-    }
-    let took = start.elapsed();
-    lat.sort();
-    Figures {
-        rate: lat.len() as f64 / took.as_secs_f64(),
-        p50: lat[lat.len() / 2],
-        p99: lat[(lat.len() as f64 * 0.99) as usize],
-    }
-}
 
 /// Starts a broker on `url`; returns its base URL, its shutdown sender and task.
 async fn broker(
@@ -175,7 +118,7 @@ async fn run(label: &str, url: &str) {
         .json()
         .await
         .expect("json");
-    let warm = load(urls.clone()).await;
+    let warm = load(urls.clone(), ("x-api-key", API_KEY), CLIENTS, RUN).await;
     let _ = stop.send(());
     let _ = task.await;
 
@@ -185,7 +128,7 @@ async fn run(label: &str, url: &str) {
             .map(|i| format!("{base}/connections/{}/token", support::connection_id(i)))
             .collect(),
     );
-    let cold = load(cold_urls).await;
+    let cold = load(cold_urls, ("x-api-key", API_KEY), CLIENTS, RUN).await;
     let _ = stop.send(());
     let _ = task.await;
 
@@ -207,7 +150,7 @@ async fn run(label: &str, url: &str) {
             .map(|i| format!("{bare}/connections/{}/token", support::connection_id(i)))
             .collect(),
     );
-    let baseline = load(bare_urls).await;
+    let baseline = load(bare_urls, ("x-api-key", API_KEY), CLIENTS, RUN).await;
     server.abort();
 
     for (name, f) in [

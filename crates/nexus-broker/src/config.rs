@@ -281,6 +281,23 @@ pub fn key_ring(s: &Settings) -> Result<KeyRing, ConfigError> {
     })
 }
 
+/// Parses a comma-separated list of networks (`10.0.0.0/8`, or a single
+/// address) for the variable `var`.
+pub fn parse_cidrs(var: &'static str, value: &str) -> Result<Vec<IpNet>, ConfigError> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            c.parse::<IpNet>()
+                .or_else(|_| c.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    ConfigError::new(var, format!("'{c}' is not a CIDR such as 10.0.0.0/8"))
+                })
+        })
+        .collect()
+}
+
 impl BrokerConfig {
     /// Validates raw settings. Every error names its variable.
     pub fn from_settings(s: &Settings) -> Result<Self, ConfigError> {
@@ -400,21 +417,7 @@ impl BrokerConfig {
 
         let allowed_cidrs = match non_empty(&s.allowed_cidrs) {
             None => Vec::new(),
-            Some(v) => v
-                .split(',')
-                .map(str::trim)
-                .filter(|c| !c.is_empty())
-                .map(|c| {
-                    c.parse::<IpNet>()
-                        .or_else(|_| c.parse::<std::net::IpAddr>().map(IpNet::from))
-                        .map_err(|_| {
-                            ConfigError::new(
-                                "ALLOWED_CIDRS",
-                                format!("'{c}' is not a CIDR such as 10.0.0.0/8"),
-                            )
-                        })
-                })
-                .collect::<Result<_, _>>()?,
+            Some(v) => parse_cidrs("ALLOWED_CIDRS", v)?,
         };
 
         let max_body_bytes = match non_empty(&s.max_body_bytes) {

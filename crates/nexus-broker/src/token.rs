@@ -357,7 +357,7 @@ impl Tokens {
             // Warm path: a trusted entry (invalidation live, checked within
             // max age) is served with no database access and no decryption.
             if let Some(hit) = self.cache.trusted(id) {
-                paused(&hit.workspace_id)?;
+                paused(&hit.stamp.workspace_id)?;
                 if servable(&self.settings, &hit.stamp) {
                     metrics::counter!("nexus_token_cache_total", "result" => "hit").increment(1);
                     return Ok(self.serve_cached(id, &hit));
@@ -407,11 +407,7 @@ impl Tokens {
         if !issue {
             return Ok(TokenBody(Secret::new(Vec::new())));
         }
-        let cached = Cached::new(
-            TokenStamp::of(&c, provider.row.version),
-            c.workspace_id.clone(),
-            &body,
-        );
+        let cached = Cached::new(TokenStamp::of(&c, provider.row.version), &body);
         let served = finish(&cached.prefix, c.expires_at);
         self.cache.put(&c.id, cached, epoch);
         self.audit_issued(&c.id, &c.provider_id, &c.workspace_id);
@@ -450,41 +446,23 @@ impl Tokens {
     }
 
     fn serve_cached(&self, id: &str, hit: &Cached) -> TokenBody {
-        self.audit_issued(id, &hit.stamp.provider_id, &hit.workspace_id);
+        self.audit_issued(id, &hit.stamp.provider_id, &hit.stamp.workspace_id);
         finish(&hit.prefix, hit.stamp.expires_at)
     }
 
-    /// Keeps the token cache in step with the store: drops entries as changes
-    /// are announced (this process's, and on PostgreSQL every replica's), and
-    /// marks the cache trusted only while no announcement can be missed.
-    /// Runs until aborted.
+    /// Keeps the token cache in step with other replicas: on PostgreSQL,
+    /// drops entries as their changes are announced and marks the cache
+    /// trusted only while no announcement can be missed (runs until aborted).
+    /// On SQLite, where this process's own changes are all, it marks the
+    /// cache trusted and returns.
     pub async fn run_invalidation(self: Arc<Self>) {
-        let local = {
-            let me = self.clone();
-            let mut rx = self.store.subscribe();
-            async move {
-                loop {
-                    match rx.recv().await {
-                        Ok(change) => me.apply(change),
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                            me.cache.clear()
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                            me.cache.set_listening(false);
-                            return;
-                        }
-                    }
-                }
-            }
-        };
+        // This process's own changes are applied by the store hook
+        // registered in `new`, before the writing call returns.
         if !self.store.has_remote_changes() {
             // SQLite: one process serves the file; its own changes are all.
             self.cache.set_listening(true);
-            local.await;
             return;
         }
-        let local = tokio::spawn(local);
-        let _abort_local = AbortOnDrop(local);
         loop {
             let mut remote = match self.store.listen_remote().await {
                 Ok(Some(l)) => l,
@@ -1224,15 +1202,6 @@ fn attention(c: &ConnectionRow, provider: &Provider, code: &str, mut detail: Val
             Some(code),
             &failing,
         )),
-    }
-}
-
-/// Aborts a task when dropped (the local listener dies with its parent).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

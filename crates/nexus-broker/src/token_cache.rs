@@ -36,8 +36,6 @@ use crate::Secret;
 pub struct Cached {
     /// What the response was built from.
     pub stamp: TokenStamp,
-    /// For the audit event of a cache hit.
-    pub workspace_id: String,
     /// The response without `expires_in` (computed at serve time), as JSON
     /// text without its closing brace, so serving it is one copy and no
     /// serialisation.
@@ -48,10 +46,9 @@ pub struct Cached {
 
 impl Cached {
     /// A response built just now from `stamp`.
-    pub fn new(stamp: TokenStamp, workspace_id: String, body: &Map<String, Value>) -> Self {
+    pub fn new(stamp: TokenStamp, body: &Map<String, Value>) -> Self {
         Self {
             stamp,
-            workspace_id,
             prefix: Secret::new(open_object(body)),
             validated_at: AtomicI64::new(now_ms()),
         }
@@ -226,7 +223,7 @@ mod tests {
     fn entry(s: TokenStamp) -> Cached {
         let mut body = Map::new();
         body.insert("access_token".into(), json!("secret-canary"));
-        Cached::new(s, "w".into(), &body)
+        Cached::new(s, &body)
     }
 
     #[test]

@@ -14,7 +14,9 @@
 
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+
+use nexus_testkit::{load, Figures};
+use std::time::Duration;
 
 use axum::routing::get;
 use axum::{Json, Router};
@@ -29,64 +31,6 @@ const CONNECTIONS: usize = 100;
 const RUN: Duration = Duration::from_secs(5);
 const API_KEY: &str = "bench-admin-key-0123456789abcdef";
 const ROLE: &str = "NEXUS_BENCH_ROLE";
-
-struct Figures {
-    rate: f64,
-    p50: Duration,
-    p99: Duration,
-}
-
-/// Drives `urls` round-robin from 64 tasks for `RUN`; every answer must be 200.
-async fn load(urls: Arc<Vec<String>>, key: &str) -> Figures {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(CLIENTS)
-        .build()
-        .expect("client");
-    for u in urls.iter() {
-        let r = client
-            .get(u)
-            .bearer_auth(key)
-            .send()
-            .await
-            .expect("warm-up");
-        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
-    }
-    let start = Instant::now();
-    let deadline = start + RUN;
-    let mut tasks = Vec::new();
-    for t in 0..CLIENTS {
-        let (client, urls, key) = (client.clone(), urls.clone(), key.to_string());
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut i = t;
-            while Instant::now() < deadline {
-                let s = Instant::now();
-                let r = client
-                    .get(&urls[i % urls.len()])
-                    .bearer_auth(&key)
-                    .send()
-                    .await
-                    .expect("request");
-                assert_eq!(r.status(), 200);
-                r.bytes().await.expect("body");
-                lat.push(s.elapsed());
-                i += CLIENTS;
-            }
-            lat
-        }));
-    }
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.expect("task"));
-    }
-    let took = start.elapsed();
-    lat.sort();
-    Figures {
-        rate: lat.len() as f64 / took.as_secs_f64(),
-        p50: lat[lat.len() / 2],
-        p99: lat[(lat.len() as f64 * 0.99) as usize],
-    }
-}
 
 /// The vault and state keys all brokers of one run share.
 #[derive(Clone)]
@@ -297,8 +241,20 @@ async fn separate(db: &str, keys: &Keys) -> (Vec<String>, String, Value) {
     let (ids, key, body) = seed(&broker).await;
     let (mut g, gateway) = spawn("gateway", &[("BENCH_BROKER", broker.clone())]).await;
     let (mut x, bare_url) = spawn("bare", &[("BENCH_BODY", body.to_string())]).await;
-    let baseline = load(urls(&bare_url, &ids), &key).await;
-    let through = load(urls(&gateway, &ids), &key).await;
+    let baseline = load(
+        urls(&bare_url, &ids),
+        ("authorization", &format!("Bearer {key}")),
+        CLIENTS,
+        RUN,
+    )
+    .await;
+    let through = load(
+        urls(&gateway, &ids),
+        ("authorization", &format!("Bearer {key}")),
+        CLIENTS,
+        RUN,
+    )
+    .await;
     report(
         "separate processes",
         &[("bare axum", &baseline), ("gateway", &through)],
@@ -351,8 +307,20 @@ async fn main() {
     let (gateway, g) = start_gateway(&broker, Some(local)).await;
     let gt = tokio::spawn(g.run(std::future::pending()));
     let bare_url = bare(body).await;
-    let baseline = load(urls(&bare_url, &ids), &key).await;
-    let through = load(urls(&gateway, &ids), &key).await;
+    let baseline = load(
+        urls(&bare_url, &ids),
+        ("authorization", &format!("Bearer {key}")),
+        CLIENTS,
+        RUN,
+    )
+    .await;
+    let through = load(
+        urls(&gateway, &ids),
+        ("authorization", &format!("Bearer {key}")),
+        CLIENTS,
+        RUN,
+    )
+    .await;
     report(
         "one process",
         &[("bare axum", &baseline), ("gateway", &through)],

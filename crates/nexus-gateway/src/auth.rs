@@ -32,23 +32,23 @@ impl Agent {
     }
 }
 
-/// The key a request carries, if any.
-pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
+/// The key a request carries, if any: `Authorization: Bearer <key>`, else
+/// `X-API-Key`. `header` looks a header (or gRPC metadata) up by its
+/// lower-case name.
+pub fn presented_key<'a>(header: impl Fn(&str) -> Option<&'a str>) -> Option<&'a str> {
+    if let Some(v) = header("authorization") {
         let (scheme, rest) = v.trim().split_once(' ')?;
         return scheme
             .eq_ignore_ascii_case("bearer")
             .then(|| rest.trim())
             .filter(|k| !k.is_empty());
     }
-    headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
+    header("x-api-key").map(str::trim).filter(|k| !k.is_empty())
+}
+
+/// The key of an HTTP request, if any.
+pub fn key_of(headers: &HeaderMap) -> Option<&str> {
+    presented_key(|name| headers.get(name).and_then(|v| v.to_str().ok()))
 }
 
 fn invalid_key() -> GatewayError {

@@ -161,22 +161,10 @@ impl GatewayConfig {
                 "must be a path like /auth/callback (letters, digits, / - _ .), not one of the gateway's own routes",
             ));
         }
-        let metrics_allowed_cidrs = non_empty(&s.metrics_allowed_cidrs)
-            .unwrap_or("127.0.0.0/8,::1/128")
-            .split(',')
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .map(|c| {
-                c.parse::<ipnet::IpNet>()
-                    .or_else(|_| c.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                    .map_err(|_| {
-                        err(
-                            "METRICS_ALLOWED_CIDRS",
-                            format!("'{c}' is not a CIDR such as 10.0.0.0/8"),
-                        )
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let metrics_allowed_cidrs = nexus_broker::config::parse_cidrs(
+            "METRICS_ALLOWED_CIDRS",
+            non_empty(&s.metrics_allowed_cidrs).unwrap_or("127.0.0.0/8,::1/128"),
+        )?;
         Ok(Self {
             broker_url,
             broker_api_key: Arc::new(Secret::new(broker_api_key.to_string())),

@@ -33,15 +33,7 @@ impl Service {
 
     async fn agent<T>(&self, req: &Request<T>) -> Result<Arc<Agent>, Status> {
         let m = req.metadata();
-        let key = m
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                let (scheme, rest) = v.trim().split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-            })
-            .or_else(|| m.get("x-api-key").and_then(|v| v.to_str().ok()))
-            .filter(|k| !k.is_empty());
+        let key = crate::auth::presented_key(|name| m.get(name).and_then(|v| v.to_str().ok()));
         self.gateway
             .keys
             .verify(key)

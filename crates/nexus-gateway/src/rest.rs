@@ -52,7 +52,7 @@ pub async fn request_connection(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>> {
-    let agent = g.keys.verify(crate::auth::presented_key(&headers)).await?;
+    let agent = g.keys.verify(crate::auth::key_of(&headers)).await?;
     let req = object(&body)?;
     Ok(Json(g.request_connection(&agent, req).await?))
 }
@@ -63,7 +63,7 @@ pub async fn check_connection(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>> {
-    let agent = g.keys.verify(crate::auth::presented_key(&headers)).await?;
+    let agent = g.keys.verify(crate::auth::key_of(&headers)).await?;
     Ok(Json(
         json!({"status": g.check_connection(&agent, &id).await?}),
     ))
@@ -75,7 +75,7 @@ pub async fn token(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    let agent = g.keys.verify(crate::auth::presented_key(&headers)).await?;
+    let agent = g.keys.verify(crate::auth::key_of(&headers)).await?;
     Ok(pass(g.token(&agent, &id, false).await?))
 }
 
@@ -85,13 +85,13 @@ pub async fn refresh(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    let agent = g.keys.verify(crate::auth::presented_key(&headers)).await?;
+    let agent = g.keys.verify(crate::auth::key_of(&headers)).await?;
     Ok(pass(g.token(&agent, &id, true).await?))
 }
 
 /// `GET /v1/providers`.
 pub async fn providers(State(g): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Response> {
-    g.keys.verify(crate::auth::presented_key(&headers)).await?;
+    g.keys.verify(crate::auth::key_of(&headers)).await?;
     Ok(pass(g.providers().await?))
 }
 
@@ -102,7 +102,7 @@ pub async fn scope_failures(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response> {
-    let agent = g.keys.verify(crate::auth::presented_key(&headers)).await?;
+    let agent = g.keys.verify(crate::auth::key_of(&headers)).await?;
     let report = Value::Object(object(&body)?);
     Ok(pass(g.scope_failure(&agent, &id, &report).await?))
 }
@@ -113,7 +113,7 @@ pub async fn workspace_status(
     headers: HeaderMap,
     Path(ws): Path<String>,
 ) -> Result<Response> {
-    let agent = g.keys.verify(crate::auth::presented_key(&headers)).await?;
+    let agent = g.keys.verify(crate::auth::key_of(&headers)).await?;
     Ok(pass(g.workspace_status(&agent, &ws).await?))
 }
 

@@ -191,13 +191,7 @@ pub fn router(g: Arc<Gateway>, metrics: PrometheusHandle) -> Router {
             "/metrics",
             get(
                 move |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>| {
-                    let ip = match peer.ip() {
-                        std::net::IpAddr::V6(v6) => {
-                            v6.to_ipv4_mapped().map(Into::into).unwrap_or(peer.ip())
-                        }
-                        v4 => v4,
-                    };
-                    let allowed = cidrs.iter().any(|n| n.contains(&ip));
+                    let allowed = nexus_broker::api::guard::ip_allowed(&cidrs, peer.ip());
                     let body = if allowed {
                         Ok(metrics.render())
                     } else {

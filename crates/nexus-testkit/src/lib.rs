@@ -183,3 +183,71 @@ pub fn operations(doc: &Value) -> Vec<(String, String)> {
     }
     out
 }
+
+/// Throughput and latency of one load run.
+pub struct Figures {
+    pub rate: f64,
+    pub p50: Duration,
+    pub p99: Duration,
+}
+
+/// The benchmarks' load: `clients` tasks drive `urls` round-robin over
+/// keep-alive connections for `run`, each request carrying `header`; every
+/// answer must be 200. The URLs are fetched once first (warm-up).
+pub async fn load(
+    urls: std::sync::Arc<Vec<String>>,
+    header: (&str, &str),
+    clients: usize,
+    run: Duration,
+) -> Figures {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(clients)
+        .build()
+        .expect("client");
+    let (name, value) = (header.0.to_string(), header.1.to_string());
+    for u in urls.iter() {
+        let r = client
+            .get(u)
+            .header(&name, &value)
+            .send()
+            .await
+            .expect("warm-up");
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    }
+    let start = std::time::Instant::now();
+    let deadline = start + run;
+    let mut tasks = Vec::new();
+    for t in 0..clients {
+        let (client, urls, name, value) =
+            (client.clone(), urls.clone(), name.clone(), value.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = t;
+            while std::time::Instant::now() < deadline {
+                let s = std::time::Instant::now();
+                let r = client
+                    .get(&urls[i % urls.len()])
+                    .header(&name, &value)
+                    .send()
+                    .await
+                    .expect("request");
+                assert_eq!(r.status(), 200);
+                r.bytes().await.expect("body");
+                lat.push(s.elapsed());
+                i += clients;
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("task"));
+    }
+    let took = start.elapsed();
+    lat.sort();
+    Figures {
+        rate: lat.len() as f64 / took.as_secs_f64(),
+        p50: lat[lat.len() / 2],
+        p99: lat[(lat.len() as f64 * 0.99) as usize],
+    }
+}

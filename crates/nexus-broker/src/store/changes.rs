@@ -2,15 +2,13 @@
 //!
 //! Every store method that changes what a token response shows (a
 //! connection's credentials, status, scopes or expiry; a provider's profile;
-//! the issuance pauses)
-//! publishes a [`Change`] to this process's subscribers after it commits. On
+//! the issuance pauses) announces a [`Change`] to this process's hooks
+//! ([`Store::on_change`]) after it commits, before it returns. On
 //! PostgreSQL, triggers (migration `0006_change_notify`) also `NOTIFY` every
 //! such change on [`CHANNEL`], whoever made it, so other replicas hear of it
 //! through [`Store::listen_remote`].
 
 use std::sync::{Arc, RwLock};
-
-use tokio::sync::broadcast;
 
 use super::{Pool, Store, StoreError};
 
@@ -55,7 +53,7 @@ pub(crate) type Hooks = Arc<RwLock<Vec<Arc<dyn Fn(&Change) + Send + Sync>>>>;
 impl Store {
     /// Calls `hook` on every change this process commits, before the store
     /// method that made it returns: caches dropping entries here give this
-    /// process read-your-writes (the broadcast below is asynchronous).
+    /// process read-your-writes.
     pub fn on_change(&self, hook: impl Fn(&Change) + Send + Sync + 'static) {
         self.hooks
             .write()
@@ -63,19 +61,12 @@ impl Store {
             .push(Arc::new(hook));
     }
 
-    /// Subscribes to this process's changes.
-    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
-        self.changes.subscribe()
-    }
-
-    /// Publishes a committed change to this process's subscribers.
+    /// Announces a committed change to this process's hooks.
     pub(crate) fn publish(&self, change: Change) {
         let hooks = self.hooks.read().unwrap_or_else(|e| e.into_inner()).clone();
         for hook in hooks {
             hook(&change);
         }
-        // No subscriber is fine: nothing caches yet.
-        let _ = self.changes.send(change);
     }
 
     /// Whether other processes' changes can be heard (PostgreSQL).

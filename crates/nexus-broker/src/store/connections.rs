@@ -554,10 +554,7 @@ impl Store {
                 return Ok(false);
             }
             if let Some(t) = attention {
-                super::audit::insert_one(&mut *tx, &t.audit).await?;
-                if let Some(ev) = &t.event {
-                    insert_outbox(&mut tx, ev).await?;
-                }
+                write_transition(&mut tx, &[&t.audit], t.event.as_ref()).await?;
             }
             tx.commit().await?;
         });
@@ -576,20 +573,11 @@ impl Store {
     ) -> Result<(), StoreError> {
         let now = now_ms();
         let granted = super::parse_json_list(&a.granted_scopes);
-        let select = format!("SELECT {CONNECTION_COLUMNS} FROM connections WHERE id = $1");
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            // Lock the row first: a scope report landing meanwhile must be
-            // either before this (and merged) or after it, never lost.
-            let locked = sqlx::query("UPDATE connections SET updated_at = updated_at WHERE id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-            if locked.rows_affected() == 0 {
-                return Err(StoreError::NotFound);
-            }
-            let row = sqlx::query(&select).bind(id).fetch_one(&mut *tx).await?;
-            let before = connection_from_row(&row)?;
+            // Locked: a scope report landing meanwhile is merged before this
+            // or applied after it, never lost.
+            let before = lock_connection(&mut tx, id).await?;
             let still_failing: Vec<String> = if a.clears_failing {
                 Vec::new()
             } else {
@@ -640,10 +628,7 @@ impl Store {
                 }
             }
             let t = t(&before, &still_failing);
-            super::audit::insert_one(&mut *tx, &t.audit).await?;
-            if let Some(ev) = &t.event {
-                insert_outbox(&mut tx, ev).await?;
-            }
+            write_transition(&mut tx, &[&t.audit], t.event.as_ref()).await?;
             tx.commit().await?;
         });
         self.publish(Change::Connection(id.to_string()));
@@ -655,10 +640,7 @@ impl Store {
     pub async fn record_transition(&self, t: &Transition) -> Result<(), StoreError> {
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            super::audit::insert_one(&mut *tx, &t.audit).await?;
-            if let Some(ev) = &t.event {
-                insert_outbox(&mut tx, ev).await?;
-            }
+            write_transition(&mut tx, &[&t.audit], t.event.as_ref()).await?;
             tx.commit().await?;
         });
         Ok(())
@@ -673,20 +655,9 @@ impl Store {
         t: &(dyn Fn(&ConnectionRow) -> Transition + Sync),
     ) -> Result<Option<ConnectionRow>, StoreError> {
         let now = now_ms();
-        let select = format!("SELECT {CONNECTION_COLUMNS} FROM connections WHERE id = $1");
         let before = on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            // Write first: takes the row lock (PostgreSQL) or the write lock
-            // (SQLite) before reading, so nothing changes in between.
-            let locked = sqlx::query("UPDATE connections SET updated_at = updated_at WHERE id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-            if locked.rows_affected() == 0 {
-                return Err(StoreError::NotFound);
-            }
-            let row = sqlx::query(&select).bind(id).fetch_one(&mut *tx).await?;
-            let before = connection_from_row(&row)?;
+            let before = lock_connection(&mut tx, id).await?;
             if before.status == "revoked" {
                 tx.rollback().await?;
                 return Ok(None);
@@ -708,10 +679,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             let t = t(&before);
-            super::audit::insert_one(&mut *tx, &t.audit).await?;
-            if let Some(ev) = &t.event {
-                insert_outbox(&mut tx, ev).await?;
-            }
+            write_transition(&mut tx, &[&t.audit], t.event.as_ref()).await?;
             tx.commit().await?;
             before
         });
@@ -732,18 +700,9 @@ impl Store {
         record: &RecordScopeReport<'_>,
     ) -> Result<(ConnectionRow, Option<ScopeDelta>), StoreError> {
         let now = now_ms();
-        let select = format!("SELECT {CONNECTION_COLUMNS} FROM connections WHERE id = $1");
         let (before, delta, moved) = on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            let locked = sqlx::query("UPDATE connections SET updated_at = updated_at WHERE id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-            if locked.rows_affected() == 0 {
-                return Err(StoreError::NotFound);
-            }
-            let row = sqlx::query(&select).bind(id).fetch_one(&mut *tx).await?;
-            let before = connection_from_row(&row)?;
+            let before = lock_connection(&mut tx, id).await?;
             if !matches!(before.status.as_str(), "active" | "degraded") {
                 tx.rollback().await?;
                 return Ok((before, None));
@@ -806,12 +765,7 @@ impl Store {
                     .await?;
             }
             let (audits, event) = record(&before, &delta);
-            for a in &audits {
-                super::audit::insert_one(&mut *tx, a).await?;
-            }
-            if let Some(ev) = &event {
-                insert_outbox(&mut tx, ev).await?;
-            }
+            write_transition(&mut tx, &audits.iter().collect::<Vec<_>>(), event.as_ref()).await?;
             tx.commit().await?;
             (before, delta, moved)
         });
@@ -1019,6 +973,65 @@ impl Store {
             Ok((h.rows_affected(), c.rows_affected()))
         })
     }
+}
+
+/// Locks a connection's row inside `tx` and reads it. The lock is taken by a
+/// write first (the row lock on PostgreSQL, the database write lock on
+/// SQLite) so nothing changes between this read and the transaction's
+/// writes; a read first would let SQLite fail the later write instead.
+async fn lock_connection<DB>(
+    tx: &mut sqlx::Transaction<'_, DB>,
+    id: &str,
+) -> Result<ConnectionRow, StoreError>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'a> &'a str: sqlx::ColumnIndex<DB::Row>,
+    String: for<'a> sqlx::Decode<'a, DB> + sqlx::Type<DB>,
+    i64: for<'a> sqlx::Decode<'a, DB> + sqlx::Type<DB>,
+    Option<String>: for<'a> sqlx::Decode<'a, DB>,
+    Option<i64>: for<'a> sqlx::Decode<'a, DB>,
+{
+    let locked =
+        sqlx::query("UPDATE connections SET updated_at = updated_at WHERE id = $1 RETURNING id")
+            .bind(id.to_string())
+            .fetch_optional(&mut **tx)
+            .await?;
+    if locked.is_none() {
+        return Err(StoreError::NotFound);
+    }
+    let row = sqlx::query(&format!(
+        "SELECT {CONNECTION_COLUMNS} FROM connections WHERE id = $1"
+    ))
+    .bind(id.to_string())
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(connection_from_row(&row)?)
+}
+
+/// Writes a transition's audit event and, if any, its webhook event in `tx`.
+async fn write_transition<DB>(
+    tx: &mut sqlx::Transaction<'_, DB>,
+    audits: &[&AuditEvent],
+    event: Option<&OutboxEvent>,
+) -> Result<(), sqlx::Error>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<String>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    for a in audits {
+        super::audit::insert_one(&mut **tx, a).await?;
+    }
+    if let Some(ev) = event {
+        insert_outbox(tx, ev).await?;
+    }
+    Ok(())
 }
 
 fn bind_handshake<'q, DB: sqlx::Database>(

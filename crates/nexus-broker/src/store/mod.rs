@@ -71,7 +71,6 @@ pub(crate) enum Pool {
 #[derive(Clone)]
 pub struct Store {
     pub(crate) pool: Pool,
-    changes: tokio::sync::broadcast::Sender<changes::Change>,
     hooks: changes::Hooks,
 }
 
@@ -190,7 +189,6 @@ impl Store {
                 .await?;
             Ok(Self {
                 pool: Pool::Sqlite(pool),
-                changes: tokio::sync::broadcast::channel(1024).0,
                 hooks: Default::default(),
             })
         } else {
@@ -202,7 +200,6 @@ impl Store {
                 .await?;
             Ok(Self {
                 pool: Pool::Postgres(pool),
-                changes: tokio::sync::broadcast::channel(1024).0,
                 hooks: Default::default(),
             })
         }
