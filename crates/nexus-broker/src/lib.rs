@@ -13,6 +13,7 @@ mod batch;
 pub mod capture;
 pub mod config;
 pub mod discovery;
+pub mod edge;
 pub mod handshake;
 pub mod id_token;
 pub mod outbound;

@@ -68,6 +68,22 @@ impl Fetched {
 /// Builds the provider client: rustls on ring (set explicitly, not taken from
 /// a process-wide default), webpki roots, no redirects, timeouts.
 pub fn client(timeout: Duration) -> Result<reqwest::Client, OutboundError> {
+    builder(Duration::from_secs(5).min(timeout))?
+        .timeout(timeout)
+        .build()
+        .map_err(|e| OutboundError::Setup(e.to_string()))
+}
+
+/// Like [`client`], for long-lived streamed answers: no limit on the whole
+/// exchange, but each read must arrive within `idle`.
+pub fn streaming_client(idle: Duration) -> Result<reqwest::Client, OutboundError> {
+    builder(Duration::from_secs(5).min(idle))?
+        .read_timeout(idle)
+        .build()
+        .map_err(|e| OutboundError::Setup(e.to_string()))
+}
+
+fn builder(connect_timeout: Duration) -> Result<reqwest::ClientBuilder, OutboundError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
@@ -77,14 +93,11 @@ pub fn client(timeout: Duration) -> Result<reqwest::Client, OutboundError> {
         .map_err(|e| OutboundError::Setup(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    reqwest::Client::builder()
+    Ok(reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(5).min(timeout))
-        .timeout(timeout)
-        .user_agent(concat!("nexus-broker/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| OutboundError::Setup(e.to_string()))
+        .connect_timeout(connect_timeout)
+        .user_agent(concat!("nexus-broker/", env!("CARGO_PKG_VERSION"))))
 }
 
 /// Sends `req` and reads the body, refusing more than [`MAX_BODY`] bytes.

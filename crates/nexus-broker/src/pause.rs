@@ -14,10 +14,11 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::audit::AuditEvent;
+use crate::edge::{EdgeEvent, EdgeFeed};
 use crate::registry::Actor;
 use crate::store::{now_ms, rfc3339, PauseRow, PauseScope, Store, StoreError};
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 struct Snapshot {
     operator: Option<PauseRow>,
     workspaces: HashMap<String, PauseRow>,
@@ -29,6 +30,8 @@ pub struct Pauses {
     store: Store,
     now: RwLock<Arc<Snapshot>>,
     wake: tokio::sync::Notify,
+    /// Gateways' caches to clear when the pauses in force change.
+    edge: std::sync::OnceLock<Arc<EdgeFeed>>,
 }
 
 impl Pauses {
@@ -38,7 +41,13 @@ impl Pauses {
             store,
             now: RwLock::new(Arc::new(Snapshot::default())),
             wake: tokio::sync::Notify::new(),
+            edge: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Tells `edge` (gateways' caches) whenever the pauses in force change.
+    pub fn announce_to(&self, edge: Arc<EdgeFeed>) {
+        let _ = self.edge.set(edge);
     }
 
     /// The pause that applies to `workspace` (the operator's wins), if any.
@@ -71,7 +80,18 @@ impl Pauses {
             .set(if snap.operator.is_some() { 1.0 } else { 0.0 });
         metrics::gauge!("nexus_issuance_paused", "scope" => "workspace")
             .set(snap.workspaces.len() as f64);
-        *self.now.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snap);
+        let changed = {
+            let mut now = self.now.write().unwrap_or_else(|e| e.into_inner());
+            let changed = **now != snap;
+            *now = Arc::new(snap);
+            changed
+        };
+        // After the swap: a gateway refetching on this news meets the new pauses.
+        if changed {
+            if let Some(edge) = self.edge.get() {
+                edge.announce(EdgeEvent::All);
+            }
+        }
         Ok(())
     }
 

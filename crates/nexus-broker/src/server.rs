@@ -166,7 +166,15 @@ impl Broker {
             self.listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown({
+            // Change streams never end by themselves: end them when shutdown
+            // begins, or draining would wait for them forever.
+            let edge = self.state.tokens().edge().clone();
+            async move {
+                shutdown.await;
+                edge.close();
+            }
+        })
         .await;
         cleanup.abort();
         invalidation.abort();

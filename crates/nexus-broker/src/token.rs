@@ -26,6 +26,7 @@ use serde_json::{json, Map, Value};
 
 use crate::audit::{AuditEvent, AuditSink};
 use crate::discovery::Discovery;
+use crate::edge::{EdgeEvent, EdgeFeed};
 use crate::handshake::{json_list, parse_list, parse_token_response, token_request};
 use crate::outbound;
 use crate::pause::Pauses;
@@ -250,6 +251,8 @@ pub struct Tokens {
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     cache: Arc<TokenCache>,
     pauses: Arc<Pauses>,
+    /// What gateways' caches must drop (see [`crate::edge`]).
+    edge: Arc<EdgeFeed>,
     /// Tokens issued since the last audit flush, by connection.
     issued: Mutex<HashMap<String, Issued>>,
     /// When each provider's last `provider.unhealthy` webhook went out: one
@@ -287,11 +290,13 @@ impl Tokens {
             settings.cache_capacity,
             settings.cache_max_age,
         ));
+        let edge = Arc::new(EdgeFeed::new());
+        pauses.announce_to(edge.clone());
         {
             // This process's own writes drop entries before they return, so
             // a read right after a write never sees the old response.
-            let (cache, pauses) = (cache.clone(), pauses.clone());
-            store.on_change(move |c| apply(&cache, &pauses, c.clone()));
+            let (cache, pauses, edge) = (cache.clone(), pauses.clone(), edge.clone());
+            store.on_change(move |c| apply(&cache, &pauses, &edge, c.clone()));
         }
         Self {
             store,
@@ -305,6 +310,7 @@ impl Tokens {
             inflight: Mutex::new(HashMap::new()),
             cache,
             pauses,
+            edge,
             unhealthy_sent: Mutex::new(HashMap::new()),
             issued: Mutex::new(HashMap::new()),
         }
@@ -313,6 +319,17 @@ impl Tokens {
     /// The issuance pauses this service obeys.
     pub fn pauses(&self) -> &Arc<Pauses> {
         &self.pauses
+    }
+
+    /// The invalidations gateways' caches follow.
+    pub fn edge(&self) -> &Arc<EdgeFeed> {
+        &self.edge
+    }
+
+    /// Whether this replica hears every change now (a gateway may cache
+    /// only while it does).
+    pub fn hears_every_change(&self) -> bool {
+        self.cache.is_listening()
     }
 
     /// Refreshes a connection now without issuing its token (a 401 report
@@ -405,10 +422,11 @@ impl Tokens {
         }
         let body = self.response(&provider, &c)?;
         if !issue {
-            return Ok(TokenBody(Secret::new(Vec::new())));
+            return Ok(TokenBody::new(Vec::new()));
         }
         let cached = Cached::new(TokenStamp::of(&c, provider.row.version), &body);
-        let served = finish(&cached.prefix, c.expires_at);
+        let mut served = finish(&cached.prefix, c.expires_at);
+        served.keep_ms = self.keep_for(&cached);
         self.cache.put(&c.id, cached, epoch);
         self.audit_issued(&c.id, &c.provider_id, &c.workspace_id);
         Ok(served)
@@ -447,7 +465,23 @@ impl Tokens {
 
     fn serve_cached(&self, id: &str, hit: &Cached) -> TokenBody {
         self.audit_issued(id, &hit.stamp.provider_id, &hit.stamp.workspace_id);
-        finish(&hit.prefix, hit.stamp.expires_at)
+        let mut served = finish(&hit.prefix, hit.stamp.expires_at);
+        served.keep_ms = self.keep_for(hit);
+        served
+    }
+
+    /// How long a gateway may keep a response built from `entry`: while this
+    /// replica itself would serve the entry unchecked, and never into the
+    /// token's refresh margin (the broker would refresh it there).
+    fn keep_for(&self, entry: &Cached) -> Option<i64> {
+        let trust = self.cache.trust_left(entry)?;
+        let st = &entry.stamp;
+        let until_due = match st.expires_at {
+            Some(e) => e - effective_margin(&self.settings, e, st.last_success_at) - now_ms(),
+            None => i64::MAX,
+        };
+        let keep = trust.min(until_due);
+        (keep > 0).then_some(keep)
     }
 
     /// Keeps the token cache in step with other replicas: on PostgreSQL,
@@ -478,6 +512,7 @@ impl Tokens {
                 self.apply(change);
             }
             self.cache.set_listening(false);
+            self.edge.announce(EdgeEvent::Lost);
             metrics::counter!("nexus_token_cache_listener_lost_total").increment(1);
             tracing::warn!(
                 "change notifications lost; token cache cleared and validating until they are back"
@@ -527,7 +562,41 @@ impl Tokens {
     }
 
     fn apply(&self, change: Change) {
-        apply(&self.cache, &self.pauses, change)
+        apply(&self.cache, &self.pauses, &self.edge, change)
+    }
+
+    /// Counts issuances a gateway served from its cache (`POST
+    /// /tokens/issued`); they are audited with this replica's own. Unknown
+    /// connections are skipped. Returns how many entries were taken.
+    pub async fn record_gateway_issued(
+        &self,
+        served: &[GatewayIssued],
+    ) -> Result<usize, TokenError> {
+        let mut taken = 0;
+        for g in served {
+            let stamp = match self.cache.peek_stamp(&g.connection_id) {
+                Some(s) => s,
+                None => match self.store.token_stamp(&g.connection_id).await? {
+                    Some(s) => s,
+                    None => continue,
+                },
+            };
+            let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
+            let n = issued
+                .entry(g.connection_id.clone())
+                .or_insert_with(|| Issued {
+                    provider_id: stamp.provider_id.clone(),
+                    workspace_id: stamp.workspace_id.clone(),
+                    count: 0,
+                    first_at: g.first_at,
+                    last_at: g.last_at,
+                });
+            n.count += g.count;
+            n.first_at = n.first_at.min(g.first_at);
+            n.last_at = n.last_at.max(g.last_at);
+            taken += 1;
+        }
+        Ok(taken)
     }
 
     /// Counts an issued token. Issuances are audited per connection per
@@ -1119,23 +1188,59 @@ impl Tokens {
     }
 }
 
-/// Drops what a change makes stale.
-fn apply(cache: &TokenCache, pauses: &Pauses, change: Change) {
+/// Drops what a change makes stale, here and in gateways' caches.
+fn apply(cache: &TokenCache, pauses: &Pauses, edge: &EdgeFeed, change: Change) {
     match change {
-        Change::Connection(id) => cache.forget(&id),
-        Change::Provider(id) => cache.forget_provider(&id),
+        Change::Connection(id) => {
+            cache.forget(&id);
+            edge.announce(EdgeEvent::Connection(id.into()));
+        }
+        Change::Provider(id) => {
+            cache.forget_provider(&id);
+            edge.announce(EdgeEvent::All);
+        }
+        // Pauses announce to gateways themselves, once reloaded: until then
+        // this replica would serve (and let gateways keep) unpaused answers.
         Change::Pauses => pauses.changed(),
     }
 }
 
+/// Issuances a gateway served from its cache, for one connection.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct GatewayIssued {
+    /// Connection.
+    pub connection_id: String,
+    /// How many tokens.
+    pub count: u64,
+    /// First one (unix ms).
+    pub first_at: i64,
+    /// Last one (unix ms).
+    pub last_at: i64,
+}
+
 /// A token response: JSON text holding usage secrets (redacted in Debug).
 #[derive(Debug)]
-pub struct TokenBody(pub Secret<Vec<u8>>);
+pub struct TokenBody {
+    /// The JSON text.
+    pub body: Secret<Vec<u8>>,
+    /// How long a gateway may keep it (ms); see [`crate::edge`].
+    pub keep_ms: Option<i64>,
+    /// When the token expires (unix ms).
+    pub expires_at: Option<i64>,
+}
 
 impl TokenBody {
+    fn new(body: Vec<u8>) -> Self {
+        Self {
+            body: Secret::new(body),
+            keep_ms: None,
+            expires_at: None,
+        }
+    }
+
     /// The response as a JSON value.
     pub fn json(&self) -> Value {
-        serde_json::from_slice(self.0.expose()).unwrap_or(Value::Null)
+        serde_json::from_slice(self.body.expose()).unwrap_or(Value::Null)
     }
 }
 
@@ -1150,7 +1255,10 @@ fn finish(prefix: &Secret<Vec<u8>>, expires_at: Option<i64>) -> TokenBody {
         None => out.extend_from_slice(b"null"),
     }
     out.push(b'}');
-    TokenBody(Secret::new(out))
+    TokenBody {
+        expires_at,
+        ..TokenBody::new(out)
+    }
 }
 
 /// The result of trying to take a lease.

@@ -116,6 +116,28 @@ impl TokenCache {
         (age < self.max_age_ms).then_some(hit)
     }
 
+    /// How much longer (ms) `entry` stays trusted without a database check;
+    /// `None` when it is not trusted now (see [`crate::edge`]: a gateway may
+    /// keep the response for at most this long).
+    pub fn trust_left(&self, entry: &Cached) -> Option<i64> {
+        if self.map.is_none() || !self.listening.load(Ordering::Acquire) {
+            return None;
+        }
+        let left = self.max_age_ms - (now_ms() - entry.validated_at.load(Ordering::Relaxed));
+        (left > 0).then_some(left)
+    }
+
+    /// Whether invalidation is live (every change is heard).
+    pub fn is_listening(&self) -> bool {
+        self.listening.load(Ordering::Acquire)
+    }
+
+    /// The stamp of `id`'s entry, trusted or not (for bookkeeping only,
+    /// never for serving).
+    pub fn peek_stamp(&self, id: &str) -> Option<TokenStamp> {
+        self.lock()?.peek(id).map(|c| c.stamp.clone())
+    }
+
     /// The entry of `id` if it was built from exactly `stamp` (just read from
     /// the database); it is then trusted again for `max_age`. A stale entry is
     /// dropped at once (its secrets leave memory).

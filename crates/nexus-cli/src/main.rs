@@ -543,6 +543,7 @@ async fn up(mut args: UpArgs) -> Result<()> {
             cors_allowed_origins: env_var("CORS_ALLOWED_ORIGINS"),
             redirect_path: env_var("REDIRECT_PATH"),
             metrics_allowed_cidrs: env_var("METRICS_ALLOWED_CIDRS"),
+            gateway_cache_capacity: env_var("GATEWAY_CACHE_CAPACITY"),
         })?;
     // In one process the gateway calls the broker's router directly.
     let local = nexus_gateway::broker::BrokerClient::local(
@@ -616,6 +617,8 @@ fn gateway_settings(
             .or_else(|| from_state("REDIRECT_PATH")),
         metrics_allowed_cidrs: env_var("METRICS_ALLOWED_CIDRS")
             .or_else(|| from_state("METRICS_ALLOWED_CIDRS")),
+        gateway_cache_capacity: env_var("GATEWAY_CACHE_CAPACITY")
+            .or_else(|| from_state("GATEWAY_CACHE_CAPACITY")),
     }
 }
 

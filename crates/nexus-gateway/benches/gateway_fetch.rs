@@ -8,7 +8,9 @@
 //!   and load in this process.
 //!
 //! 100 active static-credential connections (header strategy) of one
-//! workspace, SQLite in a temporary folder, token cache on.
+//! workspace, SQLite in a temporary folder, token caches on (the broker's,
+//! and the gateway's following the broker's change stream). Bare and
+//! gateway runs alternate three times; the medians are the figures.
 //!
 //! `cargo bench -p nexus-gateway --bench gateway_fetch`
 
@@ -28,7 +30,10 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 const CLIENTS: usize = 64;
 const CONNECTIONS: usize = 100;
-const RUN: Duration = Duration::from_secs(5);
+const RUN: Duration = Duration::from_secs(4);
+/// Bare and gateway runs alternate this many times; medians are reported
+/// (this 2-core VM drifts between runs more than the code differs).
+const ROUNDS: usize = 3;
 const API_KEY: &str = "bench-admin-key-0123456789abcdef";
 const ROLE: &str = "NEXUS_BENCH_ROLE";
 
@@ -227,6 +232,34 @@ fn report(label: &str, rows: &[(&str, &Figures)], baseline: &Figures) {
     }
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Alternates bare and gateway runs [`ROUNDS`] times; prints each round and
+/// the medians of the ratios.
+async fn compare(label: &str, bare_url: &str, gateway: &str, ids: &[String], key: &str) {
+    let auth = format!("Bearer {key}");
+    let (mut rates, mut p99s) = (Vec::new(), Vec::new());
+    for round in 1..=ROUNDS {
+        let baseline = load(urls(bare_url, ids), ("authorization", &auth), CLIENTS, RUN).await;
+        let through = load(urls(gateway, ids), ("authorization", &auth), CLIENTS, RUN).await;
+        report(
+            &format!("{label} #{round}"),
+            &[("bare axum", &baseline), ("gateway", &through)],
+            &baseline,
+        );
+        rates.push(through.rate / baseline.rate);
+        p99s.push(through.p99.as_secs_f64() / baseline.p99.as_secs_f64());
+    }
+    println!(
+        "{label:<20} median: gateway {:.1}% of bare, p99 {:.2}x bare",
+        100.0 * median(rates),
+        median(p99s)
+    );
+}
+
 /// The separate-process run; returns what it seeded.
 async fn separate(db: &str, keys: &Keys) -> (Vec<String>, String, Value) {
     let (mut b, broker) = spawn(
@@ -241,25 +274,7 @@ async fn separate(db: &str, keys: &Keys) -> (Vec<String>, String, Value) {
     let (ids, key, body) = seed(&broker).await;
     let (mut g, gateway) = spawn("gateway", &[("BENCH_BROKER", broker.clone())]).await;
     let (mut x, bare_url) = spawn("bare", &[("BENCH_BODY", body.to_string())]).await;
-    let baseline = load(
-        urls(&bare_url, &ids),
-        ("authorization", &format!("Bearer {key}")),
-        CLIENTS,
-        RUN,
-    )
-    .await;
-    let through = load(
-        urls(&gateway, &ids),
-        ("authorization", &format!("Bearer {key}")),
-        CLIENTS,
-        RUN,
-    )
-    .await;
-    report(
-        "separate processes",
-        &[("bare axum", &baseline), ("gateway", &through)],
-        &baseline,
-    );
+    compare("separate processes", &bare_url, &gateway, &ids, &key).await;
     for c in [&mut g, &mut x, &mut b] {
         let _ = c.kill().await;
     }
@@ -307,25 +322,7 @@ async fn main() {
     let (gateway, g) = start_gateway(&broker, Some(local)).await;
     let gt = tokio::spawn(g.run(std::future::pending()));
     let bare_url = bare(body).await;
-    let baseline = load(
-        urls(&bare_url, &ids),
-        ("authorization", &format!("Bearer {key}")),
-        CLIENTS,
-        RUN,
-    )
-    .await;
-    let through = load(
-        urls(&gateway, &ids),
-        ("authorization", &format!("Bearer {key}")),
-        CLIENTS,
-        RUN,
-    )
-    .await;
-    report(
-        "one process",
-        &[("bare axum", &baseline), ("gateway", &through)],
-        &baseline,
-    );
+    compare("one process", &bare_url, &gateway, &ids, &key).await;
     gt.abort();
     let _ = bstop.send(());
     let _ = bt.await;

@@ -20,6 +20,37 @@ use crate::error::GatewayError;
 /// Largest broker answer read.
 const MAX_ANSWER: usize = 1024 * 1024;
 
+/// Longest silence on the change stream before it counts as dead (the
+/// broker pings every [`nexus_broker::edge::PING_EVERY`]).
+pub const STREAM_IDLE: Duration = Duration::from_secs(15);
+
+/// An open streamed answer (the broker's change stream), read chunk by chunk.
+pub enum Streamed {
+    /// Over the network.
+    Http(reqwest::Response),
+    /// From the router in this process.
+    Local(axum::body::BodyDataStream),
+}
+
+impl Streamed {
+    /// The next chunk; `Ok(None)` at the end. Silence longer than
+    /// [`STREAM_IDLE`] is an error.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, String> {
+        let next = async {
+            match self {
+                Streamed::Http(r) => r.chunk().await.map_err(|e| e.without_url().to_string()),
+                Streamed::Local(s) => {
+                    use futures_util::StreamExt;
+                    s.next().await.transpose().map_err(|e| e.to_string())
+                }
+            }
+        };
+        tokio::time::timeout(STREAM_IDLE, next)
+            .await
+            .unwrap_or_else(|_| Err("the stream went silent".into()))
+    }
+}
+
 /// An answer from the broker, body unparsed (passed through as it is). Its
 /// body can hold usage secrets: `Debug` shows only the status and size.
 pub struct Reply {
@@ -62,8 +93,9 @@ impl Reply {
 
 #[derive(Clone)]
 enum Transport {
-    /// Over the network.
-    Http(reqwest::Client),
+    /// Over the network (the second client, without an overall timeout,
+    /// reads the change stream).
+    Http(reqwest::Client, reqwest::Client),
     /// The broker's router in this process.
     Local(axum::Router),
 }
@@ -92,7 +124,10 @@ impl BrokerClient {
         timeout: Duration,
     ) -> Result<Self, nexus_broker::outbound::OutboundError> {
         Ok(Self {
-            transport: Transport::Http(nexus_broker::outbound::client(timeout)?),
+            transport: Transport::Http(
+                nexus_broker::outbound::client(timeout)?,
+                nexus_broker::outbound::streaming_client(STREAM_IDLE)?,
+            ),
             base,
             api_key,
         })
@@ -161,7 +196,7 @@ impl BrokerClient {
         admin: bool,
     ) -> Result<Reply, Failed> {
         match &self.transport {
-            Transport::Http(http) => {
+            Transport::Http(http, _) => {
                 let mut req = http.request(method, url.clone()).body(body);
                 for (k, v) in headers {
                     req = req.header(k, v);
@@ -232,6 +267,51 @@ impl BrokerClient {
                     headers: parts.headers,
                     body,
                 })
+            }
+        }
+    }
+
+    /// Opens a streamed GET (with the API key). A non-2xx answer is read
+    /// whole and returned as the broker's error.
+    pub async fn stream(&self, url: &Url) -> Result<Streamed, GatewayError> {
+        match &self.transport {
+            Transport::Http(_, streaming) => {
+                let resp = streaming
+                    .get(url.clone())
+                    .header("x-api-key", self.api_key.expose())
+                    .send()
+                    .await
+                    .map_err(|e| GatewayError::broker_unavailable(e.without_url().to_string()))?;
+                if resp.status().is_success() {
+                    return Ok(Streamed::Http(resp));
+                }
+                let status = resp.status();
+                let body = resp.bytes().await.unwrap_or_default();
+                Err(GatewayError::from_broker(status, &body))
+            }
+            Transport::Local(router) => {
+                let mut req = axum::http::Request::builder()
+                    .method(Method::GET)
+                    .uri(url.path())
+                    .body(Body::empty())
+                    .map_err(|e| GatewayError::broker_unavailable(e.to_string()))?;
+                if let Ok(v) = HeaderValue::from_str(self.api_key.expose()) {
+                    req.headers_mut().insert("x-api-key", v);
+                }
+                req.extensions_mut()
+                    .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 0))));
+                let resp = match router.clone().oneshot(req).await {
+                    Ok(r) => r,
+                    Err(never) => match never {},
+                };
+                let (parts, body) = resp.into_parts();
+                if parts.status.is_success() {
+                    return Ok(Streamed::Local(body.into_data_stream()));
+                }
+                let body = axum::body::to_bytes(body, MAX_ANSWER)
+                    .await
+                    .unwrap_or_default();
+                Err(GatewayError::from_broker(parts.status, &body))
             }
         }
     }

@@ -25,6 +25,8 @@ pub struct GatewaySettings {
     pub redirect_path: Option<String>,
     /// `METRICS_ALLOWED_CIDRS`: networks that may read `/metrics` (default loopback).
     pub metrics_allowed_cidrs: Option<String>,
+    /// `GATEWAY_CACHE_CAPACITY`: token answers kept in memory (0 disables).
+    pub gateway_cache_capacity: Option<String>,
 }
 
 impl std::fmt::Debug for GatewaySettings {
@@ -62,6 +64,10 @@ pub struct GatewayConfig {
     pub max_body_bytes: usize,
     /// Networks that may read `/metrics` (the gateway faces the internet).
     pub metrics_allowed_cidrs: Vec<ipnet::IpNet>,
+    /// Token answers kept while the broker's change stream is open (0: none).
+    pub token_cache_capacity: usize,
+    /// How often tokens served from the cache are reported to the broker.
+    pub served_report_every: Duration,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -165,6 +171,19 @@ impl GatewayConfig {
             "METRICS_ALLOWED_CIDRS",
             non_empty(&s.metrics_allowed_cidrs).unwrap_or("127.0.0.0/8,::1/128"),
         )?;
+        let token_cache_capacity = match non_empty(&s.gateway_cache_capacity) {
+            None => 10_000,
+            Some(v) => v
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n <= 10_000_000)
+                .ok_or_else(|| {
+                    err(
+                        "GATEWAY_CACHE_CAPACITY",
+                        "must be a number of token answers from 0 (off) to 10000000",
+                    )
+                })?,
+        };
         Ok(Self {
             broker_url,
             broker_api_key: Arc::new(Secret::new(broker_api_key.to_string())),
@@ -175,6 +194,8 @@ impl GatewayConfig {
             broker_timeout: Duration::from_secs(15),
             max_body_bytes: 1024 * 1024,
             metrics_allowed_cidrs,
+            token_cache_capacity,
+            served_report_every: Duration::from_secs(1),
         })
     }
 }

@@ -11,6 +11,7 @@ use crate::auth::{Agent, KeyCache};
 use crate::broker::{BrokerClient, Reply};
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
+use crate::token_cache::TokenCache;
 
 /// The gateway's state.
 pub struct Gateway {
@@ -20,6 +21,8 @@ pub struct Gateway {
     pub keys: KeyCache,
     /// Validated configuration.
     pub config: GatewayConfig,
+    /// Token answers kept while the broker's change stream is open.
+    pub tokens: TokenCache,
     /// Connection id → workspace (a connection never changes workspace).
     workspaces: Mutex<LruCache<String, String>>,
 }
@@ -49,6 +52,7 @@ impl Gateway {
         Arc::new(Self {
             keys: KeyCache::new(broker.clone(), config.key_cache_ttl),
             broker,
+            tokens: TokenCache::new(config.token_cache_capacity),
             config,
             workspaces: Mutex::new(LruCache::new(100_000)),
         })
@@ -173,16 +177,34 @@ impl Gateway {
         refresh: bool,
     ) -> Result<Reply, GatewayError> {
         self.authorize(agent, id).await?;
-        let reply = if refresh {
-            self.broker
+        if refresh {
+            // Whatever the refresh does, the kept answer is old news.
+            self.tokens.forget(id);
+            return self
+                .broker
                 .post(self.broker.url(&["connections", id, "refresh"]), &json!({}))
                 .await?
-        } else {
-            self.broker
-                .get(self.broker.url(&["connections", id, "token"]))
-                .await?
-        };
-        reply.ok()
+                .ok();
+        }
+        if let Some(body) = self.tokens.get(id) {
+            metrics::counter!("nexus_gateway_token_cache_total", "result" => "hit").increment(1);
+            return Ok(Reply {
+                status: StatusCode::OK,
+                headers: axum::http::HeaderMap::new(),
+                body,
+            });
+        }
+        let epoch = self.tokens.epoch();
+        let reply = self
+            .broker
+            .get(self.broker.url(&["connections", id, "token"]))
+            .await?
+            .ok()?;
+        if self.tokens.is_live() {
+            metrics::counter!("nexus_gateway_token_cache_total", "result" => "miss").increment(1);
+            self.tokens.put(id, &reply, epoch);
+        }
+        Ok(reply)
     }
 
     /// `GET /v1/providers` → `[{id, name}]`.
@@ -198,6 +220,8 @@ impl Gateway {
         report: &Value,
     ) -> Result<Reply, GatewayError> {
         self.authorize(agent, id).await?;
+        // A report can change the answer (a forced refresh, failing scopes).
+        self.tokens.forget(id);
         self.broker
             .post(
                 self.broker.url(&["connections", id, "scope-failures"]),

@@ -281,19 +281,35 @@ impl GatewayServer {
             .unwrap_or(self.gateway.config.listen_addr)
     }
 
+    /// The gateway's state (its token cache, broker client, configuration).
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
     /// Serves until `shutdown` resolves, then drains in-flight requests.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), GatewayServeError> {
         let addr = self.local_addr();
+        let g = self.gateway.clone();
+        let follower = tokio::spawn(crate::changes::follow(g.clone()));
+        let reporter = tokio::spawn(crate::changes::report(
+            g.clone(),
+            g.config.served_report_every,
+        ));
         let app = router(self.gateway, self.metrics);
-        axum::serve(
+        let served = axum::serve(
             self.listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|source| GatewayServeError::Io { addr, source })
+        .await;
+        follower.abort();
+        reporter.abort();
+        // Tokens served from the cache since the last report: audited too.
+        g.tokens.set_live(false);
+        crate::changes::report_once(&g).await;
+        served.map_err(|source| GatewayServeError::Io { addr, source })
     }
 }

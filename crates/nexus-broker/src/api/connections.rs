@@ -192,14 +192,24 @@ pub async fn refresh(
 
 impl axum::response::IntoResponse for TokenBody {
     fn into_response(self) -> axum::response::Response {
-        (
+        use axum::http::HeaderValue;
+        let mut resp = (
             [
                 (axum::http::header::CONTENT_TYPE, "application/json"),
-                // Usage secrets: never stored by a cache on the way.
+                // Usage secrets: never stored by a cache on the way (a
+                // gateway keeps it only as `x-nexus-cacheable-ms` allows).
                 (axum::http::header::CACHE_CONTROL, "no-store"),
             ],
-            self.0.into_inner(),
+            self.body.into_inner(),
         )
-            .into_response()
+            .into_response();
+        let h = resp.headers_mut();
+        if let Some(ms) = self.keep_ms {
+            h.insert(crate::edge::CACHEABLE_HEADER, HeaderValue::from(ms));
+            if let Some(e) = self.expires_at {
+                h.insert(crate::edge::EXPIRES_AT_HEADER, HeaderValue::from(e));
+            }
+        }
+        resp
     }
 }

@@ -33,6 +33,7 @@ pub mod agent_keys;
 pub mod audit;
 pub mod capture;
 pub mod connections;
+pub mod edge;
 pub mod error;
 pub mod extract;
 pub mod guard;
@@ -316,6 +317,23 @@ fn admin_routes() -> Vec<Route<AppState>> {
             )
             .status(202),
             post(connections::scope_failures),
+        ),
+        (
+            doc(
+                "GET",
+                "/tokens/changes",
+                "Invalidations a gateway's token cache follows (newline-delimited JSON stream)",
+            )
+            .answers(Kind::Stream),
+            get(edge::changes),
+        ),
+        (
+            doc(
+                "POST",
+                "/tokens/issued",
+                "Tokens a gateway served from its cache, for the audit log",
+            ),
+            post(edge::issued),
         ),
         (
             doc(

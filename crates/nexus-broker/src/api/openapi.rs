@@ -34,6 +34,8 @@ pub enum Kind {
     Redirect,
     /// Prometheus text.
     Text,
+    /// Newline-delimited JSON, streamed.
+    Stream,
 }
 
 /// A route: its document and its handler.
@@ -111,6 +113,9 @@ pub fn document(
             }
             Kind::Text => {
                 json!({"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}})
+            }
+            Kind::Stream => {
+                json!({"description": "a stream of JSON objects, one per line", "content": {"application/x-ndjson": {"schema": {"type": "string"}}}})
             }
         };
         let mut op = json!({

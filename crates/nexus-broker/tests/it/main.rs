@@ -7,6 +7,7 @@ mod agent_keys;
 mod audit;
 mod bad_input;
 mod capture;
+mod edge;
 mod fake_idp;
 mod handshake;
 mod ops;

@@ -20,6 +20,8 @@ pub struct Stack {
     pub api_key: String,
     pub client: reqwest::Client,
     pub broker_state: nexus_broker::api::AppState,
+    /// The gateway's state (its token cache).
+    pub gw: std::sync::Arc<nexus_gateway::core::Gateway>,
     _dir: tempfile::TempDir,
     stops: Vec<oneshot::Sender<()>>,
 }
@@ -41,6 +43,16 @@ impl Stack {
     /// With `in_process`, the gateway calls the broker's router directly (as
     /// under `nexus up`) instead of over loopback HTTP.
     pub async fn start_mode(gateway_port: u16, cors: &str, in_process: bool) -> Stack {
+        Self::start_tuned(gateway_port, cors, in_process, |_, _| {}).await
+    }
+
+    /// Like [`Stack::start_mode`], adjusting both configurations.
+    pub async fn start_tuned(
+        gateway_port: u16,
+        cors: &str,
+        in_process: bool,
+        tune: impl FnOnce(&mut BrokerConfig, &mut GatewayConfig),
+    ) -> Stack {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
         let gport = if gateway_port == 0 {
@@ -60,9 +72,18 @@ impl Stack {
             refresh_worker: Some("false".into()),
             ..Default::default()
         };
-        let broker = Broker::start(BrokerConfig::from_settings(&settings).unwrap())
-            .await
-            .unwrap();
+        let mut bconfig = BrokerConfig::from_settings(&settings).unwrap();
+        let mut gconfig = GatewayConfig::from_settings(&GatewaySettings {
+            broker_url: Some("http://127.0.0.1:1".into()),
+            broker_api_key: Some(api_key.clone()),
+            gateway_addr: Some(format!("127.0.0.1:{gport}")),
+            cors_allowed_origins: Some(cors.into()),
+            ..Default::default()
+        })
+        .unwrap();
+        gconfig.key_cache_ttl = Duration::from_millis(300);
+        tune(&mut bconfig, &mut gconfig);
+        let broker = Broker::start(bconfig).await.unwrap();
         let broker_url = format!("http://{}", broker.local_addr());
         let broker_state = broker.state().clone();
         let local = in_process.then(|| {
@@ -75,20 +96,13 @@ impl Stack {
         tokio::spawn(broker.run(async {
             let _ = brx.await;
         }));
-        let mut gconfig = GatewayConfig::from_settings(&GatewaySettings {
-            broker_url: Some(broker_url.clone()),
-            broker_api_key: Some(api_key.clone()),
-            gateway_addr: Some(format!("127.0.0.1:{gport}")),
-            cors_allowed_origins: Some(cors.into()),
-            ..Default::default()
-        })
-        .unwrap();
-        gconfig.key_cache_ttl = Duration::from_millis(300);
+        gconfig.broker_url = broker_url.parse().unwrap();
         let gw =
             GatewayServer::start_with(gconfig, nexus_broker::telemetry::metrics_handle(), local)
                 .await
                 .unwrap();
         let gateway = format!("http://{}", gw.local_addr());
+        let gw_state = gw.gateway().clone();
         let (gtx, grx) = oneshot::channel::<()>();
         tokio::spawn(gw.run(async {
             let _ = grx.await;
@@ -99,8 +113,16 @@ impl Stack {
             api_key,
             client: reqwest::Client::new(),
             broker_state,
+            gw: gw_state,
             _dir: dir,
             stops: vec![gtx, btx],
+        }
+    }
+
+    /// Stops the broker only (the gateway goes on without it).
+    pub fn stop_broker(&mut self) {
+        if let Some(b) = self.stops.pop() {
+            let _ = b.send(());
         }
     }
 
