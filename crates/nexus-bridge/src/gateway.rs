@@ -102,20 +102,26 @@ pub fn check_transport(url: &Url, allow_insecure: bool) -> Result<(), BridgeErro
     }
 }
 
+/// A rustls client configuration on the ring provider (set here, not taken
+/// from a process-wide default) with the webpki roots.
+pub fn tls_config() -> Result<rustls::ClientConfig, BridgeError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| BridgeError::Config(e.to_string()))?
+        .with_root_certificates(rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        })
+        .with_no_client_auth())
+}
+
 /// An HTTP client on rustls with the ring provider (set here, not taken
 /// from a process-wide default) and the webpki roots.
 pub fn http_client(
     timeout: Duration,
     follow_redirects: bool,
 ) -> Result<reqwest::Client, BridgeError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| BridgeError::Config(e.to_string()))?
-        .with_root_certificates(rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        })
-        .with_no_client_auth();
+    let tls = tls_config()?;
     let redirects = if follow_redirects {
         reqwest::redirect::Policy::default()
     } else {

@@ -37,6 +37,8 @@ mod cache;
 pub mod credentials;
 pub mod error;
 pub mod gateway;
+pub mod keeper;
+pub mod layer;
 mod secret;
 pub mod sigv4;
 pub mod strategy;
@@ -49,6 +51,8 @@ pub use cache::CacheSettings;
 pub use credentials::{Credentials, Strategy};
 pub use error::BridgeError;
 pub use gateway::{ConnectionRequest, ConsentSpec, GatewayClient, ScopeReport};
+pub use keeper::{KeeperOptions, Redial, SessionEnd, WsKeeper};
+pub use layer::NexusAuthLayer;
 pub use secret::Secret;
 
 /// A `reqwest` client whose requests carry a connection's credentials.
@@ -263,6 +267,18 @@ impl Bridge {
     /// The middleware alone, for a `reqwest_middleware` stack of your own.
     pub fn middleware(&self, connection_id: &str) -> NexusAuth {
         NexusAuth::new(self.clone(), connection_id, Vec::new())
+    }
+
+    /// A tower layer adding the connection's credentials to every request
+    /// of a hyper or tonic client (e.g. around a gRPC `Channel`).
+    pub fn layer(&self, connection_id: &str) -> NexusAuthLayer {
+        NexusAuthLayer::new(self.clone(), connection_id)
+    }
+
+    /// A keeper of WebSocket connections to `url` with the connection's
+    /// credentials (see [`WsKeeper::run`]).
+    pub fn ws_keeper(&self, connection_id: &str, url: &str) -> WsKeeper {
+        WsKeeper::new(self.clone(), connection_id, url)
     }
 
     pub(crate) fn reporter(&self) -> &agent::Reporter {

@@ -23,19 +23,45 @@ trait Target {
     fn add_query(&mut self, name: &str, value: &str) -> Result<(), BridgeError>;
 }
 
+/// The URI of an `http` request, absolute (SigV4 needs the host).
+fn absolute(uri: &http::Uri) -> Result<String, BridgeError> {
+    if uri.scheme().is_none() || uri.authority().is_none() {
+        return Err(BridgeError::Strategy {
+            strategy: "aws_sigv4".into(),
+            message: "the request URI must be absolute (scheme and host)".into(),
+        });
+    }
+    Ok(uri.to_string())
+}
+
+/// `uri` with `name=value` appended to its query.
+fn with_query(uri: &http::Uri, name: &str, value: &str) -> Result<http::Uri, BridgeError> {
+    let refused = || BridgeError::Strategy {
+        strategy: "query_param".into(),
+        message: "the request URI cannot take the parameter".into(),
+    };
+    let mut parts = uri.clone().into_parts();
+    let (path, query) = match &parts.path_and_query {
+        Some(pq) => (pq.path().to_string(), pq.query().map(str::to_string)),
+        None => ("/".to_string(), None),
+    };
+    let pair = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair(name, value)
+        .finish();
+    let pq = match query {
+        Some(q) if !q.is_empty() => format!("{path}?{q}&{pair}"),
+        _ => format!("{path}?{pair}"),
+    };
+    parts.path_and_query = Some(pq.parse().map_err(|_| refused())?);
+    http::Uri::from_parts(parts).map_err(|_| refused())
+}
+
 impl<B: AsRef<[u8]>> Target for http::Request<B> {
     fn method(&self) -> &Method {
         http::Request::method(self)
     }
     fn url(&self) -> Result<String, BridgeError> {
-        let uri = self.uri();
-        if uri.scheme().is_none() || uri.authority().is_none() {
-            return Err(BridgeError::Strategy {
-                strategy: "aws_sigv4".into(),
-                message: "the request URI must be absolute (scheme and host)".into(),
-            });
-        }
-        Ok(uri.to_string())
+        absolute(self.uri())
     }
     fn headers_mut(&mut self) -> &mut HeaderMap {
         http::Request::headers_mut(self)
@@ -44,27 +70,28 @@ impl<B: AsRef<[u8]>> Target for http::Request<B> {
         Some(http::Request::body(self).as_ref())
     }
     fn add_query(&mut self, name: &str, value: &str) -> Result<(), BridgeError> {
-        let uri = self.uri().clone();
-        let mut parts = uri.into_parts();
-        let (path, query) = match &parts.path_and_query {
-            Some(pq) => (pq.path().to_string(), pq.query().map(str::to_string)),
-            None => ("/".to_string(), None),
-        };
-        let pair = url::form_urlencoded::Serializer::new(String::new())
-            .append_pair(name, value)
-            .finish();
-        let pq = match query {
-            Some(q) if !q.is_empty() => format!("{path}?{q}&{pair}"),
-            _ => format!("{path}?{pair}"),
-        };
-        parts.path_and_query = Some(pq.parse().map_err(|_| BridgeError::Strategy {
-            strategy: "query_param".into(),
-            message: "the request URI cannot take the parameter".into(),
-        })?);
-        *self.uri_mut() = http::Uri::from_parts(parts).map_err(|_| BridgeError::Strategy {
-            strategy: "query_param".into(),
-            message: "the request URI cannot take the parameter".into(),
-        })?;
+        *self.uri_mut() = with_query(self.uri(), name, value)?;
+        Ok(())
+    }
+}
+
+/// A request whose body is not in memory (a stream: gRPC, a WebSocket
+/// upgrade): `aws_sigv4` signs it `UNSIGNED-PAYLOAD`, `hmac_payload` refuses.
+impl Target for http::request::Parts {
+    fn method(&self) -> &Method {
+        &self.method
+    }
+    fn url(&self) -> Result<String, BridgeError> {
+        absolute(&self.uri)
+    }
+    fn headers_mut(&mut self) -> &mut HeaderMap {
+        &mut self.headers
+    }
+    fn body(&self) -> Option<&[u8]> {
+        None
+    }
+    fn add_query(&mut self, name: &str, value: &str) -> Result<(), BridgeError> {
+        self.uri = with_query(&self.uri, name, value)?;
         Ok(())
     }
 }
@@ -97,6 +124,15 @@ pub fn apply_http<B: AsRef<[u8]>>(
     req: &mut http::Request<B>,
 ) -> Result<(), BridgeError> {
     apply(creds, req, SystemTime::now())
+}
+
+/// Applies `creds` to the head of a request whose body is streamed (see
+/// the `Target` impl for `Parts`).
+pub fn apply_parts(
+    creds: &Credentials,
+    parts: &mut http::request::Parts,
+) -> Result<(), BridgeError> {
+    apply(creds, parts, SystemTime::now())
 }
 
 /// Applies `creds` to a `reqwest` request. `aws_sigv4` needs an in-memory

@@ -1246,19 +1246,25 @@ impl TokenBody {
 
 /// Completes a (possibly cached) response with the seconds left at serve time.
 fn finish(prefix: &Secret<Vec<u8>>, expires_at: Option<i64>) -> TokenBody {
-    let prefix = prefix.expose();
+    TokenBody {
+        expires_at,
+        ..TokenBody::new(complete(prefix.expose(), expires_at, now_ms()))
+    }
+}
+
+/// A token answer's JSON `prefix` (an open object ending in `,` or `{`)
+/// closed with `"expires_in"`: the whole seconds left at `now` (unix ms), or
+/// null without expiry. The broker and gateway caches both serve this way.
+pub fn complete(prefix: &[u8], expires_at: Option<i64>, now: i64) -> Vec<u8> {
     let mut out = Vec::with_capacity(prefix.len() + 24);
     out.extend_from_slice(prefix);
     out.extend_from_slice(b"\"expires_in\":");
     match expires_at {
-        Some(e) => out.extend_from_slice(((e - now_ms()) / 1000).max(0).to_string().as_bytes()),
+        Some(e) => out.extend_from_slice(((e - now) / 1000).max(0).to_string().as_bytes()),
         None => out.extend_from_slice(b"null"),
     }
     out.push(b'}');
-    TokenBody {
-        expires_at,
-        ..TokenBody::new(out)
-    }
+    out
 }
 
 /// The result of trying to take a lease.

@@ -234,28 +234,20 @@ impl BrokerClient {
                     Some(q) => format!("{}?{q}", url.path()),
                     None => url.path().to_string(),
                 };
-                let mut req = axum::http::Request::builder()
-                    .method(method)
-                    .uri(path_and_query)
-                    .body(Body::from(body))
-                    .map_err(|e| Failed {
+                let (parts, body) = self
+                    .call_router(
+                        router,
+                        method,
+                        &path_and_query,
+                        headers,
+                        Body::from(body),
+                        admin,
+                    )
+                    .await
+                    .map_err(|why| Failed {
                         before_sending: true,
-                        why: e.to_string(),
+                        why,
                     })?;
-                req.headers_mut().extend(headers.iter().cloned());
-                if admin {
-                    if let Ok(v) = HeaderValue::from_str(self.api_key.expose()) {
-                        req.headers_mut().insert("x-api-key", v);
-                    }
-                }
-                // In-process calls come from this host.
-                req.extensions_mut()
-                    .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 0))));
-                let resp = match router.clone().oneshot(req).await {
-                    Ok(r) => r,
-                    Err(never) => match never {},
-                };
-                let (parts, body) = resp.into_parts();
                 let body = axum::body::to_bytes(body, MAX_ANSWER)
                     .await
                     .map_err(|e| Failed {
@@ -269,6 +261,36 @@ impl BrokerClient {
                 })
             }
         }
+    }
+
+    /// One call of the broker's router in this process (it sees a loopback peer).
+    async fn call_router(
+        &self,
+        router: &axum::Router,
+        method: Method,
+        path_and_query: &str,
+        headers: &[(HeaderName, HeaderValue)],
+        body: Body,
+        admin: bool,
+    ) -> Result<(axum::http::response::Parts, Body), String> {
+        let mut req = axum::http::Request::builder()
+            .method(method)
+            .uri(path_and_query)
+            .body(body)
+            .map_err(|e| e.to_string())?;
+        req.headers_mut().extend(headers.iter().cloned());
+        if admin {
+            if let Ok(v) = HeaderValue::from_str(self.api_key.expose()) {
+                req.headers_mut().insert("x-api-key", v);
+            }
+        }
+        req.extensions_mut()
+            .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 0))));
+        let resp = match router.clone().oneshot(req).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+        Ok(resp.into_parts())
     }
 
     /// Opens a streamed GET (with the API key). A non-2xx answer is read
@@ -290,21 +312,10 @@ impl BrokerClient {
                 Err(GatewayError::from_broker(status, &body))
             }
             Transport::Local(router) => {
-                let mut req = axum::http::Request::builder()
-                    .method(Method::GET)
-                    .uri(url.path())
-                    .body(Body::empty())
-                    .map_err(|e| GatewayError::broker_unavailable(e.to_string()))?;
-                if let Ok(v) = HeaderValue::from_str(self.api_key.expose()) {
-                    req.headers_mut().insert("x-api-key", v);
-                }
-                req.extensions_mut()
-                    .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 0))));
-                let resp = match router.clone().oneshot(req).await {
-                    Ok(r) => r,
-                    Err(never) => match never {},
-                };
-                let (parts, body) = resp.into_parts();
+                let (parts, body) = self
+                    .call_router(router, Method::GET, url.path(), &[], Body::empty(), true)
+                    .await
+                    .map_err(GatewayError::broker_unavailable)?;
                 if parts.status.is_success() {
                     return Ok(Streamed::Local(body.into_data_stream()));
                 }

@@ -86,7 +86,11 @@ impl TokenCache {
             entry
         };
         let now = now_ms();
-        let body = finish(entry.prefix.expose(), entry.expires_at, now);
+        let body = Bytes::from(nexus_broker::token::complete(
+            entry.prefix.expose(),
+            entry.expires_at,
+            now,
+        ));
         let mut served = lock(&self.served);
         match served.get_mut(id) {
             Some(s) => {
@@ -211,19 +215,6 @@ fn prefix_of(body: &[u8]) -> Option<&[u8]> {
     let rest = body[at + KEY.len()..].strip_suffix(b"}")?;
     let valid = rest == b"null" || (!rest.is_empty() && rest.iter().all(u8::is_ascii_digit));
     valid.then(|| &body[..at])
-}
-
-/// `prefix` completed with the seconds left at `now`.
-fn finish(prefix: &[u8], expires_at: Option<i64>, now: i64) -> Bytes {
-    let mut out = Vec::with_capacity(prefix.len() + 24);
-    out.extend_from_slice(prefix);
-    out.extend_from_slice(b"\"expires_in\":");
-    match expires_at {
-        Some(e) => out.extend_from_slice(((e - now) / 1000).max(0).to_string().as_bytes()),
-        None => out.extend_from_slice(b"null"),
-    }
-    out.push(b'}');
-    Bytes::from(out)
 }
 
 #[cfg(test)]

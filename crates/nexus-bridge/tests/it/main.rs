@@ -4,4 +4,5 @@ mod agent;
 mod cache;
 mod e2e;
 mod fake;
+mod long_lived;
 mod sigv4;
