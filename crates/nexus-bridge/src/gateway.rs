@@ -137,12 +137,15 @@ pub fn http_client(
         .map_err(|e| BridgeError::Config(e.to_string()))
 }
 
-/// Talks to the gateway with an agent key.
+/// Talks to the gateway with an agent key, over REST (or gRPC with the
+/// `grpc` feature).
 #[derive(Clone)]
 pub struct GatewayClient {
     http: reqwest::Client,
     base: Url,
     key: Arc<Secret>,
+    #[cfg(feature = "grpc")]
+    grpc: Option<crate::grpc::GrpcClient>,
 }
 
 impl std::fmt::Debug for GatewayClient {
@@ -177,7 +180,17 @@ impl GatewayClient {
             http: http_client(timeout, false)?,
             base,
             key: Arc::new(agent_key),
+            #[cfg(feature = "grpc")]
+            grpc: None,
         })
+    }
+
+    /// The same gateway over gRPC (`nexus.v1.NexusService` on the same
+    /// port), connected on first use.
+    #[cfg(feature = "grpc")]
+    pub fn over_grpc(mut self, timeout: Duration) -> Result<Self, BridgeError> {
+        self.grpc = Some(crate::grpc::GrpcClient::new(&self.base, timeout)?);
+        Ok(self)
     }
 
     fn url(&self, segments: &[&str]) -> Url {
@@ -242,6 +255,10 @@ impl GatewayClient {
         &self,
         req: &ConnectionRequest,
     ) -> Result<ConsentSpec, BridgeError> {
+        #[cfg(feature = "grpc")]
+        if let Some(g) = &self.grpc {
+            return g.request_connection(&self.key, req).await;
+        }
         let body = serde_json::to_value(req).map_err(|e| BridgeError::Config(e.to_string()))?;
         let answer = self
             .call(Method::POST, &["v1", "request-connection"], Some(&body))
@@ -251,6 +268,10 @@ impl GatewayClient {
 
     /// `GET /v1/check-connection/{id}` → the status.
     pub async fn check_connection(&self, id: &str) -> Result<String, BridgeError> {
+        #[cfg(feature = "grpc")]
+        if let Some(g) = &self.grpc {
+            return g.check_connection(&self.key, id).await;
+        }
         let answer = self
             .call(Method::GET, &["v1", "check-connection", id], None)
             .await?;
@@ -260,11 +281,19 @@ impl GatewayClient {
 
     /// `GET /v1/token/{id}`: the raw token answer.
     pub async fn token(&self, id: &str) -> Result<Vec<u8>, BridgeError> {
+        #[cfg(feature = "grpc")]
+        if let Some(g) = &self.grpc {
+            return g.token(&self.key, id).await;
+        }
         self.call(Method::GET, &["v1", "token", id], None).await
     }
 
     /// `POST /v1/refresh/{id}`: refresh now, the raw token answer.
     pub async fn refresh(&self, id: &str) -> Result<Vec<u8>, BridgeError> {
+        #[cfg(feature = "grpc")]
+        if let Some(g) = &self.grpc {
+            return g.refresh(&self.key, id).await;
+        }
         self.call(
             Method::POST,
             &["v1", "refresh", id],
@@ -279,6 +308,10 @@ impl GatewayClient {
         id: &str,
         report: &ScopeReport,
     ) -> Result<Value, BridgeError> {
+        #[cfg(feature = "grpc")]
+        if let Some(g) = &self.grpc {
+            return g.report_scope_failure(&self.key, id, report).await;
+        }
         let body = serde_json::to_value(report).map_err(|e| BridgeError::Config(e.to_string()))?;
         let answer = self
             .call(

@@ -37,6 +37,8 @@ mod cache;
 pub mod credentials;
 pub mod error;
 pub mod gateway;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 pub mod keeper;
 pub mod layer;
 mod secret;
@@ -88,9 +90,18 @@ pub struct BridgeBuilder {
     allow_insecure: bool,
     timeout: Duration,
     cache: CacheSettings,
+    #[cfg(feature = "grpc")]
+    grpc: bool,
 }
 
 impl BridgeBuilder {
+    /// Talks to the gateway over gRPC instead of REST (feature `grpc`).
+    #[cfg(feature = "grpc")]
+    pub fn grpc(mut self, on: bool) -> Self {
+        self.grpc = on;
+        self
+    }
+
     /// Allows plaintext HTTP to hosts other than loopback (gateway and
     /// provider). Off by default: credentials would cross the network in clear.
     pub fn allow_insecure_transport(mut self, allow: bool) -> Self {
@@ -118,6 +129,12 @@ impl BridgeBuilder {
             self.allow_insecure,
             self.timeout,
         )?;
+        #[cfg(feature = "grpc")]
+        let gateway = if self.grpc {
+            gateway.over_grpc(self.timeout)?
+        } else {
+            gateway
+        };
         Ok(Bridge {
             inner: Arc::new(Inner {
                 cache: cache::CredentialCache::new(gateway.clone(), self.cache),
@@ -175,6 +192,8 @@ impl Bridge {
             allow_insecure: false,
             timeout: Duration::from_secs(30),
             cache: CacheSettings::default(),
+            #[cfg(feature = "grpc")]
+            grpc: false,
         }
     }
 

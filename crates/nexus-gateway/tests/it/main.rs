@@ -1,6 +1,7 @@
 //! Integration tests of the gateway: a real broker (SQLite in a temporary
 //! folder) and the gateway in front of it, both on loopback.
 
+mod bridge_grpc;
 mod cache;
 mod grpc;
 mod harness;
