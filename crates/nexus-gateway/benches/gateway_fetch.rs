@@ -281,6 +281,54 @@ async fn separate(db: &str, keys: &Keys) -> (Vec<String>, String, Value) {
     (ids, key, body)
 }
 
+/// `BENCH_ONLY=router`: time per request of the gateway's router (the
+/// whole middleware stack and handler, token from its cache) and of the bare
+/// router, called in process one request at a time.
+async fn routers(state: Arc<nexus_gateway::core::Gateway>, body: Value, ids: &[String], key: &str) {
+    use tower::ServiceExt;
+    let gateway =
+        nexus_gateway::server::router(state.clone(), nexus_broker::telemetry::metrics_handle());
+    let bare = Router::new().route(
+        "/v1/token/{id}",
+        get(move || {
+            let body = body.clone();
+            async move { Json(body) }
+        }),
+    );
+    for _ in 0..100 {
+        if state.tokens.is_live() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (name, app) in [("bare axum", bare), ("gateway", gateway)] {
+        let mut per = Vec::new();
+        for round in 0..6 {
+            let n = 20_000;
+            let start = std::time::Instant::now();
+            for i in 0..n {
+                let req = axum::http::Request::get(format!("/v1/token/{}", ids[i % ids.len()]))
+                    .header("authorization", format!("Bearer {key}"))
+                    .body(axum::body::Body::empty())
+                    .expect("request");
+                let resp = app.clone().oneshot(req).await.expect("infallible");
+                assert_eq!(resp.status(), 200);
+                axum::body::to_bytes(resp.into_body(), 1 << 20)
+                    .await
+                    .expect("body");
+            }
+            if round > 0 {
+                per.push(start.elapsed() / n as u32);
+            }
+        }
+        per.sort();
+        println!(
+            "router only          {name:<16} {:>8.2?} per request (median of 5 x 20000)",
+            per[2]
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -294,8 +342,10 @@ async fn main() {
         state: nexus_broker::vault::generate_key_b64().expose().clone(),
     };
 
-    // `BENCH_ONLY=one` skips the separate-process run (for profiling).
-    let (ids, key, body) = if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "one") {
+    // `BENCH_ONLY=one` skips the separate-process run (for profiling);
+    // `BENCH_ONLY=router` times the routers alone, in process.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let (ids, key, body) = if only == "one" || only == "router" {
         let (broker, b) = start_broker(&db, &keys).await;
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
         let t = tokio::spawn(b.run(async {
@@ -320,8 +370,13 @@ async fn main() {
         let _ = brx.await;
     }));
     let (gateway, g) = start_gateway(&broker, Some(local)).await;
+    let state = g.gateway().clone();
     let gt = tokio::spawn(g.run(std::future::pending()));
-    let bare_url = bare(body).await;
+    let bare_url = bare(body.clone()).await;
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "router") {
+        // Server-side CPU only: the routers called in process, no sockets.
+        return routers(state, body, &ids, &key).await;
+    }
     compare("one process", &bare_url, &gateway, &ids, &key).await;
     gt.abort();
     let _ = bstop.send(());

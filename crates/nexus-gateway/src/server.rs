@@ -183,7 +183,14 @@ pub fn router(g: Arc<Gateway>, metrics: PrometheusHandle) -> Router {
         ])
         .max_age(std::time::Duration::from_secs(600));
     let document = Arc::new(openapi(&g.config.redirect_path));
-    let api = mount(Router::new(), api_routes()).layer(cors);
+    let api = mount(Router::new(), api_routes());
+    // Without allowed origins there is nothing to answer a browser with: no
+    // CORS layer at all (it would add Vary headers to every token answer).
+    let api = if g.config.cors_allowed_origins.is_empty() {
+        api
+    } else {
+        api.layer(cors)
+    };
     let public = mount(Router::new(), public_routes(&g.config.redirect_path));
     let cidrs = g.config.metrics_allowed_cidrs.clone();
     let ops = mount(Router::new(), ops_routes())

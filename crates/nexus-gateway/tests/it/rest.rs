@@ -297,6 +297,22 @@ async fn cors_preflight_only_for_configured_origins() {
     let no = preflight("https://evil.example.test").await.unwrap();
     assert!(no.headers().get("access-control-allow-origin").is_none());
     s.stop().await;
+
+    // No origins configured (the default): no CORS at all.
+    let s = Stack::start(0, "").await;
+    let r = s
+        .client
+        .request(Method::OPTIONS, format!("{}/v1/token/abc", s.gateway))
+        .header("origin", "https://app.example.test")
+        .header("access-control-request-method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_client_error(), "{}", r.status());
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(body["error"].is_string(), "a JSON error: {body}");
+    s.stop().await;
 }
 
 /// The reference gateway's four original endpoints, with literal fixtures of
