@@ -426,8 +426,11 @@ impl Tokens {
         }
         let cached = Cached::new(TokenStamp::of(&c, provider.row.version), &body);
         let mut served = finish(&cached.prefix, c.expires_at);
-        served.keep_ms = self.keep_for(&cached);
-        self.cache.put(&c.id, cached, epoch);
+        let keep_ms = self.keep_for(&cached);
+        // A gateway may keep only what this replica keeps too.
+        if self.cache.put(&c.id, cached, epoch) {
+            served.keep_ms = keep_ms;
+        }
         self.audit_issued(&c.id, &c.provider_id, &c.workspace_id);
         Ok(served)
     }

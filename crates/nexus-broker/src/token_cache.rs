@@ -163,12 +163,15 @@ impl TokenCache {
 
     /// Stores a response built from data read after `epoch` was taken,
     /// unless something was invalidated since (it might be that data).
-    pub fn put(&self, id: &str, entry: Cached, epoch: u64) {
+    /// Says whether it was stored.
+    pub fn put(&self, id: &str, entry: Cached, epoch: u64) -> bool {
         if let Some(mut map) = self.lock() {
             if self.epoch.load(Ordering::Acquire) == epoch {
                 map.insert(id.to_string(), Arc::new(entry));
+                return true;
             }
         }
+        false
     }
 
     /// Drops a connection's entry.
@@ -313,7 +316,7 @@ mod tests {
         let c = TokenCache::new(10, Duration::from_secs(1));
         let before = c.epoch();
         c.forget("a"); // a change lands while the response is being built
-        c.put("a", entry(stamp(1, "active")), before);
+        assert!(!c.put("a", entry(stamp(1, "active")), before));
         assert!(c.is_empty());
     }
 

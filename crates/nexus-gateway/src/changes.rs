@@ -86,31 +86,34 @@ pub async fn report(g: Arc<Gateway>, every: Duration) {
     }
 }
 
+/// Most entries in one report (the broker takes up to 10 000).
+const REPORT_BATCH: usize = 5_000;
+
 /// Reports what was served since the last report. Counts the broker did not
 /// take because it was away are kept for the next report.
 pub async fn report_once(g: &Gateway) {
-    let served = g.tokens.take_served();
-    if served.is_empty() {
-        return;
-    }
-    let entries: Vec<_> = served
-        .iter()
-        .map(|(id, s)| json!({"connection_id": id, "count": s.count, "first_at": s.first_at, "last_at": s.last_at}))
-        .collect();
-    let url = g.broker.url(&["tokens", "issued"]);
-    match g.broker.post(url, &json!({"issued": entries})).await {
-        Ok(r) if r.status.is_success() => {}
-        Ok(r) if r.status.is_server_error() => keep(g, served, r.status.as_str()),
-        Ok(r) => {
-            // The broker refused the report itself: retrying cannot help.
-            metrics::counter!("nexus_gateway_issued_reports_dropped_total").increment(1);
-            tracing::error!(status = %r.status, "the broker refused a report of served tokens");
+    let served: Vec<(String, Served)> = g.tokens.take_served().into_iter().collect();
+    for batch in served.chunks(REPORT_BATCH) {
+        let entries: Vec<_> = batch
+            .iter()
+            .map(|(id, s)| json!({"connection_id": id, "count": s.count, "first_at": s.first_at, "last_at": s.last_at}))
+            .collect();
+        let url = g.broker.url(&["tokens", "issued"]);
+        match g.broker.post(url, &json!({"issued": entries})).await {
+            Ok(r) if r.status.is_success() => {}
+            Ok(r) if r.status.is_server_error() => keep(g, batch, r.status.as_str()),
+            Ok(r) => {
+                // The broker refused the report itself: retrying cannot help.
+                metrics::counter!("nexus_gateway_issued_reports_dropped_total").increment(1);
+                tracing::error!(status = %r.status, "the broker refused a report of served tokens");
+            }
+            Err(e) => keep(g, batch, &e.message),
         }
-        Err(e) => keep(g, served, &e.message),
     }
 }
 
-fn keep(g: &Gateway, served: HashMap<String, Served>, why: &str) {
+fn keep(g: &Gateway, batch: &[(String, Served)], why: &str) {
     tracing::warn!(reason = %why, "served tokens not reported yet; kept for the next report");
-    g.tokens.restore_served(served);
+    g.tokens
+        .restore_served(batch.iter().cloned().collect::<HashMap<_, _>>());
 }
