@@ -173,6 +173,15 @@ async fn an_agent_across_token_lifetimes_scope_loss_and_revocation() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(tokens.len() >= 3, "{} access tokens used", tokens.len());
+    // The access tokens (real ones, from the provider) appear in no metric
+    // and in no Debug output of the bridge.
+    let metrics = s.metrics.render();
+    let creds = bridge.token(&id).await.unwrap();
+    let shown = format!("{bridge:?} {creds:?} {api:?}");
+    for t in &tokens {
+        assert!(!metrics.contains(t.as_str()), "a token in the metrics");
+        assert!(!shown.contains(t.as_str()), "a token in Debug output");
+    }
 
     // The person withdraws calendar.read at the provider: the agent's 403 is
     // reported, and the connection shows exactly that scope failing.
