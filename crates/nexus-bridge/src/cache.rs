@@ -276,10 +276,15 @@ impl CredentialCache {
 
 /// Capped exponential backoff with full jitter for the `failures`-th failure.
 fn full_jitter(s: &CacheSettings, failures: u32) -> Duration {
-    let exp = s
-        .backoff_base
+    backoff(s.backoff_base, s.backoff_cap, failures)
+}
+
+/// A random wait up to `base` doubled for each failure after the first,
+/// capped at `cap` (exponential backoff with full jitter).
+pub(crate) fn backoff(base: Duration, cap: Duration, failures: u32) -> Duration {
+    let exp = base
         .saturating_mul(1u32 << failures.min(16).saturating_sub(1))
-        .min(s.backoff_cap);
+        .min(cap);
     Duration::from_millis(fastrand::u64(0..=exp.as_millis() as u64))
 }
 

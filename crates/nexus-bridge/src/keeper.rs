@@ -188,13 +188,13 @@ impl WsKeeper {
     }
 
     async fn pause(&self, failures: u32) {
-        let exp = self
-            .options
-            .backoff_base
-            .saturating_mul(1u32 << failures.min(16).saturating_sub(1))
-            .min(self.options.backoff_cap);
-        let wait = Duration::from_millis(fastrand::u64(0..=exp.as_millis() as u64));
-        tokio::time::sleep(wait).await;
+        let o = &self.options;
+        tokio::time::sleep(crate::cache::backoff(
+            o.backoff_base,
+            o.backoff_cap,
+            failures,
+        ))
+        .await;
     }
 }
 

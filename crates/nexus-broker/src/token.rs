@@ -584,19 +584,14 @@ impl Tokens {
                     None => continue,
                 },
             };
-            let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
-            let n = issued
-                .entry(g.connection_id.clone())
-                .or_insert_with(|| Issued {
-                    provider_id: stamp.provider_id.clone(),
-                    workspace_id: stamp.workspace_id.clone(),
-                    count: 0,
-                    first_at: g.first_at,
-                    last_at: g.last_at,
-                });
-            n.count += g.count;
-            n.first_at = n.first_at.min(g.first_at);
-            n.last_at = n.last_at.max(g.last_at);
+            self.count_issued(
+                &g.connection_id,
+                &stamp.provider_id,
+                &stamp.workspace_id,
+                g.count,
+                g.first_at,
+                g.last_at,
+            );
             taken += 1;
         }
         Ok(taken)
@@ -609,11 +604,26 @@ impl Tokens {
     /// identical rows, and writing them the largest cost of a fetch.
     fn audit_issued(&self, id: &str, provider_id: &str, workspace_id: &str) {
         let now = now_ms();
+        self.count_issued(id, provider_id, workspace_id, 1, now, now);
+    }
+
+    /// Adds `count` issuances between `first_at` and `last_at` to a
+    /// connection's tally for the next flush.
+    fn count_issued(
+        &self,
+        id: &str,
+        provider_id: &str,
+        workspace_id: &str,
+        count: u64,
+        first_at: i64,
+        last_at: i64,
+    ) {
         let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
         match issued.get_mut(id) {
             Some(n) => {
-                n.count += 1;
-                n.last_at = now;
+                n.count += count;
+                n.first_at = n.first_at.min(first_at);
+                n.last_at = n.last_at.max(last_at);
             }
             None => {
                 issued.insert(
@@ -621,9 +631,9 @@ impl Tokens {
                     Issued {
                         provider_id: provider_id.to_string(),
                         workspace_id: workspace_id.to_string(),
-                        count: 1,
-                        first_at: now,
-                        last_at: now,
+                        count,
+                        first_at,
+                        last_at,
                     },
                 );
             }

@@ -36,6 +36,17 @@ fn plausible_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// Refuses (as unknown) a workspace outside the key's.
+fn allowed(agent: &Agent, workspace: &str) -> Result<(), GatewayError> {
+    if agent.may(workspace) {
+        Ok(())
+    } else {
+        // No metric here: a counter of "exists elsewhere" would tell a key
+        // holder what the identical 404 hides.
+        Err(GatewayError::connection_not_found())
+    }
+}
+
 impl Gateway {
     /// Builds the gateway state, reaching the broker over the network.
     pub fn new(config: GatewayConfig) -> Result<Arc<Self>, nexus_broker::outbound::OutboundError> {
@@ -58,6 +69,33 @@ impl Gateway {
         })
     }
 
+    fn remember_workspace(&self, id: &str, workspace: &str) {
+        self.workspaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), workspace.to_string());
+    }
+
+    /// The broker's view of a connection (404 when unknown); its workspace
+    /// is remembered.
+    async fn connection(&self, id: &str) -> Result<(Value, String), GatewayError> {
+        if !plausible_id(id) {
+            return Err(GatewayError::connection_not_found());
+        }
+        let c = self
+            .broker
+            .get(self.broker.url(&["connections", id]))
+            .await?
+            .ok()?
+            .json()?;
+        let ws = c["workspace_id"]
+            .as_str()
+            .ok_or_else(|| GatewayError::broker_unavailable("connection without workspace"))?
+            .to_string();
+        self.remember_workspace(id, &ws);
+        Ok((c, ws))
+    }
+
     /// The workspace of a connection (404 when unknown).
     async fn workspace_of(&self, id: &str) -> Result<String, GatewayError> {
         if !plausible_id(id) {
@@ -72,33 +110,13 @@ impl Gateway {
         {
             return Ok(w);
         }
-        let c = self
-            .broker
-            .get(self.broker.url(&["connections", id]))
-            .await?
-            .ok()?
-            .json()?;
-        let ws = c["workspace_id"]
-            .as_str()
-            .ok_or_else(|| GatewayError::broker_unavailable("connection without workspace"))?
-            .to_string();
-        self.workspaces
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_string(), ws.clone());
-        Ok(ws)
+        Ok(self.connection(id).await?.1)
     }
 
     /// Refuses (as unknown) a connection outside the key's workspaces.
     pub async fn authorize(&self, agent: &Agent, id: &str) -> Result<(), GatewayError> {
         let ws = self.workspace_of(id).await?;
-        if agent.may(&ws) {
-            Ok(())
-        } else {
-            // No metric here: a counter of "exists elsewhere" would tell a
-            // key holder what the identical 404 hides.
-            Err(GatewayError::connection_not_found())
-        }
+        allowed(agent, &ws)
     }
 
     /// `POST /v1/request-connection`.
@@ -149,23 +167,16 @@ impl Gateway {
             .ok()?;
         let spec = reply.json()?;
         if let Some(cid) = spec["connection_id"].as_str() {
-            self.workspaces
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(cid.to_string(), user.to_string());
+            self.remember_workspace(cid, user);
         }
         Ok(spec)
     }
 
     /// `GET /v1/check-connection/{id}` → the status.
     pub async fn check_connection(&self, agent: &Agent, id: &str) -> Result<String, GatewayError> {
-        self.authorize(agent, id).await?;
-        let c = self
-            .broker
-            .get(self.broker.url(&["connections", id]))
-            .await?
-            .ok()?
-            .json()?;
+        // The status is read fresh anyway: that one read also says the workspace.
+        let (c, ws) = self.connection(id).await?;
+        allowed(agent, &ws)?;
         Ok(c["status"].as_str().unwrap_or("unknown").to_string())
     }
 

@@ -91,23 +91,15 @@ impl TokenCache {
             entry.expires_at,
             now,
         ));
-        let mut served = lock(&self.served);
-        match served.get_mut(id) {
-            Some(s) => {
-                s.count += 1;
-                s.last_at = now;
-            }
-            None => {
-                served.insert(
-                    id.to_string(),
-                    Served {
-                        count: 1,
-                        first_at: now,
-                        last_at: now,
-                    },
-                );
-            }
-        }
+        add_served(
+            &mut lock(&self.served),
+            id,
+            Served {
+                count: 1,
+                first_at: now,
+                last_at: now,
+            },
+        );
         Some(body)
     }
 
@@ -195,14 +187,21 @@ impl TokenCache {
     pub fn restore_served(&self, back: HashMap<String, Served>) {
         let mut served = lock(&self.served);
         for (id, b) in back {
-            let s = served.entry(id).or_insert(Served {
-                count: 0,
-                first_at: b.first_at,
-                last_at: b.last_at,
-            });
-            s.count += b.count;
-            s.first_at = s.first_at.min(b.first_at);
-            s.last_at = s.last_at.max(b.last_at);
+            add_served(&mut served, &id, b);
+        }
+    }
+}
+
+/// Adds `more` to a connection's tally.
+fn add_served(served: &mut HashMap<String, Served>, id: &str, more: Served) {
+    match served.get_mut(id) {
+        Some(s) => {
+            s.count += more.count;
+            s.first_at = s.first_at.min(more.first_at);
+            s.last_at = s.last_at.max(more.last_at);
+        }
+        None => {
+            served.insert(id.to_string(), more);
         }
     }
 }
