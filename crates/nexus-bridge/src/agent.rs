@@ -108,7 +108,11 @@ impl Middleware for NexusAuth {
         let (method, url) = (req.method().clone(), req.url().clone());
         let retry = req.try_clone();
         crate::strategy::apply_reqwest(&creds, &mut req).map_err(refused)?;
-        let resp = next.clone().run(req, ext).await?;
+        // A transport error names its URL; with `query_param` that URL holds
+        // the credential, and agents log errors.
+        let in_url = creds.strategy.kind == "query_param";
+        let hide = |e: reqwest_middleware::Error| if in_url { e.without_url() } else { e };
+        let resp = next.clone().run(req, ext).await.map_err(hide)?;
         match resp.status() {
             StatusCode::UNAUTHORIZED => {
                 // Perhaps revoked or rotated early: one forced refresh, one retry.
@@ -122,7 +126,7 @@ impl Middleware for NexusAuth {
                     .await
                     .map_err(refused)?;
                 crate::strategy::apply_reqwest(&fresh, &mut retry).map_err(refused)?;
-                let again = next.run(retry, ext).await?;
+                let again = next.run(retry, ext).await.map_err(hide)?;
                 if again.status() == StatusCode::UNAUTHORIZED {
                     self.report(StatusCode::UNAUTHORIZED, &method, &url, &again, ext);
                 }

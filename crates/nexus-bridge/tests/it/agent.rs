@@ -190,3 +190,23 @@ async fn credentials_never_cross_the_network_in_clear() {
         .build()
         .is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_in_the_url_stays_out_of_error_messages() {
+    let g = Gateway::start(Mode::Query("canary-query-key")).await;
+    let b = bridge(&g, Default::default());
+    let api = b.agent_client("c1").build().unwrap();
+    // Nothing listens there: the request fails in transport.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let e = api
+        .get(format!("http://127.0.0.1:{port}/items"))
+        .send()
+        .await
+        .unwrap_err();
+    let shown = format!("{e} {e:?}");
+    assert!(!shown.contains("canary-query-key"), "{shown}");
+}

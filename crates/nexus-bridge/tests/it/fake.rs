@@ -19,6 +19,8 @@ pub enum Mode {
     Ok { expires_in: i64 },
     /// This status and error code.
     Fail(u16, &'static str),
+    /// 200 with a static key applied as the `key` query parameter.
+    Query(&'static str),
 }
 
 pub struct Gateway {
@@ -83,6 +85,12 @@ impl Gateway {
                 }))
                 .into_response()
             }
+            Mode::Query(key) => Json(json!({
+                "expires_in": null,
+                "strategy": {"type": "query_param", "config": {"param_name": "key", "credential_field": "api_key"}},
+                "credentials": {"api_key": key},
+            }))
+            .into_response(),
             Mode::Fail(status, code) => (
                 StatusCode::from_u16(status).unwrap(),
                 Json(json!({"error": code, "message": "fake", "reason": "fake pause"})),
