@@ -25,11 +25,11 @@ use axum::{Form, Json, Router};
 use nexus_broker::audit::AuditWriter;
 use nexus_broker::config::AuditConfig;
 use nexus_broker::discovery::Discovery;
-use nexus_broker::outbound;
 use nexus_broker::registry::{Actor, Registry};
 use nexus_broker::store::{now_ms, Store};
 use nexus_broker::token::{RefreshSettings, Tokens};
 use nexus_broker::vault::{generate_key_b64, KeyRing};
+use nexus_core::outbound;
 use serde_json::{json, Value};
 
 const LATENCY: Duration = Duration::from_millis(20);

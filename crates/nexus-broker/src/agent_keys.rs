@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use crate::audit::AuditEvent;
 use crate::registry::Actor;
 use crate::store::{now_ms, rfc3339, AgentKeyRow, Store, StoreError};
-use crate::Secret;
+use nexus_core::Secret;
 
 /// Every agent key starts with this.
 pub const PREFIX: &str = "nxa_";

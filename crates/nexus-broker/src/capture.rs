@@ -20,7 +20,7 @@ use crate::handshake::{HandshakeError, Handshakes};
 use crate::registry::{Actor, Provider};
 use crate::state_token::{self, StateError};
 use crate::store::{now_ms, Activation, Consumed, HandshakeRow};
-use crate::Secret;
+use nexus_core::Secret;
 
 /// One input of the form, derived from the schema.
 #[derive(Debug, Clone, serde::Serialize)]

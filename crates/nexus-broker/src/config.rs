@@ -14,31 +14,15 @@ use ipnet::IpNet;
 use url::Url;
 
 use crate::vault::KeyRing;
-use crate::Secret;
+use nexus_core::Secret;
 
 /// Default limit for request bodies on the admin API.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 const MIN_API_KEY_LEN: usize = 24;
 const MIN_STATE_KEY_BYTES: usize = 32;
 
-/// A configuration value is missing or wrong; `Display` is one line naming the variable.
-#[derive(Debug, thiserror::Error)]
-#[error("{var}: {reason}")]
-pub struct ConfigError {
-    /// The environment variable (or flag) at fault.
-    pub var: &'static str,
-    /// What is wrong and how to fix it.
-    pub reason: String,
-}
-
-impl ConfigError {
-    fn new(var: &'static str, reason: impl Into<String>) -> Self {
-        Self {
-            var,
-            reason: reason.into(),
-        }
-    }
-}
+pub use nexus_core::settings::redact_url;
+pub use nexus_core::ConfigError;
 
 /// Raw settings, each named after its environment variable. `None` means unset.
 #[derive(Default, Clone)]
@@ -116,35 +100,6 @@ impl std::fmt::Debug for Settings {
             )
             .finish_non_exhaustive()
     }
-}
-
-/// Hides the password of a database URL for logs, in the userinfo part or
-/// as a `password=` query parameter.
-pub fn redact_url(raw: &str) -> String {
-    let Ok(mut u) = Url::parse(raw) else {
-        return raw.to_string();
-    };
-    if u.password().is_some() {
-        // Setting a password only fails for URLs that cannot have one, which this has.
-        let _ = u.set_password(Some("REDACTED"));
-    }
-    if u.query_pairs()
-        .any(|(k, _)| k.eq_ignore_ascii_case("password"))
-    {
-        let pairs: Vec<(String, String)> = u
-            .query_pairs()
-            .map(|(k, v)| {
-                let v = if k.eq_ignore_ascii_case("password") {
-                    "REDACTED".into()
-                } else {
-                    v.into_owned()
-                };
-                (k.into_owned(), v)
-            })
-            .collect();
-        u.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    u.to_string()
 }
 
 /// Validated broker configuration. `Debug` hides the database password;
@@ -281,23 +236,6 @@ pub fn key_ring(s: &Settings) -> Result<KeyRing, ConfigError> {
     })
 }
 
-/// Parses a comma-separated list of networks (`10.0.0.0/8`, or a single
-/// address) for the variable `var`.
-pub fn parse_cidrs(var: &'static str, value: &str) -> Result<Vec<IpNet>, ConfigError> {
-    value
-        .split(',')
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-        .map(|c| {
-            c.parse::<IpNet>()
-                .or_else(|_| c.parse::<std::net::IpAddr>().map(IpNet::from))
-                .map_err(|_| {
-                    ConfigError::new(var, format!("'{c}' is not a CIDR such as 10.0.0.0/8"))
-                })
-        })
-        .collect()
-}
-
 impl BrokerConfig {
     /// Validates raw settings. Every error names its variable.
     pub fn from_settings(s: &Settings) -> Result<Self, ConfigError> {
@@ -417,7 +355,7 @@ impl BrokerConfig {
 
         let allowed_cidrs = match non_empty(&s.allowed_cidrs) {
             None => Vec::new(),
-            Some(v) => parse_cidrs("ALLOWED_CIDRS", v)?,
+            Some(v) => nexus_core::net::parse_cidrs("ALLOWED_CIDRS", v)?,
         };
 
         let max_body_bytes = match non_empty(&s.max_body_bytes) {

@@ -15,10 +15,10 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::outbound::{self, OutboundError};
 use crate::profile::ProviderProfile;
 use crate::shared_cache::SharedCache;
 use crate::store::{now_ms, CachedDoc, Store};
+use nexus_core::outbound::{self, OutboundError};
 
 const DEFAULT_TTL_MS: i64 = 3_600_000;
 const MIN_TTL_MS: i64 = 60_000;

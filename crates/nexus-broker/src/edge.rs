@@ -1,46 +1,17 @@
-//! What a gateway in front of this broker may cache, and when it must drop it.
-//!
-//! Most token fetches are for a response the broker already holds in its own
-//! cache (`token_cache`). A gateway may keep such a response too, under the
-//! same rules, so a warm fetch costs it no broker round trip:
-//!
-//! * **How long.** A token answer that may be kept says so in
-//!   [`CACHEABLE_HEADER`]: milliseconds, never more than the broker's own
-//!   remaining trust in its entry and never past the token's refresh margin.
-//!   Without the header (the broker cannot hear every change right now, the
-//!   cache is off, the token is due) the answer must not be kept.
-//!   [`EXPIRES_AT_HEADER`] lets the gateway recompute `expires_in` at serve time.
-//! * **Until what.** Every change the broker's cache hears is announced on a
-//!   newline-delimited JSON stream, `GET /tokens/changes`: first
-//!   `{"type":"ready"}`, then `{"type":"connection","id":"..."}` (drop that
-//!   entry), `{"type":"all"}` (a provider or a pause changed, or the stream
-//!   fell behind: drop everything) and `{"type":"ping"}` every
-//!   [`PING_EVERY`]. The stream ends when this broker can no longer hear every
-//!   change (its notification listener dropped) or shuts down; a gateway then
-//!   drops everything and keeps nothing until a new stream says ready.
-//! * **Audit.** Tokens served from a gateway's cache are reported back,
-//!   `POST /tokens/issued`, and audited like the broker's own (`token.issued`
-//!   with a count per connection per second).
+//! The broker's side of the gateway contract ([`nexus_core::wire`]): the
+//! feed that fans this broker's cache invalidations out to change streams.
 //!
 //! So a revocation or a pause reaches a gateway's cache in the time the
 //! announcement takes to cross one connection, and within the broker's own
 //! `max_age` even if one were lost without the stream noticing.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::{header, StatusCode};
 use axum::response::Response;
+use nexus_core::wire::{ChangeLine, PING_EVERY};
 use tokio::sync::{broadcast, watch};
-
-/// Response header: how long (ms) a gateway may keep this token answer.
-pub const CACHEABLE_HEADER: &str = "x-nexus-cacheable-ms";
-/// Response header: when the served token expires (unix ms), so a kept answer
-/// can state `expires_in` correctly later. Absent for tokens without expiry.
-pub const EXPIRES_AT_HEADER: &str = "x-nexus-expires-at-ms";
-/// How often the change stream says it is alive.
-pub const PING_EVERY: Duration = Duration::from_secs(5);
 
 /// Something a gateway's cache must drop.
 #[derive(Debug, Clone)]
@@ -137,51 +108,21 @@ impl Stream {
     async fn next(&mut self) -> Option<Bytes> {
         if !self.ready_sent {
             self.ready_sent = true;
-            return Some(Bytes::from_static(b"{\"type\":\"ready\"}\n"));
+            return Some(Bytes::from(ChangeLine::Ready.encode()));
         }
         tokio::select! {
             _ = self.closing.wait_for(|c| *c) => None,
-            _ = self.ping.tick() => Some(Bytes::from_static(b"{\"type\":\"ping\"}\n")),
+            _ = self.ping.tick() => Some(Bytes::from(ChangeLine::Ping.encode())),
             got = self.rx.recv() => match got {
                 Ok(EdgeEvent::Connection(id)) => {
-                    let line = serde_json::json!({"type": "connection", "id": &*id});
-                    Some(Bytes::from(format!("{line}\n")))
+                    Some(Bytes::from(ChangeLine::Connection(id.to_string()).encode()))
                 }
                 Ok(EdgeEvent::All) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                    Some(Bytes::from_static(b"{\"type\":\"all\"}\n"))
+                    Some(Bytes::from(ChangeLine::All.encode()))
                 }
                 Ok(EdgeEvent::Lost) | Err(broadcast::error::RecvError::Closed) => None,
             },
         }
-    }
-}
-
-/// One line of the change stream, as a gateway reads it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ChangeLine {
-    /// The stream hears every change from now on.
-    Ready,
-    /// Drop this connection's entry.
-    Connection(String),
-    /// Drop everything.
-    All,
-    /// Still alive.
-    Ping,
-}
-
-impl ChangeLine {
-    /// Parses one line; `None` for a line this version does not know.
-    /// Callers treat that as [`ChangeLine::All`]: an unknown event could be
-    /// an invalidation.
-    pub fn parse(line: &[u8]) -> Option<Self> {
-        let v: serde_json::Value = serde_json::from_slice(line).ok()?;
-        Some(match v.get("type")?.as_str()? {
-            "ready" => Self::Ready,
-            "connection" => Self::Connection(v.get("id")?.as_str()?.to_string()),
-            "all" => Self::All,
-            "ping" => Self::Ping,
-            _ => return None,
-        })
     }
 }
 
@@ -239,15 +180,5 @@ mod tests {
             feed.announce(EdgeEvent::Connection(format!("c{i}").into()));
         }
         assert_eq!(line(&mut body).await, Some(ChangeLine::All));
-    }
-
-    #[test]
-    fn unknown_lines_do_not_parse() {
-        assert_eq!(ChangeLine::parse(b"{\"type\":\"later\"}"), None);
-        assert_eq!(ChangeLine::parse(b"garbage"), None);
-        assert_eq!(
-            ChangeLine::parse(b"{\"type\":\"ping\"}"),
-            Some(ChangeLine::Ping)
-        );
     }
 }

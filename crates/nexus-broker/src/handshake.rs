@@ -19,7 +19,6 @@ use crate::audit::AuditEvent;
 use crate::config::BrokerConfig;
 use crate::discovery::{Discovery, DiscoveryError, Endpoints};
 use crate::id_token::{self, IdTokenError};
-use crate::outbound::{self, OutboundError};
 use crate::pkce;
 use crate::profile::AuthHeader;
 use crate::registry::{Actor, Provider, Registry, RegistryError};
@@ -28,7 +27,8 @@ use crate::store::{
     now_ms, Activation, ConnectionRow, Consumed, HandshakeRow, Store, StoreError, Transition,
 };
 use crate::vault::{Aad, KeyRing};
-use crate::Secret;
+use nexus_core::outbound::{self, OutboundError};
+use nexus_core::Secret;
 
 /// How long a handshake (and a pending connection) lives.
 pub const HANDSHAKE_TTL: Duration = Duration::from_secs(600);

@@ -7,7 +7,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use sha2::{Digest, Sha256};
 
-use crate::Secret;
+use nexus_core::Secret;
 
 /// `n` random bytes, URL-safe base64 without padding.
 pub fn random_token(n: usize) -> String {

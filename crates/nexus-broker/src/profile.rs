@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 use url::Url;
 
 use crate::strategy::{self, Strategy};
-use crate::Secret;
+use nexus_core::Secret;
 
 /// How a provider authenticates connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -11,7 +11,7 @@ use crate::profile::{normalize_alias, parse_profile, ProfileError, ProviderProfi
 use crate::store::{NewProvider, ProviderRow, ProviderUpdate, SecretUpdate, Store, StoreError};
 use crate::strategy::Strategy;
 use crate::vault::{Aad, KeyRing};
-use crate::Secret;
+use nexus_core::Secret;
 
 /// Registry failures.
 #[derive(Debug, thiserror::Error)]

@@ -16,13 +16,13 @@ use serde_json::json;
 
 use crate::audit::AuditEvent;
 use crate::handshake::token_request;
-use crate::outbound;
 use crate::profile::AuthType;
 use crate::registry::{Actor, Provider};
 use crate::store::{now_ms, ConnectionRow, Transition};
 use crate::token::{TokenError, Tokens};
 use crate::vault::Aad;
 use crate::webhook;
+use nexus_core::outbound;
 
 /// Tries at the revocation endpoint before giving up on it.
 const ATTEMPTS: u32 = 3;

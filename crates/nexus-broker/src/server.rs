@@ -11,7 +11,7 @@ use crate::audit::AuditWriter;
 use crate::config::BrokerConfig;
 use crate::shared_cache::SharedCache;
 use crate::store::{Store, StoreError};
-use crate::telemetry;
+use nexus_core::telemetry;
 
 /// Failures while starting or running the broker.
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +21,7 @@ pub enum ServeError {
     Store(#[from] StoreError),
     /// The outbound HTTP client could not be built.
     #[error(transparent)]
-    Outbound(#[from] crate::outbound::OutboundError),
+    Outbound(#[from] nexus_core::outbound::OutboundError),
     /// `REDIS_URL` is set but Redis cannot be reached.
     #[error(transparent)]
     Redis(#[from] crate::shared_cache::SharedCacheError),

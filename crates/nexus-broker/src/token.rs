@@ -20,15 +20,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aes_gcm::aead::rand_core::RngCore;
-use aes_gcm::aead::OsRng;
 use serde_json::{json, Map, Value};
 
 use crate::audit::{AuditEvent, AuditSink};
 use crate::discovery::Discovery;
 use crate::edge::{EdgeEvent, EdgeFeed};
 use crate::handshake::{json_list, parse_list, parse_token_response, token_request};
-use crate::outbound;
 use crate::pause::Pauses;
 use crate::profile::AuthType;
 use crate::registry::{Provider, Registry, RegistryError};
@@ -40,7 +37,10 @@ use crate::store::{
 use crate::strategy::StrategyKind;
 use crate::token_cache::{Cached, TokenCache};
 use crate::vault::{Aad, KeyRing};
-use crate::Secret;
+use nexus_core::backoff::{full_jitter, random_below};
+use nexus_core::outbound;
+use nexus_core::wire::{complete, Issued as GatewayIssued};
+use nexus_core::Secret;
 
 /// Tuning of the token service and the refresh engine.
 #[derive(Debug, Clone, Copy)]
@@ -89,14 +89,6 @@ impl Default for RefreshSettings {
             concurrency: 32,
             worker: true,
         }
-    }
-}
-
-fn random_below(n: u64) -> u64 {
-    if n == 0 {
-        0
-    } else {
-        OsRng.next_u64() % n
     }
 }
 
@@ -151,15 +143,6 @@ pub fn next_refresh_at(
 pub fn backoff(s: &RefreshSettings, attempt: i64, retry_after: Option<Duration>) -> Duration {
     let jittered = full_jitter(s.backoff_base, s.backoff_cap, attempt).max(Duration::from_secs(1));
     retry_after.map_or(jittered, |r| jittered.max(r))
-}
-
-/// A random delay up to `base × 2^(attempt−1)`, capped at `cap` ("full
-/// jitter"): retries of many clients spread out instead of arriving together.
-pub fn full_jitter(base: Duration, cap: Duration, attempt: i64) -> Duration {
-    let exp = (base.as_millis() as u64)
-        .saturating_mul(2u64.saturating_pow((attempt.max(1) - 1).min(20) as u32));
-    let capped = exp.min(cap.as_millis() as u64);
-    Duration::from_millis(random_below(capped + 1))
 }
 
 /// Why no token is served.
@@ -1218,19 +1201,6 @@ fn apply(cache: &TokenCache, pauses: &Pauses, edge: &EdgeFeed, change: Change) {
     }
 }
 
-/// Issuances a gateway served from its cache, for one connection.
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct GatewayIssued {
-    /// Connection.
-    pub connection_id: String,
-    /// How many tokens.
-    pub count: u64,
-    /// First one (unix ms).
-    pub first_at: i64,
-    /// Last one (unix ms).
-    pub last_at: i64,
-}
-
 /// A token response: JSON text holding usage secrets (redacted in Debug).
 #[derive(Debug)]
 pub struct TokenBody {
@@ -1263,21 +1233,6 @@ fn finish(prefix: &Secret<Vec<u8>>, expires_at: Option<i64>) -> TokenBody {
         expires_at,
         ..TokenBody::new(complete(prefix.expose(), expires_at, now_ms()))
     }
-}
-
-/// A token answer's JSON `prefix` (an open object ending in `,` or `{`)
-/// closed with `"expires_in"`: the whole seconds left at `now` (unix ms), or
-/// null without expiry. The broker and gateway caches both serve this way.
-pub fn complete(prefix: &[u8], expires_at: Option<i64>, now: i64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(prefix.len() + 24);
-    out.extend_from_slice(prefix);
-    out.extend_from_slice(b"\"expires_in\":");
-    match expires_at {
-        Some(e) => out.extend_from_slice(((e - now) / 1000).max(0).to_string().as_bytes()),
-        None => out.extend_from_slice(b"null"),
-    }
-    out.push(b'}');
-    out
 }
 
 /// The result of trying to take a lease.

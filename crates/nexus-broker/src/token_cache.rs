@@ -29,7 +29,7 @@ use hashlink::LruCache;
 use serde_json::{Map, Value};
 
 use crate::store::{now_ms, TokenStamp};
-use crate::Secret;
+use nexus_core::Secret;
 
 /// One cached response.
 #[derive(Debug)]

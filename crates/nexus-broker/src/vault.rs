@@ -15,7 +15,7 @@ use aes_gcm::{AeadCore, Aes256Gcm, Key, Nonce};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 
-use crate::Secret;
+use nexus_core::Secret;
 
 /// Prefix and version of the envelope format.
 pub const ENVELOPE_VERSION: &str = "nxv1";

@@ -30,7 +30,7 @@ use crate::store::{
     OutboxEvent, Store, StoreError,
 };
 use crate::vault::{Aad, KeyRing};
-use crate::Secret;
+use nexus_core::Secret;
 
 /// A connection became usable (first consent, or re-consent from a state that was not a failure).
 pub const CONNECTION_ACTIVE: &str = "connection.active";
@@ -558,7 +558,10 @@ impl Webhooks {
                 Some(resp.status().as_u16()),
                 Some(format!("receiver answered {}", resp.status().as_u16())),
             ),
-            Err(e) => (None, Some(crate::outbound::failure_kind(&e).to_string())),
+            Err(e) => (
+                None,
+                Some(nexus_core::outbound::failure_kind(&e).to_string()),
+            ),
         }
     }
 
@@ -576,7 +579,7 @@ impl Webhooks {
         } else if error.is_none() {
             AttemptResult::Delivered
         } else {
-            let delay = crate::token::full_jitter(
+            let delay = nexus_core::backoff::full_jitter(
                 self.settings.backoff_base,
                 self.settings.backoff_cap,
                 job.attempts + 1,

@@ -398,7 +398,7 @@ async fn run() -> Result<()> {
             ))?;
             let gw = nexus_gateway::GatewayServer::start(
                 config,
-                nexus_broker::telemetry::metrics_handle(),
+                nexus_core::telemetry::metrics_handle(),
             )
             .await?;
             tracing::info!(addr = %gw.local_addr(), "gateway listening");
@@ -552,7 +552,7 @@ async fn up(mut args: UpArgs) -> Result<()> {
     );
     let gateway = nexus_gateway::GatewayServer::start_with(
         gateway_config,
-        nexus_broker::telemetry::metrics_handle(),
+        nexus_core::telemetry::metrics_handle(),
         Some(local),
     )
     .await?;

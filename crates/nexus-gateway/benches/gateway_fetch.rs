@@ -74,7 +74,7 @@ async fn start_gateway(
         ..Default::default()
     })
     .expect("gateway config");
-    let g = GatewayServer::start_with(config, nexus_broker::telemetry::metrics_handle(), local)
+    let g = GatewayServer::start_with(config, nexus_core::telemetry::metrics_handle(), local)
         .await
         .expect("gateway");
     (format!("http://{}", g.local_addr()), g)
@@ -287,7 +287,7 @@ async fn separate(db: &str, keys: &Keys) -> (Vec<String>, String, Value) {
 async fn routers(state: Arc<nexus_gateway::core::Gateway>, body: Value, ids: &[String], key: &str) {
     use tower::ServiceExt;
     let gateway =
-        nexus_gateway::server::router(state.clone(), nexus_broker::telemetry::metrics_handle());
+        nexus_gateway::server::router(state.clone(), nexus_core::telemetry::metrics_handle());
     let bare = Router::new().route(
         "/v1/token/{id}",
         get(move || {

@@ -11,6 +11,8 @@ use hashlink::LruCache;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use nexus_core::wire::routes;
+
 use crate::broker::BrokerClient;
 use crate::error::GatewayError;
 
@@ -109,7 +111,7 @@ impl KeyCache {
         let reply = self
             .broker
             .post(
-                self.broker.url(&["agent-keys", "verify"]),
+                self.broker.url(routes::AGENT_KEY_VERIFY, ""),
                 &serde_json::json!({"key": key}),
             )
             .await?;

@@ -10,10 +10,12 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
-use nexus_broker::Secret;
+use nexus_core::Secret;
 use serde_json::Value;
 use tower::ServiceExt;
 use url::Url;
+
+use nexus_core::wire::fill;
 
 use crate::error::GatewayError;
 
@@ -21,7 +23,7 @@ use crate::error::GatewayError;
 const MAX_ANSWER: usize = 1024 * 1024;
 
 /// Longest silence on the change stream before it counts as dead (the
-/// broker pings every [`nexus_broker::edge::PING_EVERY`]).
+/// broker pings every [`nexus_core::wire::PING_EVERY`]).
 pub const STREAM_IDLE: Duration = Duration::from_secs(15);
 
 /// An open streamed answer (the broker's change stream), read chunk by chunk.
@@ -122,11 +124,11 @@ impl BrokerClient {
         base: Url,
         api_key: Arc<Secret<String>>,
         timeout: Duration,
-    ) -> Result<Self, nexus_broker::outbound::OutboundError> {
+    ) -> Result<Self, nexus_core::outbound::OutboundError> {
         Ok(Self {
             transport: Transport::Http(
-                nexus_broker::outbound::client(timeout)?,
-                nexus_broker::outbound::streaming_client(STREAM_IDLE)?,
+                nexus_core::outbound::client(timeout)?,
+                nexus_core::outbound::streaming_client(STREAM_IDLE)?,
             ),
             base,
             api_key,
@@ -145,11 +147,11 @@ impl BrokerClient {
     }
 
     /// The broker URL of `segments` (each percent-encoded as one path segment).
-    pub fn url(&self, segments: &[&str]) -> Url {
+    pub fn url(&self, route: &'static str, id: &str) -> Url {
         let mut u = self.base.clone();
         if let Ok(mut p) = u.path_segments_mut() {
             p.pop_if_empty();
-            p.extend(segments);
+            p.extend(fill(route, id));
         }
         u
     }

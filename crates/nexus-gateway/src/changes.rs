@@ -6,8 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nexus_broker::edge::ChangeLine;
-use serde_json::json;
+use nexus_core::wire::{routes, ChangeLine, Issued, IssuedReport};
 
 use crate::core::Gateway;
 use crate::token_cache::Served;
@@ -18,7 +17,11 @@ use crate::token_cache::Served;
 pub async fn follow(g: Arc<Gateway>) {
     let mut failures: i64 = 0;
     loop {
-        let ended = match g.broker.stream(&g.broker.url(&["tokens", "changes"])).await {
+        let ended = match g
+            .broker
+            .stream(&g.broker.url(routes::TOKEN_CHANGES, ""))
+            .await
+        {
             Ok(mut stream) => {
                 let why = read(&g, &mut stream).await;
                 if g.tokens.is_live() {
@@ -32,7 +35,7 @@ pub async fn follow(g: Arc<Gateway>) {
         metrics::counter!("nexus_gateway_change_stream_lost_total").increment(1);
         tracing::warn!(reason = %ended, "broker change stream closed; token cache off until it is back");
         failures += 1;
-        let pause = nexus_broker::token::full_jitter(
+        let pause = nexus_core::backoff::full_jitter(
             Duration::from_millis(500),
             Duration::from_secs(30),
             failures,
@@ -94,12 +97,21 @@ const REPORT_BATCH: usize = 5_000;
 pub async fn report_once(g: &Gateway) {
     let served: Vec<(String, Served)> = g.tokens.take_served().into_iter().collect();
     for batch in served.chunks(REPORT_BATCH) {
-        let entries: Vec<_> = batch
-            .iter()
-            .map(|(id, s)| json!({"connection_id": id, "count": s.count, "first_at": s.first_at, "last_at": s.last_at}))
-            .collect();
-        let url = g.broker.url(&["tokens", "issued"]);
-        match g.broker.post(url, &json!({"issued": entries})).await {
+        let report = IssuedReport {
+            issued: batch
+                .iter()
+                .map(|(id, s)| Issued {
+                    connection_id: id.clone(),
+                    count: s.count,
+                    first_at: s.first_at,
+                    last_at: s.last_at,
+                })
+                .collect(),
+        };
+        let url = g.broker.url(routes::TOKENS_ISSUED, "");
+        // Plain strings and numbers: serialising cannot fail.
+        let body = serde_json::to_value(&report).unwrap_or_default();
+        match g.broker.post(url, &body).await {
             Ok(r) if r.status.is_success() => {}
             Ok(r) if r.status.is_server_error() => keep(g, batch, r.status.as_str()),
             Ok(r) => {

@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::HeaderValue;
-use nexus_broker::config::ConfigError;
-use nexus_broker::Secret;
+use nexus_core::{ConfigError, Secret};
 use url::Url;
 
 /// Raw settings, each named after its environment variable.
@@ -167,7 +166,7 @@ impl GatewayConfig {
                 "must be a path like /auth/callback (letters, digits, / - _ .), not one of the gateway's own routes",
             ));
         }
-        let metrics_allowed_cidrs = nexus_broker::config::parse_cidrs(
+        let metrics_allowed_cidrs = nexus_core::net::parse_cidrs(
             "METRICS_ALLOWED_CIDRS",
             non_empty(&s.metrics_allowed_cidrs).unwrap_or("127.0.0.0/8,::1/128"),
         )?;

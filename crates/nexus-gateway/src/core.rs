@@ -7,6 +7,8 @@ use axum::http::StatusCode;
 use hashlink::LruCache;
 use serde_json::{json, Map, Value};
 
+use nexus_core::wire::routes;
+
 use crate::auth::{Agent, KeyCache};
 use crate::broker::{BrokerClient, Reply};
 use crate::config::GatewayConfig;
@@ -49,7 +51,7 @@ fn allowed(agent: &Agent, workspace: &str) -> Result<(), GatewayError> {
 
 impl Gateway {
     /// Builds the gateway state, reaching the broker over the network.
-    pub fn new(config: GatewayConfig) -> Result<Arc<Self>, nexus_broker::outbound::OutboundError> {
+    pub fn new(config: GatewayConfig) -> Result<Arc<Self>, nexus_core::outbound::OutboundError> {
         let broker = BrokerClient::new(
             config.broker_url.clone(),
             config.broker_api_key.clone(),
@@ -84,7 +86,7 @@ impl Gateway {
         }
         let c = self
             .broker
-            .get(self.broker.url(&["connections", id]))
+            .get(self.broker.url(routes::CONNECTION, id))
             .await?
             .ok()?
             .json()?;
@@ -160,7 +162,7 @@ impl Gateway {
         let reply = self
             .broker
             .post(
-                self.broker.url(&["auth", "consent-spec"]),
+                self.broker.url(routes::CONSENT_SPEC, ""),
                 &Value::Object(body),
             )
             .await?
@@ -193,7 +195,7 @@ impl Gateway {
             self.tokens.forget(id);
             return self
                 .broker
-                .post(self.broker.url(&["connections", id, "refresh"]), &json!({}))
+                .post(self.broker.url(routes::CONNECTION_REFRESH, id), &json!({}))
                 .await?
                 .ok();
         }
@@ -208,7 +210,7 @@ impl Gateway {
         let epoch = self.tokens.epoch();
         let reply = self
             .broker
-            .get(self.broker.url(&["connections", id, "token"]))
+            .get(self.broker.url(routes::CONNECTION_TOKEN, id))
             .await?
             .ok()?;
         if self.tokens.is_live() {
@@ -220,7 +222,10 @@ impl Gateway {
 
     /// `GET /v1/providers` → `[{id, name}]`.
     pub async fn providers(&self) -> Result<Reply, GatewayError> {
-        self.broker.get(self.broker.url(&["providers"])).await?.ok()
+        self.broker
+            .get(self.broker.url(routes::PROVIDERS, ""))
+            .await?
+            .ok()
     }
 
     /// `POST /v1/connections/{id}/scope-failures`.
@@ -235,7 +240,7 @@ impl Gateway {
         self.tokens.forget(id);
         self.broker
             .post(
-                self.broker.url(&["connections", id, "scope-failures"]),
+                self.broker.url(routes::CONNECTION_SCOPE_FAILURES, id),
                 report,
             )
             .await?
@@ -252,10 +257,7 @@ impl Gateway {
             ));
         }
         self.broker
-            .get(
-                self.broker
-                    .url(&["workspaces", ws, "connections", "status"]),
-            )
+            .get(self.broker.url(routes::WORKSPACE_STATUS, ws))
             .await?
             .ok()
     }

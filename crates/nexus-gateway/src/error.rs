@@ -4,6 +4,7 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use nexus_core::error::ErrorBody;
 use serde_json::{Map, Value};
 
 /// An error answer.
@@ -105,10 +106,18 @@ impl GatewayError {
 
     /// The JSON body.
     pub fn body(&self) -> Value {
-        let mut o = self.context.clone();
-        o.insert("error".into(), Value::String(self.code.clone()));
-        o.insert("message".into(), Value::String(self.message.clone()));
-        Value::Object(o)
+        self.clone().into_wire().json()
+    }
+
+    /// The one error shape every Nexus server sends.
+    fn into_wire(self) -> ErrorBody {
+        ErrorBody {
+            status: self.status,
+            code: self.code.into(),
+            message: self.message,
+            context: self.context,
+            retry_after: self.retry_after,
+        }
     }
 
     /// The gRPC status: SPEC §4 mapping, with a `google.rpc.ErrorInfo` whose
@@ -141,10 +150,6 @@ impl GatewayError {
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
-        let mut r = (self.status, axum::Json(self.body())).into_response();
-        if let Some(v) = self.retry_after {
-            r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
-        }
-        r
+        self.into_wire().into_response()
     }
 }

@@ -9,6 +9,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 
+use nexus_core::wire::routes;
+
 use crate::broker::Reply;
 use crate::core::Gateway;
 use crate::error::GatewayError;
@@ -124,7 +126,7 @@ pub async fn health() -> Json<Value> {
 
 /// `GET /ready`: the broker answers.
 pub async fn ready(State(g): State<Arc<Gateway>>) -> Response {
-    match g.broker.get(g.broker.url(&["health"])).await {
+    match g.broker.get(g.broker.url(routes::HEALTH, "")).await {
         Ok(r) if r.status.is_success() => Json(json!({"status": "ready"})).into_response(),
         _ => GatewayError::new(
             StatusCode::SERVICE_UNAVAILABLE,

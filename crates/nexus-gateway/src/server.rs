@@ -19,14 +19,14 @@ use crate::core::Gateway;
 use crate::grpc::pb::nexus_service_server::NexusServiceServer;
 use crate::grpc::Service;
 use crate::{proxy, rest};
-use nexus_broker::api::openapi::{doc, mount, Kind, Route, RouteDoc};
+use nexus_core::openapi::{doc, mount, Kind, Route, RouteDoc};
 
 /// Failures starting or running the gateway.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayServeError {
     /// The broker client could not be built.
     #[error(transparent)]
-    Client(#[from] nexus_broker::outbound::OutboundError),
+    Client(#[from] nexus_core::outbound::OutboundError),
     /// Binding or serving failed.
     #[error("listening on {addr}: {source}")]
     Io {
@@ -160,7 +160,7 @@ pub fn openapi(redirect_path: &str) -> serde_json::Value {
             .answers(Kind::Text),
     );
     docs.push(doc("GET", "/openapi.json", "This document").open());
-    nexus_broker::api::openapi::document(
+    nexus_core::openapi::document(
         "Nexus gateway",
         "The agent-facing API (SPEC §4). Send an agent key as Authorization: Bearer nxa_... (or X-API-Key). gRPC (nexus.v1.NexusService) is served on the same port.",
         &docs,
@@ -198,7 +198,7 @@ pub fn router(g: Arc<Gateway>, metrics: PrometheusHandle) -> Router {
             "/metrics",
             get(
                 move |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>| {
-                    let allowed = nexus_broker::api::guard::ip_allowed(&cidrs, peer.ip());
+                    let allowed = nexus_core::net::ip_allowed(&cidrs, peer.ip());
                     let body = if allowed {
                         Ok(metrics.render())
                     } else {
@@ -228,9 +228,9 @@ pub fn router(g: Arc<Gateway>, metrics: PrometheusHandle) -> Router {
         .merge(grpc)
         .fallback(not_found)
         .layer(RequestBodyLimitLayer::new(max_body))
-        .layer(from_fn(nexus_broker::api::error::reject_nul))
-        .layer(from_fn(nexus_broker::telemetry::track_requests))
-        .layer(from_fn(nexus_broker::api::error::json_errors))
+        .layer(from_fn(nexus_core::error::reject_nul))
+        .layer(from_fn(nexus_core::telemetry::track_requests))
+        .layer(from_fn(nexus_core::error::json_errors))
 }
 
 async fn not_found(uri: axum::http::Uri) -> crate::error::GatewayError {

@@ -2,7 +2,7 @@
 //! round trip.
 //!
 //! The broker decides what may be kept and for how long (see
-//! `nexus_broker::edge`): an answer is kept only when it carries
+//! `nexus_core::wire`): an answer is kept only when it carries
 //! `x-nexus-cacheable-ms`, for at most that long, and only while the
 //! broker's change stream is open and has said ready ([`TokenCache::set_live`]).
 //! Every change the stream announces drops the entry (or everything); losing
@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use hashlink::LruCache;
-use nexus_broker::edge::{CACHEABLE_HEADER, EXPIRES_AT_HEADER};
-use nexus_broker::store::now_ms;
-use nexus_broker::Secret;
+use nexus_core::time::now_ms;
+use nexus_core::wire::{CACHEABLE_HEADER, EXPIRES_AT_HEADER};
+use nexus_core::Secret;
 
 use crate::broker::Reply;
 
@@ -86,7 +86,7 @@ impl TokenCache {
             entry
         };
         let now = now_ms();
-        let body = Bytes::from(nexus_broker::token::complete(
+        let body = Bytes::from(nexus_core::wire::complete(
             entry.prefix.expose(),
             entry.expires_at,
             now,

@@ -50,7 +50,7 @@ impl Stack {
             ..Default::default()
         })
         .unwrap();
-        let metrics = nexus_broker::telemetry::metrics_handle();
+        let metrics = nexus_core::telemetry::metrics_handle();
         let gw = GatewayServer::start(config, metrics.clone()).await.unwrap();
         let (gtx, grx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(gw.run(async {

@@ -8,7 +8,7 @@ use std::future::Future;
 
 use nexus_broker::store::now_ms;
 use nexus_broker::vault::{Aad, KeyRing};
-use nexus_broker::Secret;
+use nexus_core::Secret;
 
 /// Runs `bench(label, database_url)` on a fresh SQLite file, then on
 /// PostgreSQL in a private schema (dropped afterwards) when

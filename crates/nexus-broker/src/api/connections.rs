@@ -205,9 +205,9 @@ impl axum::response::IntoResponse for TokenBody {
             .into_response();
         let h = resp.headers_mut();
         if let Some(ms) = self.keep_ms {
-            h.insert(crate::edge::CACHEABLE_HEADER, HeaderValue::from(ms));
+            h.insert(nexus_core::wire::CACHEABLE_HEADER, HeaderValue::from(ms));
             if let Some(e) = self.expires_at {
-                h.insert(crate::edge::EXPIRES_AT_HEADER, HeaderValue::from(e));
+                h.insert(nexus_core::wire::EXPIRES_AT_HEADER, HeaderValue::from(e));
             }
         }
         resp

@@ -10,10 +10,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::AppState;
-use crate::token::GatewayIssued;
-
-/// Most entries one report may carry.
-const MAX_ENTRIES: usize = 10_000;
+use nexus_core::wire::{IssuedReport, MAX_ISSUED_ENTRIES};
 
 /// `GET /tokens/changes`: newline-delimited JSON invalidations.
 pub async fn changes(State(st): State<AppState>) -> Result<Response, ApiError> {
@@ -31,20 +28,13 @@ pub async fn changes(State(st): State<AppState>) -> Result<Response, ApiError> {
         })
 }
 
-/// The body of `POST /tokens/issued`.
-#[derive(Debug, serde::Deserialize)]
-pub struct IssuedReport {
-    /// Per connection.
-    pub issued: Vec<GatewayIssued>,
-}
-
 /// `POST /tokens/issued` `{"issued": [{connection_id, count, first_at, last_at}]}`.
 pub async fn issued(
     State(st): State<AppState>,
     ApiJson(IssuedReport { issued: entries }): ApiJson<IssuedReport>,
 ) -> Result<Json<Value>, ApiError> {
     let invalid = |m: &str| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", m);
-    if entries.len() > MAX_ENTRIES {
+    if entries.len() > MAX_ISSUED_ENTRIES {
         return Err(invalid("at most 10000 entries per report"));
     }
     if entries.iter().any(|e| {

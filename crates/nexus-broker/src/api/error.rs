@@ -1,11 +1,10 @@
-//! The one error shape of the API: `{"error": code, "message": text, ...context}`.
+//! The broker's API error: a status, a code and a message, rendered in the
+//! one error shape of every Nexus server ([`nexus_core::error::ErrorBody`]).
 
-use axum::body::Body;
-use axum::extract::Request;
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::middleware::Next;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::{json, Map, Value};
+use nexus_core::error::ErrorBody;
+use serde_json::{Map, Value};
 
 use crate::registry::RegistryError;
 use crate::store::StoreError;
@@ -67,15 +66,14 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = self.context;
-        body.insert("error".into(), Value::String(self.code.into()));
-        body.insert("message".into(), Value::String(self.message));
-        let mut resp = (self.status, axum::Json(Value::Object(body))).into_response();
-        if let Some(secs) = self.retry_after {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        ErrorBody {
+            status: self.status,
+            code: self.code.into(),
+            message: self.message,
+            context: self.context,
+            retry_after: self.retry_after.map(HeaderValue::from),
         }
-        resp
+        .into_response()
     }
 }
 
@@ -116,74 +114,4 @@ impl From<RegistryError> for ApiError {
             RegistryError::Store(s) => s.into(),
         }
     }
-}
-
-fn code_for(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        400 => "bad_request",
-        401 => "unauthorized",
-        403 => "forbidden",
-        404 => "not_found",
-        405 => "method_not_allowed",
-        408 => "request_timeout",
-        413 => "payload_too_large",
-        415 => "unsupported_media_type",
-        422 => "invalid_request",
-        429 => "rate_limited",
-        503 => "unavailable",
-        s if s >= 500 => "internal_error",
-        _ => "error",
-    }
-}
-
-const MAX_PASSTHROUGH_MESSAGE: usize = 512;
-
-/// Middleware: refuses NUL (`%00`) anywhere in the path or query with 400,
-/// before any handler or database sees it.
-pub async fn reject_nul(req: Request, next: Next) -> Response {
-    let has_nul = |s: &str| {
-        s.as_bytes()
-            .windows(3)
-            .any(|w| w.eq_ignore_ascii_case(b"%00"))
-    };
-    let uri = req.uri();
-    if has_nul(uri.path()) || uri.query().is_some_and(has_nul) {
-        return ApiError::bad_request("invalid_request", "NUL characters are not allowed in URLs")
-            .into_response();
-    }
-    next.run(req).await
-}
-
-/// Middleware, outermost: any error response that is not already JSON (from
-/// axum's own rejections, method-not-allowed, the body-limit layer) is
-/// rewritten to the JSON error shape, so no client ever has to parse text.
-pub async fn json_errors(req: Request, next: Next) -> Response {
-    let resp = next.run(req).await;
-    let status = resp.status();
-    if !(status.is_client_error() || status.is_server_error()) {
-        return resp;
-    }
-    let is_json = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if is_json {
-        return resp;
-    }
-    let (mut parts, body) = resp.into_parts();
-    let text = axum::body::to_bytes(body, 4096)
-        .await
-        .ok()
-        .and_then(|b| String::from_utf8(b.to_vec()).ok())
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty() && s.len() <= MAX_PASSTHROUGH_MESSAGE)
-        .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string());
-    let body = json!({"error": code_for(status), "message": text}).to_string();
-    parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    Response::from_parts(parts, Body::from(body))
 }

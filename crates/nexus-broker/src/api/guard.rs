@@ -11,16 +11,7 @@ use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 use super::AppState;
-
-/// Whether `ip` is in one of `cidrs`. An IPv4 client on a dual-stack socket
-/// shows up as `::ffff:a.b.c.d` and is matched as IPv4.
-pub fn ip_allowed(cidrs: &[ipnet::IpNet], ip: std::net::IpAddr) -> bool {
-    let ip = match ip {
-        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(Into::into).unwrap_or(ip),
-        v4 => v4,
-    };
-    cidrs.iter().any(|net| net.contains(&ip))
-}
+use nexus_core::net::ip_allowed;
 
 /// Refuses callers outside `ALLOWED_CIDRS` (when set) with 403. A request
 /// without a known peer address is refused too: fail closed.

@@ -19,15 +19,15 @@ use crate::audit::AuditSink;
 use crate::config::BrokerConfig;
 use crate::discovery::Discovery;
 use crate::handshake::Handshakes;
-use crate::outbound::{self, OutboundError};
 use crate::pause::Pauses;
 use crate::registry::Registry;
 use crate::scope::ScopeReports;
 use crate::shared_cache::SharedCache;
 use crate::store::Store;
-use crate::telemetry;
 use crate::token::Tokens;
 use crate::webhook::Webhooks;
+use nexus_core::outbound::{self, OutboundError};
+use nexus_core::telemetry;
 
 pub mod agent_keys;
 pub mod audit;
@@ -38,14 +38,14 @@ pub mod error;
 pub mod extract;
 pub mod guard;
 pub mod handshake;
-pub mod openapi;
 pub mod ops;
 pub mod pauses;
 pub mod providers;
 pub mod webhooks;
 
 use error::ApiError;
-use openapi::{doc, mount, Kind, Route, RouteDoc};
+use nexus_core::openapi::{doc, mount, Kind, Route, RouteDoc};
+use nexus_core::wire::routes;
 
 /// Shared state of every handler.
 #[derive(Clone)]
@@ -190,17 +190,17 @@ fn admin_routes() -> Vec<Route<AppState>> {
     use axum::routing::{delete, patch, put};
     vec![
         (
-            doc("POST", "/providers", "Register a provider").status(201),
+            doc("POST", routes::PROVIDERS, "Register a provider").status(201),
             post(providers::create),
         ),
         (
-            doc("GET", "/providers", "List providers ({id, name})"),
+            doc("GET", routes::PROVIDERS, "List providers ({id, name})"),
             get(providers::list),
         ),
         (
             doc(
                 "GET",
-                "/providers/metadata",
+                routes::PROVIDERS_METADATA,
                 "Providers grouped by auth type",
             ),
             get(providers::metadata),
@@ -264,7 +264,7 @@ fn admin_routes() -> Vec<Route<AppState>> {
         (
             doc(
                 "POST",
-                "/auth/consent-spec",
+                routes::CONSENT_SPEC,
                 "Start a consent or capture handshake",
             ),
             post(handshake::consent_spec),
@@ -280,7 +280,7 @@ fn admin_routes() -> Vec<Route<AppState>> {
         (
             doc(
                 "GET",
-                "/connections/{id}",
+                routes::CONNECTION,
                 "A connection's health, with its failing scopes",
             ),
             get(connections::get),
@@ -288,7 +288,7 @@ fn admin_routes() -> Vec<Route<AppState>> {
         (
             doc(
                 "DELETE",
-                "/connections/{id}",
+                routes::CONNECTION,
                 "Revoke: RFC 7009 at the provider, secrets erased",
             ),
             delete(connections::revoke),
@@ -296,7 +296,7 @@ fn admin_routes() -> Vec<Route<AppState>> {
         (
             doc(
                 "GET",
-                "/connections/{id}/token",
+                routes::CONNECTION_TOKEN,
                 "Strategy and usage secrets",
             ),
             get(connections::token),
@@ -304,7 +304,7 @@ fn admin_routes() -> Vec<Route<AppState>> {
         (
             doc(
                 "POST",
-                "/connections/{id}/refresh",
+                routes::CONNECTION_REFRESH,
                 "Refresh now, then the token response",
             ),
             post(connections::refresh),
@@ -312,7 +312,7 @@ fn admin_routes() -> Vec<Route<AppState>> {
         (
             doc(
                 "POST",
-                "/connections/{id}/scope-failures",
+                routes::CONNECTION_SCOPE_FAILURES,
                 "Report scopes the provider refused (or that work again)",
             )
             .status(202),
@@ -321,7 +321,7 @@ fn admin_routes() -> Vec<Route<AppState>> {
         (
             doc(
                 "GET",
-                "/tokens/changes",
+                routes::TOKEN_CHANGES,
                 "Invalidations a gateway's token cache follows (newline-delimited JSON stream)",
             )
             .answers(Kind::Stream),
@@ -330,7 +330,7 @@ fn admin_routes() -> Vec<Route<AppState>> {
         (
             doc(
                 "POST",
-                "/tokens/issued",
+                routes::TOKENS_ISSUED,
                 "Tokens a gateway served from its cache, for the audit log",
             ),
             post(edge::issued),
@@ -338,7 +338,7 @@ fn admin_routes() -> Vec<Route<AppState>> {
         (
             doc(
                 "GET",
-                "/workspaces/{id}/connections/status",
+                routes::WORKSPACE_STATUS,
                 "A workspace's connections' health",
             ),
             get(connections::status),
@@ -427,7 +427,7 @@ fn admin_routes() -> Vec<Route<AppState>> {
         (
             doc(
                 "POST",
-                "/agent-keys/verify",
+                routes::AGENT_KEY_VERIFY,
                 "Verify an agent key (for the gateway)",
             ),
             post(agent_keys::verify),
@@ -450,7 +450,10 @@ fn ops_routes() -> (Vec<Route<AppState>>, Vec<Route<AppState>>) {
                 get(ops::metrics),
             ),
         ],
-        vec![(doc("GET", "/health", "Liveness").open(), get(ops::health))],
+        vec![(
+            doc("GET", routes::HEALTH, "Liveness").open(),
+            get(ops::health),
+        )],
     )
 }
 
@@ -510,7 +513,7 @@ pub fn openapi(redirect_path: &str) -> serde_json::Value {
         .map(|(d, _)| d)
         .collect();
     docs.push(doc("GET", "/openapi.json", "This document").open());
-    openapi::document(
+    nexus_core::openapi::document(
         "Nexus broker",
         "The broker's internal API (SPEC §3). Send the admin key as X-API-Key.",
         &docs,
@@ -543,8 +546,8 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(RequestBodyLimitLayer::new(max_body))
-        .layer(from_fn(error::reject_nul))
+        .layer(from_fn(nexus_core::error::reject_nul))
         .layer(from_fn(telemetry::track_requests))
-        .layer(from_fn(error::json_errors))
+        .layer(from_fn(nexus_core::error::json_errors))
         .with_state(state)
 }

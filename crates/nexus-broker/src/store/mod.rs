@@ -144,10 +144,7 @@ pub(crate) fn json_list(v: &[String]) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
 }
 
-/// Current time in unix milliseconds, the timestamp unit of every table.
-pub fn now_ms() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000
-}
+pub use nexus_core::time::now_ms;
 
 /// Formats unix milliseconds as RFC 3339 (UTC).
 pub fn rfc3339(ms: i64) -> String {

@@ -388,7 +388,7 @@ impl TestBroker {
 
 /// The current value of a counter in the process-wide Prometheus registry.
 pub fn counter(name: &str) -> f64 {
-    let text = nexus_broker::telemetry::metrics_handle().render();
+    let text = nexus_core::telemetry::metrics_handle().render();
     text.lines()
         .filter(|l| l.starts_with(name) && !l.starts_with('#'))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

@@ -42,10 +42,11 @@ async fn warm_path_serves_without_decrypting(b: Backend) {
         row_id: &id,
         column: "access_token",
     };
-    let other = a.state.config().keys.encrypt_str(
-        aad,
-        &nexus_broker::Secret::new("access-planted".to_string()),
-    );
+    let other = a
+        .state
+        .config()
+        .keys
+        .encrypt_str(aad, &nexus_core::Secret::new("access-planted".to_string()));
     a.db.exec(&format!(
         "UPDATE connections SET access_token = '{other}' WHERE id = '{id}'"
     ))

@@ -97,10 +97,9 @@ impl Stack {
             let _ = brx.await;
         }));
         gconfig.broker_url = broker_url.parse().unwrap();
-        let gw =
-            GatewayServer::start_with(gconfig, nexus_broker::telemetry::metrics_handle(), local)
-                .await
-                .unwrap();
+        let gw = GatewayServer::start_with(gconfig, nexus_core::telemetry::metrics_handle(), local)
+            .await
+            .unwrap();
         let gateway = format!("http://{}", gw.local_addr());
         let gw_state = gw.gateway().clone();
         let (gtx, grx) = oneshot::channel::<()>();

@@ -434,7 +434,7 @@ async fn misconfiguration_is_not_blamed_on_agents() {
         ..Default::default()
     })
     .unwrap();
-    let gw = nexus_gateway::GatewayServer::start(config, nexus_broker::telemetry::metrics_handle())
+    let gw = nexus_gateway::GatewayServer::start(config, nexus_core::telemetry::metrics_handle())
         .await
         .unwrap();
     let base = format!("http://{}", gw.local_addr());

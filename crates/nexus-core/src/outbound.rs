@@ -97,7 +97,7 @@ fn builder(connect_timeout: Duration) -> Result<reqwest::ClientBuilder, Outbound
         .use_preconfigured_tls(tls)
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(connect_timeout)
-        .user_agent(concat!("nexus-broker/", env!("CARGO_PKG_VERSION"))))
+        .user_agent(concat!("nexus/", env!("CARGO_PKG_VERSION"))))
 }
 
 /// Sends `req` and reads the body, refusing more than [`MAX_BODY`] bytes.

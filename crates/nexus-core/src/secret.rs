@@ -10,7 +10,7 @@ use std::fmt;
 /// an API response by accident.
 ///
 /// ```
-/// use nexus_broker::Secret;
+/// use nexus_core::Secret;
 /// let s = Secret::new("hunter2".to_string());
 /// assert_eq!(format!("{s:?}"), "Secret([REDACTED])");
 /// assert_eq!(s.expose(), "hunter2");

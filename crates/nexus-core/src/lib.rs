@@ -1,0 +1,23 @@
+//! Plumbing shared by the Nexus servers (broker, gateway, and the parts that
+//! come after them), so that none of them depends on another's insides.
+//!
+//! Leaf modules only: nothing here knows about providers, connections or
+//! storage. The one exception in spirit is [`wire`], the broker↔gateway
+//! contract, which lives here because both sides must agree on it and
+//! neither should own it.
+
+#![warn(missing_docs)]
+
+pub mod backoff;
+pub mod error;
+pub mod net;
+pub mod openapi;
+pub mod outbound;
+mod secret;
+pub mod settings;
+pub mod telemetry;
+pub mod time;
+pub mod wire;
+
+pub use secret::Secret;
+pub use settings::ConfigError;
