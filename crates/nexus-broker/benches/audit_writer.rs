@@ -12,8 +12,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use nexus_broker::audit::{AuditEvent, AuditWriter};
-use nexus_broker::config::AuditConfig;
+use nexus_broker::events::audit::AuditConfig;
+use nexus_broker::events::audit::{AuditEvent, AuditWriter};
 use nexus_broker::store::Store;
 use serde_json::json;
 

@@ -22,12 +22,13 @@ use std::time::{Duration, Instant};
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Form, Json, Router};
-use nexus_broker::audit::AuditWriter;
-use nexus_broker::config::AuditConfig;
-use nexus_broker::discovery::Discovery;
-use nexus_broker::registry::{Actor, Registry};
+use nexus_broker::events::audit::Actor;
+use nexus_broker::events::audit::AuditConfig;
+use nexus_broker::events::audit::AuditWriter;
+use nexus_broker::oauth::discovery::Discovery;
+use nexus_broker::registry::Registry;
 use nexus_broker::store::{now_ms, Store};
-use nexus_broker::token::{RefreshSettings, Tokens};
+use nexus_broker::tokens::{RefreshSettings, Tokens};
 use nexus_broker::vault::{generate_key_b64, KeyRing};
 use nexus_core::outbound;
 use serde_json::{json, Value};
@@ -151,10 +152,13 @@ async fn run(label: &str, url: &str, n: usize) {
             http,
             writer.sink(),
             settings,
-            Arc::new(nexus_broker::pause::Pauses::new(store.clone())),
+            Arc::new(nexus_broker::tokens::pause::Pauses::new(store.clone())),
         ));
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        replicas.push((stop, tokio::spawn(tokens.run_worker(stopped))));
+        replicas.push((
+            stop,
+            tokio::spawn(tokens.refresher().clone().run_worker(stopped)),
+        ));
         writers.push(writer);
     }
     let mut rss_peak = rss_before;

@@ -127,21 +127,21 @@ pub struct BrokerConfig {
     /// Request body limit in bytes.
     pub max_body_bytes: usize,
     /// Audit writer tuning.
-    pub audit: AuditConfig,
+    pub audit: crate::events::audit::AuditConfig,
     /// Timeout of each call to a provider (token, discovery, JWKS, UserInfo).
     pub provider_timeout: Duration,
     /// Redis for shared caches, when configured.
     pub redis_url: Option<String>,
     /// Refresh engine tuning (margin from `REFRESH_MARGIN_SECS`).
-    pub refresh: crate::token::RefreshSettings,
+    pub refresh: crate::tokens::RefreshSettings,
     /// Prefix of every Redis key.
     pub redis_key_prefix: String,
     /// The endpoint configured by `WEBHOOK_URL`, with its secret.
-    pub webhook: Option<(Url, Arc<crate::webhook::WebhookSecret>)>,
+    pub webhook: Option<(Url, Arc<crate::events::webhooks::WebhookSecret>)>,
     /// Webhook delivery tuning.
-    pub webhooks: crate::webhook::WebhookSettings,
+    pub webhooks: crate::events::webhooks::WebhookSettings,
     /// Scope report tuning.
-    pub scope: crate::scope::ScopeSettings,
+    pub scope: crate::tokens::scope::ScopeSettings,
     /// `NEXUS_ISSUANCE_PAUSED`: set the operator pause at start-up.
     pub issuance_paused: bool,
     /// How often each replica re-reads the issuance pauses (besides notifications).
@@ -165,27 +165,6 @@ impl std::fmt::Debug for BrokerConfig {
             .field("webhook_url", &self.webhook.as_ref().map(|w| w.0.as_str()))
             .field("issuance_paused", &self.issuance_paused)
             .finish_non_exhaustive()
-    }
-}
-
-/// Tuning of the batching audit writer.
-#[derive(Debug, Clone, Copy)]
-pub struct AuditConfig {
-    /// Events held in memory before writers wait (back-pressure).
-    pub queue_capacity: usize,
-    /// Most events written in one insert batch.
-    pub max_batch: usize,
-    /// Longest an event waits before its batch is flushed.
-    pub flush_interval: Duration,
-}
-
-impl Default for AuditConfig {
-    fn default() -> Self {
-        Self {
-            queue_capacity: 10_000,
-            max_batch: 500,
-            flush_interval: Duration::from_millis(200),
-        }
     }
 }
 
@@ -237,6 +216,18 @@ pub fn key_ring(s: &Settings) -> Result<KeyRing, ConfigError> {
 }
 
 impl BrokerConfig {
+    /// What the handshake engine needs of this configuration.
+    pub fn handshake_settings(&self) -> crate::handshake::HandshakeSettings {
+        crate::handshake::HandshakeSettings {
+            keys: self.keys.clone(),
+            state_key: self.state_key.clone(),
+            base_url: self.base_url.clone(),
+            redirect_path: self.redirect_path.clone(),
+            allowed_return_domains: self.allowed_return_domains.clone(),
+            refresh: self.refresh,
+        }
+    }
+
     /// Validates raw settings. Every error names its variable.
     pub fn from_settings(s: &Settings) -> Result<Self, ConfigError> {
         let database_url = database_url(s)?;
@@ -489,9 +480,9 @@ impl BrokerConfig {
                 ))
             }
             (Some(url), Some(secret)) => {
-                let url = crate::webhook::validate_url(url)
+                let url = crate::events::webhooks::validate_url(url)
                     .map_err(|e| ConfigError::new("WEBHOOK_URL", e))?;
-                let secret = crate::webhook::WebhookSecret::parse(secret).ok_or_else(|| {
+                let secret = crate::events::webhooks::WebhookSecret::parse(secret).ok_or_else(|| {
                     ConfigError::new(
                         "WEBHOOK_SECRET",
                         "must be whsec_ followed by base64 of 24 to 64 random bytes; generate one with `nexus keys generate`",
@@ -516,8 +507,8 @@ impl BrokerConfig {
 
         Ok(Self {
             webhook,
-            webhooks: crate::webhook::WebhookSettings::default(),
-            scope: crate::scope::ScopeSettings::default(),
+            webhooks: crate::events::webhooks::WebhookSettings::default(),
+            scope: crate::tokens::scope::ScopeSettings::default(),
             issuance_paused,
             pause_reload: Duration::from_secs(1),
             database_url,
@@ -530,10 +521,10 @@ impl BrokerConfig {
             allowed_cidrs,
             listen_addr,
             max_body_bytes,
-            audit: AuditConfig::default(),
+            audit: crate::events::audit::AuditConfig::default(),
             provider_timeout,
             redis_url,
-            refresh: crate::token::RefreshSettings {
+            refresh: crate::tokens::RefreshSettings {
                 margin: refresh_margin,
                 jitter: refresh_jitter,
                 cache_capacity,

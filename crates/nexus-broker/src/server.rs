@@ -7,9 +7,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
-use crate::audit::AuditWriter;
 use crate::config::BrokerConfig;
-use crate::shared_cache::SharedCache;
+use crate::events::audit::AuditWriter;
+use crate::oauth::shared_cache::SharedCache;
 use crate::store::{Store, StoreError};
 use nexus_core::telemetry;
 
@@ -24,7 +24,7 @@ pub enum ServeError {
     Outbound(#[from] nexus_core::outbound::OutboundError),
     /// `REDIS_URL` is set but Redis cannot be reached.
     #[error(transparent)]
-    Redis(#[from] crate::shared_cache::SharedCacheError),
+    Redis(#[from] crate::oauth::shared_cache::SharedCacheError),
     /// Stored secrets use keys the configured ring does not hold.
     #[error("{0}")]
     MissingKeys(String),
@@ -79,7 +79,7 @@ impl Broker {
             )
             .await?;
         if config.issuance_paused {
-            let actor = crate::registry::Actor {
+            let actor = crate::events::audit::Actor {
                 name: "config".into(),
                 ip: None,
                 user_agent: None,
@@ -161,7 +161,7 @@ impl Broker {
             .config()
             .refresh
             .worker
-            .then(|| tokio::spawn(self.state.tokens().clone().run_worker(stop)));
+            .then(|| tokio::spawn(self.state.tokens().refresher().clone().run_worker(stop)));
         let served = axum::serve(
             self.listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),

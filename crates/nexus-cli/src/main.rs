@@ -15,9 +15,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use nexus_broker::config::{self, BrokerConfig, Settings};
-use nexus_broker::rewrap::{rewrap, RewrapProgress};
 use nexus_broker::server::Broker;
 use nexus_broker::store::Store;
+use nexus_broker::vault::rewrap::{rewrap, RewrapProgress};
 use nexus_broker::vault::{generate_api_key, generate_key_b64};
 
 use state::StateDir;
@@ -425,7 +425,7 @@ async fn run() -> Result<()> {
                 println!("API_KEY={}", generate_api_key().expose());
                 println!(
                     "WEBHOOK_SECRET={}",
-                    nexus_broker::webhook::WebhookSecret::generate()
+                    nexus_broker::events::webhooks::WebhookSecret::generate()
                         .encoded()
                         .expose()
                 );
@@ -512,7 +512,7 @@ async fn up(mut args: UpArgs) -> Result<()> {
     if !known {
         {
             // A development key for every workspace, kept with the other keys.
-            let actor = nexus_broker::registry::Actor {
+            let actor = nexus_broker::events::audit::Actor {
                 name: "nexus up".into(),
                 ..Default::default()
             };
@@ -520,7 +520,7 @@ async fn up(mut args: UpArgs) -> Result<()> {
                 .state()
                 .agent_keys()
                 .create(
-                    nexus_broker::agent_keys::NewAgentKey {
+                    nexus_broker::registry::agent_keys::NewAgentKey {
                         name: "development key (nexus up)".into(),
                         workspaces: vec!["*".into()],
                     },

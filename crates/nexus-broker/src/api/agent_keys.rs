@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::extract::{ApiJson, Caller};
 use super::AppState;
-use crate::agent_keys::{AgentKeyError, NewAgentKey};
+use crate::registry::agent_keys::{AgentKeyError, NewAgentKey};
 
 impl From<AgentKeyError> for ApiError {
     fn from(e: AgentKeyError) -> Self {

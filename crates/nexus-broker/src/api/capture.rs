@@ -13,8 +13,8 @@ use serde_json::{json, Map, Value};
 use super::error::ApiError;
 use super::extract::Caller;
 use super::AppState;
-use crate::capture::{typed_from_form, CaptureForm, CaptureOutcome, Field};
-use crate::registry::Actor;
+use crate::events::audit::Actor;
+use crate::handshake::capture::{typed_from_form, CaptureForm, CaptureOutcome, Field};
 
 const CSRF_COOKIE: &str = "nexus_capture";
 

@@ -10,9 +10,9 @@ use super::error::ApiError;
 use super::extract::{ApiJson, Caller};
 use super::AppState;
 use crate::handshake::parse_list;
-use crate::scope::{ReportError, ScopeReport};
 use crate::store::{rfc3339, ConnectionRow};
-use crate::token::{TokenBody, TokenError};
+use crate::tokens::scope::{ReportError, ScopeReport};
+use crate::tokens::{TokenBody, TokenError};
 
 impl From<TokenError> for ApiError {
     fn from(e: TokenError) -> Self {
@@ -34,7 +34,7 @@ impl From<TokenError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "connection_unusable", msg)
             }
             TokenError::Paused(p) => {
-                let scope = crate::pause::scope_name(&p.scope);
+                let scope = crate::tokens::pause::scope_name(&p.scope);
                 ApiError::new(StatusCode::LOCKED, "issuance_paused", msg)
                     .with("reason", p.reason)
                     .with("paused_scope", scope)
@@ -121,7 +121,7 @@ pub async fn revoke(
     Path(id): Path<String>,
     caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
-    let r = st.tokens().revoke(&id, &caller.admin()).await?;
+    let r = st.tokens().refresher().revoke(&id, &caller.admin()).await?;
     Ok(Json(json!(r)))
 }
 
@@ -147,7 +147,7 @@ pub async fn scope_failures(
     caller: Caller,
     ApiJson(report): ApiJson<ScopeReport>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let actor = crate::registry::Actor {
+    let actor = crate::events::audit::Actor {
         name: "agent".into(),
         ip: caller.ip,
         user_agent: caller.user_agent,
@@ -168,7 +168,10 @@ pub async fn status(
         v["needs_attention"] = json!(needs_attention(c));
         by_id.insert(c.id.clone(), v);
     }
-    let paused = st.pauses().check(Some(&ws)).map(|p| crate::pause::view(&p));
+    let paused = st
+        .pauses()
+        .check(Some(&ws))
+        .map(|p| crate::tokens::pause::view(&p));
     Ok(Json(
         json!({"workspace_id": ws, "connections": by_id, "any_needs_attention": rows.iter().any(needs_attention), "issuance_paused": paused}),
     ))

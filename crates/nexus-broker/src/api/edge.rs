@@ -1,5 +1,5 @@
 //! The gateway's side channel: the change stream its token cache follows and
-//! the issuances it served from that cache (see [`crate::edge`]).
+//! the issuances it served from that cache (see [`crate::tokens::edge`]).
 
 use axum::extract::State;
 use axum::http::StatusCode;

@@ -9,7 +9,7 @@ use axum::http::{header, StatusCode};
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
-use crate::registry::Actor;
+use crate::events::audit::Actor;
 
 /// `Json<T>` whose rejections are JSON errors: 400 `invalid_json` for syntax,
 /// 400 `invalid_request` for wrong types or missing fields, 415 for a missing

@@ -8,8 +8,8 @@ use axum::Json;
 use super::error::ApiError;
 use super::extract::{ApiJson, Caller};
 use super::AppState;
+use crate::events::audit::Actor;
 use crate::handshake::{CallbackParams, ConsentRequest, ConsentSpec, HandshakeError};
-use crate::registry::Actor;
 
 impl From<HandshakeError> for ApiError {
     fn from(e: HandshakeError) -> Self {

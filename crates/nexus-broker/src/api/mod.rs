@@ -15,17 +15,17 @@ use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::limit::RequestBodyLimitLayer;
 
-use crate::audit::AuditSink;
 use crate::config::BrokerConfig;
-use crate::discovery::Discovery;
+use crate::events::audit::AuditSink;
+use crate::events::webhooks::Webhooks;
 use crate::handshake::Handshakes;
-use crate::pause::Pauses;
+use crate::oauth::discovery::Discovery;
+use crate::oauth::shared_cache::SharedCache;
 use crate::registry::Registry;
-use crate::scope::ScopeReports;
-use crate::shared_cache::SharedCache;
 use crate::store::Store;
-use crate::token::Tokens;
-use crate::webhook::Webhooks;
+use crate::tokens::pause::Pauses;
+use crate::tokens::scope::ScopeReports;
+use crate::tokens::Tokens;
 use nexus_core::outbound::{self, OutboundError};
 use nexus_core::telemetry;
 
@@ -61,7 +61,7 @@ struct Inner {
     tokens: Arc<Tokens>,
     scopes: ScopeReports,
     webhooks: Arc<Webhooks>,
-    agent_keys: crate::agent_keys::AgentKeys,
+    agent_keys: crate::registry::agent_keys::AgentKeys,
     audit: AuditSink,
     metrics: PrometheusHandle,
 }
@@ -79,7 +79,7 @@ impl AppState {
         let http = outbound::client(config.provider_timeout)?;
         let discovery =
             Arc::new(Discovery::new(http.clone(), store.clone()).with_shared_cache(shared));
-        let agent_keys = crate::agent_keys::AgentKeys::new(store.clone());
+        let agent_keys = crate::registry::agent_keys::AgentKeys::new(store.clone());
         let pauses = Arc::new(Pauses::new(store.clone()));
         let tokens = Arc::new(Tokens::new(
             store.clone(),
@@ -103,7 +103,13 @@ impl AppState {
             outbound::client(config.webhooks.timeout)?,
             config.webhooks,
         ));
-        let handshakes = Handshakes::new(&config, store.clone(), registry.clone(), discovery, http);
+        let handshakes = Handshakes::new(
+            config.handshake_settings(),
+            store.clone(),
+            registry.clone(),
+            discovery,
+            http,
+        );
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -156,7 +162,7 @@ impl AppState {
     }
 
     /// Agent keys.
-    pub fn agent_keys(&self) -> &crate::agent_keys::AgentKeys {
+    pub fn agent_keys(&self) -> &crate::registry::agent_keys::AgentKeys {
         &self.inner.agent_keys
     }
 

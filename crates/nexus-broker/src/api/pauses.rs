@@ -9,8 +9,8 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::extract::{ApiJson, Caller};
 use super::AppState;
-use crate::pause::view;
 use crate::store::PauseScope;
+use crate::tokens::pause::view;
 
 /// Body of a pause request.
 #[derive(Debug, Default, Deserialize)]

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::extract::{ApiJson, Caller};
 use super::AppState;
-use crate::webhook::{NewEndpoint, WebhookError};
+use crate::events::webhooks::{NewEndpoint, WebhookError};
 
 impl From<WebhookError> for ApiError {
     fn from(e: WebhookError) -> Self {

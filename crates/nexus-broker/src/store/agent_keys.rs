@@ -3,7 +3,7 @@
 use sqlx::Row;
 
 use super::{now_ms, on_pool, Store, StoreError};
-use crate::audit::AuditEvent;
+use crate::events::audit::AuditEvent;
 
 /// A stored agent key (never the key itself).
 #[derive(Debug, Clone)]

@@ -1,12 +1,12 @@
 //! Audit rows: single inserts inside a caller's transaction, batched inserts
-//! for the [`crate::audit::AuditWriter`], and filtered reads.
+//! for the [`crate::events::audit::AuditWriter`], and filtered reads.
 
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::{Database, Executor, Row};
 
 use super::{on_pool, rfc3339, Store, StoreError};
-use crate::audit::AuditEvent;
+use crate::events::audit::AuditEvent;
 
 /// Filters for reading the audit log.
 #[derive(Debug, Default, Clone)]

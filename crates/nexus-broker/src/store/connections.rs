@@ -4,7 +4,7 @@ use sqlx::Row;
 
 use super::webhooks::{insert_outbox, OutboxEvent};
 use super::{now_ms, on_pool, Change, Store, StoreError};
-use crate::audit::AuditEvent;
+use crate::events::audit::AuditEvent;
 
 /// A state change's record: its audit event and, for the transitions people
 /// must hear about, its webhook event. Both commit with the change.
@@ -42,7 +42,7 @@ pub type RecordScopeReport<'a> =
 /// still failing after it: its audit event and webhook event.
 pub type ActivationRecord<'a> = dyn Fn(&ConnectionRow, &[String]) -> Transition + Sync + 'a;
 
-/// One scope report, validated (see `crate::scope`).
+/// One scope report, validated (see `crate::tokens::scope`).
 #[derive(Debug, Clone)]
 pub struct ScopeReportRow {
     /// Scopes that failed (empty for a success-only report).

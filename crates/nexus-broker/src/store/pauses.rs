@@ -4,7 +4,7 @@
 use sqlx::Row;
 
 use super::{on_pool, Change, Store, StoreError};
-use crate::audit::AuditEvent;
+use crate::events::audit::AuditEvent;
 
 /// Which pause.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

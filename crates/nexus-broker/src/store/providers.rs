@@ -3,7 +3,7 @@
 use sqlx::Row;
 
 use super::{now_ms, on_pool, Store, StoreError};
-use crate::audit::AuditEvent;
+use crate::events::audit::AuditEvent;
 
 /// A stored provider. `profile` is the JSON of its non-secret fields;
 /// `client_secret` is a vault envelope bound to this row.

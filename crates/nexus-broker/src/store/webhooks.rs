@@ -4,13 +4,13 @@
 //! of the state change it describes, so a change is never committed without
 //! its event nor an event without its change. The same statement pair fans it
 //! out to one delivery row per endpoint subscribed at that moment; the
-//! delivery worker (`crate::webhook`) claims due rows with a lease, like the
+//! delivery worker (`crate::events::webhooks`) claims due rows with a lease, like the
 //! refresh engine, so replicas never send the same row at once.
 
 use sqlx::{Database, Executor, Row};
 
 use super::{now_ms, on_pool, Store, StoreError};
-use crate::audit::AuditEvent;
+use crate::events::audit::AuditEvent;
 
 /// An event on its way to the outbox.
 #[derive(Debug, Clone)]

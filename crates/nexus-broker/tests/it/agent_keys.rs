@@ -24,7 +24,7 @@ async fn agent_keys_are_shown_once_stored_hashed_and_verified(b: Backend) {
     let stored =
         t.db.scalar(&format!(
             "SELECT COUNT(*) FROM agent_keys WHERE key_hash = '{}'",
-            nexus_broker::agent_keys::hash(&key)
+            nexus_broker::registry::agent_keys::hash(&key)
         ))
         .await;
     assert_eq!(stored, Some(1));

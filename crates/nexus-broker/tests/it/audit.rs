@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use nexus_broker::audit::{AuditEvent, AuditWriter};
-use nexus_broker::config::AuditConfig;
+use nexus_broker::events::audit::AuditConfig;
+use nexus_broker::events::audit::{AuditEvent, AuditWriter};
 use nexus_broker::store::AuditFilter;
 use reqwest::Method;
 use serde_json::json;

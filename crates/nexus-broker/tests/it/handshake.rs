@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nexus_broker::config::BrokerConfig;
-use nexus_broker::state_token;
+use nexus_broker::oauth::state_token;
 use nexus_broker::store::{ConnectionRow, Store};
 use nexus_broker::vault::Aad;
 use reqwest::{Method, StatusCode};

@@ -407,7 +407,11 @@ async fn concurrent_changes_never_fail_or_get_lost(b: Backend) {
         expected_version: row.version,
     };
     let err = store
-        .update_provider(&id, &stale, &nexus_broker::audit::AuditEvent::new("test"))
+        .update_provider(
+            &id,
+            &stale,
+            &nexus_broker::events::audit::AuditEvent::new("test"),
+        )
         .await
         .unwrap_err();
     assert!(

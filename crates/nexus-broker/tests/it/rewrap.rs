@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use nexus_broker::config::{BrokerConfig, Settings};
 use nexus_broker::registry::Registry;
-use nexus_broker::rewrap::rewrap;
 use nexus_broker::store::{Store, ENCRYPTED_COLUMNS};
+use nexus_broker::vault::rewrap::rewrap;
 use nexus_broker::vault::{envelope_key_id, generate_key_b64, KeyRing};
 use serde_json::json;
 

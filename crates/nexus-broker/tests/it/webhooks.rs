@@ -421,7 +421,7 @@ async fn undelivered_events_are_delivered_after_a_restart(b: Backend) {
 
 async fn webhook_url_from_the_environment_gets_every_event(b: Backend) {
     let r = Receiver::start().await;
-    let secret = nexus_broker::webhook::WebhookSecret::generate().encoded();
+    let secret = nexus_broker::events::webhooks::WebhookSecret::generate().encoded();
     r.set_secret(secret.expose());
     let url = r.url.clone();
     let s2 = secret.expose().clone();
@@ -482,7 +482,7 @@ fn webhook_settings_are_validated_at_start_up() {
     let e = err(Settings {
         webhook_url: Some("gopher://x".into()),
         webhook_secret: Some(
-            nexus_broker::webhook::WebhookSecret::generate()
+            nexus_broker::events::webhooks::WebhookSecret::generate()
                 .encoded()
                 .expose()
                 .clone(),

@@ -197,7 +197,7 @@ async fn broker_errors_pass_through_with_their_codes() {
     s.broker_state
         .store()
         .revoke_connection(&id, &|c| nexus_broker::store::Transition {
-            audit: nexus_broker::audit::AuditEvent::new("test").connection(c.id.clone()),
+            audit: nexus_broker::events::audit::AuditEvent::new("test").connection(c.id.clone()),
             event: None,
         })
         .await
@@ -264,7 +264,9 @@ pub async fn needs_a_person(s: &Stack, id: &str) {
             "the provider rejected the refresh",
             None,
             Some(&nexus_broker::store::Transition {
-                audit: nexus_broker::audit::AuditEvent::new("connection.attention_required"),
+                audit: nexus_broker::events::audit::AuditEvent::new(
+                    "connection.attention_required",
+                ),
                 event: None,
             }),
         )

@@ -15,8 +15,8 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::profile::ProviderProfile;
-use crate::shared_cache::SharedCache;
+use crate::oauth::shared_cache::SharedCache;
+use crate::registry::profile::ProviderProfile;
 use crate::store::{now_ms, CachedDoc, Store};
 use nexus_core::outbound::{self, OutboundError};
 

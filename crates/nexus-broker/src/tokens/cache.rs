@@ -117,7 +117,7 @@ impl TokenCache {
     }
 
     /// How much longer (ms) `entry` stays trusted without a database check;
-    /// `None` when it is not trusted now (see [`crate::edge`]: a gateway may
+    /// `None` when it is not trusted now (see [`crate::tokens::edge`]: a gateway may
     /// keep the response for at most this long).
     pub fn trust_left(&self, entry: &Cached) -> Option<i64> {
         if self.map.is_none() || !self.listening.load(Ordering::Acquire) {

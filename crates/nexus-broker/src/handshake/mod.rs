@@ -7,22 +7,23 @@
 //! checks `iss` (RFC 9207), exchanges the code, verifies the id_token, reads
 //! UserInfo, and stores the tokens sealed, all-or-nothing.
 
+pub mod capture;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use url::Url;
 
-use crate::audit::AuditEvent;
-use crate::config::BrokerConfig;
-use crate::discovery::{Discovery, DiscoveryError, Endpoints};
-use crate::id_token::{self, IdTokenError};
-use crate::pkce;
-use crate::profile::AuthHeader;
-use crate::registry::{Actor, Provider, Registry, RegistryError};
-use crate::state_token::{self, StateError};
+use crate::events::audit::Actor;
+use crate::events::audit::AuditEvent;
+use crate::oauth::client::{fail, parse_token_response, token_request, Failure, TokenSet};
+use crate::oauth::discovery::{Discovery, DiscoveryError, Endpoints};
+use crate::oauth::id_token::{self, IdTokenError};
+use crate::oauth::pkce;
+use crate::oauth::state_token::{self, StateError};
+use crate::registry::{Provider, Registry, RegistryError};
 use crate::store::{
     now_ms, Activation, ConnectionRow, Consumed, HandshakeRow, Store, StoreError, Transition,
 };
@@ -144,30 +145,6 @@ impl std::fmt::Display for CallbackParams {
     }
 }
 
-/// A failure after the handshake was consumed: recorded, then reported to the return URL.
-#[derive(Debug)]
-pub(crate) struct Failure {
-    pub(crate) code: &'static str,
-    pub(crate) description: String,
-}
-
-fn fail(code: &'static str, description: impl Into<String>) -> Failure {
-    Failure {
-        code,
-        description: description.into(),
-    }
-}
-
-/// Token endpoint answer, parsed strictly.
-pub(crate) struct TokenSet {
-    pub(crate) access_token: Secret<String>,
-    pub(crate) token_type: String,
-    pub(crate) expires_in: Option<i64>,
-    pub(crate) refresh_token: Option<Secret<String>>,
-    pub(crate) id_token: Option<Secret<String>>,
-    pub(crate) scope: Option<String>,
-}
-
 /// The handshake engine.
 pub struct Handshakes {
     pub(crate) store: Store,
@@ -179,7 +156,7 @@ pub struct Handshakes {
     redirect_uri: String,
     pub(crate) capture_url: String,
     allowed_return_domains: Vec<String>,
-    refresh: crate::token::RefreshSettings,
+    refresh: crate::tokens::RefreshSettings,
 }
 
 pub(crate) use crate::store::{json_list, parse_json_list as parse_list};
@@ -193,29 +170,46 @@ pub fn return_host_allowed(host: &str, allowed: &[String]) -> bool {
     })
 }
 
+/// What the handshake engine needs of the broker's configuration.
+#[derive(Clone)]
+pub struct HandshakeSettings {
+    /// The vault's keys (PKCE verifiers, tokens and credentials are sealed).
+    pub keys: Arc<KeyRing>,
+    /// Signs `state`.
+    pub state_key: Arc<Secret<Vec<u8>>>,
+    /// Public base URL (`BASE_URL`).
+    pub base_url: Url,
+    /// Callback path under `base_url` (`REDIRECT_PATH`).
+    pub redirect_path: String,
+    /// Hosts a handshake may return the browser to.
+    pub allowed_return_domains: Vec<String>,
+    /// When to schedule the first refresh of the tokens a handshake stores.
+    pub refresh: crate::tokens::RefreshSettings,
+}
+
 impl Handshakes {
-    /// Builds the engine from the broker's configuration.
+    /// Builds the engine.
     pub fn new(
-        config: &BrokerConfig,
+        settings: HandshakeSettings,
         store: Store,
         registry: Registry,
         discovery: Arc<Discovery>,
         http: reqwest::Client,
     ) -> Self {
-        let base = config.base_url.as_str().trim_end_matches('/');
-        let redirect_uri = format!("{base}{}", config.redirect_path);
+        let base = settings.base_url.as_str().trim_end_matches('/');
+        let redirect_uri = format!("{base}{}", settings.redirect_path);
         let capture_url = format!("{base}/auth/capture");
         Self {
             store,
             registry,
-            keys: config.keys.clone(),
-            state_key: config.state_key.clone(),
+            keys: settings.keys,
+            state_key: settings.state_key,
             discovery,
             http,
             redirect_uri,
             capture_url,
-            allowed_return_domains: config.allowed_return_domains.clone(),
-            refresh: config.refresh,
+            allowed_return_domains: settings.allowed_return_domains,
+            refresh: settings.refresh,
         }
     }
 
@@ -700,7 +694,7 @@ impl Handshakes {
         let expires_at = tokens.expires_in.map(|s| now_ms() + s * 1000);
         let activation = Activation {
             access_token: Some(seal("access_token", &tokens.access_token)),
-            next_refresh_at: crate::token::next_refresh_at(
+            next_refresh_at: crate::tokens::schedule::next_refresh_at(
                 &self.refresh,
                 expires_at,
                 has_refresh_token,
@@ -729,7 +723,7 @@ impl Handshakes {
                     "failing_scopes": failing,
                     "refresh_token": tokens.refresh_token.is_some(),
                 })),
-            event: Some(crate::webhook::activation_event(
+            event: Some(crate::events::webhooks::activation_event(
                 before,
                 Some(&provider.profile.name),
                 failing,
@@ -814,107 +808,6 @@ fn state_reason(e: StateError) -> &'static str {
     }
 }
 
-/// A POST to a token endpoint with the provider's client authentication
-/// (client_secret_post, client_secret_basic, or a public client's id alone).
-pub(crate) fn token_request<'a>(
-    http: &reqwest::Client,
-    token_url: &str,
-    provider: &'a Provider,
-    client_secret: Option<&'a Secret<String>>,
-    mut form: Vec<(&'a str, &'a str)>,
-) -> reqwest::RequestBuilder {
-    let client_id: &str = provider.profile.client_id.as_deref().unwrap_or_default();
-    let mut req = http.post(token_url).header("accept", "application/json");
-    match (provider.profile.auth_header, client_secret) {
-        (Some(AuthHeader::ClientSecretBasic), Some(secret)) => {
-            // RFC 6749 §2.3.1: form-urlencode both parts before Basic encoding.
-            let enc =
-                |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-            req = req.basic_auth(enc(client_id), Some(enc(secret.expose())));
-        }
-        (_, Some(secret)) => {
-            form.push(("client_id", client_id));
-            form.push(("client_secret", secret.expose()));
-        }
-        (_, None) => form.push(("client_id", client_id)),
-    }
-    req.form(&form)
-}
-
-/// Parses a token endpoint answer strictly (RFC 6749 §5.1, §5.2).
-pub(crate) fn parse_token_response(status: StatusCode, body: &[u8]) -> Result<TokenSet, Failure> {
-    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else {
-        return Err(fail(
-            "token_exchange_failed",
-            format!(
-                "token endpoint answered HTTP {} with a body that is not a JSON object",
-                status.as_u16()
-            ),
-        ));
-    };
-    if let Some(err) = obj.get("error") {
-        let code = err.as_str().unwrap_or("error");
-        let code =
-            if code.len() <= 64 && code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-                code
-            } else {
-                "error"
-            };
-        return Err(fail(
-            "token_exchange_failed",
-            format!("token endpoint refused the code: {code}"),
-        ));
-    }
-    if !status.is_success() {
-        return Err(fail(
-            "token_exchange_failed",
-            format!("token endpoint answered HTTP {}", status.as_u16()),
-        ));
-    }
-    let str_field = |k: &str| -> Result<Option<String>, Failure> {
-        match obj.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
-            Some(_) => Err(fail(
-                "token_exchange_failed",
-                format!("token response field {k} is not a non-empty string"),
-            )),
-        }
-    };
-    let access_token = str_field("access_token")?.ok_or_else(|| {
-        fail(
-            "token_exchange_failed",
-            "token response has no access_token",
-        )
-    })?;
-    let token_type = str_field("token_type")?
-        .ok_or_else(|| fail("token_exchange_failed", "token response has no token_type"))?;
-    let expires_in = match obj.get("expires_in") {
-        None | Some(Value::Null) => None,
-        // Some providers send a numeric string; accept it, refuse anything else.
-        Some(v) => Some(
-            v.as_i64()
-                .or_else(|| v.as_f64().map(|f| f as i64))
-                .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-                .filter(|n| *n >= 0)
-                .ok_or_else(|| {
-                    fail(
-                        "token_exchange_failed",
-                        "token response expires_in is not a non-negative number",
-                    )
-                })?,
-        ),
-    };
-    Ok(TokenSet {
-        access_token: Secret::new(access_token),
-        token_type,
-        expires_in,
-        refresh_token: str_field("refresh_token")?.map(Secret::new),
-        id_token: str_field("id_token")?.map(Secret::new),
-        scope: str_field("scope")?,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -929,49 +822,5 @@ mod tests {
         assert!(return_host_allowed("example.org", &allowed));
         assert!(return_host_allowed("a.b.example.org", &allowed));
         assert!(!return_host_allowed("badexample.org", &allowed));
-    }
-
-    #[test]
-    fn token_responses_are_parsed_strictly() {
-        let ok = br#"{"access_token":"at","token_type":"Bearer","expires_in":"3600","refresh_token":"rt","scope":"a b"}"#;
-        let t = parse_token_response(StatusCode::OK, ok).ok().unwrap();
-        assert_eq!(t.expires_in, Some(3600));
-        assert_eq!(t.scope.as_deref(), Some("a b"));
-        for (status, body) in [
-            (StatusCode::OK, &b"<html>hi</html>"[..]),
-            (StatusCode::OK, br#"{"token_type":"Bearer"}"#),
-            (
-                StatusCode::OK,
-                br#"{"access_token":"","token_type":"Bearer"}"#,
-            ),
-            (
-                StatusCode::OK,
-                br#"{"access_token":5,"token_type":"Bearer"}"#,
-            ),
-            (
-                StatusCode::OK,
-                br#"{"access_token":"a","token_type":"Bearer","expires_in":-1}"#,
-            ),
-            (StatusCode::OK, br#"{"error":"invalid_grant"}"#),
-            (
-                StatusCode::BAD_REQUEST,
-                br#"{"error":"invalid_grant","error_description":"expired"}"#,
-            ),
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                br#"{"access_token":"a","token_type":"b"}"#,
-            ),
-            (StatusCode::OK, b"[]"),
-        ] {
-            assert!(
-                parse_token_response(status, body).is_err(),
-                "{}",
-                String::from_utf8_lossy(body)
-            );
-        }
-        let e = parse_token_response(StatusCode::BAD_REQUEST, br#"{"error":"invalid_grant"}"#)
-            .err()
-            .unwrap();
-        assert!(e.description.contains("invalid_grant"));
     }
 }

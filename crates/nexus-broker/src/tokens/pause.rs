@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::audit::AuditEvent;
-use crate::edge::{EdgeEvent, EdgeFeed};
-use crate::registry::Actor;
+use crate::events::audit::Actor;
+use crate::events::audit::AuditEvent;
 use crate::store::{now_ms, rfc3339, PauseRow, PauseScope, Store, StoreError};
+use crate::tokens::edge::{EdgeEvent, EdgeFeed};
 
 #[derive(Debug, Default, PartialEq)]
 struct Snapshot {

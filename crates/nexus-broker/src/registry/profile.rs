@@ -5,7 +5,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 use url::Url;
 
-use crate::strategy::{self, Strategy};
+use crate::registry::strategy::{self, Strategy};
 use nexus_core::Secret;
 
 /// How a provider authenticates connections.
@@ -402,7 +402,7 @@ fn find_external_ref(v: &Value) -> Option<String> {
 /// all resolve alike.
 ///
 /// ```
-/// use nexus_broker::profile::normalize_alias;
+/// use nexus_broker::registry::profile::normalize_alias;
 /// assert_eq!(normalize_alias(" Google  Prod ").as_deref(), Some("google-prod"));
 /// assert_eq!(normalize_alias("--").as_deref(), None);
 /// ```

@@ -16,11 +16,12 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::audit::AuditEvent;
-use crate::registry::{Actor, Registry};
+use crate::events::audit::Actor;
+use crate::events::audit::AuditEvent;
+use crate::events::webhooks;
+use crate::registry::Registry;
 use crate::store::{now_ms, ConnectionRow, ScopeDelta, ScopeReportRow, Store, StoreError};
-use crate::token::{TokenError, Tokens};
-use crate::webhook;
+use crate::tokens::{TokenError, Tokens};
 
 /// Tuning of scope reports.
 #[derive(Debug, Clone, Copy)]
@@ -376,7 +377,7 @@ impl ScopeReports {
             .get_connection(id)
             .await?
             .ok_or(TokenError::NotFound)?;
-        crate::token::usable(&c)?;
+        crate::tokens::usable(&c)?;
         if row.status == 401 && !row.failing.is_empty() {
             if let Some(outcome) = self.unauthorized(&c, &row).await? {
                 return Ok(outcome);
@@ -394,7 +395,7 @@ impl ScopeReports {
         let (before, delta) = self.store.apply_scope_report(id, &row, &record).await?;
         let Some(d) = delta else {
             // It stopped being usable in the meantime.
-            crate::token::usable(&before)?;
+            crate::tokens::usable(&before)?;
             return Err(TokenError::Unusable("the connection cannot take reports".into()).into());
         };
         let action = if !d.added.is_empty() || !d.renewed.is_empty() {
@@ -489,8 +490,8 @@ fn records(
             "added_scopes": d.added,
             "failing_scopes": d.failing_after,
         })));
-        event = Some(webhook::connection_event(
-            webhook::CONNECTION_DEGRADED,
+        event = Some(webhooks::connection_event(
+            webhooks::CONNECTION_DEGRADED,
             before,
             provider_name,
             "degraded",
@@ -508,8 +509,8 @@ fn records(
                 base("connection.recovered")
                     .detail(json!({"previous_status": before.status, "cause": "ok_scopes"})),
             );
-            event = Some(webhook::connection_event(
-                webhook::CONNECTION_RECOVERED,
+            event = Some(webhooks::connection_event(
+                webhooks::CONNECTION_RECOVERED,
                 before,
                 provider_name,
                 "active",

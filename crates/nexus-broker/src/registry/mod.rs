@@ -2,14 +2,18 @@
 //! with the client secret sealed in the vault and every change audited in the
 //! same transaction.
 
+pub mod agent_keys;
+pub mod profile;
+pub mod strategy;
+
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
-use crate::audit::AuditEvent;
-use crate::profile::{normalize_alias, parse_profile, ProfileError, ProviderProfile};
+use crate::events::audit::Actor;
+use crate::registry::profile::{normalize_alias, parse_profile, ProfileError, ProviderProfile};
+use crate::registry::strategy::Strategy;
 use crate::store::{NewProvider, ProviderRow, ProviderUpdate, SecretUpdate, Store, StoreError};
-use crate::strategy::Strategy;
 use crate::vault::{Aad, KeyRing};
 use nexus_core::Secret;
 
@@ -60,9 +64,12 @@ impl Provider {
         // Stored profiles were fully validated when written; reads only derive
         // the strategy (no schema compilation, and a rule made stricter later
         // cannot make old rows unreadable).
-        let strategy =
-            crate::strategy::validate(profile.auth_type, profile.params.get("strategy"), None)
-                .map_err(|e| StoreError::Corrupt(format!("provider {} strategy: {e}", row.id)))?;
+        let strategy = crate::registry::strategy::validate(
+            profile.auth_type,
+            profile.params.get("strategy"),
+            None,
+        )
+        .map_err(|e| StoreError::Corrupt(format!("provider {} strategy: {e}", row.id)))?;
         Ok(Self {
             row,
             profile,
@@ -73,27 +80,6 @@ impl Provider {
     /// Whether a client secret is stored.
     pub fn client_secret_set(&self) -> bool {
         self.row.client_secret.is_some()
-    }
-}
-
-/// Who is making a change, for the audit log.
-#[derive(Debug, Clone, Default)]
-pub struct Actor {
-    /// Actor name (`admin` for API-key callers).
-    pub name: String,
-    /// Caller IP.
-    pub ip: Option<String>,
-    /// Caller user agent.
-    pub user_agent: Option<String>,
-}
-
-impl Actor {
-    fn event(&self, event_type: &str, provider_id: &str, detail: Value) -> AuditEvent {
-        AuditEvent::new(event_type)
-            .actor(self.name.clone())
-            .provider(provider_id)
-            .caller(self.ip.clone(), self.user_agent.clone())
-            .detail(detail)
     }
 }
 

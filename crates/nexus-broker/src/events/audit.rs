@@ -16,8 +16,49 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::config::AuditConfig;
 use crate::store::{now_ms, Store};
+
+/// Tuning of the batching audit writer.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditConfig {
+    /// Events held in memory before writers wait (back-pressure).
+    pub queue_capacity: usize,
+    /// Most events written in one insert batch.
+    pub max_batch: usize,
+    /// Longest an event waits before its batch is flushed.
+    pub flush_interval: Duration,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 10_000,
+            max_batch: 500,
+            flush_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Who is making a change, for the audit log.
+#[derive(Debug, Clone, Default)]
+pub struct Actor {
+    /// Actor name (`admin` for API-key callers).
+    pub name: String,
+    /// Caller IP.
+    pub ip: Option<String>,
+    /// Caller user agent.
+    pub user_agent: Option<String>,
+}
+
+impl Actor {
+    pub(crate) fn event(&self, event_type: &str, provider_id: &str, detail: Value) -> AuditEvent {
+        AuditEvent::new(event_type)
+            .actor(self.name.clone())
+            .provider(provider_id)
+            .caller(self.ip.clone(), self.user_agent.clone())
+            .detail(detail)
+    }
+}
 
 /// One audit event. `detail` must never hold a secret.
 #[derive(Debug, Clone)]

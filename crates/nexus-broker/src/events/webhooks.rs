@@ -23,8 +23,8 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 use url::Url;
 
-use crate::audit::AuditEvent;
-use crate::registry::Actor;
+use crate::events::audit::Actor;
+use crate::events::audit::AuditEvent;
 use crate::store::{
     now_ms, rfc3339, Attempt, AttemptResult, ConnectionRow, DeliveryJob, DeliveryView, EndpointRow,
     OutboxEvent, Store, StoreError,

@@ -24,7 +24,8 @@ pub fn verifier() -> Secret<String> {
 /// The S256 challenge of a verifier.
 ///
 /// ```
-/// use nexus_broker::{pkce::challenge_s256, Secret};
+/// use nexus_broker::oauth::pkce::challenge_s256;
+/// use nexus_core::Secret;
 /// // RFC 7636 appendix B.
 /// let v = Secret::new("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk".to_string());
 /// assert_eq!(challenge_s256(&v), "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM");

@@ -14,14 +14,16 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::audit::AuditEvent;
-use crate::handshake::token_request;
-use crate::profile::AuthType;
-use crate::registry::{Actor, Provider};
+use super::error::TokenError;
+use super::refresh::Refresher;
+use crate::events::audit::Actor;
+use crate::events::audit::AuditEvent;
+use crate::events::webhooks;
+use crate::oauth::client::token_request;
+use crate::registry::profile::AuthType;
+use crate::registry::Provider;
 use crate::store::{now_ms, ConnectionRow, Transition};
-use crate::token::{TokenError, Tokens};
 use crate::vault::Aad;
-use crate::webhook;
 use nexus_core::outbound;
 
 /// Tries at the revocation endpoint before giving up on it.
@@ -69,7 +71,7 @@ pub struct Revoked {
     pub provider_revocation: Option<ProviderRevocation>,
 }
 
-impl Tokens {
+impl Refresher {
     /// Revokes a connection at the provider and here. Runs in its own task:
     /// a caller going away must not leave the grant revoked at the provider
     /// but the connection still `active` here.
@@ -146,8 +148,8 @@ impl Tokens {
                     d["previous_status"] = json!(before.status);
                     d
                 }),
-            event: Some(webhook::connection_event(
-                webhook::CONNECTION_REVOKED,
+            event: Some(webhooks::connection_event(
+                webhooks::CONNECTION_REVOKED,
                 before,
                 provider_name.as_deref(),
                 "revoked",

@@ -7,7 +7,7 @@ use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
-use crate::discovery::{Discovery, DiscoveryError};
+use crate::oauth::discovery::{Discovery, DiscoveryError};
 use crate::store::now_ms;
 
 /// Asymmetric algorithms accepted for id_tokens.

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::profile::AuthType;
+use crate::registry::profile::AuthType;
 
 /// The strategy types the bridge and the sidecar know how to apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,10 +15,11 @@ use serde_json::{json, Map, Value};
 use sha2::Sha256;
 use url::Url;
 
-use crate::audit::AuditEvent;
+use crate::events::audit::Actor;
+use crate::events::audit::AuditEvent;
 use crate::handshake::{HandshakeError, Handshakes};
-use crate::registry::{Actor, Provider};
-use crate::state_token::{self, StateError};
+use crate::oauth::state_token::{self, StateError};
+use crate::registry::Provider;
 use crate::store::{now_ms, Activation, Consumed, HandshakeRow};
 use nexus_core::Secret;
 
@@ -298,7 +299,7 @@ impl Handshakes {
         let transition =
             |before: &crate::store::ConnectionRow, failing: &[String]| crate::store::Transition {
                 audit: audit.clone(),
-                event: Some(crate::webhook::activation_event(
+                event: Some(crate::events::webhooks::activation_event(
                     before,
                     Some(&form.provider.profile.name),
                     failing,

@@ -10,6 +10,8 @@
 //! written for ([`Aad`]); a ciphertext copied into another row or column fails
 //! to decrypt instead of silently yielding another row's secret.
 
+pub mod rewrap;
+
 use aes_gcm::aead::{Aead, KeyInit, OsRng, Payload};
 use aes_gcm::{AeadCore, Aes256Gcm, Key, Nonce};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};

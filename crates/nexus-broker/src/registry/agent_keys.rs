@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::audit::AuditEvent;
-use crate::registry::Actor;
+use crate::events::audit::Actor;
+use crate::events::audit::AuditEvent;
 use crate::store::{now_ms, rfc3339, AgentKeyRow, Store, StoreError};
 use nexus_core::Secret;
 
