@@ -22,22 +22,24 @@ mod agent_keys;
 mod audit;
 pub mod changes;
 mod connections;
+mod handshakes;
 mod http_cache;
+mod leases;
 mod pauses;
 mod providers;
+mod scope_reports;
 mod secrets;
 mod webhooks;
 
 pub use agent_keys::AgentKeyRow;
 pub use audit::{AuditFilter, AuditRecord};
 pub use changes::Change;
-pub use connections::{
-    Activation, ConnectionRow, Consumed, HandshakeRow, Refreshed, ScopeDelta, ScopeFailureView,
-    ScopeReportRow, TokenStamp, Transition,
-};
+pub use connections::{Activation, ConnectionRow, Refreshed, TokenStamp, Transition};
+pub use handshakes::{Consumed, HandshakeRow};
 pub use http_cache::CachedDoc;
 pub use pauses::{PauseRow, PauseScope};
 pub use providers::{NewProvider, ProviderRow, ProviderUpdate, SecretUpdate};
+pub use scope_reports::{ScopeDelta, ScopeFailureView, ScopeReportRow};
 pub use secrets::{EncryptedColumn, ENCRYPTED_COLUMNS};
 pub use webhooks::{Attempt, AttemptResult, DeliveryJob, DeliveryView, EndpointRow, OutboxEvent};
 
