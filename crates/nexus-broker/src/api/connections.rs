@@ -74,7 +74,7 @@ fn view(c: &ConnectionRow) -> Value {
 }
 
 fn needs_attention(c: &ConnectionRow) -> bool {
-    matches!(c.status.as_str(), "attention_required" | "degraded")
+    c.status.wants_reconsent()
 }
 
 /// `?workspace_id=` (or `user_id=`).

@@ -26,8 +26,8 @@ use url::Url;
 use crate::events::audit::Actor;
 use crate::events::audit::AuditEvent;
 use crate::store::{
-    now_ms, rfc3339, Attempt, AttemptResult, ConnectionRow, DeliveryJob, DeliveryView, EndpointRow,
-    OutboxEvent, Store, StoreError,
+    now_ms, rfc3339, Attempt, AttemptResult, ConnectionRow, ConnectionStatus, DeliveryJob,
+    DeliveryView, EndpointRow, OutboxEvent, Store, StoreError,
 };
 use crate::vault::{Aad, KeyRing};
 use nexus_core::Secret;
@@ -170,11 +170,11 @@ pub fn connection_event(
     event_type: &str,
     c: &ConnectionRow,
     provider_name: Option<&str>,
-    new_state: &str,
+    new_state: ConnectionStatus,
     error_code: Option<&str>,
     failing_scopes: &[String],
 ) -> OutboxEvent {
-    let reconsent = matches!(new_state, "degraded" | "attention_required").then(|| {
+    let reconsent = new_state.wants_reconsent().then(|| {
         let mut scopes = crate::store::parse_json_list(&c.requested_scopes);
         for s in failing_scopes {
             if !scopes.contains(s) {
@@ -225,15 +225,12 @@ pub fn activation_event(
     provider_name: Option<&str>,
     failing: &[String],
 ) -> OutboxEvent {
-    let new_state = if failing.is_empty() {
-        "active"
-    } else {
-        "degraded"
-    };
-    let kind = match (c.status.as_str(), new_state) {
-        ("degraded" | "attention_required", "active") => CONNECTION_RECOVERED,
-        ("attention_required", "degraded") => CONNECTION_RECOVERED,
-        (_, "degraded") => CONNECTION_DEGRADED,
+    use ConnectionStatus::{Active, AttentionRequired, Degraded};
+    let new_state = if failing.is_empty() { Active } else { Degraded };
+    let kind = match (c.status, new_state) {
+        (Degraded | AttentionRequired, Active) => CONNECTION_RECOVERED,
+        (AttentionRequired, Degraded) => CONNECTION_RECOVERED,
+        (_, Degraded) => CONNECTION_DEGRADED,
         _ => CONNECTION_ACTIVE,
     };
     connection_event(kind, c, provider_name, new_state, None, failing)

@@ -410,7 +410,7 @@ impl Handshakes {
             id: hs.connection_id.clone(),
             workspace_id: hs.workspace_id.clone(),
             provider_id: hs.provider_id.clone(),
-            status: "pending".into(),
+            status: crate::store::ConnectionStatus::Pending,
             requested_scopes: json_list(scopes),
             granted_scopes: "[]".into(),
             access_token: None,

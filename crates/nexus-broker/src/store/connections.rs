@@ -5,7 +5,7 @@
 use sqlx::Row;
 
 use super::webhooks::{insert_outbox, OutboxEvent};
-use super::{now_ms, on_pool, Change, Store, StoreError};
+use super::{now_ms, on_pool, Change, ConnectionStatus, Store, StoreError};
 use crate::events::audit::AuditEvent;
 
 /// A state change's record: its audit event and, for the transitions people
@@ -32,7 +32,7 @@ pub struct ConnectionRow {
     /// Provider.
     pub provider_id: String,
     /// `pending`, `active`, `degraded`, `attention_required`, `revoked`, `failed`.
-    pub status: String,
+    pub status: ConnectionStatus,
     /// JSON array of scopes asked for.
     pub requested_scopes: String,
     /// JSON array of scopes the provider granted.
@@ -97,7 +97,7 @@ pub struct Refreshed {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenStamp {
     /// Connection status.
-    pub status: String,
+    pub status: ConnectionStatus,
     /// Connection version.
     pub version: i64,
     /// JSON array.
@@ -162,6 +162,19 @@ pub struct Activation {
     pub next_refresh_at: Option<i64>,
 }
 
+/// The `status` column, checked.
+pub(super) fn status_of<R: Row>(r: &R) -> Result<ConnectionStatus, sqlx::Error>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    String: for<'a> sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    let s: String = r.try_get("status")?;
+    ConnectionStatus::parse(&s).ok_or_else(|| sqlx::Error::ColumnDecode {
+        index: "status".into(),
+        source: format!("unknown connection status '{s}'").into(),
+    })
+}
+
 pub(super) const CONNECTION_COLUMNS: &str = "id, workspace_id, provider_id, status, requested_scopes, granted_scopes, access_token, \
     refresh_token, id_token, credentials, token_type, expires_at, identity, version, last_success_at, last_failure_at, \
     error_code, error_description, consecutive_failures, failing_scopes, next_refresh_at, created_at, updated_at";
@@ -176,7 +189,7 @@ where
         id: r.try_get("id")?,
         workspace_id: r.try_get("workspace_id")?,
         provider_id: r.try_get("provider_id")?,
-        status: r.try_get("status")?,
+        status: status_of(r)?,
         requested_scopes: r.try_get("requested_scopes")?,
         granted_scopes: r.try_get("granted_scopes")?,
         access_token: r.try_get("access_token")?,
@@ -237,7 +250,7 @@ impl Store {
             .await?;
             row.map(|r| -> Result<TokenStamp, sqlx::Error> {
                 Ok(TokenStamp {
-                    status: r.try_get("status")?,
+                    status: status_of(&r)?,
                     version: r.try_get("version")?,
                     granted_scopes: r.try_get("granted_scopes")?,
                     failing_scopes: r.try_get("failing_scopes")?,
@@ -434,7 +447,7 @@ impl Store {
         let before = on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             let before = lock_connection(&mut tx, id).await?;
-            if before.status == "revoked" {
+            if before.status == ConnectionStatus::Revoked {
                 tx.rollback().await?;
                 return Ok(None);
             }

@@ -29,6 +29,7 @@ mod pauses;
 mod providers;
 mod scope_reports;
 mod secrets;
+mod status;
 mod webhooks;
 
 pub use agent_keys::AgentKeyRow;
@@ -41,6 +42,7 @@ pub use pauses::{PauseRow, PauseScope};
 pub use providers::{NewProvider, ProviderRow, ProviderUpdate, SecretUpdate};
 pub use scope_reports::{ScopeDelta, ScopeFailureView, ScopeReportRow};
 pub use secrets::{EncryptedColumn, ENCRYPTED_COLUMNS};
+pub use status::ConnectionStatus;
 pub use webhooks::{Attempt, AttemptResult, DeliveryJob, DeliveryView, EndpointRow, OutboxEvent};
 
 /// Runs `$body` with `$pool` bound to the concrete pool of either backend.

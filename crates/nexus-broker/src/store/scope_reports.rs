@@ -5,7 +5,7 @@ use sqlx::Row;
 
 use super::connections::{lock_connection, write_transition, ConnectionRow};
 use super::webhooks::OutboxEvent;
-use super::{now_ms, on_pool, Change, Store, StoreError};
+use super::{now_ms, on_pool, Change, ConnectionStatus, Store, StoreError};
 use crate::events::audit::AuditEvent;
 
 /// What a scope report changes, decided under the connection's row lock.
@@ -22,7 +22,7 @@ pub struct ScopeDelta {
     /// Failing scopes after the report.
     pub failing_after: Vec<String>,
     /// Status after the report (`active` or `degraded`).
-    pub status_after: String,
+    pub status_after: ConnectionStatus,
 }
 
 /// What a scope report records, given the row before it and the change it
@@ -95,7 +95,7 @@ impl Store {
         let (before, delta, moved) = on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             let before = lock_connection(&mut tx, id).await?;
-            if !matches!(before.status.as_str(), "active" | "degraded") {
+            if !before.status.serves_tokens() {
                 tx.rollback().await?;
                 return Ok((before, None));
             }
@@ -150,7 +150,7 @@ impl Store {
             if moved {
                 sqlx::query("UPDATE connections SET failing_scopes = $1, status = $2, updated_at = $3 WHERE id = $4")
                     .bind(super::json_list(&delta.failing_after))
-                    .bind(&delta.status_after)
+                    .bind(delta.status_after.as_str())
                     .bind(now)
                     .bind(id)
                     .execute(&mut *tx)
@@ -254,9 +254,9 @@ fn scope_delta(
         .chain(d.added.iter().cloned())
         .collect();
     d.status_after = if d.failing_after.is_empty() {
-        "active".into()
+        ConnectionStatus::Active
     } else {
-        "degraded".into()
+        ConnectionStatus::Degraded
     };
     d
 }

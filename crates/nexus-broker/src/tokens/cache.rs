@@ -232,7 +232,7 @@ mod tests {
 
     fn stamp(version: i64, status: &str) -> TokenStamp {
         TokenStamp {
-            status: status.into(),
+            status: crate::store::ConnectionStatus::parse(status).unwrap(),
             version,
             granted_scopes: "[]".into(),
             failing_scopes: "[]".into(),

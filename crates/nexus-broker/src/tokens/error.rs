@@ -1,7 +1,7 @@
 //! Why a token is not served, and which connection states serve one.
 
 use crate::registry::RegistryError;
-use crate::store::{ConnectionRow, PauseRow, StoreError};
+use crate::store::{ConnectionRow, ConnectionStatus, PauseRow, StoreError};
 
 /// Why no token is served.
 #[derive(Debug, thiserror::Error)]
@@ -49,15 +49,15 @@ impl From<RegistryError> for TokenError {
 
 /// Whether a connection's status lets it serve tokens (and take reports).
 pub fn usable(c: &ConnectionRow) -> Result<(), TokenError> {
-    match c.status.as_str() {
-        "active" | "degraded" => Ok(()),
-        "pending" => Err(TokenError::Pending),
-        "attention_required" => Err(TokenError::AttentionRequired(
+    match c.status {
+        ConnectionStatus::Active | ConnectionStatus::Degraded => Ok(()),
+        ConnectionStatus::Pending => Err(TokenError::Pending),
+        ConnectionStatus::AttentionRequired => Err(TokenError::AttentionRequired(
             c.error_description
                 .clone()
                 .unwrap_or_else(|| "a person must re-consent this connection".into()),
         )),
-        "revoked" => Err(TokenError::Revoked),
-        _ => Err(TokenError::Failed),
+        ConnectionStatus::Revoked => Err(TokenError::Revoked),
+        ConnectionStatus::Failed => Err(TokenError::Failed),
     }
 }

@@ -26,7 +26,9 @@ use crate::events::webhooks;
 use crate::oauth::client::{classify, parse_token_response, token_request, Refusal};
 use crate::oauth::discovery::Discovery;
 use crate::registry::{Provider, Registry};
-use crate::store::{json_list, now_ms, ConnectionRow, Refreshed, Store, Transition};
+use crate::store::{
+    json_list, now_ms, ConnectionRow, ConnectionStatus, Refreshed, Store, Transition,
+};
 use crate::vault::{Aad, KeyRing};
 use nexus_core::outbound;
 
@@ -560,7 +562,7 @@ fn attention(c: &ConnectionRow, provider: &Provider, code: &str, mut detail: Val
             webhooks::CONNECTION_ATTENTION_REQUIRED,
             c,
             Some(&provider.profile.name),
-            "attention_required",
+            ConnectionStatus::AttentionRequired,
             Some(code),
             &failing,
         )),

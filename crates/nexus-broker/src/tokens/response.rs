@@ -9,7 +9,8 @@ use super::schedule::{inside_margin, RefreshSettings};
 use crate::registry::strategy::StrategyKind;
 use crate::registry::Provider;
 use crate::store::{
-    now_ms, parse_json_list as parse_list, rfc3339, ConnectionRow, StoreError, TokenStamp,
+    now_ms, parse_json_list as parse_list, rfc3339, ConnectionRow, ConnectionStatus, StoreError,
+    TokenStamp,
 };
 use crate::vault::{Aad, KeyRing};
 use nexus_core::wire::complete;
@@ -124,7 +125,10 @@ pub fn build(
     out.insert("provider".into(), json!(provider.profile.name));
     out.insert("connection_id".into(), json!(c.id));
     out.insert("status".into(), json!(c.status));
-    out.insert("degraded".into(), json!(c.status == "degraded"));
+    out.insert(
+        "degraded".into(),
+        json!(c.status == ConnectionStatus::Degraded),
+    );
     out.insert(
         "failing_scopes".into(),
         json!(parse_list(&c.failing_scopes)),
@@ -135,6 +139,6 @@ pub fn build(
 /// Whether a cached response built from `stamp` may be served now: the
 /// connection is usable and its token outside the refresh margin.
 pub(crate) fn servable(s: &RefreshSettings, stamp: &TokenStamp) -> bool {
-    matches!(stamp.status.as_str(), "active" | "degraded")
+    stamp.status.serves_tokens()
         && !inside_margin(s, stamp.expires_at, stamp.last_success_at, now_ms())
 }

@@ -22,7 +22,7 @@ use crate::events::webhooks;
 use crate::oauth::client::token_request;
 use crate::registry::profile::AuthType;
 use crate::registry::Provider;
-use crate::store::{now_ms, ConnectionRow, Transition};
+use crate::store::{now_ms, ConnectionRow, ConnectionStatus, Transition};
 use crate::vault::Aad;
 use nexus_core::outbound;
 
@@ -64,7 +64,7 @@ pub struct Revoked {
     /// Connection.
     pub connection_id: String,
     /// Always `revoked`.
-    pub status: &'static str,
+    pub status: ConnectionStatus,
     /// It was revoked before this call (nothing was done).
     pub already_revoked: bool,
     /// What the provider said.
@@ -97,10 +97,10 @@ impl Refresher {
             .get_connection(id)
             .await?
             .ok_or(TokenError::NotFound)?;
-        if c.status == "revoked" {
+        if c.status == ConnectionStatus::Revoked {
             return Ok(Revoked {
                 connection_id: id.to_string(),
-                status: "revoked",
+                status: ConnectionStatus::Revoked,
                 already_revoked: true,
                 provider_revocation: None,
             });
@@ -152,7 +152,7 @@ impl Refresher {
                 webhooks::CONNECTION_REVOKED,
                 before,
                 provider_name.as_deref(),
-                "revoked",
+                ConnectionStatus::Revoked,
                 None,
                 &[],
             )),
@@ -164,7 +164,7 @@ impl Refresher {
             .is_none();
         Ok(Revoked {
             connection_id: id.to_string(),
-            status: "revoked",
+            status: ConnectionStatus::Revoked,
             already_revoked: already,
             provider_revocation: (!already).then_some(at_provider),
         })

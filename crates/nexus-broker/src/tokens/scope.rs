@@ -20,7 +20,9 @@ use crate::events::audit::Actor;
 use crate::events::audit::AuditEvent;
 use crate::events::webhooks;
 use crate::registry::Registry;
-use crate::store::{now_ms, ConnectionRow, ScopeDelta, ScopeReportRow, Store, StoreError};
+use crate::store::{
+    now_ms, ConnectionRow, ConnectionStatus, ScopeDelta, ScopeReportRow, Store, StoreError,
+};
 use crate::tokens::{TokenError, Tokens};
 
 /// Tuning of scope reports.
@@ -87,7 +89,7 @@ pub struct ReportOutcome {
     /// Whether the report counted toward `failing_scopes`.
     pub counted: bool,
     /// Status after the report.
-    pub status: String,
+    pub status: ConnectionStatus,
     /// Failing scopes after the report.
     pub failing_scopes: Vec<String>,
 }
@@ -431,7 +433,7 @@ impl ScopeReports {
             connection_id: c.id.clone(),
             action,
             counted: false,
-            status: c.status.clone(),
+            status: c.status,
             failing_scopes: crate::store::parse_json_list(&c.failing_scopes),
         };
         // The token that failed has been replaced since: try the new one first.
@@ -494,7 +496,7 @@ fn records(
             webhooks::CONNECTION_DEGRADED,
             before,
             provider_name,
-            "degraded",
+            ConnectionStatus::Degraded,
             Some("insufficient_scope"),
             &d.failing_after,
         ));
@@ -504,7 +506,8 @@ fn records(
             "scopes": d.cleared,
             "failing_scopes": d.failing_after,
         })));
-        if d.status_after == "active" && before.status == "degraded" {
+        if d.status_after == ConnectionStatus::Active && before.status == ConnectionStatus::Degraded
+        {
             audits.push(
                 base("connection.recovered")
                     .detail(json!({"previous_status": before.status, "cause": "ok_scopes"})),
@@ -513,7 +516,7 @@ fn records(
                 webhooks::CONNECTION_RECOVERED,
                 before,
                 provider_name,
-                "active",
+                ConnectionStatus::Active,
                 None,
                 &[],
             ));
