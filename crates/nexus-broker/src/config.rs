@@ -14,91 +14,64 @@ use ipnet::IpNet;
 use url::Url;
 
 use crate::vault::KeyRing;
+use nexus_core::settings::Setting;
 use nexus_core::Secret;
 
-/// Default limit for request bodies on the admin API.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 const MIN_API_KEY_LEN: usize = 24;
 const MIN_STATE_KEY_BYTES: usize = 32;
 
 pub use nexus_core::settings::redact_url;
 pub use nexus_core::ConfigError;
 
-/// Raw settings, each named after its environment variable. `None` means unset.
-#[derive(Default, Clone)]
-pub struct Settings {
-    /// `DATABASE_URL`: `sqlite:path` or `postgres://...`.
-    pub database_url: Option<String>,
-    /// `ENCRYPTION_KEY`: one base64 32-byte key.
-    pub encryption_key: Option<String>,
-    /// `ENCRYPTION_KEYS`: `id:base64,...`, first active; wins over `ENCRYPTION_KEY`.
-    pub encryption_keys: Option<String>,
-    /// `STATE_KEY`: base64, at least 32 bytes; signs OAuth `state`.
-    pub state_key: Option<String>,
-    /// `API_KEY`: the admin key callers send as `X-API-Key`.
-    pub api_key: Option<String>,
-    /// `BASE_URL`: the public URL the provider redirects back to.
-    pub base_url: Option<String>,
-    /// `REDIRECT_PATH`: path of the OAuth callback under `BASE_URL`.
-    pub redirect_path: Option<String>,
-    /// `ALLOWED_RETURN_DOMAINS`: comma-separated hosts a handshake may return to.
-    pub allowed_return_domains: Option<String>,
-    /// `ALLOWED_CIDRS`: comma-separated networks allowed to call the admin API.
-    pub allowed_cidrs: Option<String>,
-    /// `BROKER_ADDR`: socket address to listen on.
-    pub broker_addr: Option<String>,
-    /// `MAX_BODY_BYTES`: request body limit.
-    pub max_body_bytes: Option<String>,
-    /// `PROVIDER_TIMEOUT_SECS`: timeout of each call to a provider.
-    pub provider_timeout_secs: Option<String>,
-    /// `REDIS_URL`: optional Redis for caches shared by replicas.
-    pub redis_url: Option<String>,
-    /// `REFRESH_MARGIN_SECS`: refresh tokens this long before they expire.
-    pub refresh_margin_secs: Option<String>,
-    /// `REFRESH_JITTER_SECS`: refresh up to this much earlier again, at random.
-    pub refresh_jitter_secs: Option<String>,
-    /// `REFRESH_LEASE_SECS`: how long a refresh lease lasts.
-    pub refresh_lease_secs: Option<String>,
-    /// `TOKEN_CACHE_CAPACITY`: decrypted token responses kept in memory (0 disables).
-    pub token_cache_capacity: Option<String>,
-    /// `REFRESH_WORKER`: `false` to run no background refresher on this replica.
-    pub refresh_worker: Option<String>,
-    /// `REDIS_KEY_PREFIX`: prefix of every Redis key (default `nexus:`).
-    pub redis_key_prefix: Option<String>,
-    /// `WEBHOOK_URL`: one webhook endpoint receiving every event.
-    pub webhook_url: Option<String>,
-    /// `WEBHOOK_SECRET`: its signing secret (`whsec_` + base64).
-    pub webhook_secret: Option<String>,
-    /// `NEXUS_ISSUANCE_PAUSED`: `true` pauses token issuance at start-up.
-    pub issuance_paused: Option<String>,
-}
-
-impl std::fmt::Debug for Settings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Keys are secrets: say only whether they are set.
-        f.debug_struct("Settings")
-            .field(
-                "database_url",
-                &self.database_url.as_ref().map(|u| redact_url(u)),
-            )
-            .field(
-                "encryption_key",
-                &self.encryption_key.as_ref().map(|_| "[set]"),
-            )
-            .field(
-                "encryption_keys",
-                &self.encryption_keys.as_ref().map(|_| "[set]"),
-            )
-            .field("state_key", &self.state_key.as_ref().map(|_| "[set]"))
-            .field("api_key", &self.api_key.as_ref().map(|_| "[set]"))
-            .field("base_url", &self.base_url)
-            .field("broker_addr", &self.broker_addr)
-            .field("webhook_url", &self.webhook_url)
-            .field(
-                "webhook_secret",
-                &self.webhook_secret.as_ref().map(|_| "[set]"),
-            )
-            .finish_non_exhaustive()
+nexus_core::declare_settings! {
+    /// Raw broker settings, each named after its environment variable;
+    /// `None` means unset. Each is declared once here: the `nexus` binary
+    /// makes its flags and `--help` from these declarations.
+    pub struct Settings {
+        /// `DATABASE_URL`: `sqlite:path` or `postgres://...`.
+        database_url: DATABASE_URL = Setting::text("DATABASE_URL", "Database: sqlite:PATH or postgres://..."),
+        /// `ENCRYPTION_KEY`: one base64 32-byte key.
+        encryption_key: ENCRYPTION_KEY = Setting::secret("ENCRYPTION_KEY", "The vault key: base64 of 32 random bytes (nexus keys generate)"),
+        /// `ENCRYPTION_KEYS`: `id:base64,...`, first active; wins over `ENCRYPTION_KEY`.
+        encryption_keys: ENCRYPTION_KEYS = Setting::secret("ENCRYPTION_KEYS", "Several vault keys, id:base64,... (the first is active); wins over ENCRYPTION_KEY"),
+        /// `STATE_KEY`: base64, at least 32 bytes; signs OAuth `state`.
+        state_key: STATE_KEY = Setting::secret("STATE_KEY", "Signs OAuth state: base64 of at least 32 random bytes"),
+        /// `API_KEY`: the admin key callers send as `X-API-Key`.
+        api_key: API_KEY = Setting::secret("API_KEY", "The admin key operators send as X-API-Key"),
+        /// `BASE_URL`: the public URL the provider redirects back to.
+        base_url: BASE_URL = Setting::text("BASE_URL", "Public base URL providers redirect back to (default: http://BROKER_ADDR)"),
+        /// `REDIRECT_PATH`: path of the OAuth callback under `BASE_URL`.
+        redirect_path: REDIRECT_PATH = Setting::text("REDIRECT_PATH", "Path of the OAuth callback under BASE_URL").or("/auth/callback"),
+        /// `ALLOWED_RETURN_DOMAINS`: comma-separated hosts a handshake may return to.
+        allowed_return_domains: ALLOWED_RETURN_DOMAINS = Setting::text("ALLOWED_RETURN_DOMAINS", "Comma-separated hosts a handshake may return the browser to (.example.com: and below)").or("localhost,127.0.0.1"),
+        /// `ALLOWED_CIDRS`: comma-separated networks allowed to call the admin API.
+        allowed_cidrs: ALLOWED_CIDRS = Setting::text("ALLOWED_CIDRS", "Comma-separated networks allowed to call the admin API (default: any)"),
+        /// `BROKER_ADDR`: socket address to listen on.
+        broker_addr: BROKER_ADDR = Setting::text("BROKER_ADDR", "Broker listen address").or("127.0.0.1:8080"),
+        /// `MAX_BODY_BYTES`: request body limit.
+        max_body_bytes: MAX_BODY_BYTES = Setting::number("MAX_BODY_BYTES", "Request body limit", "1048576", 1024, u64::MAX, "bytes"),
+        /// `PROVIDER_TIMEOUT_SECS`: timeout of each call to a provider.
+        provider_timeout_secs: PROVIDER_TIMEOUT_SECS = Setting::number("PROVIDER_TIMEOUT_SECS", "Timeout of each call to a provider", "10", 1, 300, "seconds"),
+        /// `REDIS_URL`: optional Redis for caches shared by replicas.
+        redis_url: REDIS_URL = Setting::text("REDIS_URL", "Redis for caches shared by broker replicas (redis://...)"),
+        /// `REDIS_KEY_PREFIX`: prefix of every Redis key.
+        redis_key_prefix: REDIS_KEY_PREFIX = Setting::text("REDIS_KEY_PREFIX", "Prefix of every Redis key").or("nexus:"),
+        /// `REFRESH_MARGIN_SECS`: refresh tokens this long before they expire.
+        refresh_margin_secs: REFRESH_MARGIN_SECS = Setting::number("REFRESH_MARGIN_SECS", "Refresh tokens this long before they expire (at most half their lifetime)", "300", 0, 86_400, "seconds"),
+        /// `REFRESH_JITTER_SECS`: refresh up to this much earlier again, at random.
+        refresh_jitter_secs: REFRESH_JITTER_SECS = Setting::number("REFRESH_JITTER_SECS", "Refresh up to this much earlier again, at random", "60", 0, 3_600, "seconds"),
+        /// `REFRESH_LEASE_SECS`: how long a refresh lease lasts.
+        refresh_lease_secs: REFRESH_LEASE_SECS = Setting::number("REFRESH_LEASE_SECS", "How long a refresh lease lasts (more than twice PROVIDER_TIMEOUT_SECS)", "30", 1, 600, "seconds"),
+        /// `TOKEN_CACHE_CAPACITY`: decrypted token responses kept in memory (0 disables).
+        token_cache_capacity: TOKEN_CACHE_CAPACITY = Setting::number("TOKEN_CACHE_CAPACITY", "Token answers kept in memory; 0 disables the cache", "10000", 0, 10_000_000, ""),
+        /// `REFRESH_WORKER`: `false` to run no background refresher on this replica.
+        refresh_worker: REFRESH_WORKER = Setting::boolean("REFRESH_WORKER", "Run the background refresher on this replica", true),
+        /// `WEBHOOK_URL`: one webhook endpoint receiving every event.
+        webhook_url: WEBHOOK_URL = Setting::text("WEBHOOK_URL", "One webhook endpoint for every event (its secret: WEBHOOK_SECRET)"),
+        /// `WEBHOOK_SECRET`: its signing secret (`whsec_` + base64).
+        webhook_secret: WEBHOOK_SECRET = Setting::secret("WEBHOOK_SECRET", "The webhook signing secret, whsec_ + base64 (nexus keys generate)"),
+        /// `NEXUS_ISSUANCE_PAUSED`: `true` pauses token issuance at start-up.
+        issuance_paused: NEXUS_ISSUANCE_PAUSED = Setting::boolean("NEXUS_ISSUANCE_PAUSED", "Start with token issuance paused; lift with DELETE /admin/pause", false),
     }
 }
 
@@ -168,24 +141,19 @@ impl std::fmt::Debug for BrokerConfig {
     }
 }
 
-fn non_empty(v: &Option<String>) -> Option<&str> {
-    v.as_deref().map(str::trim).filter(|s| !s.is_empty())
-}
-
 /// Validates `DATABASE_URL` alone (for `nexus migrate`).
 pub fn database_url(s: &Settings) -> Result<String, ConfigError> {
-    let url = non_empty(&s.database_url).ok_or_else(|| {
-        ConfigError::new(
-            "DATABASE_URL",
-            "is not set; use sqlite:nexus.db or postgres://user@host/db",
-        )
-    })?;
+    let v = s.values();
+    let url = v.required(
+        &DATABASE_URL,
+        "use sqlite:nexus.db or postgres://user@host/db",
+    )?;
     if !(url.starts_with("sqlite:")
         || url.starts_with("postgres://")
         || url.starts_with("postgresql://"))
     {
         return Err(ConfigError::new(
-            "DATABASE_URL",
+            DATABASE_URL.name,
             "must start with sqlite:, postgres:// or postgresql://",
         ));
     }
@@ -194,12 +162,13 @@ pub fn database_url(s: &Settings) -> Result<String, ConfigError> {
 
 /// Validates the key ring alone (`ENCRYPTION_KEYS`, else `ENCRYPTION_KEY`), for `nexus keys rewrap`.
 pub fn key_ring(s: &Settings) -> Result<KeyRing, ConfigError> {
-    let (var, result) = match (non_empty(&s.encryption_keys), non_empty(&s.encryption_key)) {
-        (Some(ring), _) => ("ENCRYPTION_KEYS", KeyRing::from_keys_var(ring)),
-        (None, Some(one)) => ("ENCRYPTION_KEY", KeyRing::from_single_key(one)),
+    let v = s.values();
+    let (var, result) = match (v.given(&ENCRYPTION_KEYS), v.given(&ENCRYPTION_KEY)) {
+        (Some(ring), _) => (ENCRYPTION_KEYS.name, KeyRing::from_keys_var(ring)),
+        (None, Some(one)) => (ENCRYPTION_KEY.name, KeyRing::from_single_key(one)),
         (None, None) => {
             return Err(ConfigError::new(
-                "ENCRYPTION_KEY",
+                ENCRYPTION_KEY.name,
                 "is not set (nor ENCRYPTION_KEYS); generate one with `nexus keys generate`",
             ))
         }
@@ -232,22 +201,18 @@ impl BrokerConfig {
     pub fn from_settings(s: &Settings) -> Result<Self, ConfigError> {
         let database_url = database_url(s)?;
         let keys = key_ring(s)?;
+        let v = s.values();
 
-        let state_key_b64 = non_empty(&s.state_key).ok_or_else(|| {
-            ConfigError::new(
-                "STATE_KEY",
-                "is not set; generate one with `nexus keys generate`",
-            )
-        })?;
+        let state_key_b64 = v.required(&STATE_KEY, "generate one with `nexus keys generate`")?;
         let state_key = STANDARD.decode(state_key_b64).map_err(|_| {
             ConfigError::new(
-                "STATE_KEY",
+                STATE_KEY.name,
                 "is not valid base64; generate one with `nexus keys generate`",
             )
         })?;
         if state_key.len() < MIN_STATE_KEY_BYTES {
             return Err(ConfigError::new(
-                "STATE_KEY",
+                STATE_KEY.name,
                 format!(
                     "must decode to at least {MIN_STATE_KEY_BYTES} bytes (got {}); generate one with `nexus keys generate`",
                     state_key.len()
@@ -255,15 +220,10 @@ impl BrokerConfig {
             ));
         }
 
-        let api_key = non_empty(&s.api_key).ok_or_else(|| {
-            ConfigError::new(
-                "API_KEY",
-                "is not set; generate one with `nexus keys generate`",
-            )
-        })?;
+        let api_key = v.required(&API_KEY, "generate one with `nexus keys generate`")?;
         if api_key.len() < MIN_API_KEY_LEN {
             return Err(ConfigError::new(
-                "API_KEY",
+                API_KEY.name,
                 format!(
                     "must be at least {MIN_API_KEY_LEN} characters (got {})",
                     api_key.len()
@@ -271,14 +231,18 @@ impl BrokerConfig {
             ));
         }
 
-        let listen_addr: SocketAddr = non_empty(&s.broker_addr)
-            .unwrap_or("127.0.0.1:8080")
+        let listen_addr: SocketAddr = v
+            .required(&BROKER_ADDR, "use an IP:port such as 127.0.0.1:8080")?
             .parse()
             .map_err(|_| {
-                ConfigError::new("BROKER_ADDR", "must be an IP:port such as 127.0.0.1:8080")
+                ConfigError::new(
+                    BROKER_ADDR.name,
+                    "must be an IP:port such as 127.0.0.1:8080",
+                )
             })?;
 
-        let base_url_raw = non_empty(&s.base_url)
+        let base_url_raw = v
+            .given(&BASE_URL)
             .map(str::to_string)
             .unwrap_or_else(|| format!("http://{listen_addr}"));
         let base_url = Url::parse(&base_url_raw)
@@ -286,13 +250,13 @@ impl BrokerConfig {
             .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
             .ok_or_else(|| {
                 ConfigError::new(
-                    "BASE_URL",
+                    BASE_URL.name,
                     "must be an absolute http(s) URL such as https://nexus.example.com",
                 )
             })?;
 
-        let redirect_path = non_empty(&s.redirect_path)
-            .unwrap_or("/auth/callback")
+        let redirect_path = v
+            .required(&REDIRECT_PATH, "use a path such as /auth/callback")?
             .to_string();
         // It becomes a route: only plain path characters, and none of the broker's own routes.
         const TAKEN: &[&str] = &[
@@ -312,7 +276,7 @@ impl BrokerConfig {
                 .all(|b| b.is_ascii_alphanumeric() || b"/-_.".contains(&b))
         {
             return Err(ConfigError::new(
-                "REDIRECT_PATH",
+                REDIRECT_PATH.name,
                 "must be a path like /auth/callback (letters, digits, / - _ .)",
             ));
         }
@@ -330,180 +294,81 @@ impl BrokerConfig {
             || TAKEN_PREFIXES.iter().any(|p| redirect_path.starts_with(p))
         {
             return Err(ConfigError::new(
-                "REDIRECT_PATH",
+                REDIRECT_PATH.name,
                 format!("{redirect_path} is one of the broker's own routes"),
             ));
         }
 
-        let allowed_return_domains = non_empty(&s.allowed_return_domains)
-            .map(|v| {
-                v.split(',')
-                    .map(|d| d.trim().to_ascii_lowercase())
-                    .filter(|d| !d.is_empty())
-                    .collect()
-            })
-            .unwrap_or_else(|| vec!["localhost".to_string(), "127.0.0.1".to_string()]);
+        let allowed_return_domains = v
+            .text(&ALLOWED_RETURN_DOMAINS)
+            .unwrap_or_default()
+            .split(',')
+            .map(|d| d.trim().to_ascii_lowercase())
+            .filter(|d| !d.is_empty())
+            .collect();
 
-        let allowed_cidrs = match non_empty(&s.allowed_cidrs) {
+        let allowed_cidrs = match v.given(&ALLOWED_CIDRS) {
             None => Vec::new(),
-            Some(v) => nexus_core::net::parse_cidrs("ALLOWED_CIDRS", v)?,
+            Some(c) => nexus_core::net::parse_cidrs(ALLOWED_CIDRS.name, c)?,
         };
 
-        let max_body_bytes = match non_empty(&s.max_body_bytes) {
-            None => DEFAULT_MAX_BODY_BYTES,
-            Some(v) => v
-                .parse::<usize>()
-                .ok()
-                .filter(|n| *n >= 1024)
-                .ok_or_else(|| {
-                    ConfigError::new(
-                        "MAX_BODY_BYTES",
-                        "must be a whole number of bytes, at least 1024",
-                    )
-                })?,
-        };
+        let max_body_bytes = v.count(&MAX_BODY_BYTES)?;
+        let provider_timeout = v.secs(&PROVIDER_TIMEOUT_SECS)?;
 
-        let provider_timeout = match non_empty(&s.provider_timeout_secs) {
-            None => Duration::from_secs(10),
-            Some(v) => v
-                .parse::<u64>()
-                .ok()
-                .filter(|n| (1..=300).contains(n))
-                .map(Duration::from_secs)
-                .ok_or_else(|| {
-                    ConfigError::new(
-                        "PROVIDER_TIMEOUT_SECS",
-                        "must be a whole number of seconds from 1 to 300",
-                    )
-                })?,
-        };
-
-        let redis_url = match non_empty(&s.redis_url) {
+        let redis_url = match v.given(&REDIS_URL) {
             None => None,
             Some(u) if u.starts_with("redis://") => Some(u.to_string()),
             Some(u) if u.starts_with("rediss://") => {
-                return Err(ConfigError::new("REDIS_URL", "TLS to Redis (rediss://) is not supported in this version; use redis:// on a private network"))
+                return Err(ConfigError::new(REDIS_URL.name, "TLS to Redis (rediss://) is not supported in this version; use redis:// on a private network"))
             }
-            Some(_) => return Err(ConfigError::new("REDIS_URL", "must start with redis://")),
+            Some(_) => return Err(ConfigError::new(REDIS_URL.name, "must start with redis://")),
         };
-        let refresh_lease = match non_empty(&s.refresh_lease_secs) {
-            None => Duration::from_secs(30),
-            Some(v) => v
-                .parse::<u64>()
-                .ok()
-                .filter(|n| (1..=600).contains(n))
-                .map(Duration::from_secs)
-                .ok_or_else(|| {
-                    ConfigError::new(
-                        "REFRESH_LEASE_SECS",
-                        "must be a whole number of seconds from 1 to 600",
-                    )
-                })?,
-        };
+        let refresh_lease = v.secs(&REFRESH_LEASE_SECS)?;
         // A refresh is a discovery call plus a token call, each bounded by the
         // provider timeout; a lease that can expire mid-refresh would let a
         // second replica refresh with the same refresh token.
         if refresh_lease <= provider_timeout * 2 {
             return Err(ConfigError::new(
-                "REFRESH_LEASE_SECS",
+                REFRESH_LEASE_SECS.name,
                 format!(
                     "must be more than twice PROVIDER_TIMEOUT_SECS ({}s), so a lease outlasts a refresh",
                     provider_timeout.as_secs()
                 ),
             ));
         }
-        let refresh_worker = match non_empty(&s.refresh_worker)
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            None | Some("true") | Some("1") | Some("yes") => true,
-            Some("false") | Some("0") | Some("no") => false,
-            Some(_) => return Err(ConfigError::new("REFRESH_WORKER", "must be true or false")),
-        };
-        let redis_key_prefix = non_empty(&s.redis_key_prefix)
-            .unwrap_or("nexus:")
-            .to_string();
-        let refresh_margin = match non_empty(&s.refresh_margin_secs) {
-            None => Duration::from_secs(300),
-            Some(v) => v
-                .parse::<u64>()
-                .ok()
-                .filter(|n| *n <= 86_400)
-                .map(Duration::from_secs)
-                .ok_or_else(|| {
-                    ConfigError::new(
-                        "REFRESH_MARGIN_SECS",
-                        "must be a whole number of seconds from 0 to 86400",
-                    )
-                })?,
-        };
-        let refresh_jitter = match non_empty(&s.refresh_jitter_secs) {
-            None => Duration::from_secs(60),
-            Some(v) => v
-                .parse::<u64>()
-                .ok()
-                .filter(|n| *n <= 3_600)
-                .map(Duration::from_secs)
-                .ok_or_else(|| {
-                    ConfigError::new(
-                        "REFRESH_JITTER_SECS",
-                        "must be a whole number of seconds from 0 to 3600",
-                    )
-                })?,
-        };
-        let cache_capacity = match non_empty(&s.token_cache_capacity) {
-            None => 10_000,
-            Some(v) => v
-                .parse::<usize>()
-                .ok()
-                .filter(|n| *n <= 10_000_000)
-                .ok_or_else(|| {
-                    ConfigError::new(
-                        "TOKEN_CACHE_CAPACITY",
-                        "must be a whole number from 0 (off) to 10000000",
-                    )
-                })?,
-        };
+        let refresh_worker = v.boolean(&REFRESH_WORKER)?;
+        let redis_key_prefix = v.text(&REDIS_KEY_PREFIX).unwrap_or_default().to_string();
+        let refresh_margin = v.secs(&REFRESH_MARGIN_SECS)?;
+        let refresh_jitter = v.secs(&REFRESH_JITTER_SECS)?;
+        let cache_capacity = v.count(&TOKEN_CACHE_CAPACITY)?;
 
-        let webhook = match (non_empty(&s.webhook_url), non_empty(&s.webhook_secret)) {
+        let webhook = match (v.given(&WEBHOOK_URL), v.given(&WEBHOOK_SECRET)) {
             (None, None) => None,
             (None, Some(_)) => {
                 return Err(ConfigError::new(
-                    "WEBHOOK_URL",
+                    WEBHOOK_URL.name,
                     "is not set but WEBHOOK_SECRET is; set both, or neither",
                 ))
             }
             (Some(_), None) => {
                 return Err(ConfigError::new(
-                    "WEBHOOK_SECRET",
+                    WEBHOOK_SECRET.name,
                     "is not set but WEBHOOK_URL is; generate one with `nexus keys generate`",
                 ))
             }
             (Some(url), Some(secret)) => {
                 let url = crate::events::webhooks::validate_url(url)
-                    .map_err(|e| ConfigError::new("WEBHOOK_URL", e))?;
+                    .map_err(|e| ConfigError::new(WEBHOOK_URL.name, e))?;
                 let secret = crate::events::webhooks::WebhookSecret::parse(secret).ok_or_else(|| {
                     ConfigError::new(
-                        "WEBHOOK_SECRET",
+                        WEBHOOK_SECRET.name,
                         "must be whsec_ followed by base64 of 24 to 64 random bytes; generate one with `nexus keys generate`",
                     )
                 })?;
                 Some((url, Arc::new(secret)))
             }
         };
-        let issuance_paused = match non_empty(&s.issuance_paused)
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            None | Some("false") | Some("0") | Some("no") => false,
-            Some("true") | Some("1") | Some("yes") => true,
-            Some(_) => {
-                return Err(ConfigError::new(
-                    "NEXUS_ISSUANCE_PAUSED",
-                    "must be true or false",
-                ))
-            }
-        };
+        let issuance_paused = v.boolean(&NEXUS_ISSUANCE_PAUSED)?;
 
         Ok(Self {
             webhook,
@@ -554,6 +419,15 @@ mod tests {
 
     fn err(s: Settings) -> String {
         BrokerConfig::from_settings(&s).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn declarations_are_consistent() {
+        nexus_core::settings::check_declarations(Settings::ALL).unwrap();
+        let mut s = Settings::default();
+        assert!(s.set("REFRESH_JITTER_SECS", Some("5".into())));
+        assert_eq!(s.refresh_jitter_secs.as_deref(), Some("5"));
+        assert!(!s.set("NO_SUCH_SETTING", None));
     }
 
     #[test]

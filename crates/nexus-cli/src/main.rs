@@ -5,6 +5,7 @@
 //! `nexus gateway` run one part each from the environment; `nexus migrate`,
 //! `nexus keys ...` and `nexus agents ...` are operator tools.
 
+mod flags;
 mod state;
 
 use std::ops::ControlFlow;
@@ -14,11 +15,13 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use flags::{BrokerFlags, GatewayFlags, Given, UpFlags};
 use nexus_broker::config::{self, BrokerConfig, Settings};
 use nexus_broker::server::Broker;
 use nexus_broker::store::Store;
 use nexus_broker::vault::rewrap::{rewrap, RewrapProgress};
 use nexus_broker::vault::{generate_api_key, generate_key_b64};
+use nexus_gateway::GatewaySettings;
 
 use state::StateDir;
 
@@ -79,81 +82,26 @@ enum KeysCommand {
     Rewrap(ServerArgs),
 }
 
-/// Settings shared by the server commands. Keys (ENCRYPTION_KEY(S), STATE_KEY,
-/// API_KEY) are read from the environment or the state folder only, never
-/// from flags, which other users can see in the process list.
+/// Settings shared by the server commands: a flag (and environment
+/// variable) per broker setting, made from its declaration. Keys
+/// (ENCRYPTION_KEY(S), STATE_KEY, API_KEY, WEBHOOK_SECRET) are read from the
+/// environment or the state folder only, never from flags, which other users
+/// can see in the process list.
 #[derive(Args, Clone)]
 struct ServerArgs {
     /// State folder whose nexus.env fills in unset values.
     #[arg(long, env = "NEXUS_STATE_DIR")]
     state_dir: Option<PathBuf>,
-    /// Database: sqlite:PATH or postgres://...
-    #[arg(long, env = "DATABASE_URL")]
-    database_url: Option<String>,
-    /// Broker listen address.
-    #[arg(long, env = "BROKER_ADDR")]
-    broker_addr: Option<String>,
-    /// Public base URL providers redirect back to.
-    #[arg(long, env = "BASE_URL")]
-    base_url: Option<String>,
-    /// Path of the OAuth callback under BASE_URL.
-    #[arg(long, env = "REDIRECT_PATH")]
-    redirect_path: Option<String>,
-    /// Comma-separated hosts a handshake may return the browser to.
-    #[arg(long, env = "ALLOWED_RETURN_DOMAINS")]
-    allowed_return_domains: Option<String>,
-    /// Comma-separated networks allowed to call the admin API.
-    #[arg(long, env = "ALLOWED_CIDRS")]
-    allowed_cidrs: Option<String>,
-    /// Request body limit in bytes.
-    #[arg(long, env = "MAX_BODY_BYTES")]
-    max_body_bytes: Option<String>,
-    /// Timeout of each call to a provider, in seconds.
-    #[arg(long, env = "PROVIDER_TIMEOUT_SECS")]
-    provider_timeout_secs: Option<String>,
-    /// Redis for caches shared by broker replicas (redis://...).
-    #[arg(long, env = "REDIS_URL")]
-    redis_url: Option<String>,
-    /// Prefix of every Redis key.
-    #[arg(long, env = "REDIS_KEY_PREFIX")]
-    redis_key_prefix: Option<String>,
-    /// Refresh tokens this many seconds before they expire.
-    #[arg(long, env = "REFRESH_MARGIN_SECS")]
-    refresh_margin_secs: Option<String>,
-    /// How long a refresh lease lasts, in seconds.
-    #[arg(long, env = "REFRESH_LEASE_SECS")]
-    refresh_lease_secs: Option<String>,
-    /// Refresh up to this much earlier again, at random (default 60).
-    #[arg(long, env = "REFRESH_JITTER_SECS")]
-    refresh_jitter_secs: Option<String>,
-    /// Decrypted token responses kept in memory; 0 disables (default 10000).
-    #[arg(long, env = "TOKEN_CACHE_CAPACITY")]
-    token_cache_capacity: Option<String>,
-    /// Set to false to run no background refresher on this replica.
-    #[arg(long, env = "REFRESH_WORKER")]
-    refresh_worker: Option<String>,
-    /// One webhook endpoint for every event (its secret: WEBHOOK_SECRET, env only).
-    #[arg(long, env = "WEBHOOK_URL")]
-    webhook_url: Option<String>,
-    /// Start with token issuance paused (true/false); lift with DELETE /admin/pause.
-    #[arg(long, env = "NEXUS_ISSUANCE_PAUSED")]
-    issuance_paused: Option<String>,
+    #[command(flatten)]
+    settings: BrokerFlags,
 }
 
+/// The gateway's settings (BROKER_API_KEY from the environment or the state
+/// folder only).
 #[derive(Args)]
 struct GatewayArgs {
-    /// The broker's URL (private network).
-    #[arg(long, env = "BROKER_URL")]
-    broker_url: Option<String>,
-    /// Gateway listen address.
-    #[arg(long, env = "GATEWAY_ADDR")]
-    gateway_addr: Option<String>,
-    /// Comma-separated origins allowed by CORS (exact, none by default).
-    #[arg(long, env = "CORS_ALLOWED_ORIGINS")]
-    cors_allowed_origins: Option<String>,
-    /// Path of the OAuth callback forwarded to the broker.
-    #[arg(long, env = "REDIRECT_PATH")]
-    redirect_path: Option<String>,
+    #[command(flatten)]
+    settings: GatewayFlags,
 }
 
 #[derive(Subcommand)]
@@ -200,33 +148,10 @@ struct UpArgs {
     /// State folder for nexus.db and nexus.env.
     #[arg(long, env = "NEXUS_STATE_DIR", default_value = ".nexus")]
     state_dir: PathBuf,
-    /// Broker listen address.
-    #[arg(long, env = "BROKER_ADDR", default_value = "127.0.0.1:8080")]
-    broker_addr: String,
-    /// Gateway listen address (agents and browsers come here).
-    #[arg(long, env = "GATEWAY_ADDR", default_value = "127.0.0.1:8090")]
-    gateway_addr: String,
+    /// Every broker and gateway setting (the database defaults to SQLite in
+    /// the state folder, BASE_URL to the gateway's address).
     #[command(flatten)]
-    rest: UpOverrides,
-}
-
-#[derive(Args)]
-struct UpOverrides {
-    /// Database URL (default: sqlite in the state folder).
-    #[arg(long, env = "DATABASE_URL")]
-    database_url: Option<String>,
-    /// Public base URL (default: the gateway address).
-    #[arg(long, env = "BASE_URL")]
-    base_url: Option<String>,
-    /// Comma-separated networks allowed to call the admin API.
-    #[arg(long, env = "ALLOWED_CIDRS")]
-    allowed_cidrs: Option<String>,
-    /// Comma-separated hosts a handshake may return the browser to.
-    #[arg(long, env = "ALLOWED_RETURN_DOMAINS")]
-    allowed_return_domains: Option<String>,
-    /// Redis for shared caches (redis://...).
-    #[arg(long, env = "REDIS_URL")]
-    redis_url: Option<String>,
+    settings: UpFlags,
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -238,77 +163,38 @@ fn secret(name: &str, state: Option<&StateDir>) -> Option<String> {
     env_var(name).or_else(|| state.and_then(|s| s.get(name)))
 }
 
-fn settings(args: &ServerArgs, state: Option<&StateDir>) -> Settings {
-    let from_state = |name: &str| state.and_then(|s| s.get(name));
-    Settings {
-        database_url: args
-            .database_url
-            .clone()
-            .or_else(|| from_state("DATABASE_URL")),
-        encryption_key: secret("ENCRYPTION_KEY", state),
-        encryption_keys: secret("ENCRYPTION_KEYS", state),
-        state_key: secret("STATE_KEY", state),
-        api_key: secret("API_KEY", state),
-        base_url: args.base_url.clone().or_else(|| from_state("BASE_URL")),
-        redirect_path: args
-            .redirect_path
-            .clone()
-            .or_else(|| from_state("REDIRECT_PATH")),
-        allowed_return_domains: args
-            .allowed_return_domains
-            .clone()
-            .or_else(|| from_state("ALLOWED_RETURN_DOMAINS")),
-        allowed_cidrs: args
-            .allowed_cidrs
-            .clone()
-            .or_else(|| from_state("ALLOWED_CIDRS")),
-        broker_addr: args
-            .broker_addr
-            .clone()
-            .or_else(|| from_state("BROKER_ADDR")),
-        max_body_bytes: args
-            .max_body_bytes
-            .clone()
-            .or_else(|| from_state("MAX_BODY_BYTES")),
-        provider_timeout_secs: args
-            .provider_timeout_secs
-            .clone()
-            .or_else(|| from_state("PROVIDER_TIMEOUT_SECS")),
-        redis_url: args.redis_url.clone().or_else(|| from_state("REDIS_URL")),
-        redis_key_prefix: args
-            .redis_key_prefix
-            .clone()
-            .or_else(|| from_state("REDIS_KEY_PREFIX")),
-        refresh_margin_secs: args
-            .refresh_margin_secs
-            .clone()
-            .or_else(|| from_state("REFRESH_MARGIN_SECS")),
-        refresh_jitter_secs: args
-            .refresh_jitter_secs
-            .clone()
-            .or_else(|| from_state("REFRESH_JITTER_SECS")),
-        token_cache_capacity: args
-            .token_cache_capacity
-            .clone()
-            .or_else(|| from_state("TOKEN_CACHE_CAPACITY")),
-        refresh_lease_secs: args
-            .refresh_lease_secs
-            .clone()
-            .or_else(|| from_state("REFRESH_LEASE_SECS")),
-        refresh_worker: args
-            .refresh_worker
-            .clone()
-            .or_else(|| from_state("REFRESH_WORKER")),
-        webhook_url: args
-            .webhook_url
-            .clone()
-            .or_else(|| from_state("WEBHOOK_URL")),
-        webhook_secret: secret("WEBHOOK_SECRET", state),
-        issuance_paused: args
-            .issuance_paused
-            .clone()
-            .or_else(|| from_state("NEXUS_ISSUANCE_PAUSED")),
+/// Fills `set` for every setting in `all`: flags and environment first, then
+/// the state folder; secrets from the environment, then the state folder.
+fn fill(
+    all: &[&'static nexus_core::settings::Setting],
+    given: &Given,
+    state: Option<&StateDir>,
+    mut set: impl FnMut(&str, Option<String>),
+) {
+    for d in all {
+        let v = if d.is_secret() {
+            env_var(d.name)
+        } else {
+            given.get(d.name).cloned()
+        };
+        set(d.name, v.or_else(|| state.and_then(|s| s.get(d.name))));
     }
+}
+
+fn settings(given: &Given, state: Option<&StateDir>) -> Settings {
+    let mut s = Settings::default();
+    fill(Settings::ALL, given, state, |n, v| {
+        s.set(n, v);
+    });
+    s
+}
+
+fn gateway_settings(given: &Given, state: Option<&StateDir>) -> GatewaySettings {
+    let mut s = GatewaySettings::default();
+    fill(GatewaySettings::ALL, given, state, |n, v| {
+        s.set(n, v);
+    });
+    s
 }
 
 fn open_state(dir: Option<&Path>) -> Result<Option<StateDir>> {
@@ -333,29 +219,35 @@ fn init_logging(format: LogFormat, filter: &str) -> Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
+/// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is
+/// called, not when it is first awaited: a signal that arrives while the
+/// servers start (a supervisor stopping a fresh process) then shuts down
+/// cleanly instead of killing the process before the audit log is flushed.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let listen = |kind: SignalKind, name: &'static str| {
+        let installed = signal(kind);
+        async move {
+            match installed {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, signal = name, "cannot listen for the signal");
+                    std::future::pending::<()>().await;
+                }
+            }
         }
     };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+    let interrupt = listen(SignalKind::interrupt(), "SIGINT");
+    let terminate = listen(SignalKind::terminate(), "SIGTERM");
+    async move {
+        tokio::select! {
+            _ = interrupt => {},
+            _ = terminate => {},
         }
-    };
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+        tracing::info!("shutting down: finishing in-flight requests and flushing the audit log");
     }
-    tracing::info!("shutting down: finishing in-flight requests and flushing the audit log");
 }
 
 #[tokio::main]
@@ -383,17 +275,19 @@ async fn run() -> Result<()> {
     match cli.command {
         Command::Up(args) => up(args).await,
         Command::Broker(args) => {
+            let stop = shutdown_signal();
             let state = open_state(args.state_dir.as_deref())?;
-            let config = BrokerConfig::from_settings(&settings(&args, state.as_ref()))?;
+            let config = BrokerConfig::from_settings(&settings(&args.settings.0, state.as_ref()))?;
             let broker = Broker::start(config).await?;
             tracing::info!(addr = %broker.local_addr(), "broker listening");
-            broker.run(shutdown_signal()).await?;
+            broker.run(stop).await?;
             Ok(())
         }
         Command::Gateway(args) => {
+            let stop = shutdown_signal();
             let state = open_state(Some(Path::new(".nexus")))?;
             let config = nexus_gateway::GatewayConfig::from_settings(&gateway_settings(
-                &args,
+                &args.settings.0,
                 state.as_ref(),
             ))?;
             let gw = nexus_gateway::GatewayServer::start(
@@ -402,13 +296,13 @@ async fn run() -> Result<()> {
             )
             .await?;
             tracing::info!(addr = %gw.local_addr(), "gateway listening");
-            gw.run(shutdown_signal()).await?;
+            gw.run(stop).await?;
             Ok(())
         }
         Command::Agents { command } => agents(command).await,
         Command::Migrate(args) => {
             let state = open_state(args.state_dir.as_deref().or(Some(Path::new(".nexus"))))?;
-            let mut s = settings(&args, state.as_ref());
+            let mut s = settings(&args.settings.0, state.as_ref());
             if s.database_url.is_none() {
                 s.database_url = state.as_ref().map(StateDir::db_url);
             }
@@ -453,41 +347,32 @@ fn resolve_port(addr: &str) -> Result<String> {
     Ok(probe.local_addr()?.to_string())
 }
 
-async fn up(mut args: UpArgs) -> Result<()> {
-    args.gateway_addr = resolve_port(&args.gateway_addr)?;
+async fn up(args: UpArgs) -> Result<()> {
+    let stop = shutdown_signal();
+    let given = &args.settings.0;
+    let gateway_addr = resolve_port(
+        given
+            .get(nexus_gateway::config::GATEWAY_ADDR.name)
+            .map(String::as_str)
+            .or(nexus_gateway::config::GATEWAY_ADDR.default)
+            .unwrap_or("127.0.0.1:8090"),
+    )?;
     let state = StateDir::open_or_create(&args.state_dir)?;
-    let server = ServerArgs {
-        state_dir: Some(args.state_dir.clone()),
-        database_url: args.rest.database_url.or_else(|| Some(state.db_url())),
-        broker_addr: Some(args.broker_addr),
-        // Providers redirect browsers to the gateway, which forwards to the broker.
-        base_url: args
-            .rest
-            .base_url
-            .or_else(|| Some(format!("http://{}", args.gateway_addr))),
-        redirect_path: env_var("REDIRECT_PATH"),
-        allowed_return_domains: args.rest.allowed_return_domains,
-        allowed_cidrs: args.rest.allowed_cidrs,
-        // Settings without an `up` flag still come from the environment.
-        max_body_bytes: env_var("MAX_BODY_BYTES"),
-        provider_timeout_secs: env_var("PROVIDER_TIMEOUT_SECS"),
-        redis_url: args.rest.redis_url,
-        redis_key_prefix: env_var("REDIS_KEY_PREFIX"),
-        refresh_margin_secs: env_var("REFRESH_MARGIN_SECS"),
-        refresh_lease_secs: env_var("REFRESH_LEASE_SECS"),
-        refresh_jitter_secs: env_var("REFRESH_JITTER_SECS"),
-        token_cache_capacity: env_var("TOKEN_CACHE_CAPACITY"),
-        refresh_worker: env_var("REFRESH_WORKER"),
-        webhook_url: env_var("WEBHOOK_URL"),
-        issuance_paused: env_var("NEXUS_ISSUANCE_PAUSED"),
-    };
-    let config =
-        BrokerConfig::from_settings(&settings(&server, Some(&state))).with_context(|| {
-            format!(
-                "configuration (keys are read from the environment, then {})",
-                state.env_path().display()
-            )
-        })?;
+    let mut broker_settings = settings(given, Some(&state));
+    // Embedded SQLite in the state folder unless a database is named, and
+    // providers redirect browsers to the gateway, which forwards to the broker.
+    broker_settings
+        .database_url
+        .get_or_insert_with(|| state.db_url());
+    broker_settings
+        .base_url
+        .get_or_insert_with(|| format!("http://{gateway_addr}"));
+    let config = BrokerConfig::from_settings(&broker_settings).with_context(|| {
+        format!(
+            "configuration (keys are read from the environment, then {})",
+            state.env_path().display()
+        )
+    })?;
     let backend = if config.database_url.starts_with("sqlite:") {
         "embedded SQLite"
     } else {
@@ -535,16 +420,12 @@ async fn up(mut args: UpArgs) -> Result<()> {
             )?;
         }
     }
-    let gateway_config =
-        nexus_gateway::GatewayConfig::from_settings(&nexus_gateway::GatewaySettings {
-            broker_url: Some(format!("http://{addr}")),
-            broker_api_key: Some(api_key.expose().clone()),
-            gateway_addr: Some(args.gateway_addr.clone()),
-            cors_allowed_origins: env_var("CORS_ALLOWED_ORIGINS"),
-            redirect_path: env_var("REDIRECT_PATH"),
-            metrics_allowed_cidrs: env_var("METRICS_ALLOWED_CIDRS"),
-            gateway_cache_capacity: env_var("GATEWAY_CACHE_CAPACITY"),
-        })?;
+    let gateway_config = nexus_gateway::GatewayConfig::from_settings(&GatewaySettings {
+        broker_url: Some(format!("http://{addr}")),
+        broker_api_key: Some(api_key.expose().clone()),
+        gateway_addr: Some(gateway_addr.clone()),
+        ..gateway_settings(given, None)
+    })?;
     // In one process the gateway calls the broker's router directly.
     let local = nexus_gateway::broker::BrokerClient::local(
         nexus_broker::api::router(broker.state().clone()),
@@ -586,40 +467,12 @@ async fn up(mut args: UpArgs) -> Result<()> {
     let broker_task = tokio::spawn(broker.run(async {
         let _ = broker_stopped.await;
     }));
-    let g = gateway.run(shutdown_signal()).await;
+    let g = gateway.run(stop).await;
     let _ = stop_broker.send(());
     let b = broker_task.await.context("broker task")?;
     g?;
     b?;
     Ok(())
-}
-
-fn gateway_settings(
-    args: &GatewayArgs,
-    state: Option<&StateDir>,
-) -> nexus_gateway::GatewaySettings {
-    let from_state = |name: &str| state.and_then(|s| s.get(name));
-    nexus_gateway::GatewaySettings {
-        broker_url: args.broker_url.clone().or_else(|| from_state("BROKER_URL")),
-        // A secret: environment or state folder, never a flag.
-        broker_api_key: env_var("BROKER_API_KEY"),
-        gateway_addr: args
-            .gateway_addr
-            .clone()
-            .or_else(|| from_state("GATEWAY_ADDR")),
-        cors_allowed_origins: args
-            .cors_allowed_origins
-            .clone()
-            .or_else(|| from_state("CORS_ALLOWED_ORIGINS")),
-        redirect_path: args
-            .redirect_path
-            .clone()
-            .or_else(|| from_state("REDIRECT_PATH")),
-        metrics_allowed_cidrs: env_var("METRICS_ALLOWED_CIDRS")
-            .or_else(|| from_state("METRICS_ALLOWED_CIDRS")),
-        gateway_cache_capacity: env_var("GATEWAY_CACHE_CAPACITY")
-            .or_else(|| from_state("GATEWAY_CACHE_CAPACITY")),
-    }
 }
 
 /// `nexus agents ...`: the broker's admin API over HTTP.
@@ -713,7 +566,7 @@ async fn agents(command: AgentsCommand) -> Result<()> {
 
 async fn keys_rewrap(args: ServerArgs) -> Result<()> {
     let state = open_state(args.state_dir.as_deref().or(Some(Path::new(".nexus"))))?;
-    let mut s = settings(&args, state.as_ref());
+    let mut s = settings(&args.settings.0, state.as_ref());
     if s.database_url.is_none() {
         s.database_url = state.as_ref().map(StateDir::db_url);
     }

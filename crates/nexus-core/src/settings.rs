@@ -171,7 +171,7 @@ impl Setting {
 /// Raw setting values by variable name. `Debug` shows secrets only as
 /// `[set]` and URLs without their passwords.
 #[derive(Clone, Default, PartialEq, Eq)]
-pub struct Values(BTreeMap<&'static str, String>);
+pub struct Values(BTreeMap<&'static str, (String, bool)>);
 
 impl Values {
     /// No values.
@@ -181,14 +181,14 @@ impl Values {
 
     /// These values and `s` set to `value`.
     pub fn with(mut self, s: &Setting, value: impl Into<String>) -> Self {
-        self.0.insert(s.name, value.into());
+        self.0.insert(s.name, (value.into(), s.is_secret()));
         self
     }
 
     /// Sets `s` (`None` unsets it).
     pub fn set(&mut self, s: &Setting, value: Option<String>) {
         match value {
-            Some(v) => self.0.insert(s.name, v),
+            Some(v) => self.0.insert(s.name, (v, s.is_secret())),
             None => self.0.remove(s.name),
         };
     }
@@ -204,7 +204,7 @@ impl Values {
     pub fn given(&self, s: &Setting) -> Option<&str> {
         self.0
             .get(s.name)
-            .map(|v| v.trim())
+            .map(|(v, _)| v.trim())
             .filter(|v| !v.is_empty())
     }
 
@@ -258,11 +258,10 @@ impl Values {
 
 impl fmt::Debug for Values {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Which names are secret is not known here: anything that looks like
-        // a key is hidden, and every value loses a URL password.
+        // Secrets show only that they are set; any URL loses its password.
         let mut m = f.debug_map();
-        for (k, v) in &self.0 {
-            if looks_secret(k) {
+        for (k, (v, secret)) in &self.0 {
+            if *secret {
                 m.entry(k, &"[set]");
             } else {
                 m.entry(k, &redact_url(v));
@@ -270,12 +269,6 @@ impl fmt::Debug for Values {
         }
         m.finish()
     }
-}
-
-fn looks_secret(name: &str) -> bool {
-    ["KEY", "SECRET", "PASSWORD", "TOKEN"]
-        .iter()
-        .any(|w| name.contains(w))
 }
 
 /// Hides the password of a URL for logs, in the userinfo part or as a
@@ -334,6 +327,84 @@ pub fn check_declarations(list: &[&Setting]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Declares a part's settings once: a constant [`Setting`] per variable
+/// and a struct of raw values (`Option<String>` per field, so tests write
+/// `Settings { api_key: Some(..), ..Default::default() }`) with
+/// `ALL` (every declaration, for the command line), `get`/`set` by variable
+/// name, `values()` (for validation) and a `Debug` that hides secrets.
+///
+/// ```
+/// nexus_core::declare_settings! {
+///     /// Raw settings of an example part.
+///     pub struct ExampleSettings {
+///         /// Listen address.
+///         addr: EXAMPLE_ADDR = nexus_core::settings::Setting::text("EXAMPLE_ADDR", "Listen address").or("127.0.0.1:0"),
+///         /// The key.
+///         key: EXAMPLE_KEY = nexus_core::settings::Setting::secret("EXAMPLE_KEY", "The key"),
+///     }
+/// }
+/// let s = ExampleSettings { key: Some("hunter2".into()), ..Default::default() };
+/// assert_eq!(s.values().text(&EXAMPLE_ADDR), Some("127.0.0.1:0"));
+/// assert!(!format!("{s:?}").contains("hunter2"));
+/// assert_eq!(ExampleSettings::ALL.len(), 2);
+/// ```
+#[macro_export]
+macro_rules! declare_settings {
+    (
+        $(#[$smeta:meta])*
+        $vis:vis struct $name:ident {
+            $(
+                $(#[$fmeta:meta])*
+                $field:ident: $konst:ident = $decl:expr
+            ),* $(,)?
+        }
+    ) => {
+        $(
+            $(#[$fmeta])*
+            pub const $konst: $crate::settings::Setting = $decl;
+        )*
+
+        $(#[$smeta])*
+        #[derive(Default, Clone, PartialEq, Eq)]
+        $vis struct $name {
+            $(
+                $(#[$fmeta])*
+                pub $field: Option<String>,
+            )*
+        }
+
+        impl $name {
+            /// Every setting of this part, in declaration order.
+            pub const ALL: &'static [&'static $crate::settings::Setting] = &[$(&$konst),*];
+
+            /// The raw value of the setting named `name`.
+            pub fn get(&self, name: &str) -> Option<&str> {
+                $( if name == $konst.name { return self.$field.as_deref(); } )*
+                None
+            }
+
+            /// Sets the setting named `name`; false when no setting has that name.
+            pub fn set(&mut self, name: &str, value: Option<String>) -> bool {
+                $( if name == $konst.name { self.$field = value; return true; } )*
+                false
+            }
+
+            /// The values, for validation.
+            pub fn values(&self) -> $crate::settings::Values {
+                let mut v = $crate::settings::Values::new();
+                $( v.set(&$konst, self.$field.clone()); )*
+                v
+            }
+        }
+
+        impl ::std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                ::std::fmt::Debug::fmt(&self.values(), f)
+            }
+        }
+    };
 }
 
 #[cfg(test)]

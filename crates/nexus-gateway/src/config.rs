@@ -6,39 +6,29 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::HeaderValue;
+use nexus_core::settings::Setting;
 use nexus_core::{ConfigError, Secret};
 use url::Url;
 
-/// Raw settings, each named after its environment variable.
-#[derive(Default, Clone)]
-pub struct GatewaySettings {
-    /// `BROKER_URL`: the broker's base URL (private network).
-    pub broker_url: Option<String>,
-    /// `BROKER_API_KEY`: the broker's admin key.
-    pub broker_api_key: Option<String>,
-    /// `GATEWAY_ADDR`: listen address.
-    pub gateway_addr: Option<String>,
-    /// `CORS_ALLOWED_ORIGINS`: comma-separated exact origins.
-    pub cors_allowed_origins: Option<String>,
-    /// `REDIRECT_PATH`: the OAuth callback path forwarded to the broker.
-    pub redirect_path: Option<String>,
-    /// `METRICS_ALLOWED_CIDRS`: networks that may read `/metrics` (default loopback).
-    pub metrics_allowed_cidrs: Option<String>,
-    /// `GATEWAY_CACHE_CAPACITY`: token answers kept in memory (0 disables).
-    pub gateway_cache_capacity: Option<String>,
-}
-
-impl std::fmt::Debug for GatewaySettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GatewaySettings")
-            .field("broker_url", &self.broker_url)
-            .field(
-                "broker_api_key",
-                &self.broker_api_key.as_ref().map(|_| "[set]"),
-            )
-            .field("gateway_addr", &self.gateway_addr)
-            .field("cors_allowed_origins", &self.cors_allowed_origins)
-            .finish()
+nexus_core::declare_settings! {
+    /// Raw gateway settings, each named after its environment variable;
+    /// `None` means unset. Each is declared once here: the `nexus` binary
+    /// makes its flags and `--help` from these declarations.
+    pub struct GatewaySettings {
+        /// `BROKER_URL`: the broker's base URL (private network).
+        broker_url: BROKER_URL = Setting::text("BROKER_URL", "The broker's base URL (private network)"),
+        /// `BROKER_API_KEY`: the broker's admin key.
+        broker_api_key: BROKER_API_KEY = Setting::secret("BROKER_API_KEY", "The broker's API_KEY"),
+        /// `GATEWAY_ADDR`: listen address.
+        gateway_addr: GATEWAY_ADDR = Setting::text("GATEWAY_ADDR", "Gateway listen address (agents and browsers come here)").or("127.0.0.1:8090"),
+        /// `CORS_ALLOWED_ORIGINS`: comma-separated exact origins.
+        cors_allowed_origins: CORS_ALLOWED_ORIGINS = Setting::text("CORS_ALLOWED_ORIGINS", "Comma-separated origins allowed by CORS (exact; none by default)"),
+        /// `REDIRECT_PATH`: the OAuth callback path forwarded to the broker.
+        redirect_path: REDIRECT_PATH = Setting::text("REDIRECT_PATH", "Path of the OAuth callback under BASE_URL").or("/auth/callback"),
+        /// `METRICS_ALLOWED_CIDRS`: networks that may read `/metrics` (default loopback).
+        metrics_allowed_cidrs: METRICS_ALLOWED_CIDRS = Setting::text("METRICS_ALLOWED_CIDRS", "Comma-separated networks that may read the gateway's /metrics").or("127.0.0.0/8,::1/128"),
+        /// `GATEWAY_CACHE_CAPACITY`: token answers kept in memory (0 disables).
+        gateway_cache_capacity: GATEWAY_CACHE_CAPACITY = Setting::number("GATEWAY_CACHE_CAPACITY", "Token answers the gateway keeps while the broker's change stream is open; 0 disables", "10000", 0, 10_000_000, ""),
     }
 }
 
@@ -80,10 +70,6 @@ impl std::fmt::Debug for GatewayConfig {
     }
 }
 
-fn non_empty(v: &Option<String>) -> Option<&str> {
-    v.as_deref().map(str::trim).filter(|s| !s.is_empty())
-}
-
 fn err(var: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError {
         var,
@@ -94,25 +80,30 @@ fn err(var: &'static str, reason: impl Into<String>) -> ConfigError {
 impl GatewayConfig {
     /// Validates raw settings.
     pub fn from_settings(s: &GatewaySettings) -> Result<Self, ConfigError> {
-        let broker_url = non_empty(&s.broker_url)
-            .ok_or_else(|| err("BROKER_URL", "is not set; e.g. http://127.0.0.1:8080"))?;
+        let v = s.values();
+        let broker_url = v.required(&BROKER_URL, "e.g. http://127.0.0.1:8080")?;
         let broker_url = Url::parse(broker_url)
             .ok()
             .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
             .ok_or_else(|| {
                 err(
-                    "BROKER_URL",
+                    BROKER_URL.name,
                     "must be an http(s) URL such as http://10.0.0.5:8080",
                 )
             })?;
-        let broker_api_key = non_empty(&s.broker_api_key)
-            .ok_or_else(|| err("BROKER_API_KEY", "is not set; use the broker's API_KEY"))?;
-        let listen_addr: SocketAddr = non_empty(&s.gateway_addr)
-            .unwrap_or("127.0.0.1:8090")
+        let broker_api_key = v.required(&BROKER_API_KEY, "use the broker's API_KEY")?;
+        let listen_addr: SocketAddr = v
+            .required(&GATEWAY_ADDR, "use an IP:port such as 127.0.0.1:8090")?
             .parse()
-            .map_err(|_| err("GATEWAY_ADDR", "must be an IP:port such as 127.0.0.1:8090"))?;
+            .map_err(|_| {
+                err(
+                    GATEWAY_ADDR.name,
+                    "must be an IP:port such as 127.0.0.1:8090",
+                )
+            })?;
         let mut cors_allowed_origins = Vec::new();
-        for o in non_empty(&s.cors_allowed_origins)
+        for o in v
+            .given(&CORS_ALLOWED_ORIGINS)
             .unwrap_or("")
             .split(',')
             .map(str::trim)
@@ -127,20 +118,20 @@ impl GatewayConfig {
             });
             let Some(u) = u else {
                 return Err(err(
-                    "CORS_ALLOWED_ORIGINS",
+                    CORS_ALLOWED_ORIGINS.name,
                     format!("'{o}' is not an origin such as https://app.example.com (scheme, host, optional port; no path)"),
                 ));
             };
             let origin = u.origin().ascii_serialization();
             cors_allowed_origins.push(HeaderValue::from_str(&origin).map_err(|_| {
                 err(
-                    "CORS_ALLOWED_ORIGINS",
+                    CORS_ALLOWED_ORIGINS.name,
                     format!("'{o}' is not a valid origin"),
                 )
             })?);
         }
-        let redirect_path = non_empty(&s.redirect_path)
-            .unwrap_or("/auth/callback")
+        let redirect_path = v
+            .required(&REDIRECT_PATH, "use a path such as /auth/callback")?
             .to_string();
         // It becomes a route: plain path characters only, none of ours.
         const TAKEN: &[&str] = &[
@@ -162,27 +153,15 @@ impl GatewayConfig {
             || TAKEN.contains(&redirect_path.as_str())
         {
             return Err(err(
-                "REDIRECT_PATH",
+                REDIRECT_PATH.name,
                 "must be a path like /auth/callback (letters, digits, / - _ .), not one of the gateway's own routes",
             ));
         }
         let metrics_allowed_cidrs = nexus_core::net::parse_cidrs(
-            "METRICS_ALLOWED_CIDRS",
-            non_empty(&s.metrics_allowed_cidrs).unwrap_or("127.0.0.0/8,::1/128"),
+            METRICS_ALLOWED_CIDRS.name,
+            v.text(&METRICS_ALLOWED_CIDRS).unwrap_or_default(),
         )?;
-        let token_cache_capacity = match non_empty(&s.gateway_cache_capacity) {
-            None => 10_000,
-            Some(v) => v
-                .parse::<usize>()
-                .ok()
-                .filter(|n| *n <= 10_000_000)
-                .ok_or_else(|| {
-                    err(
-                        "GATEWAY_CACHE_CAPACITY",
-                        "must be a number of token answers from 0 (off) to 10000000",
-                    )
-                })?,
-        };
+        let token_cache_capacity = v.count(&GATEWAY_CACHE_CAPACITY)?;
         Ok(Self {
             broker_url,
             broker_api_key: Arc::new(Secret::new(broker_api_key.to_string())),
@@ -196,5 +175,15 @@ impl GatewayConfig {
             token_cache_capacity,
             served_report_every: Duration::from_secs(1),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn declarations_are_consistent() {
+        nexus_core::settings::check_declarations(GatewaySettings::ALL).unwrap();
     }
 }

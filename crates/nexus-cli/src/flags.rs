@@ -1,0 +1,141 @@
+//! Command-line flags made from the parts' setting declarations
+//! ([`nexus_core::settings`]): one `--flag` with its environment variable per
+//! non-secret setting, the help line and default taken from the declaration.
+//! Secrets get no flag (other users can read the process list): they come
+//! from the environment or the state folder only.
+
+use std::collections::{BTreeMap, HashSet};
+
+use clap::{Arg, ArgMatches, Command};
+use nexus_core::settings::{Kind, Setting};
+
+/// Raw values given as flags or environment variables, by variable name.
+pub type Given = BTreeMap<&'static str, String>;
+
+/// Adds a flag for every non-secret setting of `lists`, once per name.
+fn augment(mut cmd: Command, lists: &[&[&'static Setting]]) -> Command {
+    let mut seen = HashSet::new();
+    for s in lists.iter().flat_map(|l| l.iter()) {
+        if s.is_secret() || !seen.insert(s.name) {
+            continue;
+        }
+        let mut help = s.help.to_string();
+        if let Some(d) = s.default {
+            help.push_str(&format!(" [default: {d}]"));
+        }
+        let value_name = match s.kind {
+            Kind::Number { unit, .. } if !unit.is_empty() => {
+                unit.trim_end_matches('s').to_ascii_uppercase()
+            }
+            Kind::Number { .. } => "N".into(),
+            Kind::Bool => "BOOL".into(),
+            Kind::Text | Kind::Secret => "VALUE".into(),
+        };
+        cmd = cmd.arg(
+            Arg::new(s.name)
+                .long(s.flag())
+                .env(s.name)
+                .value_name(value_name)
+                .help(help),
+        );
+    }
+    cmd
+}
+
+fn given(m: &ArgMatches, lists: &[&[&'static Setting]]) -> Given {
+    let mut out = Given::new();
+    for s in lists.iter().flat_map(|l| l.iter()) {
+        if s.is_secret() || out.contains_key(s.name) {
+            continue;
+        }
+        if let Ok(Some(v)) = m.try_get_one::<String>(s.name) {
+            out.insert(s.name, v.clone());
+        }
+    }
+    out
+}
+
+/// A flattenable set of flags for the settings of some parts.
+macro_rules! flags {
+    ($(#[$meta:meta])* $name:ident: $($list:expr),+) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug, Default)]
+        pub struct $name(pub Given);
+
+        impl clap::FromArgMatches for $name {
+            fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+                Ok(Self(given(m, &[$($list),+])))
+            }
+            fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+                self.0.extend(given(m, &[$($list),+]));
+                Ok(())
+            }
+        }
+
+        impl clap::Args for $name {
+            fn augment_args(cmd: Command) -> Command {
+                augment(cmd, &[$($list),+])
+            }
+            fn augment_args_for_update(cmd: Command) -> Command {
+                augment(cmd, &[$($list),+])
+            }
+        }
+    };
+}
+
+flags!(
+    /// The broker's settings.
+    BrokerFlags: nexus_broker::config::Settings::ALL
+);
+flags!(
+    /// The gateway's settings.
+    GatewayFlags: nexus_gateway::GatewaySettings::ALL
+);
+flags!(
+    /// Broker and gateway together (`nexus up`).
+    UpFlags: nexus_broker::config::Settings::ALL, nexus_gateway::GatewaySettings::ALL
+);
+
+#[cfg(test)]
+mod tests {
+    use clap::{Args, FromArgMatches};
+
+    use super::*;
+
+    #[test]
+    fn every_declared_setting_has_a_flag_and_secrets_have_none() {
+        let cmd = UpFlags::augment_args(Command::new("t").no_binary_name(true));
+        let m = cmd
+            .clone()
+            .try_get_matches_from([
+                "--refresh-jitter-secs",
+                "5",
+                "--gateway-addr",
+                "127.0.0.1:1",
+            ])
+            .unwrap();
+        let got = UpFlags::from_arg_matches(&m).unwrap().0;
+        assert_eq!(
+            got.get("REFRESH_JITTER_SECS").map(String::as_str),
+            Some("5")
+        );
+        assert_eq!(
+            got.get("GATEWAY_ADDR").map(String::as_str),
+            Some("127.0.0.1:1")
+        );
+        assert!(cmd
+            .clone()
+            .try_get_matches_from(["--api-key", "x"])
+            .is_err());
+        let flags: Vec<String> = cmd
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(str::to_string))
+            .collect();
+        for s in nexus_broker::config::Settings::ALL
+            .iter()
+            .chain(nexus_gateway::GatewaySettings::ALL)
+        {
+            assert_eq!(flags.contains(&s.flag()), !s.is_secret(), "{}", s.name);
+        }
+    }
+}
