@@ -5,6 +5,7 @@
 //! `nexus gateway` run one part each from the environment; `nexus migrate`,
 //! `nexus keys ...` and `nexus agents ...` are operator tools.
 
+mod agents;
 mod flags;
 mod state;
 
@@ -60,7 +61,7 @@ enum Command {
     /// Agent keys: create, list, revoke (through the broker's admin API).
     Agents {
         #[command(subcommand)]
-        command: AgentsCommand,
+        command: agents::AgentsCommand,
     },
     /// Apply pending database migrations and exit.
     Migrate(ServerArgs),
@@ -102,45 +103,6 @@ struct ServerArgs {
 struct GatewayArgs {
     #[command(flatten)]
     settings: GatewayFlags,
-}
-
-#[derive(Subcommand)]
-enum AgentsCommand {
-    /// Create an agent key (printed once).
-    Create {
-        /// Workspace the key may reach (repeat for several; `*` for all).
-        #[arg(long = "workspace", required = true)]
-        workspaces: Vec<String>,
-        /// Who uses it.
-        #[arg(long)]
-        name: String,
-        #[command(flatten)]
-        admin: AdminArgs,
-    },
-    /// List agent keys (never the keys themselves).
-    List {
-        #[command(flatten)]
-        admin: AdminArgs,
-    },
-    /// Revoke an agent key by id.
-    Revoke {
-        /// Key id (`ak_...`).
-        id: String,
-        #[command(flatten)]
-        admin: AdminArgs,
-    },
-}
-
-/// How the CLI reaches the broker's admin API. API_KEY comes from the
-/// environment or the state folder, never from a flag.
-#[derive(Args)]
-struct AdminArgs {
-    /// Broker URL (default: http://BROKER_ADDR from the state folder, else 127.0.0.1:8080).
-    #[arg(long, env = "BROKER_URL")]
-    broker_url: Option<String>,
-    /// State folder whose nexus.env supplies API_KEY when it is not set.
-    #[arg(long, env = "NEXUS_STATE_DIR", default_value = ".nexus")]
-    state_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -299,7 +261,7 @@ async fn run() -> Result<()> {
             gw.run(stop).await?;
             Ok(())
         }
-        Command::Agents { command } => agents(command).await,
+        Command::Agents { command } => agents::run(command).await,
         Command::Migrate(args) => {
             let state = open_state(args.state_dir.as_deref().or(Some(Path::new(".nexus"))))?;
             let mut s = settings(&args.settings.0, state.as_ref());
@@ -472,95 +434,6 @@ async fn up(args: UpArgs) -> Result<()> {
     let b = broker_task.await.context("broker task")?;
     g?;
     b?;
-    Ok(())
-}
-
-/// `nexus agents ...`: the broker's admin API over HTTP.
-async fn agents(command: AgentsCommand) -> Result<()> {
-    let admin = match &command {
-        AgentsCommand::Create { admin, .. }
-        | AgentsCommand::List { admin }
-        | AgentsCommand::Revoke { admin, .. } => admin,
-    };
-    let state = StateDir::open_existing(&admin.state_dir)?;
-    let api_key = secret("API_KEY", state.as_ref())
-        .context("API_KEY is not set (nor in the state folder's nexus.env)")?;
-    let base = admin
-        .broker_url
-        .clone()
-        .or_else(|| {
-            state
-                .as_ref()
-                .and_then(|s| s.get("BROKER_ADDR"))
-                .map(|a| format!("http://{a}"))
-        })
-        .unwrap_or_else(|| "http://127.0.0.1:8080".into());
-    let http = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(15))
-        .build()?;
-    let call = |method: reqwest::Method, path: String, body: Option<serde_json::Value>| {
-        let mut req = http
-            .request(method, format!("{}{path}", base.trim_end_matches('/')))
-            .header("x-api-key", &api_key);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        async move {
-            let resp = req
-                .send()
-                .await
-                .with_context(|| format!("cannot reach the broker at {base}"))?;
-            let status = resp.status();
-            let body: serde_json::Value = resp.json().await.unwrap_or_default();
-            if !status.is_success() {
-                bail!(
-                    "the broker answered {status}: {}",
-                    body["message"].as_str().unwrap_or("no message")
-                );
-            }
-            Ok(body)
-        }
-    };
-    match command {
-        AgentsCommand::Create {
-            workspaces, name, ..
-        } => {
-            let k = call(
-                reqwest::Method::POST,
-                "/agent-keys".into(),
-                Some(serde_json::json!({"name": name, "workspaces": workspaces})),
-            )
-            .await?;
-            println!("{}", k["key"].as_str().unwrap_or_default());
-            eprintln!(
-                "agent key {} for {}: shown once, store it now",
-                k["id"].as_str().unwrap_or_default(),
-                k["workspaces"]
-            );
-        }
-        AgentsCommand::List { .. } => {
-            let list = call(reqwest::Method::GET, "/agent-keys".into(), None).await?;
-            println!(
-                "{:<36} {:<12} {:<8} {:<25} name / workspaces",
-                "id", "prefix", "revoked", "last used"
-            );
-            for k in list["agent_keys"].as_array().into_iter().flatten() {
-                println!(
-                    "{:<36} {:<12} {:<8} {:<25} {} / {}",
-                    k["id"].as_str().unwrap_or_default(),
-                    k["prefix"].as_str().unwrap_or_default(),
-                    k["revoked"],
-                    k["last_used_at"].as_str().unwrap_or("never"),
-                    k["name"].as_str().unwrap_or_default(),
-                    k["workspaces"]
-                );
-            }
-        }
-        AgentsCommand::Revoke { id, .. } => {
-            call(reqwest::Method::DELETE, format!("/agent-keys/{id}"), None).await?;
-            println!("revoked {id}");
-        }
-    }
     Ok(())
 }
 

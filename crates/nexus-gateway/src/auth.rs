@@ -138,3 +138,20 @@ impl KeyCache {
         }
     }
 }
+
+/// The verified agent of a REST request, as an extractor: `Authorization:
+/// Bearer nxa_...` or `X-API-Key`, checked (and briefly trusted) before any
+/// later extractor reads the request, so an unauthenticated caller costs no
+/// body read.
+pub struct Authed(pub Arc<Agent>);
+
+impl axum::extract::FromRequestParts<Arc<crate::core::Gateway>> for Authed {
+    type Rejection = GatewayError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        g: &Arc<crate::core::Gateway>,
+    ) -> Result<Self, Self::Rejection> {
+        g.keys.verify(key_of(&parts.headers)).await.map(Authed)
+    }
+}

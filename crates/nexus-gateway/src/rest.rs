@@ -4,13 +4,14 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 
 use nexus_core::wire::routes;
 
+use crate::auth::Authed;
 use crate::broker::Reply;
 use crate::core::Gateway;
 use crate::error::GatewayError;
@@ -51,10 +52,9 @@ fn object(body: &Bytes) -> Result<Map<String, Value>> {
 /// `POST /v1/request-connection`.
 pub async fn request_connection(
     State(g): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    Authed(agent): Authed,
     body: Bytes,
 ) -> Result<Json<Value>> {
-    let agent = g.keys.verify(crate::auth::key_of(&headers)).await?;
     let req = object(&body)?;
     Ok(Json(g.request_connection(&agent, req).await?))
 }
@@ -62,10 +62,9 @@ pub async fn request_connection(
 /// `GET /v1/check-connection/{id}` → `{"status": ...}`.
 pub async fn check_connection(
     State(g): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    Authed(agent): Authed,
     Path(id): Path<String>,
 ) -> Result<Json<Value>> {
-    let agent = g.keys.verify(crate::auth::key_of(&headers)).await?;
     Ok(Json(
         json!({"status": g.check_connection(&agent, &id).await?}),
     ))
@@ -74,37 +73,33 @@ pub async fn check_connection(
 /// `GET /v1/token/{id}`.
 pub async fn token(
     State(g): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    Authed(agent): Authed,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    let agent = g.keys.verify(crate::auth::key_of(&headers)).await?;
     Ok(pass(g.token(&agent, &id, false).await?))
 }
 
 /// `POST /v1/refresh/{id}`.
 pub async fn refresh(
     State(g): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    Authed(agent): Authed,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    let agent = g.keys.verify(crate::auth::key_of(&headers)).await?;
     Ok(pass(g.token(&agent, &id, true).await?))
 }
 
 /// `GET /v1/providers`.
-pub async fn providers(State(g): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Response> {
-    g.keys.verify(crate::auth::key_of(&headers)).await?;
+pub async fn providers(State(g): State<Arc<Gateway>>, _: Authed) -> Result<Response> {
     Ok(pass(g.providers().await?))
 }
 
 /// `POST /v1/connections/{id}/scope-failures`.
 pub async fn scope_failures(
     State(g): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    Authed(agent): Authed,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response> {
-    let agent = g.keys.verify(crate::auth::key_of(&headers)).await?;
     let report = Value::Object(object(&body)?);
     Ok(pass(g.scope_failure(&agent, &id, &report).await?))
 }
@@ -112,10 +107,9 @@ pub async fn scope_failures(
 /// `GET /v1/workspaces/{id}/connections/status`.
 pub async fn workspace_status(
     State(g): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    Authed(agent): Authed,
     Path(ws): Path<String>,
 ) -> Result<Response> {
-    let agent = g.keys.verify(crate::auth::key_of(&headers)).await?;
     Ok(pass(g.workspace_status(&agent, &ws).await?))
 }
 

@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 use super::error::ApiError;
 use super::extract::{ApiJson, Caller};
 use super::AppState;
-use crate::handshake::parse_list;
+use crate::store::parse_json_list as parse_list;
 use crate::store::{rfc3339, ConnectionRow};
 use crate::tokens::scope::{ReportError, ScopeReport};
 use crate::tokens::{TokenBody, TokenError};

@@ -5,4 +5,5 @@
 //! optional outbox event) and commits all three together.
 
 pub mod audit;
+mod delivery;
 pub mod webhooks;

@@ -292,7 +292,7 @@ impl Handshakes {
         // New credentials are a new grant: whatever failed before is cleared.
         let activation = Activation {
             credentials: Some(sealed),
-            granted_scopes: crate::handshake::json_list(&[]),
+            granted_scopes: crate::store::json_list(&[]),
             clears_failing: true,
             ..Default::default()
         };

@@ -122,7 +122,7 @@ impl TokenStamp {
     /// The stamp of a row read in full.
     pub fn of(c: &ConnectionRow, provider_version: i64) -> Self {
         Self {
-            status: c.status.clone(),
+            status: c.status,
             version: c.version,
             granted_scopes: c.granted_scopes.clone(),
             failing_scopes: c.failing_scopes.clone(),
