@@ -168,6 +168,37 @@ def cpu_ticks(pid: int) -> int:
     return int(rest[11]) + int(rest[12])  # fields 14 (utime) and 15 (stime)
 
 
+def machine_busy() -> float:
+    """CPU seconds all CPUs spent busy since boot (user, nice, system, irq,
+    softirq, steal), from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def wait_idle(limit: float, max_pct: float) -> float:
+    """Waits (at most `limit` seconds) until the machine is quiet: less than
+    `max_pct` % of all CPUs busy over one second (our servers idle between
+    runs). Returns the last busy percentage seen."""
+    deadline = time.monotonic() + limit
+    said = False
+    while True:
+        b0, t0 = machine_busy(), time.monotonic()
+        time.sleep(1.0)
+        pct = 100 * (machine_busy() - b0) / ((time.monotonic() - t0) * (os.cpu_count() or 1))
+        if pct < max_pct:
+            return pct
+        if time.monotonic() >= deadline:
+            loud(f"the machine is still busy ({pct:.0f}% of the CPUs used by other processes) "
+                 f"after waiting {limit:.0f} s: measuring anyway, figures will be noisy")
+            return pct
+        if not said:
+            log(f"  machine busy ({pct:.0f}% of the CPUs used by other processes): waiting "
+                f"up to {limit:.0f} s for it to quieten")
+            said = True
+
+
 def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -379,9 +410,10 @@ class Target:
     body_bytes: int = 0
 
 
-def start_bare(procs: Procs, bins: dict, host: str, tmp: Path) -> Target:
+def start_bare(procs: Procs, bins: dict, host: str, tmp: Path, bare_bytes: int) -> Target:
     logf = tmp / "bare.log"
-    p = procs.start("bare", [str(bins["bare"]), f"{host}:0"], clean_env(), tmp, logf,
+    p = procs.start("bare", [str(bins["bare"]), f"{host}:0", str(bare_bytes)], clean_env(),
+                    tmp, logf,
                     stdout=subprocess.PIPE)
     addr = read_line(p, "listening on ")
     return Target("bare", f"http://{addr}", "/v1/token/", ("Authorization", "Bearer none"),
@@ -507,7 +539,9 @@ def run_wrk(wrk: str, t: Target, threads: int, conns: int, secs: float) -> dict:
             raise RuntimeError(f"{t.name}: server process {pid} is gone")
     before = {n: cpu_ticks(pid) for n, pid in t.pids.items()}
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy0 = machine_busy()
     p = subprocess.run(argv, capture_output=True, text=True, timeout=secs + 60)
+    busy1 = machine_busy()
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     after = {n: cpu_ticks(pid) for n, pid in t.pids.items()}
     if p.returncode != 0:
@@ -518,6 +552,10 @@ def run_wrk(wrk: str, t: Target, threads: int, conns: int, secs: float) -> dict:
     cpu = {n: (after[n] - before[n]) / CLK_TCK for n in t.pids}
     total = sum(cpu.values())
     wrk_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    # CPU used by anything but the measured servers and wrk during the run
+    # (other processes, idle targets, the kernel for others): noise.
+    other = (busy1 - busy0) - total - wrk_cpu
+    other_pct = 100 * max(0.0, other) / ((os.cpu_count() or 1) * f["duration_us"] / 1e6)
     return {
         "target": t.name,
         "requests": int(f["requests"]),
@@ -534,6 +572,7 @@ def run_wrk(wrk: str, t: Target, threads: int, conns: int, secs: float) -> dict:
         "server_cpu_s": cpu,
         "cpu_us_per_req": total * 1e6 / ok if ok > 0 else float("nan"),
         "wrk_cpu_us_per_req": wrk_cpu * 1e6 / ok if ok > 0 else float("nan"),
+        "other_cpu_pct": other_pct,
         "wrk_stdout": p.stdout,
     }
 
@@ -586,15 +625,16 @@ def report(results: list[dict], names: list[str], label: str) -> dict:
 
 def print_raw(results: list[dict]) -> None:
     log("\n-- each run (CPU split per server process; wrk µs/req is the load generator's own CPU)")
-    widths = [6, 12, 9, 9, 8, 8, 10, 10, 6]
+    widths = [6, 12, 9, 9, 8, 8, 10, 10, 7, 6]
     log(fmt_row(["round", "target", "2xx", "req/s", "p50 ms", "p99 ms", "CPU µs/req",
-                 "wrk µs/req", "status"], widths) + "  server CPU s")
+                 "wrk µs/req", "other%", "status"], widths) + "  server CPU s")
     for r in results:
         split = ", ".join(f"{n} {s:.2f}" for n, s in r["server_cpu_s"].items())
-        status = "FAIL" if r["failed"] else "ok"
+        status = "FAIL" if r["failed"] else ("noisy" if r.get("noisy") else "ok")
         log(fmt_row([r["round"], r["target"], r["ok"], f"{r['rps']:.0f}",
                      f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
-                     f"{r['cpu_us_per_req']:.1f}", f"{r['wrk_cpu_us_per_req']:.1f}", status],
+                     f"{r['cpu_us_per_req']:.1f}", f"{r['wrk_cpu_us_per_req']:.1f}",
+                     f"{r['other_cpu_pct']:.1f}", status],
                     widths) + f"  {split}"
             + (f"  errors {r['errors']}" if r["failed"] else ""))
 
@@ -619,7 +659,16 @@ def main() -> int:
     ap.add_argument("--ids", type=int, default=100, help="connections seeded and spread over")
     ap.add_argument("--only", default=",".join(TARGETS),
                     help=f"comma-separated targets (default all: {','.join(TARGETS)})")
+    ap.add_argument("--bare-bytes", type=int, default=1024,
+                    help="size of the bare handler's JSON body (Nexus's answers here: ~360)")
     ap.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
+    ap.add_argument("--wait-idle", type=float, default=120, metavar="SECONDS",
+                    help="before each run, wait up to this long for other processes to leave "
+                         "the CPUs idle (default 120)")
+    ap.add_argument("--max-other", type=float, default=5, metavar="PERCENT",
+                    help="a run during which other processes used more than this share of "
+                         "all CPUs is noisy: measured again (default 5)")
+    ap.add_argument("--retries", type=int, default=2, help="re-measurements of a noisy run")
     ap.add_argument("--json", type=Path, help="write every figure to this file")
     ap.add_argument("--serve-only", type=float, metavar="SECONDS",
                     help="start, seed and warm the targets, print how to load them, keep them "
@@ -667,11 +716,12 @@ def main() -> int:
     procs = Procs()
     results: list[dict] = []
     failed_any = False
+    noisy_any = False
     try:
         targets: dict[str, Target] = {}
         ids: list[str] = []
         if "bare" in names:
-            targets["bare"] = start_bare(procs, bins, args.host, tmp)
+            targets["bare"] = start_bare(procs, bins, args.host, tmp, args.bare_bytes)
         if any(n.startswith("up-") for n in names):
             for t in start_up(procs, bins, args.host, tmp, args.ids):
                 targets[t.name] = t
@@ -710,11 +760,22 @@ def main() -> int:
         log(f"each run: {shlex.join(example)}  (script and URL per target)")
         for rnd in range(1, args.rounds + 1):
             for n in names:
-                r = run_wrk(wrk, targets[n], args.threads, args.connections, args.duration)
-                r["round"] = rnd
+                for attempt in range(args.retries + 1):
+                    wait_idle(args.wait_idle, args.max_other)
+                    r = run_wrk(wrk, targets[n], args.threads, args.connections, args.duration)
+                    r["round"] = rnd
+                    r["noisy"] = r["other_cpu_pct"] > args.max_other
+                    log(f"round {rnd} {n:<12} {r['rps']:>9.0f} req/s  p50 {r['p50_ms']:.3f} ms  "
+                        f"p99 {r['p99_ms']:.3f} ms  CPU {r['cpu_us_per_req']:.1f} µs/req  "
+                        f"other CPU {r['other_cpu_pct']:.1f}%"
+                        + ("  NOISY" if r["noisy"] else ""))
+                    if not r["noisy"] or r["failed"]:
+                        break
+                    if attempt < args.retries:
+                        log("  other processes used the CPUs during this run: measuring it again")
                 results.append(r)
-                log(f"round {rnd} {n:<12} {r['rps']:>9.0f} req/s  p50 {r['p50_ms']:.3f} ms  "
-                    f"p99 {r['p99_ms']:.3f} ms  CPU {r['cpu_us_per_req']:.1f} µs/req")
+                if r["noisy"]:
+                    noisy_any = True
                 if r["failed"]:
                     failed_any = True
                     loud(f"FAILED RUN: round {rnd} {n}: {r['ok']} 2xx of {r['requests']}, "
@@ -727,6 +788,10 @@ def main() -> int:
         print_raw(results)
         if failed_any:
             loud("SOME RUNS FAILED (non-2xx answers or socket errors): see above")
+        if noisy_any:
+            loud(f"SOME RUNS WERE NOISY (other processes used more than {args.max_other:g}% of "
+                 "the CPUs during them, even after retries): marked 'noisy' above; "
+                 "their figures are in the medians")
         if args.json:
             args.json.write_text(json.dumps({
                 "command": cmdline,
@@ -743,6 +808,7 @@ def main() -> int:
                 "summary": summary,
                 "runs": [{k: v for k, v in r.items() if k != "wrk_stdout"} for r in results],
                 "failed": failed_any,
+                "noisy": noisy_any,
             }, indent=2) + "\n")
             log(f"\nwrote {args.json}")
         return 1 if failed_any else 0

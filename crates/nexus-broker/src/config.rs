@@ -71,7 +71,7 @@ nexus_core::declare_settings! {
         /// `WEBHOOK_SECRET`: its signing secret (`whsec_` + base64).
         webhook_secret: WEBHOOK_SECRET = Setting::secret("WEBHOOK_SECRET", "The webhook signing secret, whsec_ + base64 (nexus keys generate)"),
         /// `NEXUS_ISSUANCE_PAUSED`: `true` pauses token issuance at start-up.
-        issuance_paused: NEXUS_ISSUANCE_PAUSED = Setting::boolean("NEXUS_ISSUANCE_PAUSED", "Start with token issuance paused; lift with DELETE /admin/pause", false),
+        issuance_paused: NEXUS_ISSUANCE_PAUSED = Setting::boolean("NEXUS_ISSUANCE_PAUSED", "Start with token issuance paused; lift with DELETE /admin/pause", false).flag_as("issuance-paused"),
     }
 }
 

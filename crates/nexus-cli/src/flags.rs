@@ -12,9 +12,10 @@ use nexus_core::settings::{Kind, Setting};
 /// Raw values given as flags or environment variables, by variable name.
 pub type Given = BTreeMap<&'static str, String>;
 
-/// Adds a flag for every non-secret setting of `lists`, once per name.
-fn augment(mut cmd: Command, lists: &[&[&'static Setting]]) -> Command {
-    let mut seen = HashSet::new();
+/// Adds a flag for every non-secret setting of `lists`, once per name,
+/// except those named in `skip` (the command sets them itself).
+fn augment(mut cmd: Command, lists: &[&[&'static Setting]], skip: &[&str]) -> Command {
+    let mut seen: HashSet<&str> = skip.iter().copied().collect();
     for s in lists.iter().flat_map(|l| l.iter()) {
         if s.is_secret() || !seen.insert(s.name) {
             continue;
@@ -24,9 +25,10 @@ fn augment(mut cmd: Command, lists: &[&[&'static Setting]]) -> Command {
             help.push_str(&format!(" [default: {d}]"));
         }
         let value_name = match s.kind {
-            Kind::Number { unit, .. } if !unit.is_empty() => {
-                unit.trim_end_matches('s').to_ascii_uppercase()
-            }
+            Kind::Number {
+                unit: "seconds", ..
+            } => "SECS".into(),
+            Kind::Number { unit, .. } if !unit.is_empty() => unit.to_ascii_uppercase(),
             Kind::Number { .. } => "N".into(),
             Kind::Bool => "BOOL".into(),
             Kind::Text | Kind::Secret => "VALUE".into(),
@@ -42,10 +44,10 @@ fn augment(mut cmd: Command, lists: &[&[&'static Setting]]) -> Command {
     cmd
 }
 
-fn given(m: &ArgMatches, lists: &[&[&'static Setting]]) -> Given {
+fn given(m: &ArgMatches, lists: &[&[&'static Setting]], skip: &[&str]) -> Given {
     let mut out = Given::new();
     for s in lists.iter().flat_map(|l| l.iter()) {
-        if s.is_secret() || out.contains_key(s.name) {
+        if s.is_secret() || skip.contains(&s.name) || out.contains_key(s.name) {
             continue;
         }
         if let Ok(Some(v)) = m.try_get_one::<String>(s.name) {
@@ -57,27 +59,27 @@ fn given(m: &ArgMatches, lists: &[&[&'static Setting]]) -> Given {
 
 /// A flattenable set of flags for the settings of some parts.
 macro_rules! flags {
-    ($(#[$meta:meta])* $name:ident: $($list:expr),+) => {
+    ($(#[$meta:meta])* $name:ident: [$($list:expr),+] except [$($skip:expr),*]) => {
         $(#[$meta])*
         #[derive(Clone, Debug, Default)]
         pub struct $name(pub Given);
 
         impl clap::FromArgMatches for $name {
             fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
-                Ok(Self(given(m, &[$($list),+])))
+                Ok(Self(given(m, &[$($list),+], &[$($skip),*])))
             }
             fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
-                self.0.extend(given(m, &[$($list),+]));
+                self.0.extend(given(m, &[$($list),+], &[$($skip),*]));
                 Ok(())
             }
         }
 
         impl clap::Args for $name {
             fn augment_args(cmd: Command) -> Command {
-                augment(cmd, &[$($list),+])
+                augment(cmd, &[$($list),+], &[$($skip),*])
             }
             fn augment_args_for_update(cmd: Command) -> Command {
-                augment(cmd, &[$($list),+])
+                augment(cmd, &[$($list),+], &[$($skip),*])
             }
         }
     };
@@ -85,15 +87,17 @@ macro_rules! flags {
 
 flags!(
     /// The broker's settings.
-    BrokerFlags: nexus_broker::config::Settings::ALL
+    BrokerFlags: [nexus_broker::config::Settings::ALL] except []
 );
 flags!(
     /// The gateway's settings.
-    GatewayFlags: nexus_gateway::GatewaySettings::ALL
+    GatewayFlags: [nexus_gateway::GatewaySettings::ALL] except []
 );
 flags!(
-    /// Broker and gateway together (`nexus up`).
-    UpFlags: nexus_broker::config::Settings::ALL, nexus_gateway::GatewaySettings::ALL
+    /// Broker and gateway together (`nexus up`, which points the gateway
+    /// at its own broker).
+    UpFlags: [nexus_broker::config::Settings::ALL, nexus_gateway::GatewaySettings::ALL]
+        except [nexus_gateway::config::BROKER_URL.name]
 );
 
 #[cfg(test)]
@@ -135,7 +139,8 @@ mod tests {
             .iter()
             .chain(nexus_gateway::GatewaySettings::ALL)
         {
-            assert_eq!(flags.contains(&s.flag()), !s.is_secret(), "{}", s.name);
+            let expected = !s.is_secret() && s.name != "BROKER_URL";
+            assert_eq!(flags.contains(&s.flag()), expected, "{}", s.name);
         }
     }
 }

@@ -76,6 +76,8 @@ pub struct Setting {
     pub kind: Kind,
     /// The value used when it is unset.
     pub default: Option<&'static str>,
+    /// The flag, when it is not the variable's lower-case, dashed form.
+    pub flag_name: Option<&'static str>,
 }
 
 impl Setting {
@@ -86,6 +88,7 @@ impl Setting {
             help,
             kind: Kind::Text,
             default: None,
+            flag_name: None,
         }
     }
 
@@ -96,6 +99,7 @@ impl Setting {
             help,
             kind: Kind::Secret,
             default: None,
+            flag_name: None,
         }
     }
 
@@ -113,6 +117,7 @@ impl Setting {
             help,
             kind: Kind::Number { min, max, unit },
             default: Some(default),
+            flag_name: None,
         }
     }
 
@@ -123,6 +128,7 @@ impl Setting {
             help,
             kind: Kind::Bool,
             default: Some(if default { "true" } else { "false" }),
+            flag_name: None,
         }
     }
 
@@ -132,9 +138,19 @@ impl Setting {
         self
     }
 
+    /// The same setting with a flag of another name (kept for flags that
+    /// existed before the declaration).
+    pub const fn flag_as(mut self, flag: &'static str) -> Self {
+        self.flag_name = Some(flag);
+        self
+    }
+
     /// The command-line flag: `REFRESH_MARGIN_SECS` → `refresh-margin-secs`.
     pub fn flag(&self) -> String {
-        self.name.to_ascii_lowercase().replace('_', "-")
+        match self.flag_name {
+            Some(f) => f.to_string(),
+            None => self.name.to_ascii_lowercase().replace('_', "-"),
+        }
     }
 
     /// Whether the value must stay out of flags and output.

@@ -1,13 +1,14 @@
 //! The throughput ceiling for the HTTP benchmark (`bench/http/run.py`): a
 //! bare axum 0.8 server on a multi-threaded tokio runtime, like Nexus's
-//! servers, answering `GET /v1/token/{id}` with a precomputed ~1 KB
-//! token-shaped JSON body and nothing else (no middleware, no state).
+//! servers, answering `GET /v1/token/{id}` with a precomputed token-shaped
+//! JSON body (1024 bytes, or the size given as the second argument) and
+//! nothing else (no middleware, no state).
 //!
 //! Built with the same release profile as Nexus:
 //!
 //! ```sh
 //! cargo build --release -p nexus-gateway --example bare
-//! target/release/examples/bare 127.0.0.1:0   # prints `listening on ADDR` once bound
+//! target/release/examples/bare 127.0.0.1:0 [BYTES]   # prints `listening on ADDR` once bound
 //! ```
 
 use std::io::Write;
@@ -18,30 +19,33 @@ use axum::http::HeaderValue;
 use axum::routing::get;
 use axum::Router;
 
-/// A token answer shaped like the broker's (header strategy, static
-/// credential), padded to about 1 KB.
-fn body() -> Bytes {
-    let mut s = String::from(concat!(
-        r#"{"connection_id":"0b6f3c1e-8d2a-4f57-9c3e-5a1d7e2b9f40","#,
-        r#""provider":"weather","auth_type":"api_key","workspace_id":"bench","#,
-        r#""strategy":{"type":"header","config":{"header_name":"X-Api-Key","credential_field":"api_key"}},"#,
-        r#""credentials":{"api_key":"weather-key-0000-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"},"#,
-        r#""expires_at":null,"cache_ttl_secs":300,"scopes":[],"#,
-        r#""metadata":{"note":""#,
-    ));
-    while s.len() < 1024 - 4 {
-        s.push('x');
-    }
-    s.push_str(r#""}}"#);
+/// A token answer shaped like the broker's (static credential, header
+/// strategy), padded with a long credential to `size` bytes (at least the
+/// unpadded answer, about 330 bytes).
+fn body(size: usize) -> Bytes {
+    let head = r#"{"connection_id":"0b6f3c1e-8d2a-4f57-9c3e-5a1d7e2b9f40","credentials":{"api_key":"weather-key-0000-"#;
+    let tail = concat!(
+        r#""},"degraded":false,"expires_at":null,"failing_scopes":[],"provider":"weather","scope":"","#,
+        r#""status":"active","strategy":{"type":"header","config":{"credential_field":"api_key","#,
+        r#""header_name":"X-Api-Key"}},"expires_in":null}"#,
+    );
+    let pad = size.saturating_sub(head.len() + tail.len());
+    let mut s = String::with_capacity(size);
+    s.push_str(head);
+    s.extend(std::iter::repeat_n('x', pad));
+    s.push_str(tail);
     Bytes::from(s)
 }
 
 #[tokio::main]
 async fn main() {
-    let addr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:0".into());
-    let body = body();
+    let mut args = std::env::args().skip(1);
+    let addr = args.next().unwrap_or_else(|| "127.0.0.1:0".into());
+    let size = args
+        .next()
+        .map(|s| s.parse().expect("second argument: body size in bytes"))
+        .unwrap_or(1024);
+    let body = body(size);
     let json = HeaderValue::from_static("application/json");
     let app = Router::new().route(
         "/v1/token/{id}",
