@@ -21,3 +21,6 @@ pub mod wire;
 
 pub use secret::Secret;
 pub use settings::ConfigError;
+
+#[doc(hidden)]
+pub use metrics as __metrics;

@@ -1,5 +1,7 @@
 //! Metrics (Prometheus) and request logging.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -43,15 +45,17 @@ pub fn metrics_handle() -> PrometheusHandle {
 }
 
 /// Middleware: counts and times every request by route template, method and
-/// status, and logs one line per request. Only the route template is logged,
-/// never the raw path or query string, which can carry codes or tokens.
-/// Labels are static strings or one shared route string: this runs on every
-/// token fetch.
+/// status. Only the route template is ever recorded, never the raw path or
+/// query string, which can carry codes or tokens.
+///
+/// This runs on every token fetch, so the metric handles of a (route,
+/// method, status) are registered once per thread and kept ([`record`]):
+/// no label allocation and no registry lookup per request. The
+/// per-request log line is at `debug` (at thousands of token fetches a
+/// second an access log would be most of the work, and the audit log counts
+/// issuances); server errors are logged at `warn`.
 pub async fn track_requests(req: Request, next: Next) -> Response {
-    let route: Arc<str> = match req.extensions().get::<MatchedPath>() {
-        Some(p) => Arc::from(p.as_str()),
-        None => Arc::from("unmatched"),
-    };
+    let route = req.extensions().get::<MatchedPath>().cloned();
     // Only standard methods become label values: anything else would let any
     // caller, even without a key, create metric series without bound.
     let method: &'static str = match req.method().as_str() {
@@ -67,18 +71,78 @@ pub async fn track_requests(req: Request, next: Next) -> Response {
     let start = Instant::now();
     let resp = next.run(req).await;
     let elapsed = start.elapsed();
-    let status = resp.status();
-    metrics::counter!("nexus_http_requests_total", "route" => route.clone(), "method" => method, "status" => status_label(status))
-        .increment(1);
-    metrics::histogram!("nexus_http_request_duration_seconds", "route" => route.clone(), "method" => method)
-        .record(elapsed.as_secs_f64());
-    tracing::info!(method, route = %route, status = status.as_u16(), latency_ms = elapsed.as_secs_f64() * 1e3, "request");
+    let status = resp.status().as_u16();
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    record(route, method, status, elapsed.as_secs_f64());
+    if status >= 500 {
+        tracing::warn!(
+            method,
+            route,
+            status,
+            latency_ms = elapsed.as_secs_f64() * 1e3,
+            "request"
+        );
+    } else {
+        tracing::debug!(
+            method,
+            route,
+            status,
+            latency_ms = elapsed.as_secs_f64() * 1e3,
+            "request"
+        );
+    }
     resp
 }
 
+/// A request's counter and latency histogram.
+type Handles = (metrics::Counter, metrics::Histogram);
+
+/// Most (method, status) pairs cached per route and thread; any further
+/// pair is registered on each use (still correct, only slower).
+const MAX_PAIRS_PER_ROUTE: usize = 64;
+
+thread_local! {
+    /// Handles by route template, then (method, status). Route templates
+    /// come from the router's table, so the map stays small.
+    static HANDLES: RefCell<HashMap<Box<str>, Vec<(&'static str, u16, Handles)>>> =
+        RefCell::new(HashMap::new());
+}
+
+/// Counts one request and records its latency.
+pub fn record(route: &str, method: &'static str, status: u16, seconds: f64) {
+    HANDLES.with(|cell| {
+        let mut map = cell.borrow_mut();
+        if let Some((_, _, (count, time))) = map
+            .get(route)
+            .and_then(|l| l.iter().find(|(m, s, _)| *m == method && *s == status))
+        {
+            count.increment(1);
+            time.record(seconds);
+            return;
+        }
+        let (count, time) = register(route, method, status);
+        count.increment(1);
+        time.record(seconds);
+        let list = map.entry(route.into()).or_default();
+        if list.len() < MAX_PAIRS_PER_ROUTE {
+            list.push((method, status, (count, time)));
+        }
+    });
+}
+
+fn register(route: &str, method: &'static str, status: u16) -> Handles {
+    // Handles taken before the recorder exists would count nowhere forever.
+    let _ = metrics_handle();
+    let route = metrics::SharedString::from(Arc::<str>::from(route));
+    (
+        metrics::counter!("nexus_http_requests_total", "route" => route.clone(), "method" => method, "status" => status_label(status)),
+        metrics::histogram!("nexus_http_request_duration_seconds", "route" => route, "method" => method),
+    )
+}
+
 /// A status as a label value, without allocating for the common ones.
-fn status_label(status: axum::http::StatusCode) -> metrics::SharedString {
-    let s: &'static str = match status.as_u16() {
+fn status_label(status: u16) -> metrics::SharedString {
+    let s: &'static str = match status {
         200 => "200",
         201 => "201",
         202 => "202",
@@ -103,4 +167,22 @@ fn status_label(status: axum::http::StatusCode) -> metrics::SharedString {
         other => return metrics::SharedString::from(other.to_string()),
     };
     metrics::SharedString::const_str(s)
+}
+
+/// A counter whose labels are all literals, registered once (after the
+/// process's recorder is installed) and kept: on a hot path this costs one
+/// atomic add instead of a label allocation and a registry lookup.
+///
+/// ```
+/// nexus_core::static_counter!("example_total", "result" => "hit").increment(1);
+/// ```
+#[macro_export]
+macro_rules! static_counter {
+    ($name:literal $(, $k:literal => $v:literal)* $(,)?) => {{
+        static HANDLE: ::std::sync::OnceLock<$crate::__metrics::Counter> = ::std::sync::OnceLock::new();
+        HANDLE.get_or_init(|| {
+            let _ = $crate::telemetry::metrics_handle();
+            $crate::__metrics::counter!($name $(, $k => $v)*)
+        })
+    }};
 }

@@ -200,7 +200,8 @@ impl Gateway {
                 .ok();
         }
         if let Some(body) = self.tokens.get(id) {
-            metrics::counter!("nexus_gateway_token_cache_total", "result" => "hit").increment(1);
+            nexus_core::static_counter!("nexus_gateway_token_cache_total", "result" => "hit")
+                .increment(1);
             return Ok(Reply {
                 status: StatusCode::OK,
                 headers: axum::http::HeaderMap::new(),
@@ -214,7 +215,8 @@ impl Gateway {
             .await?
             .ok()?;
         if self.tokens.is_live() {
-            metrics::counter!("nexus_gateway_token_cache_total", "result" => "miss").increment(1);
+            nexus_core::static_counter!("nexus_gateway_token_cache_total", "result" => "miss")
+                .increment(1);
             self.tokens.put(id, &reply, epoch);
         }
         Ok(reply)

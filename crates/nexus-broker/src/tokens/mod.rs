@@ -142,15 +142,24 @@ impl Tokens {
             Some(p) => Err(TokenError::Paused(p)),
             None => self.token_inner(id, force, true).await,
         };
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(TokenError::Paused(_)) => "paused",
-            Err(TokenError::AttentionRequired(_)) => "attention_required",
-            Err(TokenError::ProviderUnavailable(_)) => "provider_unavailable",
-            Err(TokenError::NotFound) => "not_found",
-            Err(_) => "refused",
-        };
-        metrics::counter!("nexus_token_fetches_total", "outcome" => outcome).increment(1);
+        use nexus_core::static_counter;
+        match &result {
+            Ok(_) => static_counter!("nexus_token_fetches_total", "outcome" => "ok"),
+            Err(TokenError::Paused(_)) => {
+                static_counter!("nexus_token_fetches_total", "outcome" => "paused")
+            }
+            Err(TokenError::AttentionRequired(_)) => {
+                static_counter!("nexus_token_fetches_total", "outcome" => "attention_required")
+            }
+            Err(TokenError::ProviderUnavailable(_)) => {
+                static_counter!("nexus_token_fetches_total", "outcome" => "provider_unavailable")
+            }
+            Err(TokenError::NotFound) => {
+                static_counter!("nexus_token_fetches_total", "outcome" => "not_found")
+            }
+            Err(_) => static_counter!("nexus_token_fetches_total", "outcome" => "refused"),
+        }
+        .increment(1);
         result
     }
 
@@ -173,7 +182,8 @@ impl Tokens {
             if let Some(hit) = self.cache.trusted(id) {
                 paused(&hit.stamp.workspace_id)?;
                 if servable(&self.settings, &hit.stamp) {
-                    metrics::counter!("nexus_token_cache_total", "result" => "hit").increment(1);
+                    nexus_core::static_counter!("nexus_token_cache_total", "result" => "hit")
+                        .increment(1);
                     return Ok(self.serve_cached(id, &hit));
                 }
             }
@@ -186,12 +196,12 @@ impl Tokens {
             paused(&stamp.workspace_id)?;
             if servable(&self.settings, &stamp) {
                 if let Some(hit) = self.cache.validate(id, &stamp) {
-                    metrics::counter!("nexus_token_cache_total", "result" => "validated")
+                    nexus_core::static_counter!("nexus_token_cache_total", "result" => "validated")
                         .increment(1);
                     return Ok(self.serve_cached(id, &hit));
                 }
             }
-            metrics::counter!("nexus_token_cache_total", "result" => "miss").increment(1);
+            nexus_core::static_counter!("nexus_token_cache_total", "result" => "miss").increment(1);
         }
         let epoch = self.cache.epoch();
         let mut c = self
