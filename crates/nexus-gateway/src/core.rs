@@ -1,10 +1,10 @@
 //! What the gateway does for an agent, shared by REST and gRPC: check the
 //! agent key's workspaces, then ask the broker.
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
 use axum::http::StatusCode;
-use hashlink::LruCache;
 use serde_json::{json, Map, Value};
 
 use nexus_core::wire::routes;
@@ -25,9 +25,13 @@ pub struct Gateway {
     pub config: GatewayConfig,
     /// Token answers kept while the broker's change stream is open.
     pub tokens: TokenCache,
-    /// Connection id → workspace (a connection never changes workspace).
-    workspaces: Mutex<LruCache<String, String>>,
+    /// Connection id → workspace (a connection never changes workspace):
+    /// read on every call, so behind a read lock; emptied when full.
+    workspaces: RwLock<HashMap<String, Arc<str>>>,
 }
+
+/// Most connection → workspace entries kept.
+const MAX_WORKSPACES: usize = 100_000;
 
 /// Connection ids are broker-made; anything else is unknown without asking.
 fn plausible_id(id: &str) -> bool {
@@ -67,15 +71,17 @@ impl Gateway {
             broker,
             tokens: TokenCache::new(config.token_cache_capacity),
             config,
-            workspaces: Mutex::new(LruCache::new(100_000)),
+            workspaces: RwLock::new(HashMap::new()),
         })
     }
 
     fn remember_workspace(&self, id: &str, workspace: &str) {
-        self.workspaces
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_string(), workspace.to_string());
+        let mut map = self.workspaces.write().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MAX_WORKSPACES && !map.contains_key(id) {
+            // Rebuilt from the broker on demand; no order to keep.
+            map.clear();
+        }
+        map.insert(id.to_string(), Arc::from(workspace));
     }
 
     /// The broker's view of a connection (404 when unknown); its workspace
@@ -99,20 +105,19 @@ impl Gateway {
     }
 
     /// The workspace of a connection (404 when unknown).
-    async fn workspace_of(&self, id: &str) -> Result<String, GatewayError> {
+    async fn workspace_of(&self, id: &str) -> Result<Arc<str>, GatewayError> {
         if !plausible_id(id) {
             return Err(GatewayError::connection_not_found());
         }
         if let Some(w) = self
             .workspaces
-            .lock()
+            .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
-            .cloned()
         {
-            return Ok(w);
+            return Ok(w.clone());
         }
-        Ok(self.connection(id).await?.1)
+        Ok(Arc::from(self.connection(id).await?.1))
     }
 
     /// Refuses (as unknown) a connection outside the key's workspaces.

@@ -6,13 +6,13 @@
 //! `x-nexus-cacheable-ms`, for at most that long, and only while the
 //! broker's change stream is open and has said ready ([`TokenCache::set_live`]).
 //! Every change the stream announces drops the entry (or everything); losing
-//! the stream drops everything. Entries are bounded (least recently used
+//! the stream drops everything. Entries are bounded (the oldest
 //! evicted) and held in [`Secret`]. Tokens served from here are counted and
 //! reported back to the broker for its audit log ([`TokenCache::take_served`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
@@ -46,12 +46,30 @@ pub struct Served {
 }
 
 /// Bounded token responses by connection id. Capacity 0 disables it.
+///
+/// Reads (every warm fetch) take the map's read lock and do not reorder it,
+/// so concurrent fetches never wait on each other; eviction is therefore by
+/// insertion order, which costs nothing here: an entry lives a second or so.
+/// Served counts are kept in shards by connection, so two fetches contend
+/// only when they are for connections of the same shard.
 pub struct TokenCache {
-    map: Option<Mutex<LruCache<String, Arc<Entry>>>>,
+    map: Option<RwLock<LruCache<String, Arc<Entry>>>>,
     live: AtomicBool,
     /// Bumped by every drop, so an answer fetched before a drop is not kept.
     epoch: AtomicU64,
-    served: Mutex<HashMap<String, Served>>,
+    served: [Mutex<HashMap<String, Served>>; SHARDS],
+}
+
+/// Shards of the served counts.
+const SHARDS: usize = 16;
+
+fn shard_of(id: &str) -> usize {
+    // FNV-1a: cheap, and spread enough for random connection ids.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in id.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    h as usize % SHARDS
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -59,15 +77,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+
 impl TokenCache {
     /// A cache of at most `capacity` answers; not live until the change
     /// stream says ready.
     pub fn new(capacity: usize) -> Self {
         Self {
-            map: (capacity > 0).then(|| Mutex::new(LruCache::new(capacity))),
+            map: (capacity > 0).then(|| RwLock::new(LruCache::new(capacity))),
             live: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
-            served: Mutex::new(HashMap::new()),
+            served: std::array::from_fn(|_| Mutex::new(HashMap::new())),
         }
     }
 
@@ -76,15 +102,16 @@ impl TokenCache {
         if !self.live.load(Ordering::Acquire) {
             return None;
         }
-        let entry = {
-            let mut map = lock(self.map.as_ref()?);
-            let entry = map.get(id)?.clone();
-            if entry.until <= Instant::now() {
+        let map = self.map.as_ref()?;
+        let entry = read(map).peek(id)?.clone();
+        if entry.until <= Instant::now() {
+            // Expired (once per entry): drop it unless it was replaced meanwhile.
+            let mut map = write(map);
+            if map.peek(id).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
                 map.remove(id);
-                return None;
             }
-            entry
-        };
+            return None;
+        }
         let now = now_ms();
         let body = Bytes::from(nexus_core::wire::complete(
             entry.prefix.expose(),
@@ -92,7 +119,7 @@ impl TokenCache {
             now,
         ));
         add_served(
-            &mut lock(&self.served),
+            &mut lock(&self.served[shard_of(id)]),
             id,
             Served {
                 count: 1,
@@ -131,7 +158,7 @@ impl TokenCache {
             expires_at: header(EXPIRES_AT_HEADER),
             until: Instant::now() + keep,
         });
-        let mut map = lock(map);
+        let mut map = write(map);
         if self.live.load(Ordering::Acquire) && self.epoch.load(Ordering::Acquire) == epoch {
             map.insert(id.to_string(), entry);
         }
@@ -140,7 +167,7 @@ impl TokenCache {
     /// Drops one connection's answer.
     pub fn forget(&self, id: &str) {
         if let Some(m) = &self.map {
-            let mut map = lock(m);
+            let mut map = write(m);
             self.epoch.fetch_add(1, Ordering::AcqRel);
             map.remove(id);
         }
@@ -149,7 +176,7 @@ impl TokenCache {
     /// Drops everything.
     pub fn clear(&self) {
         if let Some(m) = &self.map {
-            let mut map = lock(m);
+            let mut map = write(m);
             self.epoch.fetch_add(1, Ordering::AcqRel);
             map.clear();
         }
@@ -170,7 +197,7 @@ impl TokenCache {
 
     /// Number of answers held.
     pub fn len(&self) -> usize {
-        self.map.as_ref().map_or(0, |m| lock(m).len())
+        self.map.as_ref().map_or(0, |m| read(m).len())
     }
 
     /// Whether nothing is held.
@@ -180,14 +207,17 @@ impl TokenCache {
 
     /// The tokens served since the last call, by connection.
     pub fn take_served(&self) -> HashMap<String, Served> {
-        std::mem::take(&mut *lock(&self.served))
+        let mut all = HashMap::new();
+        for shard in &self.served {
+            all.extend(std::mem::take(&mut *lock(shard)));
+        }
+        all
     }
 
     /// Puts back counts that could not be reported (the broker was away).
     pub fn restore_served(&self, back: HashMap<String, Served>) {
-        let mut served = lock(&self.served);
         for (id, b) in back {
-            add_served(&mut served, &id, b);
+            add_served(&mut lock(&self.served[shard_of(&id)]), &id, b);
         }
     }
 }
