@@ -97,6 +97,9 @@ pub async fn track_requests(req: Request, next: Next) -> Response {
 /// A request's counter and latency histogram.
 type Handles = (metrics::Counter, metrics::Histogram);
 
+/// Per route template: the handles of each (method, status) seen.
+type RouteHandles = HashMap<Box<str>, Vec<(&'static str, u16, Handles)>>;
+
 /// Most (method, status) pairs cached per route and thread; any further
 /// pair is registered on each use (still correct, only slower).
 const MAX_PAIRS_PER_ROUTE: usize = 64;
@@ -104,8 +107,7 @@ const MAX_PAIRS_PER_ROUTE: usize = 64;
 thread_local! {
     /// Handles by route template, then (method, status). Route templates
     /// come from the router's table, so the map stays small.
-    static HANDLES: RefCell<HashMap<Box<str>, Vec<(&'static str, u16, Handles)>>> =
-        RefCell::new(HashMap::new());
+    static HANDLES: RefCell<RouteHandles> = RefCell::new(HashMap::new());
 }
 
 /// Counts one request and records its latency.
