@@ -17,7 +17,9 @@ For each wrk run it reports requests/s, p50 and p99 (wrk's figures), and the
 server CPU per request, independent of the load generator: utime+stime of
 the server process(es) from /proc/<pid>/stat before and after the run,
 divided by the 2xx responses. Any non-2xx answer or socket error fails the
-run, loudly.
+run, loudly. The CPU the rest of the machine used during each run (from
+/proc/stat) is reported too; a run other processes disturbed is measured
+again, after waiting for the machine to be quiet.
 
 Python 3.11, standard library only. See README.md next to this file.
 """
@@ -207,11 +209,12 @@ def free_port(host: str) -> int:
 
 def check_loopback(host: str) -> None:
     try:
-        ok = ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
+        ok = ip.version == 4 and ip.is_loopback
     except ValueError:
         ok = False
     if not ok:
-        sys.exit(f"refusing to run against {host!r}: loopback addresses only (127.0.0.0/8, ::1)")
+        sys.exit(f"refusing to run against {host!r}: IPv4 loopback addresses only (127.0.0.0/8)")
 
 
 # ---------------------------------------------------------------- HTTP client
@@ -661,7 +664,8 @@ def main() -> int:
                     help=f"comma-separated targets (default all: {','.join(TARGETS)})")
     ap.add_argument("--bare-bytes", type=int, default=1024,
                     help="size of the bare handler's JSON body (Nexus's answers here: ~360)")
-    ap.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="IPv4 loopback address the servers listen on (127.0.0.0/8 only)")
     ap.add_argument("--wait-idle", type=float, default=120, metavar="SECONDS",
                     help="before each run, wait up to this long for other processes to leave "
                          "the CPUs idle (default 120)")
@@ -687,10 +691,13 @@ def main() -> int:
     repo = args.repo.resolve()
     target_dir = (args.target_dir or repo / "target").resolve()
 
-    # Ctrl-C and SIGTERM both end in the `finally` below, which stops everything.
-    def on_term(signum, frame):
+    # Ctrl-C, SIGTERM and SIGHUP all end in the `finally` below, which stops
+    # everything (SIGINT set explicitly: a shell starts background jobs with
+    # it ignored, and Python would then keep ignoring it).
+    def on_signal(signum, frame):
         raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, on_term)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
 
     cmdline = shlex.join([sys.executable, *sys.argv])
     commit = git_commit(repo)
@@ -700,6 +707,8 @@ def main() -> int:
     bins = {"nexus": target_dir / "release" / "nexus",
             "bare": target_dir / "release" / "examples" / "bare"}
     for n, b in bins.items():
+        if n == "bare" and "bare" not in names:
+            continue
         if not b.exists():
             sys.exit(f"{b} is missing: build it (drop --no-build)"
                      + (", and copy crates/nexus-gateway/examples/bare.rs into the measured "
@@ -820,6 +829,8 @@ def main() -> int:
         args.keep_tmp = True
         raise
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
         procs.stop_all()
         if args.keep_tmp:
             log(f"temporary state and logs: {tmp}")
