@@ -1,13 +1,10 @@
 //! The one error shape of every Nexus server: `{"error": code, "message":
-//! text, ...context}` with the status it carries, and the middleware that
-//! keeps it so (no text bodies, no NUL in URLs).
+//! text, ...context}` with the status it carries.
 
 use std::borrow::Cow;
 
 use axum::body::Body;
-use axum::extract::Request;
 use axum::http::{header, HeaderValue, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value};
 
@@ -91,43 +88,12 @@ pub fn code_for(status: StatusCode) -> &'static str {
 
 const MAX_PASSTHROUGH_MESSAGE: usize = 512;
 
-/// Middleware: refuses NUL (`%00`) anywhere in the path or query with 400,
-/// before any handler or database sees it.
-pub async fn reject_nul(req: Request, next: Next) -> Response {
-    let has_nul = |s: &str| {
-        s.as_bytes()
-            .windows(3)
-            .any(|w| w.eq_ignore_ascii_case(b"%00"))
-    };
-    let uri = req.uri();
-    if has_nul(uri.path()) || uri.query().is_some_and(has_nul) {
-        return ErrorBody::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "NUL characters are not allowed in URLs",
-        )
-        .into_response();
-    }
-    next.run(req).await
-}
-
-/// Middleware, outermost: any error response that is not already JSON (from
-/// axum's own rejections, method-not-allowed, the body-limit layer) is
-/// rewritten to the JSON error shape, so no client ever has to parse text.
-pub async fn json_errors(req: Request, next: Next) -> Response {
-    let resp = next.run(req).await;
+/// An error answer that is not JSON (axum's own rejections,
+/// method-not-allowed, the body-limit layer) rewritten to the JSON error
+/// shape, its text (if short) as the message, so no client ever has to
+/// parse text. Used by [`crate::middleware::Edge`].
+pub async fn rewrite_as_json(resp: Response) -> Response {
     let status = resp.status();
-    if !(status.is_client_error() || status.is_server_error()) {
-        return resp;
-    }
-    let is_json = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if is_json {
-        return resp;
-    }
     let (mut parts, body) = resp.into_parts();
     let text = axum::body::to_bytes(body, 4096)
         .await

@@ -10,6 +10,7 @@
 
 pub mod backoff;
 pub mod error;
+pub mod middleware;
 pub mod net;
 pub mod openapi;
 pub mod outbound;

@@ -3,11 +3,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request};
-use axum::middleware::Next;
-use axum::response::Response;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -42,56 +38,6 @@ pub fn metrics_handle() -> PrometheusHandle {
             }
         })
         .clone()
-}
-
-/// Middleware: counts and times every request by route template, method and
-/// status. Only the route template is ever recorded, never the raw path or
-/// query string, which can carry codes or tokens.
-///
-/// This runs on every token fetch, so the metric handles of a (route,
-/// method, status) are registered once per thread and kept ([`record`]):
-/// no label allocation and no registry lookup per request. The
-/// per-request log line is at `debug` (at thousands of token fetches a
-/// second an access log would be most of the work, and the audit log counts
-/// issuances); server errors are logged at `warn`.
-pub async fn track_requests(req: Request, next: Next) -> Response {
-    let route = req.extensions().get::<MatchedPath>().cloned();
-    // Only standard methods become label values: anything else would let any
-    // caller, even without a key, create metric series without bound.
-    let method: &'static str = match req.method().as_str() {
-        "GET" => "GET",
-        "POST" => "POST",
-        "PUT" => "PUT",
-        "PATCH" => "PATCH",
-        "DELETE" => "DELETE",
-        "HEAD" => "HEAD",
-        "OPTIONS" => "OPTIONS",
-        _ => "other",
-    };
-    let start = Instant::now();
-    let resp = next.run(req).await;
-    let elapsed = start.elapsed();
-    let status = resp.status().as_u16();
-    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
-    record(route, method, status, elapsed.as_secs_f64());
-    if status >= 500 {
-        tracing::warn!(
-            method,
-            route,
-            status,
-            latency_ms = elapsed.as_secs_f64() * 1e3,
-            "request"
-        );
-    } else {
-        tracing::debug!(
-            method,
-            route,
-            status,
-            latency_ms = elapsed.as_secs_f64() * 1e3,
-            "request"
-        );
-    }
-    resp
 }
 
 /// A request's counter and latency histogram.

@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::http::{header, Method};
-use axum::middleware::from_fn;
 use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -228,9 +227,7 @@ pub fn router(g: Arc<Gateway>, metrics: PrometheusHandle) -> Router {
         .merge(grpc)
         .fallback(not_found)
         .layer(RequestBodyLimitLayer::new(max_body))
-        .layer(from_fn(nexus_core::error::reject_nul))
-        .layer(from_fn(nexus_core::telemetry::track_requests))
-        .layer(from_fn(nexus_core::error::json_errors))
+        .layer(nexus_core::middleware::Edge)
 }
 
 async fn not_found(uri: axum::http::Uri) -> crate::error::GatewayError {

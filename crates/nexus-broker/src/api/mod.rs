@@ -9,7 +9,6 @@
 use std::sync::Arc;
 
 use axum::http::{Method, StatusCode, Uri};
-use axum::middleware::{from_fn, from_fn_with_state};
 use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -27,7 +26,6 @@ use crate::tokens::pause::Pauses;
 use crate::tokens::scope::ScopeReports;
 use crate::tokens::Tokens;
 use nexus_core::outbound::{self, OutboundError};
-use nexus_core::telemetry;
 
 pub mod agent_keys;
 pub mod audit;
@@ -532,12 +530,10 @@ pub fn openapi(redirect_path: &str) -> serde_json::Value {
 pub fn router(state: AppState) -> Router {
     let redirect_path = state.config().redirect_path.clone();
     let document = std::sync::Arc::new(openapi(&redirect_path));
-    let admin = mount(Router::new(), admin_routes())
-        .route_layer(from_fn_with_state(state.clone(), guard::require_api_key))
-        .route_layer(from_fn_with_state(state.clone(), guard::allow_cidrs));
+    let admin =
+        mount(Router::new(), admin_routes()).route_layer(guard::Guard::admin(state.config()));
     let (guarded, open) = ops_routes();
-    let ops = mount(Router::new(), guarded)
-        .route_layer(from_fn_with_state(state.clone(), guard::allow_cidrs));
+    let ops = mount(Router::new(), guarded).route_layer(guard::Guard::network(state.config()));
     let ops = mount(ops, open).route(
         "/openapi.json",
         get(move || std::future::ready(axum::Json((*document).clone()))),
@@ -552,8 +548,6 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(RequestBodyLimitLayer::new(max_body))
-        .layer(from_fn(nexus_core::error::reject_nul))
-        .layer(from_fn(telemetry::track_requests))
-        .layer(from_fn(nexus_core::error::json_errors))
+        .layer(nexus_core::middleware::Edge)
         .with_state(state)
 }
