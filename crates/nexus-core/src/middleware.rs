@@ -119,23 +119,9 @@ where
         let route = this.route.as_ref().map_or("unmatched", MatchedPath::as_str);
         let method = *this.method;
         crate::telemetry::record(route, method, status, elapsed.as_secs_f64());
-        if status >= 500 {
-            tracing::warn!(
-                method,
-                route,
-                status,
-                latency_ms = elapsed.as_secs_f64() * 1e3,
-                "request"
-            );
-        } else {
-            tracing::debug!(
-                method,
-                route,
-                status,
-                latency_ms = elapsed.as_secs_f64() * 1e3,
-                "request"
-            );
-        }
+        // Failures are logged where they happen, with their cause; this
+        // line is the access log, off unless asked for.
+        tracing::debug!(method, route = %route, status, latency_ms = elapsed.as_secs_f64() * 1e3, "request");
         if !needs_rewrite(&resp) {
             return Poll::Ready(Ok(resp));
         }
