@@ -13,6 +13,11 @@
 
 use std::io::Write;
 
+/// The same allocator as the `nexus` binary, so the ratio measures Nexus's
+/// own work and not the allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use axum::body::Bytes;
 use axum::http::header::CONTENT_TYPE;
 use axum::http::HeaderValue;
