@@ -3,7 +3,7 @@
 //! (`key_cache_ttl`) so most calls cost no broker round trip. A revoked key
 //! stops working within that time.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, StatusCode};
@@ -64,7 +64,9 @@ type KeyDigest = [u8; 32];
 pub struct KeyCache {
     broker: BrokerClient,
     ttl: Duration,
-    seen: Mutex<LruCache<KeyDigest, (Arc<Agent>, Instant)>>,
+    /// Read on every request (read lock, no reordering: eviction is by
+    /// insertion order, and an entry lives `ttl` anyway).
+    seen: RwLock<LruCache<KeyDigest, (Arc<Agent>, Instant)>>,
 }
 
 impl KeyCache {
@@ -73,7 +75,7 @@ impl KeyCache {
         Self {
             broker,
             ttl,
-            seen: Mutex::new(LruCache::new(10_000)),
+            seen: RwLock::new(LruCache::new(10_000)),
         }
     }
 
@@ -99,9 +101,9 @@ impl KeyCache {
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         if let Some((agent, at)) = self
             .seen
-            .lock()
+            .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&digest)
+            .peek(&digest)
             .cloned()
         {
             if at.elapsed() < self.ttl {
@@ -122,7 +124,7 @@ impl KeyCache {
                 })?;
                 let agent = Arc::new(agent);
                 self.seen
-                    .lock()
+                    .write()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(digest, (agent.clone(), Instant::now()));
                 Ok(agent)

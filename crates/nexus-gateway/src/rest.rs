@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
@@ -21,11 +21,13 @@ type Result<T> = std::result::Result<T, GatewayError>;
 /// The broker's answer as it is; never stored by browsers or proxies (token
 /// responses hold usage secrets).
 fn pass(reply: Reply) -> Response {
+    const JSON: HeaderValue = HeaderValue::from_static("application/json");
+    const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
     (
         reply.status,
         [
-            (header::CONTENT_TYPE, "application/json"),
-            (header::CACHE_CONTROL, "no-store"),
+            (header::CONTENT_TYPE, JSON),
+            (header::CACHE_CONTROL, NO_STORE),
         ],
         reply.body,
     )

@@ -196,12 +196,14 @@ pub async fn refresh(
 impl axum::response::IntoResponse for TokenBody {
     fn into_response(self) -> axum::response::Response {
         use axum::http::HeaderValue;
+        const JSON: HeaderValue = HeaderValue::from_static("application/json");
+        const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
         let mut resp = (
             [
-                (axum::http::header::CONTENT_TYPE, "application/json"),
+                (axum::http::header::CONTENT_TYPE, JSON),
                 // Usage secrets: never stored by a cache on the way (a
                 // gateway keeps it only as `x-nexus-cacheable-ms` allows).
-                (axum::http::header::CACHE_CONTROL, "no-store"),
+                (axum::http::header::CACHE_CONTROL, NO_STORE),
             ],
             self.body.into_inner(),
         )

@@ -23,7 +23,7 @@
 //! recently used evicted) and the secrets are wrapped in [`Secret`].
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use hashlink::LruCache;
 use serde_json::{Map, Value};
@@ -66,9 +66,13 @@ pub fn open_object(body: &Map<String, Value>) -> Vec<u8> {
     v
 }
 
-/// Bounded LRU of token responses by connection id. Capacity 0 disables it.
+/// Bounded token responses by connection id. Capacity 0 disables it.
+///
+/// Every warm fetch reads it, so reads take the read lock and do not reorder
+/// the map: concurrent fetches never wait on each other. Eviction is
+/// therefore by insertion order; an evicted hot entry costs one rebuild.
 pub struct TokenCache {
-    map: Option<Mutex<LruCache<String, Arc<Cached>>>>,
+    map: Option<RwLock<LruCache<String, Arc<Cached>>>>,
     /// Whether invalidation is live (set by the listener task).
     listening: AtomicBool,
     /// Bumped (under the map lock) by every invalidation, so a response
@@ -91,19 +95,25 @@ impl TokenCache {
     /// between database checks while invalidation is live.
     pub fn new(capacity: usize, max_age: std::time::Duration) -> Self {
         Self {
-            map: (capacity > 0).then(|| Mutex::new(LruCache::new(capacity))),
+            map: (capacity > 0).then(|| RwLock::new(LruCache::new(capacity))),
             listening: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             max_age_ms: max_age.as_millis() as i64,
         }
     }
 
-    fn lock(&self) -> Option<std::sync::MutexGuard<'_, LruCache<String, Arc<Cached>>>> {
+    fn lock(&self) -> Option<RwLockWriteGuard<'_, LruCache<String, Arc<Cached>>>> {
         // A poisoned lock only means another thread panicked mid-update of
-        // the LRU order; the entries themselves are whole Arcs, safe to use.
+        // the map; the entries themselves are whole Arcs, safe to use.
         self.map
             .as_ref()
-            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+            .map(|m| m.write().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn read(&self) -> Option<RwLockReadGuard<'_, LruCache<String, Arc<Cached>>>> {
+        self.map
+            .as_ref()
+            .map(|m| m.read().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The entry of `id` if it may be served without asking the database.
@@ -111,7 +121,7 @@ impl TokenCache {
         if !self.listening.load(Ordering::Acquire) {
             return None;
         }
-        let hit = self.lock()?.get(id).cloned()?;
+        let hit = self.read()?.peek(id).cloned()?;
         let age = now_ms() - hit.validated_at.load(Ordering::Relaxed);
         (age < self.max_age_ms).then_some(hit)
     }
@@ -135,25 +145,24 @@ impl TokenCache {
     /// The stamp of `id`'s entry, trusted or not (for bookkeeping only,
     /// never for serving).
     pub fn peek_stamp(&self, id: &str) -> Option<TokenStamp> {
-        self.lock()?.peek(id).map(|c| c.stamp.clone())
+        self.read()?.peek(id).map(|c| c.stamp.clone())
     }
 
     /// The entry of `id` if it was built from exactly `stamp` (just read from
     /// the database); it is then trusted again for `max_age`. A stale entry is
     /// dropped at once (its secrets leave memory).
     pub fn validate(&self, id: &str, stamp: &TokenStamp) -> Option<Arc<Cached>> {
-        let mut map = self.lock()?;
-        match map.get(id) {
-            Some(hit) if &hit.stamp == stamp => {
-                hit.validated_at.store(now_ms(), Ordering::Relaxed);
-                Some(hit.clone())
-            }
-            Some(_) => {
-                map.remove(id);
-                None
-            }
-            None => None,
+        let hit = self.read()?.peek(id).cloned()?;
+        if &hit.stamp == stamp {
+            hit.validated_at.store(now_ms(), Ordering::Relaxed);
+            return Some(hit);
         }
+        let mut map = self.lock()?;
+        // Drop it unless it was replaced meanwhile.
+        if map.peek(id).is_some_and(|e| Arc::ptr_eq(e, &hit)) {
+            map.remove(id);
+        }
+        None
     }
 
     /// The current epoch: read it before reading what a response is built from.
@@ -215,7 +224,7 @@ impl TokenCache {
 
     /// Number of cached responses.
     pub fn len(&self) -> usize {
-        self.lock().map_or(0, |m| m.len())
+        self.read().map_or(0, |m| m.len())
     }
 
     /// Whether nothing is cached.

@@ -5,7 +5,7 @@
 //! identical rows, and writing them the largest cost of a fetch.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use serde_json::json;
 
@@ -21,10 +21,26 @@ struct Issued {
     last_at: i64,
 }
 
-/// Issuances counted since the last flush, by connection.
+/// Issuances counted since the last flush, by connection, in shards so that
+/// concurrent fetches of different connections rarely wait on each other.
 #[derive(Default)]
 pub struct Tally {
-    issued: Mutex<HashMap<String, Issued>>,
+    shards: [Mutex<HashMap<String, Issued>>; SHARDS],
+}
+
+const SHARDS: usize = 16;
+
+impl Tally {
+    fn shard(&self, id: &str) -> MutexGuard<'_, HashMap<String, Issued>> {
+        // FNV-1a: cheap, and spread enough for random connection ids.
+        let mut h: u32 = 0x811c_9dc5;
+        for b in id.bytes() {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+        self.shards[h as usize % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Tally {
@@ -45,7 +61,7 @@ impl Tally {
         first_at: i64,
         last_at: i64,
     ) {
-        let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
+        let mut issued = self.shard(id);
         match issued.get_mut(id) {
             Some(n) => {
                 n.count += count;
@@ -70,7 +86,12 @@ impl Tally {
     /// Writes the issuances counted so far as `token.issued` audit events
     /// (through the batching writer).
     pub async fn flush(&self, audit: &AuditSink) {
-        let drained = std::mem::take(&mut *self.issued.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut drained = HashMap::new();
+        for shard in &self.shards {
+            drained.extend(std::mem::take(
+                &mut *shard.lock().unwrap_or_else(|e| e.into_inner()),
+            ));
+        }
         for (id, n) in drained {
             let mut ev = AuditEvent::new("token.issued")
                 .actor("agent")
