@@ -161,7 +161,7 @@ pub fn openapi(redirect_path: &str) -> serde_json::Value {
     docs.push(doc("GET", "/openapi.json", "This document").open());
     nexus_core::openapi::document(
         "Nexus gateway",
-        "The agent-facing API (SPEC §4). Send an agent key as Authorization: Bearer nxa_... (or X-API-Key). gRPC (nexus.v1.NexusService) is served on the same port.",
+        "The agent-facing API: request and check connections, fetch and refresh tokens, report refused scopes. Send an agent key as Authorization: Bearer nxa_... (or X-API-Key). gRPC (nexus.v1.NexusService) is served on the same port.",
         &docs,
         "agentKey",
         serde_json::json!({

@@ -519,7 +519,7 @@ pub fn openapi(redirect_path: &str) -> serde_json::Value {
     docs.push(doc("GET", "/openapi.json", "This document").open());
     nexus_core::openapi::document(
         "Nexus broker",
-        "The broker's internal API (SPEC §3). Send the admin key as X-API-Key.",
+        "The broker's internal API: providers, connections, tokens, audit, webhooks, pauses, agent keys. Send the admin key as X-API-Key.",
         &docs,
         "apiKey",
         serde_json::json!({"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}),
