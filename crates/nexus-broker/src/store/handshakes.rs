@@ -47,6 +47,11 @@ pub enum Consumed {
     Unknown,
 }
 
+/// The columns [`handshake_from_row`] reads, plus `consumed_at`.
+const HANDSHAKE_COLUMNS: &str =
+    "id, connection_id, provider_id, workspace_id, scopes, return_url, \
+    redirect_uri, code_verifier, nonce, is_reconnect, expires_at, consumed_at";
+
 pub(super) fn handshake_from_row<R: Row>(r: &R) -> Result<HandshakeRow, sqlx::Error>
 where
     for<'a> &'a str: sqlx::ColumnIndex<R>,
@@ -127,11 +132,7 @@ impl Store {
                 .bind(id)
                 .execute(pool)
                 .await?;
-            let row = sqlx::query(
-                "SELECT id, connection_id, provider_id, workspace_id, scopes, return_url, redirect_uri, code_verifier, nonce,
-                        is_reconnect, expires_at, consumed_at
-                 FROM handshakes WHERE id = $1",
-            )
+            let row = sqlx::query(&format!("SELECT {HANDSHAKE_COLUMNS} FROM handshakes WHERE id = $1"))
             .bind(id)
             .fetch_optional(pool)
             .await?;
@@ -150,11 +151,7 @@ impl Store {
         id: &str,
     ) -> Result<Option<(HandshakeRow, bool)>, StoreError> {
         on_pool!(self, pool => {
-            let row = sqlx::query(
-                "SELECT id, connection_id, provider_id, workspace_id, scopes, return_url, redirect_uri, code_verifier, nonce,
-                        is_reconnect, expires_at, consumed_at
-                 FROM handshakes WHERE id = $1",
-            )
+            let row = sqlx::query(&format!("SELECT {HANDSHAKE_COLUMNS} FROM handshakes WHERE id = $1"))
             .bind(id)
             .fetch_optional(pool)
             .await?;

@@ -71,6 +71,7 @@ impl fmt::Display for ConnectionStatus {
     }
 }
 
+/// Compares with a wire string (tests and API checks read states as text).
 impl PartialEq<&str> for ConnectionStatus {
     fn eq(&self, other: &&str) -> bool {
         self.as_str() == *other
