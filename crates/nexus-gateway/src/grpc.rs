@@ -33,7 +33,8 @@ impl Service {
 
     async fn agent<T>(&self, req: &Request<T>) -> Result<Arc<Agent>, Status> {
         let m = req.metadata();
-        let key = crate::auth::presented_key(|name| m.get(name).and_then(|v| v.to_str().ok()));
+        let value = |name: &str| m.get(name).and_then(|v| v.to_str().ok());
+        let key = crate::auth::presented_key(value("authorization"), || value("x-api-key"));
         self.gateway
             .keys
             .verify(key)

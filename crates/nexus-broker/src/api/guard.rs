@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::extract::{ConnectInfo, Request};
-use axum::http::StatusCode;
+use axum::http::{HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::{Either, Ready};
 use ipnet::IpNet;
@@ -72,7 +72,9 @@ impl Guard {
             }
         }
         let expected = self.key_digest.as_ref()?;
-        let Some(given) = req.headers().get("x-api-key") else {
+        // A typed name: a `&str` lookup parses the name on every request.
+        static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+        let Some(given) = req.headers().get(&X_API_KEY) else {
             return Some(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "missing_api_key",
