@@ -110,7 +110,9 @@ impl BridgeError {
     /// The error a gateway answer stands for.
     pub(crate) fn from_answer(status: u16, body: &[u8], retry_after: Option<Duration>) -> Self {
         let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-        let code = v["error"].as_str().unwrap_or("unknown").to_string();
+        let code = (v["error"].as_str().or(v["code"].as_str()))
+            .unwrap_or("unknown")
+            .to_string();
         let message = v["message"]
             .as_str()
             .unwrap_or("the gateway gave no explanation")

@@ -156,6 +156,15 @@ impl std::fmt::Debug for GatewayClient {
     }
 }
 
+/// A state as the bridge reports it: `not_found` (v1 answers unknown
+/// connections with a status of `failed`) becomes the typed error.
+fn precise_state(state: String) -> Result<String, BridgeError> {
+    if state == "not_found" {
+        return Err(BridgeError::NotFound("connection not found".into()));
+    }
+    Ok(state)
+}
+
 impl GatewayClient {
     /// A client for the gateway at `base`.
     pub fn new(
@@ -266,17 +275,19 @@ impl GatewayClient {
         Self::json(&answer)
     }
 
-    /// `GET /v1/check-connection/{id}` → the status.
+    /// `GET /v1/check-connection/{id}` → the precise state (`state`; a
+    /// gateway that predates it sends only `status`).
     pub async fn check_connection(&self, id: &str) -> Result<String, BridgeError> {
         #[cfg(feature = "grpc")]
         if let Some(g) = &self.grpc {
-            return g.check_connection(&self.key, id).await;
+            return precise_state(g.check_connection(&self.key, id).await?);
         }
         let answer = self
             .call(Method::GET, &["v1", "check-connection", id], None)
             .await?;
         let v: Value = Self::json(&answer)?;
-        Ok(v["status"].as_str().unwrap_or("unknown").to_string())
+        let state = v["state"].as_str().or(v["status"].as_str());
+        precise_state(state.unwrap_or("unknown").to_string())
     }
 
     /// `GET /v1/token/{id}`: the raw token answer.

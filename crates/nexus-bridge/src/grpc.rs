@@ -94,14 +94,19 @@ impl GrpcClient {
         let msg = pb::CheckConnectionRequest {
             connection_id: id.into(),
         };
-        Ok(self
+        let r = self
             .client
             .clone()
             .check_connection(Self::request(key, msg)?)
             .await
             .map_err(status_error)?
-            .into_inner()
-            .status)
+            .into_inner();
+        // An older gateway sends only `status`.
+        Ok(if r.state.is_empty() {
+            r.status
+        } else {
+            r.state
+        })
     }
 
     /// The token answer as JSON text (as REST would give it).

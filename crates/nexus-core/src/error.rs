@@ -1,5 +1,7 @@
-//! The one error shape of every Nexus server: `{"error": code, "message":
-//! text, ...context}` with the status it carries.
+//! The one error shape of every Nexus server: `{"error": code, "code": code,
+//! "message": text, ...context}` with the status it carries. `code` repeats
+//! `error` because the reference's v1 contract (its `ErrorEnvelope`) and its
+//! clients read `code`; Nexus's own clients read `error`. Both stay.
 
 use std::borrow::Cow;
 
@@ -40,17 +42,21 @@ impl ErrorBody {
         }
     }
 
-    /// The JSON body: the context fields, then `error` and `message` (which
-    /// a context field of the same name cannot override).
+    /// The JSON body: the context fields, then `error`, `code` and `message`
+    /// (which a context field of the same name cannot override).
     ///
     /// ```
     /// use axum::http::StatusCode;
     /// let e = nexus_core::error::ErrorBody::new(StatusCode::NOT_FOUND, "not_found", "no such thing");
-    /// assert_eq!(e.json(), serde_json::json!({"error": "not_found", "message": "no such thing"}));
+    /// assert_eq!(
+    ///     e.json(),
+    ///     serde_json::json!({"error": "not_found", "code": "not_found", "message": "no such thing"})
+    /// );
     /// ```
     pub fn json(&self) -> Value {
         let mut body = self.context.clone();
         body.insert("error".into(), Value::String(self.code.to_string()));
+        body.insert("code".into(), Value::String(self.code.to_string()));
         body.insert("message".into(), Value::String(self.message.clone()));
         Value::Object(body)
     }

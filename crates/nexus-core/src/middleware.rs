@@ -224,7 +224,7 @@ mod tests {
         assert_eq!(s, StatusCode::CONFLICT);
         assert_eq!(
             b,
-            serde_json::json!({"error": "error", "message": "plain words"})
+            serde_json::json!({"error": "error", "code": "error", "message": "plain words"})
         );
         let (s, b) = call(app(), "/ok/1").await;
         assert_eq!(s, StatusCode::OK, "{b}");

@@ -21,6 +21,11 @@ pub struct RouteDoc {
     pub ok: u16,
     /// What a success answers.
     pub kind: Kind,
+    /// The JSON schema of a success body, where it is fixed (else "an object").
+    pub body: Option<Value>,
+    /// Error statuses worth naming, with when they happen (every route
+    /// also documents `default`: the JSON error shape).
+    pub errors: Vec<(u16, &'static str)>,
 }
 
 /// The media type of a success.
@@ -50,6 +55,8 @@ pub fn doc(method: &'static str, path: &str, summary: &'static str) -> RouteDoc 
         secured: true,
         ok: 200,
         kind: Kind::Json,
+        body: None,
+        errors: Vec::new(),
     }
 }
 
@@ -69,6 +76,18 @@ impl RouteDoc {
     /// The same route answering `kind`.
     pub fn answers(mut self, kind: Kind) -> Self {
         self.kind = kind;
+        self
+    }
+
+    /// The same route, its success body described by a JSON schema.
+    pub fn returns(mut self, schema: Value) -> Self {
+        self.body = Some(schema);
+        self
+    }
+
+    /// The same route, naming an error status it answers and when.
+    pub fn fails(mut self, status: u16, when: &'static str) -> Self {
+        self.errors.push((status, when));
         self
     }
 }
@@ -103,7 +122,8 @@ pub fn document(
             .collect();
         let success = match d.kind {
             Kind::Json => {
-                json!({"description": "success", "content": {"application/json": {"schema": {"type": "object"}}}})
+                let schema = d.body.clone().unwrap_or_else(|| json!({"type": "object"}));
+                json!({"description": "success", "content": {"application/json": {"schema": schema}}})
             }
             Kind::Html => {
                 json!({"description": "an HTML page", "content": {"text/html": {"schema": {"type": "string"}}}})
@@ -126,6 +146,9 @@ pub fn document(
                 "default": {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
             }
         });
+        for (status, when) in &d.errors {
+            op["responses"][status.to_string()] = json!({"description": when, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+        }
         if !params.is_empty() {
             op["parameters"] = json!(params);
         }
@@ -149,9 +172,10 @@ pub fn document(
             "schemas": {
                 "Error": {
                     "type": "object",
-                    "required": ["error", "message"],
+                    "required": ["error", "code", "message"],
                     "properties": {
                         "error": {"type": "string", "description": "machine-readable code"},
+                        "code": {"type": "string", "description": "the same code, for clients of the reference's v1 contract"},
                         "message": {"type": "string", "description": "human-readable explanation"}
                     },
                     "additionalProperties": true

@@ -149,20 +149,28 @@ pub struct IssuedReport {
 pub const MAX_ISSUED_ENTRIES: usize = 10_000;
 
 /// A token answer's JSON `prefix` (an open object ending in `,` or `{`)
-/// closed with `"expires_in"`: the whole seconds left at `now` (unix ms), or
-/// null without expiry. The broker and gateway caches both serve this way.
+/// closed with `"expires_in"`: the whole seconds left at `now` (unix ms).
+/// Without expiry the field is left out (the v1 contract types it as a
+/// number, never null). The broker and gateway caches both serve this way.
 ///
 /// ```
-/// let body = nexus_core::wire::complete(b"{\"a\":1,", Some(10_500), 500);
-/// assert_eq!(body, b"{\"a\":1,\"expires_in\":10}");
+/// use nexus_core::wire::complete;
+/// assert_eq!(complete(b"{\"a\":1,", Some(10_500), 500), b"{\"a\":1,\"expires_in\":10}");
+/// assert_eq!(complete(b"{\"a\":1,", None, 500), b"{\"a\":1}");
+/// assert_eq!(complete(b"{", None, 500), b"{}");
 /// ```
 pub fn complete(prefix: &[u8], expires_at: Option<i64>, now: i64) -> Vec<u8> {
     let mut out = Vec::with_capacity(prefix.len() + 24);
     out.extend_from_slice(prefix);
-    out.extend_from_slice(b"\"expires_in\":");
     match expires_at {
-        Some(e) => out.extend_from_slice(((e - now) / 1000).max(0).to_string().as_bytes()),
-        None => out.extend_from_slice(b"null"),
+        Some(e) => {
+            out.extend_from_slice(b"\"expires_in\":");
+            out.extend_from_slice(((e - now) / 1000).max(0).to_string().as_bytes());
+        }
+        None if out.last() == Some(&b',') => {
+            out.pop();
+        }
+        None => {}
     }
     out.push(b'}');
     out

@@ -53,6 +53,78 @@ fn allowed(agent: &Agent, workspace: &str) -> Result<(), GatewayError> {
     }
 }
 
+/// A connection's standing as check-connection tells it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConnectionCheck {
+    /// The reference's v1 enum: `active` (serves tokens, perhaps for fewer
+    /// scopes), `pending` (consent not finished) or `failed` (will not serve
+    /// until a person or operator acts). Clients that wait for `active` or
+    /// `failed` always stop.
+    pub status: &'static str,
+    /// The precise state: `active`, `degraded`, `pending`,
+    /// `attention_required`, `revoked`, `failed`, `unusable` (the provider
+    /// is gone) or `not_found`.
+    pub state: String,
+    /// Whether some scopes fail at the provider (`state` is `degraded`).
+    pub degraded: bool,
+    /// Scopes the provider refuses.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failing_scopes: Vec<String>,
+    /// Why it does not serve (or serves less), when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    /// Whether a person can fix it by consenting again (request-connection
+    /// with this `connection_id`).
+    pub reconsent: bool,
+}
+
+impl ConnectionCheck {
+    /// From the broker's view of a connection.
+    fn of(c: &Value) -> Self {
+        let state = c["status"].as_str().unwrap_or("failed");
+        // A connection whose provider was deleted can never serve again.
+        let usable = c["usable"].as_bool().unwrap_or(true);
+        let (status, state) = match state {
+            _ if !usable => ("failed", "unusable"),
+            "active" | "degraded" => ("active", state),
+            "pending" => ("pending", state),
+            _ => ("failed", state),
+        };
+        let failing_scopes = c["failing_scopes"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let error_code = match state {
+            "unusable" => Some("provider_deleted".to_string()),
+            _ => c["error_code"].as_str().map(str::to_string),
+        };
+        Self {
+            status,
+            state: state.to_string(),
+            degraded: state == "degraded",
+            failing_scopes,
+            error_code,
+            reconsent: matches!(state, "degraded" | "attention_required"),
+        }
+    }
+
+    /// Unknown, or another workspace's: one answer for both.
+    fn not_found() -> Self {
+        Self {
+            status: "failed",
+            state: "not_found".into(),
+            degraded: false,
+            failing_scopes: Vec::new(),
+            error_code: Some("connection_not_found".into()),
+            reconsent: false,
+        }
+    }
+}
+
 impl Gateway {
     /// Builds the gateway state, reaching the broker over the network.
     pub fn new(config: GatewayConfig) -> Result<Arc<Self>, nexus_core::outbound::OutboundError> {
@@ -179,12 +251,25 @@ impl Gateway {
         Ok(spec)
     }
 
-    /// `GET /v1/check-connection/{id}` → the status.
-    pub async fn check_connection(&self, agent: &Agent, id: &str) -> Result<String, GatewayError> {
+    /// `GET /v1/check-connection/{id}`: where the connection stands, in the
+    /// v1 contract's terms and precisely. A connection that is unknown or
+    /// outside the key's workspaces is `failed` / `not_found`, the same
+    /// answer for both.
+    pub async fn check_connection(
+        &self,
+        agent: &Agent,
+        id: &str,
+    ) -> Result<ConnectionCheck, GatewayError> {
         // The status is read fresh anyway: that one read also says the workspace.
-        let (c, ws) = self.connection(id).await?;
-        allowed(agent, &ws)?;
-        Ok(c["status"].as_str().unwrap_or("unknown").to_string())
+        let found = match self.connection(id).await {
+            Ok((c, ws)) => allowed(agent, &ws).map(|()| c),
+            Err(e) => Err(e),
+        };
+        match found {
+            Ok(c) => Ok(ConnectionCheck::of(&c)),
+            Err(e) if e.status == StatusCode::NOT_FOUND => Ok(ConnectionCheck::not_found()),
+            Err(e) => Err(e),
+        }
     }
 
     /// The token response (refreshing first with `refresh`), body as the broker sent it.
@@ -227,10 +312,10 @@ impl Gateway {
         Ok(reply)
     }
 
-    /// `GET /v1/providers` → `[{id, name}]`.
+    /// `GET /v1/providers` → `{auth_type: {name: {api_base_url, user_info_endpoint, scopes, ...}}}`.
     pub async fn providers(&self) -> Result<Reply, GatewayError> {
         self.broker
-            .get(self.broker.url(routes::PROVIDERS, ""))
+            .get(self.broker.url(routes::PROVIDERS_METADATA, ""))
             .await?
             .ok()
     }

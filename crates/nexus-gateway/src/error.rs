@@ -88,6 +88,8 @@ impl GatewayError {
                     .remove("message")
                     .and_then(|v| v.as_str().map(str::to_string))
                     .unwrap_or_else(|| "the broker refused the request".into());
+                // The copy of `error` for reference clients; written again on the way out.
+                o.remove("code");
                 Self {
                     status,
                     code,

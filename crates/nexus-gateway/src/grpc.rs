@@ -131,12 +131,15 @@ impl NexusService for Service {
     ) -> Result<Response<CheckConnectionResponse>, Status> {
         let agent = self.agent(&req).await?;
         let id = req.into_inner().connection_id;
-        let status = self
+        let check = self
             .gateway
             .check_connection(&agent, &id)
             .await
             .map_err(err)?;
-        Ok(Response::new(CheckConnectionResponse { status }))
+        Ok(Response::new(CheckConnectionResponse {
+            status: check.status.to_string(),
+            state: check.state,
+        }))
     }
 
     async fn get_token(

@@ -16,6 +16,7 @@ pub mod auth;
 pub mod broker;
 pub mod changes;
 pub mod config;
+pub mod contract;
 pub mod core;
 pub mod error;
 pub mod grpc;

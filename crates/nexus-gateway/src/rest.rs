@@ -13,7 +13,7 @@ use nexus_core::wire::routes;
 
 use crate::auth::Authed;
 use crate::broker::Reply;
-use crate::core::Gateway;
+use crate::core::{ConnectionCheck, Gateway};
 use crate::error::GatewayError;
 
 type Result<T> = std::result::Result<T, GatewayError>;
@@ -61,15 +61,13 @@ pub async fn request_connection(
     Ok(Json(g.request_connection(&agent, req).await?))
 }
 
-/// `GET /v1/check-connection/{id}` → `{"status": ...}`.
+/// `GET /v1/check-connection/{id}` → `{"status", "state", ...}`.
 pub async fn check_connection(
     State(g): State<Arc<Gateway>>,
     Authed(agent): Authed,
     Path(id): Path<String>,
-) -> Result<Json<Value>> {
-    Ok(Json(
-        json!({"status": g.check_connection(&agent, &id).await?}),
-    ))
+) -> Result<Json<ConnectionCheck>> {
+    Ok(Json(g.check_connection(&agent, &id).await?))
 }
 
 /// `GET /v1/token/{id}`.

@@ -17,7 +17,7 @@ use crate::config::GatewayConfig;
 use crate::core::Gateway;
 use crate::grpc::pb::nexus_service_server::NexusServiceServer;
 use crate::grpc::Service;
-use crate::{proxy, rest};
+use crate::{contract, proxy, rest};
 use nexus_core::openapi::{doc, mount, Kind, Route, RouteDoc};
 
 /// Failures starting or running the gateway.
@@ -38,39 +38,79 @@ pub enum GatewayServeError {
 
 type Routes = Vec<Route<Arc<Gateway>>>;
 
+/// Errors every agent route can answer.
+fn agent_errors(d: RouteDoc) -> RouteDoc {
+    d.fails(401, "no agent key, or an unknown or revoked one")
+        .fails(
+            502,
+            "the broker refused the gateway (see the gateway's log)",
+        )
+        .fails(
+            503,
+            "the broker (or the provider) is unavailable; retry later",
+        )
+}
+
+/// Errors of the token routes, beyond [`agent_errors`].
+fn token_errors(d: RouteDoc) -> RouteDoc {
+    agent_errors(d)
+        .fails(404, "unknown connection, or one outside the key's workspaces")
+        .fails(409, "the connection does not serve: connection_pending, attention_required (a person must consent again), connection_failed, connection_unusable (its provider was deleted)")
+        .fails(410, "connection_revoked")
+        .fails(423, "issuance_paused: an operator paused token issuance (reason, paused_scope, paused_at)")
+}
+
 /// The agent API (agent key on every call).
 fn api_routes() -> Routes {
     vec![
         (
-            doc(
+            agent_errors(doc(
                 "POST",
                 "/v1/request-connection",
                 "Start a consent or capture handshake for user_id",
+            ))
+            .returns(contract::consent())
+            .fails(400, "invalid_json, missing_fields, or an invalid field")
+            .fails(
+                403,
+                "workspace_forbidden: the key may not act for that user_id",
+            )
+            .fails(
+                404,
+                "provider_not_found, or connection_not_found for a reconnect",
             ),
             post(rest::request_connection),
         ),
         (
-            doc(
+            agent_errors(doc(
                 "GET",
                 "/v1/check-connection/{id}",
-                "A connection's status ({status})",
-            ),
+                "A connection's status (v1 enum) and precise state",
+            ))
+            .returns(contract::check()),
             get(rest::check_connection),
         ),
         (
-            doc("GET", "/v1/token/{id}", "Strategy and usage secrets"),
+            token_errors(doc("GET", "/v1/token/{id}", "Strategy and usage secrets"))
+                .returns(contract::token()),
             get(rest::token),
         ),
         (
-            doc(
+            token_errors(doc(
                 "POST",
                 "/v1/refresh/{id}",
                 "Refresh now, then the token response",
-            ),
+            ))
+            .returns(contract::token()),
             post(rest::refresh),
         ),
         (
-            doc("GET", "/v1/providers", "Providers ({id, name})"),
+            agent_errors(doc(
+                "GET",
+                "/v1/providers",
+                "Providers grouped by auth_type, then name",
+            ))
+            .returns(contract::providers()),
             get(rest::providers),
         ),
         (

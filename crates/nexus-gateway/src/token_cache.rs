@@ -149,13 +149,14 @@ impl TokenCache {
         let Some(keep) = header(CACHEABLE_HEADER).filter(|ms| *ms > 0) else {
             return;
         };
-        let Some(prefix) = prefix_of(&reply.body) else {
+        let expires_at = header(EXPIRES_AT_HEADER);
+        let Some(prefix) = prefix_of(&reply.body, expires_at.is_some()) else {
             return;
         };
         let keep = Duration::from_millis(keep as u64).min(MAX_KEEP);
         let entry = Arc::new(Entry {
-            prefix: Secret::new(prefix.to_vec()),
-            expires_at: header(EXPIRES_AT_HEADER),
+            prefix: Secret::new(prefix),
+            expires_at,
             until: Instant::now() + keep,
         });
         let mut map = write(map);
@@ -236,14 +237,32 @@ fn add_served(served: &mut HashMap<String, Served>, id: &str, more: Served) {
     }
 }
 
-/// The broker's token answer without its closing `"expires_in":N}` (the
-/// broker always writes that member last); `None` if it is not there.
-fn prefix_of(body: &[u8]) -> Option<&[u8]> {
+/// The broker's token answer as a prefix [`nexus_core::wire::complete`]
+/// closes again: without its closing `"expires_in":N}` (the broker writes
+/// that member last) when the token expires, else without its closing `}`.
+/// `None` if the answer is not in that form.
+fn prefix_of(body: &[u8], expires: bool) -> Option<Vec<u8>> {
     const KEY: &[u8] = b"\"expires_in\":";
-    let at = body.windows(KEY.len()).rposition(|w| w == KEY)?;
-    let rest = body[at + KEY.len()..].strip_suffix(b"}")?;
-    let valid = rest == b"null" || (!rest.is_empty() && rest.iter().all(u8::is_ascii_digit));
-    valid.then(|| &body[..at])
+    let tail = body
+        .windows(KEY.len())
+        .rposition(|w| w == KEY)
+        .and_then(|at| Some((at, body[at + KEY.len()..].strip_suffix(b"}")?)));
+    match tail {
+        Some((at, rest)) if !rest.is_empty() && rest.iter().all(u8::is_ascii_digit) => {
+            expires.then(|| body[..at].to_vec())
+        }
+        // An older broker wrote null without expiry.
+        Some((at, b"null")) => (!expires).then(|| body[..at].to_vec()),
+        Some(_) => None,
+        None if expires => None,
+        None => {
+            let mut prefix = body.strip_suffix(b"}")?.to_vec();
+            if prefix.last() != Some(&b'{') {
+                prefix.push(b',');
+            }
+            Some(prefix)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -267,22 +286,28 @@ mod tests {
     }
 
     const BODY: &str = r#"{"access_token":"canary-at","expires_in":99}"#;
+    /// A static credential's answer: no expiry, no `expires_in`.
+    const STATIC: &str = r#"{"credentials":{"api_key":"canary-key"}}"#;
 
     #[test]
     fn keeps_only_what_the_broker_allows_while_live() {
         let c = TokenCache::new(10);
-        c.put("a", &reply(Some(1000), None, BODY), c.epoch());
+        c.put("a", &reply(Some(1000), None, STATIC), c.epoch());
         assert!(c.is_empty(), "not live yet");
         c.set_live(true);
-        c.put("b", &reply(None, None, BODY), c.epoch());
+        c.put("b", &reply(None, None, STATIC), c.epoch());
         assert!(c.is_empty(), "no header, not kept");
-        c.put("b", &reply(Some(1000), None, r#"{"x":1}"#), c.epoch());
-        assert!(c.is_empty(), "no expires_in member, not kept");
+        c.put(
+            "b",
+            &reply(Some(1000), Some(now_ms() + 60_000), r#"{"x":1}"#),
+            c.epoch(),
+        );
+        assert!(c.is_empty(), "an expiry but no expires_in member, not kept");
         let before = c.epoch();
         c.forget("z");
-        c.put("b", &reply(Some(1000), None, BODY), before);
+        c.put("b", &reply(Some(1000), None, STATIC), before);
         assert!(c.is_empty(), "fetched before a drop, not kept");
-        c.put("b", &reply(Some(1000), None, BODY), c.epoch());
+        c.put("b", &reply(Some(1000), None, STATIC), c.epoch());
         assert_eq!(c.len(), 1);
         c.set_live(false);
         assert!(c.get("b").is_none());
@@ -305,17 +330,16 @@ mod tests {
         assert!(c.take_served().is_empty());
         c.restore_served(served);
         assert_eq!(c.take_served()["a"].count, 2);
-        // Without expiry: null.
-        c.put("n", &reply(Some(1000), None, BODY), c.epoch());
-        let body: serde_json::Value = serde_json::from_slice(&c.get("n").unwrap()).unwrap();
-        assert!(body["expires_in"].is_null());
+        // Without expiry: served as the broker sent it, no `expires_in`.
+        c.put("n", &reply(Some(1000), None, STATIC), c.epoch());
+        assert_eq!(&c.get("n").unwrap()[..], STATIC.as_bytes());
     }
 
     #[test]
     fn entries_end_when_the_broker_said() {
         let c = TokenCache::new(10);
         c.set_live(true);
-        c.put("a", &reply(Some(30), None, BODY), c.epoch());
+        c.put("a", &reply(Some(30), None, STATIC), c.epoch());
         assert!(c.get("a").is_some());
         std::thread::sleep(Duration::from_millis(40));
         assert!(c.get("a").is_none());
@@ -327,7 +351,7 @@ mod tests {
         let c = TokenCache::new(2);
         c.set_live(true);
         for id in ["a", "b", "c"] {
-            c.put(id, &reply(Some(1000), None, BODY), c.epoch());
+            c.put(id, &reply(Some(1000), None, STATIC), c.epoch());
         }
         assert_eq!(c.len(), 2);
         c.forget("c");
@@ -336,18 +360,32 @@ mod tests {
         assert!(c.is_empty());
         let off = TokenCache::new(0);
         off.set_live(true);
-        off.put("a", &reply(Some(1000), None, BODY), off.epoch());
+        off.put("a", &reply(Some(1000), None, STATIC), off.epoch());
         assert!(off.get("a").is_none());
     }
 
     #[test]
-    fn finds_the_last_expires_in_member() {
+    fn prefixes_close_again_into_the_same_answer() {
+        let p = |body: &[u8], expires| prefix_of(body, expires);
         assert_eq!(
-            prefix_of(br#"{"a":"\"expires_in\":1","expires_in":5}"#),
+            p(br#"{"a":"\"expires_in\":1","expires_in":5}"#, true).as_deref(),
             Some(&br#"{"a":"\"expires_in\":1","#[..])
         );
-        assert_eq!(prefix_of(br#"{"expires_in":null}"#), Some(&b"{"[..]));
-        assert_eq!(prefix_of(br#"{"expires_in":5,"x":1}"#), None);
-        assert_eq!(prefix_of(br#"{"expires_in":-5}"#), None);
+        assert_eq!(
+            p(br#"{"expires_in":null}"#, false).as_deref(),
+            Some(&b"{"[..])
+        );
+        assert_eq!(p(br#"{"expires_in":5,"x":1}"#, true), None);
+        assert_eq!(p(br#"{"expires_in":-5}"#, true), None);
+        assert_eq!(p(br#"{"a":1}"#, true), None, "expiry without expires_in");
+        assert_eq!(
+            p(br#"{"expires_in":5}"#, false),
+            None,
+            "expires_in without expiry"
+        );
+        for body in [&br#"{"a":1,"b":"x"}"#[..], b"{}"] {
+            let prefix = p(body, false).unwrap();
+            assert_eq!(nexus_core::wire::complete(&prefix, None, 0), body);
+        }
     }
 }

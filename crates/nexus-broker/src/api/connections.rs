@@ -112,6 +112,14 @@ pub async fn get(
         .ok_or(TokenError::NotFound)?;
     let mut v = view(&c);
     v["scope_failures"] = json!(st.store().scope_failures(&id).await?);
+    // A connection whose provider was deleted keeps its state but can never
+    // serve again; check-connection must say so.
+    let usable = match st.registry().get(&c.provider_id).await {
+        Ok(_) => true,
+        Err(crate::registry::RegistryError::NotFound) => false,
+        Err(e) => return Err(e.into()),
+    };
+    v["usable"] = json!(usable);
     Ok(Json(v))
 }
 

@@ -198,7 +198,8 @@ fn admin_routes() -> Vec<Route<AppState>> {
             post(providers::create),
         ),
         (
-            doc("GET", routes::PROVIDERS, "List providers ({id, name})"),
+            doc("GET", routes::PROVIDERS, "List providers ({id, name})")
+                .returns(serde_json::json!({"type": "array", "items": {"type": "object"}})),
             get(providers::list),
         ),
         (
@@ -246,7 +247,8 @@ fn admin_routes() -> Vec<Route<AppState>> {
             post(providers::add_alias),
         ),
         (
-            doc("GET", "/providers/{id}/aliases", "A provider's aliases"),
+            doc("GET", "/providers/{id}/aliases", "A provider's aliases")
+                .returns(serde_json::json!({"type": "array", "items": {"type": "object"}})),
             get(providers::list_aliases),
         ),
         (

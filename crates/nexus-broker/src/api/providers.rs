@@ -66,13 +66,15 @@ pub async fn metadata(State(st): State<AppState>) -> ApiResult<Json<Value>> {
             .or_default()
             .insert(
                 p.profile.name.clone(),
+                // Strings, never null: the reference's clients (and its v1
+                // contract) type these fields as strings.
                 json!({
                     "id": p.row.id,
-                    "api_base_url": p.profile.api_base_url,
-                    "user_info_endpoint": p.profile.user_info_endpoint,
+                    "api_base_url": p.profile.api_base_url.as_deref().unwrap_or_default(),
+                    "user_info_endpoint": p.profile.user_info_endpoint.as_deref().unwrap_or_default(),
                     "scopes": p.profile.scopes,
-                    "description": p.profile.description,
-                    "category": p.profile.category,
+                    "description": p.profile.description.as_deref().unwrap_or_default(),
+                    "category": p.profile.category.as_deref().unwrap_or_default(),
                 }),
             );
     }

@@ -140,14 +140,14 @@ impl Store {
         })
     }
 
-    /// A live provider by exact name, else by normalized alias.
+    /// A live provider by name (any case), else by normalized alias.
     pub async fn find_provider(
         &self,
         name: &str,
         normalized_alias: Option<&str>,
     ) -> Result<Option<ProviderRow>, StoreError> {
         let by_name = format!(
-            "SELECT {PROVIDER_COLUMNS} FROM providers WHERE name = $1 AND deleted_at IS NULL"
+            "SELECT {PROVIDER_COLUMNS} FROM providers WHERE lower(name) = lower($1) AND deleted_at IS NULL"
         );
         let by_alias = format!(
             "SELECT {} FROM providers p JOIN provider_aliases a ON a.provider_id = p.id

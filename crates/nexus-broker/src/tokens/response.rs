@@ -115,7 +115,10 @@ pub fn build(
                 .collect(),
         )
     };
-    out.insert("expires_at".into(), json!(c.expires_at.map(rfc3339)));
+    // Absent, not null, without expiry: the v1 contract types it as a string.
+    if let Some(at) = c.expires_at {
+        out.insert("expires_at".into(), json!(rfc3339(at)));
+    }
     out.insert(
         "scope".into(),
         json!(parse_list(&c.granted_scopes).join(" ")),

@@ -142,6 +142,9 @@ async fn metadata_groups_by_auth_type(b: Backend) {
                "scopes": ["openid", "email"], "description": "Example IdP", "category": "identity"})
     );
     assert_eq!(m["api_key"]["weather"]["id"], weather);
+    // Absent text is an empty string, never null (the reference's clients type it so).
+    assert_eq!(m["api_key"]["weather"]["user_info_endpoint"], "");
+    assert_eq!(m["api_key"]["weather"]["description"], "");
     assert_eq!(m.as_object().unwrap().len(), 2);
     t.finish().await;
 }
@@ -155,6 +158,22 @@ async fn duplicate_names_conflict_and_failed_changes_keep_data(b: Backend) {
         .await;
     assert_json_error(s, &body, 409, "conflict");
     assert!(body["message"].as_str().unwrap().contains("google"));
+    // Names are unique and found in any letter case (as the reference's
+    // are); the registered spelling is kept for display.
+    let (s, body) = t
+        .post("/providers", json!({"profile": oauth_profile("GOOGLE")}))
+        .await;
+    assert_json_error(s, &body, 409, "conflict");
+    let (s, body) = t.get("/providers/by-name/GoOgLe").await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["name"], "google");
+    let mixed = t.create_provider(oauth_profile("OpenWeather")).await;
+    let (s, body) = t.get("/providers/by-name/openweather").await;
+    assert_eq!(
+        (s, body["id"].as_str()),
+        (StatusCode::OK, Some(mixed.as_str()))
+    );
+    assert_eq!(body["name"], "OpenWeather");
 
     // Renaming onto a taken name fails as a whole: row and audit log unchanged.
     let (_, before) = t.get("/audit").await;

@@ -1,5 +1,7 @@
 //! Tests of the `nexus` binary itself: what a newcomer and an operator run.
 
+mod schemathesis;
+
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;

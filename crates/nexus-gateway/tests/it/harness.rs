@@ -194,12 +194,17 @@ impl Stack {
 
     /// Registers the static `weather` provider (header strategy).
     pub async fn weather(&self) {
+        self.static_provider("weather").await;
+    }
+
+    /// A static-credential provider like `weather`, named `name`; its id.
+    pub async fn static_provider(&self, name: &str) -> String {
         let (s, b) = self
             .admin(
                 Method::POST,
                 "/providers",
                 Some(json!({"profile": {
-                    "name": "weather", "auth_type": "api_key",
+                    "name": name, "auth_type": "api_key",
                     "params": {
                         "credential_schema": {"type": "object", "required": ["api_key"],
                             "properties": {"api_key": {"type": "string", "minLength": 8}}},
@@ -209,19 +214,23 @@ impl Stack {
             )
             .await;
         assert_eq!(s, StatusCode::CREATED, "{b}");
+        b["id"].as_str().unwrap().to_string()
     }
 
     /// An active `weather` connection of `user`, made through the gateway
     /// (request-connection, then the public capture route).
     pub async fn connect(&self, key: &str, user: &str) -> String {
+        self.connect_to(key, user, "weather").await
+    }
+
+    /// An active connection of `user` to the static provider `provider`.
+    pub async fn connect_to(&self, key: &str, user: &str, provider: &str) -> String {
         let (s, spec) = self
             .call(
                 Some(key),
                 Method::POST,
                 "/v1/request-connection",
-                Some(
-                    json!({"user_id": user, "provider_name": "weather", "return_url": RETURN_URL}),
-                ),
+                Some(json!({"user_id": user, "provider_name": provider, "return_url": RETURN_URL})),
             )
             .await;
         assert_eq!(s, StatusCode::OK, "{spec}");

@@ -3,6 +3,7 @@
 
 mod bridge_grpc;
 mod cache;
+mod contract;
 mod grpc;
 mod harness;
 mod real_idp;

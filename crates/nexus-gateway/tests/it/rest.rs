@@ -36,7 +36,10 @@ async fn every_route(s: Stack) {
         )
         .await;
     assert_eq!(st, StatusCode::OK);
-    assert_eq!(c, json!({"status": "active"}));
+    assert_eq!(
+        c,
+        json!({"status": "active", "state": "active", "degraded": false, "reconsent": false})
+    );
     let (st, tok) = s
         .call(Some(&key), Method::GET, &format!("/v1/token/{id}"), None)
         .await;
@@ -50,7 +53,11 @@ async fn every_route(s: Stack) {
     assert_eq!(st, StatusCode::OK, "{tok}");
     let (st, p) = s.call(Some(&key), Method::GET, "/v1/providers", None).await;
     assert_eq!(st, StatusCode::OK);
-    assert_eq!(p[0]["name"], "weather", "{p}");
+    // The reference's grouped map, strings (not null) for absent URLs.
+    let weather = &p["api_key"]["weather"];
+    assert_eq!(weather["api_base_url"], "", "{p}");
+    assert_eq!(weather["user_info_endpoint"], "", "{p}");
+    assert!(weather["scopes"].is_array(), "{p}");
     let (st, r) = s
         .call(
             Some(&key),
@@ -125,13 +132,37 @@ async fn agent_keys_and_workspaces_are_enforced() {
     assert_eq!((st1, &e1), (st2, &e2));
     assert_eq!(st1, StatusCode::NOT_FOUND);
     assert_eq!(e1["error"], "connection_not_found");
-    for (m, p) in [
-        (Method::GET, format!("/v1/check-connection/{id}")),
-        (Method::POST, format!("/v1/refresh/{id}")),
-    ] {
-        let (st, e) = s.call(Some(&other), m, &p, None).await;
-        assert_eq!(st, StatusCode::NOT_FOUND, "{p} {e}");
-    }
+    let (st, e) = s
+        .call(
+            Some(&other),
+            Method::POST,
+            &format!("/v1/refresh/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{e}");
+    // v1 check-connection answers unknown connections 200 `failed`: the
+    // same for another workspace's.
+    let (st1, c1) = s
+        .call(
+            Some(&other),
+            Method::GET,
+            &format!("/v1/check-connection/{id}"),
+            None,
+        )
+        .await;
+    let (st2, c2) = s
+        .call(
+            Some(&other),
+            Method::GET,
+            "/v1/check-connection/no-such-connection",
+            None,
+        )
+        .await;
+    assert_eq!((st1, &c1), (st2, &c2));
+    assert_eq!(st1, StatusCode::OK);
+    assert_eq!(c1["status"], "failed");
+    assert_eq!(c1["state"], "not_found");
     let (st, e) = s
         .call(
             Some(&other),
@@ -350,13 +381,15 @@ async fn reference_wire_shapes() {
             None,
         )
         .await;
-    assert_eq!(check, json!({"status": "pending"}));
+    assert_eq!(check["status"], "pending", "{check}");
+    assert_eq!(check["state"], "pending", "{check}");
     let (st, e) = s
         .call(Some(&key), Method::GET, &format!("/v1/token/{id}"), None)
         .await;
     assert_eq!(st, StatusCode::CONFLICT);
-    assert_eq!(keys(&e), ["error", "message"]);
+    assert_eq!(keys(&e), ["code", "error", "message"]);
     assert_eq!(e["error"], "connection_pending");
+    assert_eq!(e["code"], "connection_pending");
     let id = s.connect(&key, "user-123").await;
     let (_, tok) = s
         .call(Some(&key), Method::GET, &format!("/v1/token/{id}"), None)
@@ -371,8 +404,12 @@ async fn reference_wire_shapes() {
         "strategy",
         "credentials",
     ] {
-        // Static credentials have no access token; the keys the SDK reads are there.
-        if !["access_token", "token_type"].contains(&k) {
+        // Static credentials have no access token and no expiry: those
+        // fields are absent (never null: the contract types them); the
+        // ones the SDK reads are there.
+        if ["access_token", "token_type", "expires_in", "expires_at"].contains(&k) {
+            assert!(tok.get(k).is_none(), "{k} in {tok}");
+        } else {
             assert!(tok.get(k).is_some(), "{k} in {tok}");
         }
     }
