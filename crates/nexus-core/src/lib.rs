@@ -17,6 +17,7 @@ pub mod outbound;
 mod secret;
 pub mod settings;
 pub mod telemetry;
+pub mod text;
 pub mod time;
 pub mod wire;
 

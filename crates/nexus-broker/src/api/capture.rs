@@ -16,7 +16,16 @@ use super::AppState;
 use crate::events::audit::Actor;
 use crate::handshake::capture::{typed_from_form, CaptureForm, CaptureOutcome, Field};
 
-const CSRF_COOKIE: &str = "nexus_capture";
+/// The CSRF cookie of one handshake's form: named per handshake, so two
+/// forms open in one browser do not overwrite each other's cookie.
+fn csrf_cookie(handshake_id: &str) -> String {
+    let id: String = handshake_id
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(32)
+        .collect();
+    format!("nexus_capture_{id}")
+}
 
 /// `?state=`.
 #[derive(Deserialize)]
@@ -170,12 +179,15 @@ fn secure_headers(resp: &mut Response) {
     );
 }
 
-fn html(status: StatusCode, body: String, csrf_cookie: Option<(&str, bool)>) -> Response {
+/// A form page; with `csrf`, the handshake id, its token and whether the
+/// cookie must be `Secure`.
+fn html(status: StatusCode, body: String, csrf: Option<(&str, &str, bool)>) -> Response {
     let mut resp = (status, Html(body)).into_response();
     secure_headers(&mut resp);
-    if let Some((token, secure)) = csrf_cookie {
+    if let Some((handshake_id, token, secure)) = csrf {
         let cookie = format!(
-            "{CSRF_COOKIE}={token}; Path=/auth; HttpOnly; SameSite=Strict; Max-Age=600{}",
+            "{}={token}; Path=/auth; HttpOnly; SameSite=Strict; Max-Age=600{}",
+            csrf_cookie(handshake_id),
             if secure { "; Secure" } else { "" }
         );
         if let Ok(v) = HeaderValue::from_str(&cookie) {
@@ -203,7 +215,7 @@ pub async fn form(
     Ok(html(
         StatusCode::OK,
         page(&form, &state, &[], &Map::new()),
-        Some((&form.csrf, secure)),
+        Some((&form.handshake.id, &form.csrf, secure)),
     ))
 }
 
@@ -266,6 +278,13 @@ pub async fn submit(
                 format!("body must be {{state, credentials}}: {e}"),
             )
         })?;
+        // The same input guard as every other JSON body.
+        if req.state.contains('\0') || super::extract::contains_nul(&Value::Object(req.credentials.clone())) {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "strings must not contain NUL characters",
+            ));
+        }
         let form = load(&st, &req.state).await?;
         return match st.handshakes().submit_capture(&form, req.credentials, &actor).await? {
             CaptureOutcome::Done(url) => Ok(Json(json!({"status": "success", "connection_id": form.handshake.connection_id, "redirect_url": url})).into_response()),
@@ -301,7 +320,7 @@ pub async fn submit(
     let form = load(&st, &state).await?;
     // CSRF: the token must be this handshake's, and the same-site cookie must carry it.
     let token = raw.get("csrf").and_then(Value::as_str).unwrap_or_default();
-    let cookie_ok = cookie(&headers, CSRF_COOKIE).is_some_and(|c| c == token);
+    let cookie_ok = cookie(&headers, &csrf_cookie(&form.handshake.id)).is_some_and(|c| c == token);
     if !cookie_ok || !st.handshakes().csrf_ok(&form.handshake.id, token) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,

@@ -41,7 +41,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     }
 }
 
-fn contains_nul(v: &serde_json::Value) -> bool {
+/// Whether any string (or key) in `v` holds a NUL character.
+pub(crate) fn contains_nul(v: &serde_json::Value) -> bool {
     match v {
         serde_json::Value::String(s) => s.contains('\0'),
         serde_json::Value::Array(a) => a.iter().any(contains_nul),

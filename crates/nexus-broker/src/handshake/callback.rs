@@ -12,7 +12,7 @@ use crate::oauth::id_token::{self, IdTokenError};
 use crate::oauth::state_token::{self, StateError};
 use crate::registry::Provider;
 use crate::store::{json_list, parse_json_list as parse_list};
-use crate::store::{now_ms, Activation, ConnectionRow, Consumed, HandshakeRow, Transition};
+use crate::store::{now_ms, Activation, ConnectionRow, HandshakeKind, HandshakeRow, Transition};
 use crate::vault::Aad;
 use nexus_core::outbound::{self, OutboundError};
 use nexus_core::Secret;
@@ -43,24 +43,7 @@ impl Handshakes {
                     StateError::Malformed => "state is malformed",
                 })
             })?;
-        let hs = match self.store.consume_handshake(&handshake_id).await? {
-            Consumed::Now(hs) => hs,
-            Consumed::AlreadyUsed => {
-                metrics::counter!("nexus_callback_rejected_total", "reason" => "replayed")
-                    .increment(1);
-                return Err(HandshakeError::State("state was already used"));
-            }
-            Consumed::Expired => {
-                return Err(HandshakeError::State(
-                    "state has expired; start the connection again",
-                ))
-            }
-            Consumed::Unknown => {
-                return Err(HandshakeError::State(
-                    "state does not name a known handshake",
-                ))
-            }
-        };
+        let hs = super::consume(&self.store, &handshake_id, HandshakeKind::OAuth).await?;
         let provider = self.registry.get(&hs.provider_id).await;
         let outcome = match &provider {
             Ok(provider) => self.complete(&hs, provider, &p, actor).await,
@@ -129,18 +112,14 @@ impl Handshakes {
                 "temporarily_unavailable" | "server_error" => "provider_unavailable",
                 _ => "provider_error",
             };
-            let desc = p
-                .error_description
-                .as_deref()
-                .unwrap_or(err)
-                .chars()
-                .take(300)
-                .collect::<String>();
+            // Anyone holding a consent URL controls this text: `fail` escapes it.
+            let desc = p.error_description.as_deref().unwrap_or(err);
             return Err(fail(code, desc));
         }
         let code = p
             .code
-            .as_deref()
+            .as_ref()
+            .map(|c| c.expose().as_str())
             .filter(|c| !c.is_empty())
             .ok_or_else(|| fail("invalid_callback", "callback has neither code nor error"))?;
         let endpoints = self

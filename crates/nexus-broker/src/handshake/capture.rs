@@ -20,7 +20,7 @@ use crate::events::audit::AuditEvent;
 use crate::handshake::{HandshakeError, Handshakes};
 use crate::oauth::state_token::{self, StateError};
 use crate::registry::Provider;
-use crate::store::{now_ms, Activation, Consumed, HandshakeRow};
+use crate::store::{now_ms, Activation, HandshakeKind, HandshakeRow};
 use nexus_core::Secret;
 
 /// One input of the form, derived from the schema.
@@ -246,6 +246,12 @@ impl Handshakes {
         credentials: Map<String, Value>,
         actor: &Actor,
     ) -> Result<CaptureOutcome, HandshakeError> {
+        // An empty (or blank) field is a missing one: `required` must catch
+        // it, and nothing serves "" as a credential.
+        let credentials: Map<String, Value> = credentials
+            .into_iter()
+            .filter(|(_, v)| !v.as_str().is_some_and(|s| s.trim().is_empty()))
+            .collect();
         let credentials = Value::Object(credentials);
         let validator = jsonschema::validator_for(&form.schema).map_err(|_| {
             HandshakeError::Invalid("the provider's credential schema cannot be compiled".into())
@@ -259,20 +265,7 @@ impl Handshakes {
             errors.dedup();
             return Ok(CaptureOutcome::Invalid(errors));
         }
-        let hs = match self.store.consume_handshake(&form.handshake.id).await? {
-            Consumed::Now(hs) => hs,
-            Consumed::AlreadyUsed => return Err(HandshakeError::State("state was already used")),
-            Consumed::Expired => {
-                return Err(HandshakeError::State(
-                    "state has expired; start the connection again",
-                ))
-            }
-            Consumed::Unknown => {
-                return Err(HandshakeError::State(
-                    "state does not name a known handshake",
-                ))
-            }
-        };
+        let hs = super::consume(&self.store, &form.handshake.id, HandshakeKind::Capture).await?;
         let cid = &hs.connection_id;
         let sealed = self.keys.encrypt_str(
             crate::vault::Aad::new("connections", cid, "credentials"),

@@ -23,7 +23,9 @@ use crate::oauth::discovery::{Discovery, DiscoveryError, Endpoints};
 use crate::oauth::pkce;
 use crate::oauth::state_token::{self};
 use crate::registry::{Provider, Registry, RegistryError};
-use crate::store::{json_list, now_ms, ConnectionRow, HandshakeRow, Store, StoreError};
+use crate::store::{
+    json_list, now_ms, ConnectionRow, Consumed, HandshakeKind, HandshakeRow, Store, StoreError,
+};
 use crate::vault::{Aad, KeyRing};
 use nexus_core::Secret;
 
@@ -113,8 +115,8 @@ pub struct ConsentSpec {
 /// Query of `GET /auth/callback`. Everything optional: a callback can be anything.
 #[derive(Debug, Default, Deserialize)]
 pub struct CallbackParams {
-    /// Authorization code.
-    pub code: Option<String>,
+    /// Authorization code: a `Secret`, so no `Debug` or `Display` prints it.
+    pub code: Option<Secret<String>>,
     /// Signed state.
     pub state: Option<String>,
     /// RFC 9207 issuer.
@@ -437,9 +439,52 @@ impl Handshakes {
     }
 }
 
+/// Uses a handshake up for `kind`, or says why it cannot be: the one
+/// reading of [`Consumed`] for the callback and the capture form.
+async fn consume(
+    store: &Store,
+    id: &str,
+    kind: HandshakeKind,
+) -> Result<Box<HandshakeRow>, HandshakeError> {
+    let rejected = |reason: &'static str| {
+        if kind == HandshakeKind::OAuth {
+            metrics::counter!("nexus_callback_rejected_total", "reason" => reason).increment(1);
+        }
+    };
+    match store.consume_handshake(id, kind).await? {
+        Consumed::Now(hs) => Ok(hs),
+        Consumed::AlreadyUsed => {
+            rejected("replayed");
+            Err(HandshakeError::State("state was already used"))
+        }
+        Consumed::Expired => Err(HandshakeError::State(
+            "state has expired; start the connection again",
+        )),
+        Consumed::Unknown => Err(HandshakeError::State(
+            "state does not name a known handshake",
+        )),
+        Consumed::WrongKind => {
+            rejected("wrong_kind");
+            Err(HandshakeError::State(match kind {
+                HandshakeKind::OAuth => "state belongs to a credential form, not an OAuth handshake",
+                HandshakeKind::Capture => "state belongs to an OAuth handshake, not a credential form",
+            }))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn callback_params_never_print_the_code() {
+        let p: CallbackParams =
+            serde_json::from_value(json!({"code": "canary-code-123", "state": "s"})).unwrap();
+        assert_eq!(p.code.as_ref().unwrap().expose(), "canary-code-123");
+        assert!(!format!("{p:?}").contains("canary-code-123"));
+        assert!(!format!("{p}").contains("canary-code-123"));
+    }
 
     #[test]
     fn return_domains() {

@@ -19,11 +19,17 @@ pub struct Failure {
     pub description: String,
 }
 
-/// A failure with a code and a description.
+/// Longest description kept (characters).
+pub const MAX_DESCRIPTION: usize = 300;
+
+/// A failure with a code and a description. The description may hold a
+/// provider's or a browser's words: control characters are escaped and its
+/// length bounded here, before anything logs, stores or returns it.
 pub fn fail(code: &'static str, description: impl Into<String>) -> Failure {
+    let description = description.into();
     Failure {
         code,
-        description: description.into(),
+        description: nexus_core::text::printable(&description, MAX_DESCRIPTION).into_owned(),
     }
 }
 

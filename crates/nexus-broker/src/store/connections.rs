@@ -316,6 +316,10 @@ impl Store {
         retry_at: Option<i64>,
         attention: Option<&Transition>,
     ) -> Result<bool, StoreError> {
+        // A provider's words (its error code and text) are stored as
+        // printable text only: they reach logs, agents and consoles.
+        let code = &*nexus_core::text::printable(code, 100);
+        let description = &*nexus_core::text::printable(description, 300);
         let now = now_ms();
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;

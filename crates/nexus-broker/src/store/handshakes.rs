@@ -45,6 +45,19 @@ pub enum Consumed {
     Expired,
     /// No such handshake.
     Unknown,
+    /// A handshake of the other kind (a capture form's state sent to the
+    /// OAuth callback, or the other way round); left as it was.
+    WrongKind,
+}
+
+/// Which path may finish a handshake: the OAuth callback (handshakes with
+/// a PKCE verifier) or the capture form (static credentials, none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeKind {
+    /// Finished by the provider's redirect to the callback.
+    OAuth,
+    /// Finished by the hosted credential form.
+    Capture,
 }
 
 /// The columns [`handshake_from_row`] reads, plus `consumed_at`.
@@ -124,10 +137,20 @@ impl Store {
 
     /// Consumes a handshake exactly once: of any number of concurrent callers,
     /// only one gets [`Consumed::Now`].
-    pub async fn consume_handshake(&self, id: &str) -> Result<Consumed, StoreError> {
+    pub async fn consume_handshake(
+        &self,
+        id: &str,
+        kind: HandshakeKind,
+    ) -> Result<Consumed, StoreError> {
         let now = now_ms();
+        // The kind is part of the guard: a state sent to the wrong path
+        // must not use the handshake up (nor fail its connection).
+        let kind_sql = match kind {
+            HandshakeKind::OAuth => "code_verifier IS NOT NULL",
+            HandshakeKind::Capture => "code_verifier IS NULL",
+        };
         on_pool!(self, pool => {
-            let res = sqlx::query("UPDATE handshakes SET consumed_at = $1 WHERE id = $2 AND consumed_at IS NULL AND expires_at > $1")
+            let res = sqlx::query(&format!("UPDATE handshakes SET consumed_at = $1 WHERE id = $2 AND consumed_at IS NULL AND expires_at > $1 AND {kind_sql}"))
                 .bind(now)
                 .bind(id)
                 .execute(pool)
@@ -139,6 +162,10 @@ impl Store {
             let Some(row) = row else { return Ok(Consumed::Unknown) };
             if res.rows_affected() == 1 {
                 return Ok(Consumed::Now(Box::new(handshake_from_row(&row)?)));
+            }
+            let verifier: Option<String> = row.try_get("code_verifier")?;
+            if verifier.is_some() != (kind == HandshakeKind::OAuth) {
+                return Ok(Consumed::WrongKind);
             }
             let consumed: Option<i64> = row.try_get("consumed_at")?;
             Ok(if consumed.is_some() { Consumed::AlreadyUsed } else { Consumed::Expired })
@@ -171,6 +198,9 @@ impl Store {
         description: &str,
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
+        // A browser's or provider's words are stored as printable text only.
+        let code = &*nexus_core::text::printable(code, 100);
+        let description = &*nexus_core::text::printable(description, 300);
         let now = now_ms();
         let sql = if is_reconnect {
             "UPDATE connections SET error_code = $1, error_description = $2, last_failure_at = $3, updated_at = $3 WHERE id = $4"

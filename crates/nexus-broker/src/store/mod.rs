@@ -36,7 +36,7 @@ pub use agent_keys::AgentKeyRow;
 pub use audit::{AuditFilter, AuditRecord};
 pub use changes::Change;
 pub use connections::{Activation, ConnectionRow, Refreshed, TokenStamp, Transition};
-pub use handshakes::{Consumed, HandshakeRow};
+pub use handshakes::{Consumed, HandshakeKind, HandshakeRow};
 pub use http_cache::CachedDoc;
 pub use pauses::{PauseRow, PauseScope};
 pub use providers::{NewProvider, ProviderRow, ProviderUpdate, SecretUpdate};

@@ -352,7 +352,98 @@ async fn capture_refuses_bad_and_oauth_states(b: Backend) {
     t.finish().await;
 }
 
+/// Regressions from the adversarial review: an empty required field, NUL in
+/// the JSON path, two forms open in one browser, and a capture state sent to
+/// the OAuth callback (with a forged, line-breaking description).
+async fn capture_input_gaps_are_closed(b: Backend) {
+    let t = TestBroker::start_public(&b, |_| {}).await;
+    t.create_provider(weather_profile()).await;
+    let post = format!("{}/auth/capture-credential", t.base);
+    let client = reqwest::Client::new();
+
+    // Empty (or blank) counts as missing.
+    let (_, state, _) = start(&t).await;
+    let resp = client
+        .post(&post)
+        .json(&json!({"state": state, "credentials": {"api_key": "a-long-enough-api-key-value", "account": "  "}}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap();
+    assert_json_error(status, &body, 400, "invalid_credentials");
+    assert!(body["message"].as_str().unwrap().contains("account"), "{body}");
+
+    // NUL is refused on the JSON path as everywhere else.
+    let resp = client
+        .post(&post)
+        .json(&json!({"state": state, "credentials": {"api_key": "a-long-enough-api-key\u{0}", "account": "a"}}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    assert_json_error(status, &resp.json().await.unwrap(), 400, "invalid_request");
+
+    // Two forms open in one browser: submitting the first still works.
+    let browser = browser();
+    let (_, state1, url1) = start(&t).await;
+    let (cid2, state2, url2) = start(&t).await;
+    let html1 = browser.get(url1).send().await.unwrap().text().await.unwrap();
+    let html2 = browser.get(url2).send().await.unwrap().text().await.unwrap();
+    for (state, html) in [(&state1, &html1), (&state2, &html2)] {
+        let resp = browser
+            .post(&post)
+            .form(&[
+                ("state", state.as_str()),
+                ("csrf", &hidden(html, "csrf")),
+                ("api_key", "a-long-enough-api-key-value"),
+                ("account", "acme"),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::SEE_OTHER, "{state}");
+    }
+
+    // A capture state at the OAuth callback is refused and uses nothing up;
+    // its forged description reaches neither the row nor the log.
+    let (cid3, state3, url3) = start(&t).await;
+    let resp = browser
+        .get(format!(
+            "{}/auth/callback?state={state3}&error=access_denied&error_description=x%0A2026-01-01T00:00:00Z%20INFO%20capture-state-at-callback%1B%5B31m",
+            t.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let (_, c) = t.get(&format!("/connections/{cid3}")).await;
+    assert_eq!(c["status"], "pending", "{c}");
+    let html = browser.get(url3).send().await.unwrap().text().await.unwrap();
+    let resp = browser
+        .post(&post)
+        .form(&[
+            ("state", state3.as_str()),
+            ("csrf", &hidden(&html, "csrf")),
+            ("api_key", "a-long-enough-api-key-value"),
+            ("account", "acme"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER, "the form still works");
+    let (_, c) = t.get(&format!("/connections/{cid2}")).await;
+    assert_eq!(c["status"], "active");
+    let log = logs();
+    assert!(
+        !log.contains("capture-state-at-callback"),
+        "nothing of the description logged"
+    );
+    t.finish().await;
+}
+
 backend_tests!(
+    capture_input_gaps_are_closed,
     form_capture_end_to_end,
     csrf_is_enforced,
     json_capture_and_schema,

@@ -663,6 +663,30 @@ async fn denied_consent_marks_the_connection_failed(b: Backend) {
         flow.connection_id.as_str()
     );
     assert_eq!(audit["events"][0]["detail"]["error"], "access_denied");
+
+    // Whoever holds a consent URL writes this text: a line break or an
+    // escape sequence must not reach the log, the row or the API raw.
+    let flow = start(&t, &idp, "fake", json!({})).await;
+    let forged = "no\n2026-01-01T00:00:00Z  INFO nexus: forged-line \u{1b}[31mred\u{202E}";
+    let resp = callback(
+        &t,
+        &[
+            ("error", "access_denied"),
+            ("error_description", forged),
+            ("state", &flow.state),
+        ],
+    )
+    .await;
+    assert_failed(&t, &flow, resp, "access_denied").await;
+    let (_, c) = t.get(&format!("/connections/{}", flow.connection_id)).await;
+    let stored = c["error_description"].as_str().unwrap();
+    assert!(!stored.chars().any(char::is_control), "{stored:?}");
+    assert!(!stored.contains('\u{202E}'), "{stored:?}");
+    assert!(stored.contains("\\u{a}2026-01-01"), "escaped, still readable: {stored:?}");
+    let log = crate::harness::logs();
+    assert!(log.contains("forged-line"), "the description is logged, escaped");
+    assert!(!log.contains("\n2026-01-01T00:00:00Z  INFO nexus: forged-line"));
+    assert!(!log.contains('\u{1b}'));
     t.finish().await;
 }
 
