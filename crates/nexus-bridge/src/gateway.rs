@@ -132,6 +132,9 @@ pub fn http_client(
         .redirect(redirects)
         .connect_timeout(Duration::from_secs(5).min(timeout))
         .timeout(timeout)
+        // The gateway closes keep-alive connections idle for its
+        // HEADER_READ_TIMEOUT_SECS (10 s by default): drop ours before.
+        .pool_idle_timeout(Duration::from_secs(4))
         .user_agent(concat!("nexus-bridge/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| BridgeError::Config(e.to_string()))

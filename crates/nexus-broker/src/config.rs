@@ -50,6 +50,14 @@ nexus_core::declare_settings! {
         broker_addr: BROKER_ADDR = Setting::text("BROKER_ADDR", "Broker listen address").or("127.0.0.1:8080"),
         /// `MAX_BODY_BYTES`: request body limit.
         max_body_bytes: MAX_BODY_BYTES = Setting::number("MAX_BODY_BYTES", "Request body limit", "1048576", 1024, u64::MAX, "bytes"),
+        /// `HEADER_READ_TIMEOUT_SECS`: see [`nexus_core::serve`].
+        header_read_timeout_secs: HEADER_READ_TIMEOUT_SECS = nexus_core::serve::HEADER_READ_TIMEOUT_SECS,
+        /// `BODY_READ_TIMEOUT_SECS`: see [`nexus_core::serve`].
+        body_read_timeout_secs: BODY_READ_TIMEOUT_SECS = nexus_core::serve::BODY_READ_TIMEOUT_SECS,
+        /// `MAX_CONNECTIONS`: see [`nexus_core::serve`].
+        max_connections: MAX_CONNECTIONS = nexus_core::serve::MAX_CONNECTIONS,
+        /// `SHUTDOWN_GRACE_SECS`: see [`nexus_core::serve`].
+        shutdown_grace_secs: SHUTDOWN_GRACE_SECS = nexus_core::serve::SHUTDOWN_GRACE_SECS,
         /// `PROVIDER_TIMEOUT_SECS`: timeout of each call to a provider.
         provider_timeout_secs: PROVIDER_TIMEOUT_SECS = Setting::number("PROVIDER_TIMEOUT_SECS", "Timeout of each call to a provider", "10", 1, 300, "seconds"),
         /// `REDIS_URL`: optional Redis for caches shared by replicas.
@@ -99,6 +107,8 @@ pub struct BrokerConfig {
     pub listen_addr: SocketAddr,
     /// Request body limit in bytes.
     pub max_body_bytes: usize,
+    /// Connection limits and timeouts of the server.
+    pub limits: nexus_core::serve::Limits,
     /// Audit writer tuning.
     pub audit: crate::events::audit::AuditConfig,
     /// Timeout of each call to a provider (token, discovery, JWKS, UserInfo).
@@ -313,6 +323,7 @@ impl BrokerConfig {
         };
 
         let max_body_bytes = v.count(&MAX_BODY_BYTES)?;
+        let limits = nexus_core::serve::Limits::from_values(&v)?;
         let provider_timeout = v.secs(&PROVIDER_TIMEOUT_SECS)?;
 
         let redis_url = match v.given(&REDIS_URL) {
@@ -386,6 +397,7 @@ impl BrokerConfig {
             allowed_cidrs,
             listen_addr,
             max_body_bytes,
+            limits,
             audit: crate::events::audit::AuditConfig::default(),
             provider_timeout,
             redis_url,

@@ -162,11 +162,8 @@ impl Broker {
             .refresh
             .worker
             .then(|| tokio::spawn(self.state.tokens().refresher().clone().run_worker(stop)));
-        let served = axum::serve(
-            self.listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown({
+        let limits = self.state.config().limits;
+        let served = nexus_core::serve::serve(self.listener, app, limits, {
             // Change streams never end by themselves: end them when shutdown
             // begins, or draining would wait for them forever.
             let edge = self.state.tokens().edge().clone();

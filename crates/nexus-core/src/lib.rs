@@ -15,6 +15,7 @@ pub mod net;
 pub mod openapi;
 pub mod outbound;
 mod secret;
+pub mod serve;
 pub mod settings;
 pub mod telemetry;
 pub mod text;

@@ -83,6 +83,9 @@ pub fn streaming_client(idle: Duration) -> Result<reqwest::Client, OutboundError
         .map_err(|e| OutboundError::Setup(e.to_string()))
 }
 
+/// How long an idle pooled connection is kept.
+pub const IDLE_POOLED: Duration = Duration::from_secs(4);
+
 fn builder(connect_timeout: Duration) -> Result<reqwest::ClientBuilder, OutboundError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let roots = rustls::RootCertStore {
@@ -97,6 +100,10 @@ fn builder(connect_timeout: Duration) -> Result<reqwest::ClientBuilder, Outbound
         .use_preconfigured_tls(tls)
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(connect_timeout)
+        // Nexus servers close keep-alive connections idle for
+        // HEADER_READ_TIMEOUT_SECS (10 s by default); a pooled connection
+        // reused as the server closes it fails its request. Drop them first.
+        .pool_idle_timeout(IDLE_POOLED)
         .user_agent(concat!("nexus/", env!("CARGO_PKG_VERSION"))))
 }
 

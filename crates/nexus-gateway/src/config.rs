@@ -29,6 +29,14 @@ nexus_core::declare_settings! {
         metrics_allowed_cidrs: METRICS_ALLOWED_CIDRS = Setting::text("METRICS_ALLOWED_CIDRS", "Comma-separated networks that may read the gateway's /metrics").or("127.0.0.0/8,::1/128"),
         /// `GATEWAY_CACHE_CAPACITY`: token answers kept in memory (0 disables).
         gateway_cache_capacity: GATEWAY_CACHE_CAPACITY = Setting::number("GATEWAY_CACHE_CAPACITY", "Token answers the gateway keeps while the broker's change stream is open; 0 disables", "10000", 0, 10_000_000, ""),
+        /// `HEADER_READ_TIMEOUT_SECS`: see [`nexus_core::serve`].
+        header_read_timeout_secs: HEADER_READ_TIMEOUT_SECS = nexus_core::serve::HEADER_READ_TIMEOUT_SECS,
+        /// `BODY_READ_TIMEOUT_SECS`: see [`nexus_core::serve`].
+        body_read_timeout_secs: BODY_READ_TIMEOUT_SECS = nexus_core::serve::BODY_READ_TIMEOUT_SECS,
+        /// `MAX_CONNECTIONS`: see [`nexus_core::serve`].
+        max_connections: MAX_CONNECTIONS = nexus_core::serve::MAX_CONNECTIONS,
+        /// `SHUTDOWN_GRACE_SECS`: see [`nexus_core::serve`].
+        shutdown_grace_secs: SHUTDOWN_GRACE_SECS = nexus_core::serve::SHUTDOWN_GRACE_SECS,
     }
 }
 
@@ -57,6 +65,8 @@ pub struct GatewayConfig {
     pub token_cache_capacity: usize,
     /// How often tokens served from the cache are reported to the broker.
     pub served_report_every: Duration,
+    /// Connection limits and timeouts of the server.
+    pub limits: nexus_core::serve::Limits,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -174,6 +184,7 @@ impl GatewayConfig {
             metrics_allowed_cidrs,
             token_cache_capacity,
             served_report_every: Duration::from_secs(1),
+            limits: nexus_core::serve::Limits::from_values(&v)?,
         })
     }
 }

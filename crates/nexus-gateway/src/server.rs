@@ -342,13 +342,9 @@ impl GatewayServer {
             g.clone(),
             g.config.served_report_every,
         ));
+        let limits = self.gateway.config.limits;
         let app = router(self.gateway, self.metrics);
-        let served = axum::serve(
-            self.listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await;
+        let served = nexus_core::serve::serve(self.listener, app, limits, shutdown).await;
         follower.abort();
         reporter.abort();
         // Tokens served from the cache since the last report: audited too.

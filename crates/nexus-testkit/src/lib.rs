@@ -54,7 +54,7 @@ impl OidcPeer {
             Err(e) => return skip_or_fail(&format!("cannot run node: {e}")),
         };
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
             .await
             .expect("provider ready in time")
             .unwrap()

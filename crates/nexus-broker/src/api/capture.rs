@@ -279,7 +279,9 @@ pub async fn submit(
             )
         })?;
         // The same input guard as every other JSON body.
-        if req.state.contains('\0') || super::extract::contains_nul(&Value::Object(req.credentials.clone())) {
+        if req.state.contains('\0')
+            || super::extract::contains_nul(&Value::Object(req.credentials.clone()))
+        {
             return Err(ApiError::bad_request(
                 "invalid_request",
                 "strings must not contain NUL characters",

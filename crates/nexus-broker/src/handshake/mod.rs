@@ -466,8 +466,12 @@ async fn consume(
         Consumed::WrongKind => {
             rejected("wrong_kind");
             Err(HandshakeError::State(match kind {
-                HandshakeKind::OAuth => "state belongs to a credential form, not an OAuth handshake",
-                HandshakeKind::Capture => "state belongs to an OAuth handshake, not a credential form",
+                HandshakeKind::OAuth => {
+                    "state belongs to a credential form, not an OAuth handshake"
+                }
+                HandshakeKind::Capture => {
+                    "state belongs to an OAuth handshake, not a credential form"
+                }
             }))
         }
     }

@@ -372,7 +372,10 @@ async fn capture_input_gaps_are_closed(b: Backend) {
     let status = resp.status();
     let body: Value = resp.json().await.unwrap();
     assert_json_error(status, &body, 400, "invalid_credentials");
-    assert!(body["message"].as_str().unwrap().contains("account"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("account"),
+        "{body}"
+    );
 
     // NUL is refused on the JSON path as everywhere else.
     let resp = client
@@ -388,8 +391,22 @@ async fn capture_input_gaps_are_closed(b: Backend) {
     let browser = browser();
     let (_, state1, url1) = start(&t).await;
     let (cid2, state2, url2) = start(&t).await;
-    let html1 = browser.get(url1).send().await.unwrap().text().await.unwrap();
-    let html2 = browser.get(url2).send().await.unwrap().text().await.unwrap();
+    let html1 = browser
+        .get(url1)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let html2 = browser
+        .get(url2)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for (state, html) in [(&state1, &html1), (&state2, &html2)] {
         let resp = browser
             .post(&post)
@@ -419,7 +436,14 @@ async fn capture_input_gaps_are_closed(b: Backend) {
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     let (_, c) = t.get(&format!("/connections/{cid3}")).await;
     assert_eq!(c["status"], "pending", "{c}");
-    let html = browser.get(url3).send().await.unwrap().text().await.unwrap();
+    let html = browser
+        .get(url3)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let resp = browser
         .post(&post)
         .form(&[

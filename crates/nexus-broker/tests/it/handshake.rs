@@ -682,9 +682,15 @@ async fn denied_consent_marks_the_connection_failed(b: Backend) {
     let stored = c["error_description"].as_str().unwrap();
     assert!(!stored.chars().any(char::is_control), "{stored:?}");
     assert!(!stored.contains('\u{202E}'), "{stored:?}");
-    assert!(stored.contains("\\u{a}2026-01-01"), "escaped, still readable: {stored:?}");
+    assert!(
+        stored.contains("\\u{a}2026-01-01"),
+        "escaped, still readable: {stored:?}"
+    );
     let log = crate::harness::logs();
-    assert!(log.contains("forged-line"), "the description is logged, escaped");
+    assert!(
+        log.contains("forged-line"),
+        "the description is logged, escaped"
+    );
     assert!(!log.contains("\n2026-01-01T00:00:00Z  INFO nexus: forged-line"));
     assert!(!log.contains('\u{1b}'));
     t.finish().await;

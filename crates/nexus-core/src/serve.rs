@@ -1,0 +1,378 @@
+//! Serving a router on a listener with limits a public server needs, where
+//! `axum::serve` has none: a time limit on reading a request's head (which
+//! also closes idle keep-alive connections), on reading its body, a cap on
+//! open connections (the ones over it get a JSON 503 and are closed), HTTP/2
+//! limits (concurrent streams, header list size, reset floods), and a
+//! deadline on graceful shutdown after which the connections left are
+//! dropped.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tower::ServiceExt;
+
+use crate::settings::{Setting, Values};
+use crate::ConfigError;
+
+/// `HEADER_READ_TIMEOUT_SECS`: how long a client may take to send a request's
+/// head; also how long an idle keep-alive connection stays open.
+pub const HEADER_READ_TIMEOUT_SECS: Setting = Setting::number(
+    "HEADER_READ_TIMEOUT_SECS",
+    "Time a client has to send a request's headers; idle keep-alive connections close after it too",
+    "10",
+    1,
+    600,
+    "seconds",
+);
+/// `BODY_READ_TIMEOUT_SECS`: how long a client may take to send a body.
+pub const BODY_READ_TIMEOUT_SECS: Setting = Setting::number(
+    "BODY_READ_TIMEOUT_SECS",
+    "Time a client has to send a request's body",
+    "30",
+    1,
+    3600,
+    "seconds",
+);
+/// `MAX_CONNECTIONS`: open connections served at once.
+pub const MAX_CONNECTIONS: Setting = Setting::number(
+    "MAX_CONNECTIONS",
+    "Connections served at once; more are answered 503 and closed (keep it below the file-descriptor limit)",
+    "4096",
+    1,
+    1_000_000,
+    "",
+);
+/// `SHUTDOWN_GRACE_SECS`: how long shutting down waits for requests in flight.
+pub const SHUTDOWN_GRACE_SECS: Setting = Setting::number(
+    "SHUTDOWN_GRACE_SECS",
+    "On SIGTERM, how long requests in flight may finish before their connections are dropped",
+    "10",
+    0,
+    600,
+    "seconds",
+);
+
+/// Most concurrent HTTP/2 streams per connection.
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Largest HTTP/2 header list a client may send (bytes).
+pub const H2_MAX_HEADER_LIST_SIZE: u32 = 32 * 1024;
+/// Largest HTTP/1 read buffer, hence request head (bytes).
+pub const H1_MAX_BUF_SIZE: usize = 64 * 1024;
+/// Streams a client may reset before the server has seen them (HTTP/2
+/// rapid-reset floods, CVE-2023-44487) and errors it may provoke.
+pub const H2_MAX_RESETS: usize = 32;
+
+/// The limits of one server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Time to send a request head (and idle keep-alive time).
+    pub header_read_timeout: Duration,
+    /// Time to send a request body.
+    pub body_read_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// Time requests in flight get when shutdown begins.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Limits {
+    /// The limits a part's settings give (each part declares the four
+    /// settings above among its own).
+    pub fn from_values(v: &Values) -> Result<Self, ConfigError> {
+        Ok(Self {
+            header_read_timeout: v.secs(&HEADER_READ_TIMEOUT_SECS)?,
+            body_read_timeout: v.secs(&BODY_READ_TIMEOUT_SECS)?,
+            max_connections: v.count(&MAX_CONNECTIONS)?,
+            shutdown_grace: v.secs(&SHUTDOWN_GRACE_SECS)?,
+        })
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves; then stops
+/// accepting, asks every connection to finish (idle ones close at once), and
+/// after `limits.shutdown_grace` drops the connections still open. Handlers
+/// see the peer address as `ConnectInfo<SocketAddr>`.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let app = app.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+        limits.body_read_timeout,
+    ));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(H1_MAX_BUF_SIZE);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(H2_MAX_HEADER_LIST_SIZE)
+        .max_pending_accept_reset_streams(H2_MAX_RESETS)
+        .max_local_error_reset_streams(H2_MAX_RESETS)
+        // Dead peers are found by ping; an HTTP/2 connection idle that long
+        // without answering one is closed.
+        .keep_alive_interval(limits.header_read_timeout)
+        .keep_alive_timeout(limits.header_read_timeout);
+    let builder = Arc::new(builder);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Sent when the grace period is over: connections still open end.
+    let (hard_stop, hard_stopped) = watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors, or a connection reset before it
+                    // was accepted: wait a little instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    crate::static_counter!("nexus_accept_errors_total").increment(1);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            crate::static_counter!("nexus_connections_refused_total").increment(1);
+            tokio::spawn(refuse(stream));
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let router = app.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().oneshot(req.map(axum::body::Body::new))
+        });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        let mut hard_stopped = hard_stopped.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = conn => {}
+                _ = hard_stopped.wait_for(|stop| *stop) => {}
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(limits.shutdown_grace) => {
+            tracing::warn!(
+                grace_secs = limits.shutdown_grace.as_secs(),
+                "connections still open after the shutdown grace period; dropping them"
+            );
+            let _ = hard_stop.send(true);
+        }
+    }
+    Ok(())
+}
+
+/// Answers a connection over the cap: 503 with the JSON error shape, then
+/// closes. Bounded: a client that does not read gets nothing after a second.
+async fn refuse(mut stream: TcpStream) {
+    let body = crate::error::ErrorBody::new(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "too_many_connections",
+        "the server is at its connection limit; retry shortly",
+    )
+    .json()
+    .to_string();
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(answer.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::{get, post};
+    use std::net::SocketAddr;
+    use tokio::io::AsyncReadExt;
+
+    fn quick() -> Limits {
+        Limits {
+            header_read_timeout: Duration::from_millis(500),
+            body_read_timeout: Duration::from_millis(500),
+            max_connections: 2,
+            shutdown_grace: Duration::from_millis(500),
+        }
+    }
+
+    /// A server on loopback; its address, its shutdown trigger, its task.
+    async fn start(
+        limits: Limits,
+    ) -> (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        let app = Router::new()
+            .route("/", get(|| async { "ok" }))
+            .route("/echo", post(|body: axum::body::Bytes| async move { body }))
+            .route(
+                "/forever",
+                get(|| async {
+                    std::future::pending::<()>().await;
+                    "never"
+                }),
+            );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, app, limits, async {
+            let _ = rx.await;
+        }));
+        (addr, tx, task)
+    }
+
+    /// Everything the server sends until it closes (bounded).
+    async fn read_to_close(s: &mut TcpStream) -> String {
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+            .await
+            .expect("the server closes the connection")
+            .unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    async fn get_ok(s: &mut TcpStream) {
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+
+    #[tokio::test]
+    async fn slow_heads_and_idle_keep_alives_are_closed() {
+        let (addr, _stop, _task) = start(quick()).await;
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
+        read_to_close(&mut slow).await;
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        get_ok(&mut idle).await;
+        read_to_close(&mut idle).await;
+    }
+
+    #[tokio::test]
+    async fn slow_bodies_are_cut_off() {
+        let (addr, _stop, _task) = start(quick()).await;
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789")
+            .await
+            .unwrap();
+        let answer = read_to_close(&mut slow).await;
+        assert!(!answer.contains("0123456789"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_get_a_json_503() {
+        let (addr, _stop, _task) = start(Limits {
+            header_read_timeout: Duration::from_secs(30),
+            ..quick()
+        })
+        .await;
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            get_ok(&mut s).await;
+            held.push(s);
+        }
+        let mut over = TcpStream::connect(addr).await.unwrap();
+        let answer = read_to_close(&mut over).await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(
+            answer.contains(r#""error":"too_many_connections""#),
+            "{answer}"
+        );
+        // A slot frees when a connection ends.
+        drop(held.pop());
+        let mut again = None;
+        for _ in 0..50 {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = [0u8; 12];
+            if s.read_exact(&mut buf).await.is_ok() && buf.starts_with(b"HTTP/1.1 200") {
+                again = Some(s);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(again.is_some(), "served again once a connection closed");
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_idle_connections_and_drops_stuck_ones_after_the_grace() {
+        let (addr, stop, task) = start(Limits {
+            header_read_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(1),
+            ..quick()
+        })
+        .await;
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        get_ok(&mut idle).await;
+        let mut stuck = TcpStream::connect(addr).await.unwrap();
+        stuck
+            .write_all(b"GET /forever HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.send(()).unwrap();
+        // The idle connection is closed when shutdown begins, the stuck one
+        // when the grace period ends; the server returns (bounded waits).
+        read_to_close(&mut idle).await;
+        read_to_close(&mut stuck).await;
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("serve returns after the grace period")
+            .unwrap()
+            .unwrap();
+    }
+}
