@@ -3,7 +3,8 @@
 //! (`key_cache_ttl`) so most calls cost no broker round trip. A revoked key
 //! stops working within that time.
 
-use std::sync::{Arc, RwLock};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::http::{header, HeaderMap, HeaderName, StatusCode};
@@ -67,31 +68,96 @@ fn invalid_key() -> GatewayError {
 /// SHA-256 of a presented key.
 type KeyDigest = [u8; 32];
 
-/// Verified keys, by the SHA-256 of the key (the key itself is not kept).
+/// Authentication failures one client address may cause per window
+/// before it is refused with 429 until the window ends.
+pub const MAX_FAILURES_PER_WINDOW: u32 = 30;
+/// The window of [`MAX_FAILURES_PER_WINDOW`].
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Client addresses tracked at once (the oldest windows go first).
+const MAX_TRACKED: usize = 100_000;
+
+/// Verified keys, by the SHA-256 of the key (the key itself is not kept),
+/// refused keys likewise, and authentication failures by client address.
 pub struct KeyCache {
     broker: BrokerClient,
     ttl: Duration,
     /// Read on every request (read lock, no reordering: eviction is by
     /// insertion order, and an entry lives `ttl` anyway).
     seen: RwLock<LruCache<KeyDigest, (Arc<Agent>, Instant)>>,
+    /// Keys the broker refused: a flood of made-up keys costs the broker
+    /// one lookup each per `ttl`, not one per request.
+    refused: Mutex<LruCache<KeyDigest, Instant>>,
+    /// Failures per client address in the current window.
+    failures: Mutex<LruCache<IpAddr, (Instant, u32)>>,
 }
 
 impl KeyCache {
-    /// A cache trusting verifications for `ttl`.
+    /// A cache trusting verifications (and refusals) for `ttl`.
     pub fn new(broker: BrokerClient, ttl: Duration) -> Self {
         Self {
             broker,
             ttl,
             seen: RwLock::new(LruCache::new(10_000)),
+            refused: Mutex::new(LruCache::new(10_000)),
+            failures: Mutex::new(LruCache::new(MAX_TRACKED)),
         }
     }
 
-    /// The agent behind `key`.
-    pub async fn verify(&self, key: Option<&str>) -> Result<Arc<Agent>, GatewayError> {
+    /// Refuses a client address that failed too often lately.
+    fn check_throttle(&self, peer: Option<IpAddr>) -> Result<(), GatewayError> {
+        let Some(ip) = peer else { return Ok(()) };
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(&(start, count)) = f.peek(&ip) else {
+            return Ok(());
+        };
+        let left = FAILURE_WINDOW.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            f.remove(&ip);
+            return Ok(());
+        }
+        if count < MAX_FAILURES_PER_WINDOW {
+            return Ok(());
+        }
+        metrics::counter!("nexus_gateway_auth_throttled_total").increment(1);
+        let mut e = GatewayError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_auth_failures",
+            "too many failed authentications from this address; retry later",
+        );
+        e.retry_after = Some(axum::http::HeaderValue::from(left.as_secs().max(1)));
+        Err(e)
+    }
+
+    /// Counts a failure against `peer` and returns `e`.
+    fn failed(&self, peer: Option<IpAddr>, e: GatewayError) -> GatewayError {
+        metrics::counter!("nexus_gateway_auth_failures_total").increment(1);
+        if let Some(ip) = peer {
+            let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+            match f.get_mut(&ip) {
+                Some((start, count)) if start.elapsed() < FAILURE_WINDOW => *count += 1,
+                _ => {
+                    f.insert(ip, (Instant::now(), 1));
+                }
+            }
+        }
+        e
+    }
+
+    /// The agent behind `key`, presented from `peer` (the client address,
+    /// for the failure limit).
+    pub async fn verify(
+        &self,
+        key: Option<&str>,
+        peer: Option<IpAddr>,
+    ) -> Result<Arc<Agent>, GatewayError> {
+        self.check_throttle(peer)?;
         let Some(key) = key else {
-            return Err(GatewayError::unauthenticated(
-                "missing_agent_key",
-                "send an agent key as Authorization: Bearer nxa_... or X-API-Key",
+            return Err(self.failed(
+                peer,
+                GatewayError::unauthenticated(
+                    "missing_agent_key",
+                    "send an agent key as Authorization: Bearer nxa_... or X-API-Key",
+                ),
             ));
         };
         // Keys are `nxa_` + 43 base64url characters: anything else is refused
@@ -102,8 +168,7 @@ impl KeyCache {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !well_formed {
-            metrics::counter!("nexus_gateway_auth_failures_total").increment(1);
-            return Err(invalid_key());
+            return Err(self.failed(peer, invalid_key()));
         }
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         if let Some((agent, at)) = self
@@ -116,6 +181,15 @@ impl KeyCache {
             if at.elapsed() < self.ttl {
                 return Ok(agent);
             }
+        }
+        let refused_lately = self
+            .refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .peek(&digest)
+            .is_some_and(|at| at.elapsed() < self.ttl);
+        if refused_lately {
+            return Err(self.failed(peer, invalid_key()));
         }
         let reply = self
             .broker
@@ -140,8 +214,11 @@ impl KeyCache {
                 if GatewayError::from_broker(reply.status, &reply.body).code
                     == "invalid_agent_key" =>
             {
-                metrics::counter!("nexus_gateway_auth_failures_total").increment(1);
-                Err(invalid_key())
+                self.refused
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(digest, Instant::now());
+                Err(self.failed(peer, invalid_key()))
             }
             s => Err(GatewayError::from_broker(s, &reply.body)),
         }
@@ -161,6 +238,13 @@ impl axum::extract::FromRequestParts<Arc<crate::core::Gateway>> for Authed {
         parts: &mut axum::http::request::Parts,
         g: &Arc<crate::core::Gateway>,
     ) -> Result<Self, Self::Rejection> {
-        g.keys.verify(key_of(&parts.headers)).await.map(Authed)
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
+        g.keys
+            .verify(key_of(&parts.headers), peer)
+            .await
+            .map(Authed)
     }
 }

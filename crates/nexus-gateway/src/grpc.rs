@@ -35,9 +35,13 @@ impl Service {
         let m = req.metadata();
         let value = |name: &str| m.get(name).and_then(|v| v.to_str().ok());
         let key = crate::auth::presented_key(value("authorization"), || value("x-api-key"));
+        let peer = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
         self.gateway
             .keys
-            .verify(key)
+            .verify(key, peer)
             .await
             .map_err(|e| e.to_status())
     }

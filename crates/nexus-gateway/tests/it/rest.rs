@@ -1,6 +1,8 @@
 //! REST through the gateway: every route, agent keys and workspaces, error
 //! pass-through, CORS, and the reference gateway's wire shapes.
 
+use std::time::Duration;
+
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -565,4 +567,77 @@ fn bad_gateway_settings_name_their_variable() {
         ..ok
     })
     .starts_with("METRICS_ALLOWED_CIDRS:"));
+}
+
+/// A flood of made-up agent keys: each refusal is remembered (the broker is
+/// asked once per key, not once per request), and an address that keeps
+/// failing is refused with 429 until its window ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_keys_are_remembered_and_failing_addresses_limited() {
+    let mut s = Stack::start(0, "").await;
+    let (_, good) = s.agent_key(&["*"]).await;
+    let (st, _) = s
+        .call(Some(&good), Method::GET, "/v1/providers", None)
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let made_up = format!("nxa_{}", "A".repeat(43));
+    let (st, e) = s
+        .call(Some(&made_up), Method::GET, "/v1/providers", None)
+        .await;
+    assert_eq!(
+        (st, e["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_agent_key"))
+    );
+    // Without the broker, the refusal still comes from memory: no lookup.
+    s.stop_broker();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (st, e) = s
+        .call(Some(&made_up), Method::GET, "/v1/providers", None)
+        .await;
+    assert_eq!(
+        (st, e["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_agent_key")),
+        "{e}"
+    );
+
+    // Failures from this address, up to the limit; then 429 for everyone here.
+    let limit = nexus_gateway::auth::MAX_FAILURES_PER_WINDOW as usize;
+    let mut refused = None;
+    for i in 0..limit + 5 {
+        let resp = s
+            .client
+            .get(format!("{}/v1/providers", s.gateway))
+            .bearer_auth(format!("nxa_bad{i}"))
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            let retry: u64 = resp.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(retry >= 1);
+            let e: Value = resp.json().await.unwrap();
+            assert_eq!(e["code"], "too_many_auth_failures");
+            refused = Some(i);
+            break;
+        }
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    }
+    // Two failures came before the loop.
+    assert_eq!(
+        refused,
+        Some(limit - 2),
+        "refused once the limit was reached"
+    );
+    let (st, _) = s
+        .call(Some(&good), Method::GET, "/v1/providers", None)
+        .await;
+    assert_eq!(
+        st,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the address is refused whatever it sends"
+    );
+    s.stop().await;
 }
