@@ -38,6 +38,8 @@ nexus_core::declare_settings! {
         state_key: STATE_KEY = Setting::secret("STATE_KEY", "Signs OAuth state: base64 of at least 32 random bytes"),
         /// `API_KEY`: the admin key callers send as `X-API-Key`.
         api_key: API_KEY = Setting::secret("API_KEY", "The admin key operators send as X-API-Key"),
+        /// `GATEWAY_API_KEY`: the gateway's credential (only the routes a gateway calls).
+        gateway_api_key: GATEWAY_API_KEY = Setting::secret("GATEWAY_API_KEY", "The gateway's key (X-API-Key): reaches only the routes a gateway calls; give it to the gateway as BROKER_API_KEY instead of API_KEY"),
         /// `BASE_URL`: the public URL the provider redirects back to.
         base_url: BASE_URL = Setting::text("BASE_URL", "Public base URL providers redirect back to (default: http://BROKER_ADDR)"),
         /// `REDIRECT_PATH`: path of the OAuth callback under `BASE_URL`.
@@ -95,6 +97,8 @@ pub struct BrokerConfig {
     pub state_key: Arc<Secret<Vec<u8>>>,
     /// Admin API key.
     pub api_key: Arc<Secret<String>>,
+    /// The gateway's key: only the routes in `wire::routes::GATEWAY_USES`.
+    pub gateway_api_key: Option<Arc<Secret<String>>>,
     /// Public base URL.
     pub base_url: Url,
     /// Callback path under `base_url`.
@@ -240,6 +244,26 @@ impl BrokerConfig {
                 ),
             ));
         }
+
+        let gateway_api_key = match v.text(&GATEWAY_API_KEY) {
+            None => None,
+            Some(k) if k.len() < MIN_API_KEY_LEN => {
+                return Err(ConfigError::new(
+                    GATEWAY_API_KEY.name,
+                    format!(
+                        "must be at least {MIN_API_KEY_LEN} characters (got {})",
+                        k.len()
+                    ),
+                ))
+            }
+            Some(k) if k == api_key => {
+                return Err(ConfigError::new(
+                    GATEWAY_API_KEY.name,
+                    "must differ from API_KEY (the gateway must not hold the admin key)",
+                ))
+            }
+            Some(k) => Some(Arc::new(Secret::new(k.to_string()))),
+        };
 
         let listen_addr: SocketAddr = v
             .required(&BROKER_ADDR, "use an IP:port such as 127.0.0.1:8080")?
@@ -391,6 +415,7 @@ impl BrokerConfig {
             keys: Arc::new(keys),
             state_key: Arc::new(Secret::new(state_key)),
             api_key: Arc::new(Secret::new(api_key.to_string())),
+            gateway_api_key,
             base_url,
             redirect_path,
             allowed_return_domains,

@@ -326,7 +326,21 @@ async fn up(args: UpArgs) -> Result<()> {
             .or(nexus_gateway::config::GATEWAY_ADDR.default)
             .unwrap_or("127.0.0.1:8090"),
     )?;
-    let state = StateDir::open_or_create(&args.state_dir)?;
+    let mut state = StateDir::open_or_create(&args.state_dir)?;
+    // The gateway gets its own key, which reaches only the routes a gateway
+    // calls; the admin API_KEY stays with operators. Older state folders
+    // get one on their next start.
+    if env_var(nexus_broker::config::GATEWAY_API_KEY.name).is_none()
+        && state
+            .get(nexus_broker::config::GATEWAY_API_KEY.name)
+            .is_none()
+    {
+        state.append(
+            nexus_broker::config::GATEWAY_API_KEY.name,
+            generate_api_key().expose(),
+            "The gateway's key (nexus up gives it to the gateway): only the routes a gateway calls",
+        )?;
+    }
     let mut broker_settings = settings(given, Some(&state));
     // Embedded SQLite in the state folder unless a database is named, and
     // providers redirect browsers to the gateway, which forwards to the broker.
@@ -347,10 +361,12 @@ async fn up(args: UpArgs) -> Result<()> {
     } else {
         "PostgreSQL"
     };
-    let api_key = config.api_key.clone();
+    let gateway_key = config
+        .gateway_api_key
+        .clone()
+        .context("GATEWAY_API_KEY: missing after it was generated")?;
     let broker = Broker::start(config).await?;
     let addr = broker.local_addr();
-    let mut state = state;
     // The development key must exist in this database (it may have been
     // reset, or DATABASE_URL changed): otherwise make a new one.
     let known = match state.get("AGENT_KEY") {
@@ -391,14 +407,14 @@ async fn up(args: UpArgs) -> Result<()> {
     }
     let gateway_config = nexus_gateway::GatewayConfig::from_settings(&GatewaySettings {
         broker_url: Some(format!("http://{addr}")),
-        broker_api_key: Some(api_key.expose().clone()),
+        broker_api_key: Some(gateway_key.expose().clone()),
         gateway_addr: Some(gateway_addr.clone()),
         ..gateway_settings(given, None)
     })?;
     // In one process the gateway calls the broker's router directly.
     let local = nexus_gateway::broker::BrokerClient::local(
         nexus_broker::api::router(broker.state().clone()),
-        api_key.clone(),
+        gateway_key.clone(),
     );
     let gateway = nexus_gateway::GatewayServer::start_with(
         gateway_config,

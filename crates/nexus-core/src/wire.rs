@@ -60,6 +60,22 @@ pub mod routes {
     pub const TOKENS_ISSUED: &str = "/tokens/issued";
     /// Verify an agent key.
     pub const AGENT_KEY_VERIFY: &str = "/agent-keys/verify";
+
+    /// Every (method, route) a gateway calls, and all the broker lets its
+    /// gateway credential (`GATEWAY_API_KEY`) reach: no key minting, no
+    /// provider changes, no audit or webhook administration.
+    pub const GATEWAY_USES: &[(&str, &str)] = &[
+        ("GET", PROVIDERS_METADATA),
+        ("POST", CONSENT_SPEC),
+        ("GET", CONNECTION),
+        ("GET", CONNECTION_TOKEN),
+        ("POST", CONNECTION_REFRESH),
+        ("POST", CONNECTION_SCOPE_FAILURES),
+        ("GET", WORKSPACE_STATUS),
+        ("GET", TOKEN_CHANGES),
+        ("POST", TOKENS_ISSUED),
+        ("POST", AGENT_KEY_VERIFY),
+    ];
 }
 
 /// The path segments of `template` with `{id}` replaced by `id` (one

@@ -17,8 +17,8 @@ nexus_core::declare_settings! {
     pub struct GatewaySettings {
         /// `BROKER_URL`: the broker's base URL (private network).
         broker_url: BROKER_URL = Setting::text("BROKER_URL", "The broker's base URL (private network)"),
-        /// `BROKER_API_KEY`: the broker's admin key.
-        broker_api_key: BROKER_API_KEY = Setting::secret("BROKER_API_KEY", "The broker's API_KEY"),
+        /// `BROKER_API_KEY`: the broker's `GATEWAY_API_KEY` (or, without one, its `API_KEY`).
+        broker_api_key: BROKER_API_KEY = Setting::secret("BROKER_API_KEY", "The broker's GATEWAY_API_KEY (least privilege), or its API_KEY"),
         /// `GATEWAY_ADDR`: listen address.
         gateway_addr: GATEWAY_ADDR = Setting::text("GATEWAY_ADDR", "Gateway listen address (agents and browsers come here)").or("127.0.0.1:8090"),
         /// `CORS_ALLOWED_ORIGINS`: comma-separated exact origins.

@@ -65,7 +65,7 @@ impl GatewayError {
         let e = Self::from_broker_body(status, body);
         if matches!(
             e.code.as_str(),
-            "invalid_api_key" | "missing_api_key" | "ip_not_allowed"
+            "invalid_api_key" | "missing_api_key" | "ip_not_allowed" | "credential_not_allowed"
         ) {
             tracing::error!(code = %e.code, "the broker refused the gateway; check BROKER_API_KEY and the broker's ALLOWED_CIDRS");
             return Self::new(

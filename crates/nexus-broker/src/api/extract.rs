@@ -79,13 +79,20 @@ pub struct Caller {
     pub ip: Option<String>,
     /// `User-Agent` header, truncated.
     pub user_agent: Option<String>,
+    /// The key the request carried (admin routes).
+    pub credential: Option<super::guard::Credential>,
 }
 
 impl Caller {
-    /// The admin actor for this caller.
+    /// The actor for this caller on an admin route: `admin`, or `gateway`
+    /// when it came with the gateway's key.
     pub fn admin(&self) -> Actor {
         Actor {
-            name: "admin".into(),
+            name: self
+                .credential
+                .unwrap_or(super::guard::Credential::Admin)
+                .actor()
+                .into(),
             ip: self.ip.clone(),
             user_agent: self.user_agent.clone(),
         }
@@ -105,6 +112,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
             .get(header::USER_AGENT)
             .and_then(|v| v.to_str().ok())
             .map(|s| s.chars().take(256).collect());
-        Ok(Caller { ip, user_agent })
+        let credential = parts.extensions.get::<super::guard::Credential>().copied();
+        Ok(Caller {
+            ip,
+            user_agent,
+            credential,
+        })
     }
 }

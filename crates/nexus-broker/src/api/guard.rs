@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use axum::extract::{ConnectInfo, Request};
+use axum::extract::{ConnectInfo, MatchedPath, Request};
 use axum::http::{HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::{Either, Ready};
@@ -37,6 +37,29 @@ pub struct Guard {
     cidrs: Arc<Vec<IpNet>>,
     /// SHA-256 of `API_KEY`, computed once; `None`: network check only.
     key_digest: Option<[u8; 32]>,
+    /// SHA-256 of `GATEWAY_API_KEY`, when set: accepted on the routes a
+    /// gateway calls only.
+    gateway_digest: Option<[u8; 32]>,
+}
+
+/// Which key a guarded request carried (a request extension the audit
+/// reads: `Caller::admin` names the actor after it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential {
+    /// `API_KEY`.
+    Admin,
+    /// `GATEWAY_API_KEY`.
+    Gateway,
+}
+
+impl Credential {
+    /// The actor name audit events record.
+    pub fn actor(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Gateway => "gateway",
+        }
+    }
 }
 
 impl Guard {
@@ -45,6 +68,10 @@ impl Guard {
         Self {
             cidrs: Arc::new(config.allowed_cidrs.clone()),
             key_digest: Some(Sha256::digest(config.api_key.expose().as_bytes()).into()),
+            gateway_digest: config
+                .gateway_api_key
+                .as_ref()
+                .map(|k| Sha256::digest(k.expose().as_bytes()).into()),
         }
     }
 
@@ -53,11 +80,12 @@ impl Guard {
         Self {
             cidrs: Arc::new(config.allowed_cidrs.clone()),
             key_digest: None,
+            gateway_digest: None,
         }
     }
 
-    /// Why `req` is refused, if it is.
-    fn refusal(&self, req: &Request) -> Option<ApiError> {
+    /// Why `req` is refused, if it is; if not, which key it carried.
+    fn refusal(&self, req: &mut Request) -> Option<ApiError> {
         if !self.cidrs.is_empty() {
             let peer = req
                 .extensions()
@@ -81,14 +109,35 @@ impl Guard {
                 "send the admin API key in X-API-Key",
             ));
         };
-        if !digest_matches(given.as_bytes(), expected) {
-            return Some(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "invalid_api_key",
-                "the API key is not valid",
-            ));
+        let given = given.as_bytes();
+        if digest_matches(given, expected) {
+            req.extensions_mut().insert(Credential::Admin);
+            return None;
         }
-        None
+        if let Some(gateway) = &self.gateway_digest {
+            if digest_matches(given, gateway) {
+                let method = req.method().as_str();
+                let allowed = req.extensions().get::<MatchedPath>().is_some_and(|p| {
+                    nexus_core::wire::routes::GATEWAY_USES
+                        .iter()
+                        .any(|(m, r)| *m == method && *r == p.as_str())
+                });
+                if !allowed {
+                    return Some(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "credential_not_allowed",
+                        "the gateway's key reaches only the routes a gateway calls; use API_KEY",
+                    ));
+                }
+                req.extensions_mut().insert(Credential::Gateway);
+                return None;
+            }
+        }
+        Some(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_api_key",
+            "the API key is not valid",
+        ))
     }
 }
 
@@ -122,8 +171,8 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request) -> Self::Future {
-        match self.guard.refusal(&req) {
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        match self.guard.refusal(&mut req) {
             Some(e) => Either::Left(futures_util::future::ready(Ok(e.into_response()))),
             None => Either::Right(self.inner.call(req)),
         }

@@ -80,4 +80,82 @@ async fn agent_keys_are_shown_once_stored_hashed_and_verified(b: Backend) {
     t.finish().await;
 }
 
-backend_tests!(agent_keys_are_shown_once_stored_hashed_and_verified);
+/// The gateway's own key reaches the routes a gateway calls and nothing
+/// else: it cannot mint agent keys, change providers or read the audit log;
+/// what it does is audited as `gateway`.
+async fn the_gateway_key_reaches_only_the_gateways_routes(b: Backend) {
+    let gateway_key = format!("gateway-key-{}", uuid::Uuid::new_v4().simple());
+    let t = TestBroker::start_public(&b, |s| s.gateway_api_key = Some(gateway_key.clone())).await;
+    t.create_provider(crate::providers::api_key_profile("weather"))
+        .await;
+    let as_gateway = |method: Method, path: &str, body: Option<serde_json::Value>| {
+        let mut req = t
+            .client
+            .request(method, format!("{}{path}", t.base))
+            .header("x-api-key", &gateway_key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status();
+            (status, resp.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let (s, spec) = as_gateway(
+        Method::POST,
+        "/auth/consent-spec",
+        Some(json!({"workspace_id": "w", "provider_name": "weather", "return_url": crate::handshake::RETURN_URL})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{spec}");
+    let id = spec["connection_id"].as_str().unwrap();
+    for (m, p) in [
+        (Method::GET, "/providers/metadata".to_string()),
+        (Method::GET, format!("/connections/{id}")),
+        (Method::GET, "/workspaces/w/connections/status".to_string()),
+    ] {
+        let (s, body) = as_gateway(m, &p, None).await;
+        assert_eq!(s, StatusCode::OK, "{p}: {body}");
+    }
+    let (s, body) = as_gateway(
+        Method::POST,
+        "/agent-keys/verify",
+        Some(json!({"key": format!("nxa_{}", "A".repeat(43))})),
+    )
+    .await;
+    assert_json_error(s, &body, 401, "invalid_agent_key");
+    for (m, p, body) in [
+        (
+            Method::POST,
+            "/agent-keys",
+            Some(json!({"name": "mine", "workspaces": ["*"]})),
+        ),
+        (Method::GET, "/agent-keys", None),
+        (
+            Method::PATCH,
+            "/providers/x",
+            Some(json!({"profile": {"token_url": "https://evil.test/t"}})),
+        ),
+        (Method::GET, "/audit", None),
+        (Method::DELETE, &*format!("/connections/{id}"), None),
+        (
+            Method::POST,
+            "/webhooks",
+            Some(json!({"url": "https://evil.test/hook"})),
+        ),
+        (Method::POST, "/admin/pause", Some(json!({"reason": "x"}))),
+    ] {
+        let (s, e) = as_gateway(m, p, body).await;
+        assert_json_error(s, &e, 403, "credential_not_allowed");
+    }
+    // The admin key still reaches everything; the audit names the gateway.
+    let (_, audit) = t.get("/audit?event_type=handshake.started").await;
+    assert_eq!(audit["events"][0]["actor"], "gateway", "{audit}");
+    t.finish().await;
+}
+
+backend_tests!(
+    agent_keys_are_shown_once_stored_hashed_and_verified,
+    the_gateway_key_reaches_only_the_gateways_routes
+);

@@ -445,6 +445,9 @@ async fn up_runs_the_gateway_with_a_development_agent_key_and_agents_commands_wo
     let env = env_file(tmp.path());
     let dev_key = env_value(&env, "AGENT_KEY");
     assert!(dev_key.starts_with("nxa_"));
+    // The gateway holds its own key, not the admin one.
+    let gateway_key = env_value(&env, "GATEWAY_API_KEY");
+    assert!(gateway_key.len() >= 24 && gateway_key != env_value(&env, "API_KEY"));
     let ok = http
         .get(format!("{gateway}/v1/providers"))
         .bearer_auth(&dev_key)
