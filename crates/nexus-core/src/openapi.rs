@@ -26,6 +26,11 @@ pub struct RouteDoc {
     /// Error statuses worth naming, with when they happen (every route
     /// also documents `default`: the JSON error shape).
     pub errors: Vec<(u16, &'static str)>,
+    /// Query parameters: name, whether required, what it is.
+    pub query: Vec<(&'static str, bool, &'static str)>,
+    /// A JSON request body: `Some(true)` required, `Some(false)` optional,
+    /// `None` none. POST, PUT and PATCH require one unless told otherwise.
+    pub request_body: Option<bool>,
 }
 
 /// The media type of a success.
@@ -57,6 +62,8 @@ pub fn doc(method: &'static str, path: &str, summary: &'static str) -> RouteDoc 
         kind: Kind::Json,
         body: None,
         errors: Vec::new(),
+        query: Vec::new(),
+        request_body: matches!(method, "POST" | "PUT" | "PATCH").then_some(true),
     }
 }
 
@@ -82,6 +89,24 @@ impl RouteDoc {
     /// The same route, its success body described by a JSON schema.
     pub fn returns(mut self, schema: Value) -> Self {
         self.body = Some(schema);
+        self
+    }
+
+    /// The same route with a query parameter.
+    pub fn query(mut self, name: &'static str, required: bool, what: &'static str) -> Self {
+        self.query.push((name, required, what));
+        self
+    }
+
+    /// The same route taking no request body.
+    pub fn no_body(mut self) -> Self {
+        self.request_body = None;
+        self
+    }
+
+    /// The same route taking an optional JSON body.
+    pub fn optional_body(mut self) -> Self {
+        self.request_body = Some(false);
         self
     }
 
@@ -114,12 +139,18 @@ pub fn document(
 ) -> Value {
     let mut paths = Map::new();
     for d in routes {
-        let params: Vec<Value> = d
+        let mut params: Vec<Value> = d
             .path
             .split('/')
             .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
             .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
             .collect();
+        for (name, required, what) in &d.query {
+            params.push(
+                json!({"name": name, "in": "query", "required": required, "description": what,
+                               "schema": {"type": "string", "minLength": u8::from(*required)}}),
+            );
+        }
         let success = match d.kind {
             Kind::Json => {
                 let schema = d.body.clone().unwrap_or_else(|| json!({"type": "object"}));
@@ -155,8 +186,8 @@ pub fn document(
         if d.secured {
             op["security"] = json!([{security: []}]);
         }
-        if matches!(d.method, "POST" | "PUT" | "PATCH") {
-            op["requestBody"] = json!({"required": false, "content": {"application/json": {"schema": {"type": "object"}}}});
+        if let Some(required) = d.request_body {
+            op["requestBody"] = json!({"required": required, "content": {"application/json": {"schema": {"type": "object"}}}});
         }
         let entry = paths
             .entry(d.path.clone())

@@ -101,6 +101,7 @@ fn api_routes() -> Routes {
                 "/v1/refresh/{id}",
                 "Refresh now, then the token response",
             ))
+            .no_body()
             .returns(contract::token()),
             post(rest::refresh),
         ),
@@ -143,6 +144,11 @@ fn public_routes(redirect_path: &str) -> Routes {
                 "OAuth callback (forwarded to the broker)",
             )
             .open()
+            .query("state", true, "the signed state of the handshake")
+            .query("code", false, "the authorization code")
+            .query("iss", false, "RFC 9207 issuer")
+            .query("error", false, "the provider's error code")
+            .query("error_description", false, "the provider's error text")
             .status(303)
             .answers(Kind::Redirect),
             get(proxy::forward),
@@ -150,6 +156,7 @@ fn public_routes(redirect_path: &str) -> Routes {
         (
             doc("GET", "/auth/capture", "Hosted form for static credentials")
                 .open()
+                .query("state", true, "the signed state of the handshake")
                 .answers(Kind::Html),
             get(proxy::forward),
         ),
@@ -159,7 +166,8 @@ fn public_routes(redirect_path: &str) -> Routes {
                 "/auth/capture-schema",
                 "The credential schema of a capture",
             )
-            .open(),
+            .open()
+            .query("state", true, "the signed state of the handshake"),
             get(proxy::forward),
         ),
         (

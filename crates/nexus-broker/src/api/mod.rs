@@ -280,7 +280,8 @@ fn admin_routes() -> Vec<Route<AppState>> {
                 "GET",
                 "/connections",
                 "Connections of a workspace (?workspace_id=)",
-            ),
+            )
+            .query("workspace_id", true, "the workspace"),
             get(connections::list),
         ),
         (
@@ -312,7 +313,8 @@ fn admin_routes() -> Vec<Route<AppState>> {
                 "POST",
                 routes::CONNECTION_REFRESH,
                 "Refresh now, then the token response",
-            ),
+            )
+            .no_body(),
             post(connections::refresh),
         ),
         (
@@ -378,7 +380,8 @@ fn admin_routes() -> Vec<Route<AppState>> {
                 "POST",
                 "/admin/pause",
                 "Pause token issuance everywhere ({reason?})",
-            ),
+            )
+            .optional_body(),
             post(pauses::operator_pause),
         ),
         (
@@ -473,6 +476,11 @@ fn public_routes(redirect_path: &str) -> Vec<Route<AppState>> {
                 "OAuth callback (the provider redirects the browser here)",
             )
             .open()
+            .query("state", true, "the signed state of the handshake")
+            .query("code", false, "the authorization code")
+            .query("iss", false, "RFC 9207 issuer")
+            .query("error", false, "the provider's error code")
+            .query("error_description", false, "the provider's error text")
             .status(303)
             .answers(Kind::Redirect),
             get(handshake::callback),
@@ -484,6 +492,7 @@ fn public_routes(redirect_path: &str) -> Vec<Route<AppState>> {
                 "Hosted form for static credentials (?state=)",
             )
             .open()
+            .query("state", true, "the signed state of the handshake")
             .answers(Kind::Html),
             get(capture::form),
         ),
@@ -493,7 +502,8 @@ fn public_routes(redirect_path: &str) -> Vec<Route<AppState>> {
                 "/auth/capture-schema",
                 "The credential schema of a capture (?state=)",
             )
-            .open(),
+            .open()
+            .query("state", true, "the signed state of the handshake"),
             get(capture::schema),
         ),
         (

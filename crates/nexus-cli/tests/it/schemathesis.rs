@@ -1,7 +1,7 @@
 //! Property-based API testing with schemathesis (PyPI) against a running
 //! `nexus up`: the gateway's and the broker's own OpenAPI documents, and the
-//! reference's v1 contract (vendored under the gateway's test data). Zero
-//! server errors and zero answers outside the documented schemas.
+//! reference's v1 contract (vendored under the gateway's test data), with
+//! every check but positive-data acceptance (see below): zero failures.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -76,7 +76,7 @@ async fn seed(broker: &str, api_key: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_schemas() {
+async fn schemathesis_finds_nothing_against_the_three_documents() {
     if !available() {
         return;
     }
@@ -125,8 +125,14 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_schemas() 
             .args([
                 "--header",
                 header,
-                "--checks",
-                "not_a_server_error,response_schema_conformance",
+                // Every check but one: "schema-valid request accepted" cannot
+                // hold where valid input is something only the server issues
+                // (a signed state, an existing id, a provider's credential
+                // schema); its opposite (invalid input refused with 4xx),
+                // status codes, content types, response schemas and
+                // server errors are all checked.
+                "--exclude-checks",
+                "positive_data_acceptance",
                 "--max-examples",
                 "30",
                 "--seed",
