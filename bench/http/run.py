@@ -428,7 +428,9 @@ def start_up(procs: Procs, bins: dict, host: str, tmp: Path, count: int) -> list
     bport, gport = free_port(host), free_port(host)
     broker, gateway = f"http://{host}:{bport}", f"http://{host}:{gport}"
     logf = tmp / "up.log"
+    # Seeding starts --ids handshakes in one workspace: lift the per-minute limit.
     argv = [str(bins["nexus"]), "up", "--state-dir", str(state),
+            "--handshake-starts-per-minute", "1000000",
             "--broker-addr", f"{host}:{bport}", "--gateway-addr", f"{host}:{gport}"]
     log(f"$ NEXUS_LOG=warn {shlex.join(argv)}")
     p = procs.start("nexus up", argv, clean_env(), tmp, logf)
@@ -462,6 +464,7 @@ def start_separate(procs: Procs, bins: dict, host: str, tmp: Path, count: int) -
     b = procs.start("nexus broker", [str(bins["nexus"]), "broker"], clean_env(
         DATABASE_URL=f"sqlite:{db}", ENCRYPTION_KEY=keys["ENCRYPTION_KEY"],
         STATE_KEY=keys["STATE_KEY"], API_KEY=keys["API_KEY"], BROKER_ADDR=f"{host}:{bport}",
+        HANDSHAKE_STARTS_PER_MINUTE="1000000",
     ), tmp, blog)
     wait_ready(broker + "/health", b, blog)
     ids = seed(broker, keys["API_KEY"], count)

@@ -50,6 +50,8 @@ async fn broker(
         api_key: Some(API_KEY.into()),
         broker_addr: Some("127.0.0.1:0".into()),
         refresh_worker: Some("false".into()),
+        // Seeding starts many handshakes in one workspace.
+        handshake_starts_per_minute: Some("1000000".into()),
         token_cache_capacity: Some(cache.into()),
         ..Default::default()
     };

@@ -76,6 +76,10 @@ nexus_core::declare_settings! {
         token_cache_capacity: TOKEN_CACHE_CAPACITY = Setting::number("TOKEN_CACHE_CAPACITY", "Token answers kept in memory; 0 disables the cache", "10000", 0, 10_000_000, ""),
         /// `REFRESH_WORKER`: `false` to run no background refresher on this replica.
         refresh_worker: REFRESH_WORKER = Setting::boolean("REFRESH_WORKER", "Run the background refresher on this replica", true),
+        /// `HANDSHAKE_STARTS_PER_MINUTE`: handshakes one workspace may start per minute.
+        handshake_starts_per_minute: HANDSHAKE_STARTS_PER_MINUTE = Setting::number("HANDSHAKE_STARTS_PER_MINUTE", "Handshakes one workspace may start per minute on this replica (more get 429)", "30", 1, 1_000_000, ""),
+        /// `MAX_PENDING_PER_WORKSPACE`: new connections one workspace may have waiting for consent.
+        max_pending_per_workspace: MAX_PENDING_PER_WORKSPACE = Setting::number("MAX_PENDING_PER_WORKSPACE", "New connections one workspace may have waiting for consent (more get 429)", "100", 1, 1_000_000, ""),
         /// `WEBHOOK_URL`: one webhook endpoint receiving every event.
         webhook_url: WEBHOOK_URL = Setting::text("WEBHOOK_URL", "One webhook endpoint for every event (its secret: WEBHOOK_SECRET)"),
         /// `WEBHOOK_SECRET`: its signing secret (`whsec_` + base64).
@@ -97,6 +101,10 @@ pub struct BrokerConfig {
     pub state_key: Arc<Secret<Vec<u8>>>,
     /// Admin API key.
     pub api_key: Arc<Secret<String>>,
+    /// Handshakes one workspace may start per minute.
+    pub handshake_starts_per_minute: u32,
+    /// New connections one workspace may have waiting for consent.
+    pub max_pending_per_workspace: i64,
     /// The gateway's key: only the routes in `wire::routes::GATEWAY_USES`.
     pub gateway_api_key: Option<Arc<Secret<String>>>,
     /// Public base URL.
@@ -208,6 +216,8 @@ impl BrokerConfig {
             redirect_path: self.redirect_path.clone(),
             allowed_return_domains: self.allowed_return_domains.clone(),
             refresh: self.refresh,
+            starts_per_minute: self.handshake_starts_per_minute,
+            max_pending: self.max_pending_per_workspace,
         }
     }
 
@@ -415,6 +425,10 @@ impl BrokerConfig {
             keys: Arc::new(keys),
             state_key: Arc::new(Secret::new(state_key)),
             api_key: Arc::new(Secret::new(api_key.to_string())),
+            handshake_starts_per_minute: u32::try_from(v.number(&HANDSHAKE_STARTS_PER_MINUTE)?)
+                .unwrap_or(u32::MAX),
+            max_pending_per_workspace: i64::try_from(v.number(&MAX_PENDING_PER_WORKSPACE)?)
+                .unwrap_or(i64::MAX),
             gateway_api_key,
             base_url,
             redirect_path,

@@ -10,6 +10,7 @@
 
 pub mod backoff;
 pub mod error;
+pub mod limit;
 pub mod middleware;
 pub mod net;
 pub mod openapi;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::{header, HeaderMap, HeaderName, StatusCode};
 use hashlink::LruCache;
+use nexus_core::limit::Windows;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -87,8 +88,8 @@ pub struct KeyCache {
     /// Keys the broker refused: a flood of made-up keys costs the broker
     /// one lookup each per `ttl`, not one per request.
     refused: Mutex<LruCache<KeyDigest, Instant>>,
-    /// Failures per client address in the current window.
-    failures: Mutex<LruCache<IpAddr, (Instant, u32)>>,
+    /// Failures per client address.
+    failures: Windows<IpAddr>,
 }
 
 impl KeyCache {
@@ -99,46 +100,29 @@ impl KeyCache {
             ttl,
             seen: RwLock::new(LruCache::new(10_000)),
             refused: Mutex::new(LruCache::new(10_000)),
-            failures: Mutex::new(LruCache::new(MAX_TRACKED)),
+            failures: Windows::new(MAX_FAILURES_PER_WINDOW, FAILURE_WINDOW, MAX_TRACKED),
         }
     }
 
     /// Refuses a client address that failed too often lately.
     fn check_throttle(&self, peer: Option<IpAddr>) -> Result<(), GatewayError> {
-        let Some(ip) = peer else { return Ok(()) };
-        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(&(start, count)) = f.peek(&ip) else {
+        let Some(wait) = peer.and_then(|ip| self.failures.exceeded(&ip)) else {
             return Ok(());
         };
-        let left = FAILURE_WINDOW.saturating_sub(start.elapsed());
-        if left.is_zero() {
-            f.remove(&ip);
-            return Ok(());
-        }
-        if count < MAX_FAILURES_PER_WINDOW {
-            return Ok(());
-        }
         metrics::counter!("nexus_gateway_auth_throttled_total").increment(1);
-        let mut e = GatewayError::new(
+        Err(GatewayError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_auth_failures",
             "too many failed authentications from this address; retry later",
-        );
-        e.retry_after = Some(axum::http::HeaderValue::from(left.as_secs().max(1)));
-        Err(e)
+        )
+        .retry_after(wait))
     }
 
     /// Counts a failure against `peer` and returns `e`.
     fn failed(&self, peer: Option<IpAddr>, e: GatewayError) -> GatewayError {
         metrics::counter!("nexus_gateway_auth_failures_total").increment(1);
         if let Some(ip) = peer {
-            let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-            match f.get_mut(&ip) {
-                Some((start, count)) if start.elapsed() < FAILURE_WINDOW => *count += 1,
-                _ => {
-                    f.insert(ip, (Instant::now(), 1));
-                }
-            }
+            self.failures.count(ip);
         }
         e
     }

@@ -29,6 +29,8 @@ nexus_core::declare_settings! {
         metrics_allowed_cidrs: METRICS_ALLOWED_CIDRS = Setting::text("METRICS_ALLOWED_CIDRS", "Comma-separated networks that may read the gateway's /metrics").or("127.0.0.0/8,::1/128"),
         /// `GATEWAY_CACHE_CAPACITY`: token answers kept in memory (0 disables).
         gateway_cache_capacity: GATEWAY_CACHE_CAPACITY = Setting::number("GATEWAY_CACHE_CAPACITY", "Token answers the gateway keeps while the broker's change stream is open; 0 disables", "10000", 0, 10_000_000, ""),
+        /// `AGENT_HANDSHAKES_PER_MINUTE`: handshakes one agent key may start per minute.
+        agent_handshakes_per_minute: AGENT_HANDSHAKES_PER_MINUTE = Setting::number("AGENT_HANDSHAKES_PER_MINUTE", "Handshakes one agent key may start per minute through this gateway (more get 429)", "60", 1, 1_000_000, ""),
         /// `HEADER_READ_TIMEOUT_SECS`: see [`nexus_core::serve`].
         header_read_timeout_secs: HEADER_READ_TIMEOUT_SECS = nexus_core::serve::HEADER_READ_TIMEOUT_SECS,
         /// `BODY_READ_TIMEOUT_SECS`: see [`nexus_core::serve`].
@@ -67,6 +69,8 @@ pub struct GatewayConfig {
     pub served_report_every: Duration,
     /// Connection limits and timeouts of the server.
     pub limits: nexus_core::serve::Limits,
+    /// Handshakes one agent key may start per minute.
+    pub agent_handshakes_per_minute: u32,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -185,6 +189,8 @@ impl GatewayConfig {
             token_cache_capacity,
             served_report_every: Duration::from_secs(1),
             limits: nexus_core::serve::Limits::from_values(&v)?,
+            agent_handshakes_per_minute: u32::try_from(v.number(&AGENT_HANDSHAKES_PER_MINUTE)?)
+                .unwrap_or(u32::MAX),
         })
     }
 }

@@ -28,6 +28,8 @@ pub struct Gateway {
     /// Connection id → workspace (a connection never changes workspace):
     /// read on every call, so behind a read lock; emptied when full.
     workspaces: RwLock<HashMap<String, Arc<str>>>,
+    /// Handshakes started, per agent key id.
+    starts: nexus_core::limit::Windows<String>,
 }
 
 /// Most connection → workspace entries kept.
@@ -142,6 +144,11 @@ impl Gateway {
             keys: KeyCache::new(broker.clone(), config.key_cache_ttl),
             broker,
             tokens: TokenCache::new(config.token_cache_capacity),
+            starts: nexus_core::limit::Windows::new(
+                config.agent_handshakes_per_minute,
+                std::time::Duration::from_secs(60),
+                100_000,
+            ),
             config,
             workspaces: RwLock::new(HashMap::new()),
         })
@@ -221,6 +228,17 @@ impl Gateway {
         }
         if let Some(cid) = str_field("connection_id") {
             self.authorize(agent, cid).await?;
+        }
+        // A leaked or runaway agent key must not flood the broker with
+        // handshakes (the broker limits each workspace too).
+        if let Err(wait) = self.starts.hit(agent.id.clone()) {
+            metrics::counter!("nexus_gateway_handshakes_refused_total").increment(1);
+            return Err(GatewayError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_handshakes",
+                "this agent key started too many handshakes; retry later",
+            )
+            .retry_after(wait));
         }
         // Only the fields the broker knows; `metadata` (reference) is dropped.
         let mut body = Map::new();

@@ -34,6 +34,13 @@ impl GatewayError {
         }
     }
 
+    /// The same error with a `Retry-After` of `wait` (whole seconds, at least 1).
+    pub fn retry_after(mut self, wait: std::time::Duration) -> Self {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        self.retry_after = Some(axum::http::HeaderValue::from(secs.max(1)));
+        self
+    }
+
     /// 401: no usable agent key.
     pub fn unauthenticated(code: &str, message: &str) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, code, message)

@@ -78,6 +78,10 @@ fn api_routes() -> Routes {
             .fails(
                 404,
                 "provider_not_found, or connection_not_found for a reconnect",
+            )
+            .fails(
+                429,
+                "too_many_handshakes (per agent key or workspace) or too_many_pending_connections, with Retry-After",
             ),
             post(rest::request_connection),
         ),

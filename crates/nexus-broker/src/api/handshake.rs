@@ -37,6 +37,12 @@ impl From<HandshakeError> for ApiError {
             HandshakeError::State(m) => ApiError::bad_request("invalid_state", m),
             HandshakeError::Store(s) => s.into(),
             HandshakeError::Registry(r) => r.into(),
+            HandshakeError::TooMany {
+                code,
+                message,
+                wait,
+            } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message)
+                .retry_after(wait.as_secs().max(1)),
         }
     }
 }

@@ -272,6 +272,10 @@ fn admin_routes() -> Vec<Route<AppState>> {
                 "POST",
                 routes::CONSENT_SPEC,
                 "Start a consent or capture handshake",
+            )
+            .fails(
+                429,
+                "too_many_handshakes or too_many_pending_connections for the workspace, with Retry-After",
             ),
             post(handshake::consent_spec),
         ),

@@ -63,7 +63,20 @@ pub enum HandshakeError {
     /// Registry failed.
     #[error(transparent)]
     Registry(RegistryError),
+    /// Too many handshakes started, or left pending, for the workspace.
+    #[error("{message}")]
+    TooMany {
+        /// `too_many_handshakes` or `too_many_pending_connections`.
+        code: &'static str,
+        /// What to do.
+        message: &'static str,
+        /// When to try again.
+        wait: Duration,
+    },
 }
+
+/// The window of `HANDSHAKE_STARTS_PER_MINUTE`.
+const START_WINDOW: Duration = Duration::from_secs(60);
 
 impl From<RegistryError> for HandshakeError {
     fn from(e: RegistryError) -> Self {
@@ -155,6 +168,11 @@ pub struct Handshakes {
     pub(crate) capture_url: String,
     allowed_return_domains: Vec<String>,
     refresh: crate::tokens::RefreshSettings,
+    /// Handshakes started, per workspace.
+    starts: nexus_core::limit::Windows<String>,
+    /// New connections a workspace may have waiting for consent (abandoned
+    /// ones are removed when their handshake expires).
+    max_pending: i64,
 }
 
 /// True when `host` is allowed: an exact entry, or below an entry written `.example.com`.
@@ -181,6 +199,10 @@ pub struct HandshakeSettings {
     pub allowed_return_domains: Vec<String>,
     /// When to schedule the first refresh of the tokens a handshake stores.
     pub refresh: crate::tokens::RefreshSettings,
+    /// Handshakes one workspace may start per minute.
+    pub starts_per_minute: u32,
+    /// New connections one workspace may have waiting for consent.
+    pub max_pending: i64,
 }
 
 impl Handshakes {
@@ -206,6 +228,12 @@ impl Handshakes {
             capture_url,
             allowed_return_domains: settings.allowed_return_domains,
             refresh: settings.refresh,
+            starts: nexus_core::limit::Windows::new(
+                settings.starts_per_minute,
+                START_WINDOW,
+                100_000,
+            ),
+            max_pending: settings.max_pending,
         }
     }
 
@@ -282,6 +310,25 @@ impl Handshakes {
             }
             None => None,
         };
+        // One agent (or a leaked key) must not flood a workspace with
+        // handshakes and pending connections.
+        if let Err(wait) = self.starts.hit(workspace_id.clone()) {
+            metrics::counter!("nexus_handshakes_refused_total", "reason" => "rate").increment(1);
+            return Err(HandshakeError::TooMany {
+                code: "too_many_handshakes",
+                message: "too many handshakes started for this workspace; retry later",
+                wait,
+            });
+        }
+        if reconnect.is_none() && self.store.count_pending(&workspace_id).await? >= self.max_pending
+        {
+            metrics::counter!("nexus_handshakes_refused_total", "reason" => "pending").increment(1);
+            return Err(HandshakeError::TooMany {
+                code: "too_many_pending_connections",
+                message: "this workspace has too many connections waiting for consent; finish or let them expire",
+                wait: HANDSHAKE_TTL,
+            });
+        }
         let handshake_id = uuid::Uuid::new_v4().simple().to_string();
         let connection_id = reconnect
             .as_ref()

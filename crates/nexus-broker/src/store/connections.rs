@@ -480,6 +480,17 @@ impl Store {
         Ok(Some(before))
     }
 
+    /// New connections of a workspace waiting for consent.
+    pub async fn count_pending(&self, workspace_id: &str) -> Result<i64, StoreError> {
+        on_pool!(self, pool => {
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM connections WHERE workspace_id = $1 AND status = 'pending'")
+                .bind(workspace_id)
+                .fetch_one(pool)
+                .await?;
+            Ok(n)
+        })
+    }
+
     /// Counts connections by status (for the `nexus_connections` gauge).
     pub async fn count_by_status(&self) -> Result<Vec<(String, i64)>, StoreError> {
         on_pool!(self, pool => {

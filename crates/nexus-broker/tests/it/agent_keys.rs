@@ -155,7 +155,63 @@ async fn the_gateway_key_reaches_only_the_gateways_routes(b: Backend) {
     t.finish().await;
 }
 
+/// A flood of consent starts: each workspace may start a few per minute and
+/// keep a few waiting for consent; the next get 429 with Retry-After, and
+/// nothing is written for them.
+async fn handshake_floods_are_refused_per_workspace(b: Backend) {
+    let t = TestBroker::start_public(&b, |s| {
+        s.handshake_starts_per_minute = Some("4".into());
+        s.max_pending_per_workspace = Some("2".into());
+    })
+    .await;
+    t.create_provider(crate::providers::api_key_profile("weather"))
+        .await;
+    let start = |ws: &str| {
+        t.post(
+            "/auth/consent-spec",
+            json!({"workspace_id": ws, "provider_name": "weather", "return_url": crate::handshake::RETURN_URL}),
+        )
+    };
+    for _ in 0..2 {
+        let (s, body) = start("w1").await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+    }
+    let (s, body) = start("w1").await;
+    assert_json_error(s, &body, 429, "too_many_pending_connections");
+    let (_, list) = t.get("/connections?workspace_id=w1").await;
+    assert_eq!(
+        list["connections"].as_array().unwrap().len(),
+        2,
+        "nothing written"
+    );
+    // Starts count whether or not they succeed: the fourth is the last.
+    let (s, body) = start("w1").await;
+    assert_json_error(s, &body, 429, "too_many_pending_connections");
+    let resp = t
+        .client
+        .post(format!("{}/auth/consent-spec", t.base))
+        .header("x-api-key", &t.api_key)
+        .json(&json!({"workspace_id": "w1", "provider_name": "weather", "return_url": crate::handshake::RETURN_URL}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "too_many_handshakes");
+    // Another workspace is not affected.
+    let (s, body) = start("w2").await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    t.finish().await;
+}
+
 backend_tests!(
+    handshake_floods_are_refused_per_workspace,
     agent_keys_are_shown_once_stored_hashed_and_verified,
     the_gateway_key_reaches_only_the_gateways_routes
 );

@@ -641,3 +641,36 @@ async fn unknown_keys_are_remembered_and_failing_addresses_limited() {
     );
     s.stop().await;
 }
+
+/// One agent key may start only so many handshakes a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_key_cannot_flood_handshakes() {
+    let s = Stack::start_tuned(0, "", false, |_, g| g.agent_handshakes_per_minute = 3).await;
+    s.weather().await;
+    let (_, key) = s.agent_key(&["*"]).await;
+    let (_, other) = s.agent_key(&["*"]).await;
+    let start = |key: String, ws: String| {
+        let s = &s;
+        async move {
+            s.call(
+                Some(&key),
+                Method::POST,
+                "/v1/request-connection",
+                Some(json!({"user_id": ws, "provider_name": "weather", "return_url": RETURN_URL})),
+            )
+            .await
+        }
+    };
+    for i in 0..3 {
+        let (st, b) = start(key.clone(), format!("ws-{i}")).await;
+        assert_eq!(st, StatusCode::OK, "{b}");
+    }
+    let (st, e) = start(key.clone(), "ws-9".into()).await;
+    assert_eq!(
+        (st, e["code"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("too_many_handshakes"))
+    );
+    let (st, b) = start(other.clone(), "ws-9".into()).await;
+    assert_eq!(st, StatusCode::OK, "another key has its own allowance: {b}");
+    s.stop().await;
+}
