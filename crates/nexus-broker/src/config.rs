@@ -48,6 +48,10 @@ nexus_core::declare_settings! {
         allowed_return_domains: ALLOWED_RETURN_DOMAINS = Setting::text("ALLOWED_RETURN_DOMAINS", "Comma-separated hosts a handshake may return the browser to (.example.com: and below)").or("localhost,127.0.0.1"),
         /// `ALLOWED_CIDRS`: comma-separated networks allowed to call the admin API.
         allowed_cidrs: ALLOWED_CIDRS = Setting::text("ALLOWED_CIDRS", "Comma-separated networks allowed to call the admin API (default: any)"),
+        /// `EGRESS_ALLOWED_CIDRS`: private networks providers and webhooks may be reached at.
+        egress_allowed_cidrs: EGRESS_ALLOWED_CIDRS = Setting::text("EGRESS_ALLOWED_CIDRS", "Comma-separated private networks that provider and webhook calls may reach (private addresses are refused otherwise)"),
+        /// `EGRESS_DENIED_CIDRS`: networks provider and webhook calls may never reach.
+        egress_denied_cidrs: EGRESS_DENIED_CIDRS = Setting::text("EGRESS_DENIED_CIDRS", "Comma-separated networks that provider and webhook calls may never reach (besides link-local and metadata addresses)"),
         /// `BROKER_ADDR`: socket address to listen on.
         broker_addr: BROKER_ADDR = Setting::text("BROKER_ADDR", "Broker listen address").or("127.0.0.1:8080"),
         /// `MAX_BODY_BYTES`: request body limit.
@@ -115,6 +119,8 @@ pub struct BrokerConfig {
     pub allowed_return_domains: Vec<String>,
     /// Networks allowed to call the admin API; empty means all.
     pub allowed_cidrs: Vec<IpNet>,
+    /// Where calls carrying secrets (providers, webhooks) may go.
+    pub egress: Arc<nexus_core::egress::Egress>,
     /// Listen address.
     pub listen_addr: SocketAddr,
     /// Request body limit in bytes.
@@ -356,6 +362,17 @@ impl BrokerConfig {
             Some(c) => nexus_core::net::parse_cidrs(ALLOWED_CIDRS.name, c)?,
         };
 
+        let egress = Arc::new(nexus_core::egress::Egress {
+            allow: nexus_core::net::parse_cidrs(
+                EGRESS_ALLOWED_CIDRS.name,
+                v.given(&EGRESS_ALLOWED_CIDRS).unwrap_or_default(),
+            )?,
+            deny: nexus_core::net::parse_cidrs(
+                EGRESS_DENIED_CIDRS.name,
+                v.given(&EGRESS_DENIED_CIDRS).unwrap_or_default(),
+            )?,
+        });
+
         let max_body_bytes = v.count(&MAX_BODY_BYTES)?;
         let limits = nexus_core::serve::Limits::from_values(&v)?;
         let provider_timeout = v.secs(&PROVIDER_TIMEOUT_SECS)?;
@@ -434,6 +451,7 @@ impl BrokerConfig {
             redirect_path,
             allowed_return_domains,
             allowed_cidrs,
+            egress,
             listen_addr,
             max_body_bytes,
             limits,

@@ -49,6 +49,13 @@ impl Broker {
     /// Opens the store (applying migrations), starts the audit writer and binds
     /// `config.listen_addr` (port 0 picks a free port).
     pub async fn start(config: BrokerConfig) -> Result<Self, ServeError> {
+        if !config.listen_addr.ip().is_loopback() {
+            // Until TLS is served here, say what that means, once.
+            tracing::warn!(addr = %config.listen_addr, "the broker serves plaintext HTTP on a non-loopback address: put it on a private network or behind TLS");
+            if config.allowed_cidrs.is_empty() {
+                tracing::warn!("ALLOWED_CIDRS is not set: any address that reaches the broker may try its admin API");
+            }
+        }
         let store = Store::connect(&config.database_url).await?;
         store.migrate().await?;
         check_key_ring(&store, &config).await?;

@@ -74,6 +74,20 @@ pub fn client(timeout: Duration) -> Result<reqwest::Client, OutboundError> {
         .map_err(|e| OutboundError::Setup(e.to_string()))
 }
 
+/// Like [`client`], for calls that carry secrets to addresses a profile or
+/// a discovery document names: every name is resolved through the egress
+/// policy (see [`crate::egress`]).
+pub fn guarded_client(
+    timeout: Duration,
+    egress: Arc<crate::egress::Egress>,
+) -> Result<reqwest::Client, OutboundError> {
+    builder(Duration::from_secs(5).min(timeout))?
+        .timeout(timeout)
+        .dns_resolver(Arc::new(crate::egress::EgressResolver(egress)))
+        .build()
+        .map_err(|e| OutboundError::Setup(e.to_string()))
+}
+
 /// Like [`client`], for long-lived streamed answers: no limit on the whole
 /// exchange, but each read must arrive within `idle`.
 pub fn streaming_client(idle: Duration) -> Result<reqwest::Client, OutboundError> {

@@ -315,6 +315,17 @@ impl GatewayServer {
         broker: Option<crate::broker::BrokerClient>,
     ) -> Result<Self, GatewayServeError> {
         let addr = config.listen_addr;
+        if !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "the gateway serves plaintext HTTP on a non-loopback address: put it behind TLS (it answers with tokens)");
+        }
+        let broker_plaintext = broker.is_none()
+            && config.broker_url.scheme() == "http"
+            && !matches!(config.broker_url.host(), Some(url::Host::Ipv4(ip)) if ip.is_loopback())
+            && !matches!(config.broker_url.host(), Some(url::Host::Ipv6(ip)) if ip.is_loopback())
+            && config.broker_url.host_str() != Some("localhost");
+        if broker_plaintext {
+            tracing::warn!(broker = %config.broker_url, "BROKER_URL is plaintext HTTP beyond loopback: tokens and the broker key cross that network unencrypted");
+        }
         let gateway = match broker {
             Some(b) => Gateway::with_broker(config, b),
             None => Gateway::new(config)?,

@@ -74,9 +74,14 @@ impl AppState {
         shared: Option<SharedCache>,
     ) -> Result<Self, OutboundError> {
         let registry = Registry::new(store.clone(), config.keys.clone());
-        let http = outbound::client(config.provider_timeout)?;
-        let discovery =
-            Arc::new(Discovery::new(http.clone(), store.clone()).with_shared_cache(shared));
+        // Provider calls carry client secrets, codes and tokens: only to
+        // addresses the egress policy permits, checked after DNS resolution.
+        let http = outbound::guarded_client(config.provider_timeout, config.egress.clone())?;
+        let discovery = Arc::new(
+            Discovery::new(http.clone(), store.clone())
+                .with_shared_cache(shared)
+                .with_egress(config.egress.clone()),
+        );
         let agent_keys = crate::registry::agent_keys::AgentKeys::new(store.clone());
         let pauses = Arc::new(Pauses::new(store.clone()));
         let tokens = Arc::new(Tokens::new(
@@ -98,8 +103,9 @@ impl AppState {
         let webhooks = Arc::new(Webhooks::new(
             store.clone(),
             config.keys.clone(),
-            outbound::client(config.webhooks.timeout)?,
+            outbound::guarded_client(config.webhooks.timeout, config.egress.clone())?,
             config.webhooks,
+            config.egress.clone(),
         ));
         let handshakes = Handshakes::new(
             config.handshake_settings(),

@@ -91,6 +91,9 @@ impl Webhooks {
             Some(s) => s,
             None => return (None, Some("endpoint secret unreadable".into())),
         };
+        if let Err(e) = self.egress.check_url("webhook url", url, false) {
+            return (None, Some(e.to_string()));
+        }
         let ts = now_ms() / 1000;
         let signature = secret.sign(&job.message_id, ts, &job.payload);
         let sent = self

@@ -293,6 +293,13 @@ pub fn validate_url(raw: &str) -> Result<Url, String> {
     if u.fragment().is_some() {
         return Err("url must not have a fragment".into());
     }
+    // The signature is a secret-derived value and the payload names people's
+    // connections: not over plaintext, except to loopback (development).
+    if let Err(nexus_core::egress::EgressError::Plaintext(_)) =
+        nexus_core::egress::Egress::default().check_url("url", raw, false)
+    {
+        return Err("url must use https (http only to loopback)".into());
+    }
     Ok(u)
 }
 
@@ -330,21 +337,27 @@ pub struct Webhooks {
     pub(super) http: reqwest::Client,
     pub(super) settings: WebhookSettings,
     pub(super) owner: String,
+    /// Where deliveries may go (an address literal in a URL is checked
+    /// here; names, by `http`'s resolver).
+    pub(super) egress: Arc<nexus_core::egress::Egress>,
 }
 
 impl Webhooks {
-    /// Builds the service; `http` must not follow redirects.
+    /// Builds the service; `http` must not follow redirects and should
+    /// resolve names through `egress` ([`nexus_core::outbound::guarded_client`]).
     pub fn new(
         store: Store,
         keys: Arc<KeyRing>,
         http: reqwest::Client,
         settings: WebhookSettings,
+        egress: Arc<nexus_core::egress::Egress>,
     ) -> Self {
         Self {
             store,
             keys,
             http,
             settings,
+            egress,
             owner: format!("webhooks-{}", uuid::Uuid::new_v4().simple()),
         }
     }

@@ -55,6 +55,9 @@ pub enum DiscoveryError {
     /// Reading or writing the cache table failed.
     #[error("discovery cache: {0}")]
     Store(String),
+    /// An endpoint would send secrets over plaintext or to a forbidden address.
+    #[error("refused by the egress policy: {0}")]
+    Egress(String),
 }
 
 /// A provider's effective endpoints.
@@ -92,6 +95,8 @@ pub struct Discovery {
     last_forced: Mutex<HashMap<String, Instant>>,
     refetch_interval: Duration,
     shared: Option<SharedCache>,
+    /// Where the endpoints it hands out may point.
+    egress: Arc<nexus_core::egress::Egress>,
 }
 
 /// How long Redis keeps an entry past its freshness, so a stale entry can
@@ -150,7 +155,39 @@ impl Discovery {
             last_forced: Mutex::new(HashMap::new()),
             refetch_interval: Duration::from_secs(60),
             shared: None,
+            egress: Arc::default(),
         }
+    }
+
+    /// Checks every endpoint against `egress` (the default permits public
+    /// and loopback addresses only).
+    pub fn with_egress(mut self, egress: Arc<nexus_core::egress::Egress>) -> Self {
+        self.egress = egress;
+        self
+    }
+
+    /// Endpoints as configured or discovered, refused when one would send a
+    /// secret over plaintext or to an address outside the egress policy: a
+    /// discovery document is data from the network, not configuration.
+    fn checked(&self, e: Endpoints, p: &ProviderProfile) -> Result<Endpoints, DiscoveryError> {
+        let plaintext_ok = p.allow_plaintext;
+        for (what, url) in [
+            ("token endpoint", Some(&e.token)),
+            ("authorization endpoint", Some(&e.authorization)),
+            ("userinfo endpoint", e.userinfo.as_ref()),
+            ("jwks_uri", e.jwks_uri.as_ref()),
+            ("revocation endpoint", e.revocation.as_ref()),
+        ] {
+            if let Some(url) = url {
+                self.egress
+                    .check_url(what, url, plaintext_ok)
+                    .map_err(|err| {
+                        metrics::counter!("nexus_egress_refused_total").increment(1);
+                        DiscoveryError::Egress(err.to_string())
+                    })?;
+            }
+        }
+        Ok(e)
     }
 
     /// Also caches in Redis, shared with other replicas (checked after memory, before the database).
@@ -294,22 +331,28 @@ impl Discovery {
             _ => None,
         };
         let Some(url) = well_known else {
-            return Ok(Endpoints {
-                issuer: p.issuer.clone(),
-                authorization: p
-                    .auth_url
-                    .clone()
-                    .ok_or(DiscoveryError::Missing("auth_url"))?,
-                token: p
-                    .token_url
-                    .clone()
-                    .ok_or(DiscoveryError::Missing("token_url"))?,
-                userinfo: p.user_info_endpoint.clone(),
-                jwks_uri: None,
-                revocation: p.revocation_url.clone(),
-                iss_parameter_supported: false,
-            });
+            return self.checked(
+                Endpoints {
+                    issuer: p.issuer.clone(),
+                    authorization: p
+                        .auth_url
+                        .clone()
+                        .ok_or(DiscoveryError::Missing("auth_url"))?,
+                    token: p
+                        .token_url
+                        .clone()
+                        .ok_or(DiscoveryError::Missing("token_url"))?,
+                    userinfo: p.user_info_endpoint.clone(),
+                    jwks_uri: None,
+                    revocation: p.revocation_url.clone(),
+                    iss_parameter_supported: false,
+                },
+                p,
+            );
         };
+        self.egress
+            .check_url("discovery document", &url, p.allow_plaintext)
+            .map_err(|err| DiscoveryError::Egress(err.to_string()))?;
         let doc = self.get(&url, "discovery", false).await?;
         let s = |k: &str| doc.get(k).and_then(Value::as_str).map(str::to_string);
         let doc_issuer =
@@ -324,22 +367,25 @@ impl Discovery {
                 });
             }
         }
-        Ok(Endpoints {
-            issuer: Some(doc_issuer),
-            authorization: s("authorization_endpoint")
-                .or_else(|| p.auth_url.clone())
-                .ok_or(DiscoveryError::Missing("authorization_endpoint"))?,
-            token: s("token_endpoint")
-                .or_else(|| p.token_url.clone())
-                .ok_or(DiscoveryError::Missing("token_endpoint"))?,
-            userinfo: s("userinfo_endpoint").or_else(|| p.user_info_endpoint.clone()),
-            jwks_uri: s("jwks_uri"),
-            revocation: s("revocation_endpoint").or_else(|| p.revocation_url.clone()),
-            iss_parameter_supported: doc
-                .get("authorization_response_iss_parameter_supported")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-        })
+        self.checked(
+            Endpoints {
+                issuer: Some(doc_issuer),
+                authorization: s("authorization_endpoint")
+                    .or_else(|| p.auth_url.clone())
+                    .ok_or(DiscoveryError::Missing("authorization_endpoint"))?,
+                token: s("token_endpoint")
+                    .or_else(|| p.token_url.clone())
+                    .ok_or(DiscoveryError::Missing("token_endpoint"))?,
+                userinfo: s("userinfo_endpoint").or_else(|| p.user_info_endpoint.clone()),
+                jwks_uri: s("jwks_uri"),
+                revocation: s("revocation_endpoint").or_else(|| p.revocation_url.clone()),
+                iss_parameter_supported: doc
+                    .get("authorization_response_iss_parameter_supported")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+            },
+            p,
+        )
     }
 
     /// The JWKS at `url`; with `force`, refetched (rate-limited per URL).

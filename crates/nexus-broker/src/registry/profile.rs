@@ -103,6 +103,11 @@ pub struct ProviderProfile {
     /// Fetch endpoints from `issuer`'s discovery document.
     #[serde(default)]
     pub enable_discovery: bool,
+    /// Development only: let this provider's endpoints use plaintext
+    /// `http` beyond loopback (tokens and secrets then cross the network
+    /// unencrypted).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_plaintext: bool,
     /// Explicit discovery document URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub well_known_url: Option<String>,
@@ -234,6 +239,20 @@ impl ProviderProfile {
         ] {
             if let Some(v) = value {
                 check_url(field, v)?;
+                // Everything but the API's base URL carries a secret or leads
+                // to the endpoints that do.
+                // (Addresses are checked when used, against the configured
+                // egress policy.)
+                let plaintext = matches!(
+                    nexus_core::egress::Egress::default().check_url(field, v, false),
+                    Err(nexus_core::egress::EgressError::Plaintext(_))
+                );
+                if field != "api_base_url" && !self.allow_plaintext && plaintext {
+                    return Err(perr(
+                        field,
+                        "must use https (http only to loopback, or set allow_plaintext for development)",
+                    ));
+                }
             }
         }
         for (i, s) in self.scopes.iter().enumerate() {

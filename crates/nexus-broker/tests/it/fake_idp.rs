@@ -67,6 +67,8 @@ pub struct Knobs {
     pub retry_after: Option<&'static str>,
     /// The revocation endpoint answers 503 this many times before 200.
     pub revocation_unavailable: usize,
+    /// The token endpoint the discovery document names, instead of its own.
+    pub token_endpoint: Option<String>,
 }
 
 #[derive(Default)]
@@ -107,6 +109,7 @@ impl FakeIdp {
         let idp = Arc::new(FakeIdp {
             base: base.clone(),
             knobs: Mutex::new(Knobs {
+                token_endpoint: None,
                 token_mode: TokenMode::Normal,
                 id_token_mode: IdTokenMode::Good,
                 claim_overrides: Map::new(),
@@ -220,7 +223,7 @@ async fn discovery(State(idp): State<Arc<FakeIdp>>, headers: HeaderMap) -> Respo
     let doc = json!({
         "issuer": k.discovery_issuer.clone().unwrap_or_else(|| b.clone()),
         "authorization_endpoint": format!("{b}/authorize"),
-        "token_endpoint": format!("{b}/token"),
+        "token_endpoint": k.token_endpoint.clone().unwrap_or_else(|| format!("{b}/token")),
         "userinfo_endpoint": format!("{b}/userinfo"),
         "jwks_uri": format!("{b}/jwks"),
         "revocation_endpoint": format!("{b}/revoke"),

@@ -991,7 +991,79 @@ async fn unreachable_redis_stops_startup(b: Backend) {
     db.drop_db().await;
 }
 
+/// A discovery document is data from the network: endpoints it names on a
+/// forbidden address (here a loopback listener the policy denies, standing in
+/// for a metadata service or an internal host; no test sends a packet beyond
+/// loopback), or over plaintext, or on link-local addresses, are refused
+/// before any secret is sent.
+async fn discovered_endpoints_obey_the_egress_policy(b: Backend) {
+    let trap = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let trap_addr = trap.local_addr().unwrap();
+    let knocks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = knocks.clone();
+    let trap_task = tokio::spawn(async move {
+        while let Ok((_s, _)) = trap.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let t = TestBroker::start_public(&b, |s| {
+        s.egress_denied_cidrs = Some("127.0.0.2/32".into());
+    })
+    .await;
+    for (name, endpoint, why) in [
+        ("denied", format!("http://{trap_addr}/token"), "127.0.0.2"),
+        (
+            "metadata",
+            "http://169.254.169.254/latest/token".to_string(),
+            "169.254.169.254",
+        ),
+        (
+            "plaintext",
+            "http://idp.example.com/token".to_string(),
+            "https",
+        ),
+    ] {
+        let idp = FakeIdp::start().await;
+        idp.knobs().token_endpoint = Some(endpoint);
+        t.create_provider(idp.profile(name)).await;
+        let (s, body) = t
+            .post(
+                "/auth/consent-spec",
+                json!({"workspace_id": "w", "provider_name": name, "return_url": RETURN_URL}),
+            )
+            .await;
+        assert_json_error(s, &body, 502, "provider_discovery_failed");
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.contains("egress") && message.contains(why),
+            "{message}"
+        );
+        assert_eq!(idp.counters().token_requests, 0);
+    }
+    assert_eq!(
+        knocks.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing reached the denied listener"
+    );
+    // Registered endpoints follow the same rule: no plaintext beyond loopback.
+    let (s, body) = t
+        .post(
+            "/providers",
+            json!({"profile": {"name": "plain", "auth_type": "oauth2", "client_id": "c",
+                   "auth_url": "http://idp.example.com/a", "token_url": "http://idp.example.com/t"}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("https"),
+        "{body}"
+    );
+    trap_task.abort();
+    t.finish().await;
+}
+
 backend_tests!(
+    discovered_endpoints_obey_the_egress_policy,
     discovery_is_shared_through_redis,
     unreachable_redis_stops_startup,
     full_flow_with_pkce_stores_sealed_tokens,
