@@ -98,6 +98,19 @@ impl RouteDoc {
         self
     }
 
+    /// The same route as an OAuth redirect target: open, the authorization
+    /// response's query parameters, answering 303.
+    pub fn oauth_callback(self) -> Self {
+        self.open()
+            .query("state", true, "the signed state of the handshake")
+            .query("code", false, "the authorization code")
+            .query("iss", false, "RFC 9207 issuer")
+            .query("error", false, "the provider's error code")
+            .query("error_description", false, "the provider's error text")
+            .status(303)
+            .answers(Kind::Redirect)
+    }
+
     /// The same route taking no request body.
     pub fn no_body(mut self) -> Self {
         self.request_body = None;

@@ -147,14 +147,16 @@ fn public_routes(redirect_path: &str) -> Routes {
                 redirect_path,
                 "OAuth callback (forwarded to the broker)",
             )
-            .open()
-            .query("state", true, "the signed state of the handshake")
-            .query("code", false, "the authorization code")
-            .query("iss", false, "RFC 9207 issuer")
-            .query("error", false, "the provider's error code")
-            .query("error_description", false, "the provider's error text")
-            .status(303)
-            .answers(Kind::Redirect),
+            .oauth_callback(),
+            get(proxy::forward),
+        ),
+        (
+            doc(
+                "GET",
+                &format!("{redirect_path}/{{provider_id}}"),
+                "A provider's own OAuth callback (forwarded to the broker)",
+            )
+            .oauth_callback(),
             get(proxy::forward),
         ),
         (

@@ -1,6 +1,6 @@
 //! `POST /auth/consent-spec` (admin) and the public OAuth callback.
 
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Json;
@@ -65,12 +65,31 @@ pub async fn callback(
     caller: Caller,
     Query(params): Query<CallbackParams>,
 ) -> Response {
+    finish(st, caller, params, None).await
+}
+
+/// `GET /auth/callback/{provider_id}`: a provider's own redirect URI.
+pub async fn provider_callback(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(provider_id): Path<String>,
+    Query(params): Query<CallbackParams>,
+) -> Response {
+    finish(st, caller, params, Some(&provider_id)).await
+}
+
+async fn finish(
+    st: AppState,
+    caller: Caller,
+    params: CallbackParams,
+    via: Option<&str>,
+) -> Response {
     let actor = Actor {
         name: "user".into(),
         ip: caller.ip,
         user_agent: caller.user_agent,
     };
-    let mut resp = match st.handshakes().callback(params, &actor).await {
+    let mut resp = match st.handshakes().callback(params, via, &actor).await {
         Ok(url) => Redirect::to(&url).into_response(),
         Err(e) => ApiError::from(e).into_response(),
     };

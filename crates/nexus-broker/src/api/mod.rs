@@ -485,15 +485,17 @@ fn public_routes(redirect_path: &str) -> Vec<Route<AppState>> {
                 redirect_path,
                 "OAuth callback (the provider redirects the browser here)",
             )
-            .open()
-            .query("state", true, "the signed state of the handshake")
-            .query("code", false, "the authorization code")
-            .query("iss", false, "RFC 9207 issuer")
-            .query("error", false, "the provider's error code")
-            .query("error_description", false, "the provider's error text")
-            .status(303)
-            .answers(Kind::Redirect),
+            .oauth_callback(),
             get(handshake::callback),
+        ),
+        (
+            doc(
+                "GET",
+                &format!("{redirect_path}/{{provider_id}}"),
+                "A provider's own OAuth callback (providers registered with per-provider redirect URIs)",
+            )
+            .oauth_callback(),
+            get(handshake::provider_callback),
         ),
         (
             doc(

@@ -18,7 +18,7 @@ use crate::store::rfc3339;
 
 type ApiResult<T> = Result<T, ApiError>;
 
-fn view(p: &Provider, aliases: Vec<String>) -> Value {
+fn view(p: &Provider, aliases: Vec<String>, redirect_uri: String) -> Value {
     let mut obj = match p.profile.public_json() {
         Value::Object(o) => o,
         _ => Map::new(),
@@ -27,6 +27,10 @@ fn view(p: &Provider, aliases: Vec<String>) -> Value {
     obj.insert("client_secret_set".into(), json!(p.client_secret_set()));
     obj.insert("strategy".into(), json!(p.strategy));
     obj.insert("aliases".into(), json!(aliases));
+    if !p.profile.auth_type.is_static() {
+        // What to register at the IdP.
+        obj.insert("redirect_uri".into(), json!(redirect_uri));
+    }
     obj.insert("created_at".into(), json!(rfc3339(p.row.created_at)));
     obj.insert("updated_at".into(), json!(rfc3339(p.row.updated_at)));
     Value::Object(obj)
@@ -91,7 +95,8 @@ pub async fn get(State(st): State<AppState>, Path(id): Path<String>) -> ApiResul
         .into_iter()
         .map(|(_, display)| display)
         .collect();
-    Ok(Json(view(&p, aliases)))
+    let redirect_uri = st.handshakes().redirect_uri_for(&p);
+    Ok(Json(view(&p, aliases, redirect_uri)))
 }
 
 /// `PUT /providers/{id}`: replace the profile.

@@ -23,9 +23,16 @@ impl Handshakes {
     /// Handles the provider's redirect. `Ok` is where to send the browser (the
     /// return URL with `status=success` or `status=error`); `Err` means the
     /// state could not be trusted, so there is no return URL to use.
+    ///
+    /// `via` is the provider id in the path the browser came to (`None`:
+    /// the shared redirect path). It must be the redirect URI the handshake
+    /// was started with, or the response is refused without using the
+    /// handshake up: an authorization response that arrives at another
+    /// provider's redirect URI is the mark of a mix-up attack.
     pub async fn callback(
         &self,
         p: CallbackParams,
+        via: Option<&str>,
         actor: &Actor,
     ) -> Result<String, HandshakeError> {
         let state = p
@@ -43,6 +50,20 @@ impl Handshakes {
                     StateError::Malformed => "state is malformed",
                 })
             })?;
+        let arrived_at = match via {
+            Some(id) => format!("{}/{id}", self.redirect_uri),
+            None => self.redirect_uri.clone(),
+        };
+        if let Some((started, _)) = self.store.peek_handshake(&handshake_id).await? {
+            let oauth = started.code_verifier.is_some();
+            if oauth && started.redirect_uri != arrived_at {
+                metrics::counter!("nexus_callback_rejected_total", "reason" => "wrong_redirect")
+                    .increment(1);
+                return Err(HandshakeError::State(
+                    "the authorization response arrived at another redirect URI than its handshake's",
+                ));
+            }
+        }
         let hs = super::consume(&self.store, &handshake_id, HandshakeKind::OAuth).await?;
         let provider = self.registry.get(&hs.provider_id).await;
         let outcome = match &provider {

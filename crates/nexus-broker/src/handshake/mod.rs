@@ -237,9 +237,21 @@ impl Handshakes {
         }
     }
 
-    /// The redirect_uri registered with providers.
+    /// The shared redirect URI (`BASE_URL` + `REDIRECT_PATH`).
     pub fn redirect_uri(&self) -> &str {
         &self.redirect_uri
+    }
+
+    /// The redirect URI of `provider`'s handshakes, to register at its IdP:
+    /// its own (`.../{provider id}`), or the shared one for providers
+    /// registered with it.
+    pub fn redirect_uri_for(&self, provider: &Provider) -> String {
+        match provider.profile.redirect {
+            Some(crate::registry::profile::RedirectMode::PerProvider) => {
+                format!("{}/{}", self.redirect_uri, provider.row.id)
+            }
+            _ => self.redirect_uri.clone(),
+        }
     }
 
     /// Starts a handshake.
@@ -369,7 +381,7 @@ impl Handshakes {
             redirect_uri: if is_static {
                 self.capture_url.clone()
             } else {
-                self.redirect_uri.clone()
+                self.redirect_uri_for(&provider)
             },
             code_verifier: (!is_static).then(|| {
                 self.keys.encrypt_str(
@@ -411,7 +423,7 @@ impl Handshakes {
                 "client_id",
                 provider.profile.client_id.as_deref().unwrap_or_default(),
             );
-            q.append_pair("redirect_uri", &self.redirect_uri);
+            q.append_pair("redirect_uri", &self.redirect_uri_for(provider));
             if !scopes.is_empty() {
                 q.append_pair("scope", &scopes.join(" "));
             }

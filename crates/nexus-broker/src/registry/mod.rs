@@ -244,6 +244,10 @@ impl Registry {
         let obj = unwrap_profile(body)?;
         let mut profile = parse_profile(Value::Object(obj.clone()))?;
         profile.validate()?;
+        // A replacement that does not say keeps the redirect URI the IdP knows.
+        if profile.redirect.is_none() {
+            profile.redirect = current.profile.redirect;
+        }
         self.write_update(&current, profile, &obj, actor).await
     }
 

@@ -103,6 +103,13 @@ pub struct ProviderProfile {
     /// Fetch endpoints from `issuer`'s discovery document.
     #[serde(default)]
     pub enable_discovery: bool,
+    /// Which redirect URI this provider's handshakes use: its own
+    /// (`per_provider`, `REDIRECT_PATH/{provider id}`: the mix-up defence
+    /// RFC 9700 recommends for providers that do not send `iss`) or the one
+    /// all share (`shared`, the default: known before the provider is
+    /// registered, and what providers registered before know).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<RedirectMode>,
     /// Development only: let this provider's endpoints use plaintext
     /// `http` beyond loopback (tokens and secrets then cross the network
     /// unencrypted).
@@ -134,6 +141,16 @@ pub struct ProviderProfile {
     pub category: Option<String>,
 }
 
+/// See [`ProviderProfile::redirect`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedirectMode {
+    /// `REDIRECT_PATH`, shared by every provider so registered.
+    Shared,
+    /// `REDIRECT_PATH/{provider id}`.
+    PerProvider,
+}
+
 fn scopes_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -159,6 +176,7 @@ const READ_ONLY_FIELDS: &[&str] = &[
     "updated_at",
     "deleted_at",
     "strategy",
+    "redirect_uri",
 ];
 
 /// Authorize parameters Nexus sets itself; `params` may not override them.

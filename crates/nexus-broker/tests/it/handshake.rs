@@ -1062,7 +1062,70 @@ async fn discovered_endpoints_obey_the_egress_policy(b: Backend) {
     t.finish().await;
 }
 
+/// A provider with its own redirect URI (RFC 9700's mix-up defence for
+/// IdPs without `iss`): the authorization response must arrive there; at the
+/// shared path or another provider's, it is refused and the handshake stays
+/// usable.
+async fn per_provider_redirect_uris_defend_against_mix_up(b: Backend) {
+    let (t, idp) = setup(&b).await;
+    let mut profile = idp.profile("own");
+    profile["redirect"] = json!("per_provider");
+    let id = t.create_provider(profile).await;
+    let (_, view) = t.get(&format!("/providers/{id}")).await;
+    let own = format!("{}/auth/callback/{id}", t.base);
+    assert_eq!(
+        view["redirect_uri"],
+        own.as_str(),
+        "what to register at the IdP"
+    );
+    let (_, shared_view) = t.get("/providers/by-name/fake").await;
+    let (_, shared_view) = t
+        .get(&format!(
+            "/providers/{}",
+            shared_view["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(
+        shared_view["redirect_uri"],
+        format!("{}/auth/callback", t.base)
+    );
+
+    let flow = start(&t, &idp, "own", json!({})).await;
+    assert_eq!(flow.param("redirect_uri").as_deref(), Some(own.as_str()));
+    let pairs = [
+        ("code", "code-1"),
+        ("state", flow.state.as_str()),
+        ("iss", idp.base.as_str()),
+    ];
+    // At the shared path, and at another provider's: refused, nothing used up.
+    let (s, _, body) = callback(&t, &pairs).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("another redirect URI"), "{body}");
+    let mut elsewhere = Url::parse(&format!(
+        "{}/auth/callback/{}",
+        t.base,
+        shared_view["id"].as_str().unwrap()
+    ))
+    .unwrap();
+    elsewhere.query_pairs_mut().extend_pairs(pairs);
+    assert_eq!(
+        browser().get(elsewhere).send().await.unwrap().status(),
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(idp.counters().token_requests, 0);
+    // At its own: the handshake completes.
+    let mut url = Url::parse(&own).unwrap();
+    url.query_pairs_mut().extend_pairs(pairs);
+    let resp = browser().get(url).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let back = resp.headers()["location"].to_str().unwrap().to_string();
+    assert!(back.contains("status=success"), "{back}");
+    assert_eq!(connection(&t, &flow.connection_id).await.status, "active");
+    t.finish().await;
+}
+
 backend_tests!(
+    per_provider_redirect_uris_defend_against_mix_up,
     discovered_endpoints_obey_the_egress_policy,
     discovery_is_shared_through_redis,
     unreachable_redis_stops_startup,
