@@ -9,6 +9,7 @@ mod bad_input;
 mod capture;
 mod edge;
 mod fake_idp;
+mod fuzz;
 mod handshake;
 mod ops;
 mod pauses;

@@ -4,6 +4,7 @@
 mod bridge_grpc;
 mod cache;
 mod contract;
+mod fuzz;
 mod grpc;
 mod harness;
 mod real_idp;
