@@ -3,7 +3,8 @@
 //! process: with several replicas each counts its own share.
 
 use std::hash::Hash;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use hashlink::LruCache;
@@ -12,7 +13,12 @@ use hashlink::LruCache;
 pub struct Windows<K: Hash + Eq> {
     window: Duration,
     max: u32,
-    counts: Mutex<LruCache<K, (Instant, u32)>>,
+    /// Read (peeked) on every check, written on events.
+    counts: RwLock<LruCache<K, (Instant, u32)>>,
+    /// Whether anything was ever counted: checks on the hot path (every
+    /// authenticated request asks whether its address is throttled) take
+    /// no lock until the first event.
+    touched: AtomicBool,
 }
 
 impl<K: Hash + Eq> Windows<K> {
@@ -21,25 +27,30 @@ impl<K: Hash + Eq> Windows<K> {
         Self {
             window,
             max,
-            counts: Mutex::new(LruCache::new(keys)),
+            counts: RwLock::new(LruCache::new(keys)),
+            touched: AtomicBool::new(false),
         }
     }
 
     /// How long until `key` may act again, if its window is full.
     pub fn exceeded(&self, key: &K) -> Option<Duration> {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let &(start, n) = counts.peek(key)?;
-        let left = self.window.saturating_sub(start.elapsed());
-        if left.is_zero() {
-            counts.remove(key);
+        if !self.touched.load(Ordering::Relaxed) {
             return None;
         }
-        (n >= self.max).then_some(left)
+        let &(start, n) = self
+            .counts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .peek(key)?;
+        let left = self.window.saturating_sub(start.elapsed());
+        // An ended window is replaced by the next `count`.
+        (!left.is_zero() && n >= self.max).then_some(left)
     }
 
     /// Counts one event of `key`.
     pub fn count(&self, key: K) {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        self.touched.store(true, Ordering::Relaxed);
+        let mut counts = self.counts.write().unwrap_or_else(|e| e.into_inner());
         match counts.get_mut(&key) {
             Some((start, n)) if start.elapsed() < self.window => *n += 1,
             _ => {
@@ -81,6 +92,6 @@ mod tests {
         for k in 0..100 {
             w.count(k);
         }
-        assert_eq!(w.counts.lock().unwrap().len(), 3);
+        assert_eq!(w.counts.read().unwrap().len(), 3);
     }
 }

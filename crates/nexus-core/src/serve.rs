@@ -12,12 +12,14 @@ use std::time::Duration;
 
 use axum::extract::ConnectInfo;
 use axum::Router;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tower::ServiceExt;
+use tower_http::timeout::TimeoutBody;
 
 use crate::settings::{Setting, Values};
 use crate::ConfigError;
@@ -117,9 +119,6 @@ pub async fn serve(
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
-    let app = app.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-        limits.body_read_timeout,
-    ));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -165,9 +164,17 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let router = app.clone();
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+        let body_timeout = limits.body_read_timeout;
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
-            router.clone().oneshot(req.map(axum::body::Body::new))
+            // Only a body still to come can be slow: requests without one
+            // (most GETs, the token fetch) skip the timer.
+            let req = if req.body().is_end_stream() {
+                req.map(axum::body::Body::new)
+            } else {
+                req.map(|b| axum::body::Body::new(TimeoutBody::new(body_timeout, b)))
+            };
+            router.clone().oneshot(req)
         });
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)

@@ -8,8 +8,12 @@
 //!
 //! ```sh
 //! cargo build --release -p nexus-gateway --example bare
-//! target/release/examples/bare 127.0.0.1:0 [BYTES]   # prints `listening on ADDR` once bound
+//! target/release/examples/bare 127.0.0.1:0 [BYTES] [nexus-serve]   # prints `listening on ADDR`
 //! ```
+//!
+//! With `nexus-serve` it is served by Nexus's own serving loop
+//! (`nexus_core::serve`: timeouts, connection cap) instead of `axum::serve`,
+//! to measure what that loop costs.
 
 use std::io::Write;
 
@@ -50,6 +54,7 @@ async fn main() {
         .next()
         .map(|s| s.parse().expect("second argument: body size in bytes"))
         .unwrap_or(1024);
+    let nexus_serve = args.next().as_deref() == Some("nexus-serve");
     let body = body(size);
     let json = HeaderValue::from_static("application/json");
     let app = Router::new().route(
@@ -66,5 +71,16 @@ async fn main() {
     let local = listener.local_addr().expect("local address");
     println!("listening on {local}");
     let _ = std::io::stdout().flush();
-    axum::serve(listener, app).await.expect("serve");
+    if nexus_serve {
+        nexus_core::serve::serve(
+            listener,
+            app,
+            nexus_core::serve::Limits::default(),
+            std::future::pending(),
+        )
+        .await
+        .expect("serve");
+    } else {
+        axum::serve(listener, app).await.expect("serve");
+    }
 }
