@@ -7,6 +7,7 @@
 //! dropped.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,6 @@ use axum::Router;
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tower::ServiceExt;
@@ -159,13 +159,19 @@ pub async fn serve(
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             crate::static_counter!("nexus_connections_refused_total").increment(1);
-            tokio::spawn(refuse(stream));
+            refuse(stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
         let router = app.clone();
         let body_timeout = limits.body_read_timeout;
+        // Whether a request arrived: hyper times request heads only once it
+        // knows the protocol, so a client that connects and sends nothing
+        // (or half an HTTP/2 preface) is timed here.
+        let spoke = Arc::new(AtomicBool::new(false));
+        let heard = spoke.clone();
         let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+            heard.store(true, Ordering::Relaxed);
             req.extensions_mut().insert(ConnectInfo(peer));
             // Only a body still to come can be slow: requests without one
             // (most GETs, the token fetch) skip the timer.
@@ -181,10 +187,20 @@ pub async fn serve(
             .into_owned();
         let conn = graceful.watch(conn);
         let mut hard_stopped = hard_stopped.clone();
+        let first_request = limits.header_read_timeout;
         tokio::spawn(async move {
+            let silent = async {
+                tokio::time::sleep(first_request).await;
+                if spoke.load(Ordering::Relaxed) {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 _ = conn => {}
                 _ = hard_stopped.wait_for(|stop| *stop) => {}
+                () = silent => {
+                    crate::static_counter!("nexus_connections_silent_total").increment(1);
+                }
             }
             drop(slot);
         });
@@ -204,8 +220,9 @@ pub async fn serve(
 }
 
 /// Answers a connection over the cap: 503 with the JSON error shape, then
-/// closes. Bounded: a client that does not read gets nothing after a second.
-async fn refuse(mut stream: TcpStream) {
+/// closes at once. One non-blocking write into the empty socket buffer: no
+/// task and no descriptor held for a client that does not read.
+fn refuse(stream: TcpStream) {
     let body = crate::error::ErrorBody::new(
         axum::http::StatusCode::SERVICE_UNAVAILABLE,
         "too_many_connections",
@@ -217,11 +234,7 @@ async fn refuse(mut stream: TcpStream) {
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = stream.write_all(answer.as_bytes()).await;
-        let _ = stream.shutdown().await;
-    })
-    .await;
+    let _ = stream.try_write(answer.as_bytes());
 }
 
 #[cfg(test)]
@@ -229,7 +242,7 @@ mod tests {
     use super::*;
     use axum::routing::{get, post};
     use std::net::SocketAddr;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn quick() -> Limits {
         Limits {
@@ -304,6 +317,18 @@ mod tests {
         let mut idle = TcpStream::connect(addr).await.unwrap();
         get_ok(&mut idle).await;
         read_to_close(&mut idle).await;
+    }
+
+    #[tokio::test]
+    async fn silent_clients_and_half_prefaces_are_closed() {
+        let (addr, _stop, _task) = start(quick()).await;
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        read_to_close(&mut silent).await;
+        // "P" could begin "PRI * HTTP/2.0" or "POST": the protocol is not
+        // known yet, and hyper's own head timer has not started.
+        let mut half = TcpStream::connect(addr).await.unwrap();
+        half.write_all(b"PRI * HTTP/2").await.unwrap();
+        read_to_close(&mut half).await;
     }
 
     #[tokio::test]
