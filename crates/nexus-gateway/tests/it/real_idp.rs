@@ -80,3 +80,72 @@ async fn handshake_through_the_gateway_callback() {
 fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
+
+/// A provider with its own redirect URI (`redirect: per_provider`), through
+/// the gateway, at the real OpenID provider: the IdP knows only
+/// `/auth/callback/{provider id}`, and the handshake completes there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_provider_redirect_uri_through_the_gateway() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gateway = format!("http://127.0.0.1:{port}");
+    let s = Stack::start(port, "").await;
+    // The provider first (its id names its redirect URI), the IdP second,
+    // then the provider is pointed at the IdP.
+    let (st, b) = s
+        .admin(
+            Method::POST,
+            "/providers",
+            Some(json!({"profile": {
+                "name": "own", "auth_type": "oauth2", "client_id": "nexus", "client_secret": "nexus-secret",
+                "issuer": "http://127.0.0.1:9", "enable_discovery": true, "redirect": "per_provider",
+                "scopes": ["openid", "email", "calendar.read"]
+            }})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{b}");
+    let id = b["id"].as_str().unwrap().to_string();
+    let own = format!("{gateway}/auth/callback/{id}");
+    let Some(peer) =
+        OidcPeer::start(json!([client("nexus", "client_secret_post", &own)]), &[]).await
+    else {
+        s.stop().await;
+        return;
+    };
+    let (st, b) = s
+        .admin(
+            Method::PATCH,
+            &format!("/providers/{id}"),
+            Some(json!({"profile": {"issuer": peer.issuer}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{b}");
+    let (_, view) = s
+        .admin(Method::GET, &format!("/providers/{id}"), None)
+        .await;
+    assert_eq!(view["redirect_uri"], own.as_str());
+    let (_, key) = s.agent_key(&["u1"]).await;
+    let (st, spec) = s
+        .call(
+            Some(&key),
+            Method::POST,
+            "/v1/request-connection",
+            Some(json!({"user_id": "u1", "provider_name": "own", "return_url": RETURN_URL})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{spec}");
+    let auth_url = spec["authUrl"].as_str().unwrap();
+    assert!(auth_url.contains(&urlencode(&own)), "{auth_url}");
+    let back = consent(&browser(), auth_url, &gateway).await;
+    assert_eq!(q(&back, "status").as_deref(), Some("success"), "{back}");
+    let cid = spec["connection_id"].as_str().unwrap();
+    let (st, tok) = s
+        .call(Some(&key), Method::GET, &format!("/v1/token/{cid}"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{tok}");
+    assert!(tok["access_token"].is_string());
+    s.stop().await;
+}
