@@ -332,6 +332,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn http2_header_lists_are_limited() {
+        let (addr, _stop, _task) = start(quick()).await;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        let mut conn = Box::pin(conn);
+        let driver = tokio::spawn(async move {
+            let _ = (&mut conn).await;
+        });
+        let mut client = client.ready().await.unwrap();
+        // A normal request works (and brings the server's SETTINGS).
+        let req = axum::http::Request::get(format!("http://{addr}/"))
+            .body(())
+            .unwrap();
+        let (resp, _) = client.send_request(req, true).unwrap();
+        assert_eq!(resp.await.unwrap().status(), 200);
+        // A header list over the limit is refused, not processed (by the
+        // server, or already by a client that read the server's SETTINGS;
+        // without the limit, 33 KiB of headers would pass either way).
+        let big = "x".repeat(H2_MAX_HEADER_LIST_SIZE as usize + 1024);
+        let req = axum::http::Request::get(format!("http://{addr}/"))
+            .header("x-big", big)
+            .body(())
+            .unwrap();
+        let mut client = client.ready().await.unwrap();
+        let refused = match client.send_request(req, true) {
+            Ok((resp, _)) => match resp.await {
+                Ok(r) => r.status() == 431,
+                Err(_) => true,
+            },
+            Err(_) => true,
+        };
+        assert!(refused, "an oversized header list is refused");
+        driver.abort();
+    }
+
+    #[tokio::test]
     async fn slow_bodies_are_cut_off() {
         let (addr, _stop, _task) = start(quick()).await;
         let mut slow = TcpStream::connect(addr).await.unwrap();
