@@ -347,6 +347,15 @@ impl ProviderProfile {
                     "applies to oauth2 providers only; static credentials are captured per connection",
                 ));
             }
+            // The reference's shape (strategy settings flat in `params`,
+            // `base_url`) is stored as Nexus's one form.
+            strategy::lift_flat(self.auth_type, &mut self.params);
+            if self.api_base_url.is_none() {
+                if let Some(Value::String(base)) = self.params.get("base_url") {
+                    check_url("params.base_url", base)?;
+                    self.api_base_url = Some(base.clone());
+                }
+            }
             let schema = self.params.get("credential_schema").ok_or_else(|| {
                 perr(
                     "params.credential_schema",

@@ -93,6 +93,93 @@ impl StrategyKind {
     }
 }
 
+/// The reference implementation's shape of a static provider: the strategy
+/// settings flat in `params` (`{"header_name": "X-Key", "credential_field":
+/// "user_key", "credential_schema": {...}}`), with its defaults. Lifted into
+/// the explicit `params.strategy {type, config}` Nexus stores, so both
+/// shapes register the same provider and answer with the same strategy.
+/// Nothing happens for OAuth providers or when `params.strategy` is given.
+///
+/// ```
+/// use nexus_broker::registry::{profile::AuthType, strategy::lift_flat};
+/// let mut params = serde_json::json!({"header_name": "X-Key", "base_url": "https://x.example"});
+/// lift_flat(AuthType::Header, params.as_object_mut().unwrap());
+/// assert_eq!(params, serde_json::json!({"base_url": "https://x.example", "strategy": {"type": "header",
+///     "config": {"header_name": "X-Key", "credential_field": "api_key"}}}));
+/// ```
+pub fn lift_flat(auth_type: AuthType, params: &mut Map<String, Value>) {
+    if params.contains_key("strategy") {
+        return;
+    }
+    let kind = StrategyKind::default_for(auth_type);
+    // (the reference's name, Nexus's name) and the reference's defaults.
+    let (names, defaults): (&[(&str, &str)], &[(&str, &str)]) = match kind {
+        StrategyKind::Oauth2 => return,
+        StrategyKind::Header => (
+            &[
+                ("header_name", "header_name"),
+                ("credential_field", "credential_field"),
+                ("value_prefix", "value_prefix"),
+            ],
+            &[
+                ("header_name", "Authorization"),
+                ("credential_field", "api_key"),
+            ],
+        ),
+        StrategyKind::QueryParam => (
+            &[
+                ("param_name", "param_name"),
+                ("credential_field", "credential_field"),
+            ],
+            &[("credential_field", "api_key")],
+        ),
+        StrategyKind::BasicAuth => (
+            &[
+                ("username_field", "username_field"),
+                ("password_field", "password_field"),
+            ],
+            &[
+                ("username_field", "username"),
+                ("password_field", "password"),
+            ],
+        ),
+        StrategyKind::AwsSigv4 => (
+            &[("service", "service"), ("region", "region")],
+            &[("region", "us-east-1")],
+        ),
+        StrategyKind::HmacPayload => (
+            &[
+                ("header_name", "header_name"),
+                ("secret_field", "credential_field"),
+                ("credential_field", "credential_field"),
+                ("algo", "algorithm"),
+                ("algorithm", "algorithm"),
+                ("encoding", "encoding"),
+            ],
+            &[
+                ("credential_field", "api_secret"),
+                ("algorithm", "sha256"),
+                ("encoding", "hex"),
+            ],
+        ),
+    };
+    let mut config = Map::new();
+    for (theirs, ours) in names {
+        if let Some(v) = params.remove(*theirs) {
+            config.insert((*ours).to_string(), v);
+        }
+    }
+    for (k, d) in defaults {
+        config
+            .entry((*k).to_string())
+            .or_insert_with(|| Value::String((*d).to_string()));
+    }
+    let mut strategy = Map::new();
+    strategy.insert("type".into(), Value::String(kind.as_str().into()));
+    strategy.insert("config".into(), Value::Object(config));
+    params.insert("strategy".into(), Value::Object(strategy));
+}
+
 /// A validated strategy: its kind and config.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Strategy {

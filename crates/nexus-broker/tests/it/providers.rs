@@ -442,7 +442,76 @@ async fn concurrent_changes_never_fail_or_get_lost(b: Backend) {
     t.finish().await;
 }
 
+/// Static providers in the reference implementation's documented shape
+/// (strategy settings flat in `params`, its defaults, `api_key` as a legacy
+/// alias of `header`, `base_url`) register, and answer with the strategy
+/// the reference would send.
+async fn reference_shaped_static_providers_register(b: Backend) {
+    let t = TestBroker::start(&b).await;
+    let schema = |fields: &[&str]| {
+        let props: serde_json::Map<String, Value> = fields
+            .iter()
+            .map(|f| (f.to_string(), json!({"type": "string"})))
+            .collect();
+        json!({"type": "object", "properties": props, "required": fields})
+    };
+    for (profile, strategy, base) in [
+        (
+            json!({"name": "freedcamp", "auth_type": "header", "params": {
+                "base_url": "https://freedcamp.com/api/v1/", "header_name": "X-Freedcamp-Key",
+                "credential_field": "user_key", "credential_schema": schema(&["user_key"])}}),
+            json!({"type": "header", "config": {"header_name": "X-Freedcamp-Key", "credential_field": "user_key"}}),
+            Some("https://freedcamp.com/api/v1/"),
+        ),
+        (
+            json!({"name": "legacy", "auth_type": "api_key", "params": {
+                "value_prefix": "Token ", "credential_schema": schema(&["api_key"])}}),
+            json!({"type": "header", "config": {"header_name": "Authorization", "credential_field": "api_key", "value_prefix": "Token "}}),
+            None,
+        ),
+        (
+            json!({"name": "q", "auth_type": "query_param", "params": {
+                "param_name": "appid", "credential_schema": schema(&["api_key"])}}),
+            json!({"type": "query_param", "config": {"param_name": "appid", "credential_field": "api_key"}}),
+            None,
+        ),
+        (
+            json!({"name": "basic", "auth_type": "basic_auth", "params": {
+                "credential_schema": schema(&["username", "password"])}}),
+            json!({"type": "basic_auth", "config": {"username_field": "username", "password_field": "password"}}),
+            None,
+        ),
+        (
+            json!({"name": "aws", "auth_type": "aws_sigv4", "params": {
+                "service": "execute-api", "credential_schema": schema(&["access_key", "secret_key"])}}),
+            json!({"type": "aws_sigv4", "config": {"service": "execute-api", "region": "us-east-1"}}),
+            None,
+        ),
+        (
+            json!({"name": "signed", "auth_type": "hmac_payload", "params": {
+                "header_name": "X-Signature", "secret_field": "secret", "credential_schema": schema(&["secret"])}}),
+            json!({"type": "hmac_payload", "config": {"header_name": "X-Signature", "credential_field": "secret", "algorithm": "sha256", "encoding": "hex"}}),
+            None,
+        ),
+    ] {
+        let name = profile["name"].clone();
+        let (s, body) = t.post("/providers", json!({"profile": profile})).await;
+        assert_eq!(s, StatusCode::CREATED, "{name}: {body}");
+        let id = body["id"].as_str().unwrap();
+        let (_, view) = t.get(&format!("/providers/{id}")).await;
+        assert_eq!(view["strategy"], strategy, "{name}");
+        assert_eq!(view["api_base_url"].as_str(), base, "{name}");
+        // One stored form: the flat keys moved into the strategy.
+        assert!(
+            view["params"].get("header_name").is_none(),
+            "{name}: {view}"
+        );
+    }
+    t.finish().await;
+}
+
 backend_tests!(
+    reference_shaped_static_providers_register,
     concurrent_changes_never_fail_or_get_lost,
     crud_round_trip,
     metadata_groups_by_auth_type,
