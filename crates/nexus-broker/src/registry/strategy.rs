@@ -113,7 +113,8 @@ pub fn lift_flat(auth_type: AuthType, params: &mut Map<String, Value>) {
     }
     let kind = StrategyKind::default_for(auth_type);
     // (the reference's name, Nexus's name) and the reference's defaults.
-    let (names, defaults): (&[(&str, &str)], &[(&str, &str)]) = match kind {
+    type Pairs = &'static [(&'static str, &'static str)];
+    let (names, defaults): (Pairs, Pairs) = match kind {
         StrategyKind::Oauth2 => return,
         StrategyKind::Header => (
             &[
