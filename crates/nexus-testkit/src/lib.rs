@@ -66,6 +66,21 @@ impl OidcPeer {
         })
     }
 
+    /// The person `sub` revokes every grant of `client_id` at the provider
+    /// (as from its account page); how many grants went.
+    pub async fn revoke_grant(&self, sub: &str, client_id: &str) -> u64 {
+        let answer: Value = reqwest::Client::new()
+            .post(format!("{}/__admin/revoke-grant", self.issuer))
+            .json(&json!({"sub": sub, "client_id": client_id}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        answer["revoked"].as_u64().unwrap_or(0)
+    }
+
     pub async fn stats(&self) -> Value {
         reqwest::get(format!("{}/__admin/stats", self.issuer))
             .await

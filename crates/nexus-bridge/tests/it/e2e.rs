@@ -218,12 +218,7 @@ async fn an_agent_across_token_lifetimes_scope_loss_and_revocation() {
     assert_eq!(r.status(), 200, "other scopes still work");
 
     // The person revokes the grant: InteractionRequired, and no retry storm.
-    reqwest::Client::new()
-        .post(format!("{}/__admin/revoke-grant", peer.issuer))
-        .json(&json!({"sub": "alice", "client_id": "nexus"}))
-        .send()
-        .await
-        .unwrap();
+    peer.revoke_grant("alice", "nexus").await;
     let e = api.get(resource("email")).send().await.unwrap_err();
     assert!(
         matches!(

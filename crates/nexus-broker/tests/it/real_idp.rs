@@ -186,16 +186,7 @@ async fn real_provider_refresh_is_single_flight_and_revocation_needs_a_person(b:
     replica.stop().await;
 
     // The person revokes access at the provider: the next refresh needs a person.
-    let revoked: Value = reqwest::Client::new()
-        .post(format!("{}/__admin/revoke-grant", peer.issuer))
-        .json(&json!({"sub": "alice", "client_id": "nexus"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(revoked["revoked"], 1);
+    assert_eq!(peer.revoke_grant("alice", "nexus").await, 1);
     let (s, body) = t
         .call(
             reqwest::Method::POST,
@@ -307,16 +298,7 @@ async fn real_provider_background_refresh_by_two_replicas_keeps_the_grant(b: Bac
 
     // The person revokes the grant at the provider: the workers' next
     // refresh (within one 4 s cycle) finds out, with nobody asking for a token.
-    let revoked: Value = reqwest::Client::new()
-        .post(format!("{}/__admin/revoke-grant", peer.issuer))
-        .json(&json!({"sub": "alice", "client_id": "nexus"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(revoked["revoked"], 1);
+    assert_eq!(peer.revoke_grant("alice", "nexus").await, 1);
     let path = format!("/connections/{id}");
     let (_, health) = crate::harness::eventually(
         || t.get(&path),

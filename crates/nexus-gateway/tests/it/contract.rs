@@ -408,16 +408,7 @@ async fn every_v1_answer_matches_the_reference_contract() {
         assert!(tok["expires_in"].is_number(), "{tok}");
         assert!(tok["expires_at"].is_string(), "{tok}");
 
-        let revoked: Value = reqwest::Client::new()
-            .post(format!("{}/__admin/revoke-grant", peer.issuer))
-            .json(&json!({"sub": "alice", "client_id": "nexus"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(revoked["revoked"], 1, "{revoked}");
+        assert_eq!(peer.revoke_grant("alice", "nexus").await, 1);
         r.call(
             "oauth attention",
             Method::POST,
