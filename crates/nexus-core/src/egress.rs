@@ -88,6 +88,34 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Whether `url` is plaintext `http` to a host that is not loopback (an
+/// unparsable URL is not: other checks refuse it).
+///
+/// ```
+/// use nexus_core::egress::plaintext_beyond_loopback as p;
+/// assert!(p("http://idp.example.com/token") && !p("https://idp.example.com/token"));
+/// assert!(!p("http://127.0.0.1:8080/") && !p("http://localhost/") && !p("http://[::1]/"));
+/// ```
+pub fn plaintext_beyond_loopback(url: &str) -> bool {
+    Url::parse(url).is_ok_and(|u| u.scheme() == "http" && !loopback_host(&u))
+}
+
+/// An IP literal host, if the URL has one.
+fn literal_host(url: &Url) -> Option<IpAddr> {
+    match url.host()? {
+        url::Host::Ipv4(v4) => Some(IpAddr::V4(v4)),
+        url::Host::Ipv6(v6) => Some(IpAddr::V6(v6)),
+        url::Host::Domain(_) => None,
+    }
+}
+
+fn loopback_host(url: &Url) -> bool {
+    match literal_host(url) {
+        Some(ip) => canonical(ip).is_loopback(),
+        None => url.host_str() == Some("localhost"),
+    }
+}
+
 impl Egress {
     /// Whether outbound calls may reach `ip`: never denied networks,
     /// link-local (metadata services live there) or special addresses;
@@ -118,23 +146,13 @@ impl Egress {
     /// literal host must be permitted (names are checked when resolved).
     pub fn check_url(&self, what: &str, url: &str, plaintext_ok: bool) -> Result<(), EgressError> {
         let parsed = Url::parse(url).map_err(|_| EgressError::NotHttp(what.to_string()))?;
-        let host = match parsed.host() {
-            Some(h) if matches!(parsed.scheme(), "http" | "https") => h,
-            _ => return Err(EgressError::NotHttp(what.to_string())),
-        };
-        let literal = match host {
-            url::Host::Ipv4(v4) => Some(IpAddr::V4(v4)),
-            url::Host::Ipv6(v6) => Some(IpAddr::V6(v6)),
-            url::Host::Domain(_) => None,
-        };
-        let loopback = match literal {
-            Some(ip) => canonical(ip).is_loopback(),
-            None => parsed.host_str() == Some("localhost"),
-        };
-        if let Some(ip) = literal.filter(|ip| !self.permits(*ip)) {
+        if parsed.host().is_none() || !matches!(parsed.scheme(), "http" | "https") {
+            return Err(EgressError::NotHttp(what.to_string()));
+        }
+        if let Some(ip) = literal_host(&parsed).filter(|ip| !self.permits(*ip)) {
             return Err(EgressError::Forbidden(ip));
         }
-        if parsed.scheme() == "http" && !loopback && !plaintext_ok {
+        if parsed.scheme() == "http" && !loopback_host(&parsed) && !plaintext_ok {
             return Err(EgressError::Plaintext(what.to_string()));
         }
         Ok(())

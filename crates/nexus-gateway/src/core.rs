@@ -279,10 +279,10 @@ impl Gateway {
         id: &str,
     ) -> Result<ConnectionCheck, GatewayError> {
         // The status is read fresh anyway: that one read also says the workspace.
-        let found = match self.connection(id).await {
-            Ok((c, ws)) => allowed(agent, &ws).map(|()| c),
-            Err(e) => Err(e),
-        };
+        let found = self
+            .connection(id)
+            .await
+            .and_then(|(c, ws)| allowed(agent, &ws).map(|()| c));
         match found {
             Ok(c) => Ok(ConnectionCheck::of(&c)),
             Err(e) if e.status == StatusCode::NOT_FOUND => Ok(ConnectionCheck::not_found()),

@@ -320,12 +320,9 @@ impl GatewayServer {
         if !addr.ip().is_loopback() {
             tracing::warn!(%addr, "the gateway serves plaintext HTTP on a non-loopback address: put it behind TLS (it answers with tokens)");
         }
-        let broker_plaintext = broker.is_none()
-            && config.broker_url.scheme() == "http"
-            && !matches!(config.broker_url.host(), Some(url::Host::Ipv4(ip)) if ip.is_loopback())
-            && !matches!(config.broker_url.host(), Some(url::Host::Ipv6(ip)) if ip.is_loopback())
-            && config.broker_url.host_str() != Some("localhost");
-        if broker_plaintext {
+        if broker.is_none()
+            && nexus_core::egress::plaintext_beyond_loopback(config.broker_url.as_str())
+        {
             tracing::warn!(broker = %config.broker_url, "BROKER_URL is plaintext HTTP beyond loopback: tokens and the broker key cross that network unencrypted");
         }
         let gateway = match broker {

@@ -54,17 +54,10 @@ impl Handshakes {
             Some(id) => format!("{}/{id}", self.redirect_uri),
             None => self.redirect_uri.clone(),
         };
-        if let Some((started, _)) = self.store.peek_handshake(&handshake_id).await? {
-            let oauth = started.code_verifier.is_some();
-            if oauth && started.redirect_uri != arrived_at {
-                metrics::counter!("nexus_callback_rejected_total", "reason" => "wrong_redirect")
-                    .increment(1);
-                return Err(HandshakeError::State(
-                    "the authorization response arrived at another redirect URI than its handshake's",
-                ));
-            }
-        }
-        let hs = super::consume(&self.store, &handshake_id, HandshakeKind::OAuth).await?;
+        let kind = HandshakeKind::OAuth {
+            redirect_uri: &arrived_at,
+        };
+        let hs = super::consume(&self.store, &handshake_id, kind).await?;
         let provider = self.registry.get(&hs.provider_id).await;
         let outcome = match &provider {
             Ok(provider) => self.complete(&hs, provider, &p, actor).await,

@@ -503,10 +503,11 @@ impl Handshakes {
 async fn consume(
     store: &Store,
     id: &str,
-    kind: HandshakeKind,
+    kind: HandshakeKind<'_>,
 ) -> Result<Box<HandshakeRow>, HandshakeError> {
+    let oauth = matches!(kind, HandshakeKind::OAuth { .. });
     let rejected = |reason: &'static str| {
-        if kind == HandshakeKind::OAuth {
+        if oauth {
             metrics::counter!("nexus_callback_rejected_total", "reason" => reason).increment(1);
         }
     };
@@ -525,13 +526,19 @@ async fn consume(
         Consumed::WrongKind => {
             rejected("wrong_kind");
             Err(HandshakeError::State(match kind {
-                HandshakeKind::OAuth => {
+                HandshakeKind::OAuth { .. } => {
                     "state belongs to a credential form, not an OAuth handshake"
                 }
                 HandshakeKind::Capture => {
                     "state belongs to an OAuth handshake, not a credential form"
                 }
             }))
+        }
+        Consumed::WrongRedirect => {
+            rejected("wrong_redirect");
+            Err(HandshakeError::State(
+                "the authorization response arrived at another redirect URI than its handshake's",
+            ))
         }
     }
 }

@@ -261,11 +261,10 @@ impl ProviderProfile {
                 // to the endpoints that do.
                 // (Addresses are checked when used, against the configured
                 // egress policy.)
-                let plaintext = matches!(
-                    nexus_core::egress::Egress::default().check_url(field, v, false),
-                    Err(nexus_core::egress::EgressError::Plaintext(_))
-                );
-                if field != "api_base_url" && !self.allow_plaintext && plaintext {
+                if field != "api_base_url"
+                    && !self.allow_plaintext
+                    && nexus_core::egress::plaintext_beyond_loopback(v)
+                {
                     return Err(perr(
                         field,
                         "must use https (http only to loopback, or set allow_plaintext for development)",

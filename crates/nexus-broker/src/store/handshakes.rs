@@ -48,14 +48,21 @@ pub enum Consumed {
     /// A handshake of the other kind (a capture form's state sent to the
     /// OAuth callback, or the other way round); left as it was.
     WrongKind,
+    /// An OAuth handshake whose response arrived at another redirect URI
+    /// than the one it was started with (a mix-up); left as it was.
+    WrongRedirect,
 }
 
 /// Which path may finish a handshake: the OAuth callback (handshakes with
 /// a PKCE verifier) or the capture form (static credentials, none).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HandshakeKind {
-    /// Finished by the provider's redirect to the callback.
-    OAuth,
+pub enum HandshakeKind<'a> {
+    /// Finished by the provider's redirect to the callback at
+    /// `redirect_uri`, which must be the one the handshake started with.
+    OAuth {
+        /// Where the authorization response arrived.
+        redirect_uri: &'a str,
+    },
     /// Finished by the hosted credential form.
     Capture,
 }
@@ -140,21 +147,26 @@ impl Store {
     pub async fn consume_handshake(
         &self,
         id: &str,
-        kind: HandshakeKind,
+        kind: HandshakeKind<'_>,
     ) -> Result<Consumed, StoreError> {
         let now = now_ms();
-        // The kind is part of the guard: a state sent to the wrong path
-        // must not use the handshake up (nor fail its connection).
-        let kind_sql = match kind {
-            HandshakeKind::OAuth => "code_verifier IS NOT NULL",
-            HandshakeKind::Capture => "code_verifier IS NULL",
+        // The kind (and, for OAuth, the redirect URI) is part of the guard:
+        // a state sent to the wrong path must not use the handshake up (nor
+        // fail its connection).
+        let (guard, redirect_uri) = match kind {
+            HandshakeKind::OAuth { redirect_uri } => (
+                "code_verifier IS NOT NULL AND redirect_uri = $3",
+                Some(redirect_uri),
+            ),
+            HandshakeKind::Capture => ("code_verifier IS NULL", None),
         };
+        let sql = format!("UPDATE handshakes SET consumed_at = $1 WHERE id = $2 AND consumed_at IS NULL AND expires_at > $1 AND {guard}");
         on_pool!(self, pool => {
-            let res = sqlx::query(&format!("UPDATE handshakes SET consumed_at = $1 WHERE id = $2 AND consumed_at IS NULL AND expires_at > $1 AND {kind_sql}"))
-                .bind(now)
-                .bind(id)
-                .execute(pool)
-                .await?;
+            let mut update = sqlx::query(&sql).bind(now).bind(id);
+            if let Some(r) = redirect_uri {
+                update = update.bind(r);
+            }
+            let res = update.execute(pool).await?;
             let row = sqlx::query(&format!("SELECT {HANDSHAKE_COLUMNS} FROM handshakes WHERE id = $1"))
             .bind(id)
             .fetch_optional(pool)
@@ -164,8 +176,14 @@ impl Store {
                 return Ok(Consumed::Now(Box::new(handshake_from_row(&row)?)));
             }
             let verifier: Option<String> = row.try_get("code_verifier")?;
-            if verifier.is_some() != (kind == HandshakeKind::OAuth) {
+            if verifier.is_some() != redirect_uri.is_some() {
                 return Ok(Consumed::WrongKind);
+            }
+            if let Some(arrived) = redirect_uri {
+                let started: String = row.try_get("redirect_uri")?;
+                if started != arrived {
+                    return Ok(Consumed::WrongRedirect);
+                }
             }
             let consumed: Option<i64> = row.try_get("consumed_at")?;
             Ok(if consumed.is_some() { Consumed::AlreadyUsed } else { Consumed::Expired })
