@@ -352,25 +352,59 @@ async fn capture_refuses_bad_and_oauth_states(b: Backend) {
     t.finish().await;
 }
 
+/// Posts a JSON capture; the status and the JSON answer.
+async fn submit_json(t: &TestBroker, body: Value) -> (StatusCode, Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/auth/capture-credential", t.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (resp.status(), resp.json().await.unwrap())
+}
+
+/// Opens a capture page in `browser` (keeping its cookie), then submits
+/// good credentials from it; the status of the submission.
+async fn fill_in(t: &TestBroker, browser: &reqwest::Client, state: &str, url: Url) -> StatusCode {
+    let html = browser.get(url).send().await.unwrap().text().await.unwrap();
+    submit_form(t, browser, state, &html).await
+}
+
+/// Submits good credentials from an opened page's `html`.
+async fn submit_form(
+    t: &TestBroker,
+    browser: &reqwest::Client,
+    state: &str,
+    html: &str,
+) -> StatusCode {
+    browser
+        .post(format!("{}/auth/capture-credential", t.base))
+        .form(&[
+            ("state", state),
+            ("csrf", &hidden(html, "csrf")),
+            ("api_key", "a-long-enough-api-key-value"),
+            ("account", "acme"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
 /// Regressions from the adversarial review: an empty required field, NUL in
 /// the JSON path, two forms open in one browser, and a capture state sent to
 /// the OAuth callback (with a forged, line-breaking description).
 async fn capture_input_gaps_are_closed(b: Backend) {
     let t = TestBroker::start_public(&b, |_| {}).await;
     t.create_provider(weather_profile()).await;
-    let post = format!("{}/auth/capture-credential", t.base);
-    let client = reqwest::Client::new();
 
     // Empty (or blank) counts as missing.
     let (_, state, _) = start(&t).await;
-    let resp = client
-        .post(&post)
-        .json(&json!({"state": state, "credentials": {"api_key": "a-long-enough-api-key-value", "account": "  "}}))
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status();
-    let body: Value = resp.json().await.unwrap();
+    let (status, body) = submit_json(
+        &t,
+        json!({"state": state, "credentials": {"api_key": "a-long-enough-api-key-value", "account": "  "}}),
+    )
+    .await;
     assert_json_error(status, &body, 400, "invalid_credentials");
     assert!(
         body["message"].as_str().unwrap().contains("account"),
@@ -378,14 +412,12 @@ async fn capture_input_gaps_are_closed(b: Backend) {
     );
 
     // NUL is refused on the JSON path as everywhere else.
-    let resp = client
-        .post(&post)
-        .json(&json!({"state": state, "credentials": {"api_key": "a-long-enough-api-key\u{0}", "account": "a"}}))
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status();
-    assert_json_error(status, &resp.json().await.unwrap(), 400, "invalid_request");
+    let (status, body) = submit_json(
+        &t,
+        json!({"state": state, "credentials": {"api_key": "a-long-enough-api-key\u{0}", "account": "a"}}),
+    )
+    .await;
+    assert_json_error(status, &body, 400, "invalid_request");
 
     // Two forms open in one browser: submitting the first still works.
     let browser = browser();
@@ -408,18 +440,8 @@ async fn capture_input_gaps_are_closed(b: Backend) {
         .await
         .unwrap();
     for (state, html) in [(&state1, &html1), (&state2, &html2)] {
-        let resp = browser
-            .post(&post)
-            .form(&[
-                ("state", state.as_str()),
-                ("csrf", &hidden(html, "csrf")),
-                ("api_key", "a-long-enough-api-key-value"),
-                ("account", "acme"),
-            ])
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), StatusCode::SEE_OTHER, "{state}");
+        let status = submit_form(&t, &browser, state, html).await;
+        assert_eq!(status, StatusCode::SEE_OTHER, "{state}");
     }
 
     // A capture state at the OAuth callback is refused and uses nothing up;
@@ -436,26 +458,8 @@ async fn capture_input_gaps_are_closed(b: Backend) {
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     let (_, c) = t.get(&format!("/connections/{cid3}")).await;
     assert_eq!(c["status"], "pending", "{c}");
-    let html = browser
-        .get(url3)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let resp = browser
-        .post(&post)
-        .form(&[
-            ("state", state3.as_str()),
-            ("csrf", &hidden(&html, "csrf")),
-            ("api_key", "a-long-enough-api-key-value"),
-            ("account", "acme"),
-        ])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::SEE_OTHER, "the form still works");
+    let status = fill_in(&t, &browser, &state3, url3).await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "the form still works");
     let (_, c) = t.get(&format!("/connections/{cid2}")).await;
     assert_eq!(c["status"], "active");
     let log = logs();

@@ -201,11 +201,7 @@ async fn sdk_wait_for_active(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_v1_answer_matches_the_reference_contract() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::harness::free_port();
     let gateway = format!("http://127.0.0.1:{port}");
     let peer = OidcPeer::start(
         json!([client(
@@ -447,15 +443,7 @@ async fn every_v1_answer_matches_the_reference_contract() {
     }
 
     // Every answer, against the contract and our own document.
-    let doc: Value = s
-        .client
-        .get(format!("{}/openapi.json", s.gateway))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = s.openapi().await;
     if let Some(report) = validate(&r.seen, &doc) {
         eprintln!("{report}");
     }

@@ -26,7 +26,8 @@ pub struct Stack {
     stops: Vec<oneshot::Sender<()>>,
 }
 
-fn free_port() -> u16 {
+/// A free loopback port (for a gateway whose URL must be known first).
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -123,6 +124,18 @@ impl Stack {
         if let Some(b) = self.stops.pop() {
             let _ = b.send(());
         }
+    }
+
+    /// The gateway's OpenAPI document.
+    pub async fn openapi(&self) -> Value {
+        self.client
+            .get(format!("{}/openapi.json", self.gateway))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     pub async fn stop(mut self) {

@@ -3,17 +3,13 @@
 
 use nexus_testkit::{browser, client, consent, q, OidcPeer};
 use reqwest::{Method, StatusCode};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::harness::{Stack, RETURN_URL};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshake_through_the_gateway_callback() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::harness::free_port();
     let gateway = format!("http://127.0.0.1:{port}");
     let Some(peer) = OidcPeer::start(
         json!([client(
@@ -39,28 +35,7 @@ async fn handshake_through_the_gateway_callback() {
         )
         .await;
     assert_eq!(st, StatusCode::CREATED, "{b}");
-    let (_, key) = s.agent_key(&["u1"]).await;
-    let (st, spec) = s
-        .call(
-            Some(&key),
-            Method::POST,
-            "/v1/request-connection",
-            Some(json!({"user_id": "u1", "provider_name": "idp", "return_url": RETURN_URL})),
-        )
-        .await;
-    assert_eq!(st, StatusCode::OK, "{spec}");
-    let auth_url = spec["authUrl"].as_str().unwrap();
-    assert!(
-        auth_url.contains(&urlencode(&format!("{gateway}/auth/callback"))),
-        "redirect_uri is the gateway's: {auth_url}"
-    );
-    let back = consent(&browser(), auth_url, &gateway).await;
-    assert_eq!(q(&back, "status").as_deref(), Some("success"), "{back}");
-    let id = spec["connection_id"].as_str().unwrap();
-    let (st, tok) = s
-        .call(Some(&key), Method::GET, &format!("/v1/token/{id}"), None)
-        .await;
-    assert_eq!(st, StatusCode::OK, "{tok}");
+    let tok = connect(&s, "idp", &gateway, &format!("{gateway}/auth/callback")).await;
     assert_eq!(tok["strategy"]["type"], "oauth2");
     let at = tok["access_token"].as_str().unwrap();
     let r = reqwest::Client::new()
@@ -81,16 +56,41 @@ fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
+/// Connects `provider` for a new agent key's workspace through the gateway:
+/// request-connection (whose authUrl must name `redirect_uri`), consent at
+/// the real provider as a browser, then the token answer.
+async fn connect(s: &Stack, provider: &str, gateway: &str, redirect_uri: &str) -> Value {
+    let (_, key) = s.agent_key(&["u1"]).await;
+    let (st, spec) = s
+        .call(
+            Some(&key),
+            Method::POST,
+            "/v1/request-connection",
+            Some(json!({"user_id": "u1", "provider_name": provider, "return_url": RETURN_URL})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{spec}");
+    let auth_url = spec["authUrl"].as_str().unwrap();
+    assert!(
+        auth_url.contains(&urlencode(redirect_uri)),
+        "redirect_uri is {redirect_uri}: {auth_url}"
+    );
+    let back = consent(&browser(), auth_url, gateway).await;
+    assert_eq!(q(&back, "status").as_deref(), Some("success"), "{back}");
+    let id = spec["connection_id"].as_str().unwrap();
+    let (st, tok) = s
+        .call(Some(&key), Method::GET, &format!("/v1/token/{id}"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{tok}");
+    tok
+}
+
 /// A provider with its own redirect URI (`redirect: per_provider`), through
 /// the gateway, at the real OpenID provider: the IdP knows only
 /// `/auth/callback/{provider id}`, and the handshake completes there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_provider_redirect_uri_through_the_gateway() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::harness::free_port();
     let gateway = format!("http://127.0.0.1:{port}");
     let s = Stack::start(port, "").await;
     // The provider first (its id names its redirect URI), the IdP second,
@@ -127,25 +127,7 @@ async fn per_provider_redirect_uri_through_the_gateway() {
         .admin(Method::GET, &format!("/providers/{id}"), None)
         .await;
     assert_eq!(view["redirect_uri"], own.as_str());
-    let (_, key) = s.agent_key(&["u1"]).await;
-    let (st, spec) = s
-        .call(
-            Some(&key),
-            Method::POST,
-            "/v1/request-connection",
-            Some(json!({"user_id": "u1", "provider_name": "own", "return_url": RETURN_URL})),
-        )
-        .await;
-    assert_eq!(st, StatusCode::OK, "{spec}");
-    let auth_url = spec["authUrl"].as_str().unwrap();
-    assert!(auth_url.contains(&urlencode(&own)), "{auth_url}");
-    let back = consent(&browser(), auth_url, &gateway).await;
-    assert_eq!(q(&back, "status").as_deref(), Some("success"), "{back}");
-    let cid = spec["connection_id"].as_str().unwrap();
-    let (st, tok) = s
-        .call(Some(&key), Method::GET, &format!("/v1/token/{cid}"), None)
-        .await;
-    assert_eq!(st, StatusCode::OK, "{tok}");
+    let tok = connect(&s, "own", &gateway, &own).await;
     assert!(tok["access_token"].is_string());
     s.stop().await;
 }

@@ -428,15 +428,7 @@ async fn reference_wire_shapes() {
 async fn openapi_documents_every_route() {
     let s = Stack::start(0, "").await;
     let (_, key) = s.agent_key(&["*"]).await;
-    let doc: Value = s
-        .client
-        .get(format!("{}/openapi.json", s.gateway))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = s.openapi().await;
     nexus_testkit::validate_openapi(&doc);
     let ops = nexus_testkit::operations(&doc);
     assert!(ops.len() >= 14, "{ops:?}");
