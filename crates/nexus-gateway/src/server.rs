@@ -323,7 +323,7 @@ impl GatewayServer {
         if broker.is_none()
             && nexus_core::egress::plaintext_beyond_loopback(config.broker_url.as_str())
         {
-            tracing::warn!(broker = %config.broker_url, "BROKER_URL is plaintext HTTP beyond loopback: tokens and the broker key cross that network unencrypted");
+            tracing::warn!(broker = %nexus_core::settings::redact_url(config.broker_url.as_str()), "BROKER_URL is plaintext HTTP beyond loopback: tokens and the broker key cross that network unencrypted");
         }
         let gateway = match broker {
             Some(b) => Gateway::with_broker(config, b),
