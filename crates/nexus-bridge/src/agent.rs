@@ -50,15 +50,6 @@ impl NexusAuth {
         }
     }
 
-    fn hint(&self, method: &Method, path: &str) -> Option<&ScopeHint> {
-        self.hints
-            .iter()
-            .filter(|h| {
-                h.method.as_ref().is_none_or(|m| m == method) && path.starts_with(&h.path_prefix)
-            })
-            .max_by_key(|h| h.path_prefix.len())
-    }
-
     fn report(
         &self,
         status: StatusCode,
@@ -67,26 +58,59 @@ impl NexusAuth {
         resp: &reqwest::Response,
         ext: &Extensions,
     ) {
-        let hint = self.hint(method, url.path());
-        let scopes = ext
-            .get::<RequiredScopes>()
-            .map(|r| r.0.clone())
-            .or_else(|| hint.map(|h| h.scopes.clone()))
-            .unwrap_or_default();
-        let report = ScopeReport {
-            status: status.as_u16(),
-            scopes,
-            method: Some(method.to_string()),
-            host: url.host_str().map(str::to_string),
-            path_template: hint.map(|h| h.path_prefix.clone()),
-            www_authenticate: resp
-                .headers()
-                .get(http::header::WWW_AUTHENTICATE)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
-            ..Default::default()
-        };
+        let www = resp
+            .headers()
+            .get(http::header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok());
+        let explicit = ext.get::<RequiredScopes>().map(|r| r.0.clone());
+        let report = scope_report(
+            &self.hints,
+            status,
+            method,
+            url.host_str(),
+            url.path(),
+            www,
+            explicit,
+        );
         self.bridge.reporter().submit(&self.connection, report);
+    }
+}
+
+/// The hint for a request: the longest path prefix among those for its
+/// method (or any method).
+pub fn best_hint<'a>(hints: &'a [ScopeHint], method: &Method, path: &str) -> Option<&'a ScopeHint> {
+    hints
+        .iter()
+        .filter(|h| {
+            h.method.as_ref().is_none_or(|m| m == method) && path.starts_with(&h.path_prefix)
+        })
+        .max_by_key(|h| h.path_prefix.len())
+}
+
+/// The report of a provider's 401/403 to a request: scopes from `explicit`
+/// (per request), else the route's hint, else none (the broker then reads
+/// the provider's `WWW-Authenticate`); the hint's prefix as the path
+/// template, never the raw path (it can carry ids).
+pub fn scope_report(
+    hints: &[ScopeHint],
+    status: StatusCode,
+    method: &Method,
+    host: Option<&str>,
+    path: &str,
+    www_authenticate: Option<&str>,
+    explicit: Option<Vec<String>>,
+) -> ScopeReport {
+    let hint = best_hint(hints, method, path);
+    ScopeReport {
+        status: status.as_u16(),
+        scopes: explicit
+            .or_else(|| hint.map(|h| h.scopes.clone()))
+            .unwrap_or_default(),
+        method: Some(method.to_string()),
+        host: host.map(str::to_string),
+        path_template: hint.map(|h| h.path_prefix.clone()),
+        www_authenticate: www_authenticate.map(str::to_string),
+        ..Default::default()
     }
 }
 
@@ -122,7 +146,7 @@ impl Middleware for NexusAuth {
                 };
                 let fresh = self
                     .bridge
-                    .refreshed(&self.connection, creds.generation)
+                    .refresh_after(&self.connection, creds.generation)
                     .await
                     .map_err(refused)?;
                 crate::strategy::apply_reqwest(&fresh, &mut retry).map_err(refused)?;

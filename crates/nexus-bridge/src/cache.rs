@@ -40,6 +40,10 @@ pub struct CacheSettings {
     pub backoff_cap: Duration,
     /// How long a connection that needs a person is not asked about again.
     pub interaction_hold: Duration,
+    /// Re-fetch at least this often, whatever the expiry, so that a pause
+    /// or a revocation reaches this cache within it (`None`: by expiry and
+    /// `static_ttl` only). A proxy serving many requests sets it.
+    pub recheck: Option<Duration>,
 }
 
 impl Default for CacheSettings {
@@ -52,6 +56,7 @@ impl Default for CacheSettings {
             backoff_base: Duration::from_millis(250),
             backoff_cap: Duration::from_secs(30),
             interaction_hold: Duration::from_secs(30),
+            recheck: None,
         }
     }
 }
@@ -261,6 +266,15 @@ impl CredentialCache {
     }
 
     fn refresh_at(&self, c: &Credentials, now: SystemTime) -> SystemTime {
+        let s = &self.settings;
+        let by_expiry = self.by_expiry(c, now);
+        match s.recheck {
+            Some(r) => by_expiry.min(now + r.max(s.min_refetch)),
+            None => by_expiry,
+        }
+    }
+
+    fn by_expiry(&self, c: &Credentials, now: SystemTime) -> SystemTime {
         let s = &self.settings;
         let Some(expires_at) = c.expires_at else {
             return now + s.static_ttl;

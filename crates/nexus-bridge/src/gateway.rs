@@ -316,6 +316,76 @@ impl GatewayClient {
         .await
     }
 
+    /// `GET /v1/providers`: providers grouped by auth type, then name.
+    pub async fn providers(&self) -> Result<Value, BridgeError> {
+        let answer = self.call(Method::GET, &["v1", "providers"], None).await?;
+        Self::json(&answer)
+    }
+
+    /// `GET /v1/workspaces/{id}/connections/status`: the workspace's
+    /// connections and their health.
+    pub async fn workspace_connections(&self, workspace: &str) -> Result<Value, BridgeError> {
+        let answer = self
+            .call(
+                Method::GET,
+                &["v1", "workspaces", workspace, "connections", "status"],
+                None,
+            )
+            .await?;
+        Self::json(&answer)
+    }
+
+    /// The connection of `workspace` to `provider` (its name, any case, or
+    /// its id): one that serves (`active`, then `degraded`) before one that
+    /// needs a person, the most recently updated first. `NotFound` if the
+    /// workspace has none.
+    pub async fn find_connection(
+        &self,
+        workspace: &str,
+        provider: &str,
+    ) -> Result<String, BridgeError> {
+        let providers = self.providers().await?;
+        let mut ids = vec![provider.to_string()];
+        for by_name in providers.as_object().into_iter().flat_map(|m| m.values()) {
+            for (name, p) in by_name.as_object().into_iter().flatten() {
+                if name.eq_ignore_ascii_case(provider) {
+                    if let Some(id) = p["id"].as_str() {
+                        ids.push(id.to_string());
+                    }
+                }
+            }
+        }
+        let status = self.workspace_connections(workspace).await?;
+        let rank = |s: &str| match s {
+            "active" => 0,
+            "degraded" => 1,
+            "pending" => 3,
+            _ => 2,
+        };
+        status["connections"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, c)| {
+                c["provider_id"]
+                    .as_str()
+                    .is_some_and(|p| ids.iter().any(|i| i == p))
+            })
+            .min_by(|(_, a), (_, b)| {
+                let key = |c: &Value| rank(c["status"].as_str().unwrap_or(""));
+                key(a).cmp(&key(b)).then_with(|| {
+                    // RFC 3339 in UTC sorts as text; newest first.
+                    b["updated_at"].as_str().cmp(&a["updated_at"].as_str())
+                })
+            })
+            .map(|(id, _)| id.clone())
+            .ok_or_else(|| {
+                BridgeError::NotFound(format!(
+                    "workspace {workspace} has no connection to provider {provider}"
+                ))
+            })
+    }
+
     /// `POST /v1/connections/{id}/scope-failures`.
     pub async fn report_scope_failure(
         &self,

@@ -122,7 +122,7 @@ impl WsKeeper {
                         // The peer turned the credentials down: ask for new ones.
                         match self
                             .bridge
-                            .refreshed(&self.connection, creds.generation)
+                            .refresh_after(&self.connection, creds.generation)
                             .await
                         {
                             Err(e) if fatal(&e) => return Err(e),

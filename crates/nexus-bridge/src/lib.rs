@@ -48,7 +48,7 @@ pub mod strategy;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use agent::{NexusAuth, RequiredScopes, ScopeHint};
+pub use agent::{best_hint, scope_report, NexusAuth, RequiredScopes, ScopeHint};
 pub use cache::CacheSettings;
 pub use credentials::{Credentials, Strategy};
 pub use error::BridgeError;
@@ -256,8 +256,10 @@ impl Bridge {
         self.inner.cache.refreshed(id, seen).await
     }
 
-    /// New credentials after the provider refused those of `generation`.
-    pub(crate) async fn refreshed(
+    /// New credentials after the provider refused those of `generation`
+    /// ([`Credentials::generation`]): one refresh however many requests saw
+    /// the refusal; those arriving after it get its result.
+    pub async fn refresh_after(
         &self,
         id: &str,
         generation: u64,
@@ -302,6 +304,13 @@ impl Bridge {
 
     pub(crate) fn reporter(&self) -> &agent::Reporter {
         &self.inner.reporter
+    }
+
+    /// Sends a scope report in the background, as the agent loop does: the
+    /// same report at most once a minute, a few in flight at most (more are
+    /// dropped and counted in `nexus_bridge_reports_total`).
+    pub fn report_in_background(&self, connection_id: &str, report: ScopeReport) {
+        self.inner.reporter.submit(connection_id, report);
     }
 
     pub(crate) fn allows_insecure(&self) -> bool {

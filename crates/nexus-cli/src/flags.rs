@@ -94,6 +94,10 @@ flags!(
     GatewayFlags: [nexus_gateway::GatewaySettings::ALL] except []
 );
 flags!(
+    /// The sidecar's settings.
+    SidecarFlags: [nexus_sidecar::SidecarSettings::ALL] except []
+);
+flags!(
     /// Broker and gateway together (`nexus up`, which points the gateway
     /// at its own broker).
     UpFlags: [nexus_broker::config::Settings::ALL, nexus_gateway::GatewaySettings::ALL]

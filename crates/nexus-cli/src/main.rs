@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use flags::{BrokerFlags, GatewayFlags, Given, UpFlags};
+use flags::{BrokerFlags, GatewayFlags, Given, SidecarFlags, UpFlags};
 use nexus_broker::config::{self, BrokerConfig, Settings};
 use nexus_broker::server::Broker;
 use nexus_broker::store::Store;
@@ -65,6 +65,10 @@ enum Command {
     Broker(ServerArgs),
     /// Run the gateway alone in front of a broker (BROKER_URL, BROKER_API_KEY).
     Gateway(GatewayArgs),
+    /// Run the sidecar beside an agent: a localhost proxy that applies a
+    /// connection's credentials (GATEWAY_URL, AGENT_KEY or AGENT_KEY_FILE,
+    /// SIDECAR_ROUTES_FILE).
+    Sidecar(SidecarArgs),
     /// Agent keys: create, list, revoke (through the broker's admin API).
     Agents {
         #[command(subcommand)]
@@ -110,6 +114,14 @@ struct ServerArgs {
 struct GatewayArgs {
     #[command(flatten)]
     settings: GatewayFlags,
+}
+
+/// The sidecar's settings (AGENT_KEY from the environment or the state
+/// folder only, or AGENT_KEY_FILE).
+#[derive(Args)]
+struct SidecarArgs {
+    #[command(flatten)]
+    settings: SidecarFlags,
 }
 
 #[derive(Args)]
@@ -161,6 +173,14 @@ fn settings(given: &Given, state: Option<&StateDir>) -> Settings {
 fn gateway_settings(given: &Given, state: Option<&StateDir>) -> GatewaySettings {
     let mut s = GatewaySettings::default();
     fill(GatewaySettings::ALL, given, state, |n, v| {
+        s.set(n, v);
+    });
+    s
+}
+
+fn sidecar_settings(given: &Given, state: Option<&StateDir>) -> nexus_sidecar::SidecarSettings {
+    let mut s = nexus_sidecar::SidecarSettings::default();
+    fill(nexus_sidecar::SidecarSettings::ALL, given, state, |n, v| {
         s.set(n, v);
     });
     s
@@ -266,6 +286,21 @@ async fn run() -> Result<()> {
             .await?;
             tracing::info!(addr = %gw.local_addr(), "gateway listening");
             gw.run(stop).await?;
+            Ok(())
+        }
+        Command::Sidecar(args) => {
+            let stop = shutdown_signal();
+            let state = open_state(Some(Path::new(".nexus")))?;
+            let config = nexus_sidecar::SidecarConfig::from_settings(&sidecar_settings(
+                &args.settings.0,
+                state.as_ref(),
+            ))?;
+            let routes = config.routes.names().join(", ");
+            let sidecar =
+                nexus_sidecar::Sidecar::start(config, nexus_core::telemetry::metrics_handle())
+                    .await?;
+            tracing::info!(addr = %sidecar.local_addr(), routes = %routes, "sidecar listening");
+            sidecar.run(stop).await?;
             Ok(())
         }
         Command::Agents { command } => agents::run(command).await,

@@ -136,6 +136,7 @@ policy.get('login').checks.add(new interactionPolicy.Check(
 const stats = {
   token_requests: { authorization_code: 0, refresh_token: 0 },
   revocations: 0,
+  resource_calls: 0,
 };
 
 // ---------------------------------------------------------------- helpers
@@ -379,6 +380,7 @@ provider.use(async (ctx, next) => {
 
   // --- scope-enforcing resource API
   if (path === '/api/resource' && method === 'GET') {
+    stats.resource_calls += 1;
     const wanted = ctx.query.scope;
     if (typeof wanted !== 'string' || !wanted) {
       return json(ctx, 400, { error: 'invalid_request', error_description: 'scope query parameter required' });

@@ -157,3 +157,29 @@ async fn a_pause_stops_the_use_of_cached_credentials() {
     }
     assert!(ok, "served again after the pause");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recheck_bounds_how_long_hour_long_credentials_are_trusted() {
+    // A pause or a revocation must reach a busy proxy within `recheck`,
+    // even while its token has an hour left.
+    let g = Gateway::start(Mode::Ok { expires_in: 3600 }).await;
+    let b = bridge(
+        &g,
+        CacheSettings {
+            recheck: Some(Duration::from_millis(200)),
+            ..quick()
+        },
+    );
+    b.token("c1").await.unwrap();
+    for _ in 0..10 {
+        b.token("c1").await.unwrap();
+    }
+    assert_eq!(g.tokens.load(Ordering::SeqCst), 1, "cached meanwhile");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.token("c1").await.unwrap();
+    assert_eq!(
+        g.tokens.load(Ordering::SeqCst),
+        2,
+        "asked again after recheck"
+    );
+}

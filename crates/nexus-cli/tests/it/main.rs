@@ -552,3 +552,140 @@ fn env_value_last(text: &str, name: &str) -> String {
         .unwrap_or_else(|| panic!("{name} in nexus.env"))
         .to_string()
 }
+
+/// `nexus sidecar` beside `nexus up`: the access log has one line per
+/// request without the query, and a canary credential appears in no log
+/// line of either process, no answer and no metric.
+#[tokio::test]
+async fn the_sidecar_binary_proxies_and_logs_no_secret() {
+    const CANARY: &str = "CANARY-sidecar-cli-5b1e";
+    let tmp = tempfile::tempdir().unwrap();
+    let (up_child, broker, gateway) = up_full(tmp.path(), &[], &[]).await;
+    let http = http();
+    let env = env_file(tmp.path());
+    let admin = env_value(&env, "API_KEY");
+    let agent_key = env_value_last(&env, "AGENT_KEY");
+    let created = http
+        .post(format!("{broker}/providers"))
+        .header("x-api-key", &admin)
+        .json(&json!({"profile": {"name": "self", "auth_type": "header", "params": {
+            "header_name": "X-Canary-Key", "credential_field": "api_key",
+            "credential_schema": {"type": "object", "required": ["api_key"], "properties": {"api_key": {"type": "string"}}}
+        }}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    let spec: Value = http
+        .post(format!("{gateway}/v1/request-connection"))
+        .bearer_auth(&agent_key)
+        .json(&json!({"user_id": "w1", "provider_name": "self", "return_url": "http://localhost:3000/done"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let captured = http
+        .post(format!("{gateway}/auth/capture-credential"))
+        .json(&json!({"state": spec["state"], "credentials": {"api_key": CANARY}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(captured.status().is_success());
+    // The gateway itself is the upstream: it answers /health.
+    std::fs::write(
+        tmp.path().join("routes.toml"),
+        format!("[routes.gw]\nupstream = \"{gateway}\"\nworkspace = \"w1\"\nprovider = \"self\"\n"),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut sidecar = nexus(tmp.path())
+        .args(["sidecar", "--gateway-url", &gateway])
+        .args(["--sidecar-addr", &format!("127.0.0.1:{port}")])
+        .args(["--sidecar-routes-file", "routes.toml"])
+        .env("AGENT_KEY", &agent_key)
+        .env("NEXUS_LOG", "trace")
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut ready = None;
+    for _ in 0..100 {
+        if let Ok(r) = http.get(format!("{base}/_nexus/ready")).send().await {
+            ready = Some(r.status().as_u16());
+            if r.status().is_success() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready, Some(200));
+    let mut seen = String::new();
+    for path in [
+        "/gw/health?note=QUERY-NOT-LOGGED",
+        "/gw/v1/providers",
+        "/none/x",
+        "/_nexus/metrics",
+    ] {
+        let r = http.get(format!("{base}{path}")).send().await.unwrap();
+        seen += &format!("{:?}", r.headers());
+        seen += &r.text().await.unwrap();
+    }
+    assert!(
+        seen.contains("\"status\":\"ok\""),
+        "the gateway's /health through the sidecar: {seen}"
+    );
+    assert!(seen.contains("unknown_route"));
+    assert!(!seen.contains(CANARY), "the canary reached the agent");
+    let pid = sidecar.id().unwrap().to_string();
+    let mut stdout = sidecar.stdout.take().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(20), sidecar.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut logs = String::new();
+    sidecar
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .await
+        .unwrap();
+    stdout.read_to_string(&mut logs).await.unwrap();
+    assert!(exit.success(), "{logs}");
+    let access: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("nexus_sidecar::access"))
+        .collect();
+    // Probes of /_nexus/... are not logged (a kubelet asks every few seconds).
+    assert_eq!(
+        access.len(),
+        3,
+        "one access line per proxied request:\n{logs}"
+    );
+    assert!(
+        access.iter().any(|l| l.contains("route=gw")
+            && l.contains("path=/gw/health")
+            && l.contains("status=200")),
+        "{access:?}"
+    );
+    assert!(
+        !logs.contains("QUERY-NOT-LOGGED"),
+        "a query string in the logs"
+    );
+    assert!(!logs.contains(CANARY), "the canary in the sidecar's logs");
+    assert!(
+        !logs.contains(&agent_key),
+        "the agent key in the sidecar's logs"
+    );
+    let up_logs = stop(up_child, "-TERM").await;
+    assert!(!up_logs.contains(CANARY), "the canary in nexus up's logs");
+}

@@ -1,0 +1,390 @@
+//! One agent request through the sidecar: route, credentials, strategy,
+//! upstream, and the agent loop of the bridge (401 → one forced refresh and
+//! one replay; 403 → scope report; connections that need a person answered
+//! without an upstream call), with bodies streamed both ways.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{request, Method, Response, StatusCode, Version};
+use hyper::body::Body as _;
+use nexus_bridge::{Bridge, BridgeError, Credentials};
+
+use crate::connection::Resolver;
+use crate::error::SidecarError;
+use crate::headers;
+use crate::memory::{self, RateMemory};
+use crate::routes::{Route, Routes};
+use crate::target;
+use crate::upstream::Upstreams;
+
+/// Everything a request needs.
+#[derive(Debug)]
+pub struct Proxy {
+    /// The routes.
+    pub routes: Routes,
+    /// Credentials and reports.
+    pub bridge: Bridge,
+    /// Upstream clients.
+    pub upstreams: Upstreams,
+    /// Connections looked up by workspace and provider.
+    pub resolver: Resolver,
+    /// Remembered upstream 429s.
+    pub rate: RateMemory,
+    /// Bodies kept for a replay.
+    pub replay_body_max: usize,
+    /// Bodies a strategy may hash.
+    pub signed_body_max: usize,
+    /// Time to an upstream's response head.
+    pub upstream_timeout: std::time::Duration,
+}
+
+/// How a request ended, for metrics and the access log.
+struct Outcome {
+    route: Option<String>,
+    what: String,
+}
+
+/// The handler of every path but `/_nexus/...`.
+pub async fn handle(State(p): State<Arc<Proxy>>, req: Request) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    // The query can hold anything (even a credential the agent should not
+    // have): never logged.
+    let path = nexus_core::text::printable(req.uri().path(), 256).to_string();
+    let mut outcome = Outcome {
+        route: None,
+        what: String::new(),
+    };
+    let resp = match p.forward(req, &mut outcome).await {
+        Ok(r) => {
+            outcome.what = format!("upstream_{}xx", r.status().as_u16() / 100);
+            r
+        }
+        Err(e) => {
+            outcome.what = e.code().to_string();
+            axum::response::IntoResponse::into_response(e)
+        }
+    };
+    let route = outcome.route.unwrap_or_else(|| "(none)".into());
+    metrics::counter!("nexus_sidecar_requests_total", "route" => route.clone(), "outcome" => outcome.what.clone())
+        .increment(1);
+    tracing::info!(
+        target: "nexus_sidecar::access",
+        method = %method,
+        route = %route,
+        path = %path,
+        status = resp.status().as_u16(),
+        outcome = %outcome.what,
+        ms = started.elapsed().as_millis() as u64,
+        "request"
+    );
+    resp
+}
+
+/// A request body: in memory (replayable, hashable) or a stream.
+enum Payload {
+    Kept(Bytes),
+    Streamed(Body),
+}
+
+fn too_large(limit: usize, why: &str) -> SidecarError {
+    SidecarError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!("{why}: the body is over {limit} bytes (SIDECAR_SIGNED_BODY_MAX_BYTES)"),
+    )
+    .with("limit", limit)
+}
+
+fn strategy_error(e: BridgeError) -> SidecarError {
+    SidecarError::new(StatusCode::BAD_GATEWAY, "strategy_failed", e.to_string())
+}
+
+impl Proxy {
+    async fn forward(
+        &self,
+        mut req: Request,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Body>, SidecarError> {
+        let (route, rest) = target::split(&self.routes, req.method(), req.version(), req.uri())?;
+        outcome.route = Some(route.name.clone());
+        let rest = rest.to_string();
+        let connection = self
+            .resolver
+            .connection(&self.bridge, route)
+            .await
+            .map_err(|e| SidecarError::from_bridge(&e, ""))?;
+        if let Some(wait) = self.rate.wait(&route.name, &connection) {
+            metrics::counter!("nexus_sidecar_short_circuits_total", "route" => route.name.clone())
+                .increment(1);
+            return Err(SidecarError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "upstream_rate_limited",
+                "the upstream asked to slow down (429 with Retry-After); the sidecar answers for it until then",
+            )
+            .retry_after(wait));
+        }
+        let creds = match self.bridge.token(&connection).await {
+            Ok(c) => c,
+            Err(e) => {
+                if matches!(
+                    e,
+                    BridgeError::NotFound(_) | BridgeError::InteractionRequired { .. }
+                ) {
+                    self.resolver.forget(&route.name);
+                }
+                return Err(SidecarError::from_bridge(&e, &connection));
+            }
+        };
+        let upgrade = headers::wants_upgrade(req.headers());
+        let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let method = parts.method.clone();
+        let strategy = &creds.strategy;
+        let drop = (strategy.kind == "query_param")
+            .then(|| strategy.field("param_name"))
+            .flatten();
+        parts.uri = target::upstream_uri(route, &rest, parts.uri.query(), drop)?;
+        parts.version = if route.http2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        headers::outbound(&mut parts.headers, upgrade, strategy);
+        parts.extensions = Default::default();
+        let payload = self.payload(&creds, &parts, body).await?;
+
+        let replay = match &payload {
+            Payload::Kept(b) => Some((parts.clone(), b.clone())),
+            Payload::Streamed(_) => None,
+        };
+        let resp = self.send(route, &creds, parts, payload, upgrade).await?;
+        let resp = match resp.status() {
+            StatusCode::UNAUTHORIZED => match replay {
+                Some((parts, body)) => {
+                    // Revoked or rotated early: one forced refresh, one replay.
+                    let fresh = self
+                        .bridge
+                        .refresh_after(&connection, creds.generation)
+                        .await
+                        .map_err(|e| SidecarError::from_bridge(&e, &connection))?;
+                    let again = self
+                        .send(route, &fresh, parts.clone(), Payload::Kept(body), upgrade)
+                        .await?;
+                    if again.status() == StatusCode::UNAUTHORIZED {
+                        self.report(route, &connection, &parts.method, &rest, &again);
+                    }
+                    again
+                }
+                None => {
+                    // A streamed body cannot be sent twice: the agent gets
+                    // the 401, and its retry finds fresh credentials.
+                    let bridge = self.bridge.clone();
+                    let (id, generation) = (connection.clone(), creds.generation);
+                    tokio::spawn(async move {
+                        let _ = bridge.refresh_after(&id, generation).await;
+                    });
+                    resp
+                }
+            },
+            StatusCode::FORBIDDEN => {
+                self.report(route, &connection, &method, &rest, &resp);
+                resp
+            }
+            StatusCode::TOO_MANY_REQUESTS => {
+                if let Some(wait) = resp
+                    .headers()
+                    .get(axum::http::header::RETRY_AFTER)
+                    .and_then(|v| memory::retry_after(v, SystemTime::now()))
+                {
+                    self.rate.remember(&route.name, &connection, wait);
+                }
+                resp
+            }
+            _ => resp,
+        };
+        Ok(self.back_to_agent(resp, on_upgrade))
+    }
+
+    /// Reads the body into memory when it must be (a strategy hashes it) or
+    /// may cheaply be (small enough to replay); else streams it.
+    async fn payload(
+        &self,
+        creds: &Credentials,
+        parts: &request::Parts,
+        body: Body,
+    ) -> Result<Payload, SidecarError> {
+        let strategy = &creds.strategy;
+        let must_hash = strategy.kind == "hmac_payload"
+            || (strategy.kind == "aws_sigv4" && strategy.field("service") != Some("s3"));
+        if body.is_end_stream() {
+            return Ok(Payload::Kept(Bytes::new()));
+        }
+        let length = parts
+            .headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let unreadable = |e: axum::Error| {
+            SidecarError::new(
+                StatusCode::BAD_REQUEST,
+                "body_unreadable",
+                format!("the request body could not be read: {e}"),
+            )
+        };
+        if must_hash {
+            let why = format!("{} signs the whole body", strategy.kind);
+            if length.is_some_and(|l| l > self.signed_body_max as u64) {
+                return Err(too_large(self.signed_body_max, &why));
+            }
+            return match axum::body::to_bytes(body, self.signed_body_max).await {
+                Ok(b) => Ok(Payload::Kept(b)),
+                Err(e) if is_length_limit(&e) => Err(too_large(self.signed_body_max, &why)),
+                Err(e) => Err(unreadable(e)),
+            };
+        }
+        match length {
+            Some(l) if l <= self.replay_body_max as u64 => {
+                axum::body::to_bytes(body, self.replay_body_max)
+                    .await
+                    .map(Payload::Kept)
+                    .map_err(unreadable)
+            }
+            _ => Ok(Payload::Streamed(body)),
+        }
+    }
+
+    /// Applies the credentials and sends; the upstream's answer as it is.
+    async fn send(
+        &self,
+        route: &Route,
+        creds: &Credentials,
+        mut parts: request::Parts,
+        payload: Payload,
+        upgrade: bool,
+    ) -> Result<Response<hyper::body::Incoming>, SidecarError> {
+        let req = match payload {
+            Payload::Kept(bytes) => {
+                let mut req = axum::http::Request::from_parts(parts, bytes);
+                nexus_bridge::strategy::apply_http(creds, &mut req).map_err(strategy_error)?;
+                req.map(Body::from)
+            }
+            Payload::Streamed(body) => {
+                nexus_bridge::strategy::apply_parts(creds, &mut parts).map_err(strategy_error)?;
+                axum::http::Request::from_parts(parts, body)
+            }
+        };
+        let started = Instant::now();
+        let sent = if route.http2 {
+            self.upstreams.h2c.request(req)
+        } else if upgrade {
+            self.upstreams.h1.request(req)
+        } else {
+            self.upstreams.auto.request(req)
+        };
+        let resp = tokio::time::timeout(self.upstream_timeout, sent).await;
+        metrics::histogram!("nexus_sidecar_upstream_seconds", "route" => route.name.clone())
+            .record(started.elapsed().as_secs_f64());
+        match resp {
+            Ok(Ok(r)) => Ok(r),
+            // The error may name the URL, which can hold a credential
+            // (query_param): only its kind is told.
+            Ok(Err(e)) => Err(SidecarError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unreachable",
+                format!("the upstream of route '{}' could not be reached ({})", route.name, error_kind(&e)),
+            )),
+            Err(_) => Err(SidecarError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                format!(
+                    "the upstream of route '{}' did not answer within {} s (SIDECAR_UPSTREAM_TIMEOUT_SECS)",
+                    route.name,
+                    self.upstream_timeout.as_secs()
+                ),
+            )),
+        }
+    }
+
+    /// Reports the upstream's refusal (in the background, as the bridge
+    /// does); the path is the one after the route name, which the route's
+    /// scope hints are written against.
+    fn report(
+        &self,
+        route: &Route,
+        connection: &str,
+        method: &Method,
+        path: &str,
+        resp: &Response<hyper::body::Incoming>,
+    ) {
+        let www = resp
+            .headers()
+            .get(axum::http::header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok());
+        let report = nexus_bridge::scope_report(
+            &route.scopes,
+            resp.status(),
+            method,
+            Some(route.authority.host()),
+            path,
+            www,
+            None,
+        );
+        self.bridge.report_in_background(connection, report);
+    }
+
+    /// The upstream's answer for the agent: hop-by-hop headers dropped, the
+    /// body streamed; a protocol switch joins the two connections.
+    fn back_to_agent(
+        &self,
+        resp: Response<hyper::body::Incoming>,
+        on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<Body> {
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let (mut parts, body) = resp.into_parts();
+        headers::inbound(&mut parts.headers, switching);
+        if switching {
+            if let Some(agent_side) = on_upgrade {
+                let mut upstream = Response::from_parts(parts.clone(), ());
+                let upstream_side = hyper::upgrade::on(&mut upstream);
+                tokio::spawn(tunnel(agent_side, upstream_side));
+            }
+        }
+        parts.extensions = Default::default();
+        Response::from_parts(parts, Body::new(body))
+    }
+}
+
+/// Copies bytes both ways between the agent and the upstream after a
+/// protocol switch (WebSocket frames pass through untouched).
+async fn tunnel(agent: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (Ok(agent), Ok(upstream)) = tokio::join!(agent, upstream) else {
+        tracing::debug!("a protocol switch did not complete on both sides");
+        return;
+    };
+    let mut agent = hyper_util::rt::TokioIo::new(agent);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+    let _ = tokio::io::copy_bidirectional(&mut agent, &mut upstream).await;
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+fn error_kind(e: &hyper_util::client::legacy::Error) -> &'static str {
+    if e.is_connect() {
+        "connection refused or failed"
+    } else {
+        "the connection failed mid-request"
+    }
+}

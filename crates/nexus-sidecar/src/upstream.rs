@@ -1,0 +1,114 @@
+//! The clients that reach upstreams: rustls with the platform's roots (the
+//! webpki roots where the platform has none) plus an optional extra CA;
+//! HTTP/2 by ALPN over TLS, or by prior knowledge to a plaintext upstream
+//! that asks for it; HTTP/1.1 only for protocol upgrades. Redirects are
+//! never followed: they go back to the agent.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+
+/// Why the upstream clients could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    /// The extra CA file is unreadable or holds no certificate.
+    #[error("SIDECAR_CA_FILE {path}: {reason}")]
+    CaFile {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+type Https = HttpsConnector<HttpConnector>;
+
+/// The three clients, sharing one TLS configuration.
+#[derive(Clone, Debug)]
+pub struct Upstreams {
+    /// HTTP/1.1 or HTTP/2 (ALPN) over TLS, HTTP/1.1 in plaintext.
+    pub auto: Client<Https, Body>,
+    /// HTTP/2 by prior knowledge (plaintext upstreams with `http2 = true`).
+    pub h2c: Client<HttpConnector, Body>,
+    /// HTTP/1.1 only: protocol upgrades (WebSocket) need it.
+    pub h1: Client<Https, Body>,
+}
+
+fn roots(extra_ca: Option<&Path>) -> Result<rustls::RootCertStore, TlsSetupError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    let (added, _) = roots.add_parsable_certificates(native.certs);
+    if added == 0 {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
+    if let Some(path) = extra_ca {
+        let bad = |reason: String| TlsSetupError::CaFile {
+            path: path.display().to_string(),
+            reason,
+        };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| bad(e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(bad("no PEM certificate in it".into()));
+        }
+        for c in certs {
+            roots.add(c)?;
+        }
+    }
+    Ok(roots)
+}
+
+fn connector(connect_timeout: Duration) -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    http
+}
+
+impl Upstreams {
+    /// The clients (the ring provider set here, not taken from a process default).
+    pub fn new(extra_ca: Option<&Path>) -> Result<Self, TlsSetupError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots(extra_ca)?)
+            .with_no_client_auth();
+        let connect = Duration::from_secs(5);
+        let https = |h2: bool| {
+            let b = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls.clone())
+                .https_or_http();
+            if h2 {
+                b.enable_all_versions().wrap_connector(connector(connect))
+            } else {
+                b.enable_http1().wrap_connector(connector(connect))
+            }
+        };
+        let builder = || {
+            let mut b = Client::builder(TokioExecutor::new());
+            b.pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .timer(TokioTimer::new());
+            b
+        };
+        Ok(Self {
+            auto: builder().build(https(true)),
+            h2c: builder().http2_only(true).build(connector(connect)),
+            h1: builder().build(https(false)),
+        })
+    }
+}
