@@ -26,6 +26,7 @@ pub fn metrics_handle() -> PrometheusHandle {
                 Ok(b) => {
                     let recorder = b.build_recorder();
                     let handle = recorder.handle();
+                    spawn_upkeep(handle.clone());
                     if metrics::set_global_recorder(recorder).is_err() {
                         tracing::warn!(
                             "a metrics recorder was already installed; /metrics will be empty"
@@ -38,6 +39,25 @@ pub fn metrics_handle() -> PrometheusHandle {
             }
         })
         .clone()
+}
+
+/// How often histogram samples are folded into their buckets.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Folds histogram samples into their buckets every few seconds. The
+/// recorder keeps every sample until then (or until a scrape): without
+/// this, a server nobody scrapes grows by a few bytes per request, forever.
+/// A plain thread, so it runs whatever runtimes come and go.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let started = std::thread::Builder::new()
+        .name("nexus-metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_EVERY);
+            handle.run_upkeep();
+        });
+    if let Err(e) = started {
+        tracing::warn!(error = %e, "cannot start the metrics upkeep thread; histograms grow until scraped");
+    }
 }
 
 /// A request's counter and latency histogram.

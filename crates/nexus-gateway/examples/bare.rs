@@ -2,7 +2,9 @@
 //! bare axum 0.8 server on a multi-threaded tokio runtime, like Nexus's
 //! servers, answering `GET /v1/token/{id}` with a precomputed token-shaped
 //! JSON body (1024 bytes, or the size given as the second argument) and
-//! nothing else (no middleware, no state).
+//! nothing else (no middleware, no state). `POST` on the same route reads
+//! the body as it streams and answers its length (the sidecar benchmark's
+//! upload sink).
 //!
 //! Built with the same release profile as Nexus:
 //!
@@ -63,6 +65,17 @@ async fn main() {
             let body = body.clone();
             let json = json.clone();
             async move { ([(CONTENT_TYPE, json)], body) }
+        })
+        // A sink for the sidecar benchmark's streamed upload: reads the body
+        // as it comes and answers its length.
+        .post(|body: axum::body::Body| async move {
+            use futures_util::StreamExt;
+            let mut stream = body.into_data_stream();
+            let mut n = 0usize;
+            while let Some(Ok(chunk)) = stream.next().await {
+                n += chunk.len();
+            }
+            n.to_string()
         }),
     );
     let listener = tokio::net::TcpListener::bind(&addr)

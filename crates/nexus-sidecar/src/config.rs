@@ -38,6 +38,8 @@ nexus_core::declare_settings! {
         sidecar_upstream_timeout_secs: SIDECAR_UPSTREAM_TIMEOUT_SECS = Setting::number("SIDECAR_UPSTREAM_TIMEOUT_SECS", "How long an upstream may take to start answering (bodies stream without a limit)", "60", 1, 3600, "s"),
         /// `SIDECAR_RECHECK_SECS`: how often credentials are asked for again.
         sidecar_recheck_secs: SIDECAR_RECHECK_SECS = Setting::number("SIDECAR_RECHECK_SECS", "Credentials are asked of the gateway again at least this often, so an operator's pause or a revocation reaches the sidecar within it", "30", 1, 3600, "s"),
+        /// `SIDECAR_WORKERS`: worker threads (0: one per CPU).
+        sidecar_workers: SIDECAR_WORKERS = Setting::number("SIDECAR_WORKERS", "Worker threads, each with its own runtime, listener (SO_REUSEPORT) and upstream connections; 0: one per CPU", "0", 0, 256, ""),
         /// `HEADER_READ_TIMEOUT_SECS`: see [`nexus_core::serve`].
         header_read_timeout_secs: HEADER_READ_TIMEOUT_SECS = nexus_core::serve::HEADER_READ_TIMEOUT_SECS,
         /// `BODY_READ_TIMEOUT_SECS`: see [`nexus_core::serve`].
@@ -72,6 +74,8 @@ pub struct SidecarConfig {
     pub upstream_timeout: Duration,
     /// Longest time credentials are used without asking the gateway again.
     pub recheck: Duration,
+    /// Worker threads.
+    pub workers: usize,
     /// Server limits.
     pub limits: nexus_core::serve::Limits,
 }
@@ -161,6 +165,10 @@ impl SidecarConfig {
             signed_body_max: v.count(&SIDECAR_SIGNED_BODY_MAX_BYTES)?,
             upstream_timeout: v.secs(&SIDECAR_UPSTREAM_TIMEOUT_SECS)?,
             recheck: v.secs(&SIDECAR_RECHECK_SECS)?,
+            workers: match v.count(&SIDECAR_WORKERS)? {
+                0 => std::thread::available_parallelism().map_or(1, usize::from),
+                n => n,
+            },
             limits: nexus_core::serve::Limits::from_values(&v)?,
         })
     }

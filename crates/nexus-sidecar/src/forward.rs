@@ -3,6 +3,7 @@
 //! one replay; 403 → scope report; connections that need a person answered
 //! without an upstream call), with bodies streamed both ways.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -20,15 +21,15 @@ use crate::routes::{Route, Routes};
 use crate::target;
 use crate::upstream::Upstreams;
 
-/// Everything a request needs.
+/// What every worker shares.
 #[derive(Debug)]
 pub struct Proxy {
     /// The routes.
     pub routes: Routes,
+    /// Their metric handles, registered once.
+    pub metrics: HashMap<String, RouteMetrics>,
     /// Credentials and reports.
     pub bridge: Bridge,
-    /// Upstream clients.
-    pub upstreams: Upstreams,
     /// Connections looked up by workspace and provider.
     pub resolver: Resolver,
     /// Remembered upstream 429s.
@@ -41,46 +42,93 @@ pub struct Proxy {
     pub upstream_timeout: std::time::Duration,
 }
 
-/// How a request ended, for metrics and the access log.
-struct Outcome {
-    route: Option<String>,
-    what: String,
+/// One worker: a thread with its own runtime and its own upstream
+/// connections (no request crosses threads), sharing the rest.
+#[derive(Debug)]
+pub struct Worker {
+    /// What the workers share.
+    pub proxy: Arc<Proxy>,
+    /// This worker's upstream clients.
+    pub upstreams: Upstreams,
 }
 
+/// A route's metric handles: on the hot path one atomic add each, no label
+/// allocation, no registry lookup.
+#[derive(Debug)]
+pub struct RouteMetrics {
+    /// `nexus_sidecar_requests_total{outcome="upstream_1xx".."upstream_5xx"}`.
+    by_class: [metrics::Counter; 5],
+    /// `nexus_sidecar_upstream_duration_seconds`.
+    upstream: metrics::Histogram,
+    /// `nexus_sidecar_short_circuits_total`.
+    short_circuits: metrics::Counter,
+}
+
+impl RouteMetrics {
+    /// The handles of `route` (register after the recorder is installed).
+    pub fn new(route: &str) -> Self {
+        let r = metrics::SharedString::from(Arc::<str>::from(route));
+        let class = |c: &'static str| metrics::counter!("nexus_sidecar_requests_total", "route" => r.clone(), "outcome" => c);
+        Self {
+            by_class: [
+                class("upstream_1xx"),
+                class("upstream_2xx"),
+                class("upstream_3xx"),
+                class("upstream_4xx"),
+                class("upstream_5xx"),
+            ],
+            upstream: metrics::histogram!("nexus_sidecar_upstream_duration_seconds", "route" => r.clone()),
+            short_circuits: metrics::counter!("nexus_sidecar_short_circuits_total", "route" => r),
+        }
+    }
+}
+
+/// The target of the access log (turn it off with `nexus_sidecar::access=off`).
+const ACCESS: &str = "nexus_sidecar::access";
+
 /// The handler of every path but `/_nexus/...`.
-pub async fn handle(State(p): State<Arc<Proxy>>, req: Request) -> Response<Body> {
+pub async fn handle(State(w): State<Arc<Worker>>, req: Request) -> Response<Body> {
     let started = Instant::now();
-    let method = req.method().clone();
     // The query can hold anything (even a credential the agent should not
-    // have): never logged.
-    let path = nexus_core::text::printable(req.uri().path(), 256).to_string();
-    let mut outcome = Outcome {
-        route: None,
-        what: String::new(),
-    };
-    let resp = match p.forward(req, &mut outcome).await {
-        Ok(r) => {
-            outcome.what = format!("upstream_{}xx", r.status().as_u16() / 100);
-            r
-        }
+    // have): never logged. Taken only when the access log is on.
+    let logged = tracing::enabled!(target: ACCESS, tracing::Level::INFO).then(|| {
+        (
+            req.method().clone(),
+            nexus_core::text::printable(req.uri().path(), 256).into_owned(),
+        )
+    });
+    let mut route: Option<&str> = None;
+    let (resp, code) = match w.forward(req, &mut route).await {
+        Ok(r) => (r, None),
         Err(e) => {
-            outcome.what = e.code().to_string();
-            axum::response::IntoResponse::into_response(e)
+            let code = e.code().to_string();
+            (axum::response::IntoResponse::into_response(e), Some(code))
         }
     };
-    let route = outcome.route.unwrap_or_else(|| "(none)".into());
-    metrics::counter!("nexus_sidecar_requests_total", "route" => route.clone(), "outcome" => outcome.what.clone())
-        .increment(1);
-    tracing::info!(
-        target: "nexus_sidecar::access",
-        method = %method,
-        route = %route,
-        path = %path,
-        status = resp.status().as_u16(),
-        outcome = %outcome.what,
-        ms = started.elapsed().as_millis() as u64,
-        "request"
-    );
+    let class = usize::from(resp.status().as_u16() / 100).clamp(1, 5) - 1;
+    match (&code, route.and_then(|r| w.proxy.metrics.get(r))) {
+        (None, Some(m)) => m.by_class[class].increment(1),
+        _ => {
+            let outcome = code
+                .clone()
+                .unwrap_or_else(|| format!("upstream_{}xx", class + 1));
+            metrics::counter!("nexus_sidecar_requests_total", "route" => route.unwrap_or("(none)").to_string(), "outcome" => outcome)
+                .increment(1)
+        }
+    }
+    if let Some((method, path)) = logged {
+        let upstream_class = format!("upstream_{}xx", class + 1);
+        tracing::info!(
+            target: ACCESS,
+            method = %method,
+            route = %route.unwrap_or("(none)"),
+            path = %path,
+            status = resp.status().as_u16(),
+            outcome = %code.as_deref().unwrap_or(&upstream_class),
+            ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+    }
     resp
 }
 
@@ -103,23 +151,26 @@ fn strategy_error(e: BridgeError) -> SidecarError {
     SidecarError::new(StatusCode::BAD_GATEWAY, "strategy_failed", e.to_string())
 }
 
-impl Proxy {
-    async fn forward(
-        &self,
+impl Worker {
+    async fn forward<'w>(
+        &'w self,
         mut req: Request,
-        outcome: &mut Outcome,
+        named: &mut Option<&'w str>,
     ) -> Result<Response<Body>, SidecarError> {
-        let (route, rest) = target::split(&self.routes, req.method(), req.version(), req.uri())?;
-        outcome.route = Some(route.name.clone());
+        let p = &*self.proxy;
+        let (route, rest) = target::split(&p.routes, req.method(), req.version(), req.uri())?;
+        *named = Some(&route.name);
         let rest = rest.to_string();
         let connection = self
+            .proxy
             .resolver
-            .connection(&self.bridge, route)
+            .connection(&self.proxy.bridge, route)
             .await
             .map_err(|e| SidecarError::from_bridge(&e, ""))?;
-        if let Some(wait) = self.rate.wait(&route.name, &connection) {
-            metrics::counter!("nexus_sidecar_short_circuits_total", "route" => route.name.clone())
-                .increment(1);
+        if let Some(wait) = self.proxy.rate.wait(&route.name, &connection) {
+            if let Some(m) = p.metrics.get(&route.name) {
+                m.short_circuits.increment(1);
+            }
             return Err(SidecarError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "upstream_rate_limited",
@@ -127,14 +178,14 @@ impl Proxy {
             )
             .retry_after(wait));
         }
-        let creds = match self.bridge.token(&connection).await {
+        let creds = match self.proxy.bridge.token(&connection).await {
             Ok(c) => c,
             Err(e) => {
                 if matches!(
                     e,
                     BridgeError::NotFound(_) | BridgeError::InteractionRequired { .. }
                 ) {
-                    self.resolver.forget(&route.name);
+                    self.proxy.resolver.forget(&route.name);
                 }
                 return Err(SidecarError::from_bridge(&e, &connection));
             }
@@ -167,6 +218,7 @@ impl Proxy {
                 Some((parts, body)) => {
                     // Revoked or rotated early: one forced refresh, one replay.
                     let fresh = self
+                        .proxy
                         .bridge
                         .refresh_after(&connection, creds.generation)
                         .await
@@ -182,7 +234,7 @@ impl Proxy {
                 None => {
                     // A streamed body cannot be sent twice: the agent gets
                     // the 401, and its retry finds fresh credentials.
-                    let bridge = self.bridge.clone();
+                    let bridge = self.proxy.bridge.clone();
                     let (id, generation) = (connection.clone(), creds.generation);
                     tokio::spawn(async move {
                         let _ = bridge.refresh_after(&id, generation).await;
@@ -200,7 +252,7 @@ impl Proxy {
                     .get(axum::http::header::RETRY_AFTER)
                     .and_then(|v| memory::retry_after(v, SystemTime::now()))
                 {
-                    self.rate.remember(&route.name, &connection, wait);
+                    self.proxy.rate.remember(&route.name, &connection, wait);
                 }
                 resp
             }
@@ -237,18 +289,18 @@ impl Proxy {
         };
         if must_hash {
             let why = format!("{} signs the whole body", strategy.kind);
-            if length.is_some_and(|l| l > self.signed_body_max as u64) {
-                return Err(too_large(self.signed_body_max, &why));
+            if length.is_some_and(|l| l > self.proxy.signed_body_max as u64) {
+                return Err(too_large(self.proxy.signed_body_max, &why));
             }
-            return match axum::body::to_bytes(body, self.signed_body_max).await {
+            return match axum::body::to_bytes(body, self.proxy.signed_body_max).await {
                 Ok(b) => Ok(Payload::Kept(b)),
-                Err(e) if is_length_limit(&e) => Err(too_large(self.signed_body_max, &why)),
+                Err(e) if is_length_limit(&e) => Err(too_large(self.proxy.signed_body_max, &why)),
                 Err(e) => Err(unreadable(e)),
             };
         }
         match length {
-            Some(l) if l <= self.replay_body_max as u64 => {
-                axum::body::to_bytes(body, self.replay_body_max)
+            Some(l) if l <= self.proxy.replay_body_max as u64 => {
+                axum::body::to_bytes(body, self.proxy.replay_body_max)
                     .await
                     .map(Payload::Kept)
                     .map_err(unreadable)
@@ -285,9 +337,10 @@ impl Proxy {
         } else {
             self.upstreams.auto.request(req)
         };
-        let resp = tokio::time::timeout(self.upstream_timeout, sent).await;
-        metrics::histogram!("nexus_sidecar_upstream_seconds", "route" => route.name.clone())
-            .record(started.elapsed().as_secs_f64());
+        let resp = tokio::time::timeout(self.proxy.upstream_timeout, sent).await;
+        if let Some(m) = self.proxy.metrics.get(&route.name) {
+            m.upstream.record(started.elapsed().as_secs_f64());
+        }
         match resp {
             Ok(Ok(r)) => Ok(r),
             // The error may name the URL, which can hold a credential
@@ -303,7 +356,7 @@ impl Proxy {
                 format!(
                     "the upstream of route '{}' did not answer within {} s (SIDECAR_UPSTREAM_TIMEOUT_SECS)",
                     route.name,
-                    self.upstream_timeout.as_secs()
+                    self.proxy.upstream_timeout.as_secs()
                 ),
             )),
         }
@@ -333,7 +386,7 @@ impl Proxy {
             www,
             None,
         );
-        self.bridge.report_in_background(connection, report);
+        self.proxy.bridge.report_in_background(connection, report);
     }
 
     /// The upstream's answer for the agent: hop-by-hop headers dropped, the

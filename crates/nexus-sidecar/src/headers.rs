@@ -22,6 +22,14 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// `Upgrade`) is kept: the next hop must see it. `TE: trailers` is kept
 /// (gRPC needs it); any other `TE` goes.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most requests and answers carry none: one pass over the few headers
+    // there are instead of a lookup per name.
+    if !headers
+        .keys()
+        .any(|k| HOP_BY_HOP.contains(k) || k == header::TE)
+    {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -8,10 +8,10 @@ use axum::routing::{any, get};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use nexus_bridge::{Bridge, BridgeError};
-use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::SidecarConfig;
-use crate::forward::{self, Proxy};
+use crate::forward::{self, Proxy, RouteMetrics, Worker};
 use crate::ops;
 use crate::upstream::{TlsSetupError, Upstreams};
 
@@ -36,26 +36,57 @@ pub enum StartError {
 
 /// A sidecar bound to its address, ready to run.
 pub struct Sidecar {
-    listener: TcpListener,
-    app: Router,
+    listeners: Vec<std::net::TcpListener>,
+    proxy: Arc<Proxy>,
+    metrics: PrometheusHandle,
+    ca_file: Option<std::path::PathBuf>,
     limits: nexus_core::serve::Limits,
     addr: SocketAddr,
 }
 
-/// The router: `/_nexus/...` for operations, every other path to a route.
-pub fn router(proxy: Arc<Proxy>, metrics: PrometheusHandle) -> Router {
-    let ops = Router::new()
+/// The router of one worker: `/_nexus/...` for operations, every other
+/// path to a route.
+pub fn router(worker: Arc<Worker>, metrics: PrometheusHandle) -> Router {
+    let proxy = worker.proxy.clone();
+    Router::new()
         .route("/_nexus/health", get(ops::health))
         .route("/_nexus/ready", get(ops::ready))
-        .with_state(proxy.clone())
+        .with_state(proxy)
         .route("/_nexus/metrics", get(ops::metrics).with_state(metrics))
         .route("/_nexus", any(ops::unknown))
-        .route("/_nexus/{*rest}", any(ops::unknown));
-    ops.fallback(forward::handle).with_state(proxy)
+        .route("/_nexus/{*rest}", any(ops::unknown))
+        .fallback(forward::handle)
+        .with_state(worker)
+}
+
+/// `workers` listening sockets on `addr` with `SO_REUSEPORT`: the kernel
+/// spreads connections over them, one per worker thread (as nginx's
+/// workers). Listening from here on, so a client may connect as soon as
+/// `start` returns.
+fn bind(
+    addr: SocketAddr,
+    workers: usize,
+) -> std::io::Result<(Vec<std::net::TcpListener>, SocketAddr)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut listeners = Vec::with_capacity(workers);
+    let mut bound = addr;
+    for _ in 0..workers.max(1) {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&bound.into())?;
+        socket.listen(1024)?;
+        let listener = std::net::TcpListener::from(socket);
+        // Port 0 picks a port once; the others join it.
+        bound = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok((listeners, bound))
 }
 
 impl Sidecar {
-    /// Builds the clients and binds the address.
+    /// Builds the shared parts and binds the address (one socket per worker).
     pub async fn start(
         config: SidecarConfig,
         metrics: PrometheusHandle,
@@ -70,29 +101,32 @@ impl Sidecar {
             ..Default::default()
         })
         .build()?;
+        // Checked once here so a bad CA file stops the start, not a worker.
+        Upstreams::new(config.ca_file.as_deref())?;
         let proxy = Arc::new(Proxy {
+            metrics: config
+                .routes
+                .iter()
+                .map(|r| (r.name.clone(), RouteMetrics::new(&r.name)))
+                .collect(),
             routes: config.routes.clone(),
             bridge,
-            upstreams: Upstreams::new(config.ca_file.as_deref())?,
             resolver: Default::default(),
             rate: Default::default(),
             replay_body_max: config.replay_body_max,
             signed_body_max: config.signed_body_max,
             upstream_timeout: config.upstream_timeout,
         });
-        let listener = TcpListener::bind(config.listen_addr)
-            .await
-            .map_err(|source| StartError::Bind {
+        let (listeners, addr) =
+            bind(config.listen_addr, config.workers).map_err(|source| StartError::Bind {
                 addr: config.listen_addr,
                 source,
             })?;
-        let addr = listener.local_addr().map_err(|source| StartError::Bind {
-            addr: config.listen_addr,
-            source,
-        })?;
         Ok(Self {
-            listener,
-            app: router(proxy, metrics),
+            listeners,
+            proxy,
+            metrics,
+            ca_file: config.ca_file,
             limits: config.limits,
             addr,
         })
@@ -103,8 +137,77 @@ impl Sidecar {
         self.addr
     }
 
-    /// Serves until `shutdown`; requests in flight then get the grace period.
+    /// Serves until `shutdown`: each worker on its own thread with a
+    /// single-threaded runtime; then requests in flight get the grace
+    /// period. A worker that fails stops them all.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> std::io::Result<()> {
-        nexus_core::serve::serve(self.listener, self.app, self.limits, shutdown).await
+        let (stop, stopped) = watch::channel(false);
+        let (report, mut ended) = mpsc::unbounded_channel::<std::io::Result<()>>();
+        let mut started = 0;
+        let mut failure = None;
+        for (i, listener) in self.listeners.into_iter().enumerate() {
+            let upstreams = match Upstreams::new(self.ca_file.as_deref()) {
+                Ok(u) => u,
+                Err(e) => {
+                    failure = Some(std::io::Error::other(e));
+                    break;
+                }
+            };
+            let worker = Arc::new(Worker {
+                proxy: self.proxy.clone(),
+                upstreams,
+            });
+            let app = router(worker, self.metrics.clone());
+            let limits = self.limits;
+            let mut stopped = stopped.clone();
+            let report = report.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("nexus-sidecar-{i}"))
+                .spawn(move || {
+                    let served = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .and_then(|rt| {
+                            rt.block_on(async move {
+                                let listener = tokio::net::TcpListener::from_std(listener)?;
+                                let stop = async move {
+                                    let _ = stopped.wait_for(|s| *s).await;
+                                };
+                                nexus_core::serve::serve(listener, app, limits, stop).await
+                            })
+                        });
+                    let _ = report.send(served);
+                });
+            match spawned {
+                Ok(_) => started += 1,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(report);
+        let mut result = match failure {
+            Some(e) => Err(e),
+            None => {
+                tokio::select! {
+                    () = shutdown => Ok(()),
+                    early = ended.recv() => {
+                        started -= 1;
+                        Err(match early {
+                            Some(Err(e)) => e,
+                            _ => std::io::Error::other("a sidecar worker stopped on its own"),
+                        })
+                    }
+                }
+            }
+        };
+        let _ = stop.send(true);
+        for _ in 0..started {
+            if let Some(Err(e)) = ended.recv().await {
+                result = result.and(Err(e));
+            }
+        }
+        result
     }
 }
