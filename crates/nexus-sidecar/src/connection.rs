@@ -1,6 +1,9 @@
 //! Which connection a route uses: its id, or the workspace's connection to
 //! a provider, looked up through the gateway and kept for a minute (a
 //! reconnect that made a new connection is picked up by the next lookup).
+//! A failed lookup is kept for a few seconds: an agent looping on a route
+//! whose workspace has no connection costs the gateway one lookup per
+//! [`FAILURE_TTL`], not one per request.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,11 +15,15 @@ use crate::routes::{ConnectionRef, Route};
 
 /// How long a looked-up connection is kept.
 pub const LOOKUP_TTL: Duration = Duration::from_secs(60);
+/// How long a failed lookup is kept.
+pub const FAILURE_TTL: Duration = Duration::from_secs(5);
+
+type Found = (Result<Arc<str>, BridgeError>, Instant);
 
 /// Looked-up connections by route.
 #[derive(Debug, Default)]
 pub struct Resolver {
-    found: Mutex<HashMap<String, (Arc<str>, Instant)>>,
+    found: Mutex<HashMap<String, Found>>,
 }
 
 impl Resolver {
@@ -33,28 +40,35 @@ impl Resolver {
                 provider,
             } => (workspace, provider),
         };
-        if let Some((id, at)) = self.lock().get(&route.name) {
-            if at.elapsed() < LOOKUP_TTL {
-                return Ok(id.clone());
+        if let Some((found, at)) = self.lock().get(&route.name) {
+            let ttl = if found.is_ok() {
+                LOOKUP_TTL
+            } else {
+                FAILURE_TTL
+            };
+            if at.elapsed() < ttl {
+                return found.clone();
             }
         }
-        let id: Arc<str> = Arc::from(
-            bridge
-                .gateway()
-                .find_connection(workspace, provider)
-                .await?,
-        );
-        self.lock()
-            .insert(route.name.clone(), (id.clone(), Instant::now()));
-        Ok(id)
+        let found = bridge
+            .gateway()
+            .find_connection(workspace, provider)
+            .await
+            .map(|id| Arc::<str>::from(id.as_str()));
+        // A gateway that could not be reached is asked again next time.
+        if !matches!(found, Err(ref e) if e.is_retryable()) {
+            self.lock()
+                .insert(route.name.clone(), (found.clone(), Instant::now()));
+        }
+        found
     }
 
-    /// Forgets the lookup of `route` (its connection stopped serving).
+    /// Forgets the lookup of `route`: the connection it found is gone.
     pub fn forget(&self, route: &str) {
         self.lock().remove(route);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Arc<str>, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Found>> {
         // Whole values only; a panic elsewhere cannot leave half an entry.
         self.found.lock().unwrap_or_else(|e| e.into_inner())
     }

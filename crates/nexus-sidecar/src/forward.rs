@@ -181,10 +181,10 @@ impl Worker {
         let creds = match self.proxy.bridge.token(&connection).await {
             Ok(c) => c,
             Err(e) => {
-                if matches!(
-                    e,
-                    BridgeError::NotFound(_) | BridgeError::InteractionRequired { .. }
-                ) {
+                // A deleted connection: look again (a person may have made a
+                // new one). One that needs a person stays: it is the one
+                // they must reconnect, and the bridge holds its answer.
+                if matches!(e, BridgeError::NotFound(_)) {
                     self.proxy.resolver.forget(&route.name);
                 }
                 return Err(SidecarError::from_bridge(&e, &connection));

@@ -262,6 +262,7 @@ async fn a_python_agent_through_the_sidecar_holds_no_secret() {
     assert_eq!(body["interaction_required"], true, "{body}");
     assert_eq!(body["state"], "attention_required");
     let calls = peer.stats().await["resource_calls"].as_u64().unwrap();
+    let gateway_calls = s.gateway_calls("route=\"/v1/");
     let a = agent.ask("loop 2 /idp/api/resource?scope=email").await;
     assert_eq!(
         a["statuses"]
@@ -276,6 +277,12 @@ async fn a_python_agent_through_the_sidecar_holds_no_secret() {
         peer.stats().await["resource_calls"].as_u64().unwrap(),
         calls,
         "the provider was called after revocation"
+    );
+    // About 20 requests in those 2 s: the gateway is not asked for each.
+    let asked = s.gateway_calls("route=\"/v1/") - gateway_calls;
+    assert!(
+        asked <= 2,
+        "{asked} gateway calls for a connection that needs a person"
     );
     agent.stdin.write_all(b"quit\n").await.unwrap();
 }

@@ -23,7 +23,12 @@ use tokio::sync::oneshot;
 pub const API_KEY: &str = "sidecar-test-admin-key-0123456789";
 pub const RETURN_URL: &str = "http://localhost:3000/done";
 
+/// One stack at a time in this test binary: the metrics recorder is
+/// process-wide, and tests count gateway calls from it.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 pub struct Stack {
+    _turn: tokio::sync::MutexGuard<'static, ()>,
     pub broker: String,
     pub gateway: String,
     pub agent_key: String,
@@ -48,6 +53,7 @@ impl Stack {
     /// With the gateway on `gateway_port` (an OpenID provider must know the
     /// callback URL before the gateway starts).
     pub async fn start_on(gateway_port: u16) -> Stack {
+        let turn = ONE_AT_A_TIME.lock().await;
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
         let gateway = format!("http://127.0.0.1:{gateway_port}");
@@ -82,6 +88,7 @@ impl Stack {
             let _ = grx.await;
         }));
         let mut s = Stack {
+            _turn: turn,
             broker: broker_url,
             gateway,
             agent_key: String::new(),
