@@ -64,6 +64,10 @@ nexus_core::declare_settings! {
         max_connections: MAX_CONNECTIONS = nexus_core::serve::MAX_CONNECTIONS,
         /// `SHUTDOWN_GRACE_SECS`: see [`nexus_core::serve`].
         shutdown_grace_secs: SHUTDOWN_GRACE_SECS = nexus_core::serve::SHUTDOWN_GRACE_SECS,
+        /// `TLS_CERT_FILE`: see [`nexus_core::tls`].
+        tls_cert_file: TLS_CERT_FILE = nexus_core::tls::TLS_CERT_FILE,
+        /// `TLS_KEY_FILE`: see [`nexus_core::tls`].
+        tls_key_file: TLS_KEY_FILE = nexus_core::tls::TLS_KEY_FILE,
         /// `PROVIDER_TIMEOUT_SECS`: timeout of each call to a provider.
         provider_timeout_secs: PROVIDER_TIMEOUT_SECS = Setting::number("PROVIDER_TIMEOUT_SECS", "Timeout of each call to a provider", "10", 1, 300, "seconds"),
         /// `REDIS_URL`: optional Redis for caches shared by replicas.
@@ -127,6 +131,8 @@ pub struct BrokerConfig {
     pub max_body_bytes: usize,
     /// Connection limits and timeouts of the server.
     pub limits: nexus_core::serve::Limits,
+    /// The certificate and key it serves TLS with (none: plaintext).
+    pub tls: Option<nexus_core::tls::TlsFiles>,
     /// Audit writer tuning.
     pub audit: crate::events::audit::AuditConfig,
     /// Timeout of each call to a provider (token, discovery, JWKS, UserInfo).
@@ -375,6 +381,7 @@ impl BrokerConfig {
 
         let max_body_bytes = v.count(&MAX_BODY_BYTES)?;
         let limits = nexus_core::serve::Limits::from_values(&v)?;
+        let tls = nexus_core::tls::TlsFiles::from_values(&v)?;
         let provider_timeout = v.secs(&PROVIDER_TIMEOUT_SECS)?;
 
         let redis_url = match v.given(&REDIS_URL) {
@@ -455,6 +462,7 @@ impl BrokerConfig {
             listen_addr,
             max_body_bytes,
             limits,
+            tls,
             audit: crate::events::audit::AuditConfig::default(),
             provider_timeout,
             redis_url,

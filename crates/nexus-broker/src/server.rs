@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -28,6 +29,9 @@ pub enum ServeError {
     /// Stored secrets use keys the configured ring does not hold.
     #[error("{0}")]
     MissingKeys(String),
+    /// The TLS certificate or key is unusable.
+    #[error(transparent)]
+    Tls(#[from] nexus_core::tls::TlsError),
     /// The listen address could not be bound or the server failed.
     #[error("listening on {addr}: {source}")]
     Io {
@@ -43,15 +47,21 @@ pub struct Broker {
     state: AppState,
     writer: AuditWriter,
     listener: TcpListener,
+    tls: Option<Arc<nexus_core::tls::TlsServer>>,
 }
 
 impl Broker {
     /// Opens the store (applying migrations), starts the audit writer and binds
     /// `config.listen_addr` (port 0 picks a free port).
     pub async fn start(config: BrokerConfig) -> Result<Self, ServeError> {
+        let tls = match &config.tls {
+            Some(files) => Some(Arc::new(nexus_core::tls::TlsServer::load(files.clone())?)),
+            None => None,
+        };
         if !config.listen_addr.ip().is_loopback() {
-            // Until TLS is served here, say what that means, once.
-            tracing::warn!(addr = %config.listen_addr, "the broker serves plaintext HTTP on a non-loopback address: put it on a private network or behind TLS");
+            if tls.is_none() {
+                tracing::warn!(addr = %config.listen_addr, "the broker serves plaintext HTTP on a non-loopback address: set TLS_CERT_FILE and TLS_KEY_FILE, or keep it on a private network");
+            }
             if config.allowed_cidrs.is_empty() {
                 tracing::warn!("ALLOWED_CIDRS is not set: any address that reaches the broker may try its admin API");
             }
@@ -108,6 +118,7 @@ impl Broker {
             state,
             writer,
             listener,
+            tls,
         })
     }
 
@@ -170,7 +181,10 @@ impl Broker {
             .worker
             .then(|| tokio::spawn(self.state.tokens().refresher().clone().run_worker(stop)));
         let limits = self.state.config().limits;
-        let served = nexus_core::serve::serve(self.listener, app, limits, {
+        if let Some(tls) = &self.tls {
+            tls.spawn_reloader();
+        }
+        let served = nexus_core::serve::serve_with(self.listener, app, limits, self.tls, {
             // Change streams never end by themselves: end them when shutdown
             // begins, or draining would wait for them forever.
             let edge = self.state.tokens().edge().clone();

@@ -6,6 +6,7 @@
 //! `nexus keys ...` and `nexus agents ...` are operator tools.
 
 mod agents;
+mod certs;
 mod flags;
 mod state;
 
@@ -81,6 +82,26 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Certificates for TLS.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write a development CA and certificates for the broker, the gateway,
+    /// the sidecar and a gateway client into the state folder's certs/, and
+    /// print the settings that use them. Development only.
+    Dev {
+        /// State folder (certificates go to its certs/).
+        #[arg(long, env = "NEXUS_STATE_DIR", default_value = ".nexus")]
+        state_dir: PathBuf,
+        /// Replace certificates that exist.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 // Parsed once at start-up; the size difference between variants does not matter.
@@ -129,6 +150,10 @@ struct UpArgs {
     /// State folder for nexus.db and nexus.env.
     #[arg(long, env = "NEXUS_STATE_DIR", default_value = ".nexus")]
     state_dir: PathBuf,
+    /// Serve the broker and the gateway over TLS with the development
+    /// certificates of the state folder (made by `nexus certs dev` on first use).
+    #[arg(long)]
+    tls: bool,
     /// Every broker and gateway setting (the database defaults to SQLite in
     /// the state folder, BASE_URL to the gateway's address).
     #[command(flatten)]
@@ -303,6 +328,23 @@ async fn run() -> Result<()> {
             sidecar.run(stop).await?;
             Ok(())
         }
+        Command::Certs {
+            command: CertsCommand::Dev { state_dir, force },
+        } => {
+            let dir = state_dir.join("certs");
+            let files = certs::DevCerts::at(&dir);
+            let files = if files.exist() && !force {
+                eprintln!(
+                    "# certificates exist in {} (--force replaces them)",
+                    dir.display()
+                );
+                files
+            } else {
+                certs::generate(&dir)?
+            };
+            print!("{}", certs::env_lines(&files));
+            Ok(())
+        }
         Command::Agents { command } => agents::run(command).await,
         Command::Migrate(args) => {
             let state = open_state(args.state_dir.as_deref().or(Some(Path::new(".nexus"))))?;
@@ -376,7 +418,23 @@ async fn up(args: UpArgs) -> Result<()> {
             "The gateway's key (nexus up gives it to the gateway): only the routes a gateway calls",
         )?;
     }
+    let scheme = if args.tls { "https" } else { "http" };
+    let dev_certs = if args.tls {
+        let dir = args.state_dir.join("certs");
+        let files = certs::DevCerts::at(&dir);
+        Some(if files.exist() {
+            files
+        } else {
+            certs::generate(&dir).context("making development certificates")?
+        })
+    } else {
+        None
+    };
     let mut broker_settings = settings(given, Some(&state));
+    if let Some(c) = &dev_certs {
+        broker_settings.tls_cert_file = Some(c.broker.cert.display().to_string());
+        broker_settings.tls_key_file = Some(c.broker.key.display().to_string());
+    }
     // Embedded SQLite in the state folder unless a database is named, and
     // providers redirect browsers to the gateway, which forwards to the broker.
     broker_settings
@@ -384,7 +442,7 @@ async fn up(args: UpArgs) -> Result<()> {
         .get_or_insert_with(|| state.db_url());
     broker_settings
         .base_url
-        .get_or_insert_with(|| format!("http://{gateway_addr}"));
+        .get_or_insert_with(|| format!("{scheme}://{gateway_addr}"));
     let config = BrokerConfig::from_settings(&broker_settings).with_context(|| {
         format!(
             "configuration (keys are read from the environment, then {})",
@@ -440,12 +498,17 @@ async fn up(args: UpArgs) -> Result<()> {
             )?;
         }
     }
-    let gateway_config = nexus_gateway::GatewayConfig::from_settings(&GatewaySettings {
-        broker_url: Some(format!("http://{addr}")),
+    let mut gateway_settings = GatewaySettings {
+        broker_url: Some(format!("{scheme}://{addr}")),
         broker_api_key: Some(gateway_key.expose().clone()),
         gateway_addr: Some(gateway_addr.clone()),
         ..gateway_settings(given, None)
-    })?;
+    };
+    if let Some(c) = &dev_certs {
+        gateway_settings.tls_cert_file = Some(c.gateway.cert.display().to_string());
+        gateway_settings.tls_key_file = Some(c.gateway.key.display().to_string());
+    }
+    let gateway_config = nexus_gateway::GatewayConfig::from_settings(&gateway_settings)?;
     // In one process the gateway calls the broker's router directly.
     let local = nexus_gateway::broker::BrokerClient::local(
         nexus_broker::api::router(broker.state().clone()),
@@ -460,14 +523,20 @@ async fn up(args: UpArgs) -> Result<()> {
     let gaddr = gateway.local_addr();
     println!("Nexus is up ({backend}).");
     println!(
-        "  gateway     http://{gaddr}   (agents: Authorization: Bearer $AGENT_KEY from {})",
+        "  gateway     {scheme}://{gaddr}   (agents: Authorization: Bearer $AGENT_KEY from {})",
         state.env_path().display()
     );
     println!(
-        "  broker API  http://{addr}   (operators: X-API-Key: $API_KEY from {})",
+        "  broker API  {scheme}://{addr}   (operators: X-API-Key: $API_KEY from {})",
         state.env_path().display()
     );
-    println!("  health      http://{gaddr}/health, http://{addr}/health");
+    println!("  health      {scheme}://{gaddr}/health, {scheme}://{addr}/health");
+    if let Some(c) = &dev_certs {
+        println!(
+            "  TLS         development certificates; clients trust {}",
+            c.ca.display()
+        );
+    }
     println!("  metrics     http://{addr}/metrics");
     println!(
         "  state       {}   ({}: {})",

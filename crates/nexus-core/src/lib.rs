@@ -22,6 +22,7 @@ pub mod settings;
 pub mod telemetry;
 pub mod text;
 pub mod time;
+pub mod tls;
 pub mod wire;
 
 pub use secret::Secret;

@@ -119,6 +119,19 @@ pub async fn serve(
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
+    serve_with(listener, app, limits, None, shutdown).await
+}
+
+/// [`serve`], over TLS when `tls` is given: the handshake must complete
+/// within `limits.header_read_timeout` (a client that stalls it is
+/// dropped and counted in `nexus_tls_handshake_failures_total`).
+pub async fn serve_with(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    tls: Option<Arc<crate::tls::TlsServer>>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -137,6 +150,9 @@ pub async fn serve(
         .keep_alive_interval(limits.header_read_timeout)
         .keep_alive_timeout(limits.header_read_timeout);
     let builder = Arc::new(builder);
+    let acceptor = tls
+        .as_ref()
+        .map(|t| tokio_rustls::TlsAcceptor::from(t.config()));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     // Sent when the grace period is over: connections still open end.
@@ -163,7 +179,83 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let router = app.clone();
+        let conn = Conn {
+            router: app.clone(),
+            builder: builder.clone(),
+            // Taken here, before a TLS handshake: shutdown waits for it too.
+            graceful: graceful.watcher(),
+            hard_stopped: hard_stopped.clone(),
+            limits,
+            peer,
+        };
+        match &acceptor {
+            None => {
+                tokio::spawn(async move {
+                    conn.run(stream).await;
+                    drop(slot);
+                });
+            }
+            Some(acceptor) => {
+                let accepting = acceptor.accept(stream);
+                tokio::spawn(async move {
+                    match tokio::time::timeout(limits.header_read_timeout, accepting).await {
+                        Ok(Ok(tls)) => conn.run(tls).await,
+                        Ok(Err(e)) => {
+                            crate::static_counter!("nexus_tls_handshake_failures_total")
+                                .increment(1);
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            crate::static_counter!("nexus_tls_handshake_failures_total")
+                                .increment(1);
+                        }
+                    }
+                    drop(slot);
+                });
+            }
+        }
+    }
+    drop(listener);
+    // Held until here: its reloader stops once the server is gone.
+    drop(tls);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(limits.shutdown_grace) => {
+            tracing::warn!(
+                grace_secs = limits.shutdown_grace.as_secs(),
+                "connections still open after the shutdown grace period; dropping them"
+            );
+            let _ = hard_stop.send(true);
+        }
+    }
+    Ok(())
+}
+
+/// What serving one accepted connection needs.
+struct Conn {
+    router: Router,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    graceful: hyper_util::server::graceful::Watcher,
+    hard_stopped: watch::Receiver<bool>,
+    limits: Limits,
+    peer: std::net::SocketAddr,
+}
+
+impl Conn {
+    /// Serves requests on `io` (plain TCP or TLS) until the connection ends,
+    /// the grace period is over, or it stays silent past the head timeout.
+    async fn run<I>(self, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Conn {
+            router,
+            builder,
+            graceful,
+            mut hard_stopped,
+            limits,
+            peer,
+        } = self;
         let body_timeout = limits.body_read_timeout;
         // Whether a request arrived: hyper times request heads only once it
         // knows the protocol, so a client that connects and sends nothing
@@ -183,40 +275,24 @@ pub async fn serve(
             router.clone().oneshot(req)
         });
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
         let conn = graceful.watch(conn);
-        let mut hard_stopped = hard_stopped.clone();
         let first_request = limits.header_read_timeout;
-        tokio::spawn(async move {
-            let silent = async {
-                tokio::time::sleep(first_request).await;
-                if spoke.load(Ordering::Relaxed) {
-                    std::future::pending::<()>().await;
-                }
-            };
-            tokio::select! {
-                _ = conn => {}
-                _ = hard_stopped.wait_for(|stop| *stop) => {}
-                () = silent => {
-                    crate::static_counter!("nexus_connections_silent_total").increment(1);
-                }
+        let silent = async {
+            tokio::time::sleep(first_request).await;
+            if spoke.load(Ordering::Relaxed) {
+                std::future::pending::<()>().await;
             }
-            drop(slot);
-        });
-    }
-    drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(limits.shutdown_grace) => {
-            tracing::warn!(
-                grace_secs = limits.shutdown_grace.as_secs(),
-                "connections still open after the shutdown grace period; dropping them"
-            );
-            let _ = hard_stop.send(true);
+        };
+        tokio::select! {
+            _ = conn => {}
+            _ = hard_stopped.wait_for(|stop| *stop) => {}
+            () = silent => {
+                crate::static_counter!("nexus_connections_silent_total").increment(1);
+            }
         }
     }
-    Ok(())
 }
 
 /// Answers a connection over the cap: 503 with the JSON error shape, then

@@ -39,6 +39,10 @@ nexus_core::declare_settings! {
         max_connections: MAX_CONNECTIONS = nexus_core::serve::MAX_CONNECTIONS,
         /// `SHUTDOWN_GRACE_SECS`: see [`nexus_core::serve`].
         shutdown_grace_secs: SHUTDOWN_GRACE_SECS = nexus_core::serve::SHUTDOWN_GRACE_SECS,
+        /// `TLS_CERT_FILE`: see [`nexus_core::tls`].
+        tls_cert_file: TLS_CERT_FILE = nexus_core::tls::TLS_CERT_FILE,
+        /// `TLS_KEY_FILE`: see [`nexus_core::tls`].
+        tls_key_file: TLS_KEY_FILE = nexus_core::tls::TLS_KEY_FILE,
     }
 }
 
@@ -69,6 +73,8 @@ pub struct GatewayConfig {
     pub served_report_every: Duration,
     /// Connection limits and timeouts of the server.
     pub limits: nexus_core::serve::Limits,
+    /// The certificate and key it serves TLS with (none: plaintext).
+    pub tls: Option<nexus_core::tls::TlsFiles>,
     /// Handshakes one agent key may start per minute.
     pub agent_handshakes_per_minute: u32,
 }
@@ -189,6 +195,7 @@ impl GatewayConfig {
             token_cache_capacity,
             served_report_every: Duration::from_secs(1),
             limits: nexus_core::serve::Limits::from_values(&v)?,
+            tls: nexus_core::tls::TlsFiles::from_values(&v)?,
             agent_handshakes_per_minute: u32::try_from(v.number(&AGENT_HANDSHAKES_PER_MINUTE)?)
                 .unwrap_or(u32::MAX),
         })

@@ -26,6 +26,9 @@ pub enum GatewayServeError {
     /// The broker client could not be built.
     #[error(transparent)]
     Client(#[from] nexus_core::outbound::OutboundError),
+    /// The TLS certificate or key is unusable.
+    #[error(transparent)]
+    Tls(#[from] nexus_core::tls::TlsError),
     /// Binding or serving failed.
     #[error("listening on {addr}: {source}")]
     Io {
@@ -297,6 +300,7 @@ pub struct GatewayServer {
     gateway: Arc<Gateway>,
     listener: TcpListener,
     metrics: PrometheusHandle,
+    tls: Option<Arc<nexus_core::tls::TlsServer>>,
 }
 
 impl GatewayServer {
@@ -317,8 +321,12 @@ impl GatewayServer {
         broker: Option<crate::broker::BrokerClient>,
     ) -> Result<Self, GatewayServeError> {
         let addr = config.listen_addr;
-        if !addr.ip().is_loopback() {
-            tracing::warn!(%addr, "the gateway serves plaintext HTTP on a non-loopback address: put it behind TLS (it answers with tokens)");
+        let tls = match &config.tls {
+            Some(files) => Some(Arc::new(nexus_core::tls::TlsServer::load(files.clone())?)),
+            None => None,
+        };
+        if tls.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "the gateway serves plaintext HTTP on a non-loopback address: set TLS_CERT_FILE and TLS_KEY_FILE, or put it behind TLS (it answers with tokens)");
         }
         if broker.is_none()
             && nexus_core::egress::plaintext_beyond_loopback(config.broker_url.as_str())
@@ -336,6 +344,7 @@ impl GatewayServer {
             gateway,
             listener,
             metrics,
+            tls,
         })
     }
 
@@ -366,7 +375,11 @@ impl GatewayServer {
         ));
         let limits = self.gateway.config.limits;
         let app = router(self.gateway, self.metrics);
-        let served = nexus_core::serve::serve(self.listener, app, limits, shutdown).await;
+        if let Some(tls) = &self.tls {
+            tls.spawn_reloader();
+        }
+        let served =
+            nexus_core::serve::serve_with(self.listener, app, limits, self.tls, shutdown).await;
         follower.abort();
         reporter.abort();
         // Tokens served from the cache since the last report: audited too.

@@ -48,6 +48,10 @@ nexus_core::declare_settings! {
         max_connections: MAX_CONNECTIONS = nexus_core::serve::MAX_CONNECTIONS,
         /// `SHUTDOWN_GRACE_SECS`: see [`nexus_core::serve`].
         shutdown_grace_secs: SHUTDOWN_GRACE_SECS = nexus_core::serve::SHUTDOWN_GRACE_SECS,
+        /// `TLS_CERT_FILE`: see [`nexus_core::tls`].
+        tls_cert_file: TLS_CERT_FILE = nexus_core::tls::TLS_CERT_FILE,
+        /// `TLS_KEY_FILE`: see [`nexus_core::tls`].
+        tls_key_file: TLS_KEY_FILE = nexus_core::tls::TLS_KEY_FILE,
     }
 }
 
@@ -78,6 +82,8 @@ pub struct SidecarConfig {
     pub workers: usize,
     /// Server limits.
     pub limits: nexus_core::serve::Limits,
+    /// The certificate and key it serves TLS with (none: plaintext).
+    pub tls: Option<nexus_core::tls::TlsFiles>,
 }
 
 impl SidecarConfig {
@@ -170,6 +176,7 @@ impl SidecarConfig {
                 n => n,
             },
             limits: nexus_core::serve::Limits::from_values(&v)?,
+            tls: nexus_core::tls::TlsFiles::from_values(&v)?,
         })
     }
 }

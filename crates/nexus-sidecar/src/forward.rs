@@ -161,13 +161,12 @@ impl Worker {
         let (route, rest) = target::split(&p.routes, req.method(), req.version(), req.uri())?;
         *named = Some(&route.name);
         let rest = rest.to_string();
-        let connection = self
-            .proxy
+        let connection = p
             .resolver
-            .connection(&self.proxy.bridge, route)
+            .connection(&p.bridge, route)
             .await
             .map_err(|e| SidecarError::from_bridge(&e, ""))?;
-        if let Some(wait) = self.proxy.rate.wait(&route.name, &connection) {
+        if let Some(wait) = p.rate.wait(&route.name, &connection) {
             if let Some(m) = p.metrics.get(&route.name) {
                 m.short_circuits.increment(1);
             }
@@ -178,14 +177,14 @@ impl Worker {
             )
             .retry_after(wait));
         }
-        let creds = match self.proxy.bridge.token(&connection).await {
+        let creds = match p.bridge.token(&connection).await {
             Ok(c) => c,
             Err(e) => {
                 // A deleted connection: look again (a person may have made a
                 // new one). One that needs a person stays: it is the one
                 // they must reconnect, and the bridge holds its answer.
                 if matches!(e, BridgeError::NotFound(_)) {
-                    self.proxy.resolver.forget(&route.name);
+                    p.resolver.forget(&route.name);
                 }
                 return Err(SidecarError::from_bridge(&e, &connection));
             }
@@ -217,8 +216,7 @@ impl Worker {
             StatusCode::UNAUTHORIZED => match replay {
                 Some((parts, body)) => {
                     // Revoked or rotated early: one forced refresh, one replay.
-                    let fresh = self
-                        .proxy
+                    let fresh = p
                         .bridge
                         .refresh_after(&connection, creds.generation)
                         .await
@@ -234,7 +232,7 @@ impl Worker {
                 None => {
                     // A streamed body cannot be sent twice: the agent gets
                     // the 401, and its retry finds fresh credentials.
-                    let bridge = self.proxy.bridge.clone();
+                    let bridge = p.bridge.clone();
                     let (id, generation) = (connection.clone(), creds.generation);
                     tokio::spawn(async move {
                         let _ = bridge.refresh_after(&id, generation).await;
@@ -252,7 +250,7 @@ impl Worker {
                     .get(axum::http::header::RETRY_AFTER)
                     .and_then(|v| memory::retry_after(v, SystemTime::now()))
                 {
-                    self.proxy.rate.remember(&route.name, &connection, wait);
+                    p.rate.remember(&route.name, &connection, wait);
                 }
                 resp
             }

@@ -23,7 +23,10 @@ pub enum StartError {
     Bridge(#[from] BridgeError),
     /// The upstream TLS configuration is wrong.
     #[error(transparent)]
-    Tls(#[from] TlsSetupError),
+    UpstreamTls(#[from] TlsSetupError),
+    /// The TLS certificate or key is unusable.
+    #[error(transparent)]
+    Tls(#[from] nexus_core::tls::TlsError),
     /// The address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -41,6 +44,7 @@ pub struct Sidecar {
     metrics: PrometheusHandle,
     ca_file: Option<std::path::PathBuf>,
     limits: nexus_core::serve::Limits,
+    tls: Option<Arc<nexus_core::tls::TlsServer>>,
     addr: SocketAddr,
 }
 
@@ -103,6 +107,10 @@ impl Sidecar {
         .build()?;
         // Checked once here so a bad CA file stops the start, not a worker.
         Upstreams::new(config.ca_file.as_deref())?;
+        let tls = match &config.tls {
+            Some(files) => Some(Arc::new(nexus_core::tls::TlsServer::load(files.clone())?)),
+            None => None,
+        };
         let proxy = Arc::new(Proxy {
             metrics: config
                 .routes
@@ -128,6 +136,7 @@ impl Sidecar {
             metrics,
             ca_file: config.ca_file,
             limits: config.limits,
+            tls,
             addr,
         })
     }
@@ -143,6 +152,9 @@ impl Sidecar {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> std::io::Result<()> {
         let (stop, stopped) = watch::channel(false);
         let (report, mut ended) = mpsc::unbounded_channel::<std::io::Result<()>>();
+        if let Some(tls) = &self.tls {
+            tls.spawn_reloader();
+        }
         let mut started = 0;
         let mut failure = None;
         for (i, listener) in self.listeners.into_iter().enumerate() {
@@ -159,6 +171,7 @@ impl Sidecar {
             });
             let app = router(worker, self.metrics.clone());
             let limits = self.limits;
+            let tls = self.tls.clone();
             let mut stopped = stopped.clone();
             let report = report.clone();
             let spawned = std::thread::Builder::new()
@@ -173,7 +186,8 @@ impl Sidecar {
                                 let stop = async move {
                                     let _ = stopped.wait_for(|s| *s).await;
                                 };
-                                nexus_core::serve::serve(listener, app, limits, stop).await
+                                nexus_core::serve::serve_with(listener, app, limits, tls, stop)
+                                    .await
                             })
                         });
                     let _ = report.send(served);

@@ -689,3 +689,195 @@ async fn the_sidecar_binary_proxies_and_logs_no_secret() {
     let up_logs = stop(up_child, "-TERM").await;
     assert!(!up_logs.contains(CANARY), "the canary in nexus up's logs");
 }
+
+fn run(cmd: &mut std::process::Command) -> (bool, String) {
+    let out = cmd.output().expect("runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The SHA-256 fingerprint of the certificate `addr` presents (openssl).
+fn presented(addr: &str, ca: &Path, extra: &[&str]) -> (bool, String) {
+    let script = format!(
+        "openssl s_client -connect {addr} -servername localhost -CAfile {} {} </dev/null 2>&1",
+        ca.display(),
+        extra.join(" ")
+    );
+    run(std::process::Command::new("sh").args(["-c", &script]))
+}
+
+/// `nexus certs dev` and `nexus up --tls`: curl and openssl (from Debian,
+/// not our code) talk TLS 1.2+ with ALPN h2 and http/1.1 to both servers;
+/// replaced certificates are served to new connections after SIGHUP while
+/// an open connection keeps working; a bad new pair is refused and the
+/// previous one kept; bad pairs stop a start with the variable named.
+#[tokio::test]
+async fn tls_with_development_certificates_reloads_without_dropping_connections() {
+    for tool in ["curl", "openssl"] {
+        if std::process::Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var("CI").map_or(true, |v| v != "true"),
+                "CI=true but {tool} is missing"
+            );
+            eprintln!("skipped: TLS test ({tool} is missing)");
+            return;
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // Info, not trace: stderr is read only at the end, and a full pipe would
+    // stall the server.
+    let (child, broker, gateway) = up_full(tmp.path(), &[("NEXUS_LOG", "info")], &["--tls"]).await;
+    assert!(
+        gateway.starts_with("https://") && broker.starts_with("https://"),
+        "{gateway} {broker}"
+    );
+    let ca = tmp.path().join("state/certs/ca.pem");
+    for base in [&gateway, &broker] {
+        let (ok, out) = run(std::process::Command::new("curl")
+            .args(["-sS", "--cacert"])
+            .arg(&ca)
+            .arg(format!("{base}/health")));
+        assert!(ok && out.contains("\"ok\""), "{base}: {out}");
+        // Without the development CA: refused by curl's verification.
+        let (ok, _) =
+            run(std::process::Command::new("curl").args(["-sS", &format!("{base}/health")]));
+        assert!(!ok);
+    }
+    let gaddr = gateway.trim_start_matches("https://");
+    let (ok, out) = presented(gaddr, &ca, &["-alpn", "h2,http/1.1"]);
+    assert!(
+        ok && out.contains("ALPN protocol: h2") && out.contains("Verify return code: 0 (ok)"),
+        "{out}"
+    );
+    let (_, out) = presented(gaddr, &ca, &["-alpn", "http/1.1", "-tls1_2"]);
+    assert!(
+        out.contains("ALPN protocol: http/1.1") && out.contains("TLSv1.2"),
+        "{out}"
+    );
+    let (_, out) = presented(gaddr, &ca, &["-tls1_1"]);
+    assert!(out.contains("Cipher is (NONE)"), "TLS 1.1 refused: {out}");
+    let fingerprint = |out: &str| {
+        out.lines()
+            .find(|l| l.contains("-----BEGIN CERTIFICATE-----"))
+            .map(|_| {
+                out.split("-----BEGIN CERTIFICATE-----")
+                    .nth(1)
+                    .unwrap()
+                    .split("-----END")
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .expect("a certificate in the output")
+    };
+    let (_, before) = presented(gaddr, &ca, &["-showcerts"]);
+
+    // A connection opened now, kept alive across the reload.
+    let _ = http();
+    let old_ca = reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap();
+    let kept = reqwest::Client::builder()
+        .add_root_certificate(old_ca)
+        .build()
+        .unwrap();
+    assert_eq!(
+        kept.get(format!("{gateway}/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // New certificates (a new CA too), then SIGHUP.
+    let (ok, out) = run(std::process::Command::new(BIN)
+        .current_dir(tmp.path())
+        .args(["certs", "dev", "--state-dir", "state", "--force"]));
+    assert!(ok && out.contains("TLS_CERT_FILE="), "{out}");
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut after = String::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_, out) = presented(gaddr, &ca, &["-showcerts"]);
+        if out.contains("Verify return code: 0 (ok)") && fingerprint(&out) != fingerprint(&before) {
+            after = out;
+            break;
+        }
+    }
+    assert!(
+        !after.is_empty(),
+        "the new certificate is presented to new connections"
+    );
+    assert_eq!(
+        kept.get(format!("{gateway}/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "the connection opened before the reload still works"
+    );
+
+    // A bad pair (another certificate's key) is refused; the last good one stays.
+    let certs = tmp.path().join("state/certs");
+    std::fs::copy(certs.join("sidecar-key.pem"), certs.join("gateway-key.pem")).unwrap();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, out) = presented(gaddr, &ca, &["-showcerts"]);
+    assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
+    assert_eq!(
+        fingerprint(&out),
+        fingerprint(&after),
+        "the previous good certificate is kept"
+    );
+    let metrics = run(std::process::Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(&ca)
+        .arg(format!("{gateway}/metrics")))
+    .1;
+    assert!(
+        metrics.contains("nexus_tls_reloads_total{outcome=\"refused\"}"),
+        "{metrics}"
+    );
+    let stderr = stop(child, "-TERM").await;
+    assert!(stderr.contains("new TLS certificate refused"), "{stderr}");
+
+    // Start-up refuses a mismatched pair and a missing file, naming the variable.
+    let gateway_fails = |cert: &Path, key: &Path| {
+        let mut c = std::process::Command::new(BIN);
+        c.current_dir(tmp.path())
+            .env_clear()
+            .env("BROKER_URL", "http://127.0.0.1:9")
+            .env("BROKER_API_KEY", "k".repeat(32))
+            .env("GATEWAY_ADDR", "127.0.0.1:0")
+            .env("TLS_CERT_FILE", cert)
+            .env("TLS_KEY_FILE", key)
+            .arg("gateway");
+        run(&mut c)
+    };
+    let (ok, out) = gateway_fails(&certs.join("gateway.pem"), &certs.join("gateway-key.pem"));
+    assert!(
+        !ok && out.contains("TLS_KEY_FILE") && out.contains("is not the key"),
+        "{out}"
+    );
+    let (ok, out) = gateway_fails(&certs.join("missing.pem"), &certs.join("sidecar-key.pem"));
+    assert!(!ok && out.contains("TLS_CERT_FILE"), "{out}");
+}

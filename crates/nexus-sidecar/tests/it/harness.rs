@@ -243,6 +243,7 @@ pub struct Seen {
     pub uri: String,
     pub headers: HeaderMap,
     pub body_len: u64,
+    pub version: axum::http::Version,
 }
 
 /// An upstream on loopback that records every request and answers by path:
@@ -276,8 +277,52 @@ impl Upstream {
         up
     }
 
+    /// The same upstream over TLS (ALPN h2 and http/1.1) with a certificate
+    /// for 127.0.0.1 from a CA made here; the CA's PEM file is returned.
+    pub async fn start_tls(dir: &std::path::Path) -> (Upstream, std::path::PathBuf) {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+        let mut ca = CertificateParams::default();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+        let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+        leaf.subject_alt_names = vec![SanType::IpAddress([127, 0, 0, 1].into())];
+        let key = KeyPair::generate().unwrap();
+        let cert = leaf.signed_by(&key, &ca).unwrap();
+        let files = nexus_core::tls::TlsFiles {
+            cert: dir.join("upstream.pem"),
+            key: dir.join("upstream-key.pem"),
+        };
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        let ca_file = dir.join("upstream-ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let tls = Arc::new(nexus_core::tls::TlsServer::load(files).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up = Upstream {
+            addr: listener.local_addr().unwrap(),
+            seen: Default::default(),
+            counters: Default::default(),
+            release: Default::default(),
+        };
+        let app = Router::new()
+            .fallback(any(answer))
+            .with_state((up.clone(), None));
+        tokio::spawn(nexus_core::serve::serve_with(
+            listener,
+            app,
+            Default::default(),
+            Some(tls),
+            std::future::pending(),
+        ));
+        (up, ca_file)
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    pub fn https_url(&self) -> String {
+        format!("https://{}", self.addr)
     }
 
     pub fn requests(&self) -> Vec<Seen> {
@@ -312,6 +357,7 @@ async fn answer(
         uri: parts.uri.to_string(),
         headers: parts.headers.clone(),
         body_len: len,
+        version: parts.version,
     });
     let count = {
         let mut c = up.counters.lock().unwrap();

@@ -259,3 +259,58 @@ async fn shutdown_lets_a_stream_in_flight_finish() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_upstream_is_trusted_only_through_the_extra_ca() {
+    let s = Stack::start().await;
+    let (up, ca) = Upstream::start_tls(s.dir.path()).await;
+    s.provider("hdr", json!({"type": "header", "config": {"header_name": "X-Api-Key", "credential_field": "api_key"}}), &["api_key"]).await;
+    let c = s
+        .connect("u1", "hdr", json!({"api_key": "tls-key-1"}))
+        .await;
+    let routes = format!(
+        "[routes.api]\nupstream = \"{}\"\nconnection = \"{c}\"\n",
+        up.https_url()
+    );
+    // Without the CA: the upstream's certificate is not trusted, nothing sent.
+    let plain = s.sidecar(&routes).await;
+    let r = reqwest::get(format!("{}/api/x", plain.url)).await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["x-nexus-error"], "upstream_unreachable");
+    assert!(up.requests().is_empty());
+    // With SIDECAR_CA_FILE: HTTP/2 over TLS (ALPN), the credential applied.
+    let trusting = s
+        .sidecar_with(&routes, |st| {
+            st.sidecar_ca_file = Some(ca.display().to_string())
+        })
+        .await;
+    let r = reqwest::get(format!("{}/api/x", trusting.url))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(up.last().headers["x-api-key"], "tls-key-1");
+    assert_eq!(
+        up.last().version,
+        axum::http::Version::HTTP_2,
+        "ALPN chose h2"
+    );
+    // A bad CA file stops the start, naming the setting.
+    let bad = s.dir.path().join("not-a-ca.pem");
+    std::fs::write(&bad, "nothing here").unwrap();
+    let file = s.dir.path().join("routes-bad-ca.toml");
+    std::fs::write(&file, &routes).unwrap();
+    let config = nexus_sidecar::SidecarConfig::from_settings(&nexus_sidecar::SidecarSettings {
+        gateway_url: Some(s.gateway.clone()),
+        agent_key: Some(s.agent_key.clone()),
+        sidecar_addr: Some("127.0.0.1:0".into()),
+        sidecar_routes_file: Some(file.display().to_string()),
+        sidecar_ca_file: Some(bad.display().to_string()),
+        ..Default::default()
+    })
+    .unwrap();
+    let e = nexus_sidecar::Sidecar::start(config, s.metrics.clone())
+        .await
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("SIDECAR_CA_FILE"), "{e}");
+}

@@ -1,0 +1,301 @@
+//! Serving TLS (rustls): a certificate and key from PEM files, checked at
+//! start-up (readable, matching, in their validity period), TLS 1.2 and
+//! 1.3 only, ALPN `h2` and `http/1.1` (gRPC and REST keep sharing a port),
+//! and reloaded when the files change (polled) or on SIGHUP: new
+//! connections get the new pair, open ones keep theirs. A bad new pair is
+//! refused and the old one kept (logged and counted).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::crypto::ring::sign::any_supported_type;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::settings::{Setting, Values};
+use crate::ConfigError;
+
+/// `TLS_CERT_FILE`: the certificate chain (PEM) a server presents.
+pub const TLS_CERT_FILE: Setting = Setting::text(
+    "TLS_CERT_FILE",
+    "PEM certificate chain this server presents (with TLS_KEY_FILE); unset: plaintext HTTP",
+);
+/// `TLS_KEY_FILE`: the private key (PEM) of `TLS_CERT_FILE`.
+pub const TLS_KEY_FILE: Setting = Setting::text(
+    "TLS_KEY_FILE",
+    "PEM private key of TLS_CERT_FILE (PKCS#8, PKCS#1 or SEC1)",
+);
+
+/// How often the files are looked at for a change.
+pub const RELOAD_POLL: Duration = Duration::from_secs(10);
+
+/// A certificate and key file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Both settings, or neither (plaintext); one without the other is an error.
+    pub fn from_values(v: &Values) -> Result<Option<Self>, ConfigError> {
+        match (v.given(&TLS_CERT_FILE), v.given(&TLS_KEY_FILE)) {
+            (None, None) => Ok(None),
+            (Some(cert), Some(key)) => Ok(Some(Self {
+                cert: cert.into(),
+                key: key.into(),
+            })),
+            (Some(_), None) => Err(ConfigError::new(
+                TLS_KEY_FILE.name,
+                "is required when TLS_CERT_FILE is set",
+            )),
+            (None, Some(_)) => Err(ConfigError::new(
+                TLS_CERT_FILE.name,
+                "is required when TLS_KEY_FILE is set",
+            )),
+        }
+    }
+}
+
+/// What is wrong with a certificate and key.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file cannot be read or holds no PEM object of the kind needed.
+    #[error("{var} {path}: {reason}")]
+    File {
+        /// `TLS_CERT_FILE` or `TLS_KEY_FILE`.
+        var: &'static str,
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The key does not belong to the certificate.
+    #[error("TLS_KEY_FILE {key} is not the key of the certificate in TLS_CERT_FILE {cert}")]
+    Mismatch {
+        /// The certificate file.
+        cert: String,
+        /// The key file.
+        key: String,
+    },
+    /// The certificate is outside its validity period.
+    #[error("TLS_CERT_FILE {path}: the certificate {what}")]
+    Validity {
+        /// The file.
+        path: String,
+        /// "expired at ..." or "is not valid before ...".
+        what: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+impl TlsError {
+    /// The setting to name in a start-up error.
+    pub fn var(&self) -> &'static str {
+        match self {
+            Self::File { var, .. } => var,
+            Self::Mismatch { .. } => TLS_KEY_FILE.name,
+            Self::Validity { .. } | Self::Rustls(_) => TLS_CERT_FILE.name,
+        }
+    }
+}
+
+fn unix(t: SystemTime) -> String {
+    httpdate::fmt_http_date(t)
+}
+
+/// Reads and checks a pair: the chain, a key that signs for its leaf, the
+/// leaf inside its validity period at `now`.
+pub fn load_pair(files: &TlsFiles, now: SystemTime) -> Result<CertifiedKey, TlsError> {
+    let shown = |p: &Path| p.display().to_string();
+    let file_err = |var, path: &Path, reason: String| TlsError::File {
+        var,
+        path: shown(path),
+        reason,
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .map_err(|e| file_err(TLS_CERT_FILE.name, &files.cert, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_err(TLS_CERT_FILE.name, &files.cert, e.to_string()))?;
+    let Some(leaf) = chain.first() else {
+        return Err(file_err(
+            TLS_CERT_FILE.name,
+            &files.cert,
+            "holds no PEM certificate".into(),
+        ));
+    };
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| file_err(TLS_KEY_FILE.name, &files.key, e.to_string()))?;
+    let signing = any_supported_type(&key).map_err(|e| {
+        file_err(
+            TLS_KEY_FILE.name,
+            &files.key,
+            format!("not a usable private key ({e})"),
+        )
+    })?;
+    {
+        use x509_cert::der::Decode;
+        let cert = x509_cert::Certificate::from_der(leaf).map_err(|e| {
+            file_err(
+                TLS_CERT_FILE.name,
+                &files.cert,
+                format!("not an X.509 certificate ({e})"),
+            )
+        })?;
+        let validity = &cert.tbs_certificate.validity;
+        let not_before = validity.not_before.to_system_time();
+        let not_after = validity.not_after.to_system_time();
+        if now > not_after {
+            return Err(TlsError::Validity {
+                path: shown(&files.cert),
+                what: format!("expired at {}", unix(not_after)),
+            });
+        }
+        if now < not_before {
+            return Err(TlsError::Validity {
+                path: shown(&files.cert),
+                what: format!("is not valid before {}", unix(not_before)),
+            });
+        }
+    }
+    let certified = CertifiedKey::new(chain, signing);
+    match certified.keys_match() {
+        Ok(()) => Ok(certified),
+        // A key rustls cannot compare (no public key to read) is accepted;
+        // a mismatch is refused.
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(certified),
+        Err(_) => Err(TlsError::Mismatch {
+            cert: shown(&files.cert),
+            key: shown(&files.key),
+        }),
+    }
+}
+
+/// The pair in use, swapped on reload.
+#[derive(Debug)]
+struct Current {
+    pair: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for Current {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.pair.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+/// A server's TLS: the rustls configuration and the pair it serves.
+#[derive(Debug)]
+pub struct TlsServer {
+    files: TlsFiles,
+    current: Arc<Current>,
+    config: Arc<rustls::ServerConfig>,
+    /// What the files looked like when last loaded (length, modified time).
+    seen: RwLock<Option<(u64, SystemTime, u64, SystemTime)>>,
+}
+
+fn stamp(files: &TlsFiles) -> Option<(u64, SystemTime, u64, SystemTime)> {
+    let c = std::fs::metadata(&files.cert).ok()?;
+    let k = std::fs::metadata(&files.key).ok()?;
+    Some((c.len(), c.modified().ok()?, k.len(), k.modified().ok()?))
+}
+
+impl TlsServer {
+    /// Loads and checks the pair (see [`load_pair`]).
+    pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
+        let seen = stamp(&files);
+        let pair = load_pair(&files, SystemTime::now())?;
+        let current = Arc::new(Current {
+            pair: RwLock::new(Arc::new(pair)),
+        });
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_no_client_auth()
+            .with_cert_resolver(current.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Self {
+            files,
+            current,
+            config: Arc::new(config),
+            seen: RwLock::new(seen),
+        })
+    }
+
+    /// The rustls configuration (its certificate follows reloads).
+    pub fn config(&self) -> Arc<rustls::ServerConfig> {
+        self.config.clone()
+    }
+
+    /// The leaf certificate served now.
+    pub fn leaf(&self) -> CertificateDer<'static> {
+        let pair = self.current.pair.read().unwrap_or_else(|e| e.into_inner());
+        pair.cert[0].clone()
+    }
+
+    /// Loads the files again if they changed (or `force`): a good new pair
+    /// replaces the old for new connections; a bad one is refused, the old
+    /// one kept. `Ok(true)` when swapped.
+    pub fn reload(&self, force: bool) -> Result<bool, TlsError> {
+        let now_seen = stamp(&self.files);
+        if !force && now_seen == *self.seen.read().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(false);
+        }
+        let pair = load_pair(&self.files, SystemTime::now());
+        // Remembered either way: a bad pair is reported once, not every poll.
+        *self.seen.write().unwrap_or_else(|e| e.into_inner()) = now_seen;
+        let pair = pair?;
+        *self.current.pair.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(pair);
+        Ok(true)
+    }
+
+    /// Reloads on every change seen by polling and on SIGHUP, until the
+    /// runtime stops. Outcomes are logged and counted
+    /// (`nexus_tls_reloads_total{outcome}`).
+    pub fn spawn_reloader(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            #[cfg(unix)]
+            let mut hup =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            loop {
+                #[cfg(unix)]
+                let forced = match hup.as_mut() {
+                    Some(h) => tokio::select! {
+                        _ = h.recv() => true,
+                        () = tokio::time::sleep(RELOAD_POLL) => false,
+                    },
+                    None => {
+                        tokio::time::sleep(RELOAD_POLL).await;
+                        false
+                    }
+                };
+                #[cfg(not(unix))]
+                let forced = {
+                    tokio::time::sleep(RELOAD_POLL).await;
+                    false
+                };
+                let Some(server) = me.upgrade() else { return };
+                match server.reload(forced) {
+                    Ok(true) => {
+                        crate::static_counter!("nexus_tls_reloads_total", "outcome" => "reloaded")
+                            .increment(1);
+                        tracing::info!(cert = %server.files.cert.display(), "TLS certificate reloaded");
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        crate::static_counter!("nexus_tls_reloads_total", "outcome" => "refused")
+                            .increment(1);
+                        tracing::error!(error = %e, "new TLS certificate refused; still serving the previous one");
+                    }
+                }
+            }
+        });
+    }
+}
