@@ -263,13 +263,7 @@ pub struct Upstream {
 
 impl Upstream {
     pub async fn start(redirect_to: Option<String>) -> Upstream {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let up = Upstream {
-            addr: listener.local_addr().unwrap(),
-            seen: Default::default(),
-            counters: Default::default(),
-            release: Default::default(),
-        };
+        let (listener, up) = Self::bound().await;
         let app = Router::new()
             .fallback(any(answer))
             .with_state((up.clone(), redirect_to));
@@ -315,6 +309,17 @@ impl Upstream {
             std::future::pending(),
         ));
         (up, ca_file)
+    }
+
+    async fn bound() -> (tokio::net::TcpListener, Upstream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up = Upstream {
+            addr: listener.local_addr().unwrap(),
+            seen: Default::default(),
+            counters: Default::default(),
+            release: Default::default(),
+        };
+        (listener, up)
     }
 
     pub fn url(&self) -> String {
