@@ -105,13 +105,36 @@ pub fn check_transport(url: &Url, allow_insecure: bool) -> Result<(), BridgeErro
 /// A rustls client configuration on the ring provider (set here, not taken
 /// from a process-wide default) with the webpki roots.
 pub fn tls_config() -> Result<rustls::ClientConfig, BridgeError> {
+    tls_config_with(&[])
+}
+
+/// [`tls_config`] trusting the CA certificates in `extra_ca_pem` too (a
+/// private or development CA of the gateway).
+pub fn tls_config_with(extra_ca_pem: &[u8]) -> Result<rustls::ClientConfig, BridgeError> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if !extra_ca_pem.is_empty() {
+        let mut added = 0;
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(extra_ca_pem) {
+            let cert = cert.map_err(|e| BridgeError::Config(format!("gateway CA: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| BridgeError::Config(format!("gateway CA: {e}")))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(BridgeError::Config(
+                "gateway CA: no PEM certificate in it".into(),
+            ));
+        }
+    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| BridgeError::Config(e.to_string()))?
-        .with_root_certificates(rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        })
+        .with_root_certificates(roots)
         .with_no_client_auth())
 }
 
@@ -121,7 +144,14 @@ pub fn http_client(
     timeout: Duration,
     follow_redirects: bool,
 ) -> Result<reqwest::Client, BridgeError> {
-    let tls = tls_config()?;
+    client_with(tls_config()?, timeout, follow_redirects)
+}
+
+fn client_with(
+    tls: rustls::ClientConfig,
+    timeout: Duration,
+    follow_redirects: bool,
+) -> Result<reqwest::Client, BridgeError> {
     let redirects = if follow_redirects {
         reqwest::redirect::Policy::default()
     } else {
@@ -149,6 +179,8 @@ pub struct GatewayClient {
     key: Arc<Secret>,
     #[cfg(feature = "grpc")]
     grpc: Option<crate::grpc::GrpcClient>,
+    #[cfg(feature = "grpc")]
+    extra_ca_pem: Vec<u8>,
 }
 
 impl std::fmt::Debug for GatewayClient {
@@ -176,6 +208,18 @@ impl GatewayClient {
         allow_insecure: bool,
         timeout: Duration,
     ) -> Result<Self, BridgeError> {
+        Self::with_ca(base, agent_key, allow_insecure, timeout, &[])
+    }
+
+    /// [`GatewayClient::new`], also trusting the CA certificates in
+    /// `extra_ca_pem` for the gateway's TLS.
+    pub fn with_ca(
+        base: &str,
+        agent_key: Secret,
+        allow_insecure: bool,
+        timeout: Duration,
+        extra_ca_pem: &[u8],
+    ) -> Result<Self, BridgeError> {
         let base = Url::parse(base)
             .map_err(|e| BridgeError::Config(format!("gateway URL '{base}': {e}")))?;
         if !matches!(base.scheme(), "http" | "https") {
@@ -189,11 +233,13 @@ impl GatewayClient {
         }
         Ok(Self {
             // A redirect could carry the agent key elsewhere: never followed.
-            http: http_client(timeout, false)?,
+            http: client_with(tls_config_with(extra_ca_pem)?, timeout, false)?,
             base,
             key: Arc::new(agent_key),
             #[cfg(feature = "grpc")]
             grpc: None,
+            #[cfg(feature = "grpc")]
+            extra_ca_pem: extra_ca_pem.to_vec(),
         })
     }
 
@@ -201,7 +247,11 @@ impl GatewayClient {
     /// port), connected on first use.
     #[cfg(feature = "grpc")]
     pub fn over_grpc(mut self, timeout: Duration) -> Result<Self, BridgeError> {
-        self.grpc = Some(crate::grpc::GrpcClient::new(&self.base, timeout)?);
+        self.grpc = Some(crate::grpc::GrpcClient::new(
+            &self.base,
+            timeout,
+            &self.extra_ca_pem,
+        )?);
         Ok(self)
     }
 

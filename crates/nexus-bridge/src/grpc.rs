@@ -31,14 +31,22 @@ pub(crate) struct GrpcClient {
 
 impl GrpcClient {
     /// Connects on first use (plaintext for `http://`, TLS for `https://`).
-    pub(crate) fn new(url: &url::Url, timeout: Duration) -> Result<Self, BridgeError> {
+    pub(crate) fn new(
+        url: &url::Url,
+        timeout: Duration,
+        extra_ca_pem: &[u8],
+    ) -> Result<Self, BridgeError> {
         let mut endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| BridgeError::Config(format!("gRPC endpoint: {e}")))?
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(5).min(timeout));
         if url.scheme() == "https" {
+            let mut tls = ClientTlsConfig::new().with_webpki_roots();
+            if !extra_ca_pem.is_empty() {
+                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(extra_ca_pem));
+            }
             endpoint = endpoint
-                .tls_config(ClientTlsConfig::new().with_webpki_roots())
+                .tls_config(tls)
                 .map_err(|e| BridgeError::Config(format!("gRPC TLS: {e}")))?;
         }
         Ok(Self {

@@ -90,6 +90,7 @@ pub struct BridgeBuilder {
     allow_insecure: bool,
     timeout: Duration,
     cache: CacheSettings,
+    gateway_ca_pem: Vec<u8>,
     #[cfg(feature = "grpc")]
     grpc: bool,
 }
@@ -115,6 +116,13 @@ impl BridgeBuilder {
         self
     }
 
+    /// Trusts the CA certificates in `pem` (PEM) for the gateway's TLS too,
+    /// besides the webpki roots: a private or development CA.
+    pub fn gateway_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.gateway_ca_pem = pem.into();
+        self
+    }
+
     /// How credentials are kept and re-fetched.
     pub fn cache_settings(mut self, settings: CacheSettings) -> Self {
         self.cache = settings;
@@ -123,11 +131,12 @@ impl BridgeBuilder {
 
     /// The bridge.
     pub fn build(self) -> Result<Bridge, BridgeError> {
-        let gateway = GatewayClient::new(
+        let gateway = GatewayClient::with_ca(
             &self.gateway_url,
             self.agent_key,
             self.allow_insecure,
             self.timeout,
+            &self.gateway_ca_pem,
         )?;
         #[cfg(feature = "grpc")]
         let gateway = if self.grpc {
@@ -192,6 +201,7 @@ impl Bridge {
             allow_insecure: false,
             timeout: Duration::from_secs(30),
             cache: CacheSettings::default(),
+            gateway_ca_pem: Vec::new(),
             #[cfg(feature = "grpc")]
             grpc: false,
         }

@@ -28,6 +28,8 @@ nexus_core::declare_settings! {
         sidecar_routes_file: SIDECAR_ROUTES_FILE = Setting::text("SIDECAR_ROUTES_FILE", "The routes file (TOML): route name -> upstream URL and connection").or("nexus-routes.toml"),
         /// `SIDECAR_CA_FILE`: extra CA certificates (PEM) trusted for upstreams.
         sidecar_ca_file: SIDECAR_CA_FILE = Setting::text("SIDECAR_CA_FILE", "Extra CA certificates (PEM) trusted for upstreams, besides the platform's"),
+        /// `GATEWAY_CA_FILE`: extra CA certificates (PEM) trusted for the gateway.
+        gateway_ca_file: GATEWAY_CA_FILE = Setting::text("GATEWAY_CA_FILE", "Extra CA certificates (PEM) trusted for the gateway's TLS, e.g. .nexus/certs/ca.pem of `nexus certs dev`"),
         /// `SIDECAR_ALLOW_PLAINTEXT_GATEWAY`: plaintext HTTP to a gateway beyond loopback.
         sidecar_allow_plaintext_gateway: SIDECAR_ALLOW_PLAINTEXT_GATEWAY = Setting::boolean("SIDECAR_ALLOW_PLAINTEXT_GATEWAY", "Allow plaintext HTTP to a gateway that is not on loopback (credentials cross in clear)", false),
         /// `SIDECAR_REPLAY_BODY_MAX_BYTES`: bodies kept for the replay after a 401.
@@ -64,6 +66,8 @@ pub struct SidecarConfig {
     pub agent_key: Secret<String>,
     /// Plaintext to a gateway beyond loopback.
     pub allow_plaintext_gateway: bool,
+    /// Extra CA certificates (PEM) for the gateway.
+    pub gateway_ca_pem: Vec<u8>,
     /// Listen address.
     pub listen_addr: SocketAddr,
     /// The routes.
@@ -164,6 +168,12 @@ impl SidecarConfig {
             gateway_url,
             agent_key: Secret::new(agent_key),
             allow_plaintext_gateway,
+            gateway_ca_pem: match v.given(&GATEWAY_CA_FILE) {
+                Some(path) => std::fs::read(path).map_err(|e| {
+                    ConfigError::new(GATEWAY_CA_FILE.name, format!("cannot read {path}: {e}"))
+                })?,
+                None => Vec::new(),
+            },
             listen_addr,
             routes,
             ca_file: v.given(&SIDECAR_CA_FILE).map(PathBuf::from),

@@ -100,6 +100,7 @@ impl Sidecar {
             config.agent_key.expose().clone(),
         )
         .allow_insecure_transport(config.allow_plaintext_gateway)
+        .gateway_ca_pem(config.gateway_ca_pem.clone())
         .cache_settings(nexus_bridge::CacheSettings {
             recheck: Some(config.recheck),
             ..Default::default()

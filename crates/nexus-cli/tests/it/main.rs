@@ -766,6 +766,60 @@ async fn tls_with_development_certificates_reloads_without_dropping_connections(
     );
     let (_, out) = presented(gaddr, &ca, &["-tls1_1"]);
     assert!(out.contains("Cipher is (NONE)"), "TLS 1.1 refused: {out}");
+    // The sidecar: HTTPS itself (its development certificate), and the
+    // gateway's TLS trusted through GATEWAY_CA_FILE (without it, unreachable).
+    let certs = tmp.path().join("state/certs");
+    std::fs::write(
+        tmp.path().join("tls-routes.toml"),
+        "[routes.api]\nupstream = \"https://127.0.0.1:9\"\nworkspace = \"nobody\"\nprovider = \"none\"\n",
+    )
+    .unwrap();
+    let agent_key = env_value_last(&env_file(tmp.path()), "AGENT_KEY");
+    for (trust, expected) in [
+        (true, "connection_not_found"),
+        (false, "gateway_unreachable"),
+    ] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cmd = nexus(tmp.path());
+        cmd.args([
+            "sidecar",
+            "--gateway-url",
+            &gateway,
+            "--sidecar-routes-file",
+            "tls-routes.toml",
+        ])
+        .args(["--sidecar-addr", &format!("127.0.0.1:{port}")])
+        .args([
+            "--tls-cert-file",
+            "state/certs/sidecar.pem",
+            "--tls-key-file",
+            "state/certs/sidecar-key.pem",
+        ])
+        .env("AGENT_KEY", &agent_key)
+        .env("NEXUS_LOG", "warn");
+        if trust {
+            cmd.args(["--gateway-ca-file", "state/certs/ca.pem"]);
+        }
+        let mut sidecar = cmd.spawn().unwrap();
+        let mut ready = String::new();
+        for _ in 0..50 {
+            let (ok, out) = run(std::process::Command::new("curl")
+                .args(["-sS", "--cacert"])
+                .arg(&ca)
+                .arg(format!("https://127.0.0.1:{port}/_nexus/ready")));
+            if ok {
+                ready = out;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ready.contains(expected), "trust={trust}: {ready}");
+        let _ = sidecar.kill().await;
+    }
     let fingerprint = |out: &str| {
         out.lines()
             .find(|l| l.contains("-----BEGIN CERTIFICATE-----"))
@@ -833,7 +887,6 @@ async fn tls_with_development_certificates_reloads_without_dropping_connections(
     );
 
     // A bad pair (another certificate's key) is refused; the last good one stays.
-    let certs = tmp.path().join("state/certs");
     std::fs::copy(certs.join("sidecar-key.pem"), certs.join("gateway-key.pem")).unwrap();
     assert!(std::process::Command::new("kill")
         .args(["-HUP", &pid])
