@@ -12,6 +12,7 @@ pub mod backoff;
 pub mod egress;
 pub mod error;
 pub mod limit;
+pub mod linger;
 pub mod middleware;
 pub mod net;
 pub mod openapi;

@@ -275,7 +275,10 @@ impl Conn {
             router.clone().oneshot(req)
         });
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .serve_connection_with_upgrades(
+                TokioIo::new(crate::linger::Lingering::new(io)),
+                service,
+            )
             .into_owned();
         let conn = graceful.watch(conn);
         let first_request = limits.header_read_timeout;
@@ -340,6 +343,11 @@ mod tests {
         let app = Router::new()
             .route("/", get(|| async { "ok" }))
             .route("/echo", post(|body: axum::body::Bytes| async move { body }))
+            // Answers before reading the body, as a body limit does.
+            .route(
+                "/early",
+                post(|| async { (axum::http::StatusCode::PAYLOAD_TOO_LARGE, "too large") }),
+            )
             .route(
                 "/forever",
                 get(|| async {
@@ -518,5 +526,24 @@ mod tests {
             .expect("serve returns after the grace period")
             .unwrap()
             .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_early_answer_reaches_a_client_still_sending() {
+        // reqwest (hyper's client) gives up on the answer when a body write
+        // fails: without a lingering close it saw a broken pipe, not the 413.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (addr, stop, _task) = start(Limits::default()).await;
+        let client = reqwest::Client::new();
+        for _ in 0..3 {
+            let r = client
+                .post(format!("http://{addr}/early"))
+                .body(vec![b'x'; 32 * 1024 * 1024])
+                .send()
+                .await
+                .expect("the answer, not a broken pipe");
+            assert_eq!(r.status(), 413);
+        }
+        let _ = stop.send(());
     }
 }
