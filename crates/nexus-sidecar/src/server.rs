@@ -72,6 +72,11 @@ fn bind(
     workers: usize,
 ) -> std::io::Result<(Vec<std::net::TcpListener>, SocketAddr)> {
     use socket2::{Domain, Protocol, Socket, Type};
+    if addr.port() != 0 {
+        // SO_REUSEPORT would let a second sidecar on the same port share the
+        // connections silently: a plain bind first says "in use" instead.
+        drop(std::net::TcpListener::bind(addr)?);
+    }
     let mut listeners = Vec::with_capacity(workers);
     let mut bound = addr;
     for _ in 0..workers.max(1) {

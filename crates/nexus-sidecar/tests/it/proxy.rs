@@ -577,4 +577,25 @@ async fn bad_configurations_are_refused_by_name() {
     .unwrap();
     assert_eq!(c.agent_key.expose(), "nxa_from_file");
     assert!(!format!("{c:?}").contains("nxa_from_file"));
+
+    // A port another sidecar holds is "in use", not silently shared.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let port = crate::harness::free_port();
+    let on_port = || {
+        SidecarConfig::from_settings(&SidecarSettings {
+            sidecar_addr: Some(format!("127.0.0.1:{port}")),
+            ..base()
+        })
+        .unwrap()
+    };
+    let metrics = nexus_core::telemetry::metrics_handle();
+    let first = nexus_sidecar::Sidecar::start(on_port(), metrics.clone())
+        .await
+        .unwrap();
+    let second = nexus_sidecar::Sidecar::start(on_port(), metrics).await;
+    assert!(
+        matches!(second, Err(nexus_sidecar::server::StartError::Bind { .. })),
+        "a second sidecar on the same port started"
+    );
+    drop(first);
 }
