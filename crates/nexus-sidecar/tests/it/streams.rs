@@ -314,3 +314,37 @@ async fn a_tls_upstream_is_trusted_only_through_the_extra_ca() {
         .unwrap();
     assert!(e.to_string().contains("SIDECAR_CA_FILE"), "{e}");
 }
+
+#[test]
+fn certificates_outside_their_validity_stop_the_start() {
+    use rcgen::{CertificateParams, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    for (from, to, said) in [
+        (
+            now - time::Duration::days(30),
+            now - time::Duration::days(1),
+            "expired at",
+        ),
+        (
+            now + time::Duration::days(1),
+            now + time::Duration::days(30),
+            "is not valid before",
+        ),
+    ] {
+        let mut p = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        p.not_before = from;
+        p.not_after = to;
+        let key = KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        let files = nexus_core::tls::TlsFiles {
+            cert: dir.path().join("c.pem"),
+            key: dir.path().join("k.pem"),
+        };
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        let e = nexus_core::tls::TlsServer::load(files).unwrap_err();
+        assert_eq!(e.var(), "TLS_CERT_FILE");
+        assert!(e.to_string().contains(said), "{e}");
+    }
+}
