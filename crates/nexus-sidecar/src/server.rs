@@ -42,7 +42,7 @@ pub struct Sidecar {
     listeners: Vec<std::net::TcpListener>,
     proxy: Arc<Proxy>,
     metrics: PrometheusHandle,
-    ca_file: Option<std::path::PathBuf>,
+    upstream_tls: rustls::ClientConfig,
     limits: nexus_core::serve::Limits,
     tls: Option<Arc<nexus_core::tls::TlsServer>>,
     addr: SocketAddr,
@@ -111,8 +111,8 @@ impl Sidecar {
             ..Default::default()
         })
         .build()?;
-        // Checked once here so a bad CA file stops the start, not a worker.
-        Upstreams::new(config.ca_file.as_deref())?;
+        // Read once, here: a bad CA file stops the start, not a worker.
+        let upstream_tls = crate::upstream::client_tls(config.ca_file.as_deref())?;
         let tls = match &config.tls {
             Some(files) => Some(Arc::new(nexus_core::tls::TlsServer::load(files.clone())?)),
             None => None,
@@ -140,7 +140,7 @@ impl Sidecar {
             listeners,
             proxy,
             metrics,
-            ca_file: config.ca_file,
+            upstream_tls,
             limits: config.limits,
             tls,
             addr,
@@ -164,13 +164,7 @@ impl Sidecar {
         let mut started = 0;
         let mut failure = None;
         for (i, listener) in self.listeners.into_iter().enumerate() {
-            let upstreams = match Upstreams::new(self.ca_file.as_deref()) {
-                Ok(u) => u,
-                Err(e) => {
-                    failure = Some(std::io::Error::other(e));
-                    break;
-                }
-            };
+            let upstreams = Upstreams::new(&self.upstream_tls);
             let worker = Arc::new(Worker {
                 proxy: self.proxy.clone(),
                 upstreams,

@@ -79,14 +79,20 @@ fn connector(connect_timeout: Duration) -> HttpConnector {
     http
 }
 
+/// The TLS configuration of every upstream client: the platform's roots
+/// plus `extra_ca`, on the ring provider (set here, not taken from a
+/// process default). Built once; each worker's clients share it.
+pub fn client_tls(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, TlsSetupError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(extra_ca)?)
+        .with_no_client_auth())
+}
+
 impl Upstreams {
-    /// The clients (the ring provider set here, not taken from a process default).
-    pub fn new(extra_ca: Option<&Path>) -> Result<Self, TlsSetupError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots(extra_ca)?)
-            .with_no_client_auth();
+    /// The clients, on `tls` (see [`client_tls`]).
+    pub fn new(tls: &rustls::ClientConfig) -> Self {
         let connect = Duration::from_secs(5);
         let https = |h2: bool| {
             let b = hyper_rustls::HttpsConnectorBuilder::new()
@@ -105,10 +111,10 @@ impl Upstreams {
                 .timer(TokioTimer::new());
             b
         };
-        Ok(Self {
+        Self {
             auto: builder().build(https(true)),
             h2c: builder().http2_only(true).build(connector(connect)),
             h1: builder().build(https(false)),
-        })
+        }
     }
 }
