@@ -66,6 +66,20 @@ impl OidcPeer {
         })
     }
 
+    /// The person `sub` withdraws `scope` from the grants of `client_id`
+    /// (partial revocation); the provider's answer (`updated`: how many).
+    pub async fn remove_scope(&self, sub: &str, client_id: &str, scope: &str) -> Value {
+        reqwest::Client::new()
+            .post(format!("{}/__admin/remove-scope", self.issuer))
+            .json(&json!({"sub": sub, "client_id": client_id, "scope": scope}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// The person `sub` revokes every grant of `client_id` at the provider
     /// (as from its account page); how many grants went.
     pub async fn revoke_grant(&self, sub: &str, client_id: &str) -> u64 {
@@ -89,6 +103,15 @@ impl OidcPeer {
             .await
             .unwrap()
     }
+}
+
+/// A free loopback port (for a server whose URL must be known before it starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A browser: keeps cookies, follows nothing by itself.

@@ -88,13 +88,7 @@ impl Stack {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use nexus_testkit::free_port;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_across_token_lifetimes_scope_loss_and_revocation() {
@@ -185,15 +179,7 @@ async fn an_agent_across_token_lifetimes_scope_loss_and_revocation() {
 
     // The person withdraws calendar.read at the provider: the agent's 403 is
     // reported, and the connection shows exactly that scope failing.
-    let removed: Value = reqwest::Client::new()
-        .post(format!("{}/__admin/remove-scope", peer.issuer))
-        .json(&json!({"sub": "alice", "client_id": "nexus", "scope": "calendar.read"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let removed = peer.remove_scope("alice", "nexus", "calendar.read").await;
     assert_eq!(removed["updated"], 1);
     let r = api
         .get(resource("calendar.read"))

@@ -379,15 +379,7 @@ async fn real_provider_partial_scope_withdrawal_reconsent_and_revocation(b: Back
     );
 
     // The person withdraws calendar.read at the provider.
-    let removed: Value = reqwest::Client::new()
-        .post(format!("{}/__admin/remove-scope", peer.issuer))
-        .json(&json!({"sub": "alice", "client_id": "nexus", "scope": "calendar.read"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let removed = peer.remove_scope("alice", "nexus", "calendar.read").await;
     assert_eq!(removed["updated"], 1, "{removed}");
     let (status, www) = resource(&peer, &at, "calendar.read").await;
     assert_eq!(status, StatusCode::FORBIDDEN);

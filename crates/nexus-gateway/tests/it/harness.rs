@@ -26,14 +26,7 @@ pub struct Stack {
     stops: Vec<oneshot::Sender<()>>,
 }
 
-/// A free loopback port (for a gateway whose URL must be known first).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use nexus_testkit::free_port;
 
 impl Stack {
     /// Starts both; `gateway_port` fixed (0 = any), CORS origins as given.

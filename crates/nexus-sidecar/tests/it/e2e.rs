@@ -223,15 +223,7 @@ async fn a_python_agent_through_the_sidecar_holds_no_secret() {
 
     // The person withdraws calendar.read: the agent gets the 403, and the
     // connection is degraded with exactly that scope.
-    let removed: Value = reqwest::Client::new()
-        .post(format!("{}/__admin/remove-scope", peer.issuer))
-        .json(&json!({"sub": "alice", "client_id": "nexus", "scope": "calendar.read"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let removed = peer.remove_scope("alice", "nexus", "calendar.read").await;
     assert_eq!(removed["updated"], 1);
     let a = agent
         .ask("once /idp/api/resource?scope=calendar.read")

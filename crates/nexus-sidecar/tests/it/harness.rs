@@ -37,13 +37,7 @@ pub struct Stack {
     stops: Vec<oneshot::Sender<()>>,
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use nexus_testkit::free_port;
 
 impl Stack {
     pub async fn start() -> Stack {
