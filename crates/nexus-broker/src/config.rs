@@ -80,6 +80,8 @@ nexus_core::declare_settings! {
         refresh_jitter_secs: REFRESH_JITTER_SECS = Setting::number("REFRESH_JITTER_SECS", "Refresh up to this much earlier again, at random", "60", 0, 3_600, "seconds"),
         /// `REFRESH_LEASE_SECS`: how long a refresh lease lasts.
         refresh_lease_secs: REFRESH_LEASE_SECS = Setting::number("REFRESH_LEASE_SECS", "How long a refresh lease lasts (more than twice PROVIDER_TIMEOUT_SECS)", "30", 1, 600, "seconds"),
+        /// `REFRESH_COMMIT_GRACE_SECS`: how long a replica taking over a cut-off refresh waits for its late commit.
+        refresh_commit_grace_secs: REFRESH_COMMIT_GRACE_SECS = Setting::number("REFRESH_COMMIT_GRACE_SECS", "How long a replica that takes over a cut-off refresh waits for that refresh's late commit before calling the provider (more than the database's acquire timeout, 5 s)", "10", 0, 600, "seconds"),
         /// `TOKEN_CACHE_CAPACITY`: decrypted token responses kept in memory (0 disables).
         token_cache_capacity: TOKEN_CACHE_CAPACITY = Setting::number("TOKEN_CACHE_CAPACITY", "Token answers kept in memory; 0 disables the cache", "10000", 0, 10_000_000, ""),
         /// `REFRESH_WORKER`: `false` to run no background refresher on this replica.
@@ -393,6 +395,7 @@ impl BrokerConfig {
             Some(_) => return Err(ConfigError::new(REDIS_URL.name, "must start with redis://")),
         };
         let refresh_lease = v.secs(&REFRESH_LEASE_SECS)?;
+        let commit_grace = v.secs(&REFRESH_COMMIT_GRACE_SECS)?;
         // A refresh is a discovery call plus a token call, each bounded by the
         // provider timeout; a lease that can expire mid-refresh would let a
         // second replica refresh with the same refresh token.
@@ -471,6 +474,7 @@ impl BrokerConfig {
                 jitter: refresh_jitter,
                 cache_capacity,
                 lease: refresh_lease,
+                commit_grace,
                 worker: refresh_worker,
                 ..Default::default()
             },

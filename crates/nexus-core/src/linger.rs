@@ -14,15 +14,23 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// How long a closing connection keeps reading what the client still sends.
+/// How long a closing connection waits for more of what the client is
+/// still sending before letting go (restarted by every read, as nginx's
+/// `lingering_timeout`): a busy machine may starve a client that is still
+/// writing for a moment, and an early close then resets the connection.
 pub const LINGER: Duration = Duration::from_secs(2);
+/// Longest a closing connection lingers in all (nginx's `lingering_time`).
+pub const LINGER_MAX: Duration = Duration::from_secs(30);
 /// How much it reads, at most, before letting go.
 pub const LINGER_BYTES: usize = 16 * 1024 * 1024;
 
 /// An IO whose `poll_shutdown` lingers (see the module).
 pub struct Lingering<I> {
     io: I,
+    /// The idle deadline, pushed back by every read.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When lingering must end whatever the client does.
+    until: Option<tokio::time::Instant>,
     drained: usize,
     write_closed: bool,
 }
@@ -33,6 +41,7 @@ impl<I> Lingering<I> {
         Self {
             io,
             deadline: None,
+            until: None,
             drained: 0,
             write_closed: false,
         }
@@ -81,6 +90,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<I> {
             std::task::ready!(Pin::new(&mut me.io).poll_shutdown(cx))?;
             me.write_closed = true;
             me.deadline = Some(Box::pin(tokio::time::sleep(LINGER)));
+            me.until = Some(tokio::time::Instant::now() + LINGER_MAX);
         }
         let mut scratch = [0u8; 16 * 1024];
         loop {
@@ -95,6 +105,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<I> {
                     me.drained += buf.filled().len();
                     if me.drained >= LINGER_BYTES {
                         return Poll::Ready(Ok(()));
+                    }
+                    // Still sending: wait for the rest, up to the overall cap.
+                    let now = tokio::time::Instant::now();
+                    let until = me.until.unwrap_or(now);
+                    if let Some(deadline) = me.deadline.as_mut() {
+                        deadline.as_mut().reset((now + LINGER).min(until));
                     }
                 }
                 // The client closed too (or the connection broke): done.

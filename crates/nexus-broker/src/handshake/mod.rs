@@ -483,6 +483,7 @@ impl Handshakes {
             consecutive_failures: 0,
             failing_scopes: "[]".into(),
             next_refresh_at: None,
+            refresh_started_at: None,
             created_at: 0,
             updated_at: 0,
         };

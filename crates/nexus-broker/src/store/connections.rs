@@ -67,6 +67,10 @@ pub struct ConnectionRow {
     pub failing_scopes: String,
     /// Unix ms.
     pub next_refresh_at: Option<i64>,
+    /// When a refresh token last went to the provider without its outcome
+    /// being stored yet (unix ms): set, it means a refresh is in flight or
+    /// was cut off and the provider may have rotated the refresh token.
+    pub refresh_started_at: Option<i64>,
     /// Unix ms.
     pub created_at: i64,
     /// Unix ms.
@@ -177,7 +181,7 @@ where
 
 pub(super) const CONNECTION_COLUMNS: &str = "id, workspace_id, provider_id, status, requested_scopes, granted_scopes, access_token, \
     refresh_token, id_token, credentials, token_type, expires_at, identity, version, last_success_at, last_failure_at, \
-    error_code, error_description, consecutive_failures, failing_scopes, next_refresh_at, created_at, updated_at";
+    error_code, error_description, consecutive_failures, failing_scopes, next_refresh_at, refresh_started_at, created_at, updated_at";
 
 pub(super) fn connection_from_row<R: Row>(r: &R) -> Result<ConnectionRow, sqlx::Error>
 where
@@ -207,6 +211,7 @@ where
         consecutive_failures: r.try_get("consecutive_failures")?,
         failing_scopes: r.try_get("failing_scopes")?,
         next_refresh_at: r.try_get("next_refresh_at")?,
+        refresh_started_at: r.try_get("refresh_started_at")?,
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
     })
@@ -281,7 +286,7 @@ impl Store {
                 "UPDATE connections SET access_token = $1, refresh_token = COALESCE($2, refresh_token), token_type = $3,
                     expires_at = $4, granted_scopes = $5, last_success_at = $6, error_code = NULL, error_description = NULL,
                     consecutive_failures = 0, version = version + 1, updated_at = $6, next_refresh_at = $9,
-                    lease_owner = NULL, lease_until = NULL
+                    lease_owner = NULL, lease_until = NULL, refresh_started_at = NULL
                  WHERE id = $7 AND version = $8 AND status IN ('active', 'degraded')",
             )
             .bind(&r.access_token)
@@ -305,6 +310,11 @@ impl Store {
 
     /// Records a failed refresh. With `attention`, the connection needs a person
     /// (status `attention_required`, audited and announced in the same transaction).
+    /// `clear_intent`: true when the provider answered (it cannot have
+    /// rotated the refresh token unseen) or was never called; false after a
+    /// call without an answer (timeout, connection lost after sending): the
+    /// refresh's intent stays, so the next attempt knows the stored refresh
+    /// token may be spent.
     #[allow(clippy::too_many_arguments)]
     pub async fn record_refresh_failure(
         &self,
@@ -315,6 +325,7 @@ impl Store {
         description: &str,
         retry_at: Option<i64>,
         attention: Option<&Transition>,
+        clear_intent: bool,
     ) -> Result<bool, StoreError> {
         // A provider's words (its error code and text) are stored as
         // printable text only: they reach logs, agents and consoles.
@@ -329,7 +340,8 @@ impl Store {
             let res = sqlx::query(&format!(
                 "UPDATE connections SET error_code = $1, error_description = $2, last_failure_at = $3,
                     consecutive_failures = consecutive_failures + 1, updated_at = $3, next_refresh_at = $5,
-                    lease_owner = NULL, lease_until = NULL{status_sql}
+                    lease_owner = NULL, lease_until = NULL,
+                    refresh_started_at = CASE WHEN $8 THEN NULL ELSE refresh_started_at END{status_sql}
                  WHERE id = $4 AND version = $6 AND status IN ('active', 'degraded')
                    AND (lease_owner IS NULL OR lease_owner = $7 OR lease_until < $3)"
             ))
@@ -340,6 +352,7 @@ impl Store {
             .bind(retry_at)
             .bind(expected_version)
             .bind(owner)
+            .bind(clear_intent)
             .execute(&mut *tx)
             .await?;
             if res.rows_affected() == 0 {
@@ -385,7 +398,7 @@ impl Store {
                     credentials = $4, token_type = $5, expires_at = $6, granted_scopes = $7, identity = $8,
                     failing_scopes = $9, last_success_at = $10, error_code = NULL, error_description = NULL,
                     consecutive_failures = 0, version = version + 1, updated_at = $10, next_refresh_at = $12,
-                    lease_owner = NULL, lease_until = NULL, unauthorized_refresh_at = NULL
+                    lease_owner = NULL, lease_until = NULL, unauthorized_refresh_at = NULL, refresh_started_at = NULL
                  WHERE id = $11",
             )
             .bind(&a.access_token)
@@ -458,7 +471,7 @@ impl Store {
             sqlx::query(
                 "UPDATE connections SET status = 'revoked', access_token = NULL, refresh_token = NULL, id_token = NULL,
                     credentials = NULL, next_refresh_at = NULL, lease_owner = NULL, lease_until = NULL,
-                    version = version + 1, updated_at = $1, unauthorized_refresh_at = NULL
+                    version = version + 1, updated_at = $1, unauthorized_refresh_at = NULL, refresh_started_at = NULL
                  WHERE id = $2",
             )
             .bind(now)

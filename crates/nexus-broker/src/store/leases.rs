@@ -26,6 +26,24 @@ impl Store {
         })
     }
 
+    /// Records the refresh's intent (`refresh_started_at`) just before the
+    /// refresh token goes to the provider, if `owner` still holds the lease.
+    /// Returns whether it did.
+    pub async fn mark_refresh_started(&self, id: &str, owner: &str) -> Result<bool, StoreError> {
+        let now = now_ms();
+        on_pool!(self, pool => {
+            let res = sqlx::query(
+                "UPDATE connections SET refresh_started_at = $1 WHERE id = $2 AND lease_owner = $3 AND lease_until >= $1",
+            )
+            .bind(now)
+            .bind(id)
+            .bind(owner)
+            .execute(pool)
+            .await?;
+            Ok(res.rows_affected() == 1)
+        })
+    }
+
     /// Gives a lease back without a refresh result (e.g. nothing was due after all).
     pub async fn release_lease(&self, id: &str, owner: &str) -> Result<(), StoreError> {
         on_pool!(self, pool => {

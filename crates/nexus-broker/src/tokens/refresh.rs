@@ -12,12 +12,25 @@
 //! backoff and full jitter (honouring `Retry-After`), and a still-valid
 //! token keeps being served meanwhile. The background worker (`worker.rs`)
 //! and revocation (`revoke.rs`) are the engine's other two callers.
+//!
+//! A provider that rotates refresh tokens makes the stretch between its
+//! answer and our commit precious: lose the rotated token there and the next
+//! refresh replays the old one, which a strict provider punishes by killing
+//! the grant. So nothing runs in that stretch but parsing, sealing and one
+//! UPDATE; a commit that fails (database away) keeps the rotated tokens in
+//! memory and retries until the database answers, holding the connection's
+//! lock; and an intent (`refresh_started_at`) is written before the call, so
+//! a replica taking over a cut-off refresh waits for a late commit
+//! ([`RefreshSettings::commit_grace`]) and, if the provider then refuses
+//! the old refresh token, reports `refresh_interrupted` instead of blaming
+//! the person.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
+use tokio::sync::oneshot;
 
 use super::error::{usable, TokenError};
 use super::schedule::{backoff, inside_margin, next_refresh_at, RefreshSettings};
@@ -51,8 +64,46 @@ enum Outcome {
     /// The provider refused our client (integration fault, not the user's).
     ClientRejected(String),
     /// Try again later (with the provider's Retry-After, if any).
-    Transient(String, Option<Duration>),
+    Transient(Transient),
+    /// The provider rotated the tokens but storing them failed: they are
+    /// kept and committed later ([`Refresher::commit_late`]).
+    Uncommitted(Box<Uncommitted>, crate::store::StoreError),
 }
+
+/// A transient failure.
+struct Transient {
+    description: String,
+    retry_after: Option<Duration>,
+    /// Whether the refresh's intent may be cleared: the provider answered,
+    /// or was never called. False when the request went out and no answer
+    /// came back: the provider may have rotated the refresh token.
+    clear_intent: bool,
+}
+
+impl Transient {
+    /// A failure before the refresh token left this process.
+    fn before_call(description: impl Into<String>) -> Outcome {
+        Outcome::Transient(Transient {
+            description: description.into(),
+            retry_after: None,
+            clear_intent: false,
+        })
+    }
+}
+
+/// Rotated tokens the provider issued that are not stored yet.
+pub(crate) struct Uncommitted {
+    id: String,
+    version: i64,
+    refreshed: Refreshed,
+    /// When the refresh token went to the provider.
+    sent: Instant,
+}
+
+/// Longest time rotated tokens are kept for a late commit (the loop ends by
+/// itself; after that the database has been away for an hour and the
+/// connection's refresh token is reported lost in the log).
+const LATE_COMMIT_FOR: Duration = Duration::from_secs(3600);
 
 /// Least time between two `provider.unhealthy` webhooks for one provider (per replica).
 const UNHEALTHY_EVERY: Duration = Duration::from_secs(900);
@@ -123,6 +174,7 @@ impl Refresher {
                 description,
                 None,
                 Some(&ev),
+                true,
             )
             .await
         {
@@ -204,24 +256,74 @@ impl Refresher {
     ) -> Result<ConnectionRow, TokenError> {
         let me = self.clone();
         let provider = provider.clone();
-        let task = tokio::spawn(async move {
+        let (answer, answered) = oneshot::channel();
+        tokio::spawn(async move {
             let id = seen.id.clone();
             let lock = me.lock_for(&id);
-            let result = {
+            {
                 let _guard = lock.lock().await;
                 let owner = claim_owner.unwrap_or_else(|| me.attempt_owner());
-                me.refresh_locked(&provider, seen, mode, asked_at, &owner)
-                    .await
-            };
+                let mut late = None;
+                let result = me
+                    .refresh_locked(&provider, seen, mode, asked_at, &owner, &mut late)
+                    .await;
+                // The caller has its answer now; rotated tokens the database
+                // did not take are committed later, still under the lock so
+                // this process starts no refresh of the connection meanwhile.
+                let _ = answer.send(result);
+                if let Some(u) = late {
+                    me.commit_late(*u).await;
+                }
+            }
             me.release(&id, lock);
-            result
         });
-        task.await.unwrap_or_else(|e| {
-            tracing::error!(error = %e, "refresh task failed");
+        answered.await.unwrap_or_else(|_| {
+            tracing::error!("refresh task ended without an answer");
             Err(TokenError::ProviderUnavailable(
                 "the refresh did not complete; retry".into(),
             ))
         })
+    }
+
+    /// Commits rotated tokens whose first commit failed, retrying until the
+    /// database takes them, the connection moves on without them (revoked,
+    /// reconnected), or [`LATE_COMMIT_FOR`] passes.
+    async fn commit_late(&self, u: Uncommitted) {
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(1));
+            match self
+                .store
+                .store_refresh(&u.id, u.version, &u.refreshed)
+                .await
+            {
+                Ok(true) => {
+                    metrics::counter!("nexus_refresh_late_commits_total", "outcome" => "stored")
+                        .increment(1);
+                    metrics::histogram!("nexus_refresh_commit_window_seconds")
+                        .record(u.sent.elapsed().as_secs_f64());
+                    tracing::info!(connection_id = %u.id, waited_ms = started.elapsed().as_millis() as u64, "rotated tokens stored after the database came back");
+                    return;
+                }
+                Ok(false) => {
+                    metrics::counter!("nexus_refresh_late_commits_total", "outcome" => "superseded")
+                        .increment(1);
+                    tracing::warn!(connection_id = %u.id, "rotated tokens not stored: the connection changed meanwhile (revoked, reconnected or refreshed elsewhere)");
+                    return;
+                }
+                Err(e) if started.elapsed() < LATE_COMMIT_FOR => {
+                    tracing::debug!(connection_id = %u.id, error = %e, "rotated tokens still waiting for the database");
+                }
+                Err(e) => {
+                    metrics::counter!("nexus_refresh_late_commits_total", "outcome" => "lost")
+                        .increment(1);
+                    tracing::error!(connection_id = %u.id, error = %e, "rotated tokens given up after an hour without the database; the connection's refresh token is lost");
+                    return;
+                }
+            }
+        }
     }
 
     async fn refresh_locked(
@@ -231,6 +333,7 @@ impl Refresher {
         mode: Mode,
         asked_at: i64,
         owner: &str,
+        late: &mut Option<Box<Uncommitted>>,
     ) -> Result<ConnectionRow, TokenError> {
         // Someone may have refreshed while we waited: re-read, and take the
         // result of any refresh that finished after this caller asked (so
@@ -271,6 +374,13 @@ impl Refresher {
             Leased::Mine(c) => *c,
             Leased::Theirs(before, row) => return theirs(&before, *row),
         };
+        let (c, interrupted) = match self.earlier_intent(c, owner).await? {
+            Leased::Mine(c) => {
+                let interrupted = c.refresh_started_at;
+                (*c, interrupted)
+            }
+            Leased::Theirs(before, row) => return theirs(&before, *row),
+        };
         let started = Instant::now();
         let outcome = self.call_provider(provider, &c, owner).await;
         metrics::histogram!("nexus_refresh_duration_seconds")
@@ -280,15 +390,48 @@ impl Refresher {
                 metrics::counter!("nexus_refreshes_total", "outcome" => "success").increment(1);
                 Ok(*row)
             }
+            Outcome::Uncommitted(u, e) => {
+                metrics::counter!("nexus_refreshes_total", "outcome" => "uncommitted").increment(1);
+                tracing::warn!(connection_id = %c.id, error = %e, "rotated tokens could not be stored; kept for a late commit");
+                *late = Some(u);
+                Err(e.into())
+            }
             Outcome::Revoked(code, description) => {
                 metrics::counter!("nexus_refreshes_total", "outcome" => "attention_required")
                     .increment(1);
-                let ev = attention(
-                    &c,
-                    provider,
-                    &code,
-                    json!({"cause": "refresh_rejected", "error": code}),
-                );
+                // The provider refuses a refresh token an earlier, cut-off
+                // attempt may have spent: the grant was lost in transit, not
+                // withdrawn by the person. Said so, so nobody hunts a revocation.
+                let (code, description, cause) = match interrupted {
+                    Some(at) if code == "invalid_grant" => {
+                        metrics::counter!("nexus_refresh_interrupted_total").increment(1);
+                        let detail = json!({"cause": "refresh_interrupted", "error": code, "interrupted_refresh_started_at": at});
+                        if let Err(e) = self
+                            .audit
+                            .record(
+                                AuditEvent::new("connection.refresh_interrupted")
+                                    .actor("system")
+                                    .provider(c.provider_id.clone())
+                                    .connection(c.id.clone())
+                                    .workspace(c.workspace_id.clone())
+                                    .detail(detail.clone()),
+                            )
+                            .await
+                        {
+                            tracing::error!(error = %e, "connection.refresh_interrupted audit event not recorded");
+                        }
+                        (
+                            "refresh_interrupted".to_string(),
+                            "an earlier refresh was cut off after the refresh token went to the provider (a broker stopped, or its answer was lost); the provider now refuses the refresh token, so the grant is lost and re-consent is needed".to_string(),
+                            detail,
+                        )
+                    }
+                    _ => {
+                        let cause = json!({"cause": "refresh_rejected", "error": code});
+                        (code, description, cause)
+                    }
+                };
+                let ev = attention(&c, provider, &code, cause);
                 let recorded = self
                     .store
                     .record_refresh_failure(
@@ -299,6 +442,7 @@ impl Refresher {
                         &description,
                         None,
                         Some(&ev),
+                        true,
                     )
                     .await?;
                 if !recorded {
@@ -325,15 +469,59 @@ impl Refresher {
                     .connection(c.id.clone())
                     .detail(json!({"cause": "invalid_client", "description": description}));
                 self.provider_unhealthy(provider, ev).await;
-                self.transient(c, owner, "invalid_client", &description, None)
-                    .await
+                let t = Transient {
+                    description,
+                    retry_after: None,
+                    clear_intent: true,
+                };
+                self.transient(c, owner, "invalid_client", t).await
             }
-            Outcome::Transient(description, retry_after) => {
+            Outcome::Transient(t) => {
                 metrics::counter!("nexus_refreshes_total", "outcome" => "transient").increment(1);
-                self.transient(c, owner, "provider_unavailable", &description, retry_after)
-                    .await
+                self.transient(c, owner, "provider_unavailable", t).await
             }
         }
+    }
+
+    /// Looks at the intent an earlier attempt left on the leased row. None:
+    /// the row as it is. Left by an attempt that recorded a failure since
+    /// (no answer came): the row as it is, its intent still set, so a
+    /// refusal that follows reads as an interrupted refresh. Left by an
+    /// attempt that recorded nothing: it was cut off, or it holds rotated
+    /// tokens it could not commit yet; wait up to the commit grace for that
+    /// late commit, whose result then stands.
+    async fn earlier_intent(&self, c: ConnectionRow, owner: &str) -> Result<Leased, TokenError> {
+        let Some(started) = c.refresh_started_at else {
+            return Ok(Leased::Mine(Box::new(c)));
+        };
+        metrics::counter!("nexus_refresh_intents_found_total").increment(1);
+        if c.last_failure_at.is_some_and(|f| f >= started) {
+            return Ok(Leased::Mine(Box::new(c)));
+        }
+        tracing::warn!(connection_id = %c.id, "an earlier refresh of this connection was cut off; waiting for its late commit");
+        let deadline = Instant::now() + self.settings.commit_grace;
+        let lease_ms = self.settings.lease.as_millis() as i64;
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = self
+                .store
+                .get_connection(&c.id)
+                .await?
+                .ok_or(TokenError::NotFound)?;
+            if changed(&c, &now) {
+                self.store.release_lease(&c.id, owner).await?;
+                return Ok(Leased::Theirs(Box::new(c), Box::new(now)));
+            }
+            // Keep the lease while waiting (the grace may outlast it).
+            if !self
+                .store
+                .try_lease(&c.id, owner, now_ms() + lease_ms)
+                .await?
+            {
+                return Ok(Leased::Theirs(Box::new(c), Box::new(now)));
+            }
+        }
+        Ok(Leased::Mine(Box::new(c)))
     }
 
     /// Takes the connection's lease, or waits for the replica holding it and
@@ -384,10 +572,10 @@ impl Refresher {
         c: ConnectionRow,
         owner: &str,
         code: &str,
-        description: &str,
-        retry_after: Option<Duration>,
+        t: Transient,
     ) -> Result<ConnectionRow, TokenError> {
-        let delay = backoff(&self.settings, c.consecutive_failures + 1, retry_after);
+        let description = t.description.as_str();
+        let delay = backoff(&self.settings, c.consecutive_failures + 1, t.retry_after);
         tracing::warn!(connection_id = %c.id, error = code, description, retry_in_ms = delay.as_millis() as u64, "refresh failed");
         let retry_at = now_ms() + delay.as_millis() as i64;
         self.store
@@ -399,6 +587,7 @@ impl Refresher {
                 description,
                 Some(retry_at),
                 None,
+                t.clear_intent,
             )
             .await?;
         serve_or_unavailable(c, description)
@@ -407,7 +596,7 @@ impl Refresher {
     async fn call_provider(&self, provider: &Provider, c: &ConnectionRow, owner: &str) -> Outcome {
         let endpoints = match self.discovery.endpoints(&provider.profile).await {
             Ok(e) => e,
-            Err(e) => return Outcome::Transient(e.to_string(), None),
+            Err(e) => return Transient::before_call(e.to_string()),
         };
         let refresh_token = match c.refresh_token.as_deref().map(|env| {
             self.keys
@@ -415,7 +604,7 @@ impl Refresher {
         }) {
             Some(Ok(rt)) => rt,
             Some(Err(e)) => {
-                return Outcome::Transient(format!("stored refresh token unreadable: {e}"), None)
+                return Transient::before_call(format!("stored refresh token unreadable: {e}"))
             }
             None => {
                 return Outcome::Revoked(
@@ -426,7 +615,7 @@ impl Refresher {
         };
         let secret = match self.registry.client_secret(provider) {
             Ok(s) => s,
-            Err(e) => return Outcome::Transient(e.to_string(), None),
+            Err(e) => return Transient::before_call(e.to_string()),
         };
         let form = vec![
             ("grant_type", "refresh_token"),
@@ -439,9 +628,26 @@ impl Refresher {
             secret.as_ref(),
             form,
         );
+        // The intent, then the call: from here until the commit, the
+        // provider may hold a rotated refresh token we do not.
+        match self.store.mark_refresh_started(&c.id, owner).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Transient::before_call("the refresh lease was lost before the call")
+            }
+            Err(e) => return Transient::before_call(e.to_string()),
+        }
+        let sent = Instant::now();
         let fetched = match outbound::send(req).await {
             Ok(f) => f,
-            Err(e) => return Outcome::Transient(e.to_string(), None),
+            // No answer: the request may have reached the provider.
+            Err(e) => {
+                return Outcome::Transient(Transient {
+                    description: e.to_string(),
+                    retry_after: None,
+                    clear_intent: false,
+                })
+            }
         };
         let retry_after = fetched
             .header("retry-after")
@@ -471,7 +677,14 @@ impl Refresher {
         }
         let tokens = match parse_token_response(fetched.status, &fetched.body) {
             Ok(t) => t,
-            Err(f) => return Outcome::Transient(f.description, retry_after),
+            Err(f) => {
+                return Outcome::Transient(Transient {
+                    description: f.description,
+                    retry_after,
+                    // A success we cannot read may still have rotated.
+                    clear_intent: !fetched.status.is_success(),
+                });
+            }
         };
         let granted = match &tokens.scope {
             Some(s) => json_list(&s.split_whitespace().map(str::to_string).collect::<Vec<_>>()),
@@ -494,25 +707,35 @@ impl Refresher {
             next_refresh_at: next_refresh_at(&self.settings, expires_at, true),
         };
         match self.store.store_refresh(&c.id, c.version, &refreshed).await {
-            Ok(true) => {}
-            // Someone stored first (it cannot normally happen under the lease): serve theirs.
+            Ok(true) => {
+                metrics::histogram!("nexus_refresh_commit_window_seconds")
+                    .record(sent.elapsed().as_secs_f64());
+            }
+            // The connection moved on meanwhile (revoked, reconnected by its
+            // person); under the lease nobody else refreshes it. Its state wins.
             Ok(false) => {
                 metrics::counter!("nexus_refresh_races_lost_total").increment(1);
+                tracing::warn!(connection_id = %c.id, "rotated tokens not stored: the connection changed during the refresh");
                 if let Err(e) = self.store.release_lease(&c.id, owner).await {
-                    return Outcome::Transient(e.to_string(), None);
+                    return Transient::before_call(e.to_string());
                 }
             }
             Err(e) => {
-                return Outcome::Transient(
-                    format!("refreshed tokens could not be stored: {e}"),
-                    None,
+                return Outcome::Uncommitted(
+                    Box::new(Uncommitted {
+                        id: c.id.clone(),
+                        version: c.version,
+                        refreshed,
+                        sent,
+                    }),
+                    e,
                 )
             }
         }
         match self.store.get_connection(&c.id).await {
             Ok(Some(row)) => Outcome::Refreshed(Box::new(row)),
-            Ok(None) => Outcome::Transient("connection disappeared".into(), None),
-            Err(e) => Outcome::Transient(e.to_string(), None),
+            Ok(None) => Transient::before_call("connection disappeared"),
+            Err(e) => Transient::before_call(e.to_string()),
         }
     }
 }

@@ -21,6 +21,10 @@ pub struct RefreshSettings {
     pub cache_max_age: Duration,
     /// How long a refresh lease lasts (a crashed holder blocks at most this long).
     pub lease: Duration,
+    /// How long a replica that took over a lease from a cut-off refresh
+    /// waits for that refresh's late commit before calling the provider
+    /// itself (a holder that lost the database keeps retrying its commit).
+    pub commit_grace: Duration,
     /// Refresh interval for tokens without an expiry (keeps refresh tokens alive).
     pub keepalive: Duration,
     /// First retry delay after a transient failure (doubles, with full jitter).
@@ -45,6 +49,7 @@ impl Default for RefreshSettings {
             cache_capacity: 10_000,
             cache_max_age: Duration::from_secs(1),
             lease: Duration::from_secs(30),
+            commit_grace: Duration::from_secs(10),
             keepalive: Duration::from_secs(24 * 3600),
             backoff_base: Duration::from_secs(10),
             backoff_cap: Duration::from_secs(900),

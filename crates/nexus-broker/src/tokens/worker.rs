@@ -58,6 +58,7 @@ impl Refresher {
                         "the connection's provider was deleted",
                         None,
                         None,
+                        true,
                     )
                     .await?;
                 return Err(TokenError::Unusable(

@@ -381,6 +381,163 @@ async fn an_expired_token_without_refresh_token_needs_a_person(b: Backend) {
     t.finish().await;
 }
 
+/// Rotated tokens the database refused at commit time are kept and stored
+/// when it answers again; the old refresh token is never sent twice.
+async fn rotated_tokens_survive_a_database_blip_at_commit(b: Backend) {
+    let (t, idp, id) = connected(&b, 60, |_| {}).await;
+    let before = t.state.store().get_connection(&id).await.unwrap().unwrap();
+    idp.knobs().token_mode = TokenMode::Slow(Duration::from_millis(800));
+    let fetch = t.spawn_call(Method::GET, &format!("/connections/{id}/token"));
+    // The refresh token is at the provider, which rotates it; the database
+    // goes away before the answer comes back.
+    wait_until(|| idp.counters().refresh_requests >= 1).await;
+    assert_eq!(idp.counters().last_token_form["refresh_token"], "refresh-1");
+    t.db.exec("ALTER TABLE connections RENAME TO connections_away")
+        .await;
+    let (s, body) = fetch.await.unwrap();
+    assert!(s.is_server_error(), "{s} {body}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    t.db.exec("ALTER TABLE connections_away RENAME TO connections")
+        .await;
+    // The kept tokens are committed once the database answers.
+    let store = t.state.store().clone();
+    let c = eventually(
+        || {
+            let (store, id) = (store.clone(), id.clone());
+            async move { store.get_connection(&id).await.unwrap().unwrap() }
+        },
+        |c| c.version > before.version,
+    )
+    .await;
+    assert_eq!(c.refresh_started_at, None, "the intent is cleared");
+    idp.knobs().token_mode = TokenMode::Normal;
+    let (s, tok) = t.get(&format!("/connections/{id}/token")).await;
+    assert_eq!(s, StatusCode::OK, "{tok}");
+    assert_eq!(tok["access_token"], "access-2");
+    assert_eq!(idp.counters().refresh_requests, 1, "no second refresh");
+    // The next refresh sends the rotated refresh token, not the old one.
+    idp.knobs().refresh_token = "refresh-3".into();
+    let (s, tok) = t
+        .post(&format!("/connections/{id}/refresh"), json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{tok}");
+    assert_eq!(idp.counters().refresh_requests, 2);
+    assert_eq!(idp.counters().last_token_form["refresh_token"], "refresh-2");
+    t.finish().await;
+}
+
+/// A broker took the lease, sent the refresh token and died before storing
+/// the answer: the next replica waits out the commit grace, and when the
+/// provider refuses the (spent) refresh token, says the refresh was
+/// interrupted instead of blaming the person.
+async fn a_refresh_cut_off_after_the_call_is_reported_as_interrupted(b: Backend) {
+    let (t, idp, id) = connected(&b, 60, |s| {
+        s.refresh_lease_secs = Some("3".into());
+        s.refresh_commit_grace_secs = Some("1".into());
+    })
+    .await;
+    let now = nexus_broker::store::now_ms();
+    let until = now + 500;
+    t.db.exec(&format!(
+        "UPDATE connections SET lease_owner = 'killed-broker', lease_until = {until}, refresh_started_at = {} WHERE id = '{id}'",
+        now - 100
+    ))
+    .await;
+    // The provider rotated the refresh token for the killed broker and now
+    // refuses the old one (strict reuse detection).
+    idp.knobs().token_mode = TokenMode::Error("invalid_grant");
+    let (s, body) = t.get(&format!("/connections/{id}/token")).await;
+    assert_json_error(s, &body, 409, "attention_required");
+    assert!(
+        idp.counters().last_refresh_at >= until + 1000,
+        "the provider was called only after the lease and the commit grace"
+    );
+    let (_, c) = t.get(&format!("/connections/{id}")).await;
+    assert_eq!(c["status"], "attention_required", "{c}");
+    assert_eq!(c["error_code"], "refresh_interrupted", "{c}");
+    // Recorded through the audit writer, a moment after the transition.
+    let path = format!("/audit?event_type=connection.refresh_interrupted&connection_id={id}");
+    let (_, audit) = eventually(|| t.get(&path), |(_, a)| a["count"] == 1).await;
+    assert_eq!(audit["count"], 1, "{audit}");
+    assert!(audit["events"][0]["detail"]["interrupted_refresh_started_at"].is_i64());
+    let (_, audit) = t
+        .get(&format!(
+            "/audit?event_type=connection.attention_required&connection_id={id}"
+        ))
+        .await;
+    assert_eq!(audit["count"], 1, "{audit}");
+    assert_eq!(
+        audit["events"][0]["detail"]["cause"], "refresh_interrupted",
+        "{audit}"
+    );
+    assert_eq!(
+        t.db.scalar("SELECT COUNT(*) FROM webhook_messages WHERE payload LIKE '%refresh_interrupted%' AND payload LIKE '%consent-spec%'")
+            .await,
+        Some(1),
+        "one webhook event, with the reconsent hint"
+    );
+    t.finish().await;
+}
+
+/// The cut-off holder is still alive and commits late (its database came
+/// back): the replica that took over its lease takes that result and never
+/// calls the provider with the spent refresh token.
+async fn a_late_commit_within_the_grace_wins_over_a_takeover(b: Backend) {
+    let (t, idp, id) = connected(&b, 60, |s| {
+        s.refresh_lease_secs = Some("3".into());
+        s.refresh_commit_grace_secs = Some("5".into());
+    })
+    .await;
+    let now = nexus_broker::store::now_ms();
+    t.db.exec(&format!(
+        "UPDATE connections SET lease_owner = 'cut-off-broker', lease_until = {}, refresh_started_at = {} WHERE id = '{id}'",
+        now - 1, now - 100
+    ))
+    .await;
+    let fetch = t.spawn_call(Method::GET, &format!("/connections/{id}/token"));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The holder's late commit: a new version, the token an hour long.
+    t.db.exec(&format!(
+        "UPDATE connections SET version = version + 1, last_success_at = {now}, expires_at = {},
+            refresh_started_at = NULL, lease_owner = NULL, lease_until = NULL WHERE id = '{id}'",
+        now + 3_600_000
+    ))
+    .await;
+    let (s, tok) = fetch.await.unwrap();
+    assert_eq!(s, StatusCode::OK, "{tok}");
+    assert_eq!(
+        idp.counters().refresh_requests,
+        0,
+        "the spent refresh token never went out again"
+    );
+    t.finish().await;
+}
+
+/// A call that got no answer (timeout) may have rotated the refresh token:
+/// the intent stays, and a refusal on the next attempt reads as interrupted.
+async fn a_refresh_without_an_answer_keeps_its_intent(b: Backend) {
+    let (t, idp, id) = connected(&b, 60, |s| {
+        s.refresh_commit_grace_secs = Some("1".into());
+    })
+    .await;
+    idp.knobs().token_mode = TokenMode::Slow(Duration::from_millis(1500));
+    let (s, tok) = t.get(&format!("/connections/{id}/token")).await;
+    assert_eq!(s, StatusCode::OK, "the still-valid token: {tok}");
+    let c = t.state.store().get_connection(&id).await.unwrap().unwrap();
+    assert!(c.refresh_started_at.is_some(), "the intent stays");
+    assert_eq!(c.error_code.as_deref(), Some("provider_unavailable"));
+    idp.knobs().token_mode = TokenMode::Error("invalid_grant");
+    t.db.exec(&format!(
+        "UPDATE connections SET next_refresh_at = 0 WHERE id = '{id}'"
+    ))
+    .await;
+    let (s, body) = t.get(&format!("/connections/{id}/token")).await;
+    assert_json_error(s, &body, 409, "attention_required");
+    let (_, c) = t.get(&format!("/connections/{id}")).await;
+    assert_eq!(c["error_code"], "refresh_interrupted", "{c}");
+    t.finish().await;
+}
+
 backend_tests!(
     background_worker_refreshes_ahead_of_expiry,
     two_replicas_refresh_once,
@@ -394,4 +551,8 @@ backend_tests!(
     retry_after_is_honoured_and_bounded,
     forced_refreshes_respect_the_cooldown,
     an_expired_token_without_refresh_token_needs_a_person,
+    rotated_tokens_survive_a_database_blip_at_commit,
+    a_refresh_cut_off_after_the_call_is_reported_as_interrupted,
+    a_late_commit_within_the_grace_wins_over_a_takeover,
+    a_refresh_without_an_answer_keeps_its_intent,
 );

@@ -302,6 +302,7 @@ pub async fn needs_a_person(s: &Stack, id: &str) {
                 ),
                 event: None,
             }),
+            true,
         )
         .await
         .unwrap();
