@@ -218,6 +218,20 @@ impl Broker {
                 r.abort();
             }
         }
+        // Refreshes started by requests (whose callers may be gone) and
+        // late commits of rotated tokens: stopping must not cut them.
+        let left = self
+            .state
+            .tokens()
+            .refresher()
+            .drain(self.state.config().refresh.lease + Duration::from_secs(5))
+            .await;
+        if left > 0 {
+            tracing::error!(
+                running = left,
+                "refreshes still running at shutdown; a rotated refresh token they hold is lost"
+            );
+        }
         let _ = stop_issued.send(true);
         let _ = issued.await;
         self.state.tokens().flush_issued().await;

@@ -175,6 +175,10 @@ impl Handshakes {
             .registry
             .client_secret(provider)
             .map_err(|e| fail("internal_error", e.to_string()))?;
+        // Expiry counts from the request, not the answer: the provider's
+        // clock started before ours, and a token must never look valid
+        // here after it has expired there.
+        let asked_at = now_ms();
         let tokens = self
             .exchange(
                 &endpoints,
@@ -269,7 +273,7 @@ impl Handshakes {
             .map(|rt| seal("refresh_token", rt));
         let has_refresh_token =
             refresh_token.is_some() || previous.as_ref().is_some_and(|c| c.refresh_token.is_some());
-        let expires_at = tokens.expires_in.map(|s| now_ms() + s * 1000);
+        let expires_at = tokens.expires_in.map(|s| asked_at + s * 1000);
         let activation = Activation {
             access_token: Some(seal("access_token", &tokens.access_token)),
             next_refresh_at: crate::tokens::schedule::next_refresh_at(

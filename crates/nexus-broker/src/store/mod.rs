@@ -112,16 +112,25 @@ pub enum StoreError {
 impl StoreError {
     /// True when the database itself is unreachable (answer 503, not 500).
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
+        match self {
             StoreError::Db(
                 sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::Io(_)
-                    | sqlx::Error::Tls(_)
-                    | sqlx::Error::WorkerCrashed
-            )
-        )
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::WorkerCrashed,
+            ) => true,
+            // PostgreSQL going away or not taking sessions (found by the
+            // soak: a restart or a closed database was a 500): connection
+            // exceptions (class 08), shutdown and "cannot connect now"
+            // (57P01-57P03), too many connections (53300), and a database
+            // not accepting connections (55000).
+            StoreError::Db(sqlx::Error::Database(db)) => db.code().is_some_and(|c| {
+                c.starts_with("08")
+                    || matches!(&*c, "57P01" | "57P02" | "57P03" | "53300" | "55000")
+            }),
+            _ => false,
+        }
     }
 
     /// True when the database refused text (PostgreSQL: NUL or an

@@ -26,6 +26,7 @@
 //! the person.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -120,6 +121,9 @@ pub struct Refresher {
     /// Lease owner id of this process.
     owner: String,
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Refresh tasks running (waiting, calling, committing): a stopping
+    /// broker lets them finish ([`Refresher::drain`]).
+    running: Arc<AtomicUsize>,
     /// When each provider's last `provider.unhealthy` webhook went out: one
     /// per provider per [`UNHEALTHY_EVERY`], not one per connection refreshed.
     unhealthy_sent: Mutex<HashMap<String, Instant>>,
@@ -146,6 +150,7 @@ impl Refresher {
             settings,
             owner: format!("broker-{}", uuid::Uuid::new_v4().simple()),
             inflight: Mutex::new(HashMap::new()),
+            running: Arc::new(AtomicUsize::new(0)),
             unhealthy_sent: Mutex::new(HashMap::new()),
         }
     }
@@ -257,7 +262,9 @@ impl Refresher {
         let me = self.clone();
         let provider = provider.clone();
         let (answer, answered) = oneshot::channel();
+        let running = Running::enter(&self.running);
         tokio::spawn(async move {
+            let _running = running;
             let id = seen.id.clone();
             let lock = me.lock_for(&id);
             {
@@ -283,6 +290,20 @@ impl Refresher {
                 "the refresh did not complete; retry".into(),
             ))
         })
+    }
+
+    /// Waits until no refresh task runs (their callers may have gone, but a
+    /// rotated refresh token in hand must still be stored), at most
+    /// `within`. Returns how many were still running.
+    pub async fn drain(&self, within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            let n = self.running.load(Ordering::Acquire);
+            if n == 0 || Instant::now() >= deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Commits rotated tokens whose first commit failed, retrying until the
@@ -472,12 +493,15 @@ impl Refresher {
                 let t = Transient {
                     description,
                     retry_after: None,
-                    clear_intent: true,
+                    clear_intent: interrupted.is_none(),
                 };
                 self.transient(c, owner, "invalid_client", t).await
             }
-            Outcome::Transient(t) => {
+            Outcome::Transient(mut t) => {
                 metrics::counter!("nexus_refreshes_total", "outcome" => "transient").increment(1);
+                // An answer to this call says nothing of an earlier call
+                // that got none: its intent stays until a refresh succeeds.
+                t.clear_intent &= interrupted.is_none();
                 self.transient(c, owner, "provider_unavailable", t).await
             }
         }
@@ -638,6 +662,8 @@ impl Refresher {
             Err(e) => return Transient::before_call(e.to_string()),
         }
         let sent = Instant::now();
+        // Expiry counts from the request (see the handshake's callback).
+        let sent_at = now_ms();
         let fetched = match outbound::send(req).await {
             Ok(f) => f,
             // No answer: the request may have reached the provider.
@@ -690,7 +716,7 @@ impl Refresher {
             Some(s) => json_list(&s.split_whitespace().map(str::to_string).collect::<Vec<_>>()),
             None => c.granted_scopes.clone(),
         };
-        let expires_at = tokens.expires_in.map(|s| now_ms() + s * 1000);
+        let expires_at = tokens.expires_in.map(|s| sent_at + s * 1000);
         let refreshed = Refreshed {
             access_token: self.keys.encrypt_str(
                 Aad::new("connections", &c.id, "access_token"),
@@ -737,6 +763,22 @@ impl Refresher {
             Ok(None) => Transient::before_call("connection disappeared"),
             Err(e) => Transient::before_call(e.to_string()),
         }
+    }
+}
+
+/// One running refresh task, counted while it lives.
+struct Running(Arc<AtomicUsize>);
+
+impl Running {
+    fn enter(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -119,6 +119,15 @@ impl TestDb {
         }
     }
 
+    /// A handle on a database the test made and drops itself.
+    pub fn at(url: String) -> TestDb {
+        TestDb {
+            url,
+            dir: None,
+            pg: None,
+        }
+    }
+
     /// Another handle on the same database (a second broker replica); dropping
     /// it removes nothing.
     pub fn share(&self) -> TestDb {

@@ -526,6 +526,19 @@ async fn a_refresh_without_an_answer_keeps_its_intent(b: Backend) {
     let c = t.state.store().get_connection(&id).await.unwrap().unwrap();
     assert!(c.refresh_started_at.is_some(), "the intent stays");
     assert_eq!(c.error_code.as_deref(), Some("provider_unavailable"));
+    let first = c.refresh_started_at;
+    // A later attempt that gets an answer (a 500) learns nothing about the
+    // call that got none: the intent stays, with its first time.
+    idp.knobs().token_mode = TokenMode::ServerError;
+    t.db.exec(&format!(
+        "UPDATE connections SET next_refresh_at = 0 WHERE id = '{id}'"
+    ))
+    .await;
+    let (s, tok) = t.get(&format!("/connections/{id}/token")).await;
+    assert_eq!(s, StatusCode::OK, "{tok}");
+    let c = t.state.store().get_connection(&id).await.unwrap().unwrap();
+    assert_eq!(c.consecutive_failures, 2);
+    assert_eq!(c.refresh_started_at, first, "the intent stays");
     idp.knobs().token_mode = TokenMode::Error("invalid_grant");
     t.db.exec(&format!(
         "UPDATE connections SET next_refresh_at = 0 WHERE id = '{id}'"
@@ -536,6 +549,48 @@ async fn a_refresh_without_an_answer_keeps_its_intent(b: Backend) {
     let (_, c) = t.get(&format!("/connections/{id}")).await;
     assert_eq!(c["error_code"], "refresh_interrupted", "{c}");
     t.finish().await;
+}
+
+/// A PostgreSQL database that stops taking sessions (restarting, or closed
+/// by an operator) answers 503 `database_unavailable`, not 500 (the soak
+/// found the 500). PostgreSQL only, on a database of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_refusing_sessions_is_503_on_postgres() {
+    let Some(Backend::Postgres(admin_url)) = Backend::postgres() else {
+        return;
+    };
+    let name = format!("nxt_db_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
+    let run = |sql: String| {
+        let admin = admin.clone();
+        async move { sqlx::query(&sql).execute(&admin).await.unwrap() }
+    };
+    run(format!("CREATE DATABASE {name}")).await;
+    let (base, query) = admin_url.split_once('?').unwrap_or((&admin_url, ""));
+    let (server, _) = base.rsplit_once('/').unwrap();
+    let url = if query.is_empty() {
+        format!("{server}/{name}")
+    } else {
+        format!("{server}/{name}?{query}")
+    };
+    let db = crate::harness::TestDb::at(url);
+    let settings = crate::harness::test_settings(&db);
+    let t = TestBroker::start_on(db, settings).await;
+    let (s, _) = t.get("/providers").await;
+    assert_eq!(s, StatusCode::OK);
+    run(format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false")).await;
+    run(format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+    ))
+    .await;
+    let (s, body) = t.get("/providers").await;
+    assert_json_error(s, &body, 503, "database_unavailable");
+    run(format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true")).await;
+    let (s, _) = t.get("/providers").await;
+    assert_eq!(s, StatusCode::OK, "served again once the database is back");
+    t.stop().await;
+    run(format!("DROP DATABASE {name} WITH (FORCE)")).await;
+    admin.close().await;
 }
 
 backend_tests!(
