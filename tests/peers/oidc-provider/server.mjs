@@ -31,6 +31,10 @@ function intEnv(name, dflt) {
 const PORT = intEnv('PORT', 0);
 const ACCESS_TOKEN_TTL = intEnv('ACCESS_TOKEN_TTL', 3600);
 const REFRESH_TOKEN_TTL = intEnv('REFRESH_TOKEN_TTL', 86400);
+// Milliseconds a refresh answer waits after the refresh was processed (the
+// token rotated): a provider's real round trip, the window in which a client
+// killed mid-refresh loses the rotated token.
+const REFRESH_ANSWER_DELAY_MS = intEnv('REFRESH_ANSWER_DELAY_MS', 0);
 
 const DEFAULT_CLIENTS = [{
   client_id: 'nexus',
@@ -137,7 +141,19 @@ const stats = {
   token_requests: { authorization_code: 0, refresh_token: 0 },
   revocations: 0,
   resource_calls: 0,
+  // Refresh tokens presented a second time (oidc-provider then revokes the
+  // whole grant): every one is a replay by the client.
+  refresh_token_reuse: 0,
+  // Refresh requests answered by an injected fault instead of the provider.
+  faults_served: { unavailable: 0, slow: 0 },
 };
+
+// Injected faults on refresh requests (POST /__admin/faults), for the soak:
+// until `unavailable_until` (unix ms) a 503 without processing; until
+// `slow_until` a delay of `slow_ms`, then a 504 without processing (a
+// provider that never got to the request before its client gave up).
+const faults = { unavailable_until: 0, slow_until: 0, slow_ms: 0 };
+const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
 
 // ---------------------------------------------------------------- helpers
 
@@ -242,7 +258,12 @@ try {
 }
 
 provider.on('server_error', (ctx, err) => console.error('server_error', err));
-provider.on('grant.error', (ctx, err) => console.error('grant.error', err.message, err.error_detail || ''));
+provider.on('grant.error', (ctx, err) => {
+  if (err.error_detail === 'refresh token already used' || err.message === 'refresh token already used') {
+    stats.refresh_token_reuse += 1;
+  }
+  console.error('grant.error', err.message, err.error_detail || '');
+});
 provider.on('authorization.error', (ctx, err) => console.error('authorization.error', err.message, err.error_detail || ''));
 
 // ---------------------------------------------------------------- grants
@@ -285,6 +306,21 @@ provider.use(async (ctx, next) => {
     try { raw = await readRaw(ctx.req); } catch { /* counted as unknown */ }
     const gt = new URLSearchParams(raw).get('grant_type');
     if (gt === 'authorization_code' || gt === 'refresh_token') stats.token_requests[gt] += 1;
+    if (gt === 'refresh_token' && Date.now() < faults.unavailable_until) {
+      stats.faults_served.unavailable += 1;
+      return json(ctx, 503, { error: 'temporarily_unavailable', error_description: 'injected fault' });
+    }
+    if (gt === 'refresh_token' && Date.now() < faults.slow_until) {
+      stats.faults_served.slow += 1;
+      await sleep(faults.slow_ms);
+      return json(ctx, 504, { error: 'temporarily_unavailable', error_description: 'injected fault: too slow' });
+    }
+    if (gt === 'refresh_token' && REFRESH_ANSWER_DELAY_MS > 0) {
+      ctx.req.body = raw;
+      await next();
+      await sleep(REFRESH_ANSWER_DELAY_MS);
+      return undefined;
+    }
     ctx.req.body = raw; // oidc-provider parses a pre-read body from req.body
     return next();
   }
@@ -344,6 +380,17 @@ provider.use(async (ctx, next) => {
   // --- admin endpoints
   if (path === '/__admin/stats' && method === 'GET') {
     return json(ctx, 200, stats);
+  }
+  if (path === '/__admin/faults' && method === 'POST') {
+    let body;
+    try { body = await readJson(ctx); } catch { return json(ctx, 400, { error: 'invalid_json' }); }
+    const now = Date.now();
+    if (Number.isFinite(body.unavailable_secs)) faults.unavailable_until = now + body.unavailable_secs * 1000;
+    if (Number.isFinite(body.slow_secs)) {
+      faults.slow_until = now + body.slow_secs * 1000;
+      faults.slow_ms = Number.isFinite(body.slow_ms) ? body.slow_ms : 3000;
+    }
+    return json(ctx, 200, { ...faults });
   }
   if (path === '/__admin/grants' && method === 'GET') {
     const { sub, client_id: clientId } = ctx.query;

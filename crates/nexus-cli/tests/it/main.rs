@@ -1,6 +1,7 @@
 //! Tests of the `nexus` binary itself: what a newcomer and an operator run.
 
 mod schemathesis;
+mod soak;
 
 use std::path::Path;
 use std::process::Stdio;
