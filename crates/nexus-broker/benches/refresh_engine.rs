@@ -102,6 +102,7 @@ async fn run(label: &str, url: &str, n: usize) {
         name: "bench".into(),
         ip: None,
         user_agent: None,
+        client_identity: None,
     };
     let provider_id = registry
         .create(

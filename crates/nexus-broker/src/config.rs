@@ -68,6 +68,10 @@ nexus_core::declare_settings! {
         tls_cert_file: TLS_CERT_FILE = nexus_core::tls::TLS_CERT_FILE,
         /// `TLS_KEY_FILE`: see [`nexus_core::tls`].
         tls_key_file: TLS_KEY_FILE = nexus_core::tls::TLS_KEY_FILE,
+        /// `BROKER_CLIENT_CA_FILE`: require client certificates issued by this CA (mutual TLS).
+        broker_client_ca_file: BROKER_CLIENT_CA_FILE = Setting::text("BROKER_CLIENT_CA_FILE", "PEM CA whose client certificates callers must present (mutual TLS; needs TLS_CERT_FILE); API keys are still required"),
+        /// `BROKER_CLIENT_IDS`: client certificate identities allowed.
+        broker_client_ids: BROKER_CLIENT_IDS = Setting::text("BROKER_CLIENT_IDS", "Comma-separated identities (URI SAN such as spiffe://example.org/nexus/gateway, or DNS SAN) a client certificate must carry one of (default: any the CA issued)"),
         /// `PROVIDER_TIMEOUT_SECS`: timeout of each call to a provider.
         provider_timeout_secs: PROVIDER_TIMEOUT_SECS = Setting::number("PROVIDER_TIMEOUT_SECS", "Timeout of each call to a provider", "10", 1, 300, "seconds"),
         /// `REDIS_URL`: optional Redis for caches shared by replicas.
@@ -135,6 +139,8 @@ pub struct BrokerConfig {
     pub limits: nexus_core::serve::Limits,
     /// The certificate and key it serves TLS with (none: plaintext).
     pub tls: Option<nexus_core::tls::TlsFiles>,
+    /// Client certificates required (mutual TLS), if any.
+    pub client_auth: Option<nexus_core::mtls::ClientAuth>,
     /// Audit writer tuning.
     pub audit: crate::events::audit::AuditConfig,
     /// Timeout of each call to a provider (token, discovery, JWKS, UserInfo).
@@ -384,6 +390,36 @@ impl BrokerConfig {
         let max_body_bytes = v.count(&MAX_BODY_BYTES)?;
         let limits = nexus_core::serve::Limits::from_values(&v)?;
         let tls = nexus_core::tls::TlsFiles::from_values(&v)?;
+        let client_ids: Vec<String> = v
+            .given(&BROKER_CLIENT_IDS)
+            .map(|l| {
+                l.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let client_auth = match v.given(&BROKER_CLIENT_CA_FILE) {
+            None if !client_ids.is_empty() => {
+                return Err(ConfigError::new(
+                    BROKER_CLIENT_IDS.name,
+                    "needs BROKER_CLIENT_CA_FILE (the CA that issues those certificates)",
+                ))
+            }
+            None => None,
+            Some(_) if tls.is_none() => {
+                return Err(ConfigError::new(
+                    BROKER_CLIENT_CA_FILE.name,
+                    "needs TLS_CERT_FILE and TLS_KEY_FILE: client certificates are asked for in a TLS handshake",
+                ))
+            }
+            Some(ca) => Some(nexus_core::mtls::ClientAuth {
+                ca: ca.into(),
+                ca_var: BROKER_CLIENT_CA_FILE.name,
+                allowed: client_ids,
+            }),
+        };
         let provider_timeout = v.secs(&PROVIDER_TIMEOUT_SECS)?;
 
         let redis_url = match v.given(&REDIS_URL) {
@@ -466,6 +502,7 @@ impl BrokerConfig {
             max_body_bytes,
             limits,
             tls,
+            client_auth,
             audit: crate::events::audit::AuditConfig::default(),
             provider_timeout,
             redis_url,
@@ -509,6 +546,21 @@ mod tests {
         assert!(s.set("REFRESH_JITTER_SECS", Some("5".into())));
         assert_eq!(s.refresh_jitter_secs.as_deref(), Some("5"));
         assert!(!s.set("NO_SUCH_SETTING", None));
+    }
+
+    #[test]
+    fn client_certificates_need_tls_and_a_ca() {
+        let e = err(Settings {
+            broker_client_ca_file: Some("/ca.pem".into()),
+            ..good()
+        });
+        assert!(e.starts_with("BROKER_CLIENT_CA_FILE"), "{e}");
+        assert!(e.contains("TLS_CERT_FILE"), "{e}");
+        let e = err(Settings {
+            broker_client_ids: Some("spiffe://x/gw".into()),
+            ..good()
+        });
+        assert!(e.starts_with("BROKER_CLIENT_IDS"), "{e}");
     }
 
     #[test]

@@ -55,7 +55,10 @@ impl Broker {
     /// `config.listen_addr` (port 0 picks a free port).
     pub async fn start(config: BrokerConfig) -> Result<Self, ServeError> {
         let tls = match &config.tls {
-            Some(files) => Some(Arc::new(nexus_core::tls::TlsServer::load(files.clone())?)),
+            Some(files) => Some(Arc::new(nexus_core::tls::TlsServer::load_with(
+                files.clone(),
+                config.client_auth.as_ref(),
+            )?)),
             None => None,
         };
         if !config.listen_addr.ip().is_loopback() {
@@ -100,6 +103,7 @@ impl Broker {
                 name: "config".into(),
                 ip: None,
                 user_agent: None,
+                client_identity: None,
             };
             state
                 .pauses()

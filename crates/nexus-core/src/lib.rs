@@ -14,6 +14,7 @@ pub mod error;
 pub mod limit;
 pub mod linger;
 pub mod middleware;
+pub mod mtls;
 pub mod net;
 pub mod openapi;
 pub mod outbound;

@@ -100,17 +100,37 @@ pub fn streaming_client(idle: Duration) -> Result<reqwest::Client, OutboundError
 /// How long an idle pooled connection is kept.
 pub const IDLE_POOLED: Duration = Duration::from_secs(4);
 
+/// Like [`client`] and [`streaming_client`] (`idle`), trusting and
+/// presenting what `tls` says: a caller of one known server (the gateway
+/// calling its broker) with an extra CA and a client certificate.
+pub fn clients_with(
+    timeout: Duration,
+    idle: Duration,
+    tls: &crate::mtls::ClientTls,
+) -> Result<(reqwest::Client, reqwest::Client), OutboundError> {
+    let config = tls
+        .config()
+        .map_err(|e| OutboundError::Setup(e.to_string()))?;
+    let one = builder_with(Duration::from_secs(5).min(timeout), config.clone())
+        .timeout(timeout)
+        .build()
+        .map_err(|e| OutboundError::Setup(e.to_string()))?;
+    let streaming = builder_with(Duration::from_secs(5).min(idle), config)
+        .read_timeout(idle)
+        .build()
+        .map_err(|e| OutboundError::Setup(e.to_string()))?;
+    Ok((one, streaming))
+}
+
 fn builder(connect_timeout: Duration) -> Result<reqwest::ClientBuilder, OutboundError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| OutboundError::Setup(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(reqwest::Client::builder()
+    let tls = crate::mtls::ClientTls::default()
+        .config()
+        .map_err(|e| OutboundError::Setup(e.to_string()))?;
+    Ok(builder_with(connect_timeout, tls))
+}
+
+fn builder_with(connect_timeout: Duration, tls: rustls::ClientConfig) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(connect_timeout)
@@ -118,7 +138,7 @@ fn builder(connect_timeout: Duration) -> Result<reqwest::ClientBuilder, Outbound
         // HEADER_READ_TIMEOUT_SECS (10 s by default); a pooled connection
         // reused as the server closes it fails its request. Drop them first.
         .pool_idle_timeout(IDLE_POOLED)
-        .user_agent(concat!("nexus/", env!("CARGO_PKG_VERSION"))))
+        .user_agent(concat!("nexus/", env!("CARGO_PKG_VERSION")))
 }
 
 /// Sends `req` and reads the body, refusing more than [`MAX_BODY`] bytes.

@@ -179,7 +179,7 @@ pub async fn serve_with(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let conn = Conn {
+        let mut conn = Conn {
             router: app.clone(),
             builder: builder.clone(),
             // Taken here, before a TLS handshake: shutdown waits for it too.
@@ -187,6 +187,7 @@ pub async fn serve_with(
             hard_stopped: hard_stopped.clone(),
             limits,
             peer,
+            identity: None,
         };
         match &acceptor {
             None => {
@@ -199,14 +200,25 @@ pub async fn serve_with(
                 let accepting = acceptor.accept(stream);
                 tokio::spawn(async move {
                     match tokio::time::timeout(limits.header_read_timeout, accepting).await {
-                        Ok(Ok(tls)) => conn.run(tls).await,
+                        Ok(Ok(tls)) => {
+                            // A client certificate (mutual TLS) names the caller.
+                            conn.identity = tls
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .and_then(|c| crate::mtls::identities(c).into_iter().next())
+                                .map(|id| crate::mtls::PeerIdentity(id.into()));
+                            conn.run(tls).await
+                        }
                         Ok(Err(e)) => {
-                            crate::static_counter!("nexus_tls_handshake_failures_total")
+                            let reason = crate::mtls::failure_reason(&e);
+                            metrics::counter!("nexus_tls_handshake_failures_total", "reason" => reason)
                                 .increment(1);
-                            tracing::debug!(error = %e, "TLS handshake failed");
+                            tracing::debug!(error = %e, reason, "TLS handshake failed");
                         }
                         Err(_) => {
-                            crate::static_counter!("nexus_tls_handshake_failures_total")
+                            metrics::counter!("nexus_tls_handshake_failures_total", "reason" => "timeout")
                                 .increment(1);
                         }
                     }
@@ -239,6 +251,8 @@ struct Conn {
     hard_stopped: watch::Receiver<bool>,
     limits: Limits,
     peer: std::net::SocketAddr,
+    /// The identity of a verified client certificate (mutual TLS).
+    identity: Option<crate::mtls::PeerIdentity>,
 }
 
 impl Conn {
@@ -255,6 +269,7 @@ impl Conn {
             mut hard_stopped,
             limits,
             peer,
+            identity,
         } = self;
         let body_timeout = limits.body_read_timeout;
         // Whether a request arrived: hyper times request heads only once it
@@ -265,6 +280,9 @@ impl Conn {
         let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             heard.store(true, Ordering::Relaxed);
             req.extensions_mut().insert(ConnectInfo(peer));
+            if let Some(id) = &identity {
+                req.extensions_mut().insert(id.clone());
+            }
             // Only a body still to come can be slow: requests without one
             // (most GETs, the token fetch) skip the timer.
             let req = if req.body().is_end_stream() {

@@ -94,6 +94,9 @@ pub enum TlsError {
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The client CA file is unusable.
+    #[error(transparent)]
+    ClientCa(#[from] crate::mtls::MtlsError),
 }
 
 impl TlsError {
@@ -103,6 +106,7 @@ impl TlsError {
             Self::File { var, .. } => var,
             Self::Mismatch { .. } => TLS_KEY_FILE.name,
             Self::Validity { .. } | Self::Rustls(_) => TLS_CERT_FILE.name,
+            Self::ClientCa(e) => e.var,
         }
     }
 }
@@ -209,16 +213,28 @@ fn stamp(files: &TlsFiles) -> Option<(u64, SystemTime, u64, SystemTime)> {
 impl TlsServer {
     /// Loads and checks the pair (see [`load_pair`]).
     pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
+        Self::load_with(files, None)
+    }
+
+    /// Like [`TlsServer::load`], requiring client certificates as `client`
+    /// says (mutual TLS).
+    pub fn load_with(
+        files: TlsFiles,
+        client: Option<&crate::mtls::ClientAuth>,
+    ) -> Result<Self, TlsError> {
         let seen = stamp(&files);
         let pair = load_pair(&files, SystemTime::now())?;
         let current = Arc::new(Current {
             pair: RwLock::new(Arc::new(pair)),
         });
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-            .with_no_client_auth()
-            .with_cert_resolver(current.clone());
+        let builder = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+        let builder = match client {
+            Some(auth) => builder.with_client_cert_verifier(crate::mtls::client_verifier(auth)?),
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_cert_resolver(current.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Self {
             files,

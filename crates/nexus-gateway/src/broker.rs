@@ -120,16 +120,16 @@ pub struct BrokerClient {
 impl BrokerClient {
     /// A client for `base`: the broker crate's outbound client (rustls on
     /// ring, no redirects, timeouts), whose pool keeps connections alive.
+    /// `tls`: an extra CA and a client certificate (mutual TLS), if any.
     pub fn new(
         base: Url,
         api_key: Arc<Secret<String>>,
         timeout: Duration,
+        tls: &nexus_core::mtls::ClientTls,
     ) -> Result<Self, nexus_core::outbound::OutboundError> {
+        let (one, streaming) = nexus_core::outbound::clients_with(timeout, STREAM_IDLE, tls)?;
         Ok(Self {
-            transport: Transport::Http(
-                nexus_core::outbound::client(timeout)?,
-                nexus_core::outbound::streaming_client(STREAM_IDLE)?,
-            ),
+            transport: Transport::Http(one, streaming),
             base,
             api_key,
         })

@@ -19,6 +19,12 @@ nexus_core::declare_settings! {
         broker_url: BROKER_URL = Setting::text("BROKER_URL", "The broker's base URL (private network)"),
         /// `BROKER_API_KEY`: the broker's `GATEWAY_API_KEY` (or, without one, its `API_KEY`).
         broker_api_key: BROKER_API_KEY = Setting::secret("BROKER_API_KEY", "The broker's GATEWAY_API_KEY (least privilege), or its API_KEY"),
+        /// `BROKER_CA_FILE`: an extra CA (PEM) the broker's certificate may chain to.
+        broker_ca_file: BROKER_CA_FILE = Setting::text("BROKER_CA_FILE", "PEM CA the broker's TLS certificate chains to (beside the public roots)"),
+        /// `BROKER_CLIENT_CERT_FILE`: the client certificate presented to the broker (mutual TLS).
+        broker_client_cert_file: BROKER_CLIENT_CERT_FILE = Setting::text("BROKER_CLIENT_CERT_FILE", "PEM client certificate chain presented to the broker (mutual TLS; with BROKER_CLIENT_KEY_FILE)"),
+        /// `BROKER_CLIENT_KEY_FILE`: its private key.
+        broker_client_key_file: BROKER_CLIENT_KEY_FILE = Setting::text("BROKER_CLIENT_KEY_FILE", "PEM private key of BROKER_CLIENT_CERT_FILE"),
         /// `GATEWAY_ADDR`: listen address.
         gateway_addr: GATEWAY_ADDR = Setting::text("GATEWAY_ADDR", "Gateway listen address (agents and browsers come here)").or("127.0.0.1:8090"),
         /// `CORS_ALLOWED_ORIGINS`: comma-separated exact origins.
@@ -75,6 +81,8 @@ pub struct GatewayConfig {
     pub limits: nexus_core::serve::Limits,
     /// The certificate and key it serves TLS with (none: plaintext).
     pub tls: Option<nexus_core::tls::TlsFiles>,
+    /// What the gateway trusts and presents when it calls the broker.
+    pub broker_tls: nexus_core::mtls::ClientTls,
     /// Handshakes one agent key may start per minute.
     pub agent_handshakes_per_minute: u32,
 }
@@ -97,6 +105,49 @@ fn err(var: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// The gateway's TLS as a client of the broker; checked here (files
+/// readable, key matching) so a bad file stops the start with its name.
+fn broker_tls(
+    v: &nexus_core::settings::Values,
+    broker_url: &Url,
+) -> Result<nexus_core::mtls::ClientTls, ConfigError> {
+    let ca = v
+        .given(&BROKER_CA_FILE)
+        .map(|p| (p.into(), BROKER_CA_FILE.name));
+    let identity = match (
+        v.given(&BROKER_CLIENT_CERT_FILE),
+        v.given(&BROKER_CLIENT_KEY_FILE),
+    ) {
+        (None, None) => None,
+        (Some(c), Some(k)) => Some((
+            (c.into(), BROKER_CLIENT_CERT_FILE.name),
+            (k.into(), BROKER_CLIENT_KEY_FILE.name),
+        )),
+        (Some(_), None) => {
+            return Err(err(
+                BROKER_CLIENT_KEY_FILE.name,
+                "is required with BROKER_CLIENT_CERT_FILE",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(err(
+                BROKER_CLIENT_CERT_FILE.name,
+                "is required with BROKER_CLIENT_KEY_FILE",
+            ))
+        }
+    };
+    if identity.is_some() && broker_url.scheme() != "https" {
+        return Err(err(
+            BROKER_CLIENT_CERT_FILE.name,
+            "needs an https BROKER_URL: a client certificate is presented in a TLS handshake",
+        ));
+    }
+    let tls = nexus_core::mtls::ClientTls { ca, identity };
+    tls.config()
+        .map_err(|e| err(e.var, format!("{}: {}", e.path, e.reason)))?;
+    Ok(tls)
+}
+
 impl GatewayConfig {
     /// Validates raw settings.
     pub fn from_settings(s: &GatewaySettings) -> Result<Self, ConfigError> {
@@ -112,6 +163,7 @@ impl GatewayConfig {
                 )
             })?;
         let broker_api_key = v.required(&BROKER_API_KEY, "use the broker's API_KEY")?;
+        let broker_tls = broker_tls(&v, &broker_url)?;
         let listen_addr: SocketAddr = v
             .required(&GATEWAY_ADDR, "use an IP:port such as 127.0.0.1:8090")?
             .parse()
@@ -196,6 +248,7 @@ impl GatewayConfig {
             served_report_every: Duration::from_secs(1),
             limits: nexus_core::serve::Limits::from_values(&v)?,
             tls: nexus_core::tls::TlsFiles::from_values(&v)?,
+            broker_tls,
             agent_handshakes_per_minute: u32::try_from(v.number(&AGENT_HANDSHAKES_PER_MINUTE)?)
                 .unwrap_or(u32::MAX),
         })
@@ -209,5 +262,39 @@ mod tests {
     #[test]
     fn declarations_are_consistent() {
         nexus_core::settings::check_declarations(GatewaySettings::ALL).unwrap();
+    }
+
+    fn with(f: impl FnOnce(&mut GatewaySettings)) -> String {
+        let mut s = GatewaySettings {
+            broker_url: Some("https://broker.internal:8080".into()),
+            broker_api_key: Some("k".repeat(32)),
+            ..Default::default()
+        };
+        f(&mut s);
+        GatewayConfig::from_settings(&s).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key_an_https_broker_and_readable_files() {
+        let e = with(|s| s.broker_client_cert_file = Some("/c.pem".into()));
+        assert!(e.starts_with("BROKER_CLIENT_KEY_FILE"), "{e}");
+        let e = with(|s| s.broker_client_key_file = Some("/k.pem".into()));
+        assert!(e.starts_with("BROKER_CLIENT_CERT_FILE"), "{e}");
+        let e = with(|s| {
+            s.broker_url = Some("http://broker.internal:8080".into());
+            s.broker_client_cert_file = Some("/c.pem".into());
+            s.broker_client_key_file = Some("/k.pem".into());
+        });
+        assert!(e.contains("https"), "{e}");
+        let e = with(|s| {
+            s.broker_client_cert_file = Some("/nonexistent/c.pem".into());
+            s.broker_client_key_file = Some("/nonexistent/k.pem".into());
+        });
+        assert!(
+            e.starts_with("BROKER_CLIENT_CERT_FILE: /nonexistent/c.pem"),
+            "{e}"
+        );
+        let e = with(|s| s.broker_ca_file = Some("/nonexistent/ca.pem".into()));
+        assert!(e.starts_with("BROKER_CA_FILE"), "{e}");
     }
 }

@@ -134,6 +134,7 @@ impl Gateway {
             config.broker_url.clone(),
             config.broker_api_key.clone(),
             config.broker_timeout,
+            &config.broker_tls,
         )?;
         Ok(Self::with_broker(config, broker))
     }

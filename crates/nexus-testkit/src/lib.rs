@@ -4,6 +4,8 @@
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod certs;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;

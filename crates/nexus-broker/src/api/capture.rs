@@ -260,6 +260,7 @@ pub async fn submit(
         name: "user".into(),
         ip: caller.ip,
         user_agent: caller.user_agent,
+        client_identity: caller.client_identity,
     };
     let ct = headers
         .get(header::CONTENT_TYPE)

@@ -159,6 +159,7 @@ pub async fn scope_failures(
         name: "agent".into(),
         ip: caller.ip,
         user_agent: caller.user_agent,
+        client_identity: caller.client_identity,
     };
     let outcome = st.scopes().report(&id, report, &actor).await?;
     Ok((StatusCode::ACCEPTED, Json(json!(outcome))))

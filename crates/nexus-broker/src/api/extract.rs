@@ -81,6 +81,8 @@ pub struct Caller {
     pub user_agent: Option<String>,
     /// The key the request carried (admin routes).
     pub credential: Option<super::guard::Credential>,
+    /// The identity of the client certificate (mutual TLS).
+    pub client_identity: Option<String>,
 }
 
 impl Caller {
@@ -95,6 +97,7 @@ impl Caller {
                 .into(),
             ip: self.ip.clone(),
             user_agent: self.user_agent.clone(),
+            client_identity: self.client_identity.clone(),
         }
     }
 }
@@ -113,10 +116,15 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
             .and_then(|v| v.to_str().ok())
             .map(|s| s.chars().take(256).collect());
         let credential = parts.extensions.get::<super::guard::Credential>().copied();
+        let client_identity = parts
+            .extensions
+            .get::<nexus_core::mtls::PeerIdentity>()
+            .map(|p| p.0.to_string());
         Ok(Caller {
             ip,
             user_agent,
             credential,
+            client_identity,
         })
     }
 }

@@ -88,6 +88,7 @@ async fn finish(
         name: "user".into(),
         ip: caller.ip,
         user_agent: caller.user_agent,
+        client_identity: caller.client_identity,
     };
     let mut resp = match st.handshakes().callback(params, via, &actor).await {
         Ok(url) => Redirect::to(&url).into_response(),

@@ -48,6 +48,8 @@ pub struct Actor {
     pub ip: Option<String>,
     /// Caller user agent.
     pub user_agent: Option<String>,
+    /// The caller's client certificate identity (mutual TLS).
+    pub client_identity: Option<String>,
 }
 
 impl Actor {
@@ -55,7 +57,7 @@ impl Actor {
         AuditEvent::new(event_type)
             .actor(self.name.clone())
             .provider(provider_id)
-            .caller(self.ip.clone(), self.user_agent.clone())
+            .by(self)
             .detail(detail)
     }
 }
@@ -79,6 +81,8 @@ pub struct AuditEvent {
     pub ip: Option<String>,
     /// Caller user agent.
     pub user_agent: Option<String>,
+    /// The caller's client certificate identity (mutual TLS).
+    pub client_identity: Option<String>,
     /// Event-specific, non-secret details.
     pub detail: Value,
 }
@@ -95,6 +99,7 @@ impl AuditEvent {
             workspace_id: None,
             ip: None,
             user_agent: None,
+            client_identity: None,
             detail: Value::Object(Default::default()),
         }
     }
@@ -127,6 +132,15 @@ impl AuditEvent {
     pub fn caller(mut self, ip: Option<String>, user_agent: Option<String>) -> Self {
         self.ip = ip;
         self.user_agent = user_agent;
+        self
+    }
+
+    /// Sets the caller's address, user agent and client certificate
+    /// identity from `actor`.
+    pub fn by(mut self, actor: &Actor) -> Self {
+        self.ip = actor.ip.clone();
+        self.user_agent = actor.user_agent.clone();
+        self.client_identity = actor.client_identity.clone();
         self
     }
 

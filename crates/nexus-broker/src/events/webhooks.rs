@@ -392,7 +392,7 @@ impl Webhooks {
         };
         let audit = AuditEvent::new("webhook.created")
             .actor(actor.name.clone())
-            .caller(actor.ip.clone(), actor.user_agent.clone())
+            .by(actor)
             .detail(json!({"webhook_id": id, "url": row.url, "events": events}));
         self.store.create_endpoint(&row, &audit).await?;
         Ok((EndpointView::from(&row), secret.encoded()))
@@ -425,7 +425,7 @@ impl Webhooks {
         }
         let audit = AuditEvent::new("webhook.deleted")
             .actor(actor.name.clone())
-            .caller(actor.ip.clone(), actor.user_agent.clone())
+            .by(actor)
             .detail(json!({"webhook_id": id}));
         match self.store.delete_endpoint(id, &audit).await {
             Err(StoreError::NotFound) => Err(WebhookError::NotFound),

@@ -85,7 +85,7 @@ impl Handshakes {
                 tracing::warn!(connection_id = %hs.connection_id, error = f.code, description = %f.description, "handshake failed");
                 let audit = AuditEvent::new("connection.handshake_failed")
                     .actor(actor.name.clone())
-                    .caller(actor.ip.clone(), actor.user_agent.clone())
+                    .by(actor)
                     .provider(hs.provider_id.clone())
                     .connection(hs.connection_id.clone())
                     .workspace(hs.workspace_id.clone())
@@ -294,7 +294,7 @@ impl Handshakes {
         let transition = |before: &ConnectionRow, failing: &[String]| Transition {
             audit: AuditEvent::new("connection.active")
                 .actor(actor.name.clone())
-                .caller(actor.ip.clone(), actor.user_agent.clone())
+                .by(actor)
                 .provider(hs.provider_id.clone())
                 .connection(cid.clone())
                 .workspace(hs.workspace_id.clone())

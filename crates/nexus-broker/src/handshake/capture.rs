@@ -277,7 +277,7 @@ impl Handshakes {
             .unwrap_or_default();
         let audit = AuditEvent::new("connection.active")
             .actor(actor.name.clone())
-            .caller(actor.ip.clone(), actor.user_agent.clone())
+            .by(actor)
             .provider(hs.provider_id.clone())
             .connection(cid.clone())
             .workspace(hs.workspace_id.clone())

@@ -452,7 +452,7 @@ impl Handshakes {
     ) -> Result<(), HandshakeError> {
         let audit = AuditEvent::new("handshake.started")
             .actor(actor.name.clone())
-            .caller(actor.ip.clone(), actor.user_agent.clone())
+            .by(actor)
             .provider(hs.provider_id.clone())
             .connection(hs.connection_id.clone())
             .workspace(hs.workspace_id.clone())

@@ -137,7 +137,7 @@ impl AgentKeys {
         };
         let audit = AuditEvent::new("agent_key.created")
             .actor(actor.name.clone())
-            .caller(actor.ip.clone(), actor.user_agent.clone())
+            .by(actor)
             .detail(json!({"agent_key_id": row.id, "name": row.name, "workspaces": workspaces}));
         self.store
             .create_agent_key(&row, &hash(key.expose()), &audit)
@@ -160,7 +160,7 @@ impl AgentKeys {
     pub async fn revoke(&self, id: &str, actor: &Actor) -> Result<(), AgentKeyError> {
         let audit = AuditEvent::new("agent_key.revoked")
             .actor(actor.name.clone())
-            .caller(actor.ip.clone(), actor.user_agent.clone())
+            .by(actor)
             .detail(json!({"agent_key_id": id}));
         if self.store.revoke_agent_key(id, &audit).await? {
             Ok(())

@@ -46,13 +46,16 @@ pub struct AuditRecord {
     pub ip: Option<String>,
     /// Caller's user agent.
     pub user_agent: Option<String>,
+    /// The caller's client certificate identity (mutual TLS), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_identity: Option<String>,
     /// Event-specific details; never secrets.
     pub detail: Value,
 }
 
 const INSERT: &str = "INSERT INTO audit_events
-    (occurred_at, event_type, actor, provider_id, connection_id, workspace_id, ip, user_agent, detail)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+    (occurred_at, event_type, actor, provider_id, connection_id, workspace_id, ip, user_agent, detail, client_identity)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
 
 /// PostgreSQL `TEXT` cannot hold NUL; an audit event must never fail on
 /// what a caller typed, so NUL becomes U+FFFD on both backends alike.
@@ -85,6 +88,7 @@ where
         .bind(ev.ip.as_deref().map(no_nul))
         .bind(ev.user_agent.as_deref().map(no_nul))
         .bind(no_nul(&ev.detail.to_string()))
+        .bind(ev.client_identity.as_deref().map(no_nul))
         .execute(exec)
         .await?;
     Ok(())
@@ -97,7 +101,7 @@ impl Store {
             return Ok(());
         }
         // One multi-row INSERT per chunk: one round trip instead of one per
-        // event. 9 binds per row keeps a chunk far below both backends' limits.
+        // event. 10 binds per row keeps a chunk far below both backends' limits.
         const ROWS_PER_STATEMENT: usize = 500;
         let details: Vec<String> = events
             .iter()
@@ -107,7 +111,7 @@ impl Store {
             let mut tx = pool.begin().await?;
             for (chunk, chunk_details) in events.chunks(ROWS_PER_STATEMENT).zip(details.chunks(ROWS_PER_STATEMENT)) {
                 let mut qb = sqlx::QueryBuilder::new(
-                    "INSERT INTO audit_events (occurred_at, event_type, actor, provider_id, connection_id, workspace_id, ip, user_agent, detail) ",
+                    "INSERT INTO audit_events (occurred_at, event_type, actor, provider_id, connection_id, workspace_id, ip, user_agent, detail, client_identity) ",
                 );
                 qb.push_values(chunk.iter().zip(chunk_details), |mut row, (ev, detail)| {
                     row.push_bind(ev.occurred_at_ms)
@@ -118,7 +122,8 @@ impl Store {
                         .push_bind(ev.workspace_id.as_deref().map(no_nul))
                         .push_bind(ev.ip.as_deref().map(no_nul))
                         .push_bind(ev.user_agent.as_deref().map(no_nul))
-                        .push_bind(detail);
+                        .push_bind(detail)
+                        .push_bind(ev.client_identity.as_deref().map(no_nul));
                 });
                 qb.build().execute(&mut *tx).await?;
             }
@@ -155,7 +160,7 @@ impl Store {
         };
         let order = if f.ascending { "ASC" } else { "DESC" };
         let sql = format!(
-            "SELECT id, occurred_at, event_type, actor, provider_id, connection_id, workspace_id, ip, user_agent, detail
+            "SELECT id, occurred_at, event_type, actor, provider_id, connection_id, workspace_id, ip, user_agent, detail, client_identity
              FROM audit_events {where_sql} ORDER BY id {order} LIMIT {limit_param}"
         );
         on_pool!(self, pool => {
@@ -178,6 +183,7 @@ impl Store {
                         workspace_id: r.try_get("workspace_id")?,
                         ip: r.try_get("ip")?,
                         user_agent: r.try_get("user_agent")?,
+                        client_identity: r.try_get("client_identity")?,
                         detail: serde_json::from_str(&detail).unwrap_or(Value::String(detail)),
                     })
                 })

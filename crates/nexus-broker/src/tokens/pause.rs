@@ -147,9 +147,7 @@ impl Pauses {
 }
 
 fn audit(kind: &str, scope: &PauseScope, actor: &Actor) -> AuditEvent {
-    let ev = AuditEvent::new(kind)
-        .actor(actor.name.clone())
-        .caller(actor.ip.clone(), actor.user_agent.clone());
+    let ev = AuditEvent::new(kind).actor(actor.name.clone()).by(actor);
     match scope {
         PauseScope::Operator => ev,
         PauseScope::Workspace(w) => ev.workspace(w.clone()),

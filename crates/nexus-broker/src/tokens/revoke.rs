@@ -139,7 +139,7 @@ impl Refresher {
         let transition = |before: &ConnectionRow| Transition {
             audit: AuditEvent::new("connection.revoked")
                 .actor(actor.name.clone())
-                .caller(actor.ip.clone(), actor.user_agent.clone())
+                .by(actor)
                 .provider(before.provider_id.clone())
                 .connection(before.id.clone())
                 .workspace(before.workspace_id.clone())

@@ -468,7 +468,7 @@ fn records(
     let base = |kind: &str| {
         AuditEvent::new(kind)
             .actor(actor.name.clone())
-            .caller(actor.ip.clone(), actor.user_agent.clone())
+            .by(actor)
             .provider(before.provider_id.clone())
             .connection(before.id.clone())
             .workspace(before.workspace_id.clone())

@@ -11,6 +11,7 @@ mod edge;
 mod fake_idp;
 mod fuzz;
 mod handshake;
+mod mtls;
 mod ops;
 mod pauses;
 mod providers;

@@ -936,3 +936,130 @@ async fn tls_with_development_certificates_reloads_without_dropping_connections(
     let (ok, out) = gateway_fails(&certs.join("missing.pem"), &certs.join("sidecar-key.pem"));
     assert!(!ok && out.contains("TLS_CERT_FILE"), "{out}");
 }
+
+/// Mutual TLS between real processes, checked with curl and openssl (not our
+/// TLS code): `nexus broker` requiring client certificates from the
+/// development CA with the gateway's SPIFFE ID accepts the gateway's
+/// certificate and refuses no certificate and a certificate without that
+/// identity at the handshake; `nexus gateway` with its client certificate is
+/// ready, without it not.
+#[tokio::test]
+async fn mutual_tls_between_broker_and_gateway_processes() {
+    for tool in ["curl", "openssl"] {
+        if std::process::Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var("CI").map_or(true, |v| v != "true"),
+                "CI=true but {tool} is missing"
+            );
+            eprintln!("skipped: mutual TLS test ({tool} is missing)");
+            return;
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, out) = run(std::process::Command::new(BIN)
+        .current_dir(tmp.path())
+        .args(["certs", "dev", "--state-dir", "state"]));
+    assert!(ok, "{out}");
+    let certs = tmp.path().join("state/certs");
+    let c = |n: &str| certs.join(n).display().to_string();
+    let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let port = free_port();
+    let mut cmd = nexus(tmp.path());
+    cmd.arg("broker")
+        .env("DATABASE_URL", "sqlite:nexus.db")
+        .env("ENCRYPTION_KEY", key)
+        .env("STATE_KEY", key)
+        .env("API_KEY", "an-admin-key-long-enough-123")
+        .env("GATEWAY_API_KEY", "the-gateways-key-long-enough-456")
+        .env("NEXUS_LOG", "warn")
+        .env("BROKER_ADDR", format!("127.0.0.1:{port}"))
+        .env("TLS_CERT_FILE", c("broker.pem"))
+        .env("TLS_KEY_FILE", c("broker-key.pem"))
+        .env("BROKER_CLIENT_CA_FILE", c("ca.pem"))
+        .env("BROKER_CLIENT_IDS", "spiffe://nexus.local/nexus/gateway");
+    let broker = cmd.spawn().unwrap();
+    let url = format!("https://127.0.0.1:{port}/health");
+    let curl = |cert: Option<(&str, &str)>| {
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args(["-sS", "--max-time", "5", "--cacert", &c("ca.pem")]);
+        if let Some((cert, key)) = cert {
+            cmd.args(["--cert", &c(cert), "--key", &c(key)]);
+        }
+        run(cmd.arg(&url))
+    };
+    let gateway_cert = Some(("gateway-client.pem", "gateway-client-key.pem"));
+    let mut answer = (false, String::new());
+    for _ in 0..100 {
+        answer = curl(gateway_cert);
+        if answer.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        answer.0 && answer.1.contains("\"ok\""),
+        "the gateway's certificate is accepted: {}",
+        answer.1
+    );
+    let (ok, out) = curl(None);
+    assert!(!ok, "no client certificate: refused: {out}");
+    // The sidecar's server certificate: same CA, no gateway identity.
+    let (ok, out) = curl(Some(("sidecar.pem", "sidecar-key.pem")));
+    assert!(!ok, "another identity: refused: {out}");
+    let script = format!(
+        "openssl s_client -connect 127.0.0.1:{port} -CAfile {} -cert {} -key {} </dev/null 2>&1",
+        c("ca.pem"),
+        c("gateway-client.pem"),
+        c("gateway-client-key.pem")
+    );
+    let (_, out) = run(std::process::Command::new("sh").args(["-c", &script]));
+    assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
+
+    // The gateway process, with and without its client certificate.
+    for with_cert in [true, false] {
+        let gport = free_port();
+        let mut cmd = nexus(tmp.path());
+        cmd.arg("gateway")
+            .env("BROKER_URL", format!("https://127.0.0.1:{port}"))
+            .env("BROKER_API_KEY", "the-gateways-key-long-enough-456")
+            .env("BROKER_CA_FILE", c("ca.pem"))
+            .env("GATEWAY_ADDR", format!("127.0.0.1:{gport}"))
+            .env("NEXUS_LOG", "warn");
+        if with_cert {
+            cmd.env("BROKER_CLIENT_CERT_FILE", c("gateway-client.pem"))
+                .env("BROKER_CLIENT_KEY_FILE", c("gateway-client-key.pem"));
+        }
+        let gateway = cmd.spawn().unwrap();
+        let ready = format!("http://127.0.0.1:{gport}/ready");
+        let mut status = 0;
+        for _ in 0..100 {
+            if let Ok(r) = http().get(&ready).send().await {
+                status = r.status().as_u16();
+                if status == 200 || !with_cert {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            status,
+            if with_cert { 200 } else { 503 },
+            "with_cert={with_cert}"
+        );
+        stop(gateway, "-TERM").await;
+    }
+    stop(broker, "-TERM").await;
+}
+
+/// A free loopback port.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -77,8 +77,26 @@ impl Stack {
         .unwrap();
         gconfig.key_cache_ttl = Duration::from_millis(300);
         tune(&mut bconfig, &mut gconfig);
+        let scheme = if bconfig.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        // A test acting as operator against a broker that wants client
+        // certificates presents the gateway's.
+        let client = if gconfig.broker_tls == nexus_core::mtls::ClientTls::default() {
+            reqwest::Client::new()
+        } else {
+            nexus_core::outbound::clients_with(
+                Duration::from_secs(10),
+                Duration::from_secs(10),
+                &gconfig.broker_tls,
+            )
+            .unwrap()
+            .0
+        };
         let broker = Broker::start(bconfig).await.unwrap();
-        let broker_url = format!("http://{}", broker.local_addr());
+        let broker_url = format!("{scheme}://{}", broker.local_addr());
         let broker_state = broker.state().clone();
         let local = in_process.then(|| {
             nexus_gateway::broker::BrokerClient::local(
@@ -104,7 +122,7 @@ impl Stack {
             broker: broker_url,
             gateway,
             api_key,
-            client: reqwest::Client::new(),
+            client,
             broker_state,
             gw: gw_state,
             _dir: dir,

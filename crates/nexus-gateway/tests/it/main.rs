@@ -7,5 +7,6 @@ mod contract;
 mod fuzz;
 mod grpc;
 mod harness;
+mod mtls;
 mod real_idp;
 mod rest;
