@@ -45,6 +45,23 @@ pub struct AdminArgs {
     /// State folder whose nexus.env supplies API_KEY when it is not set.
     #[arg(long, env = "NEXUS_STATE_DIR", default_value = ".nexus")]
     state_dir: PathBuf,
+    /// PEM CA the broker's certificate chains to (beside the public roots).
+    #[arg(long, env = "BROKER_CA_FILE")]
+    broker_ca_file: Option<PathBuf>,
+    /// PEM client certificate for a broker that requires one (mutual TLS).
+    #[arg(
+        long,
+        env = "BROKER_CLIENT_CERT_FILE",
+        requires = "broker_client_key_file"
+    )]
+    broker_client_cert_file: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    #[arg(
+        long,
+        env = "BROKER_CLIENT_KEY_FILE",
+        requires = "broker_client_cert_file"
+    )]
+    broker_client_key_file: Option<PathBuf>,
 }
 
 /// `nexus agents ...`: the broker's admin API over HTTP.
@@ -67,9 +84,21 @@ pub async fn run(command: AgentsCommand) -> Result<()> {
                 .map(|a| format!("http://{a}"))
         })
         .unwrap_or_else(|| "http://127.0.0.1:8080".into());
-    let http = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(15))
-        .build()?;
+    let tls = nexus_core::mtls::ClientTls {
+        ca: admin.broker_ca_file.clone().map(|p| (p, "BROKER_CA_FILE")),
+        identity: admin
+            .broker_client_cert_file
+            .clone()
+            .zip(admin.broker_client_key_file.clone())
+            .map(|(c, k)| {
+                (
+                    (c, "BROKER_CLIENT_CERT_FILE"),
+                    (k, "BROKER_CLIENT_KEY_FILE"),
+                )
+            }),
+    };
+    let timeout = std::time::Duration::from_secs(15);
+    let http = nexus_core::outbound::clients_with(timeout, timeout, &tls)?.0;
     let call = |method: reqwest::Method, path: String, body: Option<serde_json::Value>| {
         let mut req = http
             .request(method, format!("{}{path}", base.trim_end_matches('/')))

@@ -1019,6 +1019,30 @@ async fn mutual_tls_between_broker_and_gateway_processes() {
     let (_, out) = run(std::process::Command::new("sh").args(["-c", &script]));
     assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
 
+    // `nexus agents` as an operator: with a client certificate, and without.
+    for with_cert in [true, false] {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.current_dir(tmp.path())
+            .env_clear()
+            .env("API_KEY", "an-admin-key-long-enough-123")
+            .env("BROKER_CA_FILE", c("ca.pem"))
+            .args([
+                "agents",
+                "list",
+                "--broker-url",
+                &format!("https://127.0.0.1:{port}"),
+            ]);
+        if with_cert {
+            cmd.env("BROKER_CLIENT_CERT_FILE", c("gateway-client.pem"))
+                .env("BROKER_CLIENT_KEY_FILE", c("gateway-client-key.pem"));
+        }
+        let (ok, out) = run(&mut cmd);
+        assert_eq!(ok, with_cert, "with_cert={with_cert}: {out}");
+        if !with_cert {
+            assert!(out.contains("cannot reach the broker"), "{out}");
+        }
+    }
+
     // The gateway process, with and without its client certificate.
     for with_cert in [true, false] {
         let gport = free_port();
