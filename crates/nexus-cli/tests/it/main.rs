@@ -768,6 +768,23 @@ async fn tls_with_development_certificates_reloads_without_dropping_connections(
     );
     let (_, out) = presented(gaddr, &ca, &["-tls1_1"]);
     assert!(out.contains("Cipher is (NONE)"), "TLS 1.1 refused: {out}");
+    // gRPC over TLS from Python's grpcio (ALPN h2 on the shared port).
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/grpc_tls.py");
+    let grpc_key = env_value_last(&env_file(tmp.path()), "AGENT_KEY");
+    let (ok, out) = run(std::process::Command::new("python3")
+        .arg(script)
+        .arg(gaddr)
+        .arg(&ca)
+        .arg(&grpc_key)
+        .arg("no-such-connection"));
+    if out.contains("No module named 'grpc'") && std::env::var("CI").map_or(true, |v| v != "true") {
+        eprintln!("skipped: grpcio over TLS (pip install -r crates/nexus-cli/tests/data/requirements.txt)");
+    } else {
+        assert!(ok, "grpcio over TLS: {out}");
+        let answer: Value = serde_json::from_str(out.trim()).expect(&out);
+        assert_eq!(answer["1"], "failed", "{answer}");
+        assert_eq!(answer["2"], "not_found", "{answer}");
+    }
     // The sidecar: HTTPS itself (its development certificate), and the
     // gateway's TLS trusted through GATEWAY_CA_FILE (without it, unreachable).
     let certs = tmp.path().join("state/certs");
