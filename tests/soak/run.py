@@ -600,11 +600,21 @@ def run(cfg, nexus, db, db_url, args, run_dir, timeline, procs):
     end = started + cfg["duration"]
     deliberate_at = started + cfg["duration"] / 3
     done_deliberate = False
+    pause_at = started + 2 * cfg["duration"] / 3
+    done_pause = False
     next_sample = now()
     while now() < end:
         if not done_deliberate and now() >= deliberate_at:
             deliberate()
             done_deliberate = True
+        if not done_pause and now() >= pause_at:
+            # The operator's kill switch for a few seconds.
+            r = requests.post(f"{base}/admin/pause", headers=admin, json={"reason": "soak"}, timeout=30)
+            timeline.add("paused", status=r.status_code)
+            time.sleep(3)
+            r = requests.delete(f"{base}/admin/pause", headers=admin, timeout=30)
+            timeline.add("resumed", status=r.status_code)
+            done_pause = True
         chaos_step()
         wait_until = min(end, now() + random.uniform(cfg["chaos_min"], cfg["chaos_max"]))
         while now() < wait_until:
@@ -719,9 +729,25 @@ def run(cfg, nexus, db, db_url, args, run_dir, timeline, procs):
     with open(os.path.join(run_dir, "rejected_tokens.json"), "w") as f:
         json.dump(load.rejected, f)
 
+    # No token served while issuance was paused (1 s allowance both ways).
+    paused = timeline.of("paused")
+    resumed = timeline.of("resumed")
+    during_pause = []
+    if paused and resumed:
+        p0, p1 = paused[0]["t"], resumed[0]["t"]
+        # A request that started after the pause took effect and ended
+        # before the resume: a token there is a violation.
+        during_pause = [r for r in load.results if r[2] == 200 and r[0] > p0 + 1.0 and r[0] + r[3] < p1 - 0.2]
+        if during_pause:
+            violations.append(f"{len(during_pause)} tokens served while issuance was paused, e.g. {during_pause[:2]}")
+        if paused[0].get("status") not in (200, 201) or resumed[0].get("status") not in (200, 204):
+            violations.append(f"the pause or resume was refused: {paused[0]} {resumed[0]}")
+
     # Token fetches outside the database outages.
+    pause_window = [(e["t"], r["t"]) for e, r in zip(paused, resumed)]
+
     def in_outage(t):
-        return any(a - 0.5 <= t <= b + 6 for a, b in db_down)
+        return any(a - 0.5 <= t <= b + 6 for a, b in db_down) or any(a <= t <= b + 1 for a, b in pause_window)
     outside = [r for r in load.results if not in_outage(r[0]) and r[1] != nexus_revoked
                and account_of[r[1]] != provider_revoked]
     ok = [r for r in outside if r[2] == 200]
@@ -760,7 +786,7 @@ def run(cfg, nexus, db, db_url, args, run_dir, timeline, procs):
         ("rotated tokens committed late (database away)", int(late_commits)),
         ("refresh window sent→durable p50 / p99 (per broker process, s)",
          f"{statistics.median([w[0] for w in windows]):.3f} / {max(w[1] for w in windows):.3f}" if windows else "n/a"),
-        ("token fetches outside db outages", len(outside)),
+        ("token fetches outside db outages and the pause", len(outside)),
         ("  success rate", f"{100 * len(ok) / max(1, len(outside)):.2f} %"),
         ("  p50 / p99 latency (ms)", f"{1000 * quantile(lat, 0.5):.1f} / {1000 * quantile(lat, 0.99):.1f}" if lat else "n/a"),
         ("  failures by answer", json.dumps(dict(sorted(errors.items(), key=lambda kv: -kv[1])[:8]))),
@@ -770,6 +796,7 @@ def run(cfg, nexus, db, db_url, args, run_dir, timeline, procs):
         ("webhook events (outbox) / delivered ids / deliveries",
          f"{len(outbox)} / {len(got)} / {sum(v['deliveries'] for v in hook.ids.values())}"),
         ("database outages", f"{len(db_down)}, {sum(b - a for a, b in db_down):.1f} s in all"),
+        ("tokens served during the operator pause", len(during_pause)),
         ("final forced refresh answers", json.dumps({str(k): list(forced.values()).count(k) for k in set(forced.values())})),
     ]
     for name, first, last, secs in rss:

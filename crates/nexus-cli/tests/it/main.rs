@@ -22,6 +22,31 @@ fn http() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// Runs a Python script of the repository (`path` from its root) with
+/// `args`; `None` (after one line, outside CI) when python3 cannot run.
+async fn python(path: &str, args: &[&str], test: &str) -> Option<std::process::Output> {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let out = Command::new("python3")
+        .arg(format!("{root}/{path}"))
+        .args(args)
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await;
+    match out {
+        Ok(o) => Some(o),
+        Err(e) => {
+            assert!(
+                !std::env::var("CI").is_ok_and(|v| v == "true"),
+                "CI=true but python3 cannot run: {e}"
+            );
+            eprintln!("skipped: {test} (python3: {e})");
+            None
+        }
+    }
+}
+
 /// The binary with a clean environment: only what the test passes in.
 fn nexus(dir: &Path) -> Command {
     let mut c = Command::new(BIN);
@@ -692,6 +717,26 @@ async fn the_sidecar_binary_proxies_and_logs_no_secret() {
     assert!(!up_logs.contains(CANARY), "the canary in nexus up's logs");
 }
 
+/// Whether each tool runs (`tool --version`); outside CI a missing one
+/// skips `test` with one line, under CI it fails.
+fn tools_present(tools: &[&str], test: &str) -> bool {
+    for tool in tools {
+        if std::process::Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var("CI").map_or(true, |v| v != "true"),
+                "CI=true but {tool} is missing"
+            );
+            eprintln!("skipped: {test} ({tool} is missing)");
+            return false;
+        }
+    }
+    true
+}
+
 fn run(cmd: &mut std::process::Command) -> (bool, String) {
     let out = cmd.output().expect("runs");
     (
@@ -721,19 +766,8 @@ fn presented(addr: &str, ca: &Path, extra: &[&str]) -> (bool, String) {
 /// previous one kept; bad pairs stop a start with the variable named.
 #[tokio::test]
 async fn tls_with_development_certificates_reloads_without_dropping_connections() {
-    for tool in ["curl", "openssl"] {
-        if std::process::Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            assert!(
-                std::env::var("CI").map_or(true, |v| v != "true"),
-                "CI=true but {tool} is missing"
-            );
-            eprintln!("skipped: TLS test ({tool} is missing)");
-            return;
-        }
+    if !tools_present(&["curl", "openssl"], "TLS test") {
+        return;
     }
     let tmp = tempfile::tempdir().unwrap();
     // Info, not trace: stderr is read only at the end, and a full pipe would
@@ -962,19 +996,8 @@ async fn tls_with_development_certificates_reloads_without_dropping_connections(
 /// ready, without it not.
 #[tokio::test]
 async fn mutual_tls_between_broker_and_gateway_processes() {
-    for tool in ["curl", "openssl"] {
-        if std::process::Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            assert!(
-                std::env::var("CI").map_or(true, |v| v != "true"),
-                "CI=true but {tool} is missing"
-            );
-            eprintln!("skipped: mutual TLS test ({tool} is missing)");
-            return;
-        }
+    if !tools_present(&["curl", "openssl"], "mutual TLS test") {
+        return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let (ok, out) = run(std::process::Command::new(BIN)

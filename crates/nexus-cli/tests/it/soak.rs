@@ -7,10 +7,6 @@
 //! exits 1 with the evidence on any violation; the long run is by hand
 //! (tests/soak/README.md).
 
-use std::process::Stdio;
-
-use tokio::process::Command;
-
 #[tokio::test]
 async fn replicas_under_faults_lose_nothing() {
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
@@ -19,24 +15,17 @@ async fn replicas_under_faults_lose_nothing() {
         eprintln!("skipped: soak (needs PostgreSQL: set NEXUS_TEST_DATABASE_URL)");
         return;
     };
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
     // The script says what is missing and, outside CI, skips (exit 0).
-    let out = Command::new("python3")
-        .arg(format!("{root}/tests/soak/run.py"))
-        .args(["--profile", "ci", "--nexus", super::BIN])
-        .args(["--database-url", &database_url])
-        .current_dir(root)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await;
-    let out = match out {
-        Ok(o) => o,
-        Err(e) => {
-            assert!(!ci, "CI=true but python3 cannot run: {e}");
-            eprintln!("skipped: soak (python3: {e})");
-            return;
-        }
+    let args = [
+        "--profile",
+        "ci",
+        "--nexus",
+        super::BIN,
+        "--database-url",
+        &database_url,
+    ];
+    let Some(out) = super::python("tests/soak/run.py", &args, "soak").await else {
+        return;
     };
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
