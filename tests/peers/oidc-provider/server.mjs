@@ -144,6 +144,8 @@ const stats = {
   // Refresh tokens presented a second time (oidc-provider then revokes the
   // whole grant): every one is a replay by the client.
   refresh_token_reuse: 0,
+  // When a processed refresh's answer was lost (unix ms each).
+  refresh_answers_lost: [],
   // Refresh requests answered by an injected fault instead of the provider.
   faults_served: { unavailable: 0, slow: 0 },
 };
@@ -315,14 +317,20 @@ provider.use(async (ctx, next) => {
       await sleep(faults.slow_ms);
       return json(ctx, 504, { error: 'temporarily_unavailable', error_description: 'injected fault: too slow' });
     }
-    if (gt === 'refresh_token' && REFRESH_ANSWER_DELAY_MS > 0) {
-      ctx.req.body = raw;
-      await next();
-      await sleep(REFRESH_ANSWER_DELAY_MS);
-      return undefined;
-    }
     ctx.req.body = raw; // oidc-provider parses a pre-read body from req.body
-    return next();
+    if (gt !== 'refresh_token') return next();
+    // A refresh processed (the token rotated) whose answer never reached
+    // the client, which had given up: the client's refresh token is spent.
+    let rotated = false;
+    ctx.res.once('close', () => {
+      if (rotated && !ctx.res.writableFinished) {
+        stats.refresh_answers_lost.push(Date.now());
+      }
+    });
+    await next();
+    rotated = ctx.status === 200;
+    if (REFRESH_ANSWER_DELAY_MS > 0) await sleep(REFRESH_ANSWER_DELAY_MS);
+    return undefined;
   }
   if (path === '/token/revocation' && method === 'POST') {
     stats.revocations += 1;

@@ -28,13 +28,15 @@ impl Store {
 
     /// Records the refresh's intent (`refresh_started_at`) just before the
     /// refresh token goes to the provider, if `owner` still holds the lease.
-    /// An intent already there (an earlier call whose fate is unknown) keeps
-    /// its time. Returns whether the lease was still held.
+    /// An intent already there (an earlier call whose fate is unknown) is
+    /// moved to now: the column then says when the latest call went out,
+    /// which is what a replica taking over must wait for, and it stays set
+    /// until a refresh succeeds. Returns whether the lease was still held.
     pub async fn mark_refresh_started(&self, id: &str, owner: &str) -> Result<bool, StoreError> {
         let now = now_ms();
         on_pool!(self, pool => {
             let res = sqlx::query(
-                "UPDATE connections SET refresh_started_at = COALESCE(refresh_started_at, $1)
+                "UPDATE connections SET refresh_started_at = $1
                  WHERE id = $2 AND lease_owner = $3 AND lease_until >= $1",
             )
             .bind(now)
