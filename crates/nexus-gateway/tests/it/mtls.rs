@@ -3,6 +3,8 @@
 //! BROKER_CLIENT_KEY_FILE) it serves agents; without one the broker refuses
 //! it at the handshake and the gateway says it is not ready.
 
+use std::path::{Path, PathBuf};
+
 use nexus_core::mtls::{ClientAuth, ClientTls};
 use nexus_core::tls::TlsFiles;
 use nexus_testkit::certs::{ca, leaf, uri, Use};
@@ -10,39 +12,52 @@ use reqwest::{Method, StatusCode};
 
 use crate::harness::Stack;
 
-const GATEWAY_ID: &str = "spiffe://nexus.test/nexus/gateway";
+pub const GATEWAY_ID: &str = "spiffe://nexus.test/nexus/gateway";
+
+/// A CA, the broker's server certificate and the gateway's client
+/// certificate (identity [`GATEWAY_ID`]) in `dir`.
+pub fn certificates(dir: &Path) -> PathBuf {
+    let trusted = ca(dir, "ca");
+    leaf(dir, "broker", &trusted, vec![], Use::Server);
+    leaf(dir, "gateway", &trusted, vec![uri(GATEWAY_ID)], Use::Client);
+    dir.to_path_buf()
+}
+
+/// Tuning for [`Stack::start_tuned`]: the broker serves TLS and requires
+/// the gateway's certificate; the gateway trusts the CA and, `with_cert`,
+/// presents its certificate.
+pub fn mutual_tls(
+    d: &Path,
+    with_cert: bool,
+) -> impl FnOnce(&mut nexus_broker::config::BrokerConfig, &mut nexus_gateway::GatewayConfig) {
+    let d = d.to_path_buf();
+    move |b, g| {
+        b.tls = Some(TlsFiles {
+            cert: d.join("broker.pem"),
+            key: d.join("broker-key.pem"),
+        });
+        b.client_auth = Some(ClientAuth {
+            ca: d.join("ca.pem"),
+            ca_var: "BROKER_CLIENT_CA_FILE",
+            allowed: vec![GATEWAY_ID.into()],
+        });
+        g.broker_tls = ClientTls {
+            ca: Some((d.join("ca.pem"), "BROKER_CA_FILE")),
+            identity: with_cert.then(|| {
+                (
+                    (d.join("gateway.pem"), "BROKER_CLIENT_CERT_FILE"),
+                    (d.join("gateway-key.pem"), "BROKER_CLIENT_KEY_FILE"),
+                )
+            }),
+        };
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_reaches_a_mutual_tls_broker_with_its_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_path_buf();
-    let trusted = ca(&d, "ca");
-    leaf(&d, "broker", &trusted, vec![], Use::Server);
-    leaf(&d, "gateway", &trusted, vec![uri(GATEWAY_ID)], Use::Client);
-    let mtls = |with_cert: bool| {
-        let d = d.clone();
-        move |b: &mut nexus_broker::config::BrokerConfig, g: &mut nexus_gateway::GatewayConfig| {
-            b.tls = Some(TlsFiles {
-                cert: d.join("broker.pem"),
-                key: d.join("broker-key.pem"),
-            });
-            b.client_auth = Some(ClientAuth {
-                ca: d.join("ca.pem"),
-                ca_var: "BROKER_CLIENT_CA_FILE",
-                allowed: vec![GATEWAY_ID.into()],
-            });
-            g.broker_tls = ClientTls {
-                ca: Some((d.join("ca.pem"), "BROKER_CA_FILE")),
-                identity: with_cert.then(|| {
-                    (
-                        (d.join("gateway.pem"), "BROKER_CLIENT_CERT_FILE"),
-                        (d.join("gateway-key.pem"), "BROKER_CLIENT_KEY_FILE"),
-                    )
-                }),
-            };
-        }
-    };
-    let s = Stack::start_tuned(0, "", false, mtls(true)).await;
+    let d = certificates(dir.path());
+    let s = Stack::start_tuned(0, "", false, mutual_tls(&d, true)).await;
     assert!(s.broker.starts_with("https://"));
     let (status, ready) = s.call(None, Method::GET, "/ready", None).await;
     assert_eq!(status, StatusCode::OK, "{ready}");
@@ -62,7 +77,7 @@ async fn the_gateway_reaches_a_mutual_tls_broker_with_its_certificate() {
     s.stop().await;
 
     // Without its certificate the gateway cannot reach the broker.
-    let s = Stack::start_tuned(0, "", false, mtls(false)).await;
+    let s = Stack::start_tuned(0, "", false, mutual_tls(&d, false)).await;
     let (status, body) = s.call(None, Method::GET, "/ready", None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     s.stop().await;

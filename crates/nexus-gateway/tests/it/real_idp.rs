@@ -9,6 +9,16 @@ use crate::harness::{Stack, RETURN_URL};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshake_through_the_gateway_callback() {
+    handshake_through_the_gateway(false).await;
+}
+
+/// The same with mutual TLS between the gateway and the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_through_the_gateway_to_a_mutual_tls_broker() {
+    handshake_through_the_gateway(true).await;
+}
+
+async fn handshake_through_the_gateway(mutual_tls: bool) {
     let port = crate::harness::free_port();
     let gateway = format!("http://127.0.0.1:{port}");
     let Some(peer) = OidcPeer::start(
@@ -23,7 +33,13 @@ async fn handshake_through_the_gateway_callback() {
     else {
         return;
     };
-    let s = Stack::start(port, "").await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = if mutual_tls {
+        let d = crate::mtls::certificates(dir.path());
+        Stack::start_tuned(port, "", false, crate::mtls::mutual_tls(&d, true)).await
+    } else {
+        Stack::start(port, "").await
+    };
     let (st, b) = s
         .admin(
             Method::POST,
@@ -49,6 +65,17 @@ async fn handshake_through_the_gateway_callback() {
         StatusCode::OK,
         "the token works at the provider"
     );
+    if mutual_tls {
+        // The callback reached the broker through the gateway's mutual TLS.
+        let (_, audit) = s
+            .admin(Method::GET, "/audit?event_type=connection.active", None)
+            .await;
+        assert_eq!(
+            audit["events"][0]["client_identity"],
+            crate::mtls::GATEWAY_ID,
+            "{audit}"
+        );
+    }
     s.stop().await;
 }
 
