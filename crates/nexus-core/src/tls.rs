@@ -315,3 +315,112 @@ impl TlsServer {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nexus_testkit::certs::{ca, leaf, Use};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Certificates replaced on disk and reloaded while clients keep
+    /// fetching, over kept-alive and over new connections: no request
+    /// fails, and new connections get the new certificate.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rotation_under_load_fails_no_request() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let issuer = ca(d, "ca");
+        leaf(d, "old", &issuer, vec![], Use::Server);
+        leaf(d, "new", &issuer, vec![], Use::Server);
+        let files = TlsFiles {
+            cert: d.join("served.pem"),
+            key: d.join("served-key.pem"),
+        };
+        std::fs::copy(d.join("old.pem"), &files.cert).unwrap();
+        std::fs::copy(d.join("old-key.pem"), &files.key).unwrap();
+        let server = Arc::new(TlsServer::load(files.clone()).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(crate::serve::serve_with(
+            listener,
+            app,
+            crate::serve::Limits::default(),
+            Some(server.clone()),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let tls = crate::mtls::ClientTls {
+            ca: Some((d.join("ca.pem"), "CA")),
+            identity: None,
+        };
+        let kept =
+            crate::outbound::clients_with(Duration::from_secs(5), Duration::from_secs(5), &tls)
+                .unwrap()
+                .0;
+        let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let until = tokio::time::Instant::now() + Duration::from_secs(3);
+        let mut load = Vec::new();
+        for worker in 0..4 {
+            let (ok, failed, kept, tls) = (ok.clone(), failed.clone(), kept.clone(), tls.clone());
+            load.push(tokio::spawn(async move {
+                while tokio::time::Instant::now() < until {
+                    // Half the workers open a connection per request.
+                    let client = if worker % 2 == 0 {
+                        kept.clone()
+                    } else {
+                        crate::outbound::clients_with(
+                            Duration::from_secs(5),
+                            Duration::from_secs(5),
+                            &tls,
+                        )
+                        .unwrap()
+                        .0
+                    };
+                    match client
+                        .get(format!("https://127.0.0.1:{}/", addr.port()))
+                        .send()
+                        .await
+                    {
+                        Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        std::fs::copy(d.join("new.pem"), &files.cert).unwrap();
+        std::fs::copy(d.join("new-key.pem"), &files.key).unwrap();
+        assert!(server.reload(true).unwrap(), "the new pair is taken");
+        for w in load {
+            w.await.unwrap();
+        }
+        assert_eq!(failed.load(Ordering::Relaxed), 0, "no request failed");
+        assert!(ok.load(Ordering::Relaxed) > 20, "load ran: {ok:?}");
+        let new_leaf = CertificateDer::pem_file_iter(d.join("new.pem"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            server.leaf(),
+            new_leaf,
+            "new connections get the new certificate"
+        );
+        // And a new connection is indeed handed it.
+        let config = Arc::new(tls.config().unwrap());
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let conn = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let presented = conn.get_ref().1.peer_certificates().unwrap()[0].clone();
+        assert_eq!(presented, new_leaf);
+        let _ = stop.send(());
+        let _ = serving.await;
+    }
+}
