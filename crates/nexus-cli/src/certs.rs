@@ -145,19 +145,23 @@ pub fn generate(dir: &Path) -> Result<DevCerts> {
 pub fn env_lines(c: &DevCerts) -> String {
     let d = |p: &Path| p.display().to_string();
     format!(
-        "# broker\nTLS_CERT_FILE={}\nTLS_KEY_FILE={}\n\
+        "# broker (mutual TLS: only the gateway's certificate gets in)\nTLS_CERT_FILE={}\nTLS_KEY_FILE={}\n\
+         BROKER_CLIENT_CA_FILE={}\nBROKER_CLIENT_IDS=spiffe://nexus.local/nexus/gateway\n\
          # gateway\nTLS_CERT_FILE={}\nTLS_KEY_FILE={}\n\
-         # sidecar\nTLS_CERT_FILE={}\nTLS_KEY_FILE={}\n\
-         # clients (curl --cacert, SIDECAR_CA_FILE, ...): trust\n{}\n\
-         # gateway -> broker client certificate (spiffe://nexus.local/nexus/gateway)\n{}\n{}\n",
+         BROKER_CA_FILE={}\nBROKER_CLIENT_CERT_FILE={}\nBROKER_CLIENT_KEY_FILE={}\n\
+         # sidecar\nTLS_CERT_FILE={}\nTLS_KEY_FILE={}\nGATEWAY_CA_FILE={}\n\
+         # other clients (curl --cacert, the bridge's gateway_ca_pem): trust\n{}\n",
         d(&c.broker.cert),
         d(&c.broker.key),
+        d(&c.ca),
         d(&c.gateway.cert),
         d(&c.gateway.key),
-        d(&c.sidecar.cert),
-        d(&c.sidecar.key),
         d(&c.ca),
         d(&c.gateway_client.cert),
         d(&c.gateway_client.key),
+        d(&c.sidecar.cert),
+        d(&c.sidecar.key),
+        d(&c.ca),
+        d(&c.ca),
     )
 }
