@@ -108,9 +108,28 @@ pub fn tls_config() -> Result<rustls::ClientConfig, BridgeError> {
     tls_config_with(&[])
 }
 
+/// A client certificate (PEM chain) and its private key (PEM), presented to
+/// a gateway that asks for one (mutual TLS).
+#[derive(Clone, Debug)]
+pub struct ClientIdentityPem {
+    /// The certificate chain, leaf first.
+    pub cert: Vec<u8>,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Secret,
+}
+
 /// [`tls_config`] trusting the CA certificates in `extra_ca_pem` too (a
 /// private or development CA of the gateway).
 pub fn tls_config_with(extra_ca_pem: &[u8]) -> Result<rustls::ClientConfig, BridgeError> {
+    tls_config_for(extra_ca_pem, None)
+}
+
+/// [`tls_config_with`], presenting `identity` when the server asks for a
+/// client certificate.
+pub fn tls_config_for(
+    extra_ca_pem: &[u8],
+    identity: Option<&ClientIdentityPem>,
+) -> Result<rustls::ClientConfig, BridgeError> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
@@ -131,11 +150,26 @@ pub fn tls_config_with(extra_ca_pem: &[u8]) -> Result<rustls::ClientConfig, Brid
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| BridgeError::Config(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+        .with_root_certificates(roots);
+    let Some(id) = identity else {
+        return Ok(builder.with_no_client_auth());
+    };
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(&id.cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| BridgeError::Config(format!("client certificate: {e}")))?;
+    if chain.is_empty() {
+        return Err(BridgeError::Config(
+            "client certificate: no PEM certificate in it".into(),
+        ));
+    }
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(id.key.expose().as_bytes())
+        .map_err(|e| BridgeError::Config(format!("client key: {e}")))?;
+    builder
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| BridgeError::Config(format!("client certificate and key: {e}")))
 }
 
 /// An HTTP client on rustls with the ring provider (set here, not taken
@@ -181,6 +215,8 @@ pub struct GatewayClient {
     grpc: Option<crate::grpc::GrpcClient>,
     #[cfg(feature = "grpc")]
     extra_ca_pem: Vec<u8>,
+    #[cfg(feature = "grpc")]
+    identity: Option<ClientIdentityPem>,
 }
 
 impl std::fmt::Debug for GatewayClient {
@@ -220,6 +256,19 @@ impl GatewayClient {
         timeout: Duration,
         extra_ca_pem: &[u8],
     ) -> Result<Self, BridgeError> {
+        Self::with_tls(base, agent_key, allow_insecure, timeout, extra_ca_pem, None)
+    }
+
+    /// [`GatewayClient::with_ca`], presenting `identity` to a gateway that
+    /// asks for a client certificate.
+    pub fn with_tls(
+        base: &str,
+        agent_key: Secret,
+        allow_insecure: bool,
+        timeout: Duration,
+        extra_ca_pem: &[u8],
+        identity: Option<ClientIdentityPem>,
+    ) -> Result<Self, BridgeError> {
         let base = Url::parse(base)
             .map_err(|e| BridgeError::Config(format!("gateway URL '{base}': {e}")))?;
         if !matches!(base.scheme(), "http" | "https") {
@@ -233,13 +282,19 @@ impl GatewayClient {
         }
         Ok(Self {
             // A redirect could carry the agent key elsewhere: never followed.
-            http: client_with(tls_config_with(extra_ca_pem)?, timeout, false)?,
+            http: client_with(
+                tls_config_for(extra_ca_pem, identity.as_ref())?,
+                timeout,
+                false,
+            )?,
             base,
             key: Arc::new(agent_key),
             #[cfg(feature = "grpc")]
             grpc: None,
             #[cfg(feature = "grpc")]
             extra_ca_pem: extra_ca_pem.to_vec(),
+            #[cfg(feature = "grpc")]
+            identity,
         })
     }
 
@@ -251,6 +306,7 @@ impl GatewayClient {
             &self.base,
             timeout,
             &self.extra_ca_pem,
+            self.identity.as_ref(),
         )?);
         Ok(self)
     }

@@ -35,6 +35,7 @@ impl GrpcClient {
         url: &url::Url,
         timeout: Duration,
         extra_ca_pem: &[u8],
+        identity: Option<&crate::gateway::ClientIdentityPem>,
     ) -> Result<Self, BridgeError> {
         let mut endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| BridgeError::Config(format!("gRPC endpoint: {e}")))?
@@ -44,6 +45,12 @@ impl GrpcClient {
             let mut tls = ClientTlsConfig::new().with_webpki_roots();
             if !extra_ca_pem.is_empty() {
                 tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(extra_ca_pem));
+            }
+            if let Some(id) = identity {
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    &id.cert,
+                    id.key.expose(),
+                ));
             }
             endpoint = endpoint
                 .tls_config(tls)

@@ -91,6 +91,7 @@ pub struct BridgeBuilder {
     timeout: Duration,
     cache: CacheSettings,
     gateway_ca_pem: Vec<u8>,
+    gateway_identity: Option<gateway::ClientIdentityPem>,
     #[cfg(feature = "grpc")]
     grpc: bool,
 }
@@ -123,6 +124,20 @@ impl BridgeBuilder {
         self
     }
 
+    /// Presents this client certificate (PEM chain) and key (PEM) to a
+    /// gateway that asks for one (mutual TLS).
+    pub fn gateway_client_identity_pem(
+        mut self,
+        cert: impl Into<Vec<u8>>,
+        key: impl Into<String>,
+    ) -> Self {
+        self.gateway_identity = Some(gateway::ClientIdentityPem {
+            cert: cert.into(),
+            key: Secret::new(key),
+        });
+        self
+    }
+
     /// How credentials are kept and re-fetched.
     pub fn cache_settings(mut self, settings: CacheSettings) -> Self {
         self.cache = settings;
@@ -131,12 +146,13 @@ impl BridgeBuilder {
 
     /// The bridge.
     pub fn build(self) -> Result<Bridge, BridgeError> {
-        let gateway = GatewayClient::with_ca(
+        let gateway = GatewayClient::with_tls(
             &self.gateway_url,
             self.agent_key,
             self.allow_insecure,
             self.timeout,
             &self.gateway_ca_pem,
+            self.gateway_identity,
         )?;
         #[cfg(feature = "grpc")]
         let gateway = if self.grpc {
@@ -202,6 +218,7 @@ impl Bridge {
             timeout: Duration::from_secs(30),
             cache: CacheSettings::default(),
             gateway_ca_pem: Vec::new(),
+            gateway_identity: None,
             #[cfg(feature = "grpc")]
             grpc: false,
         }

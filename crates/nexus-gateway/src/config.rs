@@ -25,6 +25,10 @@ nexus_core::declare_settings! {
         broker_client_cert_file: BROKER_CLIENT_CERT_FILE = Setting::text("BROKER_CLIENT_CERT_FILE", "PEM client certificate chain presented to the broker (mutual TLS; with BROKER_CLIENT_KEY_FILE)"),
         /// `BROKER_CLIENT_KEY_FILE`: its private key.
         broker_client_key_file: BROKER_CLIENT_KEY_FILE = Setting::text("BROKER_CLIENT_KEY_FILE", "PEM private key of BROKER_CLIENT_CERT_FILE"),
+        /// `GATEWAY_CLIENT_CA_FILE`: require client certificates from this CA (mutual TLS).
+        gateway_client_ca_file: GATEWAY_CLIENT_CA_FILE = Setting::text("GATEWAY_CLIENT_CA_FILE", "PEM CA whose client certificates agents must present (mutual TLS; needs TLS_CERT_FILE); agent keys are still required"),
+        /// `GATEWAY_CLIENT_IDS`: client certificate identities allowed.
+        gateway_client_ids: GATEWAY_CLIENT_IDS = Setting::text("GATEWAY_CLIENT_IDS", "Comma-separated identities (URI SAN such as a SPIFFE ID, or DNS SAN) an agent's certificate must carry one of (default: any the CA issued)"),
         /// `GATEWAY_ADDR`: listen address.
         gateway_addr: GATEWAY_ADDR = Setting::text("GATEWAY_ADDR", "Gateway listen address (agents and browsers come here)").or("127.0.0.1:8090"),
         /// `CORS_ALLOWED_ORIGINS`: comma-separated exact origins.
@@ -83,6 +87,8 @@ pub struct GatewayConfig {
     pub tls: Option<nexus_core::tls::TlsFiles>,
     /// What the gateway trusts and presents when it calls the broker.
     pub broker_tls: nexus_core::mtls::ClientTls,
+    /// Client certificates agents must present (mutual TLS), if any.
+    pub client_auth: Option<nexus_core::mtls::ClientAuth>,
     /// Handshakes one agent key may start per minute.
     pub agent_handshakes_per_minute: u32,
 }
@@ -146,6 +152,38 @@ fn broker_tls(
     tls.config()
         .map_err(|e| err(e.var, format!("{}: {}", e.path, e.reason)))?;
     Ok(tls)
+}
+
+/// Client certificates agents must present: a CA and allowed identities.
+fn client_auth(
+    v: &nexus_core::settings::Values,
+) -> Result<Option<nexus_core::mtls::ClientAuth>, ConfigError> {
+    let ids: Vec<String> = v
+        .given(&GATEWAY_CLIENT_IDS)
+        .map(|l| {
+            l.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    match v.given(&GATEWAY_CLIENT_CA_FILE) {
+        None if !ids.is_empty() => Err(err(
+            GATEWAY_CLIENT_IDS.name,
+            "needs GATEWAY_CLIENT_CA_FILE (the CA that issues those certificates)",
+        )),
+        None => Ok(None),
+        Some(_) if v.given(&nexus_core::tls::TLS_CERT_FILE).is_none() => Err(err(
+            GATEWAY_CLIENT_CA_FILE.name,
+            "needs TLS_CERT_FILE and TLS_KEY_FILE: client certificates are asked for in a TLS handshake",
+        )),
+        Some(ca) => Ok(Some(nexus_core::mtls::ClientAuth {
+            ca: ca.into(),
+            ca_var: GATEWAY_CLIENT_CA_FILE.name,
+            allowed: ids,
+        })),
+    }
 }
 
 impl GatewayConfig {
@@ -247,6 +285,7 @@ impl GatewayConfig {
             token_cache_capacity,
             served_report_every: Duration::from_secs(1),
             limits: nexus_core::serve::Limits::from_values(&v)?,
+            client_auth: client_auth(&v)?,
             tls: nexus_core::tls::TlsFiles::from_values(&v)?,
             broker_tls,
             agent_handshakes_per_minute: u32::try_from(v.number(&AGENT_HANDSHAKES_PER_MINUTE)?)

@@ -322,7 +322,10 @@ impl GatewayServer {
     ) -> Result<Self, GatewayServeError> {
         let addr = config.listen_addr;
         let tls = match &config.tls {
-            Some(files) => Some(Arc::new(nexus_core::tls::TlsServer::load(files.clone())?)),
+            Some(files) => Some(Arc::new(nexus_core::tls::TlsServer::load_with(
+                files.clone(),
+                config.client_auth.as_ref(),
+            )?)),
             None => None,
         };
         if tls.is_none() && !addr.ip().is_loopback() {

@@ -30,6 +30,10 @@ nexus_core::declare_settings! {
         sidecar_ca_file: SIDECAR_CA_FILE = Setting::text("SIDECAR_CA_FILE", "Extra CA certificates (PEM) trusted for upstreams, besides the platform's"),
         /// `GATEWAY_CA_FILE`: extra CA certificates (PEM) trusted for the gateway.
         gateway_ca_file: GATEWAY_CA_FILE = Setting::text("GATEWAY_CA_FILE", "Extra CA certificates (PEM) trusted for the gateway's TLS, e.g. .nexus/certs/ca.pem of `nexus certs dev`"),
+        /// `GATEWAY_CLIENT_CERT_FILE`: a client certificate (PEM) for a gateway that asks for one.
+        gateway_client_cert_file: GATEWAY_CLIENT_CERT_FILE = Setting::text("GATEWAY_CLIENT_CERT_FILE", "PEM client certificate chain presented to a gateway that requires one (mutual TLS; with GATEWAY_CLIENT_KEY_FILE)"),
+        /// `GATEWAY_CLIENT_KEY_FILE`: its private key.
+        gateway_client_key_file: GATEWAY_CLIENT_KEY_FILE = Setting::text("GATEWAY_CLIENT_KEY_FILE", "PEM private key of GATEWAY_CLIENT_CERT_FILE"),
         /// `SIDECAR_ALLOW_PLAINTEXT_GATEWAY`: plaintext HTTP to a gateway beyond loopback.
         sidecar_allow_plaintext_gateway: SIDECAR_ALLOW_PLAINTEXT_GATEWAY = Setting::boolean("SIDECAR_ALLOW_PLAINTEXT_GATEWAY", "Allow plaintext HTTP to a gateway that is not on loopback (credentials cross in clear)", false),
         /// `SIDECAR_REPLAY_BODY_MAX_BYTES`: bodies kept for the replay after a 401.
@@ -68,6 +72,8 @@ pub struct SidecarConfig {
     pub allow_plaintext_gateway: bool,
     /// Extra CA certificates (PEM) for the gateway.
     pub gateway_ca_pem: Vec<u8>,
+    /// Client certificate and key (PEM) for a gateway that asks for one.
+    pub gateway_identity: Option<nexus_bridge::gateway::ClientIdentityPem>,
     /// Listen address.
     pub listen_addr: SocketAddr,
     /// The routes.
@@ -174,6 +180,7 @@ impl SidecarConfig {
                 })?,
                 None => Vec::new(),
             },
+            gateway_identity: gateway_identity(&v)?,
             listen_addr,
             routes,
             ca_file: v.given(&SIDECAR_CA_FILE).map(PathBuf::from),
@@ -188,5 +195,40 @@ impl SidecarConfig {
             limits: nexus_core::serve::Limits::from_values(&v)?,
             tls: nexus_core::tls::TlsFiles::from_values(&v)?,
         })
+    }
+}
+
+/// The client certificate for the gateway: both files or neither, read now
+/// (and checked by the bridge at start) so a bad file names its variable.
+fn gateway_identity(
+    v: &nexus_core::settings::Values,
+) -> Result<Option<nexus_bridge::gateway::ClientIdentityPem>, ConfigError> {
+    let read = |s: &nexus_core::settings::Setting, path: &str| {
+        std::fs::read(path)
+            .map_err(|e| ConfigError::new(s.name, format!("cannot read {path}: {e}")))
+    };
+    match (
+        v.given(&GATEWAY_CLIENT_CERT_FILE),
+        v.given(&GATEWAY_CLIENT_KEY_FILE),
+    ) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => {
+            let cert = read(&GATEWAY_CLIENT_CERT_FILE, cert)?;
+            let key = String::from_utf8(read(&GATEWAY_CLIENT_KEY_FILE, key)?).map_err(|_| {
+                ConfigError::new(GATEWAY_CLIENT_KEY_FILE.name, "is not a PEM (text) file")
+            })?;
+            Ok(Some(nexus_bridge::gateway::ClientIdentityPem {
+                cert,
+                key: nexus_bridge::Secret::new(key),
+            }))
+        }
+        (Some(_), None) => Err(ConfigError::new(
+            GATEWAY_CLIENT_KEY_FILE.name,
+            "is required with GATEWAY_CLIENT_CERT_FILE",
+        )),
+        (None, Some(_)) => Err(ConfigError::new(
+            GATEWAY_CLIENT_CERT_FILE.name,
+            "is required with GATEWAY_CLIENT_KEY_FILE",
+        )),
     }
 }

@@ -105,12 +105,17 @@ impl Sidecar {
             config.agent_key.expose().clone(),
         )
         .allow_insecure_transport(config.allow_plaintext_gateway)
-        .gateway_ca_pem(config.gateway_ca_pem.clone())
-        .cache_settings(nexus_bridge::CacheSettings {
-            recheck: Some(config.recheck),
-            ..Default::default()
-        })
-        .build()?;
+        .gateway_ca_pem(config.gateway_ca_pem.clone());
+        let bridge = match &config.gateway_identity {
+            Some(id) => bridge.gateway_client_identity_pem(id.cert.clone(), id.key.expose()),
+            None => bridge,
+        };
+        let bridge = bridge
+            .cache_settings(nexus_bridge::CacheSettings {
+                recheck: Some(config.recheck),
+                ..Default::default()
+            })
+            .build()?;
         // Read once, here: a bad CA file stops the start, not a worker.
         let upstream_tls = crate::upstream::client_tls(config.ca_file.as_deref())?;
         let tls = match &config.tls {

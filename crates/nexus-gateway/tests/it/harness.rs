@@ -82,6 +82,11 @@ impl Stack {
         } else {
             "http"
         };
+        let gscheme = if gconfig.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         // A test acting as operator against a broker that wants client
         // certificates presents the gateway's.
         let client = if gconfig.broker_tls == nexus_core::mtls::ClientTls::default() {
@@ -112,7 +117,7 @@ impl Stack {
         let gw = GatewayServer::start_with(gconfig, nexus_core::telemetry::metrics_handle(), local)
             .await
             .unwrap();
-        let gateway = format!("http://{}", gw.local_addr());
+        let gateway = format!("{gscheme}://{}", gw.local_addr());
         let gw_state = gw.gateway().clone();
         let (gtx, grx) = oneshot::channel::<()>();
         tokio::spawn(gw.run(async {
