@@ -68,6 +68,15 @@ impl IntoResponse for ErrorBody {
         if let Some(v) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, v);
         }
+        // A body refused for its size is left unread: the connection ends
+        // after this answer (and says so), instead of a client reusing it
+        // while the server drains or drops the rest (HTTP/2 strips it).
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            resp.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+        }
         resp
     }
 }
