@@ -465,7 +465,7 @@ def run(cfg, nexus, db, db_url, args, run_dir, timeline, procs):
     for i, port in enumerate(broker_ports):
         env = dict(common, BROKER_ADDR=f"127.0.0.1:{port}", BASE_URL=base, GATEWAY_API_KEY=gateway_key,
                    REDIS_URL=f"redis://127.0.0.1:{redis_port}", PROVIDER_TIMEOUT_SECS="2",
-                   REFRESH_LEASE_SECS="5", REFRESH_COMMIT_GRACE_SECS="6", REFRESH_MARGIN_SECS="300",
+                   REFRESH_LEASE_SECS="5", REFRESH_COMMIT_GRACE_SECS="10", REFRESH_MARGIN_SECS="300",
                    REFRESH_JITTER_SECS="2", WEBHOOK_URL=hook.url, WEBHOOK_SECRET=keys["WEBHOOK_SECRET"],
                    EGRESS_ALLOWED_CIDRS="127.0.0.0/8", HANDSHAKE_STARTS_PER_MINUTE="100000",
                    MAX_PENDING_PER_WORKSPACE="100000", SHUTDOWN_GRACE_SECS="5")
