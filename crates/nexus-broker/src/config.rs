@@ -390,36 +390,11 @@ impl BrokerConfig {
         let max_body_bytes = v.count(&MAX_BODY_BYTES)?;
         let limits = nexus_core::serve::Limits::from_values(&v)?;
         let tls = nexus_core::tls::TlsFiles::from_values(&v)?;
-        let client_ids: Vec<String> = v
-            .given(&BROKER_CLIENT_IDS)
-            .map(|l| {
-                l.split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default();
-        let client_auth = match v.given(&BROKER_CLIENT_CA_FILE) {
-            None if !client_ids.is_empty() => {
-                return Err(ConfigError::new(
-                    BROKER_CLIENT_IDS.name,
-                    "needs BROKER_CLIENT_CA_FILE (the CA that issues those certificates)",
-                ))
-            }
-            None => None,
-            Some(_) if tls.is_none() => {
-                return Err(ConfigError::new(
-                    BROKER_CLIENT_CA_FILE.name,
-                    "needs TLS_CERT_FILE and TLS_KEY_FILE: client certificates are asked for in a TLS handshake",
-                ))
-            }
-            Some(ca) => Some(nexus_core::mtls::ClientAuth {
-                ca: ca.into(),
-                ca_var: BROKER_CLIENT_CA_FILE.name,
-                allowed: client_ids,
-            }),
-        };
+        let client_auth = nexus_core::mtls::ClientAuth::from_values(
+            &v,
+            &BROKER_CLIENT_CA_FILE,
+            &BROKER_CLIENT_IDS,
+        )?;
         let provider_timeout = v.secs(&PROVIDER_TIMEOUT_SECS)?;
 
         let redis_url = match v.given(&REDIS_URL) {

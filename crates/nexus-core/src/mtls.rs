@@ -52,6 +52,44 @@ pub struct ClientAuth {
     pub allowed: Vec<String>,
 }
 
+impl ClientAuth {
+    /// The client certificates a server requires, from its CA setting and
+    /// its identities setting (comma-separated): neither given is `None`;
+    /// identities need the CA, and the CA needs `TLS_CERT_FILE`.
+    pub fn from_values(
+        v: &crate::settings::Values,
+        ca: &crate::settings::Setting,
+        ids: &crate::settings::Setting,
+    ) -> Result<Option<Self>, crate::ConfigError> {
+        let allowed: Vec<String> = v
+            .given(ids)
+            .map(|l| {
+                l.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        match v.given(ca) {
+            None if !allowed.is_empty() => Err(crate::ConfigError::new(
+                ids.name,
+                format!("needs {} (the CA that issues those certificates)", ca.name),
+            )),
+            None => Ok(None),
+            Some(_) if v.given(&crate::tls::TLS_CERT_FILE).is_none() => Err(crate::ConfigError::new(
+                ca.name,
+                "needs TLS_CERT_FILE and TLS_KEY_FILE: client certificates are asked for in a TLS handshake",
+            )),
+            Some(path) => Ok(Some(Self {
+                ca: path.into(),
+                ca_var: ca.name,
+                allowed,
+            })),
+        }
+    }
+}
+
 /// Reads every certificate of a PEM file (at least one).
 pub fn read_certs(
     path: &Path,

@@ -154,38 +154,6 @@ fn broker_tls(
     Ok(tls)
 }
 
-/// Client certificates agents must present: a CA and allowed identities.
-fn client_auth(
-    v: &nexus_core::settings::Values,
-) -> Result<Option<nexus_core::mtls::ClientAuth>, ConfigError> {
-    let ids: Vec<String> = v
-        .given(&GATEWAY_CLIENT_IDS)
-        .map(|l| {
-            l.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
-    match v.given(&GATEWAY_CLIENT_CA_FILE) {
-        None if !ids.is_empty() => Err(err(
-            GATEWAY_CLIENT_IDS.name,
-            "needs GATEWAY_CLIENT_CA_FILE (the CA that issues those certificates)",
-        )),
-        None => Ok(None),
-        Some(_) if v.given(&nexus_core::tls::TLS_CERT_FILE).is_none() => Err(err(
-            GATEWAY_CLIENT_CA_FILE.name,
-            "needs TLS_CERT_FILE and TLS_KEY_FILE: client certificates are asked for in a TLS handshake",
-        )),
-        Some(ca) => Ok(Some(nexus_core::mtls::ClientAuth {
-            ca: ca.into(),
-            ca_var: GATEWAY_CLIENT_CA_FILE.name,
-            allowed: ids,
-        })),
-    }
-}
-
 impl GatewayConfig {
     /// Validates raw settings.
     pub fn from_settings(s: &GatewaySettings) -> Result<Self, ConfigError> {
@@ -285,7 +253,11 @@ impl GatewayConfig {
             token_cache_capacity,
             served_report_every: Duration::from_secs(1),
             limits: nexus_core::serve::Limits::from_values(&v)?,
-            client_auth: client_auth(&v)?,
+            client_auth: nexus_core::mtls::ClientAuth::from_values(
+                &v,
+                &GATEWAY_CLIENT_CA_FILE,
+                &GATEWAY_CLIENT_IDS,
+            )?,
             tls: nexus_core::tls::TlsFiles::from_values(&v)?,
             broker_tls,
             agent_handshakes_per_minute: u32::try_from(v.number(&AGENT_HANDSHAKES_PER_MINUTE)?)

@@ -626,11 +626,7 @@ async fn the_sidecar_binary_proxies_and_logs_no_secret() {
         format!("[routes.gw]\nupstream = \"{gateway}\"\nworkspace = \"w1\"\nprovider = \"self\"\n"),
     )
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut sidecar = nexus(tmp.path())
         .args(["sidecar", "--gateway-url", &gateway])
         .args(["--sidecar-addr", &format!("127.0.0.1:{port}")])
@@ -832,11 +828,7 @@ async fn tls_with_development_certificates_reloads_without_dropping_connections(
         (true, "connection_not_found"),
         (false, "gateway_unreachable"),
     ] {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut cmd = nexus(tmp.path());
         cmd.args([
             "sidecar",
