@@ -224,6 +224,24 @@ impl Values {
             .filter(|v| !v.is_empty())
     }
 
+    /// Two settings that go together (a certificate and its key): both
+    /// values, or `None` for neither; one without the other names the
+    /// missing one.
+    pub fn pair(&self, a: &Setting, b: &Setting) -> Result<Option<(&str, &str)>, ConfigError> {
+        match (self.given(a), self.given(b)) {
+            (None, None) => Ok(None),
+            (Some(x), Some(y)) => Ok(Some((x, y))),
+            (Some(_), None) => Err(ConfigError::new(
+                b.name,
+                format!("is required with {}", a.name),
+            )),
+            (None, Some(_)) => Err(ConfigError::new(
+                a.name,
+                format!("is required with {}", b.name),
+            )),
+        }
+    }
+
     /// The value as given, else the default.
     pub fn text(&self, s: &Setting) -> Option<&str> {
         self.given(s).or(s.default)

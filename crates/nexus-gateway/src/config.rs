@@ -120,28 +120,14 @@ fn broker_tls(
     let ca = v
         .given(&BROKER_CA_FILE)
         .map(|p| (p.into(), BROKER_CA_FILE.name));
-    let identity = match (
-        v.given(&BROKER_CLIENT_CERT_FILE),
-        v.given(&BROKER_CLIENT_KEY_FILE),
-    ) {
-        (None, None) => None,
-        (Some(c), Some(k)) => Some((
-            (c.into(), BROKER_CLIENT_CERT_FILE.name),
-            (k.into(), BROKER_CLIENT_KEY_FILE.name),
-        )),
-        (Some(_), None) => {
-            return Err(err(
-                BROKER_CLIENT_KEY_FILE.name,
-                "is required with BROKER_CLIENT_CERT_FILE",
-            ))
-        }
-        (None, Some(_)) => {
-            return Err(err(
-                BROKER_CLIENT_CERT_FILE.name,
-                "is required with BROKER_CLIENT_KEY_FILE",
-            ))
-        }
-    };
+    let identity = v
+        .pair(&BROKER_CLIENT_CERT_FILE, &BROKER_CLIENT_KEY_FILE)?
+        .map(|(c, k)| {
+            (
+                (c.into(), BROKER_CLIENT_CERT_FILE.name),
+                (k.into(), BROKER_CLIENT_KEY_FILE.name),
+            )
+        });
     if identity.is_some() && broker_url.scheme() != "https" {
         return Err(err(
             BROKER_CLIENT_CERT_FILE.name,

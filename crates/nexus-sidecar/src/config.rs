@@ -207,28 +207,14 @@ fn gateway_identity(
         std::fs::read(path)
             .map_err(|e| ConfigError::new(s.name, format!("cannot read {path}: {e}")))
     };
-    match (
-        v.given(&GATEWAY_CLIENT_CERT_FILE),
-        v.given(&GATEWAY_CLIENT_KEY_FILE),
-    ) {
-        (None, None) => Ok(None),
-        (Some(cert), Some(key)) => {
-            let cert = read(&GATEWAY_CLIENT_CERT_FILE, cert)?;
-            let key = String::from_utf8(read(&GATEWAY_CLIENT_KEY_FILE, key)?).map_err(|_| {
-                ConfigError::new(GATEWAY_CLIENT_KEY_FILE.name, "is not a PEM (text) file")
-            })?;
-            Ok(Some(nexus_bridge::gateway::ClientIdentityPem {
-                cert,
-                key: nexus_bridge::Secret::new(key),
-            }))
-        }
-        (Some(_), None) => Err(ConfigError::new(
-            GATEWAY_CLIENT_KEY_FILE.name,
-            "is required with GATEWAY_CLIENT_CERT_FILE",
-        )),
-        (None, Some(_)) => Err(ConfigError::new(
-            GATEWAY_CLIENT_CERT_FILE.name,
-            "is required with GATEWAY_CLIENT_KEY_FILE",
-        )),
-    }
+    let Some((cert, key)) = v.pair(&GATEWAY_CLIENT_CERT_FILE, &GATEWAY_CLIENT_KEY_FILE)? else {
+        return Ok(None);
+    };
+    let cert = read(&GATEWAY_CLIENT_CERT_FILE, cert)?;
+    let key = String::from_utf8(read(&GATEWAY_CLIENT_KEY_FILE, key)?)
+        .map_err(|_| ConfigError::new(GATEWAY_CLIENT_KEY_FILE.name, "is not a PEM (text) file"))?;
+    Ok(Some(nexus_bridge::gateway::ClientIdentityPem {
+        cert,
+        key: nexus_bridge::Secret::new(key),
+    }))
 }
