@@ -21,6 +21,15 @@ run, loudly. The CPU the rest of the machine used during each run (from
 /proc/stat) is reported too; a run other processes disturbed is measured
 again, after waiting for the machine to be quiet.
 
+With --tls every server speaks HTTPS with the same development
+certificates (`nexus certs dev`): bare through a plain tokio-rustls accept
+loop, `nexus up --tls`, and the separate broker requiring the gateway's
+client certificate (mutual TLS; sep-broker is then left out: wrk cannot
+present a client certificate). With --rotate N the gateways' certificates
+are then replaced on disk N times while wrk keeps fetching (kept-alive and
+one-connection-per-request), checking that no request fails and that new
+connections present the new certificate.
+
 Python 3.11, standard library only. See README.md next to this file.
 """
 
@@ -39,6 +48,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -220,14 +230,35 @@ def check_loopback(host: str) -> None:
 # ---------------------------------------------------------------- HTTP client
 
 
+# Trust for HTTPS targets: the CA file, and the client certificate a
+# mutual-TLS broker wants (set by main with --tls).
+TLS_CA: Path | None = None
+TLS_CLIENT: tuple[Path, Path] | None = None
+
+
+def tls_context(ca: Path | None = None, client: tuple[Path, Path] | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca or TLS_CA))
+    client = client or TLS_CLIENT
+    if client:
+        ctx.load_cert_chain(str(client[0]), str(client[1]))
+    return ctx
+
+
+def connect(u: urllib.parse.SplitResult, timeout: float) -> http.client.HTTPConnection:
+    if u.scheme == "https":
+        return http.client.HTTPSConnection(u.hostname, u.port, timeout=timeout,
+                                           context=tls_context())
+    return http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+
+
 class Http:
     """A small keep-alive client for seeding and checks (loopback only)."""
 
     def __init__(self, base: str) -> None:
         u = urllib.parse.urlsplit(base)
         check_loopback(u.hostname or "")
-        self.host, self.port = u.hostname, u.port
-        self.conn = http.client.HTTPConnection(self.host, self.port, timeout=15)
+        self.u = u
+        self.conn = connect(u, 15)
 
     def call(self, method: str, path: str, headers: dict | None = None,
              body: object = None) -> tuple[int, bytes, dict]:
@@ -243,7 +274,7 @@ class Http:
                 return r.status, r.read(), {k.lower(): v for k, v in r.getheaders()}
             except (ConnectionError, http.client.HTTPException):
                 self.conn.close()
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=15)
+                self.conn = connect(self.u, 15)
                 if attempt == 1:
                     raise
         raise AssertionError("unreachable")
@@ -268,7 +299,7 @@ def wait_ready(url: str, proc: subprocess.Popen, logfile: Path, timeout: float =
             raise RuntimeError(f"{proc.args[0]} exited ({proc.returncode}) before it was ready; "
                                f"log {logfile}:\n{tail(logfile)}")
         try:
-            c = http.client.HTTPConnection(u.hostname, u.port, timeout=2)
+            c = connect(u, 2)
             c.request("GET", u.path or "/")
             if c.getresponse().status == 200:
                 c.close()
@@ -411,27 +442,38 @@ class Target:
     ids: list[str] = field(default_factory=list)
     lua: Path | None = None
     body_bytes: int = 0
+    # With --tls: the certificate and key files this target serves (rotated
+    # by --rotate).
+    certs: tuple[Path, Path] | None = None
 
 
-def start_bare(procs: Procs, bins: dict, host: str, tmp: Path, bare_bytes: int) -> Target:
+def start_bare(procs: Procs, bins: dict, host: str, tmp: Path, bare_bytes: int,
+               certs: Path | None) -> Target:
     logf = tmp / "bare.log"
-    p = procs.start("bare", [str(bins["bare"]), f"{host}:0", str(bare_bytes)], clean_env(),
-                    tmp, logf,
-                    stdout=subprocess.PIPE)
+    argv = [str(bins["bare"]), f"{host}:0", str(bare_bytes)]
+    if certs:  # the gateway's certificate, as the gateway targets serve
+        argv += ["tls", str(certs / "gateway.pem"), str(certs / "gateway-key.pem")]
+    p = procs.start("bare", argv, clean_env(), tmp, logf, stdout=subprocess.PIPE)
     addr = read_line(p, "listening on ")
-    return Target("bare", f"http://{addr}", "/v1/token/", ("Authorization", "Bearer none"),
+    scheme = "https" if certs else "http"
+    return Target("bare", f"{scheme}://{addr}", "/v1/token/", ("Authorization", "Bearer none"),
                   {"bare": p.pid})
 
 
-def start_up(procs: Procs, bins: dict, host: str, tmp: Path, count: int) -> list[Target]:
+def start_up(procs: Procs, bins: dict, host: str, tmp: Path, count: int,
+             tls: bool) -> list[Target]:
     state = tmp / "up-state"
     bport, gport = free_port(host), free_port(host)
-    broker, gateway = f"http://{host}:{bport}", f"http://{host}:{gport}"
+    scheme = "https" if tls else "http"
+    broker, gateway = f"{scheme}://{host}:{bport}", f"{scheme}://{host}:{gport}"
     logf = tmp / "up.log"
     # Seeding starts --ids handshakes in one workspace: lift the per-minute limit.
+    # With --tls, `nexus up` uses the certificates already in state/certs.
     argv = [str(bins["nexus"]), "up", "--state-dir", str(state),
             "--handshake-starts-per-minute", "1000000",
             "--broker-addr", f"{host}:{bport}", "--gateway-addr", f"{host}:{gport}"]
+    if tls:
+        argv.append("--tls")
     log(f"$ NEXUS_LOG=warn {shlex.join(argv)}")
     p = procs.start("nexus up", argv, clean_env(), tmp, logf)
     wait_ready(broker + "/health", p, logf)
@@ -440,14 +482,17 @@ def start_up(procs: Procs, bins: dict, host: str, tmp: Path, count: int) -> list
     api_key, agent_key = env["API_KEY"][-1], env["AGENT_KEY"][-1]
     ids = seed(broker, api_key, count)
     pids = {"nexus up": p.pid}
+    up_gateway = Target("up-gateway", gateway, "/v1/token/",
+                        ("Authorization", f"Bearer {agent_key}"), pids, ids)
+    up_gateway.certs = (state / "certs" / "gateway.pem", state / "certs" / "gateway-key.pem")
     return [
-        Target("up-gateway", gateway, "/v1/token/", ("Authorization", f"Bearer {agent_key}"),
-               pids, ids),
+        up_gateway,
         Target("up-broker", broker, "/connections/", ("X-API-Key", api_key), pids, ids),
     ]
 
 
-def start_separate(procs: Procs, bins: dict, host: str, tmp: Path, count: int) -> list[Target]:
+def start_separate(procs: Procs, bins: dict, host: str, tmp: Path, count: int,
+                   certs: Path | None) -> list[Target]:
     keys = {}
     out = subprocess.run([str(bins["nexus"]), "keys", "generate"], env=clean_env(), cwd=tmp,
                          check=True, capture_output=True, text=True).stdout
@@ -456,15 +501,34 @@ def start_separate(procs: Procs, bins: dict, host: str, tmp: Path, count: int) -
             k, v = line.split("=", 1)
             keys[k] = v
     bport, gport = free_port(host), free_port(host)
-    broker, gateway = f"http://{host}:{bport}", f"http://{host}:{gport}"
+    scheme = "https" if certs else "http"
+    broker, gateway = f"{scheme}://{host}:{bport}", f"{scheme}://{host}:{gport}"
     db = tmp / "sep-broker.db"
+    broker_tls: dict[str, str] = {}
+    gateway_tls: dict[str, str] = {}
+    if certs:
+        # Copies, so that rotating this gateway's pair leaves `nexus up`'s alone.
+        own = tmp / "sep-certs"
+        shutil.copytree(certs, own)
+        broker_tls = {
+            "TLS_CERT_FILE": str(own / "broker.pem"), "TLS_KEY_FILE": str(own / "broker-key.pem"),
+            "BROKER_CLIENT_CA_FILE": str(own / "ca.pem"),
+            "BROKER_CLIENT_IDS": "spiffe://nexus.local/nexus/gateway",
+        }
+        gateway_tls = {
+            "TLS_CERT_FILE": str(own / "gateway.pem"),
+            "TLS_KEY_FILE": str(own / "gateway-key.pem"),
+            "BROKER_CA_FILE": str(own / "ca.pem"),
+            "BROKER_CLIENT_CERT_FILE": str(own / "gateway-client.pem"),
+            "BROKER_CLIENT_KEY_FILE": str(own / "gateway-client-key.pem"),
+        }
     blog, glog = tmp / "sep-broker.log", tmp / "sep-gateway.log"
     log(f"$ DATABASE_URL=sqlite:{db} ENCRYPTION_KEY=… STATE_KEY=… API_KEY=… "
         f"BROKER_ADDR={host}:{bport} NEXUS_LOG=warn {bins['nexus']} broker")
     b = procs.start("nexus broker", [str(bins["nexus"]), "broker"], clean_env(
         DATABASE_URL=f"sqlite:{db}", ENCRYPTION_KEY=keys["ENCRYPTION_KEY"],
         STATE_KEY=keys["STATE_KEY"], API_KEY=keys["API_KEY"], BROKER_ADDR=f"{host}:{bport}",
-        HANDSHAKE_STARTS_PER_MINUTE="1000000",
+        HANDSHAKE_STARTS_PER_MINUTE="1000000", **broker_tls,
     ), tmp, blog)
     wait_ready(broker + "/health", b, blog)
     ids = seed(broker, keys["API_KEY"], count)
@@ -476,11 +540,17 @@ def start_separate(procs: Procs, bins: dict, host: str, tmp: Path, count: int) -
         f"{bins['nexus']} gateway")
     g = procs.start("nexus gateway", [str(bins["nexus"]), "gateway"], clean_env(
         BROKER_URL=broker, BROKER_API_KEY=keys["API_KEY"], GATEWAY_ADDR=f"{host}:{gport}",
+        **gateway_tls,
     ), tmp, glog)
     wait_ready(gateway + "/health", g, glog)
+    sep_gateway = Target("sep-gateway", gateway, "/v1/token/",
+                         ("Authorization", f"Bearer {agent_key}"),
+                         {"broker": b.pid, "gateway": g.pid}, ids)
+    if certs:
+        sep_gateway.certs = (Path(gateway_tls["TLS_CERT_FILE"]),
+                             Path(gateway_tls["TLS_KEY_FILE"]))
     return [
-        Target("sep-gateway", gateway, "/v1/token/", ("Authorization", f"Bearer {agent_key}"),
-               {"broker": b.pid, "gateway": g.pid}, ids),
+        sep_gateway,
         Target("sep-broker", broker, "/connections/", ("X-API-Key", keys["API_KEY"]),
                {"broker": b.pid}, ids),
     ]
@@ -645,6 +715,128 @@ def print_raw(results: list[dict]) -> None:
             + (f"  errors {r['errors']}" if r["failed"] else ""))
 
 
+# ---------------------------------------------------------------- rotation
+
+
+def presented_cert(url: str, ca: Path) -> bytes:
+    """The leaf certificate (DER) a new TLS connection to `url` gets,
+    verified against `ca` for the address."""
+    u = urllib.parse.urlsplit(url)
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection((u.hostname, u.port), timeout=3) as raw:
+        with ctx.wrap_socket(raw, server_hostname=u.hostname) as tls:
+            return tls.getpeercert(binary_form=True) or b""
+
+
+def replace_file(src: Path, dst: Path) -> None:
+    """Replaces dst by a copy of src in one rename, as a secret volume or
+    cert-manager update does (a reader never sees half a file)."""
+    staged = dst.with_name(dst.name + ".new")
+    shutil.copyfile(src, staged)
+    os.chmod(staged, 0o600)
+    os.replace(staged, dst)
+
+
+def rotate_under_load(wrk: str, bins: dict, t: Target, tmp: Path, rotations: int,
+                      every: float) -> dict:
+    """Replaces t's certificate and key `rotations` times while two wrk
+    processes fetch tokens: one on kept-alive connections, one opening a new
+    connection (a new TLS handshake) per request. Each rotation but the last
+    is announced with SIGHUP; the last is left to the file poll. After each,
+    a new connection must present the new certificate, verified against its
+    new CA. Any non-2xx answer or socket error fails it."""
+    assert t.certs and t.lua
+    close_lua = tmp / f"{t.name}-close.lua"
+    text = t.lua.read_text()
+    old = "{[header_name] = header_value}"
+    assert old in text
+    fd = os.open(close_lua, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text.replace(old, '{[header_name] = header_value, ["Connection"] = "close"}'))
+    poll_wait = 15.0  # the servers look at the files every 10 s
+    secs = 2 + (rotations - 1) * every + poll_wait + 3
+    url = t.url + paths_of(t, t.ids[:1])[0]
+    runs = {
+        "kept-alive": subprocess.Popen(
+            [wrk, "-t1", "-c8", f"-d{secs:.0f}s", "-s", str(t.lua), url],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        "new connection per request": subprocess.Popen(
+            [wrk, "-t1", "-c2", f"-d{secs:.0f}s", "-s", str(close_lua), url],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+    }
+    hup_pids = [pid for n, pid in t.pids.items() if n != "broker"]
+    took: list[float] = []
+    ca = TLS_CA
+    problems: list[str] = []
+    try:
+        time.sleep(2)
+        for i in range(rotations):
+            gen = tmp / f"rotation-{t.name}-{i}"
+            subprocess.run([str(bins["nexus"]), "certs", "dev", "--state-dir", str(gen)],
+                           env=clean_env(), check=True, capture_output=True)
+            new_cert, new_key = gen / "certs" / "gateway.pem", gen / "certs" / "gateway-key.pem"
+            want = ssl.PEM_cert_to_DER_cert(new_cert.read_text())
+            ca = gen / "certs" / "ca.pem"
+            # Key first, then certificate: a poll in between sees a mismatched
+            # pair, which the server refuses while keeping the old one.
+            replace_file(new_key, t.certs[1])
+            replace_file(new_cert, t.certs[0])
+            t0 = time.monotonic()
+            hup = i < rotations - 1
+            if hup:
+                for pid in hup_pids:
+                    os.kill(pid, signal.SIGHUP)
+            deadline = t0 + (5 if hup else poll_wait)
+            seen = None
+            while time.monotonic() < deadline:
+                try:
+                    if presented_cert(t.url, gen / "certs" / "ca.pem") == want:
+                        seen = time.monotonic() - t0
+                        break
+                except (OSError, ssl.SSLError):
+                    pass  # still the old certificate (another CA)
+                time.sleep(0.05)
+            how = "SIGHUP" if hup else "file poll"
+            if seen is None:
+                problems.append(f"rotation {i + 1} ({how}): new connections did not get the new "
+                                f"certificate within {deadline - t0:.0f} s")
+            else:
+                took.append(seen)
+                log(f"  {t.name}: rotation {i + 1} ({how}): new certificate presented "
+                    f"after {seen:.2f} s")
+            if hup:
+                time.sleep(every)
+    finally:
+        outs = {}
+        for name, p in runs.items():
+            try:
+                out, err = p.communicate(timeout=secs + 60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out, err = p.communicate()
+            outs[name] = (p.returncode, out, err)
+    figures = {}
+    for name, (rc, out, err) in outs.items():
+        if rc != 0:
+            problems.append(f"wrk ({name}) failed ({rc}): {err}")
+            continue
+        f = parse_wrk(out)
+        errors = {k: int(f[k]) for k in ("connect", "read", "write", "timeout", "status")}
+        figures[name] = {"requests": int(f["requests"]), "errors": errors,
+                         "p99_ms": f["p99_us"] / 1000}
+        if any(errors.values()) or int(f["requests"]) == 0:
+            problems.append(f"wrk ({name}): {int(f['requests'])} requests, errors {errors}")
+    # The server's own count of reloads (its certificate is now the last one).
+    u = urllib.parse.urlsplit(t.url)
+    c = http.client.HTTPSConnection(u.hostname, u.port, timeout=10, context=tls_context(ca))
+    c.request("GET", "/metrics")
+    reloads = [line for line in c.getresponse().read().decode(errors="replace").splitlines()
+               if line.startswith("nexus_tls_reloads_total")]
+    c.close()
+    return {"target": t.name, "rotations": rotations, "took_s": took, "wrk": figures,
+            "reloads": reloads, "problems": problems}
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -681,6 +873,13 @@ def main() -> int:
                     help="start, seed and warm the targets, print how to load them, keep them "
                          "up this long (for profilers), then stop; no measuring")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temporary state and logs")
+    ap.add_argument("--tls", action="store_true",
+                    help="every server on HTTPS with `nexus certs dev` certificates; the separate "
+                         "broker requires the gateway's client certificate (sep-broker left out)")
+    ap.add_argument("--rotate", type=int, default=0, metavar="N",
+                    help="with --tls, after the rounds: replace each gateway's certificate N "
+                         "times under load (SIGHUP, the last by the file poll); 0: skip")
+    ap.add_argument("--rotate-every", type=float, default=3, metavar="SECONDS")
     args = ap.parse_args()
 
     check_loopback(args.host)
@@ -689,6 +888,14 @@ def main() -> int:
     if unknown or not names:
         sys.exit(f"unknown targets {unknown}; choose from {TARGETS}")
     names = [n for n in TARGETS if n in names]
+    if args.tls and "sep-broker" in names:
+        log("--tls: sep-broker left out (that broker requires a client certificate, "
+            "which wrk cannot present)")
+        names.remove("sep-broker")
+        if not names:
+            sys.exit("nothing left to measure")
+    if args.rotate and not args.tls:
+        sys.exit("--rotate needs --tls")
     if args.rounds < 1 or args.duration <= 0 or args.threads < 1 or args.connections < args.threads:
         sys.exit("need --rounds >= 1, --duration > 0, 1 <= --threads <= --connections")
     repo = args.repo.resolve()
@@ -727,19 +934,31 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="nexus-http-bench-"))
     procs = Procs()
     results: list[dict] = []
+    rotations: list[dict] = []
     failed_any = False
     noisy_any = False
     try:
+        certs = None
+        if args.tls:
+            # In `nexus up`'s state folder, which `up --tls` then uses as is.
+            subprocess.run([str(bins["nexus"]), "certs", "dev", "--state-dir",
+                            str(tmp / "up-state")], env=clean_env(), check=True,
+                           capture_output=True)
+            certs = tmp / "up-state" / "certs"
+            global TLS_CA, TLS_CLIENT
+            TLS_CA = certs / "ca.pem"
+            TLS_CLIENT = (certs / "gateway-client.pem", certs / "gateway-client-key.pem")
+            log(f"TLS: development certificates in {certs} (ECDSA P-256)")
         targets: dict[str, Target] = {}
         ids: list[str] = []
         if "bare" in names:
-            targets["bare"] = start_bare(procs, bins, args.host, tmp, args.bare_bytes)
+            targets["bare"] = start_bare(procs, bins, args.host, tmp, args.bare_bytes, certs)
         if any(n.startswith("up-") for n in names):
-            for t in start_up(procs, bins, args.host, tmp, args.ids):
+            for t in start_up(procs, bins, args.host, tmp, args.ids, args.tls):
                 targets[t.name] = t
                 ids = t.ids
         if any(n.startswith("sep-") for n in names):
-            for t in start_separate(procs, bins, args.host, tmp, args.ids):
+            for t in start_separate(procs, bins, args.host, tmp, args.ids, certs):
                 targets[t.name] = t
                 ids = t.ids
         if not ids:  # bare alone: made-up ids spread the same way
@@ -795,9 +1014,29 @@ def main() -> int:
                          + r["wrk_stdout"])
 
         label = (f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s, "
-                 f"{args.rounds} rounds, commit {commit[:12]}")
+                 f"{args.rounds} rounds, {'HTTPS' if args.tls else 'plain HTTP'}, "
+                 f"commit {commit[:12]}")
         summary = report(results, names, label)
         print_raw(results)
+        if args.rotate:
+            log(f"\n== certificate rotation under load ({args.rotate} per gateway)")
+            for n in names:
+                t = targets[n]
+                if not t.certs:
+                    continue
+                r = rotate_under_load(wrk, bins, t, tmp, args.rotate, args.rotate_every)
+                rotations.append(r)
+                for kind, f in r["wrk"].items():
+                    log(f"  {n}: wrk {kind}: {f['requests']} requests, errors {f['errors']}, "
+                        f"p99 {f['p99_ms']:.3f} ms")
+                for line in r["reloads"]:
+                    log(f"  {n}: {line}")
+                if r["problems"]:
+                    failed_any = True
+                    loud(f"ROTATION FAILED ({n}): " + "; ".join(r["problems"]))
+                else:
+                    log(f"  {n}: {args.rotate} rotations, 0 failed requests, new certificate "
+                        f"seen after {max(r['took_s']):.2f} s at most")
         if failed_any:
             loud("SOME RUNS FAILED (non-2xx answers or socket errors): see above")
         if noisy_any:
@@ -819,6 +1058,8 @@ def main() -> int:
                 "body_bytes": {n: targets[n].body_bytes for n in names},
                 "summary": summary,
                 "runs": [{k: v for k, v in r.items() if k != "wrk_stdout"} for r in results],
+                "tls": args.tls,
+                "rotations": rotations,
                 "failed": failed_any,
                 "noisy": noisy_any,
             }, indent=2) + "\n")

@@ -218,8 +218,23 @@ fn open_state(dir: Option<&Path>) -> Result<Option<StateDir>> {
     }
 }
 
+/// The log filter used for `NEXUS_LOG`: rustls's own records are kept to
+/// errors unless the filter names rustls. rustls warns about a peer's
+/// protocol quirks on every handshake (an IP address sent as SNI, as wrk and
+/// other OpenSSL clients do), so any client could fill the logs at will;
+/// refused handshakes are counted in `nexus_tls_handshake_failures_total`.
+fn log_filter(filter: &str) -> String {
+    if filter.contains("rustls") {
+        filter.to_string()
+    } else if filter.trim().is_empty() {
+        "rustls=error".to_string()
+    } else {
+        format!("{filter},rustls=error")
+    }
+}
+
 fn init_logging(format: LogFormat, filter: &str) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+    let filter = tracing_subscriber::EnvFilter::try_new(log_filter(filter))
         .with_context(|| format!("NEXUS_LOG: '{filter}' is not a valid log filter"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -537,7 +552,7 @@ async fn up(args: UpArgs) -> Result<()> {
             c.ca.display()
         );
     }
-    println!("  metrics     http://{addr}/metrics");
+    println!("  metrics     {scheme}://{addr}/metrics");
     println!(
         "  state       {}   ({}: {})",
         args.state_dir.display(),

@@ -10,14 +10,16 @@
 //! and counted in `nexus_tls_handshake_failures_total{reason}`.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls_pki_types::{CertificateDer, UnixTime};
 
 /// What is wrong with a CA file or a client identity.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +34,36 @@ pub struct MtlsError {
 }
 
 impl MtlsError {
+    /// A certificate-and-key error in this shape (`cert_var` for errors
+    /// that name no setting).
+    fn from_tls(e: crate::tls::TlsError, cert_var: &'static str) -> Self {
+        use crate::tls::TlsError;
+        match e {
+            TlsError::File { var, path, reason } => Self { var, path, reason },
+            TlsError::Mismatch {
+                cert_var,
+                cert,
+                key_var,
+                key,
+            } => Self {
+                var: key_var,
+                path: key,
+                reason: format!("not the key of the certificate in {cert_var} {cert}"),
+            },
+            TlsError::Validity { var, path, what } => Self {
+                var,
+                path,
+                reason: format!("the certificate {what}"),
+            },
+            TlsError::Rustls(e) => Self {
+                var: cert_var,
+                path: String::new(),
+                reason: e.to_string(),
+            },
+            TlsError::ClientCa(e) => e,
+        }
+    }
+
     fn new(var: &'static str, path: &Path, reason: impl Into<String>) -> Self {
         Self {
             var,
@@ -267,11 +299,242 @@ impl ClientTls {
         let Some(((cert, cert_var), (key, key_var))) = &self.identity else {
             return Ok(builder.with_no_client_auth());
         };
-        let chain = read_certs(cert, cert_var)?;
-        let private = PrivateKeyDer::from_pem_file(key)
-            .map_err(|e| MtlsError::new(key_var, key, e.to_string()))?;
-        builder
-            .with_client_auth_cert(chain, private)
-            .map_err(|e| MtlsError::new(key_var, key, format!("not the key of {cert_var} ({e})")))
+        let identity = ReloadingIdentity::load(
+            crate::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            (cert_var, key_var),
+        )?;
+        let mut config = builder.with_client_cert_resolver(Arc::new(identity));
+        // A resumed session presents no certificate: the server would see
+        // the one the first session proved, not a replacement (servers that
+        // require client certificates refuse resumption anyway, see
+        // `tls::TlsServer::load_with`).
+        config.resumption = rustls::client::Resumption::disabled();
+        Ok(config)
+    }
+}
+
+/// How often, at most, a client certificate's files are looked at (on a new
+/// handshake; pooled connections keep the certificate they started with).
+const IDENTITY_RECHECK: Duration = Duration::from_secs(1);
+
+/// A client certificate and key, read again when their files change: short-lived
+/// certificates (a SPIFFE SVID lasts an hour) are replaced on disk by their
+/// issuer while the process runs. The files are looked at on a new TLS
+/// handshake, at most once a second; a bad new pair is refused (logged and
+/// counted in `nexus_tls_client_reloads_total{outcome}`) and the old one kept.
+#[derive(Debug)]
+struct ReloadingIdentity {
+    files: crate::tls::TlsFiles,
+    vars: (&'static str, &'static str),
+    state: Mutex<IdentityState>,
+}
+
+#[derive(Debug)]
+struct IdentityState {
+    current: Arc<CertifiedKey>,
+    stamp: Option<crate::tls::Stamp>,
+    checked: Instant,
+}
+
+impl ReloadingIdentity {
+    /// Reads and checks the pair (readable, matching, valid now).
+    fn load(
+        files: crate::tls::TlsFiles,
+        vars: (&'static str, &'static str),
+    ) -> Result<Self, MtlsError> {
+        let stamp = crate::tls::stamp(&files);
+        let pair = crate::tls::load_pair_as(&files, vars, SystemTime::now())
+            .map_err(|e| MtlsError::from_tls(e, vars.0))?;
+        Ok(Self {
+            files,
+            vars,
+            state: Mutex::new(IdentityState {
+                current: Arc::new(pair),
+                stamp,
+                checked: Instant::now(),
+            }),
+        })
+    }
+
+    /// The pair to present now, reloaded first if the files changed.
+    fn current(&self) -> Arc<CertifiedKey> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.checked.elapsed() >= IDENTITY_RECHECK {
+            st.checked = Instant::now();
+            let stamp = crate::tls::stamp(&self.files);
+            if stamp != st.stamp {
+                // Remembered either way: a bad pair is reported once.
+                st.stamp = stamp;
+                match crate::tls::load_pair_as(&self.files, self.vars, SystemTime::now()) {
+                    Ok(pair) => {
+                        st.current = Arc::new(pair);
+                        crate::static_counter!("nexus_tls_client_reloads_total", "outcome" => "reloaded")
+                            .increment(1);
+                        tracing::info!(cert = %self.files.cert.display(), "client certificate reloaded");
+                    }
+                    Err(e) => {
+                        crate::static_counter!("nexus_tls_client_reloads_total", "outcome" => "refused")
+                            .increment(1);
+                        tracing::error!(error = %e, "new client certificate refused; still presenting the previous one");
+                    }
+                }
+            }
+        }
+        st.current.clone()
+    }
+}
+
+impl rustls::client::ResolvesClientCert for ReloadingIdentity {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        let pair = self.current();
+        // Presented only if the server accepts a signature this key makes.
+        pair.key.choose_scheme(sigschemes).map(|_| pair)
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nexus_testkit::certs::{ca, leaf, uri, Use};
+
+    fn copy_pair(d: &Path, from: &str, to: &str) {
+        // Key first, then the certificate, as an issuer rewriting files does.
+        std::fs::copy(
+            d.join(format!("{from}-key.pem")),
+            d.join(format!("{to}-key.pem")),
+        )
+        .unwrap();
+        std::fs::copy(d.join(format!("{from}.pem")), d.join(format!("{to}.pem"))).unwrap();
+    }
+
+    /// A client certificate replaced on disk is presented on the next new
+    /// connection without a restart; an expired replacement is refused and
+    /// the previous certificate kept.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn client_certificate_follows_its_files() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let issuer = ca(d, "ca");
+        leaf(d, "server", &issuer, vec![], Use::Server);
+        leaf(
+            d,
+            "first",
+            &issuer,
+            vec![uri("spiffe://t/first")],
+            Use::Client,
+        );
+        leaf(
+            d,
+            "second",
+            &issuer,
+            vec![uri("spiffe://t/second")],
+            Use::Client,
+        );
+        leaf(
+            d,
+            "expired",
+            &issuer,
+            vec![uri("spiffe://t/expired")],
+            Use::ExpiredClient,
+        );
+        let auth = ClientAuth {
+            ca: d.join("ca.pem"),
+            ca_var: "CA",
+            allowed: vec![],
+        };
+        let server = Arc::new(
+            crate::tls::TlsServer::load_with(
+                crate::tls::TlsFiles {
+                    cert: d.join("server.pem"),
+                    key: d.join("server-key.pem"),
+                },
+                Some(&auth),
+            )
+            .unwrap(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "https://127.0.0.1:{}/",
+            listener.local_addr().unwrap().port()
+        );
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::get(|req: axum::extract::Request| async move {
+                req.extensions()
+                    .get::<PeerIdentity>()
+                    .map(|p| p.0.to_string())
+                    .unwrap_or_default()
+            }),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(crate::serve::serve_with(
+            listener,
+            app,
+            crate::serve::Limits::default(),
+            Some(server),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        copy_pair(d, "first", "presented");
+        let tls = ClientTls {
+            ca: Some((d.join("ca.pem"), "CA")),
+            identity: Some((
+                (d.join("presented.pem"), "CERT"),
+                (d.join("presented-key.pem"), "KEY"),
+            )),
+        };
+        let client =
+            crate::outbound::clients_with(Duration::from_secs(5), Duration::from_secs(5), &tls)
+                .unwrap()
+                .0;
+        // `Connection: close`: every call is a new connection, a new handshake.
+        let who = || async {
+            let r = client
+                .get(&url)
+                .header("connection", "close")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.text().await.unwrap()
+        };
+        assert_eq!(who().await, "spiffe://t/first");
+
+        copy_pair(d, "second", "presented");
+        tokio::time::sleep(IDENTITY_RECHECK + Duration::from_millis(200)).await;
+        assert_eq!(
+            who().await,
+            "spiffe://t/second",
+            "the new certificate is presented"
+        );
+
+        copy_pair(d, "expired", "presented");
+        tokio::time::sleep(IDENTITY_RECHECK + Duration::from_millis(200)).await;
+        assert_eq!(
+            who().await,
+            "spiffe://t/second",
+            "an expired replacement is refused, the previous certificate kept"
+        );
+
+        // At start, the same expired pair is a configuration error naming
+        // the setting.
+        let e = tls.config().unwrap_err();
+        assert_eq!(e.var, "CERT");
+        assert!(e.reason.contains("expired"), "{e}");
+        let _ = stop.send(());
+        serving.await.unwrap().unwrap();
     }
 }

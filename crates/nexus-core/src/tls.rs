@@ -76,16 +76,22 @@ pub enum TlsError {
         reason: String,
     },
     /// The key does not belong to the certificate.
-    #[error("TLS_KEY_FILE {key} is not the key of the certificate in TLS_CERT_FILE {cert}")]
+    #[error("{key_var} {key} is not the key of the certificate in {cert_var} {cert}")]
     Mismatch {
+        /// The certificate's setting (`TLS_CERT_FILE`, ...).
+        cert_var: &'static str,
         /// The certificate file.
         cert: String,
+        /// The key's setting.
+        key_var: &'static str,
         /// The key file.
         key: String,
     },
     /// The certificate is outside its validity period.
-    #[error("TLS_CERT_FILE {path}: the certificate {what}")]
+    #[error("{var} {path}: the certificate {what}")]
     Validity {
+        /// The certificate's setting.
+        var: &'static str,
         /// The file.
         path: String,
         /// "expired at ..." or "is not valid before ...".
@@ -103,9 +109,9 @@ impl TlsError {
     /// The setting to name in a start-up error.
     pub fn var(&self) -> &'static str {
         match self {
-            Self::File { var, .. } => var,
-            Self::Mismatch { .. } => TLS_KEY_FILE.name,
-            Self::Validity { .. } | Self::Rustls(_) => TLS_CERT_FILE.name,
+            Self::File { var, .. } | Self::Validity { var, .. } => var,
+            Self::Mismatch { key_var, .. } => key_var,
+            Self::Rustls(_) => TLS_CERT_FILE.name,
             Self::ClientCa(e) => e.var,
         }
     }
@@ -118,6 +124,17 @@ fn unix(t: SystemTime) -> String {
 /// Reads and checks a pair: the chain, a key that signs for its leaf, the
 /// leaf inside its validity period at `now`.
 pub fn load_pair(files: &TlsFiles, now: SystemTime) -> Result<CertifiedKey, TlsError> {
+    load_pair_as(files, (TLS_CERT_FILE.name, TLS_KEY_FILE.name), now)
+}
+
+/// [`load_pair`] for files other settings name (a client certificate):
+/// errors name `vars` (certificate, key).
+pub fn load_pair_as(
+    files: &TlsFiles,
+    vars: (&'static str, &'static str),
+    now: SystemTime,
+) -> Result<CertifiedKey, TlsError> {
+    let (cert_var, key_var) = vars;
     let shown = |p: &Path| p.display().to_string();
     let file_err = |var, path: &Path, reason: String| TlsError::File {
         var,
@@ -125,21 +142,21 @@ pub fn load_pair(files: &TlsFiles, now: SystemTime) -> Result<CertifiedKey, TlsE
         reason,
     };
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .map_err(|e| file_err(TLS_CERT_FILE.name, &files.cert, e.to_string()))?
+        .map_err(|e| file_err(cert_var, &files.cert, e.to_string()))?
         .collect::<Result<_, _>>()
-        .map_err(|e| file_err(TLS_CERT_FILE.name, &files.cert, e.to_string()))?;
+        .map_err(|e| file_err(cert_var, &files.cert, e.to_string()))?;
     let Some(leaf) = chain.first() else {
         return Err(file_err(
-            TLS_CERT_FILE.name,
+            cert_var,
             &files.cert,
             "holds no PEM certificate".into(),
         ));
     };
     let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| file_err(TLS_KEY_FILE.name, &files.key, e.to_string()))?;
+        .map_err(|e| file_err(key_var, &files.key, e.to_string()))?;
     let signing = any_supported_type(&key).map_err(|e| {
         file_err(
-            TLS_KEY_FILE.name,
+            key_var,
             &files.key,
             format!("not a usable private key ({e})"),
         )
@@ -148,7 +165,7 @@ pub fn load_pair(files: &TlsFiles, now: SystemTime) -> Result<CertifiedKey, TlsE
         use x509_cert::der::Decode;
         let cert = x509_cert::Certificate::from_der(leaf).map_err(|e| {
             file_err(
-                TLS_CERT_FILE.name,
+                cert_var,
                 &files.cert,
                 format!("not an X.509 certificate ({e})"),
             )
@@ -158,12 +175,14 @@ pub fn load_pair(files: &TlsFiles, now: SystemTime) -> Result<CertifiedKey, TlsE
         let not_after = validity.not_after.to_system_time();
         if now > not_after {
             return Err(TlsError::Validity {
+                var: cert_var,
                 path: shown(&files.cert),
                 what: format!("expired at {}", unix(not_after)),
             });
         }
         if now < not_before {
             return Err(TlsError::Validity {
+                var: cert_var,
                 path: shown(&files.cert),
                 what: format!("is not valid before {}", unix(not_before)),
             });
@@ -176,7 +195,9 @@ pub fn load_pair(files: &TlsFiles, now: SystemTime) -> Result<CertifiedKey, TlsE
         // a mismatch is refused.
         Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(certified),
         Err(_) => Err(TlsError::Mismatch {
+            cert_var,
             cert: shown(&files.cert),
+            key_var,
             key: shown(&files.key),
         }),
     }
@@ -201,10 +222,15 @@ pub struct TlsServer {
     current: Arc<Current>,
     config: Arc<rustls::ServerConfig>,
     /// What the files looked like when last loaded (length, modified time).
-    seen: RwLock<Option<(u64, SystemTime, u64, SystemTime)>>,
+    seen: RwLock<Option<Stamp>>,
 }
 
-fn stamp(files: &TlsFiles) -> Option<(u64, SystemTime, u64, SystemTime)> {
+/// What a pair's files look like (lengths, modified times): a change means
+/// a reload is due.
+pub(crate) type Stamp = (u64, SystemTime, u64, SystemTime);
+
+/// The [`Stamp`] of a pair's files now (`None` if one is missing).
+pub(crate) fn stamp(files: &TlsFiles) -> Option<Stamp> {
     let c = std::fs::metadata(&files.cert).ok()?;
     let k = std::fs::metadata(&files.key).ok()?;
     Some((c.len(), c.modified().ok()?, k.len(), k.modified().ok()?))
@@ -236,6 +262,14 @@ impl TlsServer {
         };
         let mut config = builder.with_cert_resolver(current.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        if client.is_some() {
+            // No session resumption when client certificates are required: a
+            // resumed session keeps the certificate it was opened with and
+            // skips its checks, so a client whose certificate has since
+            // expired (or been replaced) would still get in, under the old
+            // identity. Every connection proves what it holds now.
+            config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        }
         Ok(Self {
             files,
             current,

@@ -34,6 +34,35 @@ fn client(dir: &Path, identity: Option<&str>) -> reqwest::Client {
     .0
 }
 
+/// A client that presents `name`'s certificate whatever it is: our own
+/// client configuration refuses to present an expired one, but a careless
+/// or hostile client does.
+fn unchecked_client(dir: &Path, name: &str) -> reqwest::Client {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(dir.join("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain = CertificateDer::pem_file_iter(dir.join(format!("{name}.pem")))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(dir.join(format!("{name}-key.pem"))).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .unwrap();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(config)
+        .build()
+        .unwrap()
+}
+
 fn refusals(reason: &str) -> f64 {
     counter(&format!(
         "nexus_tls_handshake_failures_total{{reason=\"{reason}\"}}"
@@ -120,7 +149,11 @@ async fn mutual_tls_refuses_at_the_handshake_and_audits_the_identity(b: Backend)
         (Some("intruder"), "identity_not_allowed"),
     ] {
         let before = refusals(reason);
-        let answer = get(client(d, who), "/health").await;
+        let c = match who {
+            Some("expired") => unchecked_client(d, "expired"),
+            _ => client(d, who),
+        };
+        let answer = get(c, "/health").await;
         assert!(answer.is_err(), "{who:?} refused, not answered: {answer:?}");
         crate::harness::wait_until(|| refusals(reason) > before).await;
         assert!(refusals(reason) > before, "{who:?} counted as {reason}");

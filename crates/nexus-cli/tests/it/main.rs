@@ -798,6 +798,16 @@ async fn tls_with_development_certificates_reloads_without_dropping_connections(
     );
     let (_, out) = presented(gaddr, &ca, &["-tls1_1"]);
     assert!(out.contains("Cipher is (NONE)"), "TLS 1.1 refused: {out}");
+    // An IP address sent as SNI (wrk and other OpenSSL clients do): served,
+    // and no log line per handshake (checked at the end).
+    let (_, out) = run(std::process::Command::new("sh").args([
+        "-c",
+        &format!(
+            "openssl s_client -connect {gaddr} -servername 127.0.0.1 -CAfile {} </dev/null 2>&1",
+            ca.display()
+        ),
+    ]));
+    assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
     // gRPC over TLS from Python's grpcio (ALPN h2 on the shared port).
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/grpc_tls.py");
     let grpc_key = env_value_last(&env_file(tmp.path()), "AGENT_KEY");
@@ -957,6 +967,10 @@ async fn tls_with_development_certificates_reloads_without_dropping_connections(
     );
     let stderr = stop(child, "-TERM").await;
     assert!(stderr.contains("new TLS certificate refused"), "{stderr}");
+    assert!(
+        !stderr.contains("Illegal SNI"),
+        "rustls's per-handshake warning about the client's SNI is logged: {stderr}"
+    );
 
     // Start-up refuses a mismatched pair and a missing file, naming the variable.
     let gateway_fails = |cert: &Path, key: &Path| {
