@@ -686,10 +686,13 @@ def run(cfg, nexus, db, db_url, args, run_dir, timeline, procs):
     # Every replay the provider saw killed a grant; each must be one reported
     # as an interrupted refresh, and each of those must follow a SIGKILL of a
     # broker (the one cause no design can undo).
+    # Counted by distinct token: a broker whose replay's refusal never
+    # reached it (it had timed out) presents the same token again later.
     reuse = stats.get("refresh_token_reuse", 0)
-    if reuse > len(interrupted):
-        violations.append(f"the provider saw {reuse} replayed refresh tokens, only {len(interrupted)} "
-                          f"connections report an interrupted refresh")
+    reuse_distinct = stats.get("refresh_token_reuse_distinct", reuse)
+    if reuse_distinct > len(interrupted):
+        violations.append(f"the provider saw {reuse_distinct} distinct refresh tokens replayed, only "
+                          f"{len(interrupted)} connections report an interrupted refresh")
     kills = [e["t"] for e in timeline.of("sigkill") if e["process"].startswith("broker")]
     lost_answers = [t / 1000 for t in stats.get("refresh_answers_lost", [])]
     by_timeout = 0
@@ -804,7 +807,7 @@ def run(cfg, nexus, db, db_url, args, run_dir, timeline, procs):
         ("connections", len(conns)),
         ("chaos actions", ", ".join(f"{k} ×{v}" for k, v in sorted(kinds.items()) if k not in ("connected", "chaos_over"))),
         ("refresh requests at the provider", stats["token_requests"]["refresh_token"]),
-        ("refresh tokens replayed (provider)", reuse),
+        ("refresh tokens replayed (provider): requests / distinct tokens", f"{reuse} / {reuse_distinct}"),
         ("grants lost to a SIGKILL mid-refresh (refresh_interrupted)", len(interrupted)),
         ("  of those, after an answer lost to a timeout (provider slower than PROVIDER_TIMEOUT_SECS)", by_timeout),
         ("answers the provider sent after the broker gave up", len(lost_answers)),

@@ -144,6 +144,10 @@ const stats = {
   // Refresh tokens presented a second time (oidc-provider then revokes the
   // whole grant): every one is a replay by the client.
   refresh_token_reuse: 0,
+  // How many distinct refresh tokens those replays presented: a client whose
+  // first replay's refusal was lost (it had timed out) replays the same
+  // token again, which kills nothing more.
+  refresh_token_reuse_distinct: 0,
   // When a processed refresh's answer was lost (unix ms each).
   refresh_answers_lost: [],
   // Refresh requests answered by an injected fault instead of the provider.
@@ -155,6 +159,8 @@ const stats = {
 // `slow_until` a delay of `slow_ms`, then a 504 without processing (a
 // provider that never got to the request before its client gave up).
 const faults = { unavailable_until: 0, slow_until: 0, slow_ms: 0 };
+// Digests of the refresh tokens replayed (for refresh_token_reuse_distinct).
+const replayed = new Set();
 const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
 
 // ---------------------------------------------------------------- helpers
@@ -263,6 +269,11 @@ provider.on('server_error', (ctx, err) => console.error('server_error', err));
 provider.on('grant.error', (ctx, err) => {
   if (err.error_detail === 'refresh token already used' || err.message === 'refresh token already used') {
     stats.refresh_token_reuse += 1;
+    const presented = typeof ctx.req.body === 'string' ? new URLSearchParams(ctx.req.body).get('refresh_token') : null;
+    if (presented) {
+      replayed.add(crypto.createHash('sha256').update(presented).digest('hex'));
+      stats.refresh_token_reuse_distinct = replayed.size;
+    }
   }
   console.error('grant.error', err.message, err.error_detail || '');
 });
