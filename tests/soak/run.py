@@ -643,11 +643,14 @@ def run(cfg, nexus, db, db_url, args, run_dir, timeline, procs):
             if c == nexus_revoked:
                 if status != "revoked":
                     bad.append(f"{c}: revoked in Nexus but {status}")
+            elif status == "attention_required" and code == "refresh_interrupted":
+                # Counted whatever the account: a grant the provider
+                # revoked later may have been lost to a replay first, and
+                # that replay is in the provider's count.
+                interrupted.append(c)
             elif a == provider_revoked:
                 if status != "attention_required":
                     bad.append(f"{c}: grant revoked at the provider but {status} ({code})")
-            elif status == "attention_required" and code == "refresh_interrupted":
-                interrupted.append(c)
             elif a == withdrawn:
                 if status != "degraded" or SCOPE not in (s.get("failing_scopes") or []):
                     bad.append(f"{c}: scope withdrawn at the provider but {status} {s.get('failing_scopes')}")
@@ -699,18 +702,28 @@ def run(cfg, nexus, db, db_url, args, run_dir, timeline, procs):
     for c in interrupted:
         ev = requests.get(f"{base}/audit", headers=admin, timeout=10, params={
             "event_type": "connection.refresh_interrupted", "connection_id": c}).json().get("events", [])
-        started_at = ev[0]["detail"].get("interrupted_refresh_started_at", 0) / 1000 if ev else 0
+        last_call = ev[0]["detail"].get("interrupted_refresh_started_at", 0) / 1000 if ev else 0
         detected = calendar.timegm(time.strptime(ev[0]["occurred_at"][:19], "%Y-%m-%dT%H:%M:%S")) + 1 \
             if ev else now()
-        # Between the call that went out and the refusal that showed the
-        # loss: a broker killed, or an answer the provider sent into a
-        # closed connection (the broker had timed out).
-        if any(started_at - 1 <= k <= detected + 1 for k in kills):
+        # The spent refresh token is the one the last committed refresh
+        # stored: the call that spent it came after that commit. The intent
+        # names only the latest call (a later attempt the provider refused
+        # unprocessed, a 503, moves it), so the window starts at the last
+        # success, or at the latest call when there was none.
+        success = states[c].get("last_success_at")
+        started_at = calendar.timegm(time.strptime(success[:19], "%Y-%m-%dT%H:%M:%S")) \
+            if success else last_call
+        # Between that and the latest call's answer (at most the provider
+        # timeout later): a broker killed, or an answer the provider sent
+        # into a closed connection (the broker had timed out).
+        until = min(detected + 1, last_call + 3) if last_call else detected + 1
+        if any(started_at - 1 <= k <= until for k in kills):
             continue
-        if any(started_at - 1 <= t <= detected + 1 for t in lost_answers):
+        if any(started_at - 1 <= t <= until for t in lost_answers):
             by_timeout += 1
             continue
-        violations.append(f"{c}: interrupted refresh (call at {started_at:.3f}, found {detected:.0f}) with no "
+        violations.append(f"{c}: interrupted refresh (last success {started_at:.3f}, latest call {last_call:.3f}, "
+                          f"found {detected:.0f}) with no "
                           f"broker SIGKILL and no lost answer in between (graceful stops, database and provider "
                           f"faults must lose nothing)")
 
