@@ -1,12 +1,9 @@
 //! `nexus agents create|list|revoke`: agent keys through the broker's admin API.
 
-use std::path::PathBuf;
+use anyhow::Result;
+use clap::Subcommand;
 
-use anyhow::{bail, Context, Result};
-use clap::{Args, Subcommand};
-
-use crate::secret;
-use crate::state::StateDir;
+use crate::admin::AdminArgs;
 
 #[derive(Subcommand)]
 pub enum AgentsCommand {
@@ -35,35 +32,6 @@ pub enum AgentsCommand {
     },
 }
 
-/// How the CLI reaches the broker's admin API. API_KEY comes from the
-/// environment or the state folder, never from a flag.
-#[derive(Args)]
-pub struct AdminArgs {
-    /// Broker URL (default: http://BROKER_ADDR from the state folder, else 127.0.0.1:8080).
-    #[arg(long, env = "BROKER_URL")]
-    broker_url: Option<String>,
-    /// State folder whose nexus.env supplies API_KEY when it is not set.
-    #[arg(long, env = "NEXUS_STATE_DIR", default_value = ".nexus")]
-    state_dir: PathBuf,
-    /// PEM CA the broker's certificate chains to (beside the public roots).
-    #[arg(long, env = "BROKER_CA_FILE")]
-    broker_ca_file: Option<PathBuf>,
-    /// PEM client certificate for a broker that requires one (mutual TLS).
-    #[arg(
-        long,
-        env = "BROKER_CLIENT_CERT_FILE",
-        requires = "broker_client_key_file"
-    )]
-    broker_client_cert_file: Option<PathBuf>,
-    /// PEM private key of the client certificate.
-    #[arg(
-        long,
-        env = "BROKER_CLIENT_KEY_FILE",
-        requires = "broker_client_cert_file"
-    )]
-    broker_client_key_file: Option<PathBuf>,
-}
-
 /// `nexus agents ...`: the broker's admin API over HTTP.
 pub async fn run(command: AgentsCommand) -> Result<()> {
     let admin = match &command {
@@ -71,56 +39,10 @@ pub async fn run(command: AgentsCommand) -> Result<()> {
         | AgentsCommand::List { admin }
         | AgentsCommand::Revoke { admin, .. } => admin,
     };
-    let state = StateDir::open_existing(&admin.state_dir)?;
-    let api_key = secret("API_KEY", state.as_ref())
-        .context("API_KEY is not set (nor in the state folder's nexus.env)")?;
-    let base = admin
-        .broker_url
-        .clone()
-        .or_else(|| {
-            state
-                .as_ref()
-                .and_then(|s| s.get("BROKER_ADDR"))
-                .map(|a| format!("http://{a}"))
-        })
-        .unwrap_or_else(|| "http://127.0.0.1:8080".into());
-    let tls = nexus_core::mtls::ClientTls {
-        ca: admin.broker_ca_file.clone().map(|p| (p, "BROKER_CA_FILE")),
-        identity: admin
-            .broker_client_cert_file
-            .clone()
-            .zip(admin.broker_client_key_file.clone())
-            .map(|(c, k)| {
-                (
-                    (c, "BROKER_CLIENT_CERT_FILE"),
-                    (k, "BROKER_CLIENT_KEY_FILE"),
-                )
-            }),
-    };
-    let timeout = std::time::Duration::from_secs(15);
-    let http = nexus_core::outbound::clients_with(timeout, timeout, &tls)?.0;
+    let broker = admin.client()?;
     let call = |method: reqwest::Method, path: String, body: Option<serde_json::Value>| {
-        let mut req = http
-            .request(method, format!("{}{path}", base.trim_end_matches('/')))
-            .header("x-api-key", &api_key);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        async move {
-            let resp = req
-                .send()
-                .await
-                .with_context(|| format!("cannot reach the broker at {base}"))?;
-            let status = resp.status();
-            let body: serde_json::Value = resp.json().await.unwrap_or_default();
-            if !status.is_success() {
-                bail!(
-                    "the broker answered {status}: {}",
-                    body["message"].as_str().unwrap_or("no message")
-                );
-            }
-            Ok(body)
-        }
+        let broker = &broker;
+        async move { broker.ok(method, &path, body).await }
     };
     match command {
         AgentsCommand::Create {

@@ -5,9 +5,11 @@
 //! `nexus gateway` run one part each from the environment; `nexus migrate`,
 //! `nexus keys ...` and `nexus agents ...` are operator tools.
 
+mod admin;
 mod agents;
 mod certs;
 mod flags;
+mod providers;
 mod state;
 
 use std::ops::ControlFlow;
@@ -70,6 +72,12 @@ enum Command {
     /// connection's credentials (GATEWAY_URL, AGENT_KEY or AGENT_KEY_FILE,
     /// SIDECAR_ROUTES_FILE).
     Sidecar(SidecarArgs),
+    /// Providers kept in a manifest: plan and apply (through the broker's
+    /// admin API).
+    Providers {
+        #[command(subcommand)]
+        command: providers::ProvidersCommand,
+    },
     /// Agent keys: create, list, revoke (through the broker's admin API).
     Agents {
         #[command(subcommand)]
@@ -361,6 +369,14 @@ async fn run() -> Result<()> {
             Ok(())
         }
         Command::Agents { command } => agents::run(command).await,
+        Command::Providers { command } => match providers::run(command).await? {
+            0 => Ok(()),
+            code => {
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                std::process::exit(code)
+            }
+        },
         Command::Migrate(args) => {
             let state = open_state(args.state_dir.as_deref().or(Some(Path::new(".nexus"))))?;
             let mut s = settings(&args.settings.0, state.as_ref());

@@ -111,6 +111,12 @@ impl From<RegistryError> for ApiError {
                 "provider not found",
             ),
             RegistryError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            e @ RegistryError::Changed { now, .. } => ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "provider_changed",
+                e.to_string(),
+            )
+            .with("version", now),
             RegistryError::Store(s) => s.into(),
         }
     }

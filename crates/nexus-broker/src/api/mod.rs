@@ -204,6 +204,15 @@ fn admin_routes() -> Vec<Route<AppState>> {
             post(providers::create),
         ),
         (
+            doc(
+                "POST",
+                "/providers/plan",
+                "What registering a profile would change (nothing is stored)",
+            )
+            .fails(409, "the name is an alias of another provider"),
+            post(providers::plan),
+        ),
+        (
             doc("GET", routes::PROVIDERS, "List providers ({id, name})")
                 .returns(serde_json::json!({"type": "array", "items": {"type": "object"}})),
             get(providers::list),
@@ -237,15 +246,18 @@ fn admin_routes() -> Vec<Route<AppState>> {
             get(providers::get),
         ),
         (
-            doc("PUT", "/providers/{id}", "Replace a provider's profile"),
+            doc("PUT", "/providers/{id}", "Replace a provider's profile")
+                .fails(412, "If-Match names a version the provider has left"),
             put(providers::replace),
         ),
         (
-            doc("PATCH", "/providers/{id}", "Change some profile fields"),
+            doc("PATCH", "/providers/{id}", "Change some profile fields")
+                .fails(412, "If-Match names a version the provider has left"),
             patch(providers::patch),
         ),
         (
-            doc("DELETE", "/providers/{id}", "Delete a provider (soft)"),
+            doc("DELETE", "/providers/{id}", "Delete a provider (soft)")
+                .fails(412, "If-Match names a version the provider has left"),
             delete(providers::delete),
         ),
         (

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use serde::Deserialize;
@@ -33,7 +33,43 @@ fn view(p: &Provider, aliases: Vec<String>, redirect_uri: String) -> Value {
     }
     obj.insert("created_at".into(), json!(rfc3339(p.row.created_at)));
     obj.insert("updated_at".into(), json!(rfc3339(p.row.updated_at)));
+    obj.insert("version".into(), json!(p.row.version));
     Value::Object(obj)
+}
+
+/// The version an `If-Match` header names: the provider's ETag (`"3"`,
+/// also `W/"3"` or `3`). None, or `*`: any version.
+fn if_match(headers: &HeaderMap) -> ApiResult<Option<i64>> {
+    let Some(v) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::bad_request(
+            "invalid_if_match",
+            "If-Match must be the provider's ETag (its version, e.g. \"3\") or *",
+        )
+    };
+    let s = v.to_str().map_err(|_| bad())?.trim();
+    if s == "*" {
+        return Ok(None);
+    }
+    let s = s.strip_prefix("W/").unwrap_or(s);
+    s.trim_matches('"')
+        .parse::<i64>()
+        .map(Some)
+        .map_err(|_| bad())
+}
+
+/// `POST /providers/plan` (body as `POST /providers`) → `{action, id?,
+/// version?, changes: [{field, before, after}]}`: what registering the
+/// profile would do, changing nothing. `action` is `create` (no provider
+/// has the name), `update` or `none`; the secret shows only as set,
+/// changed or removed. Send `version` back as `If-Match` with the `PUT`.
+pub async fn plan(
+    State(st): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> ApiResult<Json<crate::registry::Plan>> {
+    Ok(Json(st.registry().plan(body).await?))
 }
 
 /// `POST /providers` → 201 `{id, message}`.
@@ -86,7 +122,10 @@ pub async fn metadata(State(st): State<AppState>) -> ApiResult<Json<Value>> {
 }
 
 /// `GET /providers/{id}`: the profile without its secret.
-pub async fn get(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn get(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     let reg = st.registry();
     let p = reg.get(&id).await?;
     let aliases = reg
@@ -96,38 +135,58 @@ pub async fn get(State(st): State<AppState>, Path(id): Path<String>) -> ApiResul
         .map(|(_, display)| display)
         .collect();
     let redirect_uri = st.handshakes().redirect_uri_for(&p);
-    Ok(Json(view(&p, aliases, redirect_uri)))
+    // Digits in quotes: always a valid header value.
+    let etag = HeaderValue::from_str(&format!("\"{}\"", p.row.version))
+        .unwrap_or(HeaderValue::from_static("\"0\""));
+    Ok((
+        [(header::ETAG, etag)],
+        Json(view(&p, aliases, redirect_uri)),
+    ))
 }
 
-/// `PUT /providers/{id}`: replace the profile.
+/// `PUT /providers/{id}`: replace the profile (with `If-Match`: only if
+/// still at that version, else 412 `provider_changed`).
 pub async fn replace(
     State(st): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<Value>,
 ) -> ApiResult<Json<Value>> {
-    st.registry().replace(&id, body, &caller.admin()).await?;
+    let expected = if_match(&headers)?;
+    st.registry()
+        .replace_if(&id, body, &caller.admin(), expected)
+        .await?;
     Ok(Json(json!({"id": id, "message": "provider updated"})))
 }
 
-/// `PATCH /providers/{id}`: JSON merge patch of the profile.
+/// `PATCH /providers/{id}`: JSON merge patch of the profile (`If-Match`
+/// as for `PUT`).
 pub async fn patch(
     State(st): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<Value>,
 ) -> ApiResult<Json<Value>> {
-    st.registry().patch(&id, body, &caller.admin()).await?;
+    let expected = if_match(&headers)?;
+    st.registry()
+        .patch_if(&id, body, &caller.admin(), expected)
+        .await?;
     Ok(Json(json!({"id": id, "message": "provider updated"})))
 }
 
-/// `DELETE /providers/{id}`: soft delete.
+/// `DELETE /providers/{id}`: soft delete (`If-Match` as for `PUT`).
 pub async fn delete(
     State(st): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
-    st.registry().delete(&id, &caller.admin()).await?;
+    let expected = if_match(&headers)?;
+    st.registry()
+        .delete_if(&id, &caller.admin(), expected)
+        .await?;
     Ok(Json(json!({"id": id, "message": "provider deleted"})))
 }
 

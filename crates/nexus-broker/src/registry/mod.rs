@@ -29,6 +29,16 @@ pub enum RegistryError {
     /// A name or alias is taken.
     #[error("{0}")]
     Conflict(String),
+    /// The provider is no longer at the version the caller read (`If-Match`).
+    #[error(
+        "the provider changed since version {expected} (it is at version {now}); read it again"
+    )]
+    Changed {
+        /// The version the caller read.
+        expected: i64,
+        /// The version stored now.
+        now: i64,
+    },
     /// Storage failed.
     #[error(transparent)]
     Store(StoreError),
@@ -83,6 +93,40 @@ impl Provider {
     }
 }
 
+/// One profile field a change would alter, as a plan shows it. The client
+/// secret is never shown: its values are `"(set)"`, `"(not set)"`,
+/// `"(changed)"` or `"(removed)"`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FieldChange {
+    /// The profile field.
+    pub field: String,
+    /// Its value now (`null`: absent).
+    pub before: Value,
+    /// Its value after the change (`null`: absent).
+    pub after: Value,
+}
+
+/// What registering a profile would do, computed without changing anything.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Plan {
+    /// `"create"`, `"update"` or `"none"`.
+    pub action: &'static str,
+    /// The provider's id (update and none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The version the plan was computed from (update and none): send it
+    /// back as `If-Match` so a change made since is refused, not overwritten.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<i64>,
+    /// Every field that would change.
+    pub changes: Vec<FieldChange>,
+}
+
+/// The secret's part of a plan.
+fn secret_shown(set: bool) -> Value {
+    json!(if set { "(set)" } else { "(not set)" })
+}
+
 /// Provider registry over a store and the vault.
 #[derive(Clone)]
 pub struct Registry {
@@ -124,19 +168,58 @@ fn unwrap_profile(body: Value) -> Result<Map<String, Value>, ProfileError> {
     Ok(obj)
 }
 
-fn changed_fields(before: &Value, after: &Value) -> Vec<String> {
+/// A replacement of `current` by `body`: parsed and validated; one that does
+/// not say keeps the redirect URI the IdP knows.
+fn replacement(
+    current: &Provider,
+    body: Value,
+) -> Result<(ProviderProfile, Map<String, Value>), RegistryError> {
+    let obj = unwrap_profile(body)?;
+    let mut profile = parse_profile(Value::Object(obj.clone()))?;
+    profile.validate()?;
+    if profile.redirect.is_none() {
+        profile.redirect = current.profile.redirect;
+    }
+    Ok((profile, obj))
+}
+
+/// The fields whose values differ between `current` and `after`, sorted,
+/// then the client secret if `secret` changes it.
+fn changes(current: &Provider, after: &Value, secret: &SecretUpdate) -> Vec<FieldChange> {
+    let before = current.profile.public_json();
     let empty = Map::new();
     let b = before.as_object().unwrap_or(&empty);
     let a = after.as_object().unwrap_or(&empty);
-    let mut keys: Vec<String> = b
+    let mut keys: Vec<&String> = b
         .keys()
         .chain(a.keys())
         .filter(|k| b.get(*k) != a.get(*k))
-        .cloned()
         .collect();
     keys.sort();
     keys.dedup();
-    keys
+    let mut out: Vec<FieldChange> = keys
+        .into_iter()
+        .map(|k| FieldChange {
+            field: k.clone(),
+            before: b.get(k).cloned().unwrap_or(Value::Null),
+            after: a.get(k).cloned().unwrap_or(Value::Null),
+        })
+        .collect();
+    let was = current.client_secret_set();
+    let secret_after = match secret {
+        SecretUpdate::Keep => None,
+        SecretUpdate::Set(_) => Some(json!(if was { "(changed)" } else { "(set)" })),
+        SecretUpdate::Clear if was => Some(json!("(removed)")),
+        SecretUpdate::Clear => None,
+    };
+    if let Some(after) = secret_after {
+        out.push(FieldChange {
+            field: SECRET_COLUMN.into(),
+            before: secret_shown(was),
+            after,
+        });
+    }
+    out
 }
 
 /// RFC 7396 JSON merge patch.
@@ -240,20 +323,106 @@ impl Registry {
     /// Replaces a provider's profile (PUT). An absent `client_secret` keeps the
     /// stored one; `"client_secret": null` removes it.
     pub async fn replace(&self, id: &str, body: Value, actor: &Actor) -> Result<(), RegistryError> {
-        let current = self.get(id).await?;
+        self.replace_if(id, body, actor, None).await
+    }
+
+    /// [`Registry::replace`], only while the provider is at version
+    /// `expected` (when given): a change someone made since is refused with
+    /// [`RegistryError::Changed`], not overwritten.
+    pub async fn replace_if(
+        &self,
+        id: &str,
+        body: Value,
+        actor: &Actor,
+        expected: Option<i64>,
+    ) -> Result<(), RegistryError> {
+        let current = self.get_at(id, expected).await?;
+        let (profile, obj) = replacement(&current, body)?;
+        self.write_update(&current, profile, &obj, actor).await
+    }
+
+    /// What registering `body` would do, changing nothing: a create when no
+    /// live provider has its name (the name must be free, the profile valid),
+    /// else the fields a replacement (PUT) would change. Nothing is fetched
+    /// from the provider (discovery happens when the provider is used).
+    pub async fn plan(&self, body: Value) -> Result<Plan, RegistryError> {
         let obj = unwrap_profile(body)?;
         let mut profile = parse_profile(Value::Object(obj.clone()))?;
         profile.validate()?;
-        // A replacement that does not say keeps the redirect URI the IdP knows.
-        if profile.redirect.is_none() {
-            profile.redirect = current.profile.redirect;
+        let current = match self.find(&profile.name).await {
+            Ok(p) if p.profile.name == profile.name => p,
+            // An alias of another provider: the name is taken.
+            Ok(p) => {
+                return Err(RegistryError::Conflict(format!(
+                    "'{}' is an alias of the provider '{}'",
+                    profile.name, p.profile.name
+                )))
+            }
+            Err(RegistryError::NotFound) => {
+                let after = profile.public_json();
+                let mut changes: Vec<FieldChange> = after
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| FieldChange {
+                        field: k.clone(),
+                        before: Value::Null,
+                        after: v.clone(),
+                    })
+                    .collect();
+                if profile.client_secret.is_some() {
+                    changes.push(FieldChange {
+                        field: SECRET_COLUMN.into(),
+                        before: Value::Null,
+                        after: secret_shown(true),
+                    });
+                }
+                return Ok(Plan {
+                    action: "create",
+                    id: None,
+                    version: None,
+                    changes,
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let (profile, obj) = replacement(&current, Value::Object(obj))?;
+        let secret = self.secret_update(&current, &profile, &obj)?;
+        let changes = changes(&current, &profile.public_json(), &secret);
+        Ok(Plan {
+            action: if changes.is_empty() { "none" } else { "update" },
+            id: Some(current.row.id.clone()),
+            version: Some(current.row.version),
+            changes,
+        })
+    }
+
+    /// A live provider, checked to be at version `expected` when given.
+    async fn get_at(&self, id: &str, expected: Option<i64>) -> Result<Provider, RegistryError> {
+        let current = self.get(id).await?;
+        match expected {
+            Some(v) if v != current.row.version => Err(RegistryError::Changed {
+                expected: v,
+                now: current.row.version,
+            }),
+            _ => Ok(current),
         }
-        self.write_update(&current, profile, &obj, actor).await
     }
 
     /// Applies a JSON merge patch (RFC 7396) to a provider's profile (PATCH).
     pub async fn patch(&self, id: &str, body: Value, actor: &Actor) -> Result<(), RegistryError> {
-        let current = self.get(id).await?;
+        self.patch_if(id, body, actor, None).await
+    }
+
+    /// [`Registry::patch`], only while the provider is at version `expected`.
+    pub async fn patch_if(
+        &self,
+        id: &str,
+        body: Value,
+        actor: &Actor,
+        expected: Option<i64>,
+    ) -> Result<(), RegistryError> {
+        let current = self.get_at(id, expected).await?;
         let patch = unwrap_profile(body)?;
         let mut merged = current.profile.public_json();
         merge_patch(&mut merged, &Value::Object(patch.clone()));
@@ -268,6 +437,35 @@ impl Registry {
         self.write_update(&current, profile, &patch, actor).await
     }
 
+    /// What a change does to the stored client secret. Static providers
+    /// never hold one; for OAuth an absent field keeps the stored secret, an
+    /// explicit null removes it, and a value equal to the stored one keeps it.
+    fn secret_update(
+        &self,
+        current: &Provider,
+        profile: &ProviderProfile,
+        raw: &Map<String, Value>,
+    ) -> Result<SecretUpdate, RegistryError> {
+        if profile.auth_type.is_static() {
+            return Ok(SecretUpdate::Clear);
+        }
+        Ok(match (raw.get("client_secret"), &profile.client_secret) {
+            (Some(Value::Null), _) => SecretUpdate::Clear,
+            (Some(_), Some(s)) => {
+                let same = self.client_secret(current)?.is_some_and(|stored| {
+                    use subtle::ConstantTimeEq;
+                    bool::from(stored.expose().as_bytes().ct_eq(s.expose().as_bytes()))
+                });
+                if same {
+                    SecretUpdate::Keep
+                } else {
+                    SecretUpdate::Set(self.keys.encrypt_str(secret_aad(&current.row.id), s))
+                }
+            }
+            _ => SecretUpdate::Keep,
+        })
+    }
+
     async fn write_update(
         &self,
         current: &Provider,
@@ -276,27 +474,12 @@ impl Registry {
         actor: &Actor,
     ) -> Result<(), RegistryError> {
         let id = &current.row.id;
-        // Static providers never hold a client secret; for OAuth an absent field
-        // keeps the stored secret and an explicit null removes it.
-        let client_secret = if profile.auth_type.is_static() {
-            SecretUpdate::Clear
-        } else {
-            match (raw.get("client_secret"), &profile.client_secret) {
-                (Some(Value::Null), _) => SecretUpdate::Clear,
-                (Some(_), Some(s)) => SecretUpdate::Set(self.keys.encrypt_str(secret_aad(id), s)),
-                _ => SecretUpdate::Keep,
-            }
-        };
+        let client_secret = self.secret_update(current, &profile, raw)?;
         let public = profile.public_json();
-        let mut changed = changed_fields(&current.profile.public_json(), &public);
-        let secret_changed = match &client_secret {
-            SecretUpdate::Keep => false,
-            SecretUpdate::Set(_) => true,
-            SecretUpdate::Clear => current.client_secret_set(),
-        };
-        if secret_changed {
-            changed.push("client_secret".into());
-        }
+        let changed: Vec<String> = changes(current, &public, &client_secret)
+            .into_iter()
+            .map(|c| c.field)
+            .collect();
         let audit = actor.event(
             "provider.updated",
             id,
@@ -320,7 +503,17 @@ impl Registry {
 
     /// Soft-deletes a provider; its name becomes free and its aliases go.
     pub async fn delete(&self, id: &str, actor: &Actor) -> Result<(), RegistryError> {
-        let current = self.get(id).await?;
+        self.delete_if(id, actor, None).await
+    }
+
+    /// [`Registry::delete`], only while the provider is at version `expected`.
+    pub async fn delete_if(
+        &self,
+        id: &str,
+        actor: &Actor,
+        expected: Option<i64>,
+    ) -> Result<(), RegistryError> {
+        let current = self.get_at(id, expected).await?;
         let audit = actor.event(
             "provider.deleted",
             id,

@@ -177,6 +177,7 @@ const READ_ONLY_FIELDS: &[&str] = &[
     "deleted_at",
     "strategy",
     "redirect_uri",
+    "version",
 ];
 
 /// Authorize parameters Nexus sets itself; `params` may not override them.
@@ -525,6 +526,7 @@ mod tests {
         let mut v = oauth();
         v["id"] = json!("abc");
         v["client_secret_set"] = json!(true);
+        v["version"] = json!(3);
         assert!(parse_profile(v).is_ok());
     }
 

@@ -510,7 +510,165 @@ async fn reference_shaped_static_providers_register(b: Backend) {
     t.finish().await;
 }
 
+/// A request with an `If-Match` header; status, ETag and JSON body.
+async fn with_if_match(
+    t: &TestBroker,
+    method: Method,
+    path: &str,
+    tag: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Option<String>, Value) {
+    let mut req = t
+        .client
+        .request(method, format!("{}{path}", t.base))
+        .header("x-api-key", &t.api_key);
+    if let Some(tag) = tag {
+        req = req.header("if-match", tag);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status();
+    let etag = resp
+        .headers()
+        .get("etag")
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, etag, resp.json().await.unwrap())
+}
+
+/// `POST /providers/plan` says what a registration would do and stores
+/// nothing (the secret compared in the vault, never shown); `If-Match` with
+/// the version read refuses a change someone made since (412), and the
+/// refused change leaves the provider as it was.
+async fn plans_change_nothing_and_if_match_refuses_stale_writes(b: Backend) {
+    let t = TestBroker::start(&b).await;
+    let secret_of = |plan: &Value| -> Value {
+        plan["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["field"] == "client_secret")
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    let (s, plan) = t
+        .post(
+            "/providers/plan",
+            json!({"profile": oauth_profile("google")}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{plan}");
+    assert_eq!(plan["action"], "create");
+    assert!(plan["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["field"] == "client_id" && c["before"].is_null() && c["after"] == "client-123"));
+    assert_eq!(secret_of(&plan)["after"], "(set)");
+    assert!(!plan.to_string().contains("not-a-canary"), "{plan}");
+    let (_, list) = t.get("/providers").await;
+    assert_eq!(list, json!([]), "a plan stores nothing");
+    let (s, body) = t
+        .post(
+            "/providers/plan",
+            json!({"profile": {"name": "x", "auth_type": "oauth2", "client_id": "c", "auth_url": "javascript:alert(1)", "token_url": "https://a/t"}}),
+        )
+        .await;
+    assert_json_error(s, &body, 400, "invalid_profile");
+
+    let google = t.create_provider(oauth_profile("google")).await;
+    let (_, plan) = t
+        .post(
+            "/providers/plan",
+            json!({"profile": oauth_profile("google")}),
+        )
+        .await;
+    assert_eq!(
+        plan["action"], "none",
+        "the same profile and secret: {plan}"
+    );
+    assert_eq!(plan["id"], google);
+    let version = plan["version"].as_i64().unwrap();
+
+    let mut wanted = oauth_profile("google");
+    wanted["scopes"] = json!(["openid"]);
+    wanted["client_secret"] = json!("rotated-secret-value");
+    let (_, plan) = t
+        .post("/providers/plan", json!({"profile": wanted.clone()}))
+        .await;
+    assert_eq!(plan["action"], "update");
+    assert_eq!(
+        plan["changes"],
+        json!([
+            {"field": "scopes", "before": ["openid", "email"], "after": ["openid"]},
+            {"field": "client_secret", "before": "(set)", "after": "(changed)"},
+        ])
+    );
+    assert!(!plan.to_string().contains("rotated-secret-value"), "{plan}");
+
+    let path = format!("/providers/{google}");
+    let (s, etag, view) = with_if_match(&t, Method::GET, &path, None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(etag.as_deref(), Some(format!("\"{version}\"").as_str()));
+    assert_eq!(view["version"], version);
+
+    // Someone else changes it after the plan was read.
+    let (s, _) = t
+        .call(
+            Method::PATCH,
+            &path,
+            Some(json!({"profile": {"description": "edited by hand"}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let tag = format!("\"{version}\"");
+    for (method, body) in [
+        (Method::PUT, Some(json!({"profile": wanted.clone()}))),
+        (
+            Method::PATCH,
+            Some(json!({"profile": {"scopes": ["openid"]}})),
+        ),
+        (Method::DELETE, None),
+    ] {
+        let (s, _, body) = with_if_match(&t, method.clone(), &path, Some(&tag), body).await;
+        assert_json_error(s, &body, 412, "provider_changed");
+        assert_eq!(body["version"], version + 1, "{method}: {body}");
+    }
+    let (_, view) = t.get(&path).await;
+    assert_eq!(
+        view["scopes"],
+        json!(["openid", "email"]),
+        "nothing overwritten"
+    );
+    assert_eq!(view["description"], "edited by hand");
+
+    let (s, _, body) = with_if_match(
+        &t,
+        Method::PUT,
+        &path,
+        Some("three"),
+        Some(json!({"profile": oauth_profile("google")})),
+    )
+    .await;
+    assert_json_error(s, &body, 400, "invalid_if_match");
+    let fresh = format!("W/\"{}\"", version + 1);
+    let (s, _, body) = with_if_match(
+        &t,
+        Method::PUT,
+        &path,
+        Some(&fresh),
+        Some(json!({"profile": wanted})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (s, _, body) = with_if_match(&t, Method::DELETE, &path, Some("*"), None).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    t.finish().await;
+}
+
 backend_tests!(
+    plans_change_nothing_and_if_match_refuses_stale_writes,
     reference_shaped_static_providers_register,
     concurrent_changes_never_fail_or_get_lost,
     crud_round_trip,

@@ -1,0 +1,540 @@
+//! `nexus providers plan|apply`: provider registrations kept in a manifest
+//! and reconciled with a broker, like a Terraform plan.
+//!
+//! The manifest is the reference implementation's `nexus-providers.yaml` as
+//! it is: a `providers:` list of profiles (the shapes `POST /providers`
+//! takes), with `${VAR}` replaced from the environment. The broker computes
+//! every field change itself (`POST /providers/plan`), with its own
+//! normalisation and the client secret compared in its vault, so a plan
+//! shows exactly what the broker would store and never a secret. `apply`
+//! sends each update and deletion with `If-Match` set to the version the
+//! plan read: a provider someone changed in between is reported, not
+//! overwritten.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::admin::{AdminArgs, AdminClient};
+
+#[derive(Subcommand)]
+pub enum ProvidersCommand {
+    /// Show what `apply` would change: each provider to create, to update
+    /// (field by field), to delete (with --prune) or unchanged. Secrets show
+    /// only as (set), (changed) or (removed).
+    #[command(after_help = "Examples:\n  \
+        nexus providers plan -f nexus-providers.yaml\n  \
+        nexus providers plan --prune --detailed-exitcode   # exit 2 when there are changes")]
+    Plan {
+        #[command(flatten)]
+        manifest: ManifestArgs,
+        /// Exit 0 without changes, 2 with changes, 1 on an error.
+        #[arg(long)]
+        detailed_exitcode: bool,
+    },
+    /// Make the plan's changes: creations, then updates, then deletions
+    /// (--prune). Asks first when run at a terminal.
+    #[command(after_help = "Examples:\n  \
+        nexus providers apply -f nexus-providers.yaml\n  \
+        nexus providers apply --prune --auto-approve")]
+    Apply {
+        #[command(flatten)]
+        manifest: ManifestArgs,
+        /// Apply without asking.
+        #[arg(long)]
+        auto_approve: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct ManifestArgs {
+    /// The manifest: a `providers:` list of provider profiles; `${VAR}` is
+    /// replaced by the environment variable VAR.
+    #[arg(short = 'f', long = "file", default_value = "nexus-providers.yaml")]
+    file: PathBuf,
+    /// Also delete the live providers the manifest does not list.
+    #[arg(long)]
+    prune: bool,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+/// What happens to one provider.
+#[derive(Debug)]
+enum Action {
+    Create,
+    Update {
+        id: String,
+        version: i64,
+    },
+    Unchanged,
+    Delete {
+        id: String,
+        version: i64,
+    },
+    /// Live, not in the manifest, and no --prune.
+    Orphan,
+}
+
+#[derive(Debug)]
+struct Step {
+    name: String,
+    action: Action,
+    /// `{field, before, after}` as the broker computed them.
+    changes: Vec<Value>,
+    /// The profile to send (create and update).
+    profile: Value,
+}
+
+/// `nexus providers ...`; returns the process's exit code.
+pub async fn run(command: ProvidersCommand) -> Result<i32> {
+    match command {
+        ProvidersCommand::Plan {
+            manifest,
+            detailed_exitcode,
+        } => {
+            let (_, steps) = prepare(&manifest).await?;
+            let changes = print_plan(&steps);
+            if changes == 0 {
+                println!("\nNo changes: the broker matches the manifest.");
+            } else {
+                println!("\nRun `nexus providers apply` to make these changes.");
+            }
+            Ok(if detailed_exitcode && changes > 0 {
+                2
+            } else {
+                0
+            })
+        }
+        ProvidersCommand::Apply {
+            manifest,
+            auto_approve,
+        } => {
+            let (broker, steps) = prepare(&manifest).await?;
+            let changes = print_plan(&steps);
+            if changes == 0 {
+                println!("\nNo changes: the broker matches the manifest.");
+                return Ok(0);
+            }
+            if !auto_approve && std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                print!("\nMake these changes? Only 'yes' is accepted: ");
+                std::io::Write::flush(&mut std::io::stdout())?;
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                if answer.trim() != "yes" {
+                    println!("Nothing changed.");
+                    return Ok(1);
+                }
+            }
+            apply(&broker, &steps).await
+        }
+    }
+}
+
+/// Reads the manifest and the broker's state and computes the steps.
+async fn prepare(args: &ManifestArgs) -> Result<(AdminClient, Vec<Step>)> {
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read the manifest {}", args.file.display()))?;
+    let entries = manifest(&text, &args.file, &|name| std::env::var(name).ok())?;
+    let broker = args.admin.client()?;
+    let live = broker.ok(Method::GET, "/providers", None).await?;
+    let live: BTreeMap<String, String> = live
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| Some((p["name"].as_str()?.into(), p["id"].as_str()?.into())))
+        .collect();
+    println!(
+        "Read {} providers from {}; the broker has {}.\n",
+        entries.len(),
+        args.file.display(),
+        live.len()
+    );
+    let mut steps = Vec::new();
+    let mut refused = Vec::new();
+    for (name, profile) in &entries {
+        let (status, plan) = broker
+            .send(
+                Method::POST,
+                "/providers/plan",
+                Some(json!({ "profile": profile })),
+                None,
+            )
+            .await?;
+        if status != StatusCode::OK {
+            refused.push(format!(
+                "  {name}: {}",
+                plan["message"].as_str().unwrap_or("refused by the broker")
+            ));
+            continue;
+        }
+        let changes = plan["changes"].as_array().cloned().unwrap_or_default();
+        let action = match plan["action"].as_str() {
+            Some("create") => Action::Create,
+            Some("update") => Action::Update {
+                id: plan["id"].as_str().unwrap_or_default().into(),
+                version: plan["version"].as_i64().unwrap_or_default(),
+            },
+            _ => Action::Unchanged,
+        };
+        steps.push(Step {
+            name: name.clone(),
+            action,
+            changes,
+            profile: profile.clone(),
+        });
+    }
+    if !refused.is_empty() {
+        bail!(
+            "the broker refuses {} of the manifest's providers (nothing was changed):\n{}",
+            refused.len(),
+            refused.join("\n")
+        );
+    }
+    let listed: BTreeSet<&String> = entries.iter().map(|(n, _)| n).collect();
+    for (name, id) in &live {
+        if listed.contains(name) {
+            continue;
+        }
+        let action = if args.prune {
+            let (status, p) = broker
+                .send(Method::GET, &format!("/providers/{id}"), None, None)
+                .await?;
+            if status != StatusCode::OK {
+                bail!("reading the provider {name}: the broker answered {status}");
+            }
+            Action::Delete {
+                id: id.clone(),
+                version: p["version"].as_i64().unwrap_or_default(),
+            }
+        } else {
+            Action::Orphan
+        };
+        steps.push(Step {
+            name: name.clone(),
+            action,
+            changes: Vec::new(),
+            profile: Value::Null,
+        });
+    }
+    Ok((broker, steps))
+}
+
+/// The manifest's providers by name, `${VAR}` replaced through `lookup`.
+/// Every unset variable is named at once, before anything is done.
+fn manifest(
+    text: &str,
+    file: &Path,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<(String, Value)>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Manifest {
+        #[serde(default)]
+        providers: Vec<Value>,
+        #[serde(default)]
+        webhooks: Option<Value>,
+    }
+    let parsed: Manifest = serde_yaml_ng::from_str(text).map_err(|e| match e.location() {
+        Some(at) => anyhow::anyhow!("{}:{}:{}: {e}", file.display(), at.line(), at.column()),
+        None => anyhow::anyhow!("{}: {e}", file.display()),
+    })?;
+    if parsed.webhooks.is_some() {
+        bail!(
+            "{}: a webhooks: section is not applied by this version (nothing was done); \
+             register webhook endpoints with POST /webhooks",
+            file.display()
+        );
+    }
+    let mut unset = Vec::new();
+    let mut out: Vec<(String, Value)> = Vec::new();
+    for (i, mut entry) in parsed.providers.into_iter().enumerate() {
+        let Some(name) = entry
+            .get("name")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+        else {
+            bail!(
+                "{}: providers[{i}] has no name (a string): the name is how a provider is matched",
+                file.display()
+            );
+        };
+        if out.iter().any(|(n, _)| *n == name) {
+            bail!("{}: the provider {name} is listed twice", file.display());
+        }
+        expand(&mut entry, &name, lookup, &mut unset);
+        out.push((name, entry));
+    }
+    if !unset.is_empty() {
+        bail!(
+            "{}: {} unset environment variable(s), nothing was done:\n{}",
+            file.display(),
+            unset.len(),
+            unset
+                .iter()
+                .map(|(var, at)| format!("  {var} (in {at})"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    Ok(out)
+}
+
+/// Replaces `${VAR}` in every string of `v`; records unset variables with
+/// where they are (`provider.field`).
+fn expand(
+    v: &mut Value,
+    at: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    unset: &mut Vec<(String, String)>,
+) {
+    match v {
+        Value::String(s) => {
+            let mut out = String::with_capacity(s.len());
+            let mut rest = s.as_str();
+            while let Some(start) = rest.find("${") {
+                out.push_str(&rest[..start]);
+                let after = &rest[start + 2..];
+                let Some(end) = after.find('}') else {
+                    out.push_str(&rest[start..]);
+                    rest = "";
+                    break;
+                };
+                let var = &after[..end];
+                let valid = !var.is_empty()
+                    && !var.starts_with(|c: char| c.is_ascii_digit())
+                    && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !valid {
+                    // Not a variable reference: kept as written.
+                    out.push_str(&rest[start..start + 2 + end + 1]);
+                } else if let Some(value) = lookup(var) {
+                    out.push_str(&value);
+                } else {
+                    unset.push((var.to_string(), at.to_string()));
+                }
+                rest = &after[end + 1..];
+            }
+            out.push_str(rest);
+            *s = out;
+        }
+        Value::Array(items) => {
+            for item in items {
+                expand(item, at, lookup, unset);
+            }
+        }
+        Value::Object(fields) => {
+            for (k, item) in fields.iter_mut() {
+                expand(item, &format!("{at}.{k}"), lookup, unset);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A value as a plan line shows it: the secret markers bare, the rest JSON.
+fn shown(v: &Value) -> String {
+    match v.as_str() {
+        Some(s) if s.starts_with('(') && s.ends_with(')') => s.to_string(),
+        _ => v.to_string(),
+    }
+}
+
+/// Prints the plan; returns how many changes it holds.
+fn print_plan(steps: &[Step]) -> usize {
+    let (mut create, mut update, mut delete, mut same) = (0, 0, 0, 0);
+    for s in steps {
+        match &s.action {
+            Action::Create => {
+                create += 1;
+                println!("+ create {}", s.name);
+                for c in &s.changes {
+                    println!(
+                        "    {}: {}",
+                        c["field"].as_str().unwrap_or("?"),
+                        shown(&c["after"])
+                    );
+                }
+            }
+            Action::Update { .. } => {
+                update += 1;
+                println!("~ update {}", s.name);
+                for c in &s.changes {
+                    println!(
+                        "    {}: {} -> {}",
+                        c["field"].as_str().unwrap_or("?"),
+                        shown(&c["before"]),
+                        shown(&c["after"])
+                    );
+                }
+            }
+            Action::Unchanged => {
+                same += 1;
+                println!("= unchanged {}", s.name);
+            }
+            Action::Delete { .. } => {
+                delete += 1;
+                println!("- delete {}", s.name);
+            }
+            Action::Orphan => {
+                println!(
+                    "! orphan {} (not in the manifest; --prune deletes it)",
+                    s.name
+                );
+            }
+        }
+    }
+    println!(
+        "\nPlan: {create} to create, {update} to update, {delete} to delete, {same} unchanged."
+    );
+    create + update + delete
+}
+
+/// Makes the changes; 0 when all were made, 1 otherwise.
+async fn apply(broker: &AdminClient, steps: &[Step]) -> Result<i32> {
+    println!();
+    let mut failed = 0;
+    let order = |a: &Action| match a {
+        Action::Create => 0,
+        Action::Update { .. } => 1,
+        Action::Delete { .. } => 2,
+        _ => 3,
+    };
+    let mut todo: Vec<&Step> = steps.iter().filter(|s| order(&s.action) < 3).collect();
+    todo.sort_by_key(|s| order(&s.action));
+    for s in todo {
+        let (verb, result) = match &s.action {
+            Action::Create => (
+                "created",
+                broker
+                    .send(
+                        Method::POST,
+                        "/providers",
+                        Some(json!({"profile": s.profile})),
+                        None,
+                    )
+                    .await?,
+            ),
+            Action::Update { id, version } => (
+                "updated",
+                broker
+                    .send(
+                        Method::PUT,
+                        &format!("/providers/{id}"),
+                        Some(json!({"profile": s.profile})),
+                        Some(*version),
+                    )
+                    .await?,
+            ),
+            Action::Delete { id, version } => (
+                "deleted",
+                broker
+                    .send(
+                        Method::DELETE,
+                        &format!("/providers/{id}"),
+                        None,
+                        Some(*version),
+                    )
+                    .await?,
+            ),
+            Action::Unchanged | Action::Orphan => continue,
+        };
+        match result {
+            (status, _) if status.is_success() => println!("{verb} {}", s.name),
+            (StatusCode::PRECONDITION_FAILED, body) => {
+                failed += 1;
+                println!(
+                    "NOT {verb} {}: someone changed it since this plan read it (now version {}); \
+                     it was not overwritten. Plan again.",
+                    s.name, body["version"]
+                );
+            }
+            (status, body) => {
+                failed += 1;
+                println!(
+                    "NOT {verb} {}: the broker answered {status}: {}",
+                    s.name,
+                    body["message"].as_str().unwrap_or("no message")
+                );
+            }
+        }
+    }
+    if failed > 0 {
+        println!("\n{failed} change(s) not made; the others were.");
+        return Ok(1);
+    }
+    println!("\nApply complete.");
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(name: &str) -> Option<String> {
+        match name {
+            "ID" => Some("client-1".into()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn variables_are_expanded_and_every_unset_one_named() {
+        let text = "providers:\n  - name: a\n    client_id: \"${ID}\"\n    client_secret: \"pre-${EMPTY}-${ID}\"\n    params: {note: \"cost: ${ not a var } $ID ${1X}\"}\n";
+        let got = manifest(text, Path::new("m.yaml"), &vars).unwrap();
+        assert_eq!(got[0].1["client_id"], "client-1");
+        assert_eq!(got[0].1["client_secret"], "pre--client-1");
+        assert_eq!(
+            got[0].1["params"]["note"], "cost: ${ not a var } $ID ${1X}",
+            "only ${{NAME}} is a reference"
+        );
+        let text = "providers:\n  - name: a\n    client_id: \"${A_ID}\"\n  - name: b\n    client_secret: \"${B_SECRET}\"\n    scopes: [\"${ID}\", \"${B_SCOPE}\"]\n";
+        let e = manifest(text, Path::new("m.yaml"), &vars)
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "3 unset",
+            "A_ID (in a.client_id)",
+            "B_SECRET (in b.client_secret)",
+            "B_SCOPE (in b.scopes)",
+        ] {
+            assert!(e.contains(want), "{want}: {e}");
+        }
+    }
+
+    #[test]
+    fn malformed_manifests_are_refused_with_where() {
+        let e = manifest(
+            "providers:\n  - name: a\n   auth_type: x\n",
+            Path::new("m.yaml"),
+            &vars,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("m.yaml:3:"), "{e}");
+        let e = manifest("provider:\n  - name: a\n", Path::new("m.yaml"), &vars)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `provider`"), "{e}");
+        let e = manifest(
+            "providers:\n  - name: a\n  - name: a\n",
+            Path::new("m.yaml"),
+            &vars,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("listed twice"), "{e}");
+        let e = manifest(
+            "providers:\n  - auth_type: oauth2\n",
+            Path::new("m.yaml"),
+            &vars,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("providers[0] has no name"), "{e}");
+    }
+}
