@@ -35,6 +35,10 @@ pub enum ProvidersCommand {
         /// Exit 0 without changes, 2 with changes, 1 on an error.
         #[arg(long)]
         detailed_exitcode: bool,
+        /// Save the plan (each provider's action and the version read) for
+        /// `apply --plan`, which then refuses to run if anything moved.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
     /// Make the plan's changes: creations, then updates, then deletions
     /// (--prune). Asks first when run at a terminal.
@@ -47,6 +51,11 @@ pub enum ProvidersCommand {
         /// Apply without asking.
         #[arg(long)]
         auto_approve: bool,
+        /// Apply only if the broker and the manifest still give the plan
+        /// saved by `plan --out` (a provider changed since is reported and
+        /// nothing is changed).
+        #[arg(long, value_name = "FILE")]
+        plan: Option<PathBuf>,
     },
 }
 
@@ -90,15 +99,82 @@ struct Step {
     profile: Value,
 }
 
+/// One provider in a saved plan: what the plan does and the version it read.
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Saved {
+    name: String,
+    action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    version: Option<i64>,
+}
+
+impl Step {
+    fn saved(&self) -> Saved {
+        let (action, version) = match &self.action {
+            Action::Create => ("create", None),
+            Action::Update { version, .. } => ("update", Some(*version)),
+            Action::Unchanged => ("none", None),
+            Action::Delete { version, .. } => ("delete", Some(*version)),
+            Action::Orphan => ("orphan", None),
+        };
+        Saved {
+            name: self.name.clone(),
+            action: action.into(),
+            version,
+        }
+    }
+}
+
+/// The differences between a saved plan and the plan computed now.
+fn stale(saved: &[Saved], now: &[Step]) -> Vec<String> {
+    let now: Vec<Saved> = now.iter().map(Step::saved).collect();
+    let mut out = Vec::new();
+    for n in &now {
+        match saved.iter().find(|s| s.name == n.name) {
+            None => out.push(format!(
+                "{}: not in the saved plan (now: {})",
+                n.name, n.action
+            )),
+            Some(s) if s != n => out.push(format!(
+                "{}: planned {}{}, now {}{}",
+                n.name,
+                s.action,
+                s.version
+                    .map(|v| format!(" at version {v}"))
+                    .unwrap_or_default(),
+                n.action,
+                n.version
+                    .map(|v| format!(" at version {v}"))
+                    .unwrap_or_default(),
+            )),
+            Some(_) => {}
+        }
+    }
+    for s in saved {
+        if !now.iter().any(|n| n.name == s.name) {
+            out.push(format!("{}: planned {}, now gone", s.name, s.action));
+        }
+    }
+    out
+}
+
 /// `nexus providers ...`; returns the process's exit code.
 pub async fn run(command: ProvidersCommand) -> Result<i32> {
     match command {
         ProvidersCommand::Plan {
             manifest,
             detailed_exitcode,
+            out,
         } => {
             let (_, steps) = prepare(&manifest).await?;
             let changes = print_plan(&steps);
+            if let Some(path) = out {
+                let saved: Vec<Saved> = steps.iter().map(Step::saved).collect();
+                let text = serde_json::to_string_pretty(&json!({ "providers": saved }))?;
+                std::fs::write(&path, text + "\n")
+                    .with_context(|| format!("writing the plan to {}", path.display()))?;
+                println!("\nPlan saved to {} (apply it with --plan).", path.display());
+            }
             if changes == 0 {
                 println!("\nNo changes: the broker matches the manifest.");
             } else {
@@ -113,9 +189,30 @@ pub async fn run(command: ProvidersCommand) -> Result<i32> {
         ProvidersCommand::Apply {
             manifest,
             auto_approve,
+            plan,
         } => {
             let (broker, steps) = prepare(&manifest).await?;
             let changes = print_plan(&steps);
+            if let Some(path) = plan {
+                #[derive(serde::Deserialize)]
+                struct File {
+                    providers: Vec<Saved>,
+                }
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read the plan {}", path.display()))?;
+                let file: File = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not a saved plan", path.display()))?;
+                let moved = stale(&file.providers, &steps);
+                if !moved.is_empty() {
+                    println!(
+                        "\nThe broker or the manifest changed since the plan in {} was made; \
+                         nothing was changed (plan again):\n  {}",
+                        path.display(),
+                        moved.join("\n  ")
+                    );
+                    return Ok(1);
+                }
+            }
             if changes == 0 {
                 println!("\nNo changes: the broker matches the manifest.");
                 return Ok(0);

@@ -1,7 +1,8 @@
 //! `nexus providers plan|apply` against a real broker (`nexus up`), with the
 //! reference implementation's own manifest as it is: plan, apply, a plan
-//! with no changes, an edited manifest with a rotated secret, unset
-//! variables, malformed YAML, a profile the broker refuses, and --prune. The broker has no network: the
+//! with no changes, an edited manifest with a rotated secret, a saved plan
+//! refused after a hand edit, unset variables, malformed YAML, a profile
+//! the broker refuses, and --prune. The broker has no network: the
 //! manifest's Google issuer is never fetched.
 
 use std::path::Path;
@@ -173,9 +174,51 @@ async fn the_reference_manifest_plans_applies_and_converges() {
         .as_str()
         .unwrap()
         .to_string();
+    // A saved plan, then someone edits GitHub by hand: applying that plan
+    // reports the change and changes nothing.
+    let r = plan(&["plan", "--out", "saved-plan.json"], vars.clone()).await;
+    assert_eq!(r.code, 0, "{}", r.out);
+    let edited = h
+        .patch(format!("{broker}/providers/{github}"))
+        .header("x-api-key", &api_key)
+        .json(&serde_json::json!({"profile": {"description": "edited by hand"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(edited.status().as_u16(), 200);
+    let r = plan(&["apply", "--plan", "saved-plan.json"], vars.clone()).await;
+    assert_eq!(r.code, 1, "{}", r.out);
+    assert!(r.out.contains("changed since the plan"), "{}", r.out);
+    assert!(
+        r.out.contains("github: planned update at version"),
+        "{}",
+        r.out
+    );
+    let view: Value = h
+        .get(format!("{broker}/providers/{github}"))
+        .header("x-api-key", &api_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["description"], "edited by hand", "not overwritten");
+    assert_eq!(
+        view["scopes"],
+        serde_json::json!(["read:user", "user:email"]),
+        "nothing applied"
+    );
+
+    // A fresh plan takes the hand edit into account; apply makes it so.
     let r = plan(&["apply"], vars.clone()).await;
     assert_eq!(r.code, 0, "{}", r.out);
     assert!(r.out.contains("updated github"), "{}", r.out);
+    assert!(
+        r.out.contains(r#"description: "edited by hand" -> null"#),
+        "{}",
+        r.out
+    );
     let view: Value = h
         .get(format!("{broker}/providers/{github}"))
         .header("x-api-key", &api_key)
