@@ -495,8 +495,15 @@ async fn reference_shaped_static_providers_register(b: Backend) {
         ),
     ] {
         let name = profile["name"].clone();
-        let (s, body) = t.post("/providers", json!({"profile": profile})).await;
+        let (s, body) = t
+            .post("/providers", json!({"profile": profile.clone()}))
+            .await;
         assert_eq!(s, StatusCode::CREATED, "{name}: {body}");
+        // The same flat shape planned again (a manifest's second plan) is
+        // no change: it normalises to what was stored.
+        let (s, plan) = t.post("/providers/plan", json!({"profile": profile})).await;
+        assert_eq!(s, StatusCode::OK, "{name}: {plan}");
+        assert_eq!(plan["action"], "none", "{name}: {plan}");
         let id = body["id"].as_str().unwrap();
         let (_, view) = t.get(&format!("/providers/{id}")).await;
         assert_eq!(view["strategy"], strategy, "{name}");
