@@ -156,15 +156,14 @@ async fn the_reference_manifest_plans_applies_and_converges() {
     let env = env_file(tmp.path());
     let api_key = env_value(&env, "API_KEY");
     let h = http();
-    let list: Value = h
-        .get(format!("{broker}/providers"))
-        .header("x-api-key", &api_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let read = |url: String| {
+        let (h, key) = (h.clone(), api_key.clone());
+        async move {
+            let r = h.get(url).header("x-api-key", key).send().await.unwrap();
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let list: Value = read(format!("{broker}/providers")).await;
     let github = list
         .as_array()
         .unwrap()
@@ -194,15 +193,7 @@ async fn the_reference_manifest_plans_applies_and_converges() {
         "{}",
         r.out
     );
-    let view: Value = h
-        .get(format!("{broker}/providers/{github}"))
-        .header("x-api-key", &api_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let view: Value = read(format!("{broker}/providers/{github}")).await;
     assert_eq!(view["description"], "edited by hand", "not overwritten");
     assert_eq!(
         view["scopes"],
@@ -219,15 +210,7 @@ async fn the_reference_manifest_plans_applies_and_converges() {
         "{}",
         r.out
     );
-    let view: Value = h
-        .get(format!("{broker}/providers/{github}"))
-        .header("x-api-key", &api_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let view: Value = read(format!("{broker}/providers/{github}")).await;
     assert_eq!(view["scopes"], serde_json::json!(["read:user"]));
     let r = plan(&["plan", "--detailed-exitcode"], vars.clone()).await;
     assert_eq!(r.code, 0, "{}", r.out);
@@ -273,15 +256,7 @@ async fn the_reference_manifest_plans_applies_and_converges() {
     let r = plan(&["apply", "--prune"], vars.clone()).await;
     assert_eq!(r.code, 1, "{}", r.out);
     assert!(r.out.contains("broken:"), "{}", r.out);
-    let list: Value = h
-        .get(format!("{broker}/providers"))
-        .header("x-api-key", &api_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = read(format!("{broker}/providers")).await;
     assert_eq!(
         list.as_array().unwrap().len(),
         2,
