@@ -9,6 +9,7 @@ mod admin;
 mod agents;
 mod certs;
 mod flags;
+mod operate;
 mod providers;
 mod state;
 
@@ -77,6 +78,50 @@ enum Command {
     Providers {
         #[command(subcommand)]
         command: providers::ProvidersCommand,
+    },
+    /// Connections: list, show, refresh, revoke (through the broker's admin API).
+    Connections {
+        #[command(subcommand)]
+        command: operate::ConnectionsCommand,
+    },
+    /// A workspace's connections' health and whether it is paused.
+    #[command(after_help = "Example:\n  nexus status --workspace acme")]
+    Status {
+        /// The workspace.
+        #[arg(long)]
+        workspace: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: operate::Output,
+        #[command(flatten)]
+        admin: admin::AdminArgs,
+    },
+    /// The kill switch: stop token issuance everywhere, or for one workspace.
+    #[command(after_help = "Examples:\n  \
+        nexus pause --reason \"incident 42: keys may have leaked\"\n  \
+        nexus pause --workspace acme --reason \"customer asked us to stop\"")]
+    Pause {
+        /// Only this workspace.
+        #[arg(long)]
+        workspace: Option<String>,
+        /// Why (agents see it in every 423; required for a workspace).
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        admin: admin::AdminArgs,
+    },
+    /// Lift a pause (the operator's, or one workspace's).
+    Resume {
+        /// Only this workspace.
+        #[arg(long)]
+        workspace: Option<String>,
+        #[command(flatten)]
+        admin: admin::AdminArgs,
+    },
+    /// Shell completions for `nexus` (bash, zsh, fish, elvish, powershell).
+    #[command(after_help = "Example:\n  nexus completions bash > /etc/bash_completion.d/nexus")]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
     /// Agent keys: create, list, revoke (through the broker's admin API).
     Agents {
@@ -369,6 +414,23 @@ async fn run() -> Result<()> {
             Ok(())
         }
         Command::Agents { command } => agents::run(command).await,
+        Command::Connections { command } => operate::connections(command).await,
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "nexus", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Status {
+            workspace,
+            output,
+            admin,
+        } => operate::status(&workspace, output, &admin).await,
+        Command::Pause {
+            workspace,
+            reason,
+            admin,
+        } => operate::pause(workspace.as_deref(), reason.as_deref(), &admin).await,
+        Command::Resume { workspace, admin } => operate::resume(workspace.as_deref(), &admin).await,
         Command::Providers { command } => match providers::run(command).await? {
             0 => Ok(()),
             code => {

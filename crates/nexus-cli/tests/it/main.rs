@@ -1,6 +1,7 @@
 //! Tests of the `nexus` binary itself: what a newcomer and an operator run.
 
 mod deploy;
+mod operate;
 mod providers;
 mod schemathesis;
 mod soak;

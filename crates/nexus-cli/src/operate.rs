@@ -1,0 +1,288 @@
+//! Operator commands over the broker's admin API: connections (list, show,
+//! refresh, revoke), a workspace's health, and the kill switch (pause,
+//! resume). No command prints a credential: a forced refresh answers with
+//! the connection's health, not its tokens.
+
+use anyhow::{bail, Result};
+use clap::{Subcommand, ValueEnum};
+use reqwest::Method;
+use serde_json::Value;
+
+use crate::admin::{AdminArgs, AdminClient};
+
+/// How answers are printed.
+#[derive(Clone, Copy, Debug, Default, ValueEnum)]
+pub enum Output {
+    /// Aligned columns for a person.
+    #[default]
+    Table,
+    /// The broker's JSON, for scripts.
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum ConnectionsCommand {
+    /// A workspace's connections, one line each.
+    #[command(after_help = "Example:\n  nexus connections list --workspace acme --output json")]
+    List {
+        /// The workspace.
+        #[arg(long)]
+        workspace: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// One connection's health: state, reason, scopes, refresh times.
+    Show {
+        /// Connection id.
+        id: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Refresh now (its tokens are not printed), then show its health.
+    Refresh {
+        /// Connection id.
+        id: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Revoke at the provider (RFC 7009) and erase the secrets here.
+    Revoke {
+        /// Connection id.
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// `nexus connections ...`.
+pub async fn connections(command: ConnectionsCommand) -> Result<()> {
+    match command {
+        ConnectionsCommand::List {
+            workspace,
+            output,
+            admin,
+        } => {
+            let broker = admin.client()?;
+            let path = format!("/connections?workspace_id={}", encode(&workspace));
+            let list = broker.ok(Method::GET, &path, None).await?;
+            match output {
+                Output::Json => print_json(&list),
+                Output::Table => {
+                    let rows = list["connections"].as_array().cloned().unwrap_or_default();
+                    table(&rows);
+                }
+            }
+        }
+        ConnectionsCommand::Show { id, output, admin } => {
+            let broker = admin.client()?;
+            show(&broker, &id, output).await?;
+        }
+        ConnectionsCommand::Refresh { id, output, admin } => {
+            let broker = admin.client()?;
+            let path = format!("/connections/{}/refresh", encode(&id));
+            let (status, body) = broker.send(Method::POST, &path, None, None).await?;
+            if !status.is_success() {
+                // The refusal says why (a person must reconnect, paused, ...).
+                eprintln!(
+                    "refresh refused ({status}): {} {}",
+                    body["error"].as_str().unwrap_or(""),
+                    body["message"].as_str().unwrap_or("")
+                );
+            }
+            show(&broker, &id, output).await?;
+            if !status.is_success() {
+                bail!("the connection was not refreshed");
+            }
+        }
+        ConnectionsCommand::Revoke { id, admin } => {
+            let broker = admin.client()?;
+            let path = format!("/connections/{}", encode(&id));
+            let r = broker.ok(Method::DELETE, &path, None).await?;
+            if r["already_revoked"] == true {
+                println!("{id} was already revoked");
+            } else {
+                println!(
+                    "revoked {id} (at the provider: {})",
+                    r["provider_revocation"]["result"]
+                        .as_str()
+                        .unwrap_or("not applicable")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `nexus status --workspace W`: the workspace's connections and whether
+/// issuance is paused for it.
+pub async fn status(workspace: &str, output: Output, admin: &AdminArgs) -> Result<()> {
+    let broker = admin.client()?;
+    let path = format!("/workspaces/{}/connections/status", encode(workspace));
+    let s = broker.ok(Method::GET, &path, None).await?;
+    if let Output::Json = output {
+        print_json(&s);
+        return Ok(());
+    }
+    let rows: Vec<Value> = s["connections"]
+        .as_object()
+        .map(|m| m.values().cloned().collect())
+        .unwrap_or_default();
+    let attention = rows.iter().filter(|c| c["needs_attention"] == true).count();
+    println!(
+        "workspace {workspace}: {} connection(s), {attention} need(s) a person",
+        rows.len()
+    );
+    if let Some(p) = s["issuance_paused"].as_object() {
+        println!(
+            "PAUSED ({}) by {} since {}: {}",
+            p.get("scope").and_then(Value::as_str).unwrap_or("?"),
+            p.get("paused_by").and_then(Value::as_str).unwrap_or("?"),
+            p.get("paused_at").and_then(Value::as_str).unwrap_or("?"),
+            p.get("reason").and_then(Value::as_str).unwrap_or("")
+        );
+    }
+    if !rows.is_empty() {
+        println!();
+        table(&rows);
+    }
+    Ok(())
+}
+
+/// `nexus pause|resume [--workspace W]`.
+pub async fn pause(workspace: Option<&str>, reason: Option<&str>, admin: &AdminArgs) -> Result<()> {
+    let broker = admin.client()?;
+    let body = serde_json::json!({ "reason": reason });
+    let p = match workspace {
+        Some(w) => {
+            let path = format!("/workspaces/{}/pause", encode(w));
+            broker.ok(Method::PUT, &path, Some(body)).await?
+        }
+        None => broker.ok(Method::POST, "/admin/pause", Some(body)).await?,
+    };
+    println!(
+        "token issuance paused ({}): {}",
+        workspace.map_or("every workspace".into(), |w| format!("workspace {w}")),
+        p["pause"]["reason"].as_str().unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Lifts the pause `pause` set.
+pub async fn resume(workspace: Option<&str>, admin: &AdminArgs) -> Result<()> {
+    let broker = admin.client()?;
+    match workspace {
+        Some(w) => {
+            let path = format!("/workspaces/{}/pause", encode(w));
+            let r = broker.ok(Method::DELETE, &path, None).await?;
+            println!(
+                "token issuance resumed for workspace {w}{}",
+                if r["was_paused"] == true {
+                    ""
+                } else {
+                    " (it was not paused)"
+                }
+            );
+        }
+        None => {
+            let r = broker.ok(Method::DELETE, "/admin/pause", None).await?;
+            println!(
+                "token issuance resumed (workspace pauses stay){}",
+                if r["was_paused"] == true {
+                    ""
+                } else {
+                    "; it was not paused"
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn show(broker: &AdminClient, id: &str, output: Output) -> Result<()> {
+    let c = broker
+        .ok(Method::GET, &format!("/connections/{}", encode(id)), None)
+        .await?;
+    match output {
+        Output::Json => print_json(&c),
+        Output::Table => {
+            for (label, key) in [
+                ("id", "id"),
+                ("workspace", "workspace_id"),
+                ("provider", "provider_id"),
+                ("status", "status"),
+                ("reason", "error_code"),
+                ("detail", "error_description"),
+                ("granted scopes", "granted_scopes"),
+                ("failing scopes", "failing_scopes"),
+                ("expires at", "expires_at"),
+                ("last refresh", "last_success_at"),
+                ("last failure", "last_failure_at"),
+                ("next refresh", "next_refresh_at"),
+            ] {
+                println!("{label:<15} {}", cell(&c[key]));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn table(rows: &[Value]) {
+    println!(
+        "{:<36}  {:<18}  {:<22}  {:<24}  {:<20}  {:<20}",
+        "id", "status", "reason", "failing scopes", "last refresh", "next refresh"
+    );
+    for c in rows {
+        println!(
+            "{:<36}  {:<18}  {:<22}  {:<24}  {:<20}  {:<20}",
+            cell(&c["id"]),
+            cell(&c["status"]),
+            cell(&c["error_code"]),
+            cell(&c["failing_scopes"]),
+            short_time(&c["last_success_at"]),
+            short_time(&c["next_refresh_at"]),
+        );
+    }
+}
+
+/// A value in a column: strings bare, lists joined, absent as `-`.
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) if s.is_empty() => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(a) if a.is_empty() => "-".into(),
+        Value::Array(a) => a.iter().map(cell).collect::<Vec<_>>().join(" "),
+        other => other.to_string(),
+    }
+}
+
+/// An RFC 3339 time to the second, without the zone letter.
+fn short_time(v: &Value) -> String {
+    let s = cell(v);
+    s.get(..19).map_or(s.clone(), |t| t.replace('T', " "))
+}
+
+fn print_json(v: &Value) {
+    // Serializing a Value cannot fail.
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// A path segment or query value, percent-encoded (all but RFC 3986's
+/// unreserved characters).
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}

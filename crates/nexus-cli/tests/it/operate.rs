@@ -1,0 +1,153 @@
+//! The operator commands against a real broker (`nexus up`): connections
+//! list/show/refresh/revoke, status, pause and resume, in both output
+//! formats; a canary credential appears in no output.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use crate::{env_file, env_value, http, nexus, stop, up};
+
+const CANARY: &str = "canary-weather-key-91c3e0";
+
+async fn cli(dir: &Path, broker: &str, args: &[&str]) -> (bool, String) {
+    let mut c = nexus(dir);
+    c.args(args)
+        .args(["--state-dir", "state", "--broker-url", broker])
+        .env("NEXUS_LOG", "warn");
+    let out = c.output().await.unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains(CANARY),
+        "a credential in the output:\n{text}"
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn operators_list_refresh_pause_and_revoke_from_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, broker) = up(tmp.path(), &[]).await;
+    let api_key = env_value(&env_file(tmp.path()), "API_KEY");
+    let h = http();
+    let admin = |method: reqwest::Method, path: &str, body: Value| {
+        let req = h
+            .request(method, format!("{broker}{path}"))
+            .header("x-api-key", &api_key)
+            .json(&body);
+        async move { req.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    admin(
+        reqwest::Method::POST,
+        "/providers",
+        json!({"profile": {"name": "weather", "auth_type": "header", "params": {
+            "header_name": "X-Key", "credential_field": "api_key",
+            "credential_schema": {"type": "object", "required": ["api_key"],
+                                  "properties": {"api_key": {"type": "string"}}}}}}),
+    )
+    .await;
+    let spec = admin(
+        reqwest::Method::POST,
+        "/auth/consent-spec",
+        json!({"workspace_id": "acme", "provider_name": "weather", "return_url": "http://localhost/done"}),
+    )
+    .await;
+    let id = spec["connection_id"].as_str().unwrap().to_string();
+    let captured = h
+        .post(format!("{broker}/auth/capture-credential"))
+        .json(&json!({"state": spec["state"], "credentials": {"api_key": CANARY}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(captured.status().is_success());
+    let d = tmp.path();
+
+    let (ok, out) = cli(d, &broker, &["connections", "list", "--workspace", "acme"]).await;
+    assert!(ok, "{out}");
+    assert!(out.contains(&id) && out.contains("active"), "{out}");
+    let (ok, out) = cli(
+        d,
+        &broker,
+        &[
+            "connections",
+            "list",
+            "--workspace",
+            "acme",
+            "--output",
+            "json",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}");
+    let list: Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(list["connections"][0]["status"], "active");
+    let (ok, out) = cli(d, &broker, &["connections", "show", &id]).await;
+    assert!(ok && out.contains("status          active"), "{out}");
+    let (ok, out) = cli(d, &broker, &["connections", "refresh", &id]).await;
+    assert!(ok && out.contains("status          active"), "{out}");
+
+    // The kill switch, for one workspace then for all.
+    let (ok, out) = cli(
+        d,
+        &broker,
+        &["pause", "--workspace", "acme", "--reason", "drill 7"],
+    )
+    .await;
+    assert!(
+        ok && out.contains("paused (workspace acme): drill 7"),
+        "{out}"
+    );
+    let (ok, out) = cli(d, &broker, &["status", "--workspace", "acme"]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("1 connection(s), 0 need(s) a person") && out.contains("PAUSED (workspace)"),
+        "{out}"
+    );
+    assert!(out.contains("drill 7"), "{out}");
+    let (ok, out) = cli(d, &broker, &["pause", "--workspace", "acme"]).await;
+    assert!(!ok && out.contains("reason is required"), "{out}");
+    let (ok, _) = cli(d, &broker, &["resume", "--workspace", "acme"]).await;
+    assert!(ok);
+    let (ok, out) = cli(d, &broker, &["pause", "--reason", "incident 42"]).await;
+    assert!(ok && out.contains("every workspace"), "{out}");
+    let (_, out) = cli(
+        d,
+        &broker,
+        &["status", "--workspace", "acme", "--output", "json"],
+    )
+    .await;
+    let status: Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(status["issuance_paused"]["reason"], "incident 42");
+    let (ok, _) = cli(d, &broker, &["resume"]).await;
+    assert!(ok);
+    let (_, out) = cli(d, &broker, &["status", "--workspace", "acme"]).await;
+    assert!(!out.contains("PAUSED"), "{out}");
+
+    let (ok, out) = cli(d, &broker, &["connections", "revoke", &id]).await;
+    assert!(ok && out.contains(&format!("revoked {id}")), "{out}");
+    let (ok, out) = cli(d, &broker, &["connections", "revoke", &id]).await;
+    assert!(ok && out.contains("already revoked"), "{out}");
+    let (ok, out) = cli(d, &broker, &["connections", "refresh", &id]).await;
+    assert!(!ok && out.contains("refresh refused"), "{out}");
+    assert!(out.contains("status          revoked"), "{out}");
+    let (ok, out) = cli(d, &broker, &["connections", "show", "no-such-connection"]).await;
+    assert!(!ok && out.contains("404"), "{out}");
+    // Shell completions know the operator commands.
+    let out = nexus(d)
+        .args(["completions", "bash"])
+        .output()
+        .await
+        .unwrap();
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && script.contains("_nexus"),
+        "{script}"
+    );
+    assert!(script.contains("connections") && script.contains("providers"));
+    let logs = stop(child, "-TERM").await;
+    assert!(!logs.contains(CANARY), "the credential in the broker's log");
+}
