@@ -117,6 +117,16 @@ enum Command {
         #[command(flatten)]
         admin: admin::AdminArgs,
     },
+    /// Webhook endpoints: list, add, remove, deliveries.
+    Webhooks {
+        #[command(subcommand)]
+        command: operate::WebhooksCommand,
+    },
+    /// The audit log (newest page, oldest first; --follow for new events).
+    #[command(after_help = "Examples:\n  \
+        nexus audit --type connection.refresh_interrupted --since 2026-12-01T00:00:00Z\n  \
+        nexus audit --follow --output json | jq .event_type")]
+    Audit(operate::AuditArgs),
     /// Shell completions for `nexus` (bash, zsh, fish, elvish, powershell).
     #[command(after_help = "Example:\n  nexus completions bash > /etc/bash_completion.d/nexus")]
     Completions {
@@ -415,6 +425,8 @@ async fn run() -> Result<()> {
         }
         Command::Agents { command } => agents::run(command).await,
         Command::Connections { command } => operate::connections(command).await,
+        Command::Webhooks { command } => operate::webhooks(command).await,
+        Command::Audit(args) => operate::audit(&args).await,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "nexus", &mut std::io::stdout());

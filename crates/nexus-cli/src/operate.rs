@@ -1,7 +1,8 @@
 //! Operator commands over the broker's admin API: connections (list, show,
-//! refresh, revoke), a workspace's health, and the kill switch (pause,
-//! resume). No command prints a credential: a forced refresh answers with
-//! the connection's health, not its tokens.
+//! refresh, revoke), a workspace's health, the kill switch (pause,
+//! resume), webhook endpoints and the audit log. No command prints a
+//! credential: a forced refresh answers with the connection's health, not
+//! its tokens; a webhook's signing secret is printed once, when it is made.
 
 use anyhow::{bail, Result};
 use clap::{Subcommand, ValueEnum};
@@ -117,6 +118,222 @@ pub async fn connections(command: ConnectionsCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum WebhooksCommand {
+    /// The webhook endpoints.
+    List {
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Add an endpoint; its signing secret is printed once.
+    #[command(after_help = "Example:\n  \
+        nexus webhooks add https://hooks.example.com/nexus --event connection.attention_required")]
+    Add {
+        /// Where events are POSTed.
+        url: String,
+        /// An event type to send (repeat; default: all).
+        #[arg(long = "event")]
+        events: Vec<String>,
+        /// Free text.
+        #[arg(long)]
+        description: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Remove an endpoint (its undelivered events are cancelled).
+    Remove {
+        /// Endpoint id.
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// An endpoint's recent deliveries, newest first.
+    Deliveries {
+        /// Endpoint id.
+        id: String,
+        /// How many (1 to 500).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// `nexus webhooks ...`.
+pub async fn webhooks(command: WebhooksCommand) -> Result<()> {
+    match command {
+        WebhooksCommand::List { output, admin } => {
+            let list = admin.client()?.ok(Method::GET, "/webhooks", None).await?;
+            match output {
+                Output::Json => print_json(&list),
+                Output::Table => {
+                    println!("{:<38}  {:<5}  {:<40}  events", "id", "from", "url");
+                    for w in list["webhooks"].as_array().into_iter().flatten() {
+                        println!(
+                            "{:<38}  {:<5}  {:<40}  {}",
+                            cell(&w["id"]),
+                            cell(&w["managed_by"]),
+                            cell(&w["url"]),
+                            cell(&w["events"])
+                        );
+                    }
+                }
+            }
+        }
+        WebhooksCommand::Add {
+            url,
+            events,
+            description,
+            admin,
+        } => {
+            let mut body = serde_json::json!({ "url": url, "description": description });
+            if !events.is_empty() {
+                body["events"] = serde_json::json!(events);
+            }
+            let w = admin
+                .client()?
+                .ok(Method::POST, "/webhooks", Some(body))
+                .await?;
+            println!("{}", cell(&w["secret"]));
+            eprintln!(
+                "webhook {} for {}: its signing secret (above) is shown once, store it now",
+                cell(&w["id"]),
+                cell(&w["events"])
+            );
+        }
+        WebhooksCommand::Remove { id, admin } => {
+            let path = format!("/webhooks/{}", encode(&id));
+            admin.client()?.ok(Method::DELETE, &path, None).await?;
+            println!("removed webhook {id}");
+        }
+        WebhooksCommand::Deliveries {
+            id,
+            limit,
+            output,
+            admin,
+        } => {
+            let path = format!("/webhooks/{}/deliveries?limit={limit}", encode(&id));
+            let d = admin.client()?.ok(Method::GET, &path, None).await?;
+            match output {
+                Output::Json => print_json(&d),
+                Output::Table => {
+                    println!(
+                        "{:<20}  {:<36}  {:<10}  {:>8}  {:>4}  error",
+                        "created", "event", "status", "attempts", "http"
+                    );
+                    for x in d["deliveries"].as_array().into_iter().flatten() {
+                        println!(
+                            "{:<20}  {:<36}  {:<10}  {:>8}  {:>4}  {}",
+                            short_time(&x["created_at"]),
+                            cell(&x["event_type"]),
+                            cell(&x["status"]),
+                            cell(&x["attempts"]),
+                            cell(&x["last_status"]),
+                            cell(&x["last_error"])
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How `nexus audit` selects events.
+#[derive(clap::Args)]
+pub struct AuditArgs {
+    /// Only this event type (e.g. `connection.revoked`).
+    #[arg(long = "type")]
+    event_type: Option<String>,
+    /// From this time on: RFC 3339 or unix seconds.
+    #[arg(long)]
+    since: Option<String>,
+    /// Only this connection's events.
+    #[arg(long)]
+    connection: Option<String>,
+    /// How many (1 to 1000), newest first.
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+    /// Keep printing new events as they are written (every 2 s; Ctrl-C stops).
+    #[arg(long)]
+    follow: bool,
+    #[arg(long, value_enum, default_value_t)]
+    output: Output,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+/// `nexus audit`: the audit log, oldest of the page first; with `--follow`,
+/// then every new event once.
+pub async fn audit(a: &AuditArgs) -> Result<()> {
+    let broker = a.admin.client()?;
+    let query = |since: Option<&str>, order: &str| {
+        let mut q = format!("/audit?limit={}&order={order}", a.limit);
+        for (k, v) in [
+            ("event_type", a.event_type.as_deref()),
+            ("since", since),
+            ("connection_id", a.connection.as_deref()),
+        ] {
+            if let Some(v) = v {
+                q.push_str(&format!("&{k}={}", encode(v)));
+            }
+        }
+        q
+    };
+    let page = broker
+        .ok(Method::GET, &query(a.since.as_deref(), "desc"), None)
+        .await?;
+    let mut events = page["events"].as_array().cloned().unwrap_or_default();
+    events.reverse();
+    let mut seen: std::collections::HashSet<i64> = Default::default();
+    let mut last: Option<String> = None;
+    for e in &events {
+        print_event(e, a.output);
+        seen.extend(e["id"].as_i64());
+        last = e["occurred_at"].as_str().map(str::to_string);
+    }
+    if !a.follow {
+        return Ok(());
+    }
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        // `since` is inclusive: events at the last time seen come again,
+        // and are skipped by id.
+        let page = broker
+            .ok(
+                Method::GET,
+                &query(last.as_deref().or(a.since.as_deref()), "asc"),
+                None,
+            )
+            .await?;
+        for e in page["events"].as_array().into_iter().flatten() {
+            if e["id"].as_i64().is_some_and(|id| seen.insert(id)) {
+                print_event(e, a.output);
+                last = e["occurred_at"].as_str().map(str::to_string);
+            }
+        }
+    }
+}
+
+fn print_event(e: &Value, output: Output) {
+    match output {
+        // One JSON object per line, for `jq` and log pipelines.
+        Output::Json => println!("{e}"),
+        Output::Table => println!(
+            "{}  {:<34}  {:<16}  {}  {}",
+            short_time(&e["occurred_at"]),
+            cell(&e["event_type"]),
+            cell(&e["actor"]),
+            cell(&e["connection_id"]),
+            e["detail"]
+        ),
+    }
 }
 
 /// `nexus status --workspace W`: the workspace's connections and whether

@@ -31,7 +31,9 @@ async fn cli(dir: &Path, broker: &str, args: &[&str]) -> (bool, String) {
 #[tokio::test]
 async fn operators_list_refresh_pause_and_revoke_from_the_cli() {
     let tmp = tempfile::tempdir().unwrap();
-    let (child, broker) = up(tmp.path(), &[]).await;
+    // Warnings only: stderr is read at the end, and a full pipe would stall
+    // the server.
+    let (child, broker) = up(tmp.path(), &[("NEXUS_LOG", "warn")]).await;
     let api_key = env_value(&env_file(tmp.path()), "API_KEY");
     let h = http();
     let admin = |method: reqwest::Method, path: &str, body: Value| {
@@ -136,6 +138,83 @@ async fn operators_list_refresh_pause_and_revoke_from_the_cli() {
     assert!(out.contains("status          revoked"), "{out}");
     let (ok, out) = cli(d, &broker, &["connections", "show", "no-such-connection"]).await;
     assert!(!ok && out.contains("404"), "{out}");
+    // Webhook endpoints: the secret printed once, listed, deliveries, removed.
+    let (ok, out) = cli(
+        d,
+        &broker,
+        &[
+            "webhooks",
+            "add",
+            "http://127.0.0.1:9/nexus-hook",
+            "--event",
+            "connection.revoked",
+        ],
+    )
+    .await;
+    assert!(ok && out.contains("shown once"), "{out}");
+    let (ok, out) = cli(d, &broker, &["webhooks", "list", "--output", "json"]).await;
+    assert!(ok, "{out}");
+    let hooks: Value = serde_json::from_str(&out).expect(&out);
+    let hook = hooks["webhooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["url"] == "http://127.0.0.1:9/nexus-hook")
+        .expect("the endpoint is listed");
+    assert!(hook.get("secret").is_none(), "{hook}");
+    let hook_id = hook["id"].as_str().unwrap().to_string();
+    let (ok, out) = cli(d, &broker, &["webhooks", "deliveries", &hook_id]).await;
+    assert!(ok && out.contains("attempts"), "{out}");
+    let (ok, out) = cli(d, &broker, &["webhooks", "remove", &hook_id]).await;
+    assert!(ok && out.contains("removed"), "{out}");
+
+    // The audit log: filtered, as JSON lines, and followed.
+    let (ok, out) = cli(
+        d,
+        &broker,
+        &["audit", "--type", "connection.revoked", "--output", "json"],
+    )
+    .await;
+    assert!(ok, "{out}");
+    let event: Value = serde_json::from_str(out.lines().next().unwrap_or("")).expect(&out);
+    assert_eq!(event["connection_id"], id);
+    let mut follow = nexus(d);
+    follow
+        .args([
+            "audit",
+            "--follow",
+            "--type",
+            "provider.created",
+            "--output",
+            "json",
+        ])
+        .args(["--state-dir", "state", "--broker-url", &broker])
+        .env("NEXUS_LOG", "warn");
+    let mut follow = follow.spawn().unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(follow.stdout.take().unwrap()));
+    // The page so far: the weather provider.
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("the first page in time")
+        .unwrap()
+        .unwrap();
+    assert!(first.contains("weather"), "{first}");
+    admin(
+        reqwest::Method::POST,
+        "/providers",
+        json!({"profile": {"name": "followed", "auth_type": "oauth2", "client_id": "c",
+            "auth_url": "https://idp.example/a", "token_url": "https://idp.example/t"}}),
+    )
+    .await;
+    let next = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("a new event within two polls")
+        .unwrap()
+        .unwrap();
+    assert!(next.contains("followed"), "{next}");
+    let _ = follow.kill().await;
+
     // Shell completions know the operator commands.
     let out = nexus(d)
         .args(["completions", "bash"])

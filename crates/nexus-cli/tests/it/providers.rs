@@ -70,7 +70,9 @@ async fn providers(dir: &Path, broker: &str, args: &[&str], env: &[(&str, &str)]
 #[tokio::test]
 async fn the_reference_manifest_plans_applies_and_converges() {
     let tmp = tempfile::tempdir().unwrap();
-    let (child, broker) = up(tmp.path(), &[]).await;
+    // Warnings only: stderr is read at the end, and a full pipe would stall
+    // the server.
+    let (child, broker) = up(tmp.path(), &[("NEXUS_LOG", "warn")]).await;
     let file = tmp.path().join("nexus-providers.yaml");
     std::fs::write(&file, REFERENCE_MANIFEST).unwrap();
     let mut vars = vec![
