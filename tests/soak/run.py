@@ -691,6 +691,21 @@ def run(cfg, nexus, db, db_url, args, run_dir, timeline, procs):
     # broker (the one cause no design can undo).
     # Counted by distinct token: a broker whose replay's refusal never
     # reached it (it had timed out) presents the same token again later.
+    found = {}
+    for c in interrupted:
+        ev = requests.get(f"{base}/audit", headers=admin, timeout=10, params={
+            "event_type": "connection.refresh_interrupted", "connection_id": c}).json().get("events", [])
+        found[c] = ev[0] if ev else None
+    # A connection of the account revoked at the provider, refused after the
+    # revocation while an unanswered call was pending: the provider answers
+    # a revoked grant as it answers a replay, so Nexus says "most likely
+    # interrupted". The revocation explains it; it is not counted as a
+    # replay (the provider's replay count says which it was).
+    revoked_at = next((e["t"] for e in timeline.of("provider_revoked")), None)
+    by_revocation = [c for c in interrupted if account_of[c] == provider_revoked and revoked_at
+                     and found[c] and calendar.timegm(time.strptime(found[c]["occurred_at"][:19],
+                                                                    "%Y-%m-%dT%H:%M:%S")) + 1 >= revoked_at]
+    interrupted = [c for c in interrupted if c not in by_revocation]
     reuse = stats.get("refresh_token_reuse", 0)
     reuse_distinct = stats.get("refresh_token_reuse_distinct", reuse)
     if reuse_distinct > len(interrupted):
@@ -700,8 +715,7 @@ def run(cfg, nexus, db, db_url, args, run_dir, timeline, procs):
     lost_answers = [t / 1000 for t in stats.get("refresh_answers_lost", [])]
     by_timeout = 0
     for c in interrupted:
-        ev = requests.get(f"{base}/audit", headers=admin, timeout=10, params={
-            "event_type": "connection.refresh_interrupted", "connection_id": c}).json().get("events", [])
+        ev = [found[c]] if found[c] else []
         last_call = ev[0]["detail"].get("interrupted_refresh_started_at", 0) / 1000 if ev else 0
         detected = calendar.timegm(time.strptime(ev[0]["occurred_at"][:19], "%Y-%m-%dT%H:%M:%S")) + 1 \
             if ev else now()
@@ -822,6 +836,7 @@ def run(cfg, nexus, db, db_url, args, run_dir, timeline, procs):
         ("refresh requests at the provider", stats["token_requests"]["refresh_token"]),
         ("refresh tokens replayed (provider): requests / distinct tokens", f"{reuse} / {reuse_distinct}"),
         ("grants lost to a SIGKILL mid-refresh (refresh_interrupted)", len(interrupted)),
+        ("  and revoked-account grants refused after the revocation, labelled interrupted", len(by_revocation)),
         ("  of those, after an answer lost to a timeout (provider slower than PROVIDER_TIMEOUT_SECS)", by_timeout),
         ("answers the provider sent after the broker gave up", len(lost_answers)),
         ("broker SIGKILLs", len(kills)),

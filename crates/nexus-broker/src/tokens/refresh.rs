@@ -421,12 +421,15 @@ impl Refresher {
                 metrics::counter!("nexus_refreshes_total", "outcome" => "attention_required")
                     .increment(1);
                 // The provider refuses a refresh token an earlier, cut-off
-                // attempt may have spent: the grant was lost in transit, not
-                // withdrawn by the person. Said so, so nobody hunts a revocation.
+                // attempt may have spent: most likely the grant was lost in
+                // transit, not withdrawn by the person. Said so, so nobody
+                // hunts a revocation first; a revocation at the same moment
+                // answers the same, so the description says that too, and
+                // the provider's own words go into the audit.
                 let (code, description, cause) = match interrupted {
                     Some(at) if code == "invalid_grant" => {
                         metrics::counter!("nexus_refresh_interrupted_total").increment(1);
-                        let detail = json!({"cause": "refresh_interrupted", "error": code, "interrupted_refresh_started_at": at});
+                        let detail = json!({"cause": "refresh_interrupted", "error": code, "provider_description": description, "interrupted_refresh_started_at": at});
                         if let Err(e) = self
                             .audit
                             .record(
@@ -443,7 +446,7 @@ impl Refresher {
                         }
                         (
                             "refresh_interrupted".to_string(),
-                            "an earlier refresh was cut off after the refresh token went to the provider (a broker stopped, or its answer was lost); the provider now refuses the refresh token, so the grant is lost and re-consent is needed".to_string(),
+                            "an earlier refresh was cut off after the refresh token went to the provider (a broker stopped, or its answer was lost); the provider now refuses the refresh token, most likely because that refresh spent it (access withdrawn at the provider in the meantime would look the same); re-consent is needed".to_string(),
                             detail,
                         )
                     }
