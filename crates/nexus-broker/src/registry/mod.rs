@@ -386,7 +386,11 @@ impl Registry {
             }
             Err(e) => return Err(e),
         };
-        let (profile, obj) = replacement(&current, Value::Object(obj))?;
+        // As a replacement would: one that does not say keeps the redirect
+        // URI the IdP knows (parsed and validated once, above).
+        if profile.redirect.is_none() {
+            profile.redirect = current.profile.redirect;
+        }
         let secret = self.secret_update(&current, &profile, &obj)?;
         let changes = changes(&current, &profile.public_json(), &secret);
         Ok(Plan {
