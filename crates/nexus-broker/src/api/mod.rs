@@ -428,6 +428,24 @@ fn admin_routes() -> Vec<Route<AppState>> {
             get(webhooks::list),
         ),
         (
+            doc(
+                "POST",
+                "/webhooks/plan",
+                "What registering an endpoint would change, matched by URL (nothing is stored)",
+            )
+            .fails(409, "the URL is the endpoint configured by WEBHOOK_URL"),
+            post(webhooks::plan),
+        ),
+        (
+            doc(
+                "PUT",
+                "/webhooks/{id}",
+                "Replace an endpoint (its secret stays unless one is given)",
+            )
+            .fails(409, "the endpoint is configured by WEBHOOK_URL"),
+            put(webhooks::replace),
+        ),
+        (
             doc("GET", "/webhooks/{id}", "A webhook endpoint"),
             get(webhooks::get),
         ),

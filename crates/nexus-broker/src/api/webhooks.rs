@@ -26,8 +26,8 @@ impl From<WebhookError> for ApiError {
     }
 }
 
-/// `POST /webhooks {url, events?, description?}` → 201 with the signing
-/// secret, shown this once.
+/// `POST /webhooks {url, events?, description?, secret?}` → 201, with the
+/// signing secret (shown this once) when Nexus generated it.
 pub async fn create(
     State(st): State<AppState>,
     caller: Caller,
@@ -35,8 +35,32 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let (view, secret) = st.webhooks().create(req, &caller.admin()).await?;
     let mut body = json!(view);
-    body["secret"] = json!(secret.expose());
+    if let Some(secret) = secret {
+        body["secret"] = json!(secret.expose());
+    }
     Ok((StatusCode::CREATED, Json(body)))
+}
+
+/// `PUT /webhooks/{id} {url, events?, description?, secret?}`: replaces the
+/// endpoint; its secret stays unless one is given.
+pub async fn replace(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    caller: Caller,
+    ApiJson(req): ApiJson<NewEndpoint>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!(
+        st.webhooks().update(&id, req, &caller.admin()).await?
+    )))
+}
+
+/// `POST /webhooks/plan {url, events?, description?, secret?}`: what
+/// registering this endpoint would change (matched by URL; nothing stored).
+pub async fn plan(
+    State(st): State<AppState>,
+    ApiJson(req): ApiJson<NewEndpoint>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!(st.webhooks().plan(req).await?)))
 }
 
 /// `GET /webhooks`.

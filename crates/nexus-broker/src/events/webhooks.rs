@@ -128,6 +128,12 @@ impl WebhookSecret {
             .then(|| Self(Secret::new(bytes)))
     }
 
+    /// Whether two secrets are the same bytes (in constant time).
+    pub fn same_as(&self, other: &Self) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.expose().ct_eq(other.0.expose()).into()
+    }
+
     /// The text form (`whsec_...`), shown once at creation.
     pub fn encoded(&self) -> Secret<String> {
         Secret::new(format!("whsec_{}", STANDARD.encode(self.0.expose())))
@@ -246,6 +252,24 @@ pub struct NewEndpoint {
     pub events: Option<Vec<String>>,
     /// Free text.
     pub description: Option<String>,
+    /// The signing secret (`whsec_` + base64 of 24 to 64 bytes), for an
+    /// endpoint whose receiver already has one (a manifest kept in git
+    /// names it from an environment variable); generated when absent.
+    #[serde(default)]
+    pub secret: Option<Secret<String>>,
+}
+
+/// What `POST /webhooks/plan` says registering an endpoint would do.
+#[derive(Debug, Serialize)]
+pub struct EndpointPlan {
+    /// `create`, `update` or `none`.
+    pub action: &'static str,
+    /// The live endpoint with this URL (update and none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `{field, before, after}`; the secret shows only as `(set)`,
+    /// `(generated)` or `(changed)`.
+    pub changes: Vec<Value>,
 }
 
 /// An endpoint as the API shows it (never the secret, except once at creation).
@@ -328,6 +352,40 @@ pub fn validate_events(events: Option<Vec<String>>) -> Result<Vec<String>, Strin
     Ok(out)
 }
 
+/// A `NewEndpoint` after its checks.
+struct Checked {
+    url: Url,
+    events: Vec<String>,
+    description: Option<String>,
+    secret: Option<WebhookSecret>,
+}
+
+impl Checked {
+    fn from(req: NewEndpoint) -> Result<Self, WebhookError> {
+        let url = validate_url(req.url.trim()).map_err(WebhookError::Invalid)?;
+        let events = validate_events(req.events).map_err(WebhookError::Invalid)?;
+        if req.description.as_ref().is_some_and(|d| d.len() > 1024) {
+            return Err(WebhookError::Invalid(
+                "description is longer than 1024 characters".into(),
+            ));
+        }
+        let secret = match req.secret {
+            None => None,
+            Some(s) => Some(WebhookSecret::parse(s.expose()).ok_or_else(|| {
+                WebhookError::Invalid(
+                    "secret must be whsec_ followed by the base64 of 24 to 64 random bytes".into(),
+                )
+            })?),
+        };
+        Ok(Self {
+            url,
+            events,
+            description: req.description,
+            secret,
+        })
+    }
+}
+
 /// Endpoint management and the delivery worker.
 pub struct Webhooks {
     pub(super) store: Store,
@@ -367,27 +425,26 @@ impl Webhooks {
         )
     }
 
-    /// Adds an endpoint; returns it with its secret, which is never shown again.
+    /// Adds an endpoint; returns it with its secret when Nexus generated it
+    /// (shown this once; never when the caller supplied it).
     pub async fn create(
         &self,
         req: NewEndpoint,
         actor: &Actor,
-    ) -> Result<(EndpointView, Secret<String>), WebhookError> {
-        let url = validate_url(req.url.trim()).map_err(WebhookError::Invalid)?;
-        let events = validate_events(req.events).map_err(WebhookError::Invalid)?;
-        if req.description.as_ref().is_some_and(|d| d.len() > 1024) {
-            return Err(WebhookError::Invalid(
-                "description is longer than 1024 characters".into(),
-            ));
-        }
+    ) -> Result<(EndpointView, Option<Secret<String>>), WebhookError> {
+        let checked = Checked::from(req)?;
+        let (url, events) = (checked.url, checked.events);
         let id = format!("wh_{}", uuid::Uuid::new_v4().simple());
-        let secret = WebhookSecret::generate();
+        let (secret, generated) = match checked.secret {
+            Some(s) => (s, false),
+            None => (WebhookSecret::generate(), true),
+        };
         let row = EndpointRow {
             secret: self.seal(&id, &secret),
             id: id.clone(),
             url: url.to_string(),
             events: crate::store::json_list(&events),
-            description: req.description,
+            description: checked.description,
             created_at: now_ms(),
         };
         let audit = AuditEvent::new("webhook.created")
@@ -395,7 +452,135 @@ impl Webhooks {
             .by(actor)
             .detail(json!({"webhook_id": id, "url": row.url, "events": events}));
         self.store.create_endpoint(&row, &audit).await?;
-        Ok((EndpointView::from(&row), secret.encoded()))
+        Ok((
+            EndpointView::from(&row),
+            generated.then(|| secret.encoded()),
+        ))
+    }
+
+    /// Replaces an endpoint's URL, events and description, and its secret
+    /// when one is given (the current one is kept otherwise).
+    pub async fn update(
+        &self,
+        id: &str,
+        req: NewEndpoint,
+        actor: &Actor,
+    ) -> Result<EndpointView, WebhookError> {
+        if id == "env" {
+            return Err(WebhookError::Managed);
+        }
+        let current = self
+            .store
+            .get_endpoint(id)
+            .await?
+            .ok_or(WebhookError::NotFound)?;
+        let checked = Checked::from(req)?;
+        let secret_changed = checked.secret.is_some();
+        let row = EndpointRow {
+            id: id.to_string(),
+            url: checked.url.to_string(),
+            events: crate::store::json_list(&checked.events),
+            secret: match &checked.secret {
+                Some(s) => self.seal(id, s),
+                None => current.secret.clone(),
+            },
+            description: checked.description,
+            created_at: current.created_at,
+        };
+        let audit = AuditEvent::new("webhook.updated")
+            .actor(actor.name.clone())
+            .by(actor)
+            .detail(
+                json!({"webhook_id": id, "url": row.url, "events": checked.events,
+                "secret_changed": secret_changed}),
+            );
+        match self.store.update_endpoint(&row, &audit).await {
+            Err(StoreError::NotFound) => Err(WebhookError::NotFound),
+            other => {
+                other?;
+                Ok(EndpointView::from(&row))
+            }
+        }
+    }
+
+    /// What registering `req` would do, matched to a live endpoint by URL;
+    /// nothing is stored. A secret is compared with the stored one inside
+    /// the broker and shown only as a marker.
+    pub async fn plan(&self, req: NewEndpoint) -> Result<EndpointPlan, WebhookError> {
+        let checked = Checked::from(req)?;
+        let url = checked.url.to_string();
+        let live = self.store.list_endpoints().await?;
+        let same: Vec<&EndpointRow> = live.iter().filter(|e| e.url == url).collect();
+        let change = |field: &str, before: Value, after: Value| json!({"field": field, "before": before, "after": after});
+        let existing = match same.as_slice() {
+            [] => {
+                let mut changes = vec![
+                    change("url", Value::Null, json!(url)),
+                    change("events", Value::Null, json!(checked.events)),
+                ];
+                if let Some(d) = &checked.description {
+                    changes.push(change("description", Value::Null, json!(d)));
+                }
+                let marker = if checked.secret.is_some() {
+                    "(set)"
+                } else {
+                    "(generated)"
+                };
+                changes.push(change("secret", Value::Null, json!(marker)));
+                return Ok(EndpointPlan {
+                    action: "create",
+                    id: None,
+                    changes,
+                });
+            }
+            [one] if one.id == "env" => return Err(WebhookError::Managed),
+            [one] => *one,
+            _ => {
+                return Err(WebhookError::Invalid(format!(
+                "{} endpoints have this URL; delete all but one before managing it from a manifest",
+                same.len()
+            )))
+            }
+        };
+        let mut changes = Vec::new();
+        let before_events = crate::store::parse_json_list(&existing.events);
+        let sorted = |v: &[String]| {
+            let mut v = v.to_vec();
+            v.sort();
+            v
+        };
+        if sorted(&before_events) != sorted(&checked.events) {
+            changes.push(change(
+                "events",
+                json!(before_events),
+                json!(checked.events),
+            ));
+        }
+        if existing.description != checked.description {
+            changes.push(change(
+                "description",
+                json!(existing.description),
+                json!(checked.description),
+            ));
+        }
+        if let Some(new) = &checked.secret {
+            let old = self
+                .keys
+                .decrypt_str(
+                    Aad::new("webhook_endpoints", &existing.id, "secret"),
+                    &existing.secret,
+                )
+                .ok()
+                .and_then(|s| WebhookSecret::parse(s.expose()));
+            if !old.is_some_and(|old| old.same_as(new)) {
+                changes.push(change("secret", json!("(set)"), json!("(changed)")));
+            }
+        }
+        Ok(EndpointPlan {
+            action: if changes.is_empty() { "none" } else { "update" },
+            id: Some(existing.id.clone()),
+            changes,
+        })
     }
 
     /// Live endpoints.

@@ -192,6 +192,36 @@ impl Store {
         Ok(())
     }
 
+    /// Replaces a live endpoint's URL, events, secret and description.
+    pub async fn update_endpoint(
+        &self,
+        e: &EndpointRow,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        let now = now_ms();
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let res = sqlx::query(
+                "UPDATE webhook_endpoints SET url = $1, events = $2, secret = $3, description = $4, updated_at = $5
+                 WHERE id = $6 AND deleted_at IS NULL",
+            )
+            .bind(&e.url)
+            .bind(&e.events)
+            .bind(&e.secret)
+            .bind(&e.description)
+            .bind(now)
+            .bind(&e.id)
+            .execute(&mut *tx)
+            .await?;
+            if res.rows_affected() == 0 {
+                return Err(StoreError::NotFound);
+            }
+            super::audit::insert_one(&mut *tx, audit).await?;
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
     /// Creates or replaces the endpoint configured by `WEBHOOK_URL` (id `env`),
     /// or retires it (`None`) when the variable is no longer set.
     pub async fn sync_env_endpoint(&self, e: Option<&EndpointRow>) -> Result<(), StoreError> {

@@ -446,7 +446,176 @@ async fn webhook_url_from_the_environment_gets_every_event(b: Backend) {
     t.finish().await;
 }
 
+/// What a manifest kept in git needs: an endpoint registered with the
+/// receiver's own secret, planned by URL (the secret compared inside the
+/// broker), updated in place, and the new secret used for signing.
+async fn endpoints_take_a_given_secret_and_are_planned_by_url(b: Backend) {
+    use nexus_broker::events::webhooks::WebhookSecret;
+    let r = Receiver::start().await;
+    let (t, _idp, id) = connected(&b, 3600, |_| {}).await;
+    let s1 = WebhookSecret::generate().encoded();
+    let s2 = WebhookSecret::generate().encoded();
+    let endpoint = |events: Value, secret: &str, description: Option<&str>| json!({"url": r.url, "events": events, "secret": secret, "description": description});
+
+    let (s, plan) = t
+        .post(
+            "/webhooks/plan",
+            endpoint(json!(["connection.revoked"]), s1.expose(), None),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{plan}");
+    assert_eq!(plan["action"], "create");
+    let fields: Vec<&str> = plan["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["url", "events", "secret"], "{plan}");
+    assert_eq!(plan["changes"][2]["after"], "(set)");
+    let (_, e) = t.get("/webhooks").await;
+    assert_eq!(e["webhooks"], json!([]), "a plan stores nothing");
+
+    let (s, created) = t
+        .post(
+            "/webhooks",
+            endpoint(json!(["connection.revoked"]), s1.expose(), None),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    assert!(
+        created.get("secret").is_none(),
+        "a given secret is not echoed"
+    );
+    let wh = created["id"].as_str().unwrap().to_string();
+
+    let (_, plan) = t
+        .post(
+            "/webhooks/plan",
+            endpoint(json!(["connection.revoked"]), s1.expose(), None),
+        )
+        .await;
+    assert_eq!(plan["action"], "none", "{plan}");
+    assert_eq!(plan["id"], wh.as_str());
+    let (_, plan) = t
+        .post(
+            "/webhooks/plan",
+            endpoint(
+                json!(["connection.revoked", "connection.degraded"]),
+                s2.expose(),
+                Some("ops"),
+            ),
+        )
+        .await;
+    assert_eq!(plan["action"], "update", "{plan}");
+    let changes = plan["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 3, "{plan}");
+    assert_eq!(
+        changes[2],
+        json!({"field": "secret", "before": "(set)", "after": "(changed)"})
+    );
+    for secret in [&s1, &s2] {
+        let raw = &secret.expose()[6..];
+        assert!(!plan.to_string().contains(raw), "no secret in a plan");
+    }
+
+    // Replaced: the events and the secret; the receiver knows only the new one.
+    let (s, updated) = t
+        .call(
+            Method::PUT,
+            &format!("/webhooks/{wh}"),
+            Some(endpoint(
+                json!(["connection.revoked", "connection.degraded"]),
+                s2.expose(),
+                Some("ops"),
+            )),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{updated}");
+    assert_eq!(updated["description"], "ops");
+    assert!(updated.get("secret").is_none());
+    r.set_secret(s2.expose());
+    let (_, plan) = t
+        .post(
+            "/webhooks/plan",
+            endpoint(
+                json!(["connection.degraded", "connection.revoked"]),
+                s2.expose(),
+                Some("ops"),
+            ),
+        )
+        .await;
+    assert_eq!(
+        plan["action"], "none",
+        "event order does not matter: {plan}"
+    );
+    // Without a secret the stored one stays.
+    let (s, _) = t
+        .call(
+            Method::PUT,
+            &format!("/webhooks/{wh}"),
+            Some(json!({"url": r.url, "events": ["connection.revoked"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = t
+        .call(Method::DELETE, &format!("/connections/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let got = eventually(
+        || std::future::ready(r.delivered("connection.revoked")),
+        |v| !v.is_empty(),
+    )
+    .await;
+    assert!(got[0].verified, "signed with the secret given by PUT");
+
+    let (s, e) = t
+        .post(
+            "/webhooks",
+            json!({"url": "https://h.example.test/", "secret": "whsec_short"}),
+        )
+        .await;
+    assert_json_error(s, &e, 400, "invalid_request");
+    assert!(!e.to_string().contains("whsec_short"), "{e}");
+    let (s, e) = t
+        .call(
+            Method::PUT,
+            "/webhooks/wh_nope",
+            Some(json!({"url": "https://h.example.test/"})),
+        )
+        .await;
+    assert_json_error(s, &e, 404, "webhook_not_found");
+    let (s, e) = t
+        .call(
+            Method::PUT,
+            "/webhooks/env",
+            Some(json!({"url": "https://h.example.test/"})),
+        )
+        .await;
+    assert_json_error(s, &e, 409, "managed_by_config");
+    let (s, e) = t
+        .call(
+            Method::PUT,
+            &format!("/webhooks/{wh}"),
+            Some(json!({"url": "ftp://x/"})),
+        )
+        .await;
+    assert_json_error(s, &e, 400, "invalid_request");
+    // Two endpoints with one URL cannot be matched by URL.
+    let (s, _) = t.post("/webhooks", json!({"url": r.url})).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, e) = t.post("/webhooks/plan", json!({"url": r.url})).await;
+    assert_json_error(s, &e, 400, "invalid_request");
+    let (_, audit) = t.get("/audit?event_type=webhook.updated").await;
+    let events = audit["events"].as_array().unwrap();
+    assert_eq!(events.len(), 2, "{audit}");
+    assert!(!audit.to_string().contains(&s2.expose()[6..]));
+    assert!(!crate::harness::logs().contains(&s2.expose()[6..]));
+    t.finish().await;
+}
+
 backend_tests!(
+    endpoints_take_a_given_secret_and_are_planned_by_url,
     endpoints_api_shows_the_secret_once_and_validates,
     events_are_signed_in_the_standard_webhooks_format,
     receiver_down_for_a_while_gets_the_event_later_with_the_same_id,
