@@ -252,7 +252,7 @@ impl Handshakes {
         }
 
         let granted: Vec<String> = match &tokens.scope {
-            Some(s) => s.split_whitespace().map(str::to_string).collect(),
+            Some(s) => provider.profile.split_scopes(s),
             None => requested.clone(),
         };
         let previous = self

@@ -425,7 +425,7 @@ impl Handshakes {
             );
             q.append_pair("redirect_uri", &self.redirect_uri_for(provider));
             if !scopes.is_empty() {
-                q.append_pair("scope", &scopes.join(" "));
+                q.append_pair("scope", &scopes.join(provider.profile.scope_separator()));
             }
             q.append_pair("state", state);
             q.append_pair("code_challenge", &pkce::challenge_s256(verifier));
@@ -433,10 +433,8 @@ impl Handshakes {
             if let Some(n) = nonce {
                 q.append_pair("nonce", n);
             }
-            for (k, v) in &provider.profile.params {
-                if let Some(v) = v.as_str() {
-                    q.append_pair(k, v);
-                }
+            for (k, v) in provider.profile.authorize_params() {
+                q.append_pair(k, v);
             }
         }
         Ok(auth_url)

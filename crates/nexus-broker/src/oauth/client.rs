@@ -153,8 +153,11 @@ pub fn parse_token_response(status: StatusCode, body: &[u8]) -> Result<TokenSet,
             "token response has no access_token",
         )
     })?;
-    let token_type = str_field("token_type")?
-        .ok_or_else(|| fail("token_exchange_failed", "token response has no token_type"))?;
+    // RFC 6749 requires token_type, but some providers leave it out of
+    // answers whose tokens are bearer tokens all the same (Shopify's
+    // `{"access_token", "scope"}`): absent means Bearer. A present one
+    // must still be a string.
+    let token_type = str_field("token_type")?.unwrap_or_else(|| "Bearer".to_string());
     let expires_in = match obj.get("expires_in") {
         None | Some(Value::Null) => None,
         // Some providers send a numeric string; accept it, refuse anything else.
@@ -193,12 +196,19 @@ mod tests {
     }
 
     #[test]
-    fn token_responses_are_parsed_strictly() {
+    fn token_responses_are_parsed_strictly_but_bearer_is_the_default_type() {
         let ok = br#"{"access_token":"at","token_type":"Bearer","expires_in":"3600","refresh_token":"rt","scope":"a b"}"#;
         let t = parse_token_response(StatusCode::OK, ok).ok().unwrap();
         assert_eq!(t.expires_in, Some(3600));
         assert_eq!(t.scope.as_deref(), Some("a b"));
+        let shopify = br#"{"access_token":"at","scope":"read_products,write_orders"}"#;
+        let t = parse_token_response(StatusCode::OK, shopify).ok().unwrap();
+        assert_eq!(t.token_type, "Bearer", "absent token_type means Bearer");
         for (status, body) in [
+            (
+                StatusCode::OK,
+                &br#"{"access_token":"a","token_type":7}"#[..],
+            ),
             (StatusCode::OK, &b"<html>hi</html>"[..]),
             (StatusCode::OK, br#"{"token_type":"Bearer"}"#),
             (

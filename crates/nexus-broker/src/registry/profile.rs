@@ -193,7 +193,7 @@ const RESERVED_AUTHORIZE_PARAMS: &[&str] = &[
 ];
 
 /// Keys of `params` that are configuration, not authorize parameters.
-const CONFIG_PARAMS: &[&str] = &["credential_schema", "strategy"];
+const CONFIG_PARAMS: &[&str] = &["credential_schema", "strategy", "scope_separator"];
 
 /// A profile failed validation: which field, and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -235,6 +235,37 @@ impl ProviderProfile {
     pub fn public_json(&self) -> Value {
         // Serializing a struct of strings, bools and JSON values cannot fail.
         serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+
+    /// How scopes are joined on the authorize request: a space (RFC 6749
+    /// §3.3), or a comma for providers whose documentation asks for one
+    /// (`params.scope_separator`).
+    pub fn scope_separator(&self) -> &str {
+        match self.params.get("scope_separator").and_then(Value::as_str) {
+            Some(",") => ",",
+            _ => " ",
+        }
+    }
+
+    /// A granted `scope` from a token answer as a list: space-separated, and
+    /// also comma-separated when the provider's separator is a comma.
+    pub fn split_scopes(&self, scope: &str) -> Vec<String> {
+        let comma = self.scope_separator() == ",";
+        scope
+            .split(|c: char| c.is_whitespace() || (comma && c == ','))
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The extra authorize parameters: `params` without the configuration
+    /// keys (`credential_schema`, `strategy`, `scope_separator`).
+    pub fn authorize_params(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.params.iter().filter_map(|(k, v)| {
+            (!CONFIG_PARAMS.contains(&k.as_str()))
+                .then(|| v.as_str().map(|v| (k.as_str(), v)))
+                .flatten()
+        })
     }
 
     /// Checks every rule a stored profile must meet and returns the provider's strategy.
@@ -330,6 +361,16 @@ impl ProviderProfile {
                         format!("params.{k}"),
                         "extra authorize parameters must be strings",
                     ));
+                }
+            }
+            match self.params.get("scope_separator") {
+                None => {}
+                Some(Value::String(s)) if s == " " || s == "," => {}
+                Some(_) => {
+                    return Err(perr(
+                        "params.scope_separator",
+                        "must be \" \" (the standard) or \",\" (providers that document comma-separated scopes)",
+                    ))
                 }
             }
             if self.params.contains_key("credential_schema") {
@@ -477,6 +518,32 @@ mod tests {
         json!({"name": "google", "auth_type": "oauth2", "client_id": "cid",
                "auth_url": "https://a.example/auth", "token_url": "https://a.example/token",
                "scopes": "openid email"})
+    }
+
+    #[test]
+    fn a_comma_scope_separator_joins_and_splits_with_commas() {
+        let mut p = parse_profile(oauth()).unwrap();
+        p.validate().unwrap();
+        assert_eq!(p.scope_separator(), " ");
+        assert_eq!(p.split_scopes("a b,c"), ["a", "b,c"]);
+        let mut v = oauth();
+        v["params"] = json!({"scope_separator": ",", "user_scope": "chat:write"});
+        let mut p = parse_profile(v).unwrap();
+        p.validate().unwrap();
+        assert_eq!(p.scope_separator(), ",");
+        assert_eq!(p.split_scopes("a,b c,,"), ["a", "b", "c"]);
+        let extra: Vec<_> = p.authorize_params().collect();
+        assert_eq!(
+            extra,
+            [("user_scope", "chat:write")],
+            "not an authorize parameter"
+        );
+        for bad in [json!(";"), json!(1)] {
+            let mut v = oauth();
+            v["params"] = json!({ "scope_separator": bad });
+            let e = parse_profile(v).unwrap().validate().unwrap_err();
+            assert_eq!(e.field, "params.scope_separator");
+        }
     }
 
     #[test]

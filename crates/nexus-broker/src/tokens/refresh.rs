@@ -716,7 +716,7 @@ impl Refresher {
             }
         };
         let granted = match &tokens.scope {
-            Some(s) => json_list(&s.split_whitespace().map(str::to_string).collect::<Vec<_>>()),
+            Some(s) => json_list(&provider.profile.split_scopes(s)),
             None => c.granted_scopes.clone(),
         };
         let expires_at = tokens.expires_in.map(|s| sent_at + s * 1000);

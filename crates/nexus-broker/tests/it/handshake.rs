@@ -1124,7 +1124,38 @@ async fn per_provider_redirect_uris_defend_against_mix_up(b: Backend) {
     t.finish().await;
 }
 
+/// Providers that document comma-separated scopes (Slack, Shopify...):
+/// requested scopes joined with commas, granted ones read with commas, and
+/// the setting itself never sent as an authorize parameter.
+async fn comma_separated_scopes_for_providers_that_ask_for_them(b: Backend) {
+    let idp = FakeIdp::start().await;
+    let t = TestBroker::start_public(&b, |_| {}).await;
+    let mut profile = idp.profile("commas");
+    profile["params"]["scope_separator"] = json!(",");
+    t.create_provider(profile).await;
+    idp.knobs().granted_scope = Some("openid,email".into());
+    let flow = start(&t, &idp, "commas", json!({})).await;
+    assert_eq!(
+        flow.param("scope").as_deref(),
+        Some("openid,email,calendar.read")
+    );
+    assert_eq!(flow.param("scope_separator"), None);
+    let (s, _, body) = callback(
+        &t,
+        &[("code", "c"), ("state", &flow.state), ("iss", &idp.base)],
+    )
+    .await;
+    assert_eq!(s, StatusCode::SEE_OTHER, "{body}");
+    let c = connection(&t, &flow.connection_id).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&c.granted_scopes).unwrap(),
+        json!(["openid", "email"])
+    );
+    t.finish().await;
+}
+
 backend_tests!(
+    comma_separated_scopes_for_providers_that_ask_for_them,
     per_provider_redirect_uris_defend_against_mix_up,
     discovered_endpoints_obey_the_egress_policy,
     discovery_is_shared_through_redis,
