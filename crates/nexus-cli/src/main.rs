@@ -7,6 +7,7 @@
 
 mod admin;
 mod agents;
+mod catalogue;
 mod certs;
 mod flags;
 mod operate;

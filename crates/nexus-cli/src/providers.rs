@@ -3,7 +3,10 @@
 //!
 //! The manifest is the reference implementation's `nexus-providers.yaml` as
 //! it is: a `providers:` list of profiles (the shapes `POST /providers`
-//! takes), with `${VAR}` replaced from the environment. The broker computes
+//! takes), with `${VAR}` replaced from the environment. An entry may start
+//! from a catalogue template (`template: google` plus overrides), and an
+//! optional `webhooks:` list manages webhook endpoints the same way
+//! (matched by URL; the broker compares their secrets). The broker computes
 //! every field change itself (`POST /providers/plan`), with its own
 //! normalisation and the client secret compared in its vault, so a plan
 //! shows exactly what the broker would store and never a secret. `apply`
@@ -20,9 +23,24 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::admin::{AdminArgs, AdminClient};
+use crate::catalogue::{self, AddArgs, CatalogueArgs};
 
 #[derive(Subcommand)]
 pub enum ProvidersCommand {
+    /// The provider templates built into this binary: endpoints, scopes and
+    /// quirks from each provider's documentation, with the pages cited.
+    #[command(after_help = "Examples:\n  \
+        nexus providers catalogue\n  \
+        nexus providers catalogue crm\n  \
+        nexus providers catalogue microsoft --full")]
+    Catalogue(CatalogueArgs),
+    /// Register a provider from a catalogue template.
+    #[command(after_help = "Examples:\n  \
+        GOOGLE_SECRET=... nexus providers add google --client-id 123.apps.googleusercontent.com --client-secret-env GOOGLE_SECRET\n  \
+        nexus providers add microsoft-entra --set tenant=contoso.onmicrosoft.com --client-id ... --client-secret-env ENTRA_SECRET\n  \
+        nexus providers add openai --name openai-prod\n  \
+        nexus providers add shopify --set shop=my-store --client-id ... --dry-run")]
+    Add(AddArgs),
     /// Show what `apply` would change: each provider to create, to update
     /// (field by field), to delete (with --prune) or unchanged. Secrets show
     /// only as (set), (changed) or (removed).
@@ -89,13 +107,22 @@ enum Action {
     Orphan,
 }
 
+/// What a step manages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Provider,
+    Webhook,
+}
+
 #[derive(Debug)]
 struct Step {
+    kind: Kind,
+    /// The provider's name, or `webhook <url>`.
     name: String,
     action: Action,
     /// `{field, before, after}` as the broker computed them.
     changes: Vec<Value>,
-    /// The profile to send (create and update).
+    /// The profile (or endpoint) to send (create and update).
     profile: Value,
 }
 
@@ -161,6 +188,11 @@ fn stale(saved: &[Saved], now: &[Step]) -> Vec<String> {
 /// `nexus providers ...`; returns the process's exit code.
 pub async fn run(command: ProvidersCommand) -> Result<i32> {
     match command {
+        ProvidersCommand::Catalogue(args) => {
+            catalogue::list(&args)?;
+            Ok(0)
+        }
+        ProvidersCommand::Add(args) => catalogue::add(args).await,
         ProvidersCommand::Plan {
             manifest,
             detailed_exitcode,
@@ -236,7 +268,10 @@ pub async fn run(command: ProvidersCommand) -> Result<i32> {
 async fn prepare(args: &ManifestArgs) -> Result<(AdminClient, Vec<Step>)> {
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("cannot read the manifest {}", args.file.display()))?;
-    let entries = manifest(&text, &args.file, &|name| std::env::var(name).ok())?;
+    let Manifest {
+        providers: entries,
+        webhooks,
+    } = manifest(&text, &args.file, &|name| std::env::var(name).ok())?;
     let broker = args.admin.client()?;
     let live = broker.ok(Method::GET, "/providers", None).await?;
     let live: BTreeMap<String, String> = live
@@ -279,6 +314,7 @@ async fn prepare(args: &ManifestArgs) -> Result<(AdminClient, Vec<Step>)> {
             _ => Action::Unchanged,
         };
         steps.push(Step {
+            kind: Kind::Provider,
             name: name.clone(),
             action,
             changes,
@@ -312,46 +348,119 @@ async fn prepare(args: &ManifestArgs) -> Result<(AdminClient, Vec<Step>)> {
             Action::Orphan
         };
         steps.push(Step {
+            kind: Kind::Provider,
             name: name.clone(),
             action,
             changes: Vec::new(),
             profile: Value::Null,
         });
     }
+    if let Some(webhooks) = webhooks {
+        webhook_steps(&broker, &webhooks, args.prune, &mut steps).await?;
+    }
     Ok((broker, steps))
+}
+
+/// The steps for a manifest's `webhooks:` list: each endpoint planned by the
+/// broker (matched by URL), and the API-made endpoints the list does not
+/// name deleted with --prune. The one `WEBHOOK_URL` configures is left alone.
+async fn webhook_steps(
+    broker: &AdminClient,
+    webhooks: &[(String, Value)],
+    prune: bool,
+    steps: &mut Vec<Step>,
+) -> Result<()> {
+    let mut refused = Vec::new();
+    for (url, body) in webhooks {
+        let (status, plan) = broker
+            .send(Method::POST, "/webhooks/plan", Some(body.clone()), None)
+            .await?;
+        if status != StatusCode::OK {
+            refused.push(format!(
+                "  webhook {url}: {}",
+                plan["message"].as_str().unwrap_or("refused by the broker")
+            ));
+            continue;
+        }
+        let id = plan["id"].as_str().unwrap_or_default().to_string();
+        let action = match plan["action"].as_str() {
+            Some("create") => Action::Create,
+            Some("update") => Action::Update { id, version: 0 },
+            _ => Action::Unchanged,
+        };
+        steps.push(Step {
+            kind: Kind::Webhook,
+            name: format!("webhook {url}"),
+            action,
+            changes: plan["changes"].as_array().cloned().unwrap_or_default(),
+            profile: body.clone(),
+        });
+    }
+    if !refused.is_empty() {
+        bail!(
+            "the broker refuses {} of the manifest's webhooks (nothing was changed):\n{}",
+            refused.len(),
+            refused.join("\n")
+        );
+    }
+    let live = broker.ok(Method::GET, "/webhooks", None).await?;
+    let listed: BTreeSet<&str> = webhooks.iter().map(|(u, _)| u.as_str()).collect();
+    for w in live["webhooks"].as_array().into_iter().flatten() {
+        let (Some(id), Some(url)) = (w["id"].as_str(), w["url"].as_str()) else {
+            continue;
+        };
+        if w["managed_by"] == "env" || listed.contains(url) {
+            continue;
+        }
+        steps.push(Step {
+            kind: Kind::Webhook,
+            name: format!("webhook {url}"),
+            action: if prune {
+                Action::Delete {
+                    id: id.to_string(),
+                    version: 0,
+                }
+            } else {
+                Action::Orphan
+            },
+            changes: Vec::new(),
+            profile: Value::Null,
+        });
+    }
+    Ok(())
+}
+
+/// A manifest after `${VAR}` expansion and templates.
+struct Manifest {
+    /// Profiles by name.
+    providers: Vec<(String, Value)>,
+    /// Endpoints by URL, as `POST /webhooks` takes them; `None` when the
+    /// manifest has no `webhooks:` key (then webhooks are not managed).
+    webhooks: Option<Vec<(String, Value)>>,
 }
 
 /// The manifest's providers by name, `${VAR}` replaced through `lookup`.
 /// Every unset variable is named at once, before anything is done.
-fn manifest(
-    text: &str,
-    file: &Path,
-    lookup: &dyn Fn(&str) -> Option<String>,
-) -> Result<Vec<(String, Value)>> {
+fn manifest(text: &str, file: &Path, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Manifest> {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
-    struct Manifest {
+    struct Parsed {
         #[serde(default)]
         providers: Vec<Value>,
         #[serde(default)]
-        webhooks: Option<Value>,
+        webhooks: Option<Vec<Value>>,
     }
-    let parsed: Manifest = serde_yaml_ng::from_str(text).map_err(|e| match e.location() {
+    let parsed: Parsed = serde_yaml_ng::from_str(text).map_err(|e| match e.location() {
         Some(at) => anyhow::anyhow!("{}:{}:{}: {e}", file.display(), at.line(), at.column()),
         None => anyhow::anyhow!("{}: {e}", file.display()),
     })?;
-    if parsed.webhooks.is_some() {
-        bail!(
-            "{}: a webhooks: section is not applied by this version (nothing was done); \
-             register webhook endpoints with POST /webhooks",
-            file.display()
-        );
-    }
     let mut unset = Vec::new();
     let mut out: Vec<(String, Value)> = Vec::new();
     for (i, mut entry) in parsed.providers.into_iter().enumerate() {
+        // A template entry is named after its template unless it says otherwise.
         let Some(name) = entry
             .get("name")
+            .or_else(|| entry.get("template"))
             .and_then(Value::as_str)
             .map(str::to_string)
         else {
@@ -366,6 +475,23 @@ fn manifest(
         expand(&mut entry, &name, lookup, &mut unset);
         out.push((name, entry));
     }
+    // `webhooks: []` manages endpoints too: with --prune it deletes those the
+    // API made. Without the key, webhooks are left alone.
+    let mut webhooks: Option<Vec<(String, Value)>> = parsed.webhooks.as_ref().map(|_| Vec::new());
+    for (i, mut entry) in parsed.webhooks.into_iter().flatten().enumerate() {
+        let Some(list) = webhooks.as_mut() else { break };
+        let Some(url) = entry.get("url").and_then(Value::as_str).map(str::to_string) else {
+            bail!(
+                "{}: webhooks[{i}] has no url (a string): the URL is how an endpoint is matched",
+                file.display()
+            );
+        };
+        if list.iter().any(|(u, _)| *u == url) {
+            bail!("{}: the webhook {url} is listed twice", file.display());
+        }
+        expand(&mut entry, &format!("webhook {url}"), lookup, &mut unset);
+        list.push((url, entry));
+    }
     if !unset.is_empty() {
         bail!(
             "{}: {} unset environment variable(s), nothing was done:\n{}",
@@ -378,7 +504,16 @@ fn manifest(
                 .join("\n")
         );
     }
-    Ok(out)
+    let mut providers = Vec::with_capacity(out.len());
+    for (i, (name, entry)) in out.into_iter().enumerate() {
+        let profile = catalogue::resolve_entry(entry)
+            .map_err(|e| anyhow::anyhow!("{}: providers[{i}] ({name}): {e}", file.display()))?;
+        providers.push((name, profile));
+    }
+    Ok(Manifest {
+        providers,
+        webhooks,
+    })
 }
 
 /// Replaces `${VAR}` in every string of `v`; records unset variables with
@@ -503,6 +638,10 @@ async fn apply(broker: &AdminClient, steps: &[Step]) -> Result<i32> {
     let mut todo: Vec<&Step> = steps.iter().filter(|s| order(&s.action) < 3).collect();
     todo.sort_by_key(|s| order(&s.action));
     for s in todo {
+        if s.kind == Kind::Webhook {
+            failed += apply_webhook(broker, s).await?;
+            continue;
+        }
         let (verb, result) = match &s.action {
             Action::Create => (
                 "created",
@@ -567,6 +706,50 @@ async fn apply(broker: &AdminClient, steps: &[Step]) -> Result<i32> {
     Ok(0)
 }
 
+/// One webhook step; returns 1 when it was not made.
+async fn apply_webhook(broker: &AdminClient, s: &Step) -> Result<usize> {
+    let (verb, (status, body)) = match &s.action {
+        Action::Create => (
+            "created",
+            broker
+                .send(Method::POST, "/webhooks", Some(s.profile.clone()), None)
+                .await?,
+        ),
+        Action::Update { id, .. } => (
+            "updated",
+            broker
+                .send(
+                    Method::PUT,
+                    &format!("/webhooks/{id}"),
+                    Some(s.profile.clone()),
+                    None,
+                )
+                .await?,
+        ),
+        Action::Delete { id, .. } => (
+            "deleted",
+            broker
+                .send(Method::DELETE, &format!("/webhooks/{id}"), None, None)
+                .await?,
+        ),
+        Action::Unchanged | Action::Orphan => return Ok(0),
+    };
+    if !status.is_success() {
+        println!(
+            "NOT {verb} {}: the broker answered {status}: {}",
+            s.name,
+            body["message"].as_str().unwrap_or("no message")
+        );
+        return Ok(1);
+    }
+    println!("{verb} {}", s.name);
+    // The manifest gave no secret: the broker made one, shown this once.
+    if let Some(secret) = body["secret"].as_str() {
+        println!("  signing secret (shown once; give it to the receiver): {secret}");
+    }
+    Ok(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -582,7 +765,9 @@ mod tests {
     #[test]
     fn variables_are_expanded_and_every_unset_one_named() {
         let text = "providers:\n  - name: a\n    client_id: \"${ID}\"\n    client_secret: \"pre-${EMPTY}-${ID}\"\n    params: {note: \"cost: ${ not a var } $ID ${1X}\"}\n";
-        let got = manifest(text, Path::new("m.yaml"), &vars).unwrap();
+        let got = manifest(text, Path::new("m.yaml"), &vars)
+            .unwrap()
+            .providers;
         assert_eq!(got[0].1["client_id"], "client-1");
         assert_eq!(got[0].1["client_secret"], "pre--client-1");
         assert_eq!(
@@ -591,7 +776,8 @@ mod tests {
         );
         let text = "providers:\n  - name: a\n    client_id: \"${A_ID}\"\n  - name: b\n    client_secret: \"${B_SECRET}\"\n    scopes: [\"${ID}\", \"${B_SCOPE}\"]\n";
         let e = manifest(text, Path::new("m.yaml"), &vars)
-            .unwrap_err()
+            .err()
+            .expect("refused")
             .to_string();
         for want in [
             "3 unset",
@@ -610,11 +796,13 @@ mod tests {
             Path::new("m.yaml"),
             &vars,
         )
-        .unwrap_err()
+        .err()
+        .expect("refused")
         .to_string();
         assert!(e.starts_with("m.yaml:3:"), "{e}");
         let e = manifest("provider:\n  - name: a\n", Path::new("m.yaml"), &vars)
-            .unwrap_err()
+            .err()
+            .expect("refused")
             .to_string();
         assert!(e.contains("unknown field `provider`"), "{e}");
         let e = manifest(
@@ -622,7 +810,8 @@ mod tests {
             Path::new("m.yaml"),
             &vars,
         )
-        .unwrap_err()
+        .err()
+        .expect("refused")
         .to_string();
         assert!(e.contains("listed twice"), "{e}");
         let e = manifest(
@@ -630,8 +819,59 @@ mod tests {
             Path::new("m.yaml"),
             &vars,
         )
-        .unwrap_err()
+        .err()
+        .expect("refused")
         .to_string();
         assert!(e.contains("providers[0] has no name"), "{e}");
+        let e = manifest(
+            "webhooks:\n  - events: [\"*\"]\n",
+            Path::new("m.yaml"),
+            &vars,
+        )
+        .err()
+        .expect("refused")
+        .to_string();
+        assert!(e.contains("webhooks[0] has no url"), "{e}");
+        let e = manifest(
+            "providers:\n  - template: google\n    placeholders: {tenant: x}\n",
+            Path::new("m.yaml"),
+            &vars,
+        )
+        .err()
+        .expect("refused")
+        .to_string();
+        assert!(
+            e.contains("providers[0] (google): template 'google' has no placeholder 'tenant'"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn webhooks_are_managed_only_when_the_manifest_has_the_key() {
+        let m = manifest("providers: []\n", Path::new("m.yaml"), &vars).unwrap();
+        assert!(m.webhooks.is_none());
+        let m = manifest("webhooks: []\n", Path::new("m.yaml"), &vars).unwrap();
+        assert_eq!(m.webhooks.unwrap().len(), 0);
+        let m = manifest(
+            "webhooks:\n  - url: https://hooks.example.com/n\n    secret: \"${ID}\"\n",
+            Path::new("m.yaml"),
+            &vars,
+        )
+        .unwrap();
+        let w = m.webhooks.unwrap();
+        assert_eq!(w[0].0, "https://hooks.example.com/n");
+        assert_eq!(w[0].1["secret"], "client-1");
+        let e = manifest(
+            "webhooks:\n  - url: https://h.example.com/\n    secret: \"${HOOK_SECRET}\"\n",
+            Path::new("m.yaml"),
+            &vars,
+        )
+        .err()
+        .expect("refused")
+        .to_string();
+        assert!(
+            e.contains("HOOK_SECRET (in webhook https://h.example.com/.secret)"),
+            "{e}"
+        );
     }
 }

@@ -3,6 +3,7 @@
 //! same transaction.
 
 pub mod agent_keys;
+pub mod catalogue;
 pub mod profile;
 pub mod strategy;
 

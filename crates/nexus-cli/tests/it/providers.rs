@@ -47,10 +47,11 @@ struct Run {
 
 async fn providers(dir: &Path, broker: &str, args: &[&str], env: &[(&str, &str)]) -> Run {
     let mut c = nexus(dir);
-    c.args(["providers"])
-        .args(args)
-        .args(["--state-dir", "state", "--broker-url", broker])
-        .env("NEXUS_LOG", "warn");
+    c.args(["providers"]).args(args).env("NEXUS_LOG", "warn");
+    // The catalogue is in the binary: it takes no broker.
+    if args.first() != Some(&"catalogue") {
+        c.args(["--state-dir", "state", "--broker-url", broker]);
+    }
     for (k, v) in env {
         c.env(k, v);
     }
@@ -266,4 +267,220 @@ async fn the_reference_manifest_plans_applies_and_converges() {
     );
     let logs = stop(child, "-TERM").await;
     assert!(!logs.contains(CANARY), "the secret in the broker's logs");
+}
+
+/// The catalogue built into the binary, `providers add`, and a manifest
+/// that starts from templates and manages webhook endpoints.
+#[tokio::test]
+async fn templates_and_webhooks_from_the_cli_and_a_manifest() {
+    use base64::Engine as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, broker) = up(tmp.path(), &[("NEXUS_LOG", "warn")]).await;
+    let run = |args: Vec<&'static str>, vars: Vec<(&'static str, String)>| {
+        let (dir, broker) = (tmp.path().to_path_buf(), broker.clone());
+        async move {
+            let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            providers(&dir, &broker, &args, &vars).await
+        }
+    };
+
+    // The catalogue: at least 40 templates, each citing its documentation.
+    let r = run(vec!["catalogue", "--output", "json"], vec![]).await;
+    assert_eq!(r.code, 0, "{}", r.out);
+    let all: Vec<Value> = serde_json::from_str(&r.out).unwrap();
+    assert!(all.len() >= 40, "{} templates", all.len());
+    for t in &all {
+        assert!(
+            t["docs"][0].as_str().unwrap().starts_with("https://"),
+            "{t}"
+        );
+    }
+    let r = run(vec!["catalogue", "microsoft"], vec![]).await;
+    assert!(
+        r.out.contains("microsoft-entra") && r.out.contains("tenant"),
+        "{}",
+        r.out
+    );
+    let r = run(vec!["catalogue", "salesforce", "--full"], vec![]).await;
+    assert!(
+        r.out.contains("quirks:") && r.out.contains("https://"),
+        "{}",
+        r.out
+    );
+
+    // `add`: the client secret from a variable, never a flag or the output.
+    let secret = vec![("G_SECRET", CANARY.to_string())];
+    let r = run(
+        vec![
+            "add",
+            "google",
+            "--client-id",
+            "g-client",
+            "--client-secret-env",
+            "G_SECRET",
+        ],
+        secret.clone(),
+    )
+    .await;
+    assert_eq!(r.code, 0, "{}", r.out);
+    assert!(
+        r.out.contains("Registered google from the google template"),
+        "{}",
+        r.out
+    );
+    assert!(
+        r.out.contains("Redirect URI to register with Google"),
+        "{}",
+        r.out
+    );
+    assert!(
+        r.out.contains("access_type=offline"),
+        "the quirks: {}",
+        r.out
+    );
+    for (args, want) in [
+        (
+            vec!["add", "shopify", "--client-id", "c"],
+            "needs a value for shop",
+        ),
+        (
+            vec!["add", "openai", "--client-id", "c"],
+            "static-credential provider",
+        ),
+        (vec!["add", "google"], "--client-id is required"),
+        (vec!["add", "nope"], "no template 'nope'"),
+        (
+            vec![
+                "add",
+                "shopify",
+                "--client-id",
+                "c",
+                "--set",
+                "shop=evil.example/x",
+            ],
+            "placeholder 'shop' must be",
+        ),
+        (
+            vec![
+                "add",
+                "google",
+                "--client-id",
+                "c",
+                "--client-secret-env",
+                "UNSET_VAR_1",
+            ],
+            "UNSET_VAR_1: the variable is not set",
+        ),
+    ] {
+        let r = run(args.clone(), vec![]).await;
+        assert_eq!(r.code, 1, "{args:?}: {}", r.out);
+        assert!(r.out.contains(want), "{args:?}: {}", r.out);
+    }
+    let r = run(
+        vec![
+            "add",
+            "shopify",
+            "--set",
+            "shop=my-store",
+            "--client-id",
+            "c",
+            "--dry-run",
+        ],
+        vec![],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{}", r.out);
+    assert!(
+        r.out.contains("https://my-store.myshopify.com/"),
+        "{}",
+        r.out
+    );
+
+    // A manifest from templates: google is what `add` registered already.
+    let hook_secret = |fill: u8| {
+        format!(
+            "whsec_{}",
+            base64::engine::general_purpose::STANDARD.encode([fill; 32])
+        )
+    };
+    let file = tmp.path().join("nexus-providers.yaml");
+    let hook = "http://127.0.0.1:9/nexus-hooks";
+    std::fs::write(
+        &file,
+        format!(
+            "providers:\n  - template: google\n    client_id: g-client\n    client_secret: \"${{G_SECRET}}\"\n  \
+             - template: shopify\n    name: shop-main\n    placeholders: {{shop: my-store}}\n    client_id: s-client\n    \
+             scopes: [read_products]\n\
+             webhooks:\n  - url: {hook}\n    events: [connection.revoked, connection.attention_required]\n    secret: \"${{HOOK_SECRET}}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut vars = secret.clone();
+    vars.push(("HOOK_SECRET", hook_secret(7)));
+    let r = run(vec!["plan", "--detailed-exitcode"], vars.clone()).await;
+    assert_eq!(r.code, 2, "{}", r.out);
+    assert!(
+        r.out.contains("= unchanged google"),
+        "add and the template agree: {}",
+        r.out
+    );
+    assert!(r.out.contains("+ create shop-main"), "{}", r.out);
+    assert!(
+        r.out.contains(&format!("+ create webhook {hook}")),
+        "{}",
+        r.out
+    );
+    assert!(r.out.contains("secret: (set)"), "{}", r.out);
+    let r = run(vec!["apply"], vars.clone()).await;
+    assert_eq!(r.code, 0, "{}", r.out);
+    assert!(
+        !r.out.contains("signing secret"),
+        "a given secret is not printed: {}",
+        r.out
+    );
+    let r = run(vec!["plan", "--detailed-exitcode"], vars.clone()).await;
+    assert_eq!(r.code, 0, "converged: {}", r.out);
+
+    // The receiver's secret rotated in the environment: an update in place.
+    vars[1].1 = hook_secret(9);
+    let r = run(vec!["plan", "--detailed-exitcode"], vars.clone()).await;
+    assert_eq!(r.code, 2, "{}", r.out);
+    assert!(
+        r.out.contains(&format!("~ update webhook {hook}")),
+        "{}",
+        r.out
+    );
+    assert!(r.out.contains("secret: (set) -> (changed)"), "{}", r.out);
+    let r = run(vec!["apply"], vars.clone()).await;
+    assert_eq!(r.code, 0, "{}", r.out);
+    assert!(
+        r.out.contains(&format!("updated webhook {hook}")),
+        "{}",
+        r.out
+    );
+    let r = run(vec!["plan", "--detailed-exitcode"], vars.clone()).await;
+    assert_eq!(r.code, 0, "{}", r.out);
+    for fill in [7u8, 9] {
+        let raw = &hook_secret(fill)[6..];
+        assert!(!r.out.contains(raw), "a webhook secret in the output");
+    }
+
+    // `webhooks: []` with --prune deletes the endpoint; no key leaves it be.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let providers_only = text.split("webhooks:").next().unwrap().to_string();
+    std::fs::write(&file, &providers_only).unwrap();
+    let r = run(vec!["plan", "--prune", "--detailed-exitcode"], vars.clone()).await;
+    assert_eq!(r.code, 0, "webhooks not managed without the key: {}", r.out);
+    std::fs::write(&file, format!("{providers_only}webhooks: []\n")).unwrap();
+    let r = run(vec!["apply", "--prune"], vars.clone()).await;
+    assert_eq!(r.code, 0, "{}", r.out);
+    assert!(
+        r.out.contains(&format!("deleted webhook {hook}")),
+        "{}",
+        r.out
+    );
+
+    let logs = stop(child, "-TERM").await;
+    assert!(!logs.contains(CANARY), "the secret in the broker's logs");
+    assert!(!logs.contains(&hook_secret(9)[6..]));
 }
