@@ -198,10 +198,10 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="nexus-sidecar-bench-"))
     host = args.host
     try:
-        upstream = hb.start_bare(procs, bins, host, tmp, 1024)
+        upstream = hb.start_bare(procs, bins, host, tmp, 1024, None)
         upstream_addr = upstream.url.removeprefix("http://")
         # A `nexus up` whose gateway hands the sidecar its credential.
-        targets = hb.start_up(procs, bins, host, tmp, 1)
+        targets = hb.start_up(procs, bins, host, tmp, 1, False)
         gateway = targets[0]
         conn = gateway.ids[0]
         agent_key = gateway.header[1].removeprefix("Bearer ")
