@@ -18,6 +18,7 @@ pub mod mtls;
 pub mod net;
 pub mod openapi;
 pub mod outbound;
+pub mod pages;
 mod secret;
 pub mod serve;
 pub mod settings;

@@ -46,6 +46,8 @@ pub enum Kind {
     Text,
     /// Newline-delimited JSON, streamed.
     Stream,
+    /// A stylesheet.
+    Css,
 }
 
 /// A route: its document and its handler.
@@ -177,6 +179,9 @@ pub fn document(
             }
             Kind::Text => {
                 json!({"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}})
+            }
+            Kind::Css => {
+                json!({"description": "a stylesheet", "content": {"text/css": {"schema": {"type": "string"}}}})
             }
             Kind::Stream => {
                 json!({"description": "a stream of JSON objects, one per line", "content": {"application/x-ndjson": {"schema": {"type": "string"}}}})

@@ -163,6 +163,16 @@ fn public_routes(redirect_path: &str) -> Routes {
             get(proxy::forward),
         ),
         (
+            doc(
+                "GET",
+                nexus_core::pages::STYLESHEET_PATH,
+                "The pages' stylesheet",
+            )
+            .open()
+            .answers(Kind::Css),
+            get(nexus_core::pages::stylesheet),
+        ),
+        (
             doc("GET", "/auth/capture", "Hosted form for static credentials")
                 .open()
                 .query("state", true, "the signed state of the handshake")

@@ -5,7 +5,7 @@
 use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -39,55 +39,26 @@ fn need_state(q: StateQuery) -> Result<String, ApiError> {
         .ok_or_else(|| ApiError::bad_request("invalid_state", "state is missing"))
 }
 
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
+/// The capture page's template, added to the layout once.
+fn pages() -> &'static minijinja::Environment<'static> {
+    static PAGES: std::sync::OnceLock<minijinja::Environment<'static>> = std::sync::OnceLock::new();
+    PAGES.get_or_init(|| {
+        let mut env = nexus_core::pages::environment();
+        // A constant of this crate, rendered by the tests: it parses.
+        if let Err(e) = env.add_template("capture.html", include_str!("../../pages/capture.html")) {
+            tracing::error!(error = %e, "the capture page does not parse");
         }
-    }
-    out
+        env
+    })
 }
 
-fn input(f: &Field, previous: &Map<String, Value>) -> String {
-    let name = escape(&f.name);
-    let req = if f.required { " required" } else { "" };
-    // Secret values are never sent back to the browser, not even after an error.
-    let value = if f.secret {
-        String::new()
-    } else {
-        previous
-            .get(&f.name)
-            .and_then(Value::as_str)
-            .map(escape)
-            .unwrap_or_default()
-    };
-    match (f.kind.as_str(), &f.choices) {
-        (_, Some(choices)) => {
-            let opts: String = choices
-                .iter()
-                .map(|c| {
-                    let sel = if value == escape(c) { " selected" } else { "" };
-                    format!("<option value=\"{0}\"{sel}>{0}</option>", escape(c))
-                })
-                .collect();
-            format!("<select id=\"f-{name}\" name=\"{name}\"{req}><option value=\"\"></option>{opts}</select>")
-        }
-        ("boolean", _) => format!("<input id=\"f-{name}\" type=\"checkbox\" name=\"{name}\">"),
-        ("integer" | "number", _) => {
-            let step = if f.kind == "integer" { "1" } else { "any" };
-            format!("<input id=\"f-{name}\" type=\"number\" step=\"{step}\" name=\"{name}\" value=\"{value}\"{req}>")
-        }
-        _ => {
-            let t = if f.secret { "password" } else { "text" };
-            format!("<input id=\"f-{name}\" type=\"{t}\" name=\"{name}\" value=\"{value}\" autocomplete=\"off\"{req}>")
-        }
-    }
+/// One input of the form, with the value to show again after an error.
+#[derive(serde::Serialize)]
+struct Input<'a> {
+    #[serde(flatten)]
+    field: &'a Field,
+    /// Secret values are never sent back to the browser, not even after an error.
+    value: String,
 }
 
 fn page(
@@ -95,95 +66,59 @@ fn page(
     state: &str,
     errors: &[String],
     previous: &Map<String, Value>,
-) -> String {
+) -> Result<String, ApiError> {
     let p = &form.provider.profile;
-    let mut rows = String::new();
-    for f in &form.fields {
-        let mark = if f.required {
-            " <span class=\"req\" title=\"required\">*</span>"
-        } else {
-            ""
-        };
-        let help = f
-            .description
-            .as_deref()
-            .map(|d| format!("<p class=\"help\">{}</p>", escape(d)))
-            .unwrap_or_default();
-        rows.push_str(&format!(
-            "<div class=\"field\"><label for=\"f-{}\">{}{mark}</label>{}{help}</div>\n",
-            escape(&f.name),
-            escape(&f.title),
-            input(f, previous)
-        ));
-    }
-    let errs = if errors.is_empty() {
-        String::new()
-    } else {
-        let items: String = errors
-            .iter()
-            .map(|e| format!("<li>{}</li>", escape(e)))
-            .collect();
-        format!("<div class=\"errors\" role=\"alert\"><p>Please correct:</p><ul>{items}</ul></div>")
-    };
-    let desc = p
-        .description
-        .as_deref()
-        .map(|d| format!("<p>{}</p>", escape(d)))
-        .unwrap_or_default();
-    format!(
-        "<!doctype html>
-<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">
-<title>Connect {name}</title>
-<style>
-body{{font-family:system-ui,sans-serif;max-width:32rem;margin:3rem auto;padding:0 1rem;color:#1b1b1f}}
-h1{{font-size:1.4rem}} .field{{margin:1rem 0}} label{{display:block;font-weight:600;margin-bottom:.3rem}}
-input[type=text],input[type=password],input[type=number],select{{width:100%;padding:.5rem;box-sizing:border-box;font:inherit}}
-.help{{color:#555;font-size:.9rem;margin:.3rem 0 0}} .req{{color:#b00020}}
-.errors{{background:#fdecea;border:1px solid #b00020;padding:.5rem 1rem;border-radius:4px}}
-button{{padding:.6rem 1.2rem;font:inherit;cursor:pointer}} footer{{color:#777;font-size:.8rem;margin-top:2rem}}
-</style></head>
-<body><main>
-<h1>Connect {name}</h1>
-{desc}
-{errs}
-<form method=\"post\" action=\"/auth/capture-credential\">
-<input type=\"hidden\" name=\"state\" value=\"{state}\">
-<input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">
-{rows}<button type=\"submit\">Connect</button>
-</form>
-<footer>Your credentials are stored encrypted by Nexus and are never shown again.</footer>
-</main></body></html>",
-        name = escape(&p.name),
-        state = escape(state),
-        csrf = escape(&form.csrf),
+    let fields: Vec<Input<'_>> = form
+        .fields
+        .iter()
+        .map(|f| Input {
+            field: f,
+            value: if f.secret {
+                String::new()
+            } else {
+                previous
+                    .get(&f.name)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string()
+            },
+        })
+        .collect();
+    nexus_core::pages::render(
+        pages(),
+        "capture.html",
+        minijinja::context! {
+            provider => p.name,
+            description => p.description,
+            errors => errors,
+            state => state,
+            csrf => form.csrf,
+            fields => fields,
+        },
     )
+    .map_err(|e| ApiError::internal(&e))
 }
 
-fn secure_headers(resp: &mut Response) {
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-        ),
-    );
-    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
-    h.insert(
-        "x-content-type-options",
-        HeaderValue::from_static("nosniff"),
-    );
+/// The origin the browser is sent to after the form: browsers apply the
+/// page's `form-action` to that redirect too.
+fn return_origin(form: &CaptureForm) -> Option<String> {
+    url::Url::parse(&form.handshake.return_url)
+        .ok()
+        .map(|u| u.origin().ascii_serialization())
+        .filter(|o| o != "null")
 }
 
 /// A form page; with `csrf`, the handshake id, its token and whether the
 /// cookie must be `Secure`.
-fn html(status: StatusCode, body: String, csrf: Option<(&str, &str, bool)>) -> Response {
-    let mut resp = (status, Html(body)).into_response();
-    secure_headers(&mut resp);
+fn html(
+    status: StatusCode,
+    body: String,
+    form: &CaptureForm,
+    csrf: Option<(&str, &str, bool)>,
+) -> Response {
+    let back = return_origin(form);
+    let targets: Vec<&str> = back.as_deref().into_iter().collect();
+    let mut resp = nexus_core::pages::respond(status, body, &targets);
     if let Some((handshake_id, token, secure)) = csrf {
         let cookie = format!(
             "{}={token}; Path=/auth; HttpOnly; SameSite=Strict; Max-Age=600{}",
@@ -214,7 +149,8 @@ pub async fn form(
     let secure = st.config().base_url.scheme() == "https";
     Ok(html(
         StatusCode::OK,
-        page(&form, &state, &[], &Map::new()),
+        page(&form, &state, &[], &Map::new())?,
+        &form,
         Some((&form.handshake.id, &form.csrf, secure)),
     ))
 }
@@ -349,12 +285,13 @@ pub async fn submit(
     {
         Ok(CaptureOutcome::Done(url)) => {
             let mut resp = Redirect::to(&url).into_response();
-            secure_headers(&mut resp);
+            nexus_core::pages::secure_headers(&mut resp, &[]);
             Ok(resp)
         }
         Ok(CaptureOutcome::Invalid(errors)) => Ok(html(
             StatusCode::OK,
-            page(&form, &state, &errors, &raw),
+            page(&form, &state, &errors, &raw)?,
+            &form,
             None,
         )),
         Err(e) => Err(e.into()),

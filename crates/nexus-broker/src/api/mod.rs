@@ -528,6 +528,12 @@ fn public_routes(redirect_path: &str) -> Vec<Route<AppState>> {
             get(handshake::provider_callback),
         ),
         (
+            doc("GET", nexus_core::pages::STYLESHEET_PATH, "The pages' stylesheet")
+                .open()
+                .answers(Kind::Css),
+            get(nexus_core::pages::stylesheet),
+        ),
+        (
             doc(
                 "GET",
                 "/auth/capture",

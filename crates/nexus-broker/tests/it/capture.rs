@@ -85,10 +85,24 @@ async fn form_capture_end_to_end(b: Backend) {
         "secret fields are password inputs"
     );
     assert!(html.contains(r#"type="text" name="account""#));
-    assert!(html.contains("<select id=\"f-region\" name=\"region\">"));
+    assert!(html.contains("<select id=\"f-region\" name=\"region\""));
+    assert!(
+        !csp.contains("unsafe-inline") && csp.contains("style-src 'self'"),
+        "{csp}"
+    );
+    assert!(
+        !html.contains("<style") && !html.contains(" style="),
+        "no inline style"
+    );
+    let css = browser
+        .get(format!("{}/assets/nexus.css", t.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(css.headers()["content-type"], "text/css; charset=utf-8");
     assert!(html.contains("From the dashboard"));
     assert!(
-        html.contains("Weather &lt;b&gt;API&lt;/b&gt; &amp; more"),
+        html.contains("Weather &lt;b&gt;API&lt;&#x2f;b&gt; &amp; more") && !html.contains("<b>"),
         "text is escaped"
     );
     assert!(

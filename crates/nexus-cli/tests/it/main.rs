@@ -1,5 +1,6 @@
 //! Tests of the `nexus` binary itself: what a newcomer and an operator run.
 
+mod browser;
 mod deploy;
 mod operate;
 mod providers;
