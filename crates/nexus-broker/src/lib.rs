@@ -18,6 +18,7 @@ pub mod config;
 pub mod events;
 pub mod handshake;
 pub mod oauth;
+pub mod portal;
 pub mod registry;
 pub mod server;
 pub mod store;

@@ -136,7 +136,10 @@ where
     }
 }
 
-/// Whether `resp` is an error answer that is not JSON yet.
+/// Whether `resp` is an error answer that is not JSON yet. HTML is left
+/// alone: only the pages answer it (`pages::respond`), to a browser that
+/// asked for HTML, with the page a person can read; every other caller
+/// gets the JSON error.
 fn needs_rewrite(resp: &Response) -> bool {
     let status = resp.status();
     (status.is_client_error() || status.is_server_error())
@@ -144,7 +147,7 @@ fn needs_rewrite(resp: &Response) -> bool {
             .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json"))
+            .is_some_and(|v| v.starts_with("application/json") || v.starts_with("text/html"))
 }
 
 fn has_nul(s: &str) -> bool {

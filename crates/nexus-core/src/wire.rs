@@ -60,6 +60,8 @@ pub mod routes {
     pub const TOKENS_ISSUED: &str = "/tokens/issued";
     /// Verify an agent key.
     pub const AGENT_KEY_VERIFY: &str = "/agent-keys/verify";
+    /// Connect-portal links (the gateway's `POST /v1/connect-sessions`).
+    pub const CONNECT_SESSIONS: &str = "/connect-sessions";
 
     /// Every (method, route) a gateway calls, and all the broker lets its
     /// gateway credential (`GATEWAY_API_KEY`) reach: no key minting, no
@@ -75,6 +77,7 @@ pub mod routes {
         ("GET", TOKEN_CHANGES),
         ("POST", TOKENS_ISSUED),
         ("POST", AGENT_KEY_VERIFY),
+        ("POST", CONNECT_SESSIONS),
     ];
 }
 

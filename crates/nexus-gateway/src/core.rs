@@ -270,6 +270,51 @@ impl Gateway {
         Ok(spec)
     }
 
+    /// `POST /v1/connect-sessions {workspace_id, providers?, return_url?,
+    /// expires_in?}`: a connect-portal link for one of the key's workspaces.
+    pub async fn connect_session(
+        &self,
+        agent: &Agent,
+        req: Map<String, Value>,
+    ) -> Result<Value, GatewayError> {
+        let Some(ws) = req
+            .get("workspace_id")
+            .or_else(|| req.get("user_id"))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+        else {
+            return Err(GatewayError::new(
+                StatusCode::BAD_REQUEST,
+                "missing_fields",
+                "workspace_id is required",
+            ));
+        };
+        if !agent.may(&ws) {
+            return Err(GatewayError::new(
+                StatusCode::FORBIDDEN,
+                "workspace_forbidden",
+                "this agent key may not act for that workspace",
+            ));
+        }
+        let mut body = Map::new();
+        body.insert("workspace_id".into(), json!(ws));
+        for k in ["providers", "return_url", "expires_in"] {
+            if let Some(v) = req.get(k).filter(|v| !v.is_null()) {
+                body.insert(k.into(), v.clone());
+            }
+        }
+        let reply = self
+            .broker
+            .post(
+                self.broker.url(routes::CONNECT_SESSIONS, ""),
+                &Value::Object(body),
+            )
+            .await?
+            .ok()?;
+        reply.json()
+    }
+
     /// `GET /v1/check-connection/{id}`: where the connection stands, in the
     /// v1 contract's terms and precisely. A connection that is unknown or
     /// outside the key's workspaces is `failed` / `not_found`, the same

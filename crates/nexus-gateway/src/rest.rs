@@ -61,6 +61,19 @@ pub async fn request_connection(
     Ok(Json(g.request_connection(&agent, req).await?))
 }
 
+/// `POST /v1/connect-sessions` → 201 `{id, url, token, expires_at, workspace_id}`.
+pub async fn connect_session(
+    State(g): State<Arc<Gateway>>,
+    Authed(agent): Authed,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>)> {
+    let req = object(&body)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(g.connect_session(&agent, req).await?),
+    ))
+}
+
 /// `GET /v1/check-connection/{id}` → `{"status", "state", ...}`.
 pub async fn check_connection(
     State(g): State<Arc<Gateway>>,

@@ -90,6 +90,20 @@ fn api_routes() -> Routes {
         ),
         (
             agent_errors(doc(
+                "POST",
+                "/v1/connect-sessions",
+                "A connect-portal link for one of the key's workspaces (token shown once)",
+            ))
+            .status(201)
+            .fails(400, "invalid_json, missing_fields, or an invalid field")
+            .fails(
+                403,
+                "workspace_forbidden: the key may not act for that workspace",
+            ),
+            post(rest::connect_session),
+        ),
+        (
+            agent_errors(doc(
                 "GET",
                 "/v1/check-connection/{id}",
                 "A connection's status (v1 enum) and precise state",
@@ -161,6 +175,42 @@ fn public_routes(redirect_path: &str) -> Routes {
             )
             .oauth_callback(),
             get(proxy::forward),
+        ),
+        (
+            doc(
+                "GET",
+                "/connect",
+                "The connect portal (forwarded to the broker)",
+            )
+            .open()
+            .answers(Kind::Html),
+            get(proxy::forward),
+        ),
+        (
+            doc(
+                "POST",
+                "/connect/start",
+                "Portal: connect or reconnect (form)",
+            )
+            .open()
+            .answers(Kind::Redirect),
+            post(proxy::forward),
+        ),
+        (
+            doc("POST", "/connect/disconnect", "Portal: disconnect (form)")
+                .open()
+                .answers(Kind::Redirect),
+            post(proxy::forward),
+        ),
+        (
+            doc(
+                "POST",
+                "/connect/pause",
+                "Portal: pause or resume the workspace (form)",
+            )
+            .open()
+            .answers(Kind::Redirect),
+            post(proxy::forward),
         ),
         (
             doc(

@@ -38,6 +38,7 @@ pub mod guard;
 pub mod handshake;
 pub mod ops;
 pub mod pauses;
+pub mod portal;
 pub mod providers;
 pub mod webhooks;
 
@@ -462,6 +463,19 @@ fn admin_routes() -> Vec<Route<AppState>> {
             get(webhooks::deliveries),
         ),
         (
+            doc(
+                "POST",
+                routes::CONNECT_SESSIONS,
+                "A connect-portal link for one workspace (token shown once)",
+            )
+            .status(201),
+            post(portal::create),
+        ),
+        (
+            doc("DELETE", "/connect-sessions/{id}", "End a connect-portal link"),
+            delete(portal::revoke),
+        ),
+        (
             doc("POST", "/agent-keys", "Create an agent key (shown once)").status(201),
             post(agent_keys::create),
         ),
@@ -526,6 +540,30 @@ fn public_routes(redirect_path: &str) -> Vec<Route<AppState>> {
             )
             .oauth_callback(),
             get(handshake::provider_callback),
+        ),
+        (
+            doc("GET", "/connect", "The connect portal (?session= from a connect link)")
+                .open()
+                .answers(Kind::Html),
+            get(portal::page),
+        ),
+        (
+            doc("POST", "/connect/start", "Portal: connect or reconnect (form)")
+                .open()
+                .answers(Kind::Redirect),
+            post(portal::start),
+        ),
+        (
+            doc("POST", "/connect/disconnect", "Portal: disconnect (form)")
+                .open()
+                .answers(Kind::Redirect),
+            post(portal::disconnect),
+        ),
+        (
+            doc("POST", "/connect/pause", "Portal: pause or resume the workspace (form)")
+                .open()
+                .answers(Kind::Redirect),
+            post(portal::pause),
         ),
         (
             doc("GET", nexus_core::pages::STYLESHEET_PATH, "The pages' stylesheet")

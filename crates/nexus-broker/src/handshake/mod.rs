@@ -275,17 +275,7 @@ impl Handshakes {
             .return_url
             .filter(|r| !r.trim().is_empty())
             .ok_or_else(|| HandshakeError::MissingFields("return_url is required".into()))?;
-        let parsed = Url::parse(&return_url)
-            .map_err(|_| HandshakeError::Invalid("return_url is not an absolute URL".into()))?;
-        if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(HandshakeError::Invalid(
-                "return_url must be http or https".into(),
-            ));
-        }
-        let host = parsed.host_str().unwrap_or_default();
-        if !return_host_allowed(host, &self.allowed_return_domains) {
-            return Err(HandshakeError::ReturnUrlNotAllowed);
-        }
+        self.check_return_url(&return_url)?;
         let provider = match (req.provider_id.as_deref(), req.provider_name.as_deref()) {
             (Some(id), _) if !id.is_empty() => self.registry.get(id).await?,
             (_, Some(name)) if !name.is_empty() => self.registry.find(name).await?,
@@ -402,6 +392,27 @@ impl Handshakes {
             provider_id: provider.row.id,
             connection_id,
         })
+    }
+
+    /// Checks a URL people are sent back to: absolute http(s), on a host
+    /// in `ALLOWED_RETURN_DOMAINS` or Nexus's own (`BASE_URL`: the connect
+    /// portal).
+    pub fn check_return_url(&self, return_url: &str) -> Result<Url, HandshakeError> {
+        let parsed = Url::parse(return_url)
+            .map_err(|_| HandshakeError::Invalid("return_url is not an absolute URL".into()))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(HandshakeError::Invalid(
+                "return_url must be http or https".into(),
+            ));
+        }
+        let own = Url::parse(&self.capture_url)
+            .ok()
+            .is_some_and(|c| c.origin() == parsed.origin());
+        let host = parsed.host_str().unwrap_or_default();
+        if !own && !return_host_allowed(host, &self.allowed_return_domains) {
+            return Err(HandshakeError::ReturnUrlNotAllowed);
+        }
+        Ok(parsed)
     }
 
     fn authorize_url(

@@ -371,3 +371,386 @@ async fn a_person_connects_a_static_key_in_the_capture_form() {
     let logs = stop(child, "-TERM").await;
     assert!(!logs.contains(CANARY), "the key in the logs");
 }
+
+/// Clicks the submit button of the form whose action is `action` and whose
+/// hidden `field` is `value`.
+async fn submit(c: &Client, action: &str, field: &str, value: &str) {
+    let css = format!("form[action='{action}'] input[name={field}][value='{value}']");
+    let input = c
+        .find(Locator::Css(&css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"));
+    let form = input
+        .find(Locator::XPath("./ancestor::form"))
+        .await
+        .unwrap();
+    form.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
+/// Waits (bounded) until the browser is on a page whose path is `path`.
+async fn on_page(c: &Client, path: &str) -> url::Url {
+    for _ in 0..100 {
+        let u = c.current_url().await.unwrap();
+        if u.path() == path {
+            return u;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "never reached {path}: at {}",
+        c.current_url().await.unwrap()
+    );
+}
+
+/// Waits (bounded) until the browser's URL contains `needle`.
+async fn on_url_with(c: &Client, needle: &str) -> url::Url {
+    for _ in 0..100 {
+        let u = c.current_url().await.unwrap();
+        if u.as_str().contains(needle) {
+            return u;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "never reached a URL with {needle}: at {}",
+        c.current_url().await.unwrap()
+    );
+}
+
+/// A person manages one workspace in the connect portal, from a link an
+/// application made with its agent key: the link's token leaves the address
+/// bar for an HttpOnly cookie; they connect a static-key provider through
+/// the capture form and come back connected, disconnect another (revoked),
+/// pause the workspace (red banner with their reason as text; the token API
+/// answers 423) and resume. Refused: posts without the CSRF token, another
+/// workspace's connection, a revoked link.
+#[tokio::test]
+async fn a_person_manages_a_workspace_in_the_connect_portal() {
+    let Some(b) = browser("a_person_manages_a_workspace_in_the_connect_portal").await else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, broker, gateway) = up_full(tmp.path(), &[("NEXUS_LOG", "warn")], &[]).await;
+    let env = env_file(tmp.path());
+    let admin = env_value(&env, "API_KEY");
+    let agent_key = crate::env_value_last(&env, "AGENT_KEY");
+    let h = http();
+    let schema = json!({"type": "object", "required": ["api_key"],
+        "properties": {"api_key": {"type": "string", "title": "API key", "format": "password"}}});
+    for (name, description) in [
+        ("weather", "Forecasts <i>by the hour</i>"),
+        ("search", "Web search"),
+        ("hidden", "Not offered by this link"),
+    ] {
+        let r = h
+            .post(format!("{broker}/providers"))
+            .header("x-api-key", &admin)
+            .json(&json!({"profile": {"name": name, "auth_type": "header", "description": description,
+                "params": {"header_name": "X-Key", "credential_field": "api_key", "credential_schema": schema}}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+    }
+    let back = return_page().await;
+    // `search` is connected already (by API), in the workspace and in another.
+    let mut connect_by_api = Vec::new();
+    for ws in ["ws-portal", "ws-other"] {
+        let spec: Value = h
+            .post(format!("{gateway}/v1/request-connection"))
+            .bearer_auth(&agent_key)
+            .json(&json!({"user_id": ws, "provider_name": "search", "return_url": back}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let done = h
+            .post(format!("{gateway}/auth/capture-credential"))
+            .json(&json!({"state": spec["state"], "credentials": {"api_key": CANARY}}))
+            .send()
+            .await
+            .unwrap();
+        assert!(done.status().is_success());
+        connect_by_api.push(spec["connection_id"].as_str().unwrap().to_string());
+    }
+    let (search_id, other_ws_id) = (connect_by_api[0].clone(), connect_by_api[1].clone());
+
+    let made = h
+        .post(format!("{gateway}/v1/connect-sessions"))
+        .bearer_auth(&agent_key)
+        .json(&json!({"workspace_id": "ws-portal", "providers": ["weather", "search"], "return_url": back}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made.status().as_u16(), 201);
+    let made: Value = made.json().await.unwrap();
+    let link = made["url"].as_str().unwrap().to_string();
+    let token = made["token"].as_str().unwrap().to_string();
+    assert!(
+        link.starts_with(&format!("{gateway}/connect?session=nxc_")),
+        "{link}"
+    );
+
+    // The link: the token becomes a cookie the page's scripts cannot read.
+    let c = &b.client;
+    c.goto(&link).await.unwrap();
+    let at = on_page(c, "/connect").await;
+    assert!(at.query().is_none(), "the token left the address bar: {at}");
+    assert_eq!(b.js("return document.cookie").await, "", "HttpOnly");
+    let text = c
+        .find(Locator::Css("main"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("Workspace ws-portal"), "{text}");
+    assert!(
+        text.contains("Forecasts <i>by the hour</i>"),
+        "text as text: {text}"
+    );
+    assert!(
+        !text.contains("Not offered"),
+        "only the link's providers: {text}"
+    );
+    let search_state = c
+        .find(Locator::Css(&format!("#conn-{search_id} .state")))
+        .await
+        .unwrap();
+    assert_eq!(
+        search_state.attr("data-status").await.unwrap().as_deref(),
+        Some("active")
+    );
+    b.shot("portal").await;
+    let problems = b.accessibility().await;
+    assert!(problems.is_empty(), "axe on the portal: {problems:#?}");
+
+    // Connect weather through the capture form, and come back connected.
+    let weather_id = {
+        let list: Value = h
+            .get(format!("{broker}/providers/by-name/weather"))
+            .header("x-api-key", &admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        list["id"].as_str().unwrap().to_string()
+    };
+    submit(c, "/connect/start", "provider_id", &weather_id).await;
+    on_page(c, "/auth/capture").await;
+    c.find(Locator::Css("#f-api_key"))
+        .await
+        .unwrap()
+        .send_keys(CANARY)
+        .await
+        .unwrap();
+    c.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    on_url_with(c, "status=success").await;
+    let notice = c
+        .find(Locator::Css("[role=status]"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(notice, "Connected.");
+    let cards = c
+        .find(Locator::Css(".cards"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        cards.contains("weather") && cards.contains("Connected"),
+        "{cards}"
+    );
+    b.shot("portal-connected").await;
+
+    // Disconnect search: revoked, and said so.
+    submit(c, "/connect/disconnect", "connection_id", &search_id).await;
+    on_url_with(c, "notice=disconnected").await;
+    let state = c
+        .find(Locator::Css(&format!("#conn-{search_id} .state")))
+        .await
+        .unwrap()
+        .attr("data-status")
+        .await
+        .unwrap();
+    assert_eq!(state.as_deref(), Some("revoked"));
+    let conn: Value = h
+        .get(format!("{broker}/connections/{search_id}"))
+        .header("x-api-key", &admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(conn["status"], "revoked");
+    b.shot("portal-disconnected").await;
+
+    // Pause with a reason (hostile text stays text); agents get 423.
+    let reason = "<b>maintenance</b> until 5pm";
+    c.find(Locator::Css("#pause-reason"))
+        .await
+        .unwrap()
+        .send_keys(reason)
+        .await
+        .unwrap();
+    c.find(Locator::Css("form.pause button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    on_url_with(c, "notice=paused").await;
+    let banner = c
+        .find(Locator::Css(".banner-red"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        banner.contains(reason) && banner.contains("connect:cs_"),
+        "{banner}"
+    );
+    b.shot("portal-paused").await;
+    let problems = b.accessibility().await;
+    assert!(
+        problems.is_empty(),
+        "axe on the paused portal: {problems:#?}"
+    );
+    let weather_conn = {
+        let list: Value = h
+            .get(format!("{broker}/connections?workspace_id=ws-portal"))
+            .header("x-api-key", &admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        list["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["provider_id"] == weather_id.as_str() && c["status"] == "active")
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let mut paused = 0;
+    for _ in 0..50 {
+        let r = h
+            .get(format!("{gateway}/v1/token/{weather_conn}"))
+            .bearer_auth(&agent_key)
+            .send()
+            .await
+            .unwrap();
+        paused = r.status().as_u16();
+        if paused == 423 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(paused, 423, "the token API answers 423 while paused");
+    c.find(Locator::Css(".banner-red button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    on_url_with(c, "notice=resumed").await;
+    assert!(
+        c.find(Locator::Css(".banner-red")).await.is_err(),
+        "banner gone"
+    );
+
+    // Refusals, outside the browser: no CSRF token; another workspace's
+    // connection (with a valid token); then a revoked link.
+    let cookie = format!("nexus_connect={token}");
+    let page = h
+        .get(format!("{gateway}/connect"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_string();
+    let post = |body: String| {
+        let (h, cookie, gateway) = (h.clone(), cookie.clone(), gateway.clone());
+        async move {
+            h.post(format!("{gateway}/connect/disconnect"))
+                .header("cookie", cookie)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let r = post(format!("connection_id={other_ws_id}")).await;
+    assert_eq!(r.status().as_u16(), 403);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"], "csrf_failed");
+    let r = post(format!("csrf={csrf}&connection_id={other_ws_id}")).await;
+    assert_eq!(r.status().as_u16(), 404, "another workspace's connection");
+    let other: Value = h
+        .get(format!("{broker}/connections/{other_ws_id}"))
+        .header("x-api-key", &admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(other["status"], "active", "untouched");
+    let r = h
+        .delete(format!(
+            "{broker}/connect-sessions/{}",
+            made["id"].as_str().unwrap()
+        ))
+        .header("x-api-key", &admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    c.refresh().await.unwrap();
+    let Ok(main) = c.find(Locator::Css("main")).await else {
+        panic!("no page: {}", c.source().await.unwrap_or_default());
+    };
+    let text = main.text().await.unwrap();
+    assert!(text.contains("revoked"), "{text}");
+    b.shot("portal-revoked-link").await;
+    let r = post(format!("csrf={csrf}&connection_id={weather_conn}")).await;
+    assert_eq!(r.status().as_u16(), 401, "a revoked link does nothing");
+
+    let _ = b.client.close().await;
+    let logs = stop(child, "-TERM").await;
+    assert!(!logs.contains(CANARY), "a key in the logs");
+    assert!(!logs.contains(&token), "the link's token in the logs");
+}
