@@ -46,6 +46,8 @@ nexus_core::declare_settings! {
         redirect_path: REDIRECT_PATH = Setting::text("REDIRECT_PATH", "Path of the OAuth callback under BASE_URL").or("/auth/callback"),
         /// `ALLOWED_RETURN_DOMAINS`: comma-separated hosts a handshake may return to.
         allowed_return_domains: ALLOWED_RETURN_DOMAINS = Setting::text("ALLOWED_RETURN_DOMAINS", "Comma-separated hosts a handshake may return the browser to (.example.com: and below)").or("localhost,127.0.0.1"),
+        /// `CONNECT_EMBED_ORIGINS`: origins that may frame the connect portal.
+        connect_embed_origins: CONNECT_EMBED_ORIGINS = Setting::text("CONNECT_EMBED_ORIGINS", "Comma-separated origins (https://app.example.com) that may show the connect portal in a frame or open it in a popup, and receive its completion message (none by default: no framing)"),
         /// `ALLOWED_CIDRS`: comma-separated networks allowed to call the admin API.
         allowed_cidrs: ALLOWED_CIDRS = Setting::text("ALLOWED_CIDRS", "Comma-separated networks allowed to call the admin API (default: any)"),
         /// `EGRESS_ALLOWED_CIDRS`: private networks providers and webhooks may be reached at.
@@ -127,6 +129,8 @@ pub struct BrokerConfig {
     pub redirect_path: String,
     /// Hosts a handshake may return the browser to.
     pub allowed_return_domains: Vec<String>,
+    /// Origins that may frame the connect portal and get its messages.
+    pub connect_embed_origins: Vec<String>,
     /// Networks allowed to call the admin API; empty means all.
     pub allowed_cidrs: Vec<IpNet>,
     /// Where calls carrying secrets (providers, webhooks) may go.
@@ -171,6 +175,7 @@ impl std::fmt::Debug for BrokerConfig {
             .field("base_url", &self.base_url.as_str())
             .field("redirect_path", &self.redirect_path)
             .field("allowed_return_domains", &self.allowed_return_domains)
+            .field("connect_embed_origins", &self.connect_embed_origins)
             .field("allowed_cidrs", &self.allowed_cidrs)
             .field("listen_addr", &self.listen_addr)
             .field("max_body_bytes", &self.max_body_bytes)
@@ -371,6 +376,28 @@ impl BrokerConfig {
             .filter(|d| !d.is_empty())
             .collect();
 
+        let mut connect_embed_origins = Vec::new();
+        for o in v
+            .text(&CONNECT_EMBED_ORIGINS)
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|o| !o.is_empty())
+        {
+            let bad = || {
+                ConfigError::new(
+                    CONNECT_EMBED_ORIGINS.name,
+                    format!("{o} is not an origin (scheme://host[:port], http or https, no path)"),
+                )
+            };
+            let u = Url::parse(o).map_err(|_| bad())?;
+            let origin = u.origin().ascii_serialization();
+            if !matches!(u.scheme(), "http" | "https") || origin != o.trim_end_matches('/') {
+                return Err(bad());
+            }
+            connect_embed_origins.push(origin);
+        }
+
         let allowed_cidrs = match v.given(&ALLOWED_CIDRS) {
             None => Vec::new(),
             Some(c) => nexus_core::net::parse_cidrs(ALLOWED_CIDRS.name, c)?,
@@ -471,6 +498,7 @@ impl BrokerConfig {
             base_url,
             redirect_path,
             allowed_return_domains,
+            connect_embed_origins,
             allowed_cidrs,
             egress,
             listen_addr,

@@ -48,6 +48,8 @@ pub enum Kind {
     Stream,
     /// A stylesheet.
     Css,
+    /// A script.
+    Script,
 }
 
 /// A route: its document and its handler.
@@ -179,6 +181,9 @@ pub fn document(
             }
             Kind::Text => {
                 json!({"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}})
+            }
+            Kind::Script => {
+                json!({"description": "a script", "content": {"text/javascript": {"schema": {"type": "string"}}}})
             }
             Kind::Css => {
                 json!({"description": "a stylesheet", "content": {"text/css": {"schema": {"type": "string"}}}})

@@ -19,8 +19,11 @@ use minijinja::Environment;
 
 /// Where the stylesheet is served, on the broker and on the gateway.
 pub const STYLESHEET_PATH: &str = "/assets/nexus.css";
+/// Where the connect portal's one script is served.
+pub const SCRIPT_PATH: &str = "/assets/connect.js";
 
 const STYLESHEET: &str = include_str!("../pages/nexus.css");
+const SCRIPT: &str = include_str!("../pages/connect.js");
 const LAYOUT: &str = include_str!("../pages/layout.html");
 
 /// A page could not be rendered (a template bug, caught by the tests).
@@ -62,37 +65,55 @@ pub fn render<S: serde::Serialize>(
         .map_err(wrap)
 }
 
-/// The Content-Security-Policy of every page: scripts, styles and images
-/// from the page's origin only, nothing inline, no framing. `form_targets`
-/// are the origins a form may post to or be redirected to after posting
-/// besides the page's own (browsers apply `form-action` to the redirect
-/// that answers a form, e.g. the way back to an application).
-pub fn csp(form_targets: &[&str]) -> String {
-    let mut form_action = String::from("'self'");
-    for t in form_targets {
-        // An origin is scheme://host[:port]; anything else (a space, a
-        // quote, a semicolon) could change the policy and is left out.
-        if t.chars()
+/// An origin is scheme://host[:port]; anything else (a space, a quote, a
+/// semicolon) could change a policy it is written into.
+fn clean_origin(t: &str) -> bool {
+    !t.is_empty()
+        && t.chars()
             .all(|c| c.is_ascii_alphanumeric() || ".-:/[]".contains(c))
-        {
-            form_action.push(' ');
-            form_action.push_str(t);
-        }
+}
+
+/// The Content-Security-Policy of every page: scripts, styles and images
+/// from the page's origin only, nothing inline. `form_targets` are the
+/// origins a form may post to or be redirected to after posting besides
+/// the page's own (browsers apply `form-action` to the redirect that
+/// answers a form, e.g. the way back to an application); `frame_ancestors`
+/// the origins that may show the page in a frame (none when empty).
+pub fn csp(form_targets: &[&str], frame_ancestors: &[String]) -> String {
+    let mut form_action = String::from("'self'");
+    for t in form_targets.iter().filter(|t| clean_origin(t)) {
+        form_action.push(' ');
+        form_action.push_str(t);
     }
+    let framers: Vec<&str> = frame_ancestors
+        .iter()
+        .map(String::as_str)
+        .filter(|t| clean_origin(t))
+        .collect();
+    let frame = if framers.is_empty() {
+        "'none'".to_string()
+    } else {
+        framers.join(" ")
+    };
     format!(
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
-         connect-src 'self'; form-action {form_action}; frame-ancestors 'none'; base-uri 'none'"
+         connect-src 'self'; form-action {form_action}; frame-ancestors {frame}; base-uri 'none'"
     )
 }
 
-/// The headers every page carries: the policy, no framing, no caching, no
-/// referrer to other sites, no content sniffing.
-pub fn secure_headers(resp: &mut Response, form_targets: &[&str]) {
+/// The headers every page carries: the policy, no framing (but by
+/// `frame_ancestors`), no caching, no referrer to other sites, no content
+/// sniffing.
+pub fn secure_headers(resp: &mut Response, form_targets: &[&str], frame_ancestors: &[String]) {
     let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&csp(form_targets)) {
+    if let Ok(v) = HeaderValue::from_str(&csp(form_targets, frame_ancestors)) {
         h.insert(header::CONTENT_SECURITY_POLICY, v);
     }
-    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    // X-Frame-Options has no allow-list: the policy's frame-ancestors
+    // decides when some origins may frame the page.
+    if frame_ancestors.is_empty() {
+        h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    }
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     // Not no-referrer: with it, browsers send `Origin: null` on the page's
     // own form posts, which the origin check must refuse. same-origin keeps
@@ -108,19 +129,29 @@ pub fn secure_headers(resp: &mut Response, form_targets: &[&str]) {
 }
 
 /// An HTML answer with [`secure_headers`].
-pub fn respond(status: StatusCode, html: String, form_targets: &[&str]) -> Response {
+pub fn respond(
+    status: StatusCode,
+    html: String,
+    form_targets: &[&str],
+    frame_ancestors: &[String],
+) -> Response {
     let mut resp = (status, axum::response::Html(html)).into_response();
-    secure_headers(&mut resp, form_targets);
+    secure_headers(&mut resp, form_targets, frame_ancestors);
     resp
+}
+
+/// `GET /assets/connect.js`.
+pub async fn script() -> Response {
+    asset("text/javascript; charset=utf-8", SCRIPT)
 }
 
 /// `GET /assets/nexus.css`.
 pub async fn stylesheet() -> Response {
-    let mut resp = (
-        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
-        STYLESHEET,
-    )
-        .into_response();
+    asset("text/css; charset=utf-8", STYLESHEET)
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    let mut resp = ([(header::CONTENT_TYPE, content_type)], body).into_response();
     let h = resp.headers_mut();
     h.insert(
         header::CACHE_CONTROL,
@@ -161,7 +192,10 @@ mod tests {
 
     #[test]
     fn the_policy_allows_nothing_inline_and_only_clean_form_targets() {
-        let p = csp(&["https://app.example.com", "https://x.example; script-src *"]);
+        let p = csp(
+            &["https://app.example.com", "https://x.example; script-src *"],
+            &[],
+        );
         assert!(!p.contains("unsafe-inline"));
         assert!(
             p.contains("form-action 'self' https://app.example.com;"),
@@ -169,5 +203,10 @@ mod tests {
         );
         assert!(!p.contains("script-src *"), "{p}");
         assert!(p.contains("frame-ancestors 'none'"));
+        let p = csp(&[], &["https://app.example.com".into(), "x; y".into()]);
+        assert!(
+            p.contains("frame-ancestors https://app.example.com;"),
+            "{p}"
+        );
     }
 }

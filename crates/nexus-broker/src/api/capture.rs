@@ -114,11 +114,12 @@ fn html(
     status: StatusCode,
     body: String,
     form: &CaptureForm,
+    framers: &[String],
     csrf: Option<(&str, &str, bool)>,
 ) -> Response {
     let back = return_origin(form);
     let targets: Vec<&str> = back.as_deref().into_iter().collect();
-    let mut resp = nexus_core::pages::respond(status, body, &targets);
+    let mut resp = nexus_core::pages::respond(status, body, &targets, framers);
     if let Some((handshake_id, token, secure)) = csrf {
         let cookie = format!(
             "{}={token}; Path=/auth; HttpOnly; SameSite=Strict; Max-Age=600{}",
@@ -151,6 +152,7 @@ pub async fn form(
         StatusCode::OK,
         page(&form, &state, &[], &Map::new())?,
         &form,
+        &st.config().connect_embed_origins,
         Some((&form.handshake.id, &form.csrf, secure)),
     ))
 }
@@ -285,13 +287,14 @@ pub async fn submit(
     {
         Ok(CaptureOutcome::Done(url)) => {
             let mut resp = Redirect::to(&url).into_response();
-            nexus_core::pages::secure_headers(&mut resp, &[]);
+            nexus_core::pages::secure_headers(&mut resp, &[], &st.config().connect_embed_origins);
             Ok(resp)
         }
         Ok(CaptureOutcome::Invalid(errors)) => Ok(html(
             StatusCode::OK,
             page(&form, &state, &errors, &raw)?,
             &form,
+            &st.config().connect_embed_origins,
             None,
         )),
         Err(e) => Err(e.into()),

@@ -566,6 +566,12 @@ fn public_routes(redirect_path: &str) -> Vec<Route<AppState>> {
             post(portal::pause),
         ),
         (
+            doc("GET", nexus_core::pages::SCRIPT_PATH, "The connect portal's script")
+                .open()
+                .answers(Kind::Script),
+            get(nexus_core::pages::script),
+        ),
+        (
             doc("GET", nexus_core::pages::STYLESHEET_PATH, "The pages' stylesheet")
                 .open()
                 .answers(Kind::Css),

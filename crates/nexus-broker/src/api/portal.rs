@@ -126,7 +126,7 @@ fn templates() -> &'static minijinja::Environment<'static> {
 }
 
 /// A refusal: a page for a browser, the JSON error for anything else.
-fn refuse(headers: &HeaderMap, e: ApiError) -> Response {
+fn refuse(st: &AppState, headers: &HeaderMap, e: ApiError) -> Response {
     let wants_html = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -140,7 +140,7 @@ fn refuse(headers: &HeaderMap, e: ApiError) -> Response {
         minijinja::context! { title => "Connect link not usable", message => e.message },
     );
     match html {
-        Ok(h) => nexus_core::pages::respond(e.status, h, &[]),
+        Ok(h) => nexus_core::pages::respond(e.status, h, &[], &st.config().connect_embed_origins),
         Err(_) => e.into_response(),
     }
 }
@@ -150,7 +150,18 @@ fn refuse(headers: &HeaderMap, e: ApiError) -> Response {
 pub struct PageQuery {
     session: Option<String>,
     status: Option<String>,
+    connection_id: Option<String>,
     notice: Option<String>,
+}
+
+/// What the page tells the window that opened or frames it (through
+/// `/assets/connect.js`, to `CONNECT_EMBED_ORIGINS` only) when a
+/// connection attempt came back.
+#[derive(Serialize)]
+struct ResultView {
+    status: String,
+    connection: Option<String>,
+    provider: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -275,6 +286,36 @@ async fn render_page(
             description: p.profile.description.clone(),
         })
         .collect();
+    // Told from the connection as stored, not from the address bar (which
+    // anyone can write): only a connection of this workspace is named.
+    let origins = &st.config().connect_embed_origins;
+    let result = match (q.status.as_deref(), origins.is_empty()) {
+        (None, _) | (_, true) => None,
+        (Some("success"), false) => {
+            let found = match q.connection_id.as_deref() {
+                Some(id) => st.store().get_connection(id).await?,
+                None => None,
+            }
+            .filter(|c| c.workspace_id == s.workspace_id);
+            Some(match found {
+                Some(c) => ResultView {
+                    status: c.status.as_str().to_string(),
+                    provider: name_of(&c.provider_id),
+                    connection: Some(c.id),
+                },
+                None => ResultView {
+                    status: "error".into(),
+                    connection: None,
+                    provider: None,
+                },
+            })
+        }
+        (Some(_), false) => Some(ResultView {
+            status: "error".into(),
+            connection: None,
+            provider: None,
+        }),
+    };
     let pause = st.pauses().check(Some(&s.workspace_id)).map(|p| PauseView {
         operator: matches!(p.scope, PauseScope::Operator),
         reason: p.reason,
@@ -292,6 +333,8 @@ async fn render_page(
             csrf => portal(st).csrf_token(&s.id),
             notice => notice_words(q),
             return_url => s.return_url,
+            result => result,
+            origins => origins.join(" "),
         },
     )
     .map_err(|e| ApiError::internal(&e))
@@ -318,10 +361,10 @@ pub async fn page(
     if let Some(token) = q.session.as_deref() {
         let s = match portal(&st).session(token).await {
             Ok(s) => s,
-            Err(e) => return refuse(&headers, e.into()),
+            Err(e) => return refuse(&st, &headers, e.into()),
         };
         let mut resp = Redirect::to("/connect").into_response();
-        nexus_core::pages::secure_headers(&mut resp, &[]);
+        nexus_core::pages::secure_headers(&mut resp, &[], &st.config().connect_embed_origins);
         let left = ((s.expires_at - now_ms()) / 1000).max(1);
         if let Some(v) = session_cookie(token, left, secure) {
             resp.headers_mut().insert(header::SET_COOKIE, v);
@@ -330,11 +373,16 @@ pub async fn page(
     }
     let s = match current(&st, &headers).await {
         Ok(s) => s,
-        Err(e) => return refuse(&headers, e),
+        Err(e) => return refuse(&st, &headers, e),
     };
     match render_page(&st, &s, &q).await {
-        Ok(html) => nexus_core::pages::respond(StatusCode::OK, html, &[]),
-        Err(e) => refuse(&headers, e),
+        Ok(html) => nexus_core::pages::respond(
+            StatusCode::OK,
+            html,
+            &[],
+            &st.config().connect_embed_origins,
+        ),
+        Err(e) => refuse(&st, &headers, e),
     }
 }
 
@@ -485,10 +533,10 @@ pub async fn start(
     match go.await {
         Ok(url) => {
             let mut resp = Redirect::to(&url).into_response();
-            nexus_core::pages::secure_headers(&mut resp, &[]);
+            nexus_core::pages::secure_headers(&mut resp, &[], &st.config().connect_embed_origins);
             resp
         }
-        Err(e) => refuse(&headers, e),
+        Err(e) => refuse(&st, &headers, e),
     }
 }
 
@@ -507,8 +555,8 @@ pub async fn disconnect(
         Ok::<_, ApiError>(())
     };
     match go.await {
-        Ok(()) => back("disconnected"),
-        Err(e) => refuse(&headers, e),
+        Ok(()) => back(&st, "disconnected"),
+        Err(e) => refuse(&st, &headers, e),
     }
 }
 
@@ -547,13 +595,13 @@ pub async fn pause(
         }
     };
     match go.await {
-        Ok(notice) => back(notice),
-        Err(e) => refuse(&headers, e),
+        Ok(notice) => back(&st, notice),
+        Err(e) => refuse(&st, &headers, e),
     }
 }
 
-fn back(notice: &str) -> Response {
+fn back(st: &AppState, notice: &str) -> Response {
     let mut resp = Redirect::to(&format!("/connect?notice={notice}")).into_response();
-    nexus_core::pages::secure_headers(&mut resp, &[]);
+    nexus_core::pages::secure_headers(&mut resp, &[], &st.config().connect_embed_origins);
     resp
 }

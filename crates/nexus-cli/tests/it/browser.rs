@@ -754,3 +754,165 @@ async fn a_person_manages_a_workspace_in_the_connect_portal() {
     assert!(!logs.contains(CANARY), "a key in the logs");
     assert!(!logs.contains(&token), "the link's token in the logs");
 }
+
+/// An application's page that shows the connect portal in a frame and
+/// writes every message it receives into `#log`.
+async fn embedding_app() -> (String, std::sync::Arc<std::sync::Mutex<String>>) {
+    use std::sync::{Arc, Mutex};
+    let link = Arc::new(Mutex::new(String::new()));
+    let port = free_port();
+    let shared = link.clone();
+    let app = axum::Router::new().route(
+        "/app",
+        axum::routing::get(move || {
+            let src = shared.lock().unwrap().clone();
+            async move {
+                axum::response::Html(format!(
+                    "<!doctype html><html lang=\"en\"><head><title>The application</title></head><body>\
+                     <h1>Settings</h1><iframe id=\"portal\" title=\"Connections\" src=\"{src}\" width=\"600\" height=\"700\"></iframe>\
+                     <pre id=\"log\"></pre><script>window.addEventListener('message', function (e) {{\
+                     document.getElementById('log').textContent += e.origin + ' ' + JSON.stringify(e.data) + '\\n'; }});</script>\
+                     </body></html>"
+                ))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://127.0.0.1:{port}"), link)
+}
+
+/// An application shows the portal in a frame (its origin in
+/// CONNECT_EMBED_ORIGINS): the person connects a static-key provider inside
+/// the frame, and the application's page receives the completion message
+/// from the portal's origin. Pages say who may frame them.
+#[tokio::test]
+async fn the_portal_works_in_a_frame_and_tells_the_application() {
+    let Some(b) = browser("the_portal_works_in_a_frame_and_tells_the_application").await else {
+        return;
+    };
+    let (app_origin, link_slot) = embedding_app().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, broker, gateway) = up_full(
+        tmp.path(),
+        &[
+            ("NEXUS_LOG", "warn"),
+            ("CONNECT_EMBED_ORIGINS", &app_origin),
+        ],
+        &[],
+    )
+    .await;
+    let env = env_file(tmp.path());
+    let admin = env_value(&env, "API_KEY");
+    let agent_key = crate::env_value_last(&env, "AGENT_KEY");
+    let h = http();
+    let created: Value = h
+        .post(format!("{broker}/providers"))
+        .header("x-api-key", &admin)
+        .json(&json!({"profile": {"name": "weather", "auth_type": "header",
+            "params": {"header_name": "X-Key", "credential_field": "api_key", "credential_schema":
+                {"type": "object", "required": ["api_key"], "properties": {"api_key": {"type": "string", "title": "API key"}}}}}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let weather_id = created["id"].as_str().unwrap().to_string();
+    let made: Value = h
+        .post(format!("{gateway}/v1/connect-sessions"))
+        .bearer_auth(&agent_key)
+        .json(&json!({"workspace_id": "ws-embed"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let link = made["url"].as_str().unwrap().to_string();
+    *link_slot.lock().unwrap() = link.clone();
+
+    // The policy: this application may frame the pages, nobody else.
+    let page = h
+        .get(&link)
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        csp.contains(&format!("frame-ancestors {app_origin};")),
+        "{csp}"
+    );
+    assert!(page.headers().get("x-frame-options").is_none());
+
+    let c = &b.client;
+    c.goto(&format!("{app_origin}/app")).await.unwrap();
+    let frame = c.find(Locator::Css("#portal")).await.unwrap();
+    frame.enter_frame().await.unwrap();
+    c.wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css(&format!(
+            "form[action='/connect/start'] input[value='{weather_id}']"
+        )))
+        .await
+        .unwrap();
+    submit(c, "/connect/start", "provider_id", &weather_id).await;
+    c.wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css("#f-api_key"))
+        .await
+        .unwrap()
+        .send_keys(CANARY)
+        .await
+        .unwrap();
+    c.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css("[role=status]"))
+        .await
+        .unwrap();
+    c.enter_parent_frame().await.unwrap();
+    let mut log = String::new();
+    for _ in 0..50 {
+        log = c
+            .find(Locator::Css("#log"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if !log.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (from, data) = log
+        .trim()
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("no message: {log:?}"));
+    assert_eq!(from, gateway, "from the portal's origin");
+    let data: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(data["type"], "nexus:connect", "{data}");
+    assert_eq!(data["status"], "active", "{data}");
+    assert_eq!(data["provider"], "weather", "{data}");
+    assert!(data["connection_id"].as_str().unwrap().len() > 10, "{data}");
+    assert!(!log.contains(CANARY));
+    b.shot("portal-in-a-frame").await;
+
+    let _ = b.client.close().await;
+    let logs = stop(child, "-TERM").await;
+    assert!(!logs.contains(CANARY), "a key in the logs");
+}
