@@ -7,6 +7,7 @@ mod agent_keys;
 mod audit;
 mod bad_input;
 mod capture;
+mod connect_sessions;
 mod edge;
 mod fake_idp;
 mod fuzz;
