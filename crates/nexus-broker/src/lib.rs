@@ -14,6 +14,7 @@
 
 pub mod api;
 mod batch;
+pub mod browser_session;
 pub mod config;
 pub mod events;
 pub mod handshake;

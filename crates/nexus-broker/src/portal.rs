@@ -5,15 +5,10 @@
 //! person its URL. The token is random, kept only as a hash, bound to one
 //! workspace, short-lived and revocable.
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
-use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use serde_json::json;
-use sha2::Sha256;
 
-use aes_gcm::aead::rand_core::RngCore as _;
-use aes_gcm::aead::OsRng;
+use crate::browser_session;
 
 use crate::events::audit::{Actor, AuditEvent};
 use crate::store::{now_ms, rfc3339, ConnectSessionRow, Store, StoreError};
@@ -73,10 +68,6 @@ pub enum PortalError {
     Store(#[from] StoreError),
 }
 
-fn token_hash(token: &str) -> String {
-    crate::registry::agent_keys::hash(token)
-}
-
 /// Connect sessions over the store; `key` signs the pages' CSRF tokens.
 pub struct Portal<'a> {
     store: &'a Store,
@@ -114,9 +105,7 @@ impl<'a> Portal<'a> {
                 "expires_in must be from 60 to {MAX_TTL_SECS} seconds"
             )));
         }
-        let mut raw = [0u8; 32];
-        OsRng.fill_bytes(&mut raw);
-        let token = format!("nxc_{}", URL_SAFE_NO_PAD.encode(raw));
+        let token = browser_session::new_token("nxc_").expose().clone();
         let now = now_ms();
         let row = ConnectSessionRow {
             id: format!("cs_{}", uuid::Uuid::new_v4().simple()),
@@ -134,7 +123,7 @@ impl<'a> Portal<'a> {
             .workspace(workspace_id.to_string())
             .detail(json!({"session_id": row.id, "providers": providers, "expires_in": ttl}));
         self.store
-            .create_connect_session(&row, &token_hash(&token), &audit)
+            .create_connect_session(&row, &browser_session::hash(&token), &audit)
             .await?;
         let mut url = base.clone();
         url.set_path(&format!("{}/connect", base.path().trim_end_matches('/')));
@@ -154,7 +143,7 @@ impl<'a> Portal<'a> {
         }
         let s = self
             .store
-            .connect_session_by_hash(&token_hash(token))
+            .connect_session_by_hash(&browser_session::hash(token))
             .await?
             .ok_or(PortalError::Unknown)?;
         if s.revoked_at.is_some() {
@@ -178,24 +167,13 @@ impl<'a> Portal<'a> {
             .await?)
     }
 
-    fn csrf_mac(&self, session_id: &str) -> Hmac<Sha256> {
-        // HMAC accepts keys of any length.
-        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(self.key.expose())
-            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
-        m.update(b"nexus-connect-csrf|");
-        m.update(session_id.as_bytes());
-        m
-    }
-
     /// The CSRF token of a session's forms.
     pub fn csrf_token(&self, session_id: &str) -> String {
-        URL_SAFE_NO_PAD.encode(self.csrf_mac(session_id).finalize().into_bytes())
+        browser_session::csrf_token(self.key, "nexus-connect-csrf", session_id)
     }
 
     /// Checks a CSRF token in constant time.
     pub fn csrf_ok(&self, session_id: &str, token: &str) -> bool {
-        URL_SAFE_NO_PAD
-            .decode(token)
-            .is_ok_and(|t| self.csrf_mac(session_id).verify_slice(&t).is_ok())
+        browser_session::csrf_ok(self.key, "nexus-connect-csrf", session_id, token)
     }
 }

@@ -88,6 +88,11 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
+    /// The broker's URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// Sends a request (with `If-Match` when given); the status and the JSON
     /// body (null when there is none).
     pub async fn send(

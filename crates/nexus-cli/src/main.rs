@@ -128,6 +128,16 @@ enum Command {
         nexus audit --type connection.refresh_interrupted --since 2026-12-01T00:00:00Z\n  \
         nexus audit --follow --output json | jq .event_type")]
     Audit(operate::AuditArgs),
+    /// A one-time sign-in link to the operator console (10 minutes), through
+    /// the broker's admin API.
+    #[command(after_help = "Example:\n  nexus console --operator alice@example.com")]
+    Console {
+        /// Who signs in (the console's audit names them `console:<operator>`).
+        #[arg(long, default_value = "admin")]
+        operator: String,
+        #[command(flatten)]
+        admin: admin::AdminArgs,
+    },
     /// Shell completions for `nexus` (bash, zsh, fish, elvish, powershell).
     #[command(after_help = "Example:\n  nexus completions bash > /etc/bash_completion.d/nexus")]
     Completions {
@@ -428,6 +438,22 @@ async fn run() -> Result<()> {
         Command::Connections { command } => operate::connections(command).await,
         Command::Webhooks { command } => operate::webhooks(command).await,
         Command::Audit(args) => operate::audit(&args).await,
+        Command::Console { operator, admin } => {
+            let broker = admin.client()?;
+            let made = broker
+                .ok(
+                    reqwest::Method::POST,
+                    "/console/links",
+                    Some(serde_json::json!({ "operator": operator })),
+                )
+                .await?;
+            println!(
+                "{}{}",
+                broker.base(),
+                made["path"].as_str().unwrap_or_default()
+            );
+            Ok(())
+        }
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "nexus", &mut std::io::stdout());
@@ -644,6 +670,20 @@ async fn up(args: UpArgs) -> Result<()> {
         );
     }
     println!("  metrics     {scheme}://{addr}/metrics");
+    // The local operator signs in to the console with a one-time link, not
+    // by typing the admin key into a browser.
+    let system = nexus_broker::events::audit::Actor {
+        name: "nexus-up".into(),
+        ip: None,
+        user_agent: None,
+        client_identity: None,
+    };
+    match nexus_broker::api::console::mint_link(broker.state(), "admin", &system).await {
+        Ok((path, _)) => println!(
+            "  console     {scheme}://{addr}{path}   (one-time sign-in link, 10 minutes; `nexus console` prints another)"
+        ),
+        Err(e) => eprintln!("nexus: no console link: {}", e.message),
+    }
     println!(
         "  state       {}   ({}: {})",
         args.state_dir.display(),

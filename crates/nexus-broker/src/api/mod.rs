@@ -31,6 +31,7 @@ pub mod agent_keys;
 pub mod audit;
 pub mod capture;
 pub mod connections;
+pub mod console;
 pub mod edge;
 pub mod error;
 pub mod extract;
@@ -463,6 +464,12 @@ fn admin_routes() -> Vec<Route<AppState>> {
             get(webhooks::deliveries),
         ),
         (
+            doc("POST", "/console/links", "A one-time console sign-in link (10 min)")
+                .status(201)
+                .optional_body(),
+            post(console::create_link),
+        ),
+        (
             doc(
                 "POST",
                 routes::CONNECT_SESSIONS,
@@ -511,6 +518,68 @@ fn ops_routes() -> (Vec<Route<AppState>>, Vec<Route<AppState>>) {
                     .open()
                     .answers(Kind::Text),
                 get(ops::metrics),
+            ),
+            (
+                doc(
+                    "GET",
+                    "/console/sign-in",
+                    "Console: a one-time sign-in link opens a session (?token=)",
+                )
+                .open()
+                .answers(Kind::Redirect),
+                get(console::sign_in),
+            ),
+            (
+                doc("GET", "/console", "Console: overview (session cookie)")
+                    .open()
+                    .answers(Kind::Html),
+                get(console::overview),
+            ),
+            (
+                doc(
+                    "GET",
+                    "/console/connections",
+                    "Console: connections (filters)",
+                )
+                .open()
+                .answers(Kind::Html),
+                get(console::connections),
+            ),
+            (
+                doc("GET", "/console/connections/{id}", "Console: a connection")
+                    .open()
+                    .answers(Kind::Html),
+                get(console::connection),
+            ),
+            (
+                doc(
+                    "POST",
+                    "/console/connections/{id}/{action}",
+                    "Console: refresh, revoke or reconnect-link (form)",
+                )
+                .open()
+                .answers(Kind::Html),
+                post(console::connection_action),
+            ),
+            (
+                doc(
+                    "POST",
+                    "/console/pause",
+                    "Console: the operator pause (form)",
+                )
+                .open()
+                .answers(Kind::Redirect),
+                post(console::pause),
+            ),
+            (
+                doc(
+                    "POST",
+                    "/console/sign-out",
+                    "Console: end the session (form)",
+                )
+                .open()
+                .answers(Kind::Html),
+                post(console::sign_out),
             ),
         ],
         vec![(

@@ -916,3 +916,354 @@ async fn the_portal_works_in_a_frame_and_tells_the_application() {
     let logs = stop(child, "-TERM").await;
     assert!(!logs.contains(CANARY), "a key in the logs");
 }
+
+/// `nexus console`: a one-time sign-in link (the admin key stays in the
+/// terminal).
+async fn console_link(dir: &std::path::Path, broker: &str) -> String {
+    let out = crate::nexus(dir)
+        .args(["console", "--state-dir", "state", "--broker-url", broker])
+        .env("NEXUS_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let link = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(
+        link.starts_with(&format!("{broker}/console/sign-in?token=nxl_")),
+        "{link}"
+    );
+    link
+}
+
+/// An operator signs in to the console with a one-time link, sees the
+/// counts and the amber banner when a connection needs a person, filters
+/// connections, opens one (timeline, reconnect link, revoke with
+/// confirmation), pulls the kill switch (red banner with who, when and why
+/// on every page; agents get 423) and resumes, and signs out. Refused: a
+/// used link, a post without the CSRF token, a signed-out session.
+#[tokio::test]
+async fn an_operator_works_in_the_console() {
+    let Some(b) = browser("an_operator_works_in_the_console").await else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, broker, gateway) = up_full(tmp.path(), &[("NEXUS_LOG", "warn")], &[]).await;
+    let env = env_file(tmp.path());
+    let admin = env_value(&env, "API_KEY");
+    let agent_key = crate::env_value_last(&env, "AGENT_KEY");
+    let h = http();
+    let r = h
+        .post(format!("{broker}/providers"))
+        .header("x-api-key", &admin)
+        .json(&json!({"profile": {"name": "weather", "auth_type": "header",
+            "params": {"header_name": "X-Key", "credential_field": "api_key", "credential_schema":
+                {"type": "object", "required": ["api_key"], "properties": {"api_key": {"type": "string"}}}}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let back = return_page().await;
+    let mut ids = Vec::new();
+    for ws in ["ws-a", "ws-a", "ws-b"] {
+        let spec: Value = h
+            .post(format!("{gateway}/v1/request-connection"))
+            .bearer_auth(&agent_key)
+            .json(&json!({"user_id": ws, "provider_name": "weather", "return_url": back}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let done = h
+            .post(format!("{gateway}/auth/capture-credential"))
+            .json(&json!({"state": spec["state"], "credentials": {"api_key": CANARY}}))
+            .send()
+            .await
+            .unwrap();
+        assert!(done.status().is_success());
+        ids.push(spec["connection_id"].as_str().unwrap().to_string());
+    }
+
+    // Signed in by the link; the link works once.
+    let link = console_link(tmp.path(), &broker).await;
+    let c = &b.client;
+    c.goto(&link).await.unwrap();
+    on_page(c, "/console").await;
+    assert_eq!(b.js("return document.cookie").await, "", "HttpOnly");
+    let table = c
+        .find(Locator::Css("table"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(table.contains("active 3"), "{table}");
+    b.shot("console-overview").await;
+    let problems = b.accessibility().await;
+    assert!(problems.is_empty(), "axe on the overview: {problems:#?}");
+    let again = h.get(&link).send().await.unwrap();
+    assert_eq!(again.status().as_u16(), 401, "a link works once");
+
+    // A scope fails: degraded, and the amber banner says a person is needed.
+    let report = h
+        .post(format!("{broker}/connections/{}/scope-failures", ids[0]))
+        .header("x-api-key", &admin)
+        .json(&json!({"status": 403, "scopes": ["forecast.hourly"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(report.status().as_u16(), 202, "{:?}", report.text().await);
+    c.refresh().await.unwrap();
+    let amber = c
+        .find(Locator::Css(".banner-amber"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(amber.contains("1 connection needs a person"), "{amber}");
+
+    // Connections, filtered.
+    c.goto(&format!("{broker}/console/connections?workspace=ws-a"))
+        .await
+        .unwrap();
+    let rows = b
+        .js("return document.querySelectorAll('tbody tr').length")
+        .await;
+    assert_eq!(rows, 2);
+    c.goto(&format!("{broker}/console/connections?state=degraded"))
+        .await
+        .unwrap();
+    let body = c
+        .find(Locator::Css("tbody"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        body.contains(&ids[0]) && body.contains("forecast.hourly"),
+        "{body}"
+    );
+    assert!(!body.contains(&ids[1]));
+    b.shot("console-connections").await;
+    let problems = b.accessibility().await;
+    assert!(problems.is_empty(), "axe on the connections: {problems:#?}");
+
+    // One connection: timeline, a reconnect link, revoke only when confirmed.
+    c.find(Locator::LinkText(&ids[0]))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    on_page(c, &format!("/console/connections/{}", ids[0])).await;
+    let timeline = c
+        .find(Locator::Css(".timeline"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(timeline.contains("connection."), "{timeline}");
+    c.find(Locator::Css("form[action$='/reconnect-link'] button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let reconnect = c
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css("#reconnect-url"))
+        .await
+        .unwrap()
+        .prop("value")
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    assert!(reconnect.contains("/connect?session=nxc_"), "{reconnect}");
+    c.find(Locator::Css("form[action$='/revoke'] button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let note = c
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css("[role=status].notice"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(note.contains("confirm"), "{note}");
+    c.find(Locator::Css("#revoke-confirm"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.find(Locator::Css("form[action$='/revoke'] button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let mut state = None;
+    for _ in 0..50 {
+        if let Ok(el) = c.find(Locator::Css("dd.state")).await {
+            state = el.attr("data-status").await.unwrap();
+            if state.as_deref() == Some("revoked") {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state.as_deref(), Some("revoked"));
+    b.shot("console-connection").await;
+    let problems = b.accessibility().await;
+    assert!(problems.is_empty(), "axe on a connection: {problems:#?}");
+
+    // The kill switch: a reason, a confirmation, a red banner everywhere.
+    c.goto(&format!("{broker}/console")).await.unwrap();
+    let reason = "<script>x</script> incident 42";
+    c.find(Locator::Css("#pause-reason"))
+        .await
+        .unwrap()
+        .send_keys(reason)
+        .await
+        .unwrap();
+    c.find(Locator::Css("#pause-confirm"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.find(Locator::Css("form.pause button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let red = c
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css(".banner-red"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        red.contains(reason) && red.contains("console:admin"),
+        "{red}"
+    );
+    b.shot("console-paused").await;
+    c.goto(&format!("{broker}/console/connections"))
+        .await
+        .unwrap();
+    assert!(
+        c.find(Locator::Css(".banner-red")).await.is_ok(),
+        "on every page"
+    );
+    let paused = h
+        .get(format!("{gateway}/v1/token/{}", ids[2]))
+        .bearer_auth(&agent_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(paused.status().as_u16(), 423);
+    let audit: Value = h
+        .get(format!("{broker}/audit?event_type=issuance.paused"))
+        .header("x-api-key", &admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(audit["events"][0]["actor"], "console:admin", "{audit}");
+    c.goto(&format!("{broker}/console")).await.unwrap();
+    c.find(Locator::Css("form[action='/console/pause'] button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    for _ in 0..50 {
+        if c.find(Locator::Css(".banner-red")).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        c.find(Locator::Css(".banner-red")).await.is_err(),
+        "resumed"
+    );
+
+    // A second session, outside the browser: the cookie's flags, a post
+    // without the CSRF token, then signing out ends it.
+    let second = console_link(tmp.path(), &broker).await;
+    let no_redirect = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let signed = no_redirect.get(&second).send().await.unwrap();
+    assert_eq!(signed.status().as_u16(), 303);
+    let set = signed.headers()["set-cookie"].to_str().unwrap().to_string();
+    for part in [
+        "nexus_console=nxs_",
+        "HttpOnly",
+        "SameSite=Strict",
+        "Path=/console",
+    ] {
+        assert!(set.contains(part), "{set}");
+    }
+    let cookie = set.split(';').next().unwrap().to_string();
+    let forged = no_redirect
+        .post(format!("{broker}/console/pause"))
+        .header("cookie", &cookie)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("action=pause&reason=x&confirm=yes")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status().as_u16(), 403, "no CSRF token");
+    c.find(Locator::Css("form[action='/console/sign-out'] button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    for _ in 0..50 {
+        if c.find(Locator::Css("nav.console-nav")).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.goto(&format!("{broker}/console")).await.unwrap();
+    let text = c
+        .find(Locator::Css("main"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("signed out"), "{text}");
+    b.shot("console-signed-out").await;
+
+    let _ = b.client.close().await;
+    let logs = stop(child, "-TERM").await;
+    assert!(!logs.contains(CANARY), "a key in the logs");
+    assert!(
+        !logs.contains(link.split("token=").nth(1).unwrap()),
+        "a link's token in the logs"
+    );
+}

@@ -1,0 +1,684 @@
+//! The operator console, on the broker (private zone, behind
+//! `ALLOWED_CIDRS`): `POST /console/links` (admin key) mints a one-time
+//! sign-in link (`nexus up` prints one); the link opens a session held in an
+//! `HttpOnly`, `SameSite=Strict` cookie with an idle and an absolute
+//! expiry. Pages: overview, connections (filtered), a connection (timeline,
+//! refresh, revoke, a reconnect link for the person), and the kill switch.
+//! Every page shows a red banner while any pause is on and an amber one
+//! while connections need a person; every change carries a CSRF token and
+//! is audited as `console:<operator>`.
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::capture::cookie;
+use super::error::ApiError;
+use super::extract::Caller;
+use super::AppState;
+use crate::browser_session;
+use crate::events::audit::{Actor, AuditEvent};
+use crate::store::{
+    now_ms, parse_json_list, rfc3339, AuditFilter, ConnectionRow, ConsoleSessionRow, PauseScope,
+};
+
+/// The session cookie.
+const COOKIE: &str = "nexus_console";
+/// A sign-in link is usable this long, once.
+const LINK_TTL_MS: i64 = 10 * 60 * 1000;
+/// A session ends after this long without a page.
+const IDLE_MS: i64 = 30 * 60 * 1000;
+/// And after this long whatever happens.
+const ABSOLUTE_MS: i64 = 12 * 60 * 60 * 1000;
+const CSRF_PURPOSE: &str = "nexus-console-csrf";
+
+/// `POST /console/links {operator?}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewLink {
+    /// Who will sign in (audited as `console:<operator>`); default `admin`.
+    pub operator: Option<String>,
+}
+
+/// `POST /console/links` → 201 `{path, expires_at}`: a one-time sign-in
+/// link (path on this broker), usable for 10 minutes.
+pub async fn create_link(
+    State(st): State<AppState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    // The body is optional (`{"operator": ...}`), so it is parsed by hand.
+    let req: NewLink = if body.iter().all(u8::is_ascii_whitespace) {
+        NewLink::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_request",
+                format!("body must be {{\"operator\": text}}: {e}"),
+            )
+        })?
+    };
+    let operator = req
+        .operator
+        .map(|o| o.trim().to_string())
+        .unwrap_or_else(|| "admin".into());
+    let (path, expires_at) = mint_link(&st, &operator, &caller.admin()).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"path": path, "operator": operator, "expires_at": expires_at})),
+    ))
+}
+
+/// A one-time sign-in link for `operator`: its path on this broker and
+/// when it expires (what `nexus up` prints).
+pub async fn mint_link(
+    st: &AppState,
+    operator: &str,
+    actor: &Actor,
+) -> Result<(String, String), ApiError> {
+    if operator.is_empty()
+        || operator.len() > 100
+        || !operator
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "@._-".contains(c))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "operator must be 1 to 100 letters, digits, '@', '.', '_' or '-'",
+        ));
+    }
+    let token = browser_session::new_token("nxl_");
+    let now = now_ms();
+    let audit = AuditEvent::new("console.link_created")
+        .actor(actor.name.clone())
+        .by(actor)
+        .detail(json!({"operator": operator}));
+    st.store()
+        .create_console_link(
+            &browser_session::hash(token.expose()),
+            operator,
+            now,
+            now + LINK_TTL_MS,
+            &audit,
+        )
+        .await?;
+    Ok((
+        format!("/console/sign-in?token={}", token.expose()),
+        rfc3339(now + LINK_TTL_MS),
+    ))
+}
+
+fn templates() -> &'static minijinja::Environment<'static> {
+    static PAGES: std::sync::OnceLock<minijinja::Environment<'static>> = std::sync::OnceLock::new();
+    PAGES.get_or_init(|| {
+        let mut env = nexus_core::pages::environment();
+        // Constants of this crate, rendered by the tests: they parse.
+        for (name, src) in [
+            ("message.html", include_str!("../../pages/message.html")),
+            ("console.html", include_str!("../../pages/console.html")),
+            (
+                "console_overview.html",
+                include_str!("../../pages/console_overview.html"),
+            ),
+            (
+                "console_connections.html",
+                include_str!("../../pages/console_connections.html"),
+            ),
+            (
+                "console_connection.html",
+                include_str!("../../pages/console_connection.html"),
+            ),
+        ] {
+            if let Err(e) = env.add_template(name, src) {
+                tracing::error!(error = %e, template = name, "a console page does not parse");
+            }
+        }
+        env
+    })
+}
+
+fn secure_cookie(st: &AppState) -> bool {
+    st.config().tls.is_some()
+}
+
+fn page(html: Result<String, nexus_core::pages::PageError>) -> Response {
+    match html {
+        Ok(h) => nexus_core::pages::respond(StatusCode::OK, h, &[], &[]),
+        Err(e) => ApiError::internal(&e).into_response(),
+    }
+}
+
+/// A refusal as a page (the console is for browsers) with the JSON code in
+/// the title for programs that look.
+fn refuse(e: ApiError) -> Response {
+    let html = nexus_core::pages::render(
+        templates(),
+        "message.html",
+        minijinja::context! { title => "Console", message => e.message },
+    );
+    match html {
+        Ok(h) => nexus_core::pages::respond(e.status, h, &[], &[]),
+        Err(_) => e.into_response(),
+    }
+}
+
+fn signed_out() -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "console_signed_out",
+        "You are signed out. Open a new sign-in link (`nexus console` prints one).",
+    )
+}
+
+/// `GET /console/sign-in?token=`: the link, used once, opens a session.
+pub async fn sign_in(
+    State(st): State<AppState>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+    caller: Caller,
+) -> Response {
+    let Some(token) = q
+        .get("token")
+        .filter(|t| t.starts_with("nxl_") && t.len() < 100)
+    else {
+        return refuse(signed_out());
+    };
+    let now = now_ms();
+    let session_token = browser_session::new_token("nxs_");
+    let session = ConsoleSessionRow {
+        id: format!("con_{}", uuid::Uuid::new_v4().simple()),
+        operator: String::new(),
+        created_at: now,
+        last_seen_at: now,
+        expires_at: now + ABSOLUTE_MS,
+        ended_at: None,
+    };
+    let mut audit = AuditEvent::new("console.signed_in")
+        .detail(json!({"session_id": session.id, "method": "link"}));
+    audit.ip = caller.ip;
+    audit.user_agent = caller.user_agent;
+    let used = st
+        .store()
+        .use_console_link(
+            &browser_session::hash(token),
+            &session,
+            &browser_session::hash(session_token.expose()),
+            &audit,
+        )
+        .await;
+    match used {
+        Ok(Some(_)) => {}
+        Ok(None) => return refuse(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "console_link_invalid",
+            "This sign-in link is unknown, used or expired. Each link works once, for 10 minutes.",
+        )),
+        Err(e) => return refuse(e.into()),
+    }
+    let mut resp = Redirect::to("/console").into_response();
+    nexus_core::pages::secure_headers(&mut resp, &[], &[]);
+    let c = format!(
+        "{COOKIE}={}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        session_token.expose(),
+        ABSOLUTE_MS / 1000,
+        if secure_cookie(&st) { "; Secure" } else { "" }
+    );
+    if let Ok(v) = HeaderValue::from_str(&c) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+/// The live session of the request, its last page noted.
+async fn session(st: &AppState, headers: &HeaderMap) -> Result<ConsoleSessionRow, ApiError> {
+    let token = cookie(headers, COOKIE).ok_or_else(signed_out)?;
+    let s = st
+        .store()
+        .console_session_by_hash(&browser_session::hash(&token))
+        .await?
+        .ok_or_else(signed_out)?;
+    let now = now_ms();
+    if s.ended_at.is_some() || now >= s.expires_at || now - s.last_seen_at > IDLE_MS {
+        return Err(signed_out());
+    }
+    if now - s.last_seen_at > 60_000 {
+        st.store().touch_console_session(&s.id, now).await?;
+    }
+    Ok(s)
+}
+
+fn actor(s: &ConsoleSessionRow, caller: &Caller) -> Actor {
+    Actor {
+        name: format!("console:{}", s.operator),
+        ip: caller.ip.clone(),
+        user_agent: caller.user_agent.clone(),
+        client_identity: caller.client_identity.clone(),
+    }
+}
+
+#[derive(Serialize)]
+struct PauseView {
+    scope: String,
+    reason: String,
+    by: Option<String>,
+    at: String,
+}
+
+/// What every console page shows: who is signed in, the banners.
+async fn frame(st: &AppState, s: &ConsoleSessionRow) -> Result<Value, ApiError> {
+    let pauses: Vec<PauseView> = st
+        .store()
+        .list_pauses()
+        .await?
+        .into_iter()
+        .map(|p| PauseView {
+            scope: match &p.scope {
+                PauseScope::Operator => "every workspace (operator)".into(),
+                PauseScope::Workspace(w) => format!("workspace {w}"),
+            },
+            reason: p.reason,
+            by: p.paused_by,
+            at: rfc3339(p.paused_at),
+        })
+        .collect();
+    let counts = st.store().count_connections_by_status().await?;
+    let need = counts
+        .iter()
+        .filter(|(s, _)| matches!(s.as_str(), "attention_required" | "degraded"))
+        .map(|(_, n)| n)
+        .sum::<i64>();
+    let operator_paused = st.pauses().operator().is_some();
+    Ok(json!({
+        "operator": s.operator,
+        "csrf": browser_session::csrf_token(&st.handshakes().state_key, CSRF_PURPOSE, &s.id),
+        "pauses": pauses,
+        "operator_paused": operator_paused,
+        "need_person": need,
+        "counts": counts.iter().map(|(s, n)| json!({"status": s, "count": n})).collect::<Vec<_>>(),
+    }))
+}
+
+fn render(template: &str, frame: Value, extra: Value) -> Response {
+    let mut ctx = frame;
+    if let (Some(c), Value::Object(e)) = (ctx.as_object_mut(), extra) {
+        c.extend(e);
+    }
+    page(nexus_core::pages::render(templates(), template, ctx))
+}
+
+/// `GET /console`: counts by state, pauses, the kill switch.
+pub async fn overview(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    let go = async {
+        let s = session(&st, &headers).await?;
+        frame(&st, &s).await
+    };
+    match go.await {
+        Ok(f) => render("console_overview.html", f, json!({})),
+        Err(e) => refuse(e),
+    }
+}
+
+/// `?workspace=&provider=&state=`.
+#[derive(Debug, Default, Deserialize)]
+pub struct Filter {
+    workspace: Option<String>,
+    provider: Option<String>,
+    state: Option<String>,
+}
+
+fn state_words(status: &str) -> &'static str {
+    match status {
+        "active" => "active",
+        "degraded" => "degraded: some scopes fail",
+        "attention_required" => "needs the person to reconnect",
+        "revoked" => "revoked",
+        "pending" => "waiting for consent",
+        "failed" => "failed",
+        _ => "unknown",
+    }
+}
+
+/// The reason for a state, in words, from its error code.
+fn reason_words(code: &str) -> String {
+    match code {
+        "invalid_grant" => "the provider no longer accepts the grant (revoked or expired)".into(),
+        "refresh_interrupted" => {
+            "a refresh was interrupted; most likely the provider rotated the token (a revocation looks the same)".into()
+        }
+        "insufficient_scope" => "the provider refuses some calls: scopes missing".into(),
+        "invalid_client" | "unauthorized_client" => {
+            "the provider refuses Nexus's client: fix the provider's registration".into()
+        }
+        "access_denied" => "the person declined consent".into(),
+        "provider_unavailable" => "the provider did not answer".into(),
+        other => other.replace('_', " "),
+    }
+}
+
+#[derive(Serialize)]
+struct Row {
+    id: String,
+    workspace: String,
+    provider: String,
+    status: String,
+    state: &'static str,
+    reason: Option<String>,
+    failing_scopes: Vec<String>,
+    last_refresh: Option<String>,
+    next_refresh: Option<String>,
+}
+
+async fn row(st: &AppState, c: &ConnectionRow) -> Row {
+    let provider = match st.registry().get(&c.provider_id).await {
+        Ok(p) => p.profile.name,
+        Err(_) => format!("(removed provider {})", c.provider_id),
+    };
+    Row {
+        id: c.id.clone(),
+        workspace: c.workspace_id.clone(),
+        provider,
+        status: c.status.as_str().to_string(),
+        state: state_words(c.status.as_str()),
+        reason: c
+            .error_code
+            .as_deref()
+            .filter(|_| c.status.as_str() != "active")
+            .map(reason_words),
+        failing_scopes: parse_json_list(&c.failing_scopes),
+        last_refresh: c.last_success_at.map(rfc3339),
+        next_refresh: c.next_refresh_at.map(rfc3339),
+    }
+}
+
+fn nonempty(v: &Option<String>) -> Option<&str> {
+    v.as_deref().map(str::trim).filter(|v| !v.is_empty())
+}
+
+/// `GET /console/connections`: filtered by workspace, provider (name) and
+/// state.
+pub async fn connections(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Query(f): Query<Filter>,
+) -> Response {
+    let go = async {
+        let s = session(&st, &headers).await?;
+        let provider_id = match nonempty(&f.provider) {
+            Some(name) => match st.registry().find(name).await {
+                Ok(p) => Some(p.row.id),
+                // No such provider: nothing matches.
+                Err(_) => Some(String::from("-")),
+            },
+            None => None,
+        };
+        let found = st
+            .store()
+            .find_connections(
+                nonempty(&f.workspace),
+                provider_id.as_deref(),
+                nonempty(&f.state),
+                200,
+            )
+            .await?;
+        let mut rows = Vec::with_capacity(found.len());
+        for c in &found {
+            rows.push(row(&st, c).await);
+        }
+        Ok::<_, ApiError>((frame(&st, &s).await?, rows))
+    };
+    match go.await {
+        Ok((fr, rows)) => render(
+            "console_connections.html",
+            fr,
+            json!({"rows": rows, "filter": {"workspace": f.workspace, "provider": f.provider, "state": f.state},
+                   "states": ["active", "degraded", "attention_required", "revoked", "pending", "failed"]}),
+        ),
+        Err(e) => refuse(e),
+    }
+}
+
+async fn connection_page(
+    st: &AppState,
+    s: &ConsoleSessionRow,
+    id: &str,
+    extra: Value,
+) -> Result<Response, ApiError> {
+    let c = st.store().get_connection(id).await?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "connection_not_found",
+            "no such connection",
+        )
+    })?;
+    let timeline = st
+        .store()
+        .query_audit(&AuditFilter {
+            connection_id: Some(c.id.clone()),
+            limit: 50,
+            ..Default::default()
+        })
+        .await?;
+    let fr = frame(st, s).await?;
+    let mut ctx = json!({"c": row(st, &c).await, "timeline": timeline});
+    if let (Some(m), Value::Object(e)) = (ctx.as_object_mut(), extra) {
+        m.extend(e);
+    }
+    Ok(render("console_connection.html", fr, ctx))
+}
+
+/// `GET /console/connections/{id}`.
+pub async fn connection(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let go = async {
+        let s = session(&st, &headers).await?;
+        connection_page(&st, &s, &id, json!({})).await
+    };
+    go.await.unwrap_or_else(refuse)
+}
+
+/// A checked form post: its session and fields.
+async fn post(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(ConsoleSessionRow, Vec<(String, String)>), ApiError> {
+    let s = session(st, headers).await?;
+    let fields: Vec<(String, String)> = url::form_urlencoded::parse(body).into_owned().collect();
+    let csrf = fields
+        .iter()
+        .find(|(k, _)| k == "csrf")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_default();
+    if !browser_session::csrf_ok(&st.handshakes().state_key, CSRF_PURPOSE, &s.id, csrf) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "csrf_failed",
+            "the form was not submitted from its own page; reload the page",
+        ));
+    }
+    if fields
+        .iter()
+        .any(|(k, v)| k.contains('\0') || v.contains('\0'))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "strings must not contain NUL characters",
+        ));
+    }
+    Ok((s, fields))
+}
+
+fn field<'a>(fields: &'a [(String, String)], k: &str) -> Option<&'a str> {
+    fields
+        .iter()
+        .find(|(n, _)| n == k)
+        .map(|(_, v)| v.as_str())
+        .filter(|v| !v.is_empty())
+}
+
+fn back(to: &str) -> Response {
+    let mut resp = Redirect::to(to).into_response();
+    nexus_core::pages::secure_headers(&mut resp, &[], &[]);
+    resp
+}
+
+/// `POST /console/connections/{id}/{action}`: `refresh`, `revoke` (with
+/// `confirm=yes`) or `reconnect-link` (a connect-portal link for the
+/// person, shown once on the page).
+pub async fn connection_action(
+    State(st): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let go = async {
+        let (s, fields) = post(&st, &headers, &body).await?;
+        let who = actor(&s, &caller);
+        let c = st.store().get_connection(&id).await?.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "connection_not_found",
+                "no such connection",
+            )
+        })?;
+        match action.as_str() {
+            "refresh" => {
+                let outcome = st.tokens().token(&c.id, true).await;
+                let audit = AuditEvent::new("console.refresh_requested")
+                    .actor(who.name.clone())
+                    .by(&who)
+                    .connection(c.id.clone())
+                    .workspace(c.workspace_id.clone())
+                    .detail(json!({"ok": outcome.is_ok()}));
+                let _ = st.audit().record(audit).await;
+                let note = match outcome {
+                    Ok(_) => "Refreshed.".to_string(),
+                    Err(e) => format!("Refresh refused: {}", ApiError::from(e).message),
+                };
+                connection_page(&st, &s, &c.id, json!({"note": note})).await
+            }
+            "revoke" => {
+                if field(&fields, "confirm") != Some("yes") {
+                    return connection_page(
+                        &st,
+                        &s,
+                        &c.id,
+                        json!({"note": "Not revoked: tick the box to confirm."}),
+                    )
+                    .await;
+                }
+                st.tokens().refresher().revoke(&c.id, &who).await?;
+                Ok(back(&format!("/console/connections/{}", c.id)))
+            }
+            "reconnect-link" => {
+                let made = crate::portal::Portal::new(st.store(), &st.handshakes().state_key)
+                    .create(
+                        &c.workspace_id,
+                        Some(vec![c.provider_id.clone()]),
+                        None,
+                        None,
+                        &st.config().base_url,
+                        &who,
+                    )
+                    .await?;
+                connection_page(
+                    &st,
+                    &s,
+                    &c.id,
+                    json!({"reconnect_url": made.url.expose(), "reconnect_expires": made.expires_at}),
+                )
+                .await
+            }
+            _ => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such action",
+            )),
+        }
+    };
+    go.await.unwrap_or_else(refuse)
+}
+
+/// `POST /console/pause`: `action=pause` with a `reason` and
+/// `confirm=yes`, or `action=resume` (the operator pause; workspace pauses
+/// are lifted by their workspace or the API).
+pub async fn pause(
+    State(st): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let go = async {
+        let (s, fields) = post(&st, &headers, &body).await?;
+        let who = actor(&s, &caller);
+        match field(&fields, "action") {
+            Some("pause") => {
+                let reason = field(&fields, "reason").unwrap_or_default().trim();
+                if reason.is_empty() || reason.len() > 500 {
+                    return Err(ApiError::bad_request(
+                        "invalid_request",
+                        "Say why (1 to 500 characters).",
+                    ));
+                }
+                if field(&fields, "confirm") != Some("yes") {
+                    return Err(ApiError::bad_request(
+                        "invalid_request",
+                        "Not paused: tick the box to confirm.",
+                    ));
+                }
+                st.pauses()
+                    .pause(PauseScope::Operator, reason.to_string(), &who)
+                    .await?;
+            }
+            Some("resume") => {
+                st.pauses().resume(PauseScope::Operator, &who).await?;
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    "action must be pause or resume",
+                ))
+            }
+        }
+        Ok(back("/console"))
+    };
+    go.await.unwrap_or_else(refuse)
+}
+
+/// `POST /console/sign-out`.
+pub async fn sign_out(
+    State(st): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let go = async {
+        let (s, _) = post(&st, &headers, &body).await?;
+        let who = actor(&s, &caller);
+        let audit = AuditEvent::new("console.signed_out")
+            .actor(who.name.clone())
+            .by(&who)
+            .detail(json!({"session_id": s.id}));
+        st.store()
+            .end_console_session(&s.id, now_ms(), &audit)
+            .await?;
+        let mut resp = refuse(ApiError::new(
+            StatusCode::OK,
+            "signed_out",
+            "You are signed out.",
+        ));
+        let c = format!("{COOKIE}=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0");
+        if let Ok(v) = HeaderValue::from_str(&c) {
+            resp.headers_mut().insert(header::SET_COOKIE, v);
+        }
+        Ok::<_, ApiError>(resp)
+    };
+    go.await.unwrap_or_else(refuse)
+}
