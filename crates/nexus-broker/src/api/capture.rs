@@ -39,19 +39,6 @@ fn need_state(q: StateQuery) -> Result<String, ApiError> {
         .ok_or_else(|| ApiError::bad_request("invalid_state", "state is missing"))
 }
 
-/// The capture page's template, added to the layout once.
-fn pages() -> &'static minijinja::Environment<'static> {
-    static PAGES: std::sync::OnceLock<minijinja::Environment<'static>> = std::sync::OnceLock::new();
-    PAGES.get_or_init(|| {
-        let mut env = nexus_core::pages::environment();
-        // A constant of this crate, rendered by the tests: it parses.
-        if let Err(e) = env.add_template("capture.html", include_str!("../../pages/capture.html")) {
-            tracing::error!(error = %e, "the capture page does not parse");
-        }
-        env
-    })
-}
-
 /// One input of the form, with the value to show again after an error.
 #[derive(serde::Serialize)]
 struct Input<'a> {
@@ -85,7 +72,7 @@ fn page(
         })
         .collect();
     nexus_core::pages::render(
-        pages(),
+        super::pages::templates(),
         "capture.html",
         minijinja::context! {
             provider => p.name,

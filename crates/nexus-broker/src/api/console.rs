@@ -112,35 +112,6 @@ pub async fn mint_link(
     ))
 }
 
-fn templates() -> &'static minijinja::Environment<'static> {
-    static PAGES: std::sync::OnceLock<minijinja::Environment<'static>> = std::sync::OnceLock::new();
-    PAGES.get_or_init(|| {
-        let mut env = nexus_core::pages::environment();
-        // Constants of this crate, rendered by the tests: they parse.
-        for (name, src) in [
-            ("message.html", include_str!("../../pages/message.html")),
-            ("console.html", include_str!("../../pages/console.html")),
-            (
-                "console_overview.html",
-                include_str!("../../pages/console_overview.html"),
-            ),
-            (
-                "console_connections.html",
-                include_str!("../../pages/console_connections.html"),
-            ),
-            (
-                "console_connection.html",
-                include_str!("../../pages/console_connection.html"),
-            ),
-        ] {
-            if let Err(e) = env.add_template(name, src) {
-                tracing::error!(error = %e, template = name, "a console page does not parse");
-            }
-        }
-        env
-    })
-}
-
 fn secure_cookie(st: &AppState) -> bool {
     st.config().tls.is_some()
 }
@@ -152,18 +123,9 @@ fn page(html: Result<String, nexus_core::pages::PageError>) -> Response {
     }
 }
 
-/// A refusal as a page (the console is for browsers) with the JSON code in
-/// the title for programs that look.
-fn refuse(e: ApiError) -> Response {
-    let html = nexus_core::pages::render(
-        templates(),
-        "message.html",
-        minijinja::context! { title => "Console", message => e.message },
-    );
-    match html {
-        Ok(h) => nexus_core::pages::respond(e.status, h, &[], &[]),
-        Err(_) => e.into_response(),
-    }
+/// A refusal: a page for a browser, the JSON error for anything else.
+fn refuse(headers: &HeaderMap, e: ApiError) -> Response {
+    super::pages::refuse(headers, e, "Console", &[])
 }
 
 fn signed_out() -> ApiError {
@@ -179,12 +141,13 @@ pub async fn sign_in(
     State(st): State<AppState>,
     Query(q): Query<std::collections::HashMap<String, String>>,
     caller: Caller,
+    headers: HeaderMap,
 ) -> Response {
     let Some(token) = q
         .get("token")
         .filter(|t| t.starts_with("nxl_") && t.len() < 100)
     else {
-        return refuse(signed_out());
+        return refuse(&headers, signed_out());
     };
     let now = now_ms();
     let session_token = browser_session::new_token("nxs_");
@@ -211,12 +174,12 @@ pub async fn sign_in(
         .await;
     match used {
         Ok(Some(_)) => {}
-        Ok(None) => return refuse(ApiError::new(
+        Ok(None) => return refuse(&headers, ApiError::new(
             StatusCode::UNAUTHORIZED,
             "console_link_invalid",
             "This sign-in link is unknown, used or expired. Each link works once, for 10 minutes.",
         )),
-        Err(e) => return refuse(e.into()),
+        Err(e) => return refuse(&headers, e.into()),
     }
     let mut resp = Redirect::to("/console").into_response();
     nexus_core::pages::secure_headers(&mut resp, &[], &[]);
@@ -306,7 +269,11 @@ fn render(template: &str, frame: Value, extra: Value) -> Response {
     if let (Some(c), Value::Object(e)) = (ctx.as_object_mut(), extra) {
         c.extend(e);
     }
-    page(nexus_core::pages::render(templates(), template, ctx))
+    page(nexus_core::pages::render(
+        super::pages::templates(),
+        template,
+        ctx,
+    ))
 }
 
 /// `GET /console`: counts by state, pauses, the kill switch.
@@ -317,7 +284,7 @@ pub async fn overview(State(st): State<AppState>, headers: HeaderMap) -> Respons
     };
     match go.await {
         Ok(f) => render("console_overview.html", f, json!({})),
-        Err(e) => refuse(e),
+        Err(e) => refuse(&headers, e),
     }
 }
 
@@ -436,7 +403,7 @@ pub async fn connections(
             json!({"rows": rows, "filter": {"workspace": f.workspace, "provider": f.provider, "state": f.state},
                    "states": ["active", "degraded", "attention_required", "revoked", "pending", "failed"]}),
         ),
-        Err(e) => refuse(e),
+        Err(e) => refuse(&headers, e),
     }
 }
 
@@ -479,7 +446,7 @@ pub async fn connection(
         let s = session(&st, &headers).await?;
         connection_page(&st, &s, &id, json!({})).await
     };
-    go.await.unwrap_or_else(refuse)
+    go.await.unwrap_or_else(|e| refuse(&headers, e))
 }
 
 /// A checked form post: its session and fields.
@@ -487,14 +454,10 @@ async fn post(
     st: &AppState,
     headers: &HeaderMap,
     body: &Bytes,
-) -> Result<(ConsoleSessionRow, Vec<(String, String)>), ApiError> {
+) -> Result<(ConsoleSessionRow, super::pages::Form), ApiError> {
     let s = session(st, headers).await?;
-    let fields: Vec<(String, String)> = url::form_urlencoded::parse(body).into_owned().collect();
-    let csrf = fields
-        .iter()
-        .find(|(k, _)| k == "csrf")
-        .map(|(_, v)| v.as_str())
-        .unwrap_or_default();
+    let form = super::pages::Form::parse(body)?;
+    let csrf = form.get("csrf").unwrap_or_default();
     if !browser_session::csrf_ok(&st.handshakes().state_key, CSRF_PURPOSE, &s.id, csrf) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -502,24 +465,7 @@ async fn post(
             "the form was not submitted from its own page; reload the page",
         ));
     }
-    if fields
-        .iter()
-        .any(|(k, v)| k.contains('\0') || v.contains('\0'))
-    {
-        return Err(ApiError::bad_request(
-            "invalid_request",
-            "strings must not contain NUL characters",
-        ));
-    }
-    Ok((s, fields))
-}
-
-fn field<'a>(fields: &'a [(String, String)], k: &str) -> Option<&'a str> {
-    fields
-        .iter()
-        .find(|(n, _)| n == k)
-        .map(|(_, v)| v.as_str())
-        .filter(|v| !v.is_empty())
+    Ok((s, form))
 }
 
 fn back(to: &str) -> Response {
@@ -565,7 +511,7 @@ pub async fn connection_action(
                 connection_page(&st, &s, &c.id, json!({"note": note})).await
             }
             "revoke" => {
-                if field(&fields, "confirm") != Some("yes") {
+                if fields.get("confirm") != Some("yes") {
                     return connection_page(
                         &st,
                         &s,
@@ -603,7 +549,7 @@ pub async fn connection_action(
             )),
         }
     };
-    go.await.unwrap_or_else(refuse)
+    go.await.unwrap_or_else(|e| refuse(&headers, e))
 }
 
 /// `POST /console/pause`: `action=pause` with a `reason` and
@@ -618,16 +564,16 @@ pub async fn pause(
     let go = async {
         let (s, fields) = post(&st, &headers, &body).await?;
         let who = actor(&s, &caller);
-        match field(&fields, "action") {
+        match fields.get("action") {
             Some("pause") => {
-                let reason = field(&fields, "reason").unwrap_or_default().trim();
+                let reason = fields.get("reason").unwrap_or_default().trim();
                 if reason.is_empty() || reason.len() > 500 {
                     return Err(ApiError::bad_request(
                         "invalid_request",
                         "Say why (1 to 500 characters).",
                     ));
                 }
-                if field(&fields, "confirm") != Some("yes") {
+                if fields.get("confirm") != Some("yes") {
                     return Err(ApiError::bad_request(
                         "invalid_request",
                         "Not paused: tick the box to confirm.",
@@ -649,7 +595,7 @@ pub async fn pause(
         }
         Ok(back("/console"))
     };
-    go.await.unwrap_or_else(refuse)
+    go.await.unwrap_or_else(|e| refuse(&headers, e))
 }
 
 /// `POST /console/sign-out`.
@@ -669,16 +615,12 @@ pub async fn sign_out(
         st.store()
             .end_console_session(&s.id, now_ms(), &audit)
             .await?;
-        let mut resp = refuse(ApiError::new(
-            StatusCode::OK,
-            "signed_out",
-            "You are signed out.",
-        ));
+        let mut resp = super::pages::message(StatusCode::OK, "Console", "You are signed out.", &[]);
         let c = format!("{COOKIE}=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0");
         if let Ok(v) = HeaderValue::from_str(&c) {
             resp.headers_mut().insert(header::SET_COOKIE, v);
         }
         Ok::<_, ApiError>(resp)
     };
-    go.await.unwrap_or_else(refuse)
+    go.await.unwrap_or_else(|e| refuse(&headers, e))
 }

@@ -38,6 +38,7 @@ pub mod extract;
 pub mod guard;
 pub mod handshake;
 pub mod ops;
+mod pages;
 pub mod pauses;
 pub mod portal;
 pub mod providers;

@@ -108,41 +108,14 @@ pub async fn revoke(
     Ok(Json(json!({"id": id, "revoked": true})))
 }
 
-fn templates() -> &'static minijinja::Environment<'static> {
-    static PAGES: std::sync::OnceLock<minijinja::Environment<'static>> = std::sync::OnceLock::new();
-    PAGES.get_or_init(|| {
-        let mut env = nexus_core::pages::environment();
-        // Constants of this crate, rendered by the tests: they parse.
-        for (name, src) in [
-            ("portal.html", include_str!("../../pages/portal.html")),
-            ("message.html", include_str!("../../pages/message.html")),
-        ] {
-            if let Err(e) = env.add_template(name, src) {
-                tracing::error!(error = %e, template = name, "a portal page does not parse");
-            }
-        }
-        env
-    })
-}
-
 /// A refusal: a page for a browser, the JSON error for anything else.
 fn refuse(st: &AppState, headers: &HeaderMap, e: ApiError) -> Response {
-    let wants_html = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("text/html"));
-    if !wants_html {
-        return e.into_response();
-    }
-    let html = nexus_core::pages::render(
-        templates(),
-        "message.html",
-        minijinja::context! { title => "Connect link not usable", message => e.message },
-    );
-    match html {
-        Ok(h) => nexus_core::pages::respond(e.status, h, &[], &st.config().connect_embed_origins),
-        Err(_) => e.into_response(),
-    }
+    super::pages::refuse(
+        headers,
+        e,
+        "Connect link not usable",
+        &st.config().connect_embed_origins,
+    )
 }
 
 /// `?session=` (the link), or what the way back from a provider adds.
@@ -323,7 +296,7 @@ async fn render_page(
         at: rfc3339(p.paused_at),
     });
     nexus_core::pages::render(
-        templates(),
+        super::pages::templates(),
         "portal.html",
         minijinja::context! {
             workspace => s.workspace_id,
@@ -400,17 +373,13 @@ async fn current(st: &AppState, headers: &HeaderMap) -> Result<ConnectSessionRow
 /// A checked form post: its session and fields.
 struct Post {
     session: ConnectSessionRow,
-    fields: Vec<(String, String)>,
+    form: super::pages::Form,
     actor: Actor,
 }
 
 impl Post {
     fn get(&self, k: &str) -> Option<&str> {
-        self.fields
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.as_str())
-            .filter(|v| !v.is_empty())
+        self.form.get(k)
     }
 }
 
@@ -427,21 +396,8 @@ async fn checked(
             return Err(csrf_failed("cross-origin form submission refused"));
         }
     }
-    let fields: Vec<(String, String)> = url::form_urlencoded::parse(body).into_owned().collect();
-    if fields
-        .iter()
-        .any(|(k, v)| k.contains('\0') || v.contains('\0'))
-    {
-        return Err(ApiError::bad_request(
-            "invalid_request",
-            "strings must not contain NUL characters",
-        ));
-    }
-    let token = fields
-        .iter()
-        .find(|(k, _)| k == "csrf")
-        .map(|(_, v)| v.as_str())
-        .unwrap_or_default();
+    let form = super::pages::Form::parse(body)?;
+    let token = form.get("csrf").unwrap_or_default();
     if !portal(st).csrf_ok(&session.id, token) {
         return Err(csrf_failed(
             "the form was not submitted from its own page; reload the page",
@@ -455,7 +411,7 @@ async fn checked(
     };
     Ok(Post {
         session,
-        fields,
+        form,
         actor,
     })
 }

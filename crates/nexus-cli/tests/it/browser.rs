@@ -153,6 +153,78 @@ impl Browser {
     }
 }
 
+/// Clicks the element `css` selects.
+async fn click(c: &Client, css: &str) {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .click()
+        .await
+        .unwrap();
+}
+
+/// The text of the element `css` selects.
+async fn text_of(c: &Client, css: &str) -> String {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Types `keys` into the element `css` selects.
+async fn type_into(c: &Client, css: &str, keys: &str) {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .send_keys(keys)
+        .await
+        .unwrap();
+}
+
+/// An admin API answer (GET), as JSON.
+async fn admin_json(h: &reqwest::Client, url: String, admin: &str) -> Value {
+    h.get(url)
+        .header("x-api-key", admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// A static-key connection made by API (an application's agent asks, the
+/// key is captured as JSON): its id.
+async fn connect_by_api(
+    h: &reqwest::Client,
+    gateway: &str,
+    agent_key: &str,
+    workspace: &str,
+    provider: &str,
+    back: &str,
+) -> String {
+    let spec: Value = h
+        .post(format!("{gateway}/v1/request-connection"))
+        .bearer_auth(agent_key)
+        .json(&json!({"user_id": workspace, "provider_name": provider, "return_url": back}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let done = h
+        .post(format!("{gateway}/auth/capture-credential"))
+        .json(&json!({"state": spec["state"], "credentials": {"api_key": CANARY}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(done.status().is_success());
+    spec["connection_id"].as_str().unwrap().to_string()
+}
+
 /// Where the browser is sent back after connecting: the application's page.
 async fn return_page() -> String {
     let port = free_port();
@@ -229,13 +301,7 @@ async fn a_person_connects_a_static_key_in_the_capture_form() {
     // the page's policy, nothing inline.
     let c = &b.client;
     c.goto(auth_url).await.unwrap();
-    let h1 = c
-        .find(Locator::Css("h1"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let h1 = text_of(c, "h1").await;
     assert_eq!(h1, format!("Connect {xss_name}"));
     assert_eq!(
         b.js("return document.querySelectorAll('img, script').length")
@@ -243,13 +309,7 @@ async fn a_person_connects_a_static_key_in_the_capture_form() {
         0
     );
     assert!(c.get_alert_text().await.is_err(), "no script ran");
-    let label = c
-        .find(Locator::Css("label[for=f-api_key]"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let label = text_of(c, "label[for=f-api_key]").await;
     assert!(label.starts_with("API key <b>\"'"), "{label}");
     let font = b
         .js("return getComputedStyle(document.body).fontFamily")
@@ -274,18 +334,8 @@ async fn a_person_connects_a_static_key_in_the_capture_form() {
     // Too short a key: the form again, with the reason and without the key.
     let key = c.find(Locator::Css("#f-api_key")).await.unwrap();
     key.send_keys("short-key").await.unwrap();
-    c.find(Locator::Css("#f-region option[value=eu]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    c.find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, "#f-region option[value=eu]").await;
+    click(c, "button[type=submit]").await;
     let found = c
         .wait()
         .at_most(Duration::from_secs(10))
@@ -311,24 +361,9 @@ async fn a_person_connects_a_static_key_in_the_capture_form() {
     assert!(problems.is_empty(), "axe on the errors: {problems:#?}");
 
     // The real key: back to the application, connected.
-    c.find(Locator::Css("#f-api_key"))
-        .await
-        .unwrap()
-        .send_keys(CANARY)
-        .await
-        .unwrap();
-    c.find(Locator::Css("#f-region option[value=us]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    c.find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_into(c, "#f-api_key", CANARY).await;
+    click(c, "#f-region option[value=us]").await;
+    click(c, "button[type=submit]").await;
     let mut landed = c.current_url().await.unwrap();
     for _ in 0..100 {
         if landed.as_str().starts_with(&back) {
@@ -356,15 +391,7 @@ async fn a_person_connects_a_static_key_in_the_capture_form() {
         );
     }
     let id = q["connection_id"].clone();
-    let conn: Value = h
-        .get(format!("{broker}/connections/{id}"))
-        .header("x-api-key", &admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let conn: Value = admin_json(&h, format!("{broker}/connections/{id}"), &admin).await;
     assert_eq!(conn["status"], "active", "{conn}");
 
     let _ = b.client.close().await;
@@ -459,28 +486,11 @@ async fn a_person_manages_a_workspace_in_the_connect_portal() {
     }
     let back = return_page().await;
     // `search` is connected already (by API), in the workspace and in another.
-    let mut connect_by_api = Vec::new();
+    let mut made_by_api = Vec::new();
     for ws in ["ws-portal", "ws-other"] {
-        let spec: Value = h
-            .post(format!("{gateway}/v1/request-connection"))
-            .bearer_auth(&agent_key)
-            .json(&json!({"user_id": ws, "provider_name": "search", "return_url": back}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let done = h
-            .post(format!("{gateway}/auth/capture-credential"))
-            .json(&json!({"state": spec["state"], "credentials": {"api_key": CANARY}}))
-            .send()
-            .await
-            .unwrap();
-        assert!(done.status().is_success());
-        connect_by_api.push(spec["connection_id"].as_str().unwrap().to_string());
+        made_by_api.push(connect_by_api(&h, &gateway, &agent_key, ws, "search", &back).await);
     }
-    let (search_id, other_ws_id) = (connect_by_api[0].clone(), connect_by_api[1].clone());
+    let (search_id, other_ws_id) = (made_by_api[0].clone(), made_by_api[1].clone());
 
     let made = h
         .post(format!("{gateway}/v1/connect-sessions"))
@@ -504,13 +514,7 @@ async fn a_person_manages_a_workspace_in_the_connect_portal() {
     let at = on_page(c, "/connect").await;
     assert!(at.query().is_none(), "the token left the address bar: {at}");
     assert_eq!(b.js("return document.cookie").await, "", "HttpOnly");
-    let text = c
-        .find(Locator::Css("main"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = text_of(c, "main").await;
     assert!(text.contains("Workspace ws-portal"), "{text}");
     assert!(
         text.contains("Forecasts <i>by the hour</i>"),
@@ -534,47 +538,18 @@ async fn a_person_manages_a_workspace_in_the_connect_portal() {
 
     // Connect weather through the capture form, and come back connected.
     let weather_id = {
-        let list: Value = h
-            .get(format!("{broker}/providers/by-name/weather"))
-            .header("x-api-key", &admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list: Value =
+            admin_json(&h, format!("{broker}/providers/by-name/weather"), &admin).await;
         list["id"].as_str().unwrap().to_string()
     };
     submit(c, "/connect/start", "provider_id", &weather_id).await;
     on_page(c, "/auth/capture").await;
-    c.find(Locator::Css("#f-api_key"))
-        .await
-        .unwrap()
-        .send_keys(CANARY)
-        .await
-        .unwrap();
-    c.find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_into(c, "#f-api_key", CANARY).await;
+    click(c, "button[type=submit]").await;
     on_url_with(c, "status=success").await;
-    let notice = c
-        .find(Locator::Css("[role=status]"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let notice = text_of(c, "[role=status]").await;
     assert_eq!(notice, "Connected.");
-    let cards = c
-        .find(Locator::Css(".cards"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let cards = text_of(c, ".cards").await;
     assert!(
         cards.contains("weather") && cards.contains("Connected"),
         "{cards}"
@@ -592,40 +567,16 @@ async fn a_person_manages_a_workspace_in_the_connect_portal() {
         .await
         .unwrap();
     assert_eq!(state.as_deref(), Some("revoked"));
-    let conn: Value = h
-        .get(format!("{broker}/connections/{search_id}"))
-        .header("x-api-key", &admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let conn: Value = admin_json(&h, format!("{broker}/connections/{search_id}"), &admin).await;
     assert_eq!(conn["status"], "revoked");
     b.shot("portal-disconnected").await;
 
     // Pause with a reason (hostile text stays text); agents get 423.
     let reason = "<b>maintenance</b> until 5pm";
-    c.find(Locator::Css("#pause-reason"))
-        .await
-        .unwrap()
-        .send_keys(reason)
-        .await
-        .unwrap();
-    c.find(Locator::Css("form.pause button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_into(c, "#pause-reason", reason).await;
+    click(c, "form.pause button[type=submit]").await;
     on_url_with(c, "notice=paused").await;
-    let banner = c
-        .find(Locator::Css(".banner-red"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let banner = text_of(c, ".banner-red").await;
     assert!(
         banner.contains(reason) && banner.contains("connect:cs_"),
         "{banner}"
@@ -637,15 +588,12 @@ async fn a_person_manages_a_workspace_in_the_connect_portal() {
         "axe on the paused portal: {problems:#?}"
     );
     let weather_conn = {
-        let list: Value = h
-            .get(format!("{broker}/connections?workspace_id=ws-portal"))
-            .header("x-api-key", &admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list: Value = admin_json(
+            &h,
+            format!("{broker}/connections?workspace_id=ws-portal"),
+            &admin,
+        )
+        .await;
         list["connections"]
             .as_array()
             .unwrap()
@@ -671,12 +619,7 @@ async fn a_person_manages_a_workspace_in_the_connect_portal() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(paused, 423, "the token API answers 423 while paused");
-    c.find(Locator::Css(".banner-red button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, ".banner-red button[type=submit]").await;
     on_url_with(c, "notice=resumed").await;
     assert!(
         c.find(Locator::Css(".banner-red")).await.is_err(),
@@ -719,15 +662,7 @@ async fn a_person_manages_a_workspace_in_the_connect_portal() {
     assert_eq!(e["error"], "csrf_failed");
     let r = post(format!("csrf={csrf}&connection_id={other_ws_id}")).await;
     assert_eq!(r.status().as_u16(), 404, "another workspace's connection");
-    let other: Value = h
-        .get(format!("{broker}/connections/{other_ws_id}"))
-        .header("x-api-key", &admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let other: Value = admin_json(&h, format!("{broker}/connections/{other_ws_id}"), &admin).await;
     assert_eq!(other["status"], "active", "untouched");
     let r = h
         .delete(format!(
@@ -873,12 +808,7 @@ async fn the_portal_works_in_a_frame_and_tells_the_application() {
         .send_keys(CANARY)
         .await
         .unwrap();
-    c.find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, "button[type=submit]").await;
     c.wait()
         .at_most(Duration::from_secs(10))
         .for_element(Locator::Css("[role=status]"))
@@ -887,13 +817,7 @@ async fn the_portal_works_in_a_frame_and_tells_the_application() {
     c.enter_parent_frame().await.unwrap();
     let mut log = String::new();
     for _ in 0..50 {
-        log = c
-            .find(Locator::Css("#log"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        log = text_of(c, "#log").await;
         if !log.is_empty() {
             break;
         }
@@ -969,24 +893,7 @@ async fn an_operator_works_in_the_console() {
     let back = return_page().await;
     let mut ids = Vec::new();
     for ws in ["ws-a", "ws-a", "ws-b"] {
-        let spec: Value = h
-            .post(format!("{gateway}/v1/request-connection"))
-            .bearer_auth(&agent_key)
-            .json(&json!({"user_id": ws, "provider_name": "weather", "return_url": back}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let done = h
-            .post(format!("{gateway}/auth/capture-credential"))
-            .json(&json!({"state": spec["state"], "credentials": {"api_key": CANARY}}))
-            .send()
-            .await
-            .unwrap();
-        assert!(done.status().is_success());
-        ids.push(spec["connection_id"].as_str().unwrap().to_string());
+        ids.push(connect_by_api(&h, &gateway, &agent_key, ws, "weather", &back).await);
     }
 
     // Signed in by the link; the link works once.
@@ -995,13 +902,7 @@ async fn an_operator_works_in_the_console() {
     c.goto(&link).await.unwrap();
     on_page(c, "/console").await;
     assert_eq!(b.js("return document.cookie").await, "", "HttpOnly");
-    let table = c
-        .find(Locator::Css("table"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let table = text_of(c, "table").await;
     assert!(table.contains("active 3"), "{table}");
     b.shot("console-overview").await;
     let problems = b.accessibility().await;
@@ -1019,13 +920,7 @@ async fn an_operator_works_in_the_console() {
         .unwrap();
     assert_eq!(report.status().as_u16(), 202, "{:?}", report.text().await);
     c.refresh().await.unwrap();
-    let amber = c
-        .find(Locator::Css(".banner-amber"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let amber = text_of(c, ".banner-amber").await;
     assert!(amber.contains("1 connection needs a person"), "{amber}");
 
     // Connections, filtered.
@@ -1039,13 +934,7 @@ async fn an_operator_works_in_the_console() {
     c.goto(&format!("{broker}/console/connections?state=degraded"))
         .await
         .unwrap();
-    let body = c
-        .find(Locator::Css("tbody"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = text_of(c, "tbody").await;
     assert!(
         body.contains(&ids[0]) && body.contains("forecast.hourly"),
         "{body}"
@@ -1063,20 +952,9 @@ async fn an_operator_works_in_the_console() {
         .await
         .unwrap();
     on_page(c, &format!("/console/connections/{}", ids[0])).await;
-    let timeline = c
-        .find(Locator::Css(".timeline"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let timeline = text_of(c, ".timeline").await;
     assert!(timeline.contains("connection."), "{timeline}");
-    c.find(Locator::Css("form[action$='/reconnect-link'] button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, "form[action$='/reconnect-link'] button").await;
     let reconnect = c
         .wait()
         .at_most(Duration::from_secs(10))
@@ -1088,12 +966,7 @@ async fn an_operator_works_in_the_console() {
         .unwrap()
         .unwrap_or_default();
     assert!(reconnect.contains("/connect?session=nxc_"), "{reconnect}");
-    c.find(Locator::Css("form[action$='/revoke'] button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, "form[action$='/revoke'] button").await;
     let note = c
         .wait()
         .at_most(Duration::from_secs(10))
@@ -1104,22 +977,13 @@ async fn an_operator_works_in_the_console() {
         .await
         .unwrap();
     assert!(note.contains("confirm"), "{note}");
-    c.find(Locator::Css("#revoke-confirm"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    c.find(Locator::Css("form[action$='/revoke'] button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, "#revoke-confirm").await;
+    click(c, "form[action$='/revoke'] button").await;
     let mut state = None;
     for _ in 0..50 {
         if let Ok(el) = c.find(Locator::Css("dd.state")).await {
-            state = el.attr("data-status").await.unwrap();
+            // The page may be replaced under us (stale element): look again.
+            state = el.attr("data-status").await.ok().flatten();
             if state.as_deref() == Some("revoked") {
                 break;
             }
@@ -1134,24 +998,9 @@ async fn an_operator_works_in_the_console() {
     // The kill switch: a reason, a confirmation, a red banner everywhere.
     c.goto(&format!("{broker}/console")).await.unwrap();
     let reason = "<script>x</script> incident 42";
-    c.find(Locator::Css("#pause-reason"))
-        .await
-        .unwrap()
-        .send_keys(reason)
-        .await
-        .unwrap();
-    c.find(Locator::Css("#pause-confirm"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    c.find(Locator::Css("form.pause button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_into(c, "#pause-reason", reason).await;
+    click(c, "#pause-confirm").await;
+    click(c, "form.pause button").await;
     let red = c
         .wait()
         .at_most(Duration::from_secs(10))
@@ -1180,23 +1029,15 @@ async fn an_operator_works_in_the_console() {
         .await
         .unwrap();
     assert_eq!(paused.status().as_u16(), 423);
-    let audit: Value = h
-        .get(format!("{broker}/audit?event_type=issuance.paused"))
-        .header("x-api-key", &admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let audit: Value = admin_json(
+        &h,
+        format!("{broker}/audit?event_type=issuance.paused"),
+        &admin,
+    )
+    .await;
     assert_eq!(audit["events"][0]["actor"], "console:admin", "{audit}");
     c.goto(&format!("{broker}/console")).await.unwrap();
-    c.find(Locator::Css("form[action='/console/pause'] button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, "form[action='/console/pause'] button").await;
     for _ in 0..50 {
         if c.find(Locator::Css(".banner-red")).await.is_err() {
             break;
@@ -1236,12 +1077,7 @@ async fn an_operator_works_in_the_console() {
         .await
         .unwrap();
     assert_eq!(forged.status().as_u16(), 403, "no CSRF token");
-    c.find(Locator::Css("form[action='/console/sign-out'] button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, "form[action='/console/sign-out'] button").await;
     for _ in 0..50 {
         if c.find(Locator::Css("nav.console-nav")).await.is_err() {
             break;
@@ -1249,13 +1085,7 @@ async fn an_operator_works_in_the_console() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     c.goto(&format!("{broker}/console")).await.unwrap();
-    let text = c
-        .find(Locator::Css("main"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = text_of(c, "main").await;
     assert!(text.contains("signed out"), "{text}");
     b.shot("console-signed-out").await;
 
