@@ -624,3 +624,137 @@ pub async fn sign_out(
     };
     go.await.unwrap_or_else(|e| refuse(&headers, e))
 }
+
+#[derive(Serialize)]
+struct ProviderRow {
+    name: String,
+    /// The name, percent-encoded for a query string.
+    query: String,
+    auth_type: &'static str,
+    secret_set: bool,
+}
+
+#[derive(Serialize)]
+struct TemplateOption {
+    id: &'static str,
+    name: &'static str,
+    auth: &'static str,
+    placeholders: Vec<&'static str>,
+}
+
+/// The providers page: the list and the catalogue form (`form` refills
+/// it after a refusal; never the secret).
+async fn providers_page(
+    st: &AppState,
+    s: &ConsoleSessionRow,
+    extra: Value,
+) -> Result<Response, ApiError> {
+    let providers: Vec<ProviderRow> = st
+        .registry()
+        .list()
+        .await?
+        .iter()
+        .map(|p| ProviderRow {
+            name: p.profile.name.clone(),
+            query: url::form_urlencoded::byte_serialize(p.profile.name.as_bytes()).collect(),
+            auth_type: p.profile.auth_type.as_str(),
+            secret_set: p.client_secret_set(),
+        })
+        .collect();
+    let templates: Vec<TemplateOption> = crate::registry::catalogue::all()
+        .map_err(|e| ApiError::internal(&e))?
+        .iter()
+        .map(|t| TemplateOption {
+            id: &t.id,
+            name: &t.name,
+            auth: t.auth_type(),
+            placeholders: t.placeholders.iter().map(|p| p.name.as_str()).collect(),
+        })
+        .collect();
+    let fr = frame(st, s).await?;
+    let mut ctx = json!({"providers": providers, "templates": templates, "form": {}});
+    if let (Some(m), Value::Object(e)) = (ctx.as_object_mut(), extra) {
+        m.extend(e);
+    }
+    Ok(render("console_providers.html", fr, ctx))
+}
+
+/// `GET /console/providers`.
+pub async fn providers(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let go = async {
+        let s = session(&st, &headers).await?;
+        let notice = q
+            .get("added")
+            .map(|name| format!("Added {name}. Register its redirect URI with the provider."));
+        providers_page(&st, &s, json!({"notice": notice})).await
+    };
+    go.await.unwrap_or_else(|e| refuse(&headers, e))
+}
+
+/// `POST /console/providers`: a provider from a catalogue template
+/// (`template`, `name`, `placeholders` as NAME=VALUE lines, `client_id`,
+/// `client_secret`). A refusal shows the form again with the reason, never
+/// the secret.
+pub async fn add_provider(
+    State(st): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let go = async {
+        let (s, form) = post(&st, &headers, &body).await?;
+        let who = actor(&s, &caller);
+        let attempt = async {
+            let t = crate::registry::catalogue::get(form.get("template").unwrap_or_default())
+                .map_err(|e| e.to_string())?;
+            let mut values = std::collections::BTreeMap::new();
+            for line in form.get("placeholders").unwrap_or_default().lines() {
+                let line = line.trim();
+                if line.is_empty() {
+                    continue;
+                }
+                let (k, v) = line
+                    .split_once('=')
+                    .ok_or_else(|| format!("placeholder line '{line}' is not NAME=VALUE"))?;
+                values.insert(k.trim().to_string(), v.trim().to_string());
+            }
+            let mut overrides = serde_json::Map::new();
+            for (field, key) in [
+                ("name", "name"),
+                ("client_id", "client_id"),
+                ("client_secret", "client_secret"),
+            ] {
+                if let Some(v) = form.get(field) {
+                    overrides.insert(key.into(), json!(v.trim()));
+                }
+            }
+            let profile = t.render(&values, &overrides).map_err(|e| e.to_string())?;
+            let name = profile["name"].as_str().unwrap_or_default().to_string();
+            st.registry()
+                .create(json!({ "profile": profile }), &who)
+                .await
+                .map_err(|e| ApiError::from(e).message)?;
+            Ok::<_, String>(name)
+        };
+        match attempt.await {
+            Ok(name) => Ok(back(&format!(
+                "/console/providers?added={}",
+                url::form_urlencoded::byte_serialize(name.as_bytes()).collect::<String>()
+            ))),
+            Err(reason) => {
+                let refill = json!({
+                    "template": form.get("template"),
+                    "name": form.get("name"),
+                    "placeholders": form.get("placeholders"),
+                    "client_id": form.get("client_id"),
+                });
+                providers_page(&st, &s, json!({"error": reason, "form": refill})).await
+            }
+        }
+    };
+    go.await.unwrap_or_else(|e| refuse(&headers, e))
+}

@@ -564,6 +564,26 @@ fn ops_routes() -> (Vec<Route<AppState>>, Vec<Route<AppState>>) {
             ),
             (
                 doc(
+                    "GET",
+                    "/console/providers",
+                    "Console: providers and the catalogue form",
+                )
+                .open()
+                .answers(Kind::Html),
+                get(console::providers),
+            ),
+            (
+                doc(
+                    "POST",
+                    "/console/providers",
+                    "Console: add a provider from a catalogue template (form)",
+                )
+                .open()
+                .answers(Kind::Html),
+                post(console::add_provider),
+            ),
+            (
+                doc(
                     "POST",
                     "/console/pause",
                     "Console: the operator pause (form)",

@@ -25,6 +25,10 @@ const TEMPLATES: &[(&str, &str)] = &[
         "console_connection.html",
         include_str!("../../pages/console_connection.html"),
     ),
+    (
+        "console_providers.html",
+        include_str!("../../pages/console_providers.html"),
+    ),
 ];
 
 /// The environment with every template added.

@@ -907,6 +907,10 @@ async fn an_operator_works_in_the_console() {
     b.shot("console-overview").await;
     let problems = b.accessibility().await;
     assert!(problems.is_empty(), "axe on the overview: {problems:#?}");
+    // The console is the broker's (private zone): the gateway does not serve it.
+    let public = link.replacen(&broker, &gateway, 1);
+    let r = h.get(&public).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 404, "the console through the gateway");
     let again = h.get(&link).send().await.unwrap();
     assert_eq!(again.status().as_u16(), 401, "a link works once");
 
@@ -1048,6 +1052,51 @@ async fn an_operator_works_in_the_console() {
         c.find(Locator::Css(".banner-red")).await.is_err(),
         "resumed"
     );
+
+    // A provider from the catalogue: refused without its placeholder (the
+    // secret not sent back), then added with it; the secret stays write-only.
+    c.goto(&format!("{broker}/console/providers"))
+        .await
+        .unwrap();
+    click(c, "#t-template option[value=shopify]").await;
+    type_into(c, "#t-client-id", "shop-client").await;
+    type_into(c, "#t-client-secret", CANARY).await;
+    click(c, "form.add-provider button").await;
+    let refused = c
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css(".errors[role=alert]"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(refused.contains("needs a value for shop"), "{refused}");
+    assert!(
+        !c.source().await.unwrap().contains(CANARY),
+        "no secret sent back"
+    );
+    type_into(c, "#t-placeholders", "shop=my-store").await;
+    type_into(c, "#t-client-secret", CANARY).await;
+    click(c, "form.add-provider button").await;
+    on_url_with(c, "added=shopify").await;
+    let table = text_of(c, "table").await;
+    assert!(table.contains("shopify oauth2 set"), "{table}");
+    let id = admin_json(&h, format!("{broker}/providers/by-name/shopify"), &admin).await;
+    let shop = admin_json(
+        &h,
+        format!("{broker}/providers/{}", id["id"].as_str().unwrap()),
+        &admin,
+    )
+    .await;
+    assert_eq!(
+        shop["auth_url"], "https://my-store.myshopify.com/admin/oauth/authorize",
+        "{shop}"
+    );
+    assert!(!shop.to_string().contains(CANARY));
+    b.shot("console-providers").await;
+    let problems = b.accessibility().await;
+    assert!(problems.is_empty(), "axe on the providers: {problems:#?}");
 
     // A second session, outside the browser: the cookie's flags, a post
     // without the CSRF token, then signing out ends it.
