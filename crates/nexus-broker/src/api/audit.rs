@@ -80,6 +80,7 @@ pub async fn list(
         since_ms,
         connection_id: q.connection_id.filter(|s| !s.is_empty()),
         provider_id: q.provider_id.filter(|s| !s.is_empty()),
+        before_id: None,
         limit,
         ascending,
     };

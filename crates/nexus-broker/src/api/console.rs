@@ -758,3 +758,179 @@ pub async fn add_provider(
     };
     go.await.unwrap_or_else(|e| refuse(&headers, e))
 }
+
+/// `?type=&connection=&limit=&before=`.
+#[derive(Debug, Default, Deserialize)]
+pub struct AuditQuery {
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+    connection: Option<String>,
+    limit: Option<String>,
+    before: Option<String>,
+}
+
+/// `GET /console/audit`: newest first, filtered by type and connection,
+/// a page at a time (`before` = the last sequence number shown).
+pub async fn audit(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> Response {
+    let go = async {
+        let s = session(&st, &headers).await?;
+        let limit = nonempty(&q.limit)
+            .map(|v| {
+                v.parse::<i64>()
+                    .ok()
+                    .filter(|n| (5..=200).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request("invalid_request", "limit must be from 5 to 200")
+                    })
+            })
+            .transpose()?
+            .unwrap_or(50);
+        let before_id = nonempty(&q.before)
+            .map(|v| {
+                v.parse::<i64>().map_err(|_| {
+                    ApiError::bad_request("invalid_request", "before must be an event number")
+                })
+            })
+            .transpose()?;
+        let events = st
+            .store()
+            .query_audit(&AuditFilter {
+                event_type: nonempty(&q.event_type).map(str::to_string),
+                connection_id: nonempty(&q.connection).map(str::to_string),
+                before_id,
+                limit,
+                ..Default::default()
+            })
+            .await?;
+        // A full page may have more behind it.
+        let older = (events.len() as i64 == limit).then(|| {
+            let mut u = url::Url::parse("http://console/console/audit")
+                .unwrap_or_else(|_| unreachable!("a constant URL parses"));
+            {
+                let mut qp = u.query_pairs_mut();
+                if let Some(t) = nonempty(&q.event_type) {
+                    qp.append_pair("type", t);
+                }
+                if let Some(c) = nonempty(&q.connection) {
+                    qp.append_pair("connection", c);
+                }
+                qp.append_pair("limit", &limit.to_string());
+                if let Some(last) = events.last() {
+                    qp.append_pair("before", &last.id.to_string());
+                }
+            }
+            format!("{}?{}", u.path(), u.query().unwrap_or_default())
+        });
+        // Detail as one line of JSON (escaped by the template like any text).
+        let events: Vec<Value> = events
+            .iter()
+            .map(|e| {
+                let mut v = json!(e);
+                v["detail"] = json!(e.detail.to_string());
+                v
+            })
+            .collect();
+        let fr = frame(&st, &s).await?;
+        Ok::<_, ApiError>(render(
+            "console_audit.html",
+            fr,
+            json!({"events": events, "older": older,
+                   "filter": {"type": q.event_type, "connection": q.connection, "limit": limit}}),
+        ))
+    };
+    go.await.unwrap_or_else(|e| refuse(&headers, e))
+}
+
+async fn agent_keys_page(
+    st: &AppState,
+    s: &ConsoleSessionRow,
+    extra: Value,
+) -> Result<Response, ApiError> {
+    let keys = st.agent_keys().list().await?;
+    let fr = frame(st, s).await?;
+    let mut ctx = json!({"keys": keys});
+    if let (Some(m), Value::Object(e)) = (ctx.as_object_mut(), extra) {
+        m.extend(e);
+    }
+    Ok(render("console_agent_keys.html", fr, ctx))
+}
+
+/// `GET /console/agent-keys`.
+pub async fn agent_keys(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    let go = async {
+        let s = session(&st, &headers).await?;
+        agent_keys_page(&st, &s, json!({})).await
+    };
+    go.await.unwrap_or_else(|e| refuse(&headers, e))
+}
+
+/// `POST /console/agent-keys` (`name`, `workspaces`): the new key is shown
+/// on the answer, once.
+pub async fn create_agent_key(
+    State(st): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let go = async {
+        let (s, form) = post(&st, &headers, &body).await?;
+        let who = actor(&s, &caller);
+        let workspaces: Vec<String> = form
+            .get("workspaces")
+            .unwrap_or_default()
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|w| !w.is_empty())
+            .map(str::to_string)
+            .collect();
+        let made = st
+            .agent_keys()
+            .create(
+                crate::registry::agent_keys::NewAgentKey {
+                    name: form.get("name").unwrap_or_default().to_string(),
+                    workspaces,
+                },
+                &who,
+            )
+            .await;
+        match made {
+            Ok((view, key)) => {
+                agent_keys_page(
+                    &st,
+                    &s,
+                    json!({"new_key": {"name": view.name, "key": key.expose()}}),
+                )
+                .await
+            }
+            Err(e) => agent_keys_page(&st, &s, json!({"error": ApiError::from(e).message})).await,
+        }
+    };
+    go.await.unwrap_or_else(|e| refuse(&headers, e))
+}
+
+/// `POST /console/agent-keys/{id}/revoke` (with `confirm=yes`).
+pub async fn revoke_agent_key(
+    State(st): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let go = async {
+        let (s, form) = post(&st, &headers, &body).await?;
+        if form.get("confirm") != Some("yes") {
+            return agent_keys_page(
+                &st,
+                &s,
+                json!({"error": "Not revoked: tick the box beside the key to confirm."}),
+            )
+            .await;
+        }
+        st.agent_keys().revoke(&id, &actor(&s, &caller)).await?;
+        Ok(back("/console/agent-keys"))
+    };
+    go.await.unwrap_or_else(|e| refuse(&headers, e))
+}

@@ -565,6 +565,42 @@ fn ops_routes() -> (Vec<Route<AppState>>, Vec<Route<AppState>>) {
             (
                 doc(
                     "GET",
+                    "/console/audit",
+                    "Console: the audit log (filters, pages)",
+                )
+                .open()
+                .answers(Kind::Html),
+                get(console::audit),
+            ),
+            (
+                doc("GET", "/console/agent-keys", "Console: agent keys")
+                    .open()
+                    .answers(Kind::Html),
+                get(console::agent_keys),
+            ),
+            (
+                doc(
+                    "POST",
+                    "/console/agent-keys",
+                    "Console: create an agent key (form; shown once)",
+                )
+                .open()
+                .answers(Kind::Html),
+                post(console::create_agent_key),
+            ),
+            (
+                doc(
+                    "POST",
+                    "/console/agent-keys/{id}/revoke",
+                    "Console: revoke an agent key (form)",
+                )
+                .open()
+                .answers(Kind::Redirect),
+                post(console::revoke_agent_key),
+            ),
+            (
+                doc(
+                    "GET",
                     "/console/providers",
                     "Console: providers and the catalogue form",
                 )

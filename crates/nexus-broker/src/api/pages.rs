@@ -29,6 +29,14 @@ const TEMPLATES: &[(&str, &str)] = &[
         "console_providers.html",
         include_str!("../../pages/console_providers.html"),
     ),
+    (
+        "console_audit.html",
+        include_str!("../../pages/console_audit.html"),
+    ),
+    (
+        "console_agent_keys.html",
+        include_str!("../../pages/console_agent_keys.html"),
+    ),
 ];
 
 /// The environment with every template added.

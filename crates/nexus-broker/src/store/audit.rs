@@ -19,6 +19,8 @@ pub struct AuditFilter {
     pub connection_id: Option<String>,
     /// Events of one provider.
     pub provider_id: Option<String>,
+    /// Only events with a smaller sequence number (the next page, newest first).
+    pub before_id: Option<i64>,
     /// Most rows returned.
     pub limit: i64,
     /// Oldest first instead of newest first.
@@ -152,6 +154,9 @@ impl Store {
         if f.provider_id.is_some() {
             clauses.push(format!("provider_id = {}", next()));
         }
+        if f.before_id.is_some() {
+            clauses.push(format!("id < {}", next()));
+        }
         let limit_param = next();
         let where_sql = if clauses.is_empty() {
             String::new()
@@ -169,6 +174,7 @@ impl Store {
             if let Some(v) = f.since_ms { q = q.bind(v); }
             if let Some(v) = &f.connection_id { q = q.bind(v); }
             if let Some(v) = &f.provider_id { q = q.bind(v); }
+            if let Some(v) = f.before_id { q = q.bind(v); }
             let rows = q.bind(f.limit).fetch_all(pool).await?;
             rows.iter()
                 .map(|r| {

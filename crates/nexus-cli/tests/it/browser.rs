@@ -1098,6 +1098,99 @@ async fn an_operator_works_in_the_console() {
     let problems = b.accessibility().await;
     assert!(problems.is_empty(), "axe on the providers: {problems:#?}");
 
+    // Agent keys: made with the key shown once, then revoked (confirmed):
+    // the gateway refuses it.
+    c.goto(&format!("{broker}/console/agent-keys"))
+        .await
+        .unwrap();
+    type_into(c, "#k-name", "reporting-bot").await;
+    type_into(c, "#k-workspaces", "ws-a, ws-b").await;
+    click(c, "form.new-key button").await;
+    let key = c
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css("#new-key"))
+        .await
+        .unwrap()
+        .prop("value")
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    assert!(key.starts_with("nxa_"), "{key}");
+    let works = h
+        .get(format!("{gateway}/v1/check-connection/{}", ids[1]))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(works.status().as_u16(), 200);
+    b.shot("console-agent-keys").await;
+    let problems = b.accessibility().await;
+    assert!(problems.is_empty(), "axe on the agent keys: {problems:#?}");
+    c.goto(&format!("{broker}/console/agent-keys"))
+        .await
+        .unwrap();
+    assert!(!c.source().await.unwrap().contains(&key), "shown once");
+    let key_id = b
+        .js("return [...document.querySelectorAll('tbody tr')].find(r => r.textContent.includes('reporting-bot')).id.slice(4)")
+        .await;
+    let key_id = key_id.as_str().unwrap().to_string();
+    click(c, &format!("#confirm-{key_id}")).await;
+    click(c, &format!("#key-{key_id} button")).await;
+    let mut state = String::new();
+    for _ in 0..50 {
+        if let Ok(el) = c.find(Locator::Css(&format!("#key-{key_id}"))).await {
+            state = el.text().await.unwrap_or_default();
+            if state.contains("revoked") {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(state.contains("revoked"), "{state}");
+    let mut refused = 0;
+    for _ in 0..150 {
+        // The gateway trusts a verified key for up to 10 s.
+        let r = h
+            .get(format!("{gateway}/v1/check-connection/{}", ids[1]))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        refused = r.status().as_u16();
+        if refused == 401 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(refused, 401, "a revoked key is refused");
+
+    // The audit log: what the console did, a page at a time.
+    c.goto(&format!("{broker}/console/audit?limit=5"))
+        .await
+        .unwrap();
+    let first = text_of(c, "tbody").await;
+    assert_eq!(
+        b.js("return document.querySelectorAll('tbody tr').length")
+            .await,
+        5
+    );
+    click(c, "a[rel=next]").await;
+    on_url_with(c, "before=").await;
+    let second = text_of(c, "tbody").await;
+    assert_ne!(first, second, "the next page holds older events");
+    c.goto(&format!("{broker}/console/audit?type=agent_key.revoked"))
+        .await
+        .unwrap();
+    let revoked = text_of(c, "tbody").await;
+    assert!(
+        revoked.contains("agent_key.revoked") && revoked.contains("console:admin"),
+        "{revoked}"
+    );
+    b.shot("console-audit").await;
+    let problems = b.accessibility().await;
+    assert!(problems.is_empty(), "axe on the audit log: {problems:#?}");
+
     // A second session, outside the browser: the cookie's flags, a post
     // without the CSRF token, then signing out ends it.
     let second = console_link(tmp.path(), &broker).await;
