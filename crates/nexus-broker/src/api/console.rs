@@ -264,10 +264,14 @@ async fn frame(st: &AppState, s: &ConsoleSessionRow) -> Result<Value, ApiError> 
     }))
 }
 
-fn render(template: &str, frame: Value, extra: Value) -> Response {
+/// Renders `template` with the frame's values and each of `parts`'
+/// (later ones win).
+fn render<const N: usize>(template: &str, frame: Value, parts: [Value; N]) -> Response {
     let mut ctx = frame;
-    if let (Some(c), Value::Object(e)) = (ctx.as_object_mut(), extra) {
-        c.extend(e);
+    for part in parts {
+        if let (Some(c), Value::Object(e)) = (ctx.as_object_mut(), part) {
+            c.extend(e);
+        }
     }
     page(nexus_core::pages::render(
         super::pages::templates(),
@@ -283,7 +287,7 @@ pub async fn overview(State(st): State<AppState>, headers: HeaderMap) -> Respons
         frame(&st, &s).await
     };
     match go.await {
-        Ok(f) => render("console_overview.html", f, json!({})),
+        Ok(f) => render("console_overview.html", f, []),
         Err(e) => refuse(&headers, e),
     }
 }
@@ -400,8 +404,10 @@ pub async fn connections(
         Ok((fr, rows)) => render(
             "console_connections.html",
             fr,
-            json!({"rows": rows, "filter": {"workspace": f.workspace, "provider": f.provider, "state": f.state},
+            [
+                json!({"rows": rows, "filter": {"workspace": f.workspace, "provider": f.provider, "state": f.state},
                    "states": ["active", "degraded", "attention_required", "revoked", "pending", "failed"]}),
+            ],
         ),
         Err(e) => refuse(&headers, e),
     }
@@ -429,11 +435,11 @@ async fn connection_page(
         })
         .await?;
     let fr = frame(st, s).await?;
-    let mut ctx = json!({"c": row(st, &c).await, "timeline": timeline});
-    if let (Some(m), Value::Object(e)) = (ctx.as_object_mut(), extra) {
-        m.extend(e);
-    }
-    Ok(render("console_connection.html", fr, ctx))
+    Ok(render(
+        "console_connection.html",
+        fr,
+        [json!({"c": row(st, &c).await, "timeline": timeline}), extra],
+    ))
 }
 
 /// `GET /console/connections/{id}`.
@@ -672,11 +678,14 @@ async fn providers_page(
         })
         .collect();
     let fr = frame(st, s).await?;
-    let mut ctx = json!({"providers": providers, "templates": templates, "form": {}});
-    if let (Some(m), Value::Object(e)) = (ctx.as_object_mut(), extra) {
-        m.extend(e);
-    }
-    Ok(render("console_providers.html", fr, ctx))
+    Ok(render(
+        "console_providers.html",
+        fr,
+        [
+            json!({"providers": providers, "templates": templates, "form": {}}),
+            extra,
+        ],
+    ))
 }
 
 /// `GET /console/providers`.
@@ -838,8 +847,8 @@ pub async fn audit(
         Ok::<_, ApiError>(render(
             "console_audit.html",
             fr,
-            json!({"events": events, "older": older,
-                   "filter": {"type": q.event_type, "connection": q.connection, "limit": limit}}),
+            [json!({"events": events, "older": older,
+                   "filter": {"type": q.event_type, "connection": q.connection, "limit": limit}})],
         ))
     };
     go.await.unwrap_or_else(|e| refuse(&headers, e))
@@ -852,11 +861,11 @@ async fn agent_keys_page(
 ) -> Result<Response, ApiError> {
     let keys = st.agent_keys().list().await?;
     let fr = frame(st, s).await?;
-    let mut ctx = json!({"keys": keys});
-    if let (Some(m), Value::Object(e)) = (ctx.as_object_mut(), extra) {
-        m.extend(e);
-    }
-    Ok(render("console_agent_keys.html", fr, ctx))
+    Ok(render(
+        "console_agent_keys.html",
+        fr,
+        [json!({"keys": keys}), extra],
+    ))
 }
 
 /// `GET /console/agent-keys`.
