@@ -140,6 +140,13 @@ pub fn respond(
     resp
 }
 
+/// A 303 to `to` with [`secure_headers`] (the answer to a page's form).
+pub fn redirect(to: &str, frame_ancestors: &[String]) -> Response {
+    let mut resp = axum::response::Redirect::to(to).into_response();
+    secure_headers(&mut resp, &[], frame_ancestors);
+    resp
+}
+
 /// `GET /assets/connect.js`.
 pub async fn script() -> Response {
     asset("text/javascript; charset=utf-8", SCRIPT)

@@ -5,7 +5,7 @@
 use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -272,11 +272,10 @@ pub async fn submit(
         .submit_capture(&form, credentials, &actor)
         .await
     {
-        Ok(CaptureOutcome::Done(url)) => {
-            let mut resp = Redirect::to(&url).into_response();
-            nexus_core::pages::secure_headers(&mut resp, &[], &st.config().connect_embed_origins);
-            Ok(resp)
-        }
+        Ok(CaptureOutcome::Done(url)) => Ok(nexus_core::pages::redirect(
+            &url,
+            &st.config().connect_embed_origins,
+        )),
         Ok(CaptureOutcome::Invalid(errors)) => Ok(html(
             StatusCode::OK,
             page(&form, &state, &errors, &raw)?,

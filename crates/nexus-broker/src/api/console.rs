@@ -11,7 +11,7 @@
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -181,8 +181,7 @@ pub async fn sign_in(
         )),
         Err(e) => return refuse(&headers, e.into()),
     }
-    let mut resp = Redirect::to("/console").into_response();
-    nexus_core::pages::secure_headers(&mut resp, &[], &[]);
+    let mut resp = nexus_core::pages::redirect("/console", &[]);
     let c = format!(
         "{COOKIE}={}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={}{}",
         session_token.expose(),
@@ -475,9 +474,7 @@ async fn post(
 }
 
 fn back(to: &str) -> Response {
-    let mut resp = Redirect::to(to).into_response();
-    nexus_core::pages::secure_headers(&mut resp, &[], &[]);
-    resp
+    nexus_core::pages::redirect(to, &[])
 }
 
 /// `POST /console/connections/{id}/{action}`: `refresh`, `revoke` (with
@@ -572,13 +569,8 @@ pub async fn pause(
         let who = actor(&s, &caller);
         match fields.get("action") {
             Some("pause") => {
-                let reason = fields.get("reason").unwrap_or_default().trim();
-                if reason.is_empty() || reason.len() > 500 {
-                    return Err(ApiError::bad_request(
-                        "invalid_request",
-                        "Say why (1 to 500 characters).",
-                    ));
-                }
+                let reason = super::pauses::reason(fields.get("reason").map(str::to_string), true)?
+                    .unwrap_or_default();
                 if fields.get("confirm") != Some("yes") {
                     return Err(ApiError::bad_request(
                         "invalid_request",
@@ -586,7 +578,7 @@ pub async fn pause(
                     ));
                 }
                 st.pauses()
-                    .pause(PauseScope::Operator, reason.to_string(), &who)
+                    .pause(PauseScope::Operator, reason, &who)
                     .await?;
             }
             Some("resume") => {

@@ -20,7 +20,8 @@ pub struct PauseRequest {
     pub reason: Option<String>,
 }
 
-fn reason(r: Option<String>, required: bool) -> Result<Option<String>, ApiError> {
+/// A pause's reason: trimmed, at most 500 characters, required when asked.
+pub(super) fn reason(r: Option<String>, required: bool) -> Result<Option<String>, ApiError> {
     match r.map(|s| s.trim().to_string()).filter(|s| !s.is_empty()) {
         None if required => Err(ApiError::bad_request(
             "missing_fields",

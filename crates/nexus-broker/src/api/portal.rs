@@ -12,7 +12,7 @@
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Redirect, Response};
+use axum::response::Response;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -336,8 +336,7 @@ pub async fn page(
             Ok(s) => s,
             Err(e) => return refuse(&st, &headers, e.into()),
         };
-        let mut resp = Redirect::to("/connect").into_response();
-        nexus_core::pages::secure_headers(&mut resp, &[], &st.config().connect_embed_origins);
+        let mut resp = nexus_core::pages::redirect("/connect", &st.config().connect_embed_origins);
         let left = ((s.expires_at - now_ms()) / 1000).max(1);
         if let Some(v) = session_cookie(token, left, secure) {
             resp.headers_mut().insert(header::SET_COOKIE, v);
@@ -487,11 +486,7 @@ pub async fn start(
         Ok::<_, ApiError>(spec.auth_url)
     };
     match go.await {
-        Ok(url) => {
-            let mut resp = Redirect::to(&url).into_response();
-            nexus_core::pages::secure_headers(&mut resp, &[], &st.config().connect_embed_origins);
-            resp
-        }
+        Ok(url) => nexus_core::pages::redirect(&url, &st.config().connect_embed_origins),
         Err(e) => refuse(&st, &headers, e),
     }
 }
@@ -530,13 +525,8 @@ pub async fn pause(
         let scope = PauseScope::Workspace(p.session.workspace_id.clone());
         match p.get("action") {
             Some("pause") => {
-                let reason = p.get("reason").unwrap_or_default().trim().to_string();
-                if reason.is_empty() || reason.len() > 500 {
-                    return Err(ApiError::bad_request(
-                        "invalid_request",
-                        "say why (1 to 500 characters)",
-                    ));
-                }
+                let reason = super::pauses::reason(p.get("reason").map(str::to_string), true)?
+                    .unwrap_or_default();
                 st.pauses().pause(scope, reason, &p.actor).await?;
                 Ok("paused")
             }
@@ -557,7 +547,8 @@ pub async fn pause(
 }
 
 fn back(st: &AppState, notice: &str) -> Response {
-    let mut resp = Redirect::to(&format!("/connect?notice={notice}")).into_response();
-    nexus_core::pages::secure_headers(&mut resp, &[], &st.config().connect_embed_origins);
-    resp
+    nexus_core::pages::redirect(
+        &format!("/connect?notice={notice}"),
+        &st.config().connect_embed_origins,
+    )
 }

@@ -153,6 +153,15 @@ impl Browser {
     }
 }
 
+/// The element `css` selects, waiting (at most 10 s) for the page to show it.
+async fn waited(c: &Client, css: &str) -> fantoccini::elements::Element {
+    c.wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+}
+
 /// Clicks the element `css` selects.
 async fn click(c: &Client, css: &str) {
     c.find(Locator::Css(css))
@@ -792,28 +801,19 @@ async fn the_portal_works_in_a_frame_and_tells_the_application() {
     c.goto(&format!("{app_origin}/app")).await.unwrap();
     let frame = c.find(Locator::Css("#portal")).await.unwrap();
     frame.enter_frame().await.unwrap();
-    c.wait()
-        .at_most(Duration::from_secs(10))
-        .for_element(Locator::Css(&format!(
-            "form[action='/connect/start'] input[value='{weather_id}']"
-        )))
-        .await
-        .unwrap();
+    waited(
+        c,
+        &format!("form[action='/connect/start'] input[value='{weather_id}']"),
+    )
+    .await;
     submit(c, "/connect/start", "provider_id", &weather_id).await;
-    c.wait()
-        .at_most(Duration::from_secs(10))
-        .for_element(Locator::Css("#f-api_key"))
+    waited(c, "#f-api_key")
         .await
-        .unwrap()
         .send_keys(CANARY)
         .await
         .unwrap();
     click(c, "button[type=submit]").await;
-    c.wait()
-        .at_most(Duration::from_secs(10))
-        .for_element(Locator::Css("[role=status]"))
-        .await
-        .unwrap();
+    waited(c, "[role=status]").await;
     c.enter_parent_frame().await.unwrap();
     let mut log = String::new();
     for _ in 0..50 {
@@ -959,24 +959,16 @@ async fn an_operator_works_in_the_console() {
     let timeline = text_of(c, ".timeline").await;
     assert!(timeline.contains("connection."), "{timeline}");
     click(c, "form[action$='/reconnect-link'] button").await;
-    let reconnect = c
-        .wait()
-        .at_most(Duration::from_secs(10))
-        .for_element(Locator::Css("#reconnect-url"))
+    let reconnect = waited(c, "#reconnect-url")
         .await
-        .unwrap()
         .prop("value")
         .await
         .unwrap()
         .unwrap_or_default();
     assert!(reconnect.contains("/connect?session=nxc_"), "{reconnect}");
     click(c, "form[action$='/revoke'] button").await;
-    let note = c
-        .wait()
-        .at_most(Duration::from_secs(10))
-        .for_element(Locator::Css("[role=status].notice"))
+    let note = waited(c, "[role=status].notice")
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();
@@ -1005,15 +997,7 @@ async fn an_operator_works_in_the_console() {
     type_into(c, "#pause-reason", reason).await;
     click(c, "#pause-confirm").await;
     click(c, "form.pause button").await;
-    let red = c
-        .wait()
-        .at_most(Duration::from_secs(10))
-        .for_element(Locator::Css(".banner-red"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let red = waited(c, ".banner-red").await.text().await.unwrap();
     assert!(
         red.contains(reason) && red.contains("console:admin"),
         "{red}"
@@ -1062,15 +1046,7 @@ async fn an_operator_works_in_the_console() {
     type_into(c, "#t-client-id", "shop-client").await;
     type_into(c, "#t-client-secret", CANARY).await;
     click(c, "form.add-provider button").await;
-    let refused = c
-        .wait()
-        .at_most(Duration::from_secs(10))
-        .for_element(Locator::Css(".errors[role=alert]"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let refused = waited(c, ".errors[role=alert]").await.text().await.unwrap();
     assert!(refused.contains("needs a value for shop"), "{refused}");
     assert!(
         !c.source().await.unwrap().contains(CANARY),
@@ -1106,12 +1082,8 @@ async fn an_operator_works_in_the_console() {
     type_into(c, "#k-name", "reporting-bot").await;
     type_into(c, "#k-workspaces", "ws-a, ws-b").await;
     click(c, "form.new-key button").await;
-    let key = c
-        .wait()
-        .at_most(Duration::from_secs(10))
-        .for_element(Locator::Css("#new-key"))
+    let key = waited(c, "#new-key")
         .await
-        .unwrap()
         .prop("value")
         .await
         .unwrap()
