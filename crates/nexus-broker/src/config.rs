@@ -48,6 +48,22 @@ nexus_core::declare_settings! {
         allowed_return_domains: ALLOWED_RETURN_DOMAINS = Setting::text("ALLOWED_RETURN_DOMAINS", "Comma-separated hosts a handshake may return the browser to (.example.com: and below)").or("localhost,127.0.0.1"),
         /// `CONNECT_EMBED_ORIGINS`: origins that may frame the connect portal.
         connect_embed_origins: CONNECT_EMBED_ORIGINS = Setting::text("CONNECT_EMBED_ORIGINS", "Comma-separated origins (https://app.example.com) that may show the connect portal in a frame or open it in a popup, and receive its completion message (none by default: no framing)"),
+        /// `CONSOLE_URL`: the console's base URL as operators' browsers reach the broker.
+        console_url: CONSOLE_URL = Setting::text("CONSOLE_URL", "The broker's URL as operators' browsers reach it, for the console's single sign-on redirect (default: http://BROKER_ADDR, https with TLS)"),
+        /// `CONSOLE_OIDC_ISSUER`: the OpenID provider operators sign in with.
+        console_oidc_issuer: CONSOLE_OIDC_ISSUER = Setting::text("CONSOLE_OIDC_ISSUER", "OpenID provider (issuer URL) operators sign in to the console with; its redirect URI is CONSOLE_URL/console/sso/callback"),
+        /// `CONSOLE_OIDC_CLIENT_ID`: the console's client id there.
+        console_oidc_client_id: CONSOLE_OIDC_CLIENT_ID = Setting::text("CONSOLE_OIDC_CLIENT_ID", "The console's client id at CONSOLE_OIDC_ISSUER"),
+        /// `CONSOLE_OIDC_CLIENT_SECRET`: its secret (none: a public client).
+        console_oidc_client_secret: CONSOLE_OIDC_CLIENT_SECRET = Setting::secret("CONSOLE_OIDC_CLIENT_SECRET", "The console's client secret at CONSOLE_OIDC_ISSUER (sent with HTTP Basic; none: a public client with PKCE)"),
+        /// `CONSOLE_OIDC_SCOPES`: scopes asked for at sign-in.
+        console_oidc_scopes: CONSOLE_OIDC_SCOPES = Setting::text("CONSOLE_OIDC_SCOPES", "Scopes asked for at sign-in, space-separated (openid among them; add the one that releases groups if you allow groups)").or("openid email profile"),
+        /// `CONSOLE_OPERATORS`: e-mail addresses allowed into the console.
+        console_operators: CONSOLE_OPERATORS = Setting::text("CONSOLE_OPERATORS", "Comma-separated e-mail addresses (verified by the provider) allowed to sign in to the console"),
+        /// `CONSOLE_OPERATOR_GROUPS`: groups whose members are allowed in.
+        console_operator_groups: CONSOLE_OPERATOR_GROUPS = Setting::text("CONSOLE_OPERATOR_GROUPS", "Comma-separated groups (in the CONSOLE_OIDC_GROUPS_CLAIM claim) whose members may sign in to the console"),
+        /// `CONSOLE_OIDC_GROUPS_CLAIM`: the claim holding groups.
+        console_oidc_groups_claim: CONSOLE_OIDC_GROUPS_CLAIM = Setting::text("CONSOLE_OIDC_GROUPS_CLAIM", "The ID token or UserInfo claim that lists a person's groups").or("groups"),
         /// `ALLOWED_CIDRS`: comma-separated networks allowed to call the admin API.
         allowed_cidrs: ALLOWED_CIDRS = Setting::text("ALLOWED_CIDRS", "Comma-separated networks allowed to call the admin API (default: any)"),
         /// `EGRESS_ALLOWED_CIDRS`: private networks providers and webhooks may be reached at.
@@ -131,6 +147,8 @@ pub struct BrokerConfig {
     pub allowed_return_domains: Vec<String>,
     /// Origins that may frame the connect portal and get its messages.
     pub connect_embed_origins: Vec<String>,
+    /// Operators' single sign-on to the console, when configured.
+    pub console_sso: Option<crate::handshake::operator::OperatorSso>,
     /// Networks allowed to call the admin API; empty means all.
     pub allowed_cidrs: Vec<IpNet>,
     /// Where calls carrying secrets (providers, webhooks) may go.
@@ -184,6 +202,7 @@ impl std::fmt::Debug for BrokerConfig {
             .field("refresh", &self.refresh)
             .field("webhook_url", &self.webhook.as_ref().map(|w| w.0.as_str()))
             .field("issuance_paused", &self.issuance_paused)
+            .field("console_sso", &self.console_sso)
             .finish_non_exhaustive()
     }
 }
@@ -452,6 +471,8 @@ impl BrokerConfig {
         let refresh_jitter = v.secs(&REFRESH_JITTER_SECS)?;
         let cache_capacity = v.count(&TOKEN_CACHE_CAPACITY)?;
 
+        let console_sso = console_sso(&v, listen_addr, tls.is_some())?;
+
         let webhook = match (v.given(&WEBHOOK_URL), v.given(&WEBHOOK_SECRET)) {
             (None, None) => None,
             (None, Some(_)) => {
@@ -486,6 +507,7 @@ impl BrokerConfig {
             scope: crate::tokens::scope::ScopeSettings::default(),
             issuance_paused,
             pause_reload: Duration::from_secs(1),
+            console_sso,
             database_url,
             keys: Arc::new(keys),
             state_key: Arc::new(Secret::new(state_key)),
@@ -521,6 +543,114 @@ impl BrokerConfig {
             redis_key_prefix,
         })
     }
+}
+
+/// The console's single sign-on (`CONSOLE_OIDC_*`), when an issuer is set.
+fn console_sso(
+    v: &nexus_core::settings::Values,
+    listen_addr: SocketAddr,
+    tls: bool,
+) -> Result<Option<crate::handshake::operator::OperatorSso>, ConfigError> {
+    let list = |s: &Setting| -> Vec<String> {
+        v.given(s)
+            .unwrap_or_default()
+            .split(',')
+            .map(|x| x.trim().to_string())
+            .filter(|x| !x.is_empty())
+            .collect()
+    };
+    let Some(issuer) = v.given(&CONSOLE_OIDC_ISSUER) else {
+        for s in [
+            &CONSOLE_OIDC_CLIENT_ID,
+            &CONSOLE_OIDC_CLIENT_SECRET,
+            &CONSOLE_OPERATORS,
+            &CONSOLE_OPERATOR_GROUPS,
+        ] {
+            if v.given(s).is_some() {
+                return Err(ConfigError::new(
+                    s.name,
+                    "is set but CONSOLE_OIDC_ISSUER is not; set the issuer too, or neither",
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    let parsed = Url::parse(issuer).map_err(|_| {
+        ConfigError::new(
+            CONSOLE_OIDC_ISSUER.name,
+            "is not a URL (https://id.example.com)",
+        )
+    })?;
+    let on_this_machine = crate::handshake::operator::on_this_machine(issuer);
+    if parsed.scheme() != "https" && !(parsed.scheme() == "http" && on_this_machine) {
+        return Err(ConfigError::new(
+            CONSOLE_OIDC_ISSUER.name,
+            "must be https (plain http only for a provider on this machine)",
+        ));
+    }
+    let client_id = v.given(&CONSOLE_OIDC_CLIENT_ID).ok_or_else(|| {
+        ConfigError::new(
+            CONSOLE_OIDC_CLIENT_ID.name,
+            "is not set but CONSOLE_OIDC_ISSUER is: register the console at the provider",
+        )
+    })?;
+    let scopes: Vec<String> = v
+        .text(&CONSOLE_OIDC_SCOPES)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    if !scopes.iter().any(|s| s == "openid") {
+        return Err(ConfigError::new(
+            CONSOLE_OIDC_SCOPES.name,
+            "must include openid (sign-in needs an ID token)",
+        ));
+    }
+    let operators: Vec<String> = list(&CONSOLE_OPERATORS)
+        .into_iter()
+        .map(|o| o.to_ascii_lowercase())
+        .collect();
+    if let Some(bad) = operators.iter().find(|o| !o.contains('@')) {
+        return Err(ConfigError::new(
+            CONSOLE_OPERATORS.name,
+            format!("{bad} is not an e-mail address"),
+        ));
+    }
+    let groups = list(&CONSOLE_OPERATOR_GROUPS);
+    if operators.is_empty() && groups.is_empty() {
+        return Err(ConfigError::new(
+            CONSOLE_OPERATORS.name,
+            "names nobody (nor does CONSOLE_OPERATOR_GROUPS): with CONSOLE_OIDC_ISSUER set, say who may sign in",
+        ));
+    }
+    let console_url = match v.given(&CONSOLE_URL) {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None => format!("{}://{listen_addr}", if tls { "https" } else { "http" }),
+    };
+    let redirect_uri = Url::parse(&format!("{console_url}/console/sso/callback"))
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.query().is_none())
+        .ok_or_else(|| {
+            ConfigError::new(
+                CONSOLE_URL.name,
+                "is not an http(s) URL without a query (https://nexus-admin.example.com)",
+            )
+        })?;
+    Ok(Some(crate::handshake::operator::OperatorSso {
+        issuer: issuer.to_string(),
+        client_id: client_id.to_string(),
+        client_secret: v
+            .given(&CONSOLE_OIDC_CLIENT_SECRET)
+            .map(|s| Arc::new(Secret::new(s.to_string()))),
+        scopes,
+        operators,
+        groups,
+        groups_claim: v
+            .text(&CONSOLE_OIDC_GROUPS_CLAIM)
+            .unwrap_or("groups")
+            .to_string(),
+        redirect_uri,
+    }))
 }
 
 #[cfg(test)]
@@ -564,6 +694,82 @@ mod tests {
             ..good()
         });
         assert!(e.starts_with("BROKER_CLIENT_IDS"), "{e}");
+    }
+
+    #[test]
+    fn console_single_sign_on_is_checked_at_start() {
+        let sso = || Settings {
+            console_oidc_issuer: Some("https://id.example.com".into()),
+            console_oidc_client_id: Some("console".into()),
+            console_operators: Some("Alice@Example.com".into()),
+            ..good()
+        };
+        let c = BrokerConfig::from_settings(&sso()).unwrap();
+        let s = c.console_sso.unwrap();
+        assert_eq!(s.operators, ["alice@example.com"]);
+        assert_eq!(
+            s.redirect_uri.as_str(),
+            "http://127.0.0.1:8080/console/sso/callback"
+        );
+        for (settings, var, words) in [
+            (
+                Settings {
+                    console_oidc_client_id: None,
+                    ..sso()
+                },
+                "CONSOLE_OIDC_CLIENT_ID",
+                "register the console",
+            ),
+            (
+                Settings {
+                    console_operators: None,
+                    ..sso()
+                },
+                "CONSOLE_OPERATORS",
+                "names nobody",
+            ),
+            (
+                Settings {
+                    console_oidc_issuer: Some("http://id.example.com".into()),
+                    ..sso()
+                },
+                "CONSOLE_OIDC_ISSUER",
+                "must be https",
+            ),
+            (
+                Settings {
+                    console_oidc_scopes: Some("email".into()),
+                    ..sso()
+                },
+                "CONSOLE_OIDC_SCOPES",
+                "openid",
+            ),
+            (
+                Settings {
+                    console_oidc_issuer: None,
+                    ..sso()
+                },
+                "CONSOLE_OIDC_CLIENT_ID",
+                "CONSOLE_OIDC_ISSUER is not",
+            ),
+            (
+                Settings {
+                    console_url: Some("ftp://x".into()),
+                    ..sso()
+                },
+                "CONSOLE_URL",
+                "http(s)",
+            ),
+        ] {
+            let e = err(settings);
+            assert!(e.starts_with(var) && e.contains(words), "{e}");
+        }
+        // A provider on this machine may speak plain HTTP.
+        let local = Settings {
+            console_oidc_issuer: Some("http://127.0.0.1:9000".into()),
+            ..sso()
+        };
+        assert!(BrokerConfig::from_settings(&local).is_ok());
     }
 
     #[test]

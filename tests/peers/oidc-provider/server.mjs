@@ -115,6 +115,9 @@ function accountFor(id) {
         email_verified: true,
         name: capitalise(id),
         picture: `https://example.test/${id}.png`,
+        // Accounts named ops-* are in the operators' group (the console's
+        // group allow-list is tested with them).
+        groups: id.startsWith('ops') ? ['staff', 'nexus-operators'] : ['staff'],
       };
     },
   };
@@ -219,11 +222,12 @@ const configuration = {
   clients: CLIENTS,
   jwks: { keys: [signingJwk] },
   cookies: { keys: [crypto.randomBytes(32).toString('hex')] },
-  scopes: ['openid', 'offline_access', 'email', 'profile', 'calendar.read', 'calendar.write'],
+  scopes: ['openid', 'offline_access', 'email', 'profile', 'groups', 'calendar.read', 'calendar.write'],
   claims: {
     openid: ['sub'],
     email: ['email', 'email_verified'],
     profile: ['name', 'picture'],
+    groups: ['groups'],
   },
   // include scope-requested claims in the id_token too (not only userinfo)
   conformIdTokenClaims: false,

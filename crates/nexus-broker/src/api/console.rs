@@ -123,9 +123,197 @@ fn page(html: Result<String, nexus_core::pages::PageError>) -> Response {
     }
 }
 
-/// A refusal: a page for a browser, the JSON error for anything else.
-fn refuse(headers: &HeaderMap, e: ApiError) -> Response {
+/// A refusal: a page for a browser, the JSON error for anything else. A
+/// signed-out browser is offered single sign-on when it is configured.
+fn refuse(st: &AppState, headers: &HeaderMap, e: ApiError) -> Response {
+    if e.code == "console_signed_out" && st.config().console_sso.is_some() && wants_html(headers) {
+        return super::pages::message_with(
+            e.status,
+            "Console",
+            "You are signed out. Sign in with your organisation's account, or open a one-time link (`nexus console` prints one).",
+            &[],
+            Some(super::pages::Action {
+                href: "/console/sso",
+                label: "Sign in with single sign-on",
+            }),
+            None,
+        );
+    }
     super::pages::refuse(headers, e, "Console", &[])
+}
+
+fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"))
+}
+
+/// The sign-in cookie of a single sign-on under way.
+const SSO_COOKIE: &str = "nexus_console_sso";
+
+fn sso_not_configured() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "sso_not_configured",
+        "single sign-on is not configured (CONSOLE_OIDC_ISSUER); sign in with a one-time link (`nexus console`)",
+    )
+}
+
+/// `GET /console/sso?login_hint=`: off to the identity provider, with the
+/// sealed sign-in cookie (`SameSite=Lax`: it must come back with the
+/// provider's top-level redirect).
+pub async fn sso_start(
+    State(st): State<AppState>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(sso) = st.config().console_sso.as_ref() else {
+        return refuse(&st, &headers, sso_not_configured());
+    };
+    let started = st
+        .handshakes()
+        .operator_start(sso, q.get("login_hint").map(String::as_str))
+        .await;
+    match started {
+        Ok(s) => {
+            let mut resp = nexus_core::pages::redirect(s.authorize_url.as_str(), &[]);
+            let c = format!(
+                "{SSO_COOKIE}={}; Path=/console/sso; HttpOnly; SameSite=Lax; Max-Age={}{}",
+                s.cookie,
+                crate::handshake::operator::LOGIN_TTL_SECS,
+                if secure_cookie(&st) { "; Secure" } else { "" }
+            );
+            if let Ok(v) = HeaderValue::from_str(&c) {
+                resp.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            resp
+        }
+        Err(e) => sso_refused(&st, &headers, e),
+    }
+}
+
+fn sso_refused(
+    st: &AppState,
+    headers: &HeaderMap,
+    e: crate::handshake::operator::SsoError,
+) -> Response {
+    use crate::handshake::operator::SsoError;
+    let status = match &e {
+        SsoError::State(_) => StatusCode::BAD_REQUEST,
+        SsoError::Denied(_) | SsoError::NotAllowed(_) => StatusCode::FORBIDDEN,
+        SsoError::Provider(_) => StatusCode::BAD_GATEWAY,
+    };
+    let err = ApiError::new(status, e.code(), e.to_string());
+    let mut resp = if wants_html(headers) {
+        super::pages::message_with(
+            status,
+            "Console",
+            &err.message,
+            &[],
+            Some(super::pages::Action {
+                href: "/console/sso",
+                label: "Try again",
+            }),
+            None,
+        )
+    } else {
+        err.into_response()
+    };
+    clear_sso_cookie(st, &mut resp);
+    resp
+}
+
+fn clear_sso_cookie(st: &AppState, resp: &mut Response) {
+    let c = format!(
+        "{SSO_COOKIE}=; Path=/console/sso; HttpOnly; SameSite=Lax; Max-Age=0{}",
+        if secure_cookie(st) { "; Secure" } else { "" }
+    );
+    if let Ok(v) = HeaderValue::from_str(&c) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+}
+
+/// `GET /console/sso/callback`: the provider's answer. An operator on the
+/// allow-list gets a session; anyone else a refusal, audited either way.
+pub async fn sso_callback(
+    State(st): State<AppState>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+    caller: Caller,
+    headers: HeaderMap,
+) -> Response {
+    let Some(sso) = st.config().console_sso.as_ref() else {
+        return refuse(&st, &headers, sso_not_configured());
+    };
+    let kept = cookie(&headers, SSO_COOKIE);
+    let finished = st
+        .handshakes()
+        .operator_finish(sso, &q, kept.as_deref())
+        .await;
+    let op = match finished {
+        Ok(op) => op,
+        Err(e) => {
+            let mut audit = AuditEvent::new("console.sign_in_refused")
+                .detail(json!({"method": "oidc", "reason": e.code(), "message": e.to_string()}));
+            audit.ip = caller.ip.clone();
+            audit.user_agent = caller.user_agent.clone();
+            if st.audit().record(audit).await.is_err() {
+                tracing::warn!(
+                    "the audit queue is closed: a refused console sign-in went unrecorded"
+                );
+            }
+            return sso_refused(&st, &headers, e);
+        }
+    };
+    let now = now_ms();
+    let session_token = browser_session::new_token("nxs_");
+    let session = ConsoleSessionRow {
+        id: format!("con_{}", uuid::Uuid::new_v4().simple()),
+        operator: op.name.clone(),
+        created_at: now,
+        last_seen_at: now,
+        expires_at: now + ABSOLUTE_MS,
+        ended_at: None,
+    };
+    let mut audit = AuditEvent::new("console.signed_in")
+        .actor(format!("console:{}", op.name))
+        .detail(json!({"session_id": session.id, "method": "oidc",
+            "subject": op.subject, "allowed_by": op.allowed_by}));
+    audit.ip = caller.ip;
+    audit.user_agent = caller.user_agent;
+    if let Err(e) = st
+        .store()
+        .open_console_session(
+            &session,
+            &browser_session::hash(session_token.expose()),
+            &audit,
+        )
+        .await
+    {
+        return refuse(&st, &headers, e.into());
+    }
+    let mut resp = super::pages::message_with(
+        StatusCode::OK,
+        "Console",
+        &format!("Signed in as {}.", op.name),
+        &[],
+        Some(super::pages::Action {
+            href: "/console",
+            label: "Open the console",
+        }),
+        Some("/console"),
+    );
+    let c = format!(
+        "{COOKIE}={}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        session_token.expose(),
+        ABSOLUTE_MS / 1000,
+        if secure_cookie(&st) { "; Secure" } else { "" }
+    );
+    if let Ok(v) = HeaderValue::from_str(&c) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    clear_sso_cookie(&st, &mut resp);
+    resp
 }
 
 fn signed_out() -> ApiError {
@@ -147,7 +335,7 @@ pub async fn sign_in(
         .get("token")
         .filter(|t| t.starts_with("nxl_") && t.len() < 100)
     else {
-        return refuse(&headers, signed_out());
+        return refuse(&st, &headers, signed_out());
     };
     let now = now_ms();
     let session_token = browser_session::new_token("nxs_");
@@ -174,12 +362,12 @@ pub async fn sign_in(
         .await;
     match used {
         Ok(Some(_)) => {}
-        Ok(None) => return refuse(&headers, ApiError::new(
+        Ok(None) => return refuse(&st, &headers, ApiError::new(
             StatusCode::UNAUTHORIZED,
             "console_link_invalid",
             "This sign-in link is unknown, used or expired. Each link works once, for 10 minutes.",
         )),
-        Err(e) => return refuse(&headers, e.into()),
+        Err(e) => return refuse(&st, &headers, e.into()),
     }
     let mut resp = nexus_core::pages::redirect("/console", &[]);
     let c = format!(
@@ -287,7 +475,7 @@ pub async fn overview(State(st): State<AppState>, headers: HeaderMap) -> Respons
     };
     match go.await {
         Ok(f) => render("console_overview.html", f, []),
-        Err(e) => refuse(&headers, e),
+        Err(e) => refuse(&st, &headers, e),
     }
 }
 
@@ -408,7 +596,7 @@ pub async fn connections(
                    "states": ["active", "degraded", "attention_required", "revoked", "pending", "failed"]}),
             ],
         ),
-        Err(e) => refuse(&headers, e),
+        Err(e) => refuse(&st, &headers, e),
     }
 }
 
@@ -451,7 +639,7 @@ pub async fn connection(
         let s = session(&st, &headers).await?;
         connection_page(&st, &s, &id, json!({})).await
     };
-    go.await.unwrap_or_else(|e| refuse(&headers, e))
+    go.await.unwrap_or_else(|e| refuse(&st, &headers, e))
 }
 
 /// A checked form post: its session and fields.
@@ -552,7 +740,7 @@ pub async fn connection_action(
             )),
         }
     };
-    go.await.unwrap_or_else(|e| refuse(&headers, e))
+    go.await.unwrap_or_else(|e| refuse(&st, &headers, e))
 }
 
 /// `POST /console/pause`: `action=pause` with a `reason` and
@@ -593,7 +781,7 @@ pub async fn pause(
         }
         Ok(back("/console"))
     };
-    go.await.unwrap_or_else(|e| refuse(&headers, e))
+    go.await.unwrap_or_else(|e| refuse(&st, &headers, e))
 }
 
 /// `POST /console/sign-out`.
@@ -620,7 +808,7 @@ pub async fn sign_out(
         }
         Ok::<_, ApiError>(resp)
     };
-    go.await.unwrap_or_else(|e| refuse(&headers, e))
+    go.await.unwrap_or_else(|e| refuse(&st, &headers, e))
 }
 
 #[derive(Serialize)]
@@ -693,7 +881,7 @@ pub async fn providers(
             .map(|name| format!("Added {name}. Register its redirect URI with the provider."));
         providers_page(&st, &s, json!({"notice": notice})).await
     };
-    go.await.unwrap_or_else(|e| refuse(&headers, e))
+    go.await.unwrap_or_else(|e| refuse(&st, &headers, e))
 }
 
 /// `POST /console/providers`: a provider from a catalogue template
@@ -757,7 +945,7 @@ pub async fn add_provider(
             }
         }
     };
-    go.await.unwrap_or_else(|e| refuse(&headers, e))
+    go.await.unwrap_or_else(|e| refuse(&st, &headers, e))
 }
 
 /// `?type=&connection=&limit=&before=`.
@@ -843,7 +1031,7 @@ pub async fn audit(
                    "filter": {"type": q.event_type, "connection": q.connection, "limit": limit}})],
         ))
     };
-    go.await.unwrap_or_else(|e| refuse(&headers, e))
+    go.await.unwrap_or_else(|e| refuse(&st, &headers, e))
 }
 
 async fn agent_keys_page(
@@ -866,7 +1054,7 @@ pub async fn agent_keys(State(st): State<AppState>, headers: HeaderMap) -> Respo
         let s = session(&st, &headers).await?;
         agent_keys_page(&st, &s, json!({})).await
     };
-    go.await.unwrap_or_else(|e| refuse(&headers, e))
+    go.await.unwrap_or_else(|e| refuse(&st, &headers, e))
 }
 
 /// `POST /console/agent-keys` (`name`, `workspaces`): the new key is shown
@@ -909,7 +1097,7 @@ pub async fn create_agent_key(
             Err(e) => agent_keys_page(&st, &s, json!({"error": ApiError::from(e).message})).await,
         }
     };
-    go.await.unwrap_or_else(|e| refuse(&headers, e))
+    go.await.unwrap_or_else(|e| refuse(&st, &headers, e))
 }
 
 /// `POST /console/agent-keys/{id}/revoke` (with `confirm=yes`).
@@ -933,5 +1121,5 @@ pub async fn revoke_agent_key(
         st.agent_keys().revoke(&id, &actor(&s, &caller)).await?;
         Ok(back("/console/agent-keys"))
     };
-    go.await.unwrap_or_else(|e| refuse(&headers, e))
+    go.await.unwrap_or_else(|e| refuse(&st, &headers, e))
 }

@@ -531,6 +531,26 @@ fn ops_routes() -> (Vec<Route<AppState>>, Vec<Route<AppState>>) {
                 get(console::sign_in),
             ),
             (
+                doc(
+                    "GET",
+                    "/console/sso",
+                    "Console: sign in through the organisation's OpenID provider (CONSOLE_OIDC_ISSUER; ?login_hint=)",
+                )
+                .open()
+                .answers(Kind::Redirect),
+                get(console::sso_start),
+            ),
+            (
+                doc(
+                    "GET",
+                    "/console/sso/callback",
+                    "Console: the OpenID provider's answer; an allowed operator gets a session",
+                )
+                .open()
+                .answers(Kind::Html),
+                get(console::sso_callback),
+            ),
+            (
                 doc("GET", "/console", "Console: overview (session cookie)")
                     .open()
                     .answers(Kind::Html),

@@ -86,10 +86,34 @@ impl Form {
 
 /// A page with a title and one message.
 pub fn message(status: StatusCode, title: &str, text: &str, framers: &[String]) -> Response {
+    message_with(status, title, text, framers, None, None)
+}
+
+/// A link a message page offers (`href` is a path on this origin).
+#[derive(serde::Serialize)]
+pub struct Action<'a> {
+    /// Where it goes.
+    pub href: &'a str,
+    /// What it says.
+    pub label: &'a str,
+}
+
+/// A message page with a link to act on, and a path the browser goes on to
+/// at once (a same-origin navigation: `SameSite=Strict` cookies set by
+/// this answer travel with it, which a redirect at the end of a cross-site
+/// chain would not do).
+pub fn message_with(
+    status: StatusCode,
+    title: &str,
+    text: &str,
+    framers: &[String],
+    action: Option<Action<'_>>,
+    refresh_to: Option<&str>,
+) -> Response {
     let html = nexus_core::pages::render(
         templates(),
         "message.html",
-        minijinja::context! { title => title, message => text },
+        minijinja::context! { title => title, message => text, action => action, refresh_to => refresh_to },
     );
     match html {
         Ok(h) => nexus_core::pages::respond(status, h, &[], framers),

@@ -352,7 +352,7 @@ impl Handshakes {
         parse_token_response(fetched.status, &fetched.body)
     }
 
-    async fn userinfo(
+    pub(super) async fn userinfo(
         &self,
         url: &str,
         access_token: &Secret<String>,

@@ -9,6 +9,7 @@
 
 mod callback;
 pub mod capture;
+pub mod operator;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -23,6 +23,8 @@ pub struct ConsoleSessionRow {
     pub ended_at: Option<i64>,
 }
 
+const INSERT_SESSION: &str = "INSERT INTO console_sessions (id, token_hash, operator, created_at, last_seen_at, expires_at) VALUES ($1, $2, $3, $4, $4, $5)";
+
 impl Store {
     /// Stores a one-time sign-in link.
     pub async fn create_console_link(
@@ -75,22 +77,44 @@ impl Store {
                 return Ok(None);
             };
             let operator: String = row.try_get("operator")?;
-            sqlx::query(
-                "INSERT INTO console_sessions (id, token_hash, operator, created_at, last_seen_at, expires_at) VALUES ($1, $2, $3, $4, $4, $5)",
-            )
-            .bind(&session.id)
-            .bind(session_hash)
-            .bind(&operator)
-            .bind(now)
-            .bind(session.expires_at)
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query(INSERT_SESSION)
+                .bind(&session.id)
+                .bind(session_hash)
+                .bind(&operator)
+                .bind(now)
+                .bind(session.expires_at)
+                .execute(&mut *tx)
+                .await?;
             let mut audit = audit.clone();
             audit.actor = Some(format!("console:{operator}"));
             super::audit::insert_one(&mut *tx, &audit).await?;
             tx.commit().await?;
             Ok(Some(operator))
         })
+    }
+
+    /// Opens a session for an operator who signed in elsewhere (single
+    /// sign-on), with its audit event, in one transaction.
+    pub async fn open_console_session(
+        &self,
+        session: &ConsoleSessionRow,
+        session_hash: &str,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            sqlx::query(INSERT_SESSION)
+                .bind(&session.id)
+                .bind(session_hash)
+                .bind(&session.operator)
+                .bind(session.created_at)
+                .bind(session.expires_at)
+                .execute(&mut *tx)
+                .await?;
+            super::audit::insert_one(&mut *tx, audit).await?;
+            tx.commit().await?;
+        });
+        Ok(())
     }
 
     /// The session with this token hash, live or not.

@@ -1211,3 +1211,147 @@ async fn an_operator_works_in_the_console() {
         "a link's token in the logs"
     );
 }
+
+/// An operator signs in to the console through the organisation's OpenID
+/// provider (the real `oidc-provider` peer): by e-mail on the allow-list,
+/// by group, and refused when neither; a forged answer is refused; the
+/// client secret never reaches the logs.
+#[tokio::test]
+async fn an_operator_signs_in_through_the_organisations_openid_provider() {
+    let Some(b) = browser("an_operator_signs_in_through_the_organisations_openid_provider").await
+    else {
+        return;
+    };
+    const SECRET: &str = "console-client-secret-canary-4f1c0a";
+    let port = free_port();
+    let broker_addr = format!("127.0.0.1:{port}");
+    let Some(idp) = nexus_testkit::OidcPeer::start(
+        json!([{
+            "client_id": "nexus-console",
+            "client_secret": SECRET,
+            "redirect_uris": [format!("http://{broker_addr}/console/sso/callback")],
+            "token_endpoint_auth_method": "client_secret_basic",
+            "grant_types": ["authorization_code"],
+            "response_types": ["code"],
+            "scope": "openid email profile groups",
+        }]),
+        &[],
+    )
+    .await
+    else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, broker, _gateway) = up_full(
+        tmp.path(),
+        &[
+            ("NEXUS_LOG", "info"),
+            ("BROKER_ADDR", &broker_addr),
+            ("CONSOLE_OIDC_ISSUER", &idp.issuer),
+            ("CONSOLE_OIDC_CLIENT_ID", "nexus-console"),
+            ("CONSOLE_OIDC_CLIENT_SECRET", SECRET),
+            ("CONSOLE_OIDC_SCOPES", "openid email groups"),
+            ("CONSOLE_OPERATORS", "Alice@example.test"),
+            ("CONSOLE_OPERATOR_GROUPS", "nexus-operators"),
+            // The provider runs on loopback, a private address.
+            ("EGRESS_ALLOWED_CIDRS", "127.0.0.1/32"),
+        ],
+        &[],
+    )
+    .await;
+    let env = env_file(tmp.path());
+    let admin = env_value(&env, "API_KEY");
+    let h = http();
+    let c = &b.client;
+
+    // Signed out: the page offers single sign-on.
+    c.goto(&format!("{broker}/console")).await.unwrap();
+    let text = text_of(c, "main").await;
+    assert!(text.contains("signed out"), "{text}");
+    b.shot("console-sso-offered").await;
+    let problems = b.accessibility().await;
+    assert!(
+        problems.is_empty(),
+        "axe on the signed-out page: {problems:#?}"
+    );
+    c.find(Locator::LinkText("Sign in with single sign-on"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    // The provider (account "alice") consents on its own; back at the
+    // broker, the session opens and the console shows who is signed in.
+    on_page(c, "/console").await;
+    let who = text_of(c, "body").await;
+    assert!(who.contains("alice@example.test"), "{who}");
+    assert_eq!(b.js("return document.cookie").await, "", "HttpOnly");
+    b.shot("console-sso-signed-in").await;
+    click(c, "form[action='/console/sign-out'] button").await;
+    for _ in 0..50 {
+        if c.find(Locator::Css("nav.console-nav")).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Someone the allow-list does not name is refused, with a page.
+    c.goto(&format!("{broker}/console/sso?login_hint=mallory"))
+        .await
+        .unwrap();
+    let refused = text_of(c, "main").await;
+    assert!(
+        refused.contains("mallory@example.test is not allowed"),
+        "{refused}"
+    );
+    b.shot("console-sso-refused").await;
+    let problems = b.accessibility().await;
+    assert!(problems.is_empty(), "axe on the refusal: {problems:#?}");
+    c.goto(&format!("{broker}/console")).await.unwrap();
+    assert!(text_of(c, "main").await.contains("signed out"));
+
+    // A member of the operators' group is let in.
+    c.goto(&format!("{broker}/console/sso?login_hint=ops-bob"))
+        .await
+        .unwrap();
+    on_page(c, "/console").await;
+    assert!(text_of(c, "body").await.contains("ops-bob@example.test"));
+
+    // Audited: who, how, and why they were let in; the refusal too.
+    let signed = admin_json(
+        &h,
+        format!("{broker}/audit?event_type=console.signed_in"),
+        &admin,
+    )
+    .await
+    .to_string();
+    assert!(
+        signed.contains("console:alice@example.test") && signed.contains("group:nexus-operators"),
+        "{signed}"
+    );
+    let refusals = admin_json(
+        &h,
+        format!("{broker}/audit?event_type=console.sign_in_refused"),
+        &admin,
+    )
+    .await
+    .to_string();
+    assert!(refusals.contains("operator_not_allowed"), "{refusals}");
+
+    // An answer that this browser did not start is refused.
+    let forged = h
+        .get(format!(
+            "{broker}/console/sso/callback?code=abc&state=forged&iss={}",
+            idp.issuer
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status().as_u16(), 400);
+    let body: Value = forged.json().await.unwrap();
+    assert_eq!(body["error"], "sso_state_invalid", "{body}");
+
+    let _ = b.client.close().await;
+    let logs = stop(child, "-TERM").await;
+    assert!(!logs.contains(SECRET), "the client secret in the logs");
+}

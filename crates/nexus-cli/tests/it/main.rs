@@ -84,13 +84,15 @@ async fn up_full(
         "up",
         "--state-dir",
         "state",
-        "--broker-addr",
-        "127.0.0.1:0",
         "--gateway-addr",
         "127.0.0.1:0",
-    ])
-    .args(extra_args)
-    .env("NEXUS_LOG", "trace");
+    ]);
+    // A test that must know the broker's address first (a redirect URI
+    // registered at a provider) gives BROKER_ADDR; else any free port.
+    if !extra_env.iter().any(|(k, _)| *k == "BROKER_ADDR") {
+        cmd.args(["--broker-addr", "127.0.0.1:0"]);
+    }
+    cmd.args(extra_args).env("NEXUS_LOG", "trace");
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
