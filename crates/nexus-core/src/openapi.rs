@@ -46,6 +46,8 @@ pub enum Kind {
     Text,
     /// Newline-delimited JSON, streamed.
     Stream,
+    /// Server-sent events (`text/event-stream`).
+    EventStream,
     /// A stylesheet.
     Css,
     /// A script.
@@ -190,6 +192,9 @@ pub fn document(
             }
             Kind::Stream => {
                 json!({"description": "a stream of JSON objects, one per line", "content": {"application/x-ndjson": {"schema": {"type": "string"}}}})
+            }
+            Kind::EventStream => {
+                json!({"description": "server-sent events", "content": {"text/event-stream": {"schema": {"type": "string"}}}})
             }
         };
         let mut op = json!({

@@ -391,13 +391,18 @@ async fn session(st: &AppState, headers: &HeaderMap) -> Result<ConsoleSessionRow
         .await?
         .ok_or_else(signed_out)?;
     let now = now_ms();
-    if s.ended_at.is_some() || now >= s.expires_at || now - s.last_seen_at > IDLE_MS {
+    if !usable(&s, now) {
         return Err(signed_out());
     }
     if now - s.last_seen_at > 60_000 {
         st.store().touch_console_session(&s.id, now).await?;
     }
     Ok(s)
+}
+
+/// Whether a session may still be used at `now`.
+fn usable(s: &ConsoleSessionRow, now: i64) -> bool {
+    s.ended_at.is_none() && now < s.expires_at && now - s.last_seen_at <= IDLE_MS
 }
 
 fn actor(s: &ConsoleSessionRow, caller: &Caller) -> Actor {
@@ -1122,4 +1127,180 @@ pub async fn revoke_agent_key(
         Ok(back("/console/agent-keys"))
     };
     go.await.unwrap_or_else(|e| refuse(&st, &headers, e))
+}
+
+/// `GET /console/live.js`: the pages' one script (live updates).
+pub async fn script() -> Response {
+    let mut resp = (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("../../pages/console.js"),
+    )
+        .into_response();
+    resp.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    resp
+}
+
+/// How long a burst of changes is gathered into one update.
+const COALESCE: std::time::Duration = std::time::Duration::from_millis(250);
+/// Rows sent in one update at most (a bigger burst: the rest on the next).
+const MAX_ROWS: usize = 50;
+/// How often an idle stream checks that its session still stands.
+const SESSION_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// One console page's stream of changes.
+struct Live {
+    st: AppState,
+    token_hash: String,
+    rx: tokio::sync::broadcast::Receiver<crate::tokens::edge::EdgeEvent>,
+    closing: tokio::sync::watch::Receiver<bool>,
+}
+
+/// What a burst of changes touched.
+#[derive(Default)]
+struct Burst {
+    connections: std::collections::BTreeSet<String>,
+    everything: bool,
+}
+
+impl Burst {
+    /// Takes one event in; `false` when the stream must end.
+    fn take(
+        &mut self,
+        got: Result<crate::tokens::edge::EdgeEvent, tokio::sync::broadcast::error::RecvError>,
+    ) -> bool {
+        use crate::tokens::edge::EdgeEvent;
+        use tokio::sync::broadcast::error::RecvError;
+        match got {
+            Ok(EdgeEvent::Connection(id)) => {
+                self.connections.insert(id.to_string());
+                true
+            }
+            // Missed some: the frame is redrawn; rows wait for the reload.
+            Ok(EdgeEvent::All) | Err(RecvError::Lagged(_)) => {
+                self.everything = true;
+                true
+            }
+            Ok(EdgeEvent::Lost) | Err(RecvError::Closed) => false,
+        }
+    }
+}
+
+impl Live {
+    /// The session, if it still stands (read, not touched: an open page
+    /// does not keep an idle operator signed in).
+    async fn session(&self) -> Option<ConsoleSessionRow> {
+        let s = self
+            .st
+            .store()
+            .console_session_by_hash(&self.token_hash)
+            .await
+            .ok()??;
+        usable(&s, now_ms()).then_some(s)
+    }
+
+    /// The next update: rows of the connections that changed, then the
+    /// banners and counts. `None` ends the stream (signed out, shutdown,
+    /// or the broker may miss changes: the page reconnects or reloads).
+    async fn next(&mut self) -> Option<Vec<axum::response::sse::Event>> {
+        let mut burst = Burst::default();
+        loop {
+            let first = tokio::select! {
+                _ = self.closing.wait_for(|c| *c) => return None,
+                got = tokio::time::timeout(SESSION_RECHECK, self.rx.recv()) => got,
+            };
+            match first {
+                Err(_) => {
+                    self.session().await?;
+                }
+                Ok(got) => {
+                    if !burst.take(got) {
+                        return None;
+                    }
+                    break;
+                }
+            }
+        }
+        let until = tokio::time::Instant::now() + COALESCE;
+        while burst.connections.len() < MAX_ROWS {
+            match tokio::time::timeout_at(until, self.rx.recv()).await {
+                Ok(got) => {
+                    if !burst.take(got) {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let s = self.session().await?;
+        let st = &self.st;
+        let mut out = Vec::with_capacity(burst.connections.len() + 1);
+        for id in &burst.connections {
+            let Ok(Some(c)) = st.store().get_connection(id).await else {
+                continue;
+            };
+            let r = row(st, &c).await;
+            let html = nexus_core::pages::render(
+                super::pages::templates(),
+                "console_connection_row.html",
+                json!({ "r": r }),
+            );
+            if let Ok(html) = html {
+                out.push(
+                    axum::response::sse::Event::default()
+                        .event("connection")
+                        .data(json!({"id": id, "status": r.status, "row": html}).to_string()),
+                );
+            }
+        }
+        let f = frame(st, &s).await.ok()?;
+        let part = |name: &str| {
+            nexus_core::pages::render(super::pages::templates(), name, f.clone())
+                .unwrap_or_default()
+        };
+        out.push(
+            axum::response::sse::Event::default().event("frame").data(
+                json!({"banners": part("console_banners.html"), "counts": part("console_counts.html")})
+                    .to_string(),
+            ),
+        );
+        Some(out)
+    }
+}
+
+/// `GET /console/events`: server-sent events for the open page while its
+/// session stands, from the broker's change stream (each replica hears
+/// every change: the same notifications its token cache follows).
+pub async fn events(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    use futures_util::StreamExt as _;
+    if let Err(e) = session(&st, &headers).await {
+        return refuse(&st, &headers, e);
+    }
+    let token_hash = cookie(&headers, COOKIE)
+        .map(|t| browser_session::hash(&t))
+        .unwrap_or_default();
+    let edge = st.tokens().edge().clone();
+    let live = Live {
+        st,
+        token_hash,
+        rx: edge.subscribe(),
+        closing: edge.closing(),
+    };
+    let updates = futures_util::stream::unfold(live, |mut l| async move {
+        let batch = l.next().await?;
+        Some((batch, l))
+    })
+    .flat_map(|batch| {
+        futures_util::stream::iter(batch.into_iter().map(Ok::<_, std::convert::Infallible>))
+    });
+    axum::response::sse::Sse::new(updates)
+        .keep_alive(
+            axum::response::sse::KeepAlive::new().interval(std::time::Duration::from_secs(15)),
+        )
+        .into_response()
 }

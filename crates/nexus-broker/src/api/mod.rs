@@ -551,6 +551,22 @@ fn ops_routes() -> (Vec<Route<AppState>>, Vec<Route<AppState>>) {
                 get(console::sso_callback),
             ),
             (
+                doc(
+                    "GET",
+                    "/console/events",
+                    "Console: server-sent events (changed connection rows, banners, counts) while the session stands",
+                )
+                .open()
+                .answers(Kind::EventStream),
+                get(console::events),
+            ),
+            (
+                doc("GET", "/console/live.js", "Console: the pages' script (live updates)")
+                    .open()
+                    .answers(Kind::Script),
+                get(console::script),
+            ),
+            (
                 doc("GET", "/console", "Console: overview (session cookie)")
                     .open()
                     .answers(Kind::Html),

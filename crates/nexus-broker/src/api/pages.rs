@@ -37,6 +37,18 @@ const TEMPLATES: &[(&str, &str)] = &[
         "console_agent_keys.html",
         include_str!("../../pages/console_agent_keys.html"),
     ),
+    (
+        "console_banners.html",
+        include_str!("../../pages/console_banners.html"),
+    ),
+    (
+        "console_counts.html",
+        include_str!("../../pages/console_counts.html"),
+    ),
+    (
+        "console_connection_row.html",
+        include_str!("../../pages/console_connection_row.html"),
+    ),
 ];
 
 /// The environment with every template added.
@@ -147,6 +159,9 @@ mod tests {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/pages");
         for f in std::fs::read_dir(dir).unwrap() {
             let name = f.unwrap().file_name().to_string_lossy().into_owned();
+            if !name.ends_with(".html") {
+                continue;
+            }
             assert!(
                 super::TEMPLATES.iter().any(|(n, _)| *n == name),
                 "{name} is not in TEMPLATES"

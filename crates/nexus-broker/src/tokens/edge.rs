@@ -58,6 +58,12 @@ impl EdgeFeed {
         self.tx.subscribe()
     }
 
+    /// Becomes `true` when the broker shuts down: other long-lived streams
+    /// (the console's) end with the change streams.
+    pub fn closing(&self) -> watch::Receiver<bool> {
+        self.closing.subscribe()
+    }
+
     /// Ends every stream (the broker is shutting down; open streams would
     /// otherwise hold its graceful shutdown forever).
     pub fn close(&self) {

@@ -841,6 +841,19 @@ async fn the_portal_works_in_a_frame_and_tells_the_application() {
     assert!(!logs.contains(CANARY), "a key in the logs");
 }
 
+/// Waits until the page's live stream is open, and marks the page: a
+/// marker still there later proves the page was updated, not reloaded.
+async fn live(b: &Browser) {
+    for _ in 0..100 {
+        if b.js("return document.body.dataset.live || ''").await == json!("on") {
+            b.js("window.nexusMarker = 1; return 1").await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the console's live stream did not open");
+}
+
 /// `nexus console`: a one-time sign-in link (the admin key stays in the
 /// terminal).
 async fn console_link(dir: &std::path::Path, broker: &str) -> String {
@@ -901,6 +914,7 @@ async fn an_operator_works_in_the_console() {
     let c = &b.client;
     c.goto(&link).await.unwrap();
     on_page(c, "/console").await;
+    live(&b).await;
     assert_eq!(b.js("return document.cookie").await, "", "HttpOnly");
     let table = text_of(c, "table").await;
     assert!(table.contains("active 3"), "{table}");
@@ -923,9 +937,17 @@ async fn an_operator_works_in_the_console() {
         .await
         .unwrap();
     assert_eq!(report.status().as_u16(), 202, "{:?}", report.text().await);
-    c.refresh().await.unwrap();
-    let amber = text_of(c, ".banner-amber").await;
+    // Live: the banner and the counts change without a reload.
+    let amber = waited(c, ".banner-amber").await.text().await.unwrap();
     assert!(amber.contains("1 connection needs a person"), "{amber}");
+    assert_eq!(
+        b.js("return window.nexusMarker").await,
+        json!(1),
+        "reloaded"
+    );
+    let counts = text_of(c, "#live-counts").await;
+    assert!(counts.contains("degraded 1"), "{counts}");
+    b.shot("console-overview-live").await;
 
     // Connections, filtered.
     c.goto(&format!("{broker}/console/connections?workspace=ws-a"))
@@ -935,6 +957,36 @@ async fn an_operator_works_in_the_console() {
         .js("return document.querySelectorAll('tbody tr').length")
         .await;
     assert_eq!(rows, 2);
+    // A row changes state live.
+    live(&b).await;
+    let report = h
+        .post(format!("{broker}/connections/{}/scope-failures", ids[1]))
+        .header("x-api-key", &admin)
+        .json(&json!({"status": 403, "scopes": ["forecast.daily"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(report.status().as_u16(), 202);
+    let status = format!("tr[data-id='{}'] td.state[data-status='degraded']", ids[1]);
+    let cell = waited(c, &status).await.text().await.unwrap();
+    assert!(cell.contains("degraded"), "{cell}");
+    assert_eq!(
+        b.js("return window.nexusMarker").await,
+        json!(1),
+        "reloaded"
+    );
+    let resolved = h
+        .post(format!("{broker}/connections/{}/scope-failures", ids[1]))
+        .header("x-api-key", &admin)
+        .json(&json!({"ok_scopes": ["forecast.daily"]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        resolved.status().is_success(),
+        "{:?}",
+        resolved.text().await
+    );
     c.goto(&format!("{broker}/console/connections?state=degraded"))
         .await
         .unwrap();
