@@ -417,6 +417,8 @@ fn actor(s: &ConsoleSessionRow, caller: &Caller) -> Actor {
 #[derive(Serialize)]
 struct PauseView {
     scope: String,
+    /// The workspace of a workspace pause.
+    workspace: Option<String>,
     reason: String,
     by: Option<String>,
     at: String,
@@ -430,6 +432,10 @@ async fn frame(st: &AppState, s: &ConsoleSessionRow) -> Result<Value, ApiError> 
         .await?
         .into_iter()
         .map(|p| PauseView {
+            workspace: match &p.scope {
+                PauseScope::Operator => None,
+                PauseScope::Workspace(w) => Some(w.clone()),
+            },
             scope: match &p.scope {
                 PauseScope::Operator => "every workspace (operator)".into(),
                 PauseScope::Workspace(w) => format!("workspace {w}"),
@@ -749,8 +755,9 @@ pub async fn connection_action(
 }
 
 /// `POST /console/pause`: `action=pause` with a `reason` and
-/// `confirm=yes`, or `action=resume` (the operator pause; workspace pauses
-/// are lifted by their workspace or the API).
+/// `confirm=yes`, or `action=resume` (the operator pause);
+/// `action=pause_workspace` with a `workspace`, a `reason` and
+/// `confirm=yes`, or `action=resume_workspace` with a `workspace`.
 pub async fn pause(
     State(st): State<AppState>,
     caller: Caller,
@@ -777,10 +784,34 @@ pub async fn pause(
             Some("resume") => {
                 st.pauses().resume(PauseScope::Operator, &who).await?;
             }
+            Some("pause_workspace") => {
+                let scope = super::pauses::workspace(
+                    fields
+                        .get("workspace")
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string(),
+                )?;
+                let reason = super::pauses::reason(fields.get("reason").map(str::to_string), true)?
+                    .unwrap_or_default();
+                if fields.get("confirm") != Some("yes") {
+                    return Err(ApiError::bad_request(
+                        "invalid_request",
+                        "Not paused: tick the box to confirm.",
+                    ));
+                }
+                st.pauses().pause(scope, reason, &who).await?;
+            }
+            Some("resume_workspace") => {
+                let scope = super::pauses::workspace(
+                    fields.get("workspace").unwrap_or_default().to_string(),
+                )?;
+                st.pauses().resume(scope, &who).await?;
+            }
             _ => {
                 return Err(ApiError::bad_request(
                     "invalid_request",
-                    "action must be pause or resume",
+                    "action must be pause, resume, pause_workspace or resume_workspace",
                 ))
             }
         }

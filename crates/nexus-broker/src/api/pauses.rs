@@ -35,7 +35,7 @@ pub(super) fn reason(r: Option<String>, required: bool) -> Result<Option<String>
     }
 }
 
-fn workspace(id: String) -> Result<PauseScope, ApiError> {
+pub(super) fn workspace(id: String) -> Result<PauseScope, ApiError> {
     if id.is_empty() || id.len() > 256 {
         return Err(ApiError::bad_request(
             "invalid_request",

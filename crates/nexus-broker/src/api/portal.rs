@@ -208,11 +208,13 @@ fn notice_words(q: &PageQuery) -> Option<&'static str> {
     }
 }
 
+/// The page, and the origins its forms may lead to (the authorization
+/// endpoints of the OAuth providers it offers or can reconnect).
 async fn render_page(
     st: &AppState,
     s: &ConnectSessionRow,
     q: &PageQuery,
-) -> Result<String, ApiError> {
+) -> Result<(String, Vec<String>), ApiError> {
     let allowed: Option<Vec<String>> = s.providers.as_deref().map(parse_json_list);
     let providers = st.registry().list().await?;
     let name_of = |id: &str| {
@@ -249,6 +251,14 @@ async fn render_page(
             },
             failing_scopes: parse_json_list(&c.failing_scopes),
         });
+    }
+    let mut form_targets: Vec<String> = Vec::new();
+    for p in providers.iter().filter(|p| may_connect(&p.row.id)) {
+        if let Some(origin) = st.handshakes().authorization_origin(p).await {
+            if !form_targets.contains(&origin) {
+                form_targets.push(origin);
+            }
+        }
     }
     let offer: Vec<ProviderView> = providers
         .iter()
@@ -310,6 +320,7 @@ async fn render_page(
             origins => origins.join(" "),
         },
     )
+    .map(|html| (html, form_targets))
     .map_err(|e| ApiError::internal(&e))
 }
 
@@ -348,10 +359,10 @@ pub async fn page(
         Err(e) => return refuse(&st, &headers, e),
     };
     match render_page(&st, &s, &q).await {
-        Ok(html) => nexus_core::pages::respond(
+        Ok((html, targets)) => nexus_core::pages::respond(
             StatusCode::OK,
             html,
-            &[],
+            &targets.iter().map(String::as_str).collect::<Vec<_>>(),
             &st.config().connect_embed_origins,
         ),
         Err(e) => refuse(&st, &headers, e),

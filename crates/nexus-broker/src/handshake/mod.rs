@@ -395,6 +395,20 @@ impl Handshakes {
         })
     }
 
+    /// The origin of `provider`'s authorization endpoint: a page whose form
+    /// starts that provider's consent must allow it in `form-action` (the
+    /// browser checks the redirect a form's answer makes). `None` for
+    /// static providers (their form is Nexus's own) or when discovery fails
+    /// now (starting would fail too, with its own error).
+    pub async fn authorization_origin(&self, provider: &Provider) -> Option<String> {
+        if provider.profile.auth_type.is_static() {
+            return None;
+        }
+        let endpoints = self.discovery.endpoints(&provider.profile).await.ok()?;
+        let origin = Url::parse(&endpoints.authorization).ok()?.origin();
+        origin.is_tuple().then(|| origin.ascii_serialization())
+    }
+
     /// Checks a URL people are sent back to: absolute http(s), on a host
     /// in `ALLOWED_RETURN_DOMAINS` or Nexus's own (`BASE_URL`: the connect
     /// portal).

@@ -1407,3 +1407,218 @@ async fn an_operator_signs_in_through_the_organisations_openid_provider() {
     let logs = stop(child, "-TERM").await;
     assert!(!logs.contains(SECRET), "the client secret in the logs");
 }
+
+/// The whole story of a grant that loses a scope, with the real OpenID
+/// provider: a person connects (consent at the provider); the operator
+/// watches the console while the person withdraws a scope at the provider
+/// and the agent's 403 is reported: the row turns `degraded` and the amber
+/// banner appears without a reload. The operator hands the person the
+/// reconnect link; the person reconnects in the portal, consents again, and
+/// the connection is `active` with nothing failing. Then the operator
+/// pauses the person's workspace: a red banner with the reason, and the
+/// token API answers 423 for that workspace only.
+#[tokio::test]
+async fn an_operator_sees_a_grant_degrade_and_the_person_reconnects_at_the_real_provider() {
+    let Some(b) =
+        browser("an_operator_sees_a_grant_degrade_and_the_person_reconnects_at_the_real_provider")
+            .await
+    else {
+        return;
+    };
+    let gateway_addr = format!("127.0.0.1:{}", free_port());
+    let Some(idp) = nexus_testkit::OidcPeer::start(
+        json!([{
+            "client_id": "nexus",
+            "client_secret": "nexus-secret",
+            "redirect_uris": [format!("http://{gateway_addr}/auth/callback")],
+            "token_endpoint_auth_method": "client_secret_post",
+            "grant_types": ["authorization_code", "refresh_token"],
+            "response_types": ["code"],
+            "scope": "openid email offline_access calendar.read calendar.write",
+        }]),
+        &[],
+    )
+    .await
+    else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, broker, gateway) = up_full(
+        tmp.path(),
+        &[
+            ("NEXUS_LOG", "warn"),
+            ("GATEWAY_ADDR", &gateway_addr),
+            ("EGRESS_ALLOWED_CIDRS", "127.0.0.1/32"),
+        ],
+        &[],
+    )
+    .await;
+    let env = env_file(tmp.path());
+    let admin = env_value(&env, "API_KEY");
+    let agent_key = crate::env_value_last(&env, "AGENT_KEY");
+    let h = http();
+    let r = h
+        .post(format!("{broker}/providers"))
+        .header("x-api-key", &admin)
+        .json(&json!({"profile": {"name": "calendar", "auth_type": "oauth2",
+            "client_id": "nexus", "client_secret": "nexus-secret", "issuer": idp.issuer,
+            "enable_discovery": true, "scopes": ["openid", "email", "offline_access", "calendar.read"]}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201, "{:?}", r.text().await);
+
+    // The person connects: consent at the provider (account "alice").
+    let back = return_page().await;
+    let spec: Value = h
+        .post(format!("{gateway}/v1/request-connection"))
+        .bearer_auth(&agent_key)
+        .json(&json!({"user_id": "ws-cal", "provider_name": "calendar", "return_url": back}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = spec["connection_id"].as_str().unwrap().to_string();
+    let c = &b.client;
+    c.goto(spec["authUrl"].as_str().unwrap()).await.unwrap();
+    on_url_with(c, "status=success").await;
+    let conn = admin_json(&h, format!("{broker}/connections/{id}"), &admin).await;
+    assert_eq!(conn["status"], "active", "{conn}");
+
+    // The operator watches the workspace's connections.
+    let link = console_link(tmp.path(), &broker).await;
+    c.goto(&link).await.unwrap();
+    on_page(c, "/console").await;
+    c.goto(&format!("{broker}/console/connections?workspace=ws-cal"))
+        .await
+        .unwrap();
+    live(&b).await;
+
+    // The person withdraws calendar.read at the provider; the agent's call
+    // gets 403 and is reported (as the bridge and the sidecar do).
+    let removed = idp.remove_scope("alice", "nexus", "calendar.read").await;
+    assert_eq!(removed["updated"], 1, "{removed}");
+    let report = h
+        .post(format!("{broker}/connections/{id}/scope-failures"))
+        .header("x-api-key", &admin)
+        .json(&json!({"status": 403, "scopes": ["calendar.read"],
+            "www_authenticate": "Bearer error=\"insufficient_scope\", scope=\"calendar.read\""}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(report.status().as_u16(), 202, "{:?}", report.text().await);
+    let row = format!("tr[data-id='{id}'] td.state[data-status='degraded']");
+    waited(c, &row).await;
+    let amber = waited(c, ".banner-amber").await.text().await.unwrap();
+    assert!(amber.contains("1 connection needs a person"), "{amber}");
+    assert_eq!(
+        b.js("return window.nexusMarker").await,
+        json!(1),
+        "reloaded"
+    );
+    let cells = text_of(c, &format!("tr[data-id='{id}']")).await;
+    assert!(cells.contains("calendar.read"), "{cells}");
+    b.shot("console-degraded-live").await;
+
+    // The reconnect link, handed to the person, opens the portal.
+    c.find(Locator::LinkText(&id))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    on_page(c, &format!("/console/connections/{id}")).await;
+    click(c, "form[action$='/reconnect-link'] button").await;
+    let reconnect = waited(c, "#reconnect-url")
+        .await
+        .prop("value")
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    assert!(reconnect.starts_with(&gateway), "{reconnect}");
+    c.goto(&reconnect).await.unwrap();
+    on_page(c, "/connect").await;
+    let text = text_of(c, "main").await;
+    assert!(
+        text.contains("calendar.read"),
+        "the missing scope is named: {text}"
+    );
+    b.shot("portal-reconnect").await;
+    let problems = b.accessibility().await;
+    assert!(problems.is_empty(), "axe on the portal: {problems:#?}");
+    click(c, "form[action='/connect/start'] button").await;
+    // Consent at the provider again, then back in the portal.
+    on_url_with(c, "status=success").await;
+    let mut status = Value::Null;
+    for _ in 0..50 {
+        let conn = admin_json(&h, format!("{broker}/connections/{id}"), &admin).await;
+        status = conn["status"].clone();
+        if status == "active" {
+            assert_eq!(conn["failing_scopes"], json!([]), "{conn}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, "active");
+    b.shot("portal-reconnected").await;
+
+    // The operator sees it active, and pauses the workspace.
+    c.goto(&format!("{broker}/console/connections/{id}"))
+        .await
+        .unwrap();
+    let state = waited(c, "dd.state")
+        .await
+        .attr("data-status")
+        .await
+        .unwrap();
+    assert_eq!(state.as_deref(), Some("active"));
+    c.goto(&format!("{broker}/console")).await.unwrap();
+    type_into(c, "#ws-pause-workspace", "ws-cal").await;
+    type_into(c, "#ws-pause-reason", "<b>key</b> leak review").await;
+    click(c, "#ws-pause-confirm").await;
+    click(c, "form.pause-workspace button").await;
+    let red = waited(c, ".banner-red").await.text().await.unwrap();
+    assert!(
+        red.contains("workspace ws-cal") && red.contains("<b>key</b> leak review"),
+        "the reason shown as text: {red}"
+    );
+    b.shot("console-workspace-paused").await;
+    let problems = b.accessibility().await;
+    assert!(problems.is_empty(), "axe on the overview: {problems:#?}");
+    let mut paused = 0;
+    for _ in 0..50 {
+        paused = h
+            .get(format!("{gateway}/v1/token/{id}"))
+            .bearer_auth(&agent_key)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if paused == 423 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(paused, 423, "the paused workspace's token");
+    click(c, "form[action='/console/pause'] button.secondary").await;
+    for _ in 0..50 {
+        if c.find(Locator::Css(".banner-red")).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        c.find(Locator::Css(".banner-red")).await.is_err(),
+        "resumed"
+    );
+
+    let _ = b.client.close().await;
+    let logs = stop(child, "-TERM").await;
+    assert!(
+        !logs.contains("nexus-secret"),
+        "the client secret in the logs"
+    );
+}

@@ -80,17 +80,16 @@ async fn up_full(
     extra_args: &[&str],
 ) -> (Child, String, String) {
     let mut cmd = nexus(dir);
-    cmd.args([
-        "up",
-        "--state-dir",
-        "state",
-        "--gateway-addr",
-        "127.0.0.1:0",
-    ]);
-    // A test that must know the broker's address first (a redirect URI
-    // registered at a provider) gives BROKER_ADDR; else any free port.
-    if !extra_env.iter().any(|(k, _)| *k == "BROKER_ADDR") {
-        cmd.args(["--broker-addr", "127.0.0.1:0"]);
+    cmd.args(["up", "--state-dir", "state"]);
+    // A test that must know an address first (a redirect URI registered at
+    // a provider) gives BROKER_ADDR or GATEWAY_ADDR; else any free port.
+    for (var, flag) in [
+        ("BROKER_ADDR", "--broker-addr"),
+        ("GATEWAY_ADDR", "--gateway-addr"),
+    ] {
+        if !extra_env.iter().any(|(k, _)| *k == var) {
+            cmd.args([flag, "127.0.0.1:0"]);
+        }
     }
     cmd.args(extra_args).env("NEXUS_LOG", "trace");
     for (k, v) in extra_env {
