@@ -116,6 +116,8 @@ nexus_core::declare_settings! {
         webhook_url: WEBHOOK_URL = Setting::text("WEBHOOK_URL", "One webhook endpoint for every event (its secret: WEBHOOK_SECRET)"),
         /// `WEBHOOK_SECRET`: its signing secret (`whsec_` + base64).
         webhook_secret: WEBHOOK_SECRET = Setting::secret("WEBHOOK_SECRET", "The webhook signing secret, whsec_ + base64 (nexus keys generate)"),
+        /// `WEBHOOK_MAX_AGE_SECS`: how long a delivery is retried before it is given up.
+        webhook_max_age_secs: WEBHOOK_MAX_AGE_SECS = Setting::number("WEBHOOK_MAX_AGE_SECS", "How long a webhook delivery is retried (backing off) before it is given up as failed; a failed one can be retried from the console or the API", "86400", 1, 604_800, "seconds"),
         /// `NEXUS_ISSUANCE_PAUSED`: `true` pauses token issuance at start-up.
         issuance_paused: NEXUS_ISSUANCE_PAUSED = Setting::boolean("NEXUS_ISSUANCE_PAUSED", "Start with token issuance paused; lift with DELETE /admin/pause", false).flag_as("issuance-paused"),
     }
@@ -503,7 +505,10 @@ impl BrokerConfig {
 
         Ok(Self {
             webhook,
-            webhooks: crate::events::webhooks::WebhookSettings::default(),
+            webhooks: crate::events::webhooks::WebhookSettings {
+                max_age: v.secs(&WEBHOOK_MAX_AGE_SECS)?,
+                ..Default::default()
+            },
             scope: crate::tokens::scope::ScopeSettings::default(),
             issuance_paused,
             pause_reload: Duration::from_secs(1),

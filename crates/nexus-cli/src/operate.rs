@@ -151,6 +151,18 @@ pub enum WebhooksCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Try a given-up (failed) delivery once more, now.
+    #[command(
+        after_help = "Example:\n  nexus webhooks retry wh_123 msg_456   (ids from `nexus webhooks deliveries`)"
+    )]
+    Retry {
+        /// Endpoint id.
+        id: String,
+        /// The delivery's event id (`webhook-id`, the `message` column of `deliveries`).
+        message_id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// An endpoint's recent deliveries, newest first.
     Deliveries {
         /// Endpoint id.
@@ -212,6 +224,19 @@ pub async fn webhooks(command: WebhooksCommand) -> Result<()> {
             admin.client()?.ok(Method::DELETE, &path, None).await?;
             println!("removed webhook {id}");
         }
+        WebhooksCommand::Retry {
+            id,
+            message_id,
+            admin,
+        } => {
+            let path = format!(
+                "/webhooks/{}/deliveries/{}/retry",
+                encode(&id),
+                encode(&message_id)
+            );
+            admin.client()?.ok(Method::POST, &path, None).await?;
+            println!("retrying delivery {message_id} to webhook {id} now");
+        }
         WebhooksCommand::Deliveries {
             id,
             limit,
@@ -224,13 +249,14 @@ pub async fn webhooks(command: WebhooksCommand) -> Result<()> {
                 Output::Json => print_json(&d),
                 Output::Table => {
                     println!(
-                        "{:<20}  {:<36}  {:<10}  {:>8}  {:>4}  error",
-                        "created", "event", "status", "attempts", "http"
+                        "{:<20}  {:<36}  {:<36}  {:<10}  {:>8}  {:>4}  error",
+                        "created", "message", "event", "status", "attempts", "http"
                     );
                     for x in d["deliveries"].as_array().into_iter().flatten() {
                         println!(
-                            "{:<20}  {:<36}  {:<10}  {:>8}  {:>4}  {}",
+                            "{:<20}  {:<36}  {:<36}  {:<10}  {:>8}  {:>4}  {}",
                             short_time(&x["created_at"]),
+                            cell(&x["message_id"]),
                             cell(&x["event_type"]),
                             cell(&x["status"]),
                             cell(&x["attempts"]),

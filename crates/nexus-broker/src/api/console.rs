@@ -849,6 +849,7 @@ pub async fn sign_out(
 
 #[derive(Serialize)]
 struct ProviderRow {
+    id: String,
     name: String,
     /// The name, percent-encoded for a query string.
     query: String,
@@ -877,6 +878,7 @@ async fn providers_page(
         .await?
         .iter()
         .map(|p| ProviderRow {
+            id: p.row.id.clone(),
             name: p.profile.name.clone(),
             query: url::form_urlencoded::byte_serialize(p.profile.name.as_bytes()).collect(),
             auth_type: p.profile.auth_type.as_str(),
@@ -898,7 +900,8 @@ async fn providers_page(
         "console_providers.html",
         fr,
         [
-            json!({"providers": providers, "templates": templates, "form": {}}),
+            json!({"providers": providers, "templates": templates, "form": {},
+                "blank_profile": BLANK_PROFILE}),
             extra,
         ],
     ))
@@ -1334,4 +1337,240 @@ pub async fn events(State(st): State<AppState>, headers: HeaderMap) -> Response 
             axum::response::sse::KeepAlive::new().interval(std::time::Duration::from_secs(15)),
         )
         .into_response()
+}
+
+/// What the "add from a profile" form starts with.
+const BLANK_PROFILE: &str = r#"{
+  "name": "example",
+  "auth_type": "oauth2",
+  "client_id": "",
+  "issuer": "https://id.example.com",
+  "enable_discovery": true,
+  "scopes": ["openid", "email", "offline_access"]
+}"#;
+
+/// A profile typed into a form: a JSON object, with the form's secret
+/// field put in (never echoed back).
+fn typed_profile(
+    text: &str,
+    secret: Option<&str>,
+    remove_secret: bool,
+) -> Result<serde_json::Map<String, Value>, String> {
+    let mut obj = match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(o)) => o,
+        Ok(_) => return Err("the profile must be a JSON object ({...})".into()),
+        Err(e) => return Err(format!("the profile is not JSON: {e}")),
+    };
+    if obj.contains_key("client_secret") {
+        return Err("put the client secret in its own field, not in the profile".into());
+    }
+    match (secret, remove_secret) {
+        (Some(_), true) => {
+            return Err("either a new client secret or removing it, not both".into());
+        }
+        (Some(s), false) => {
+            obj.insert("client_secret".into(), json!(s));
+        }
+        (None, true) => {
+            obj.insert("client_secret".into(), Value::Null);
+        }
+        (None, false) => {}
+    }
+    Ok(obj)
+}
+
+/// `POST /console/providers/new`: a provider from a typed profile.
+pub async fn add_profile(
+    State(st): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let go = async {
+        let (s, form) = post(&st, &headers, &body).await?;
+        let who = actor(&s, &caller);
+        let text = form.get("profile").unwrap_or_default();
+        let attempt = async {
+            let obj = typed_profile(text, form.get("client_secret"), false)?;
+            let name = obj
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            st.registry()
+                .create(json!({ "profile": obj }), &who)
+                .await
+                .map_err(|e| ApiError::from(e).message)?;
+            Ok::<_, String>(name)
+        };
+        match attempt.await {
+            Ok(name) => Ok(back(&format!(
+                "/console/providers?added={}",
+                url::form_urlencoded::byte_serialize(name.as_bytes()).collect::<String>()
+            ))),
+            Err(reason) => {
+                providers_page(
+                    &st,
+                    &s,
+                    json!({"profile_error": reason, "profile_draft": text}),
+                )
+                .await
+            }
+        }
+    };
+    go.await.unwrap_or_else(|e| refuse(&st, &headers, e))
+}
+
+async fn provider_page(
+    st: &AppState,
+    s: &ConsoleSessionRow,
+    id: &str,
+    extra: Value,
+) -> Result<Response, ApiError> {
+    let p = st.registry().get(id).await?;
+    let redirect_uri =
+        (!p.profile.auth_type.is_static()).then(|| st.handshakes().redirect_uri_for(&p));
+    let profile_json = serde_json::to_string_pretty(&p.profile.public_json()).unwrap_or_default();
+    let fr = frame(st, s).await?;
+    Ok(render(
+        "console_provider.html",
+        fr,
+        [
+            json!({
+                "p": {
+                    "id": p.row.id,
+                    "name": p.profile.name,
+                    "query": url::form_urlencoded::byte_serialize(p.profile.name.as_bytes()).collect::<String>(),
+                    "auth_type": p.profile.auth_type.as_str(),
+                    "version": p.row.version,
+                    "secret_set": p.client_secret_set(),
+                    "redirect_uri": redirect_uri,
+                },
+                "profile_json": profile_json,
+            }),
+            extra,
+        ],
+    ))
+}
+
+/// `GET /console/providers/{id}`: a provider, and its profile to edit.
+pub async fn provider(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let go = async {
+        let s = session(&st, &headers).await?;
+        let notice = q.contains_key("saved").then_some("Saved.");
+        provider_page(&st, &s, &id, json!({ "notice": notice })).await
+    };
+    go.await.unwrap_or_else(|e| refuse(&st, &headers, e))
+}
+
+/// `POST /console/providers/{id}`: `profile` (JSON), `version` (the one
+/// the page showed: a change made since is refused, not overwritten),
+/// `client_secret` (write-only) or `remove_secret=yes`.
+pub async fn edit_provider(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let go = async {
+        let (s, form) = post(&st, &headers, &body).await?;
+        let who = actor(&s, &caller);
+        let text = form.get("profile").unwrap_or_default();
+        let attempt = async {
+            let version = form
+                .get("version")
+                .and_then(|v| v.parse::<i64>().ok())
+                .ok_or("the form has no version: reload the page")?;
+            let obj = typed_profile(
+                text,
+                form.get("client_secret"),
+                form.get("remove_secret") == Some("yes"),
+            )?;
+            st.registry()
+                .replace_if(&id, json!({ "profile": obj }), &who, Some(version))
+                .await
+                .map_err(|e| ApiError::from(e).message)?;
+            Ok::<_, String>(())
+        };
+        match attempt.await {
+            Ok(()) => Ok(back(&format!("/console/providers/{id}?saved=1"))),
+            Err(reason) => {
+                provider_page(&st, &s, &id, json!({"error": reason, "profile_json": text})).await
+            }
+        }
+    };
+    go.await.unwrap_or_else(|e| refuse(&st, &headers, e))
+}
+
+/// `GET /console/webhooks`: endpoints and their recent deliveries.
+pub async fn webhooks(
+    State(st): State<AppState>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let go = async {
+        let s = session(&st, &headers).await?;
+        let notice = q
+            .contains_key("retried")
+            .then_some("Retrying now: the delivery is pending again.");
+        webhooks_page(&st, &s, json!({ "notice": notice })).await
+    };
+    go.await.unwrap_or_else(|e| refuse(&st, &headers, e))
+}
+
+async fn webhooks_page(
+    st: &AppState,
+    s: &ConsoleSessionRow,
+    extra: Value,
+) -> Result<Response, ApiError> {
+    let mut endpoints = Vec::new();
+    for e in st.webhooks().list().await.map_err(ApiError::from)? {
+        let deliveries = st
+            .webhooks()
+            .deliveries(&e.id, 20)
+            .await
+            .map_err(ApiError::from)?;
+        let mut v = json!(e);
+        v["deliveries"] = json!(deliveries);
+        endpoints.push(v);
+    }
+    let fr = frame(st, s).await?;
+    Ok(render(
+        "console_webhooks.html",
+        fr,
+        [json!({ "endpoints": endpoints }), extra],
+    ))
+}
+
+/// `POST /console/webhooks/{id}/retry` (`message_id`): a given-up
+/// delivery once more, now.
+pub async fn retry_delivery(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let go = async {
+        let (s, form) = post(&st, &headers, &body).await?;
+        let who = actor(&s, &caller);
+        match st
+            .webhooks()
+            .retry(&id, form.get("message_id").unwrap_or_default(), &who)
+            .await
+        {
+            Ok(()) => Ok(back("/console/webhooks?retried=1")),
+            Err(e) => {
+                let e = ApiError::from(e);
+                webhooks_page(&st, &s, json!({ "error": e.message })).await
+            }
+        }
+    };
+    go.await.unwrap_or_else(|e| refuse(&st, &headers, e))
 }

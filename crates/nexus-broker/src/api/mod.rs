@@ -465,6 +465,17 @@ fn admin_routes() -> Vec<Route<AppState>> {
             get(webhooks::deliveries),
         ),
         (
+            doc(
+                "POST",
+                "/webhooks/{id}/deliveries/{message_id}/retry",
+                "Try a given-up delivery once more, now",
+            )
+            .status(202)
+            .no_body()
+            .fails(404, "no failed delivery of that event to that endpoint"),
+            post(webhooks::retry),
+        ),
+        (
             doc("POST", "/console/links", "A one-time console sign-in link (10 min)")
                 .status(201)
                 .optional_body(),
@@ -653,6 +664,48 @@ fn ops_routes() -> (Vec<Route<AppState>>, Vec<Route<AppState>>) {
                 .open()
                 .answers(Kind::Html),
                 post(console::add_provider),
+            ),
+            (
+                doc(
+                    "POST",
+                    "/console/providers/new",
+                    "Console: add a provider from a typed profile (form)",
+                )
+                .open()
+                .answers(Kind::Redirect),
+                post(console::add_profile),
+            ),
+            (
+                doc("GET", "/console/providers/{id}", "Console: a provider and its profile to edit")
+                    .open()
+                    .answers(Kind::Html),
+                get(console::provider),
+            ),
+            (
+                doc(
+                    "POST",
+                    "/console/providers/{id}",
+                    "Console: save a provider's profile (form; version-checked, secret write-only)",
+                )
+                .open()
+                .answers(Kind::Redirect),
+                post(console::edit_provider),
+            ),
+            (
+                doc("GET", "/console/webhooks", "Console: webhook endpoints and recent deliveries")
+                    .open()
+                    .answers(Kind::Html),
+                get(console::webhooks),
+            ),
+            (
+                doc(
+                    "POST",
+                    "/console/webhooks/{id}/retry",
+                    "Console: try a given-up delivery once more (form)",
+                )
+                .open()
+                .answers(Kind::Redirect),
+                post(console::retry_delivery),
             ),
             (
                 doc(

@@ -38,6 +38,14 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../pages/console_agent_keys.html"),
     ),
     (
+        "console_provider.html",
+        include_str!("../../pages/console_provider.html"),
+    ),
+    (
+        "console_webhooks.html",
+        include_str!("../../pages/console_webhooks.html"),
+    ),
+    (
         "console_banners.html",
         include_str!("../../pages/console_banners.html"),
     ),

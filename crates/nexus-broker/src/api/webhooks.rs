@@ -21,6 +21,9 @@ impl From<WebhookError> for ApiError {
                 ApiError::new(StatusCode::NOT_FOUND, "webhook_not_found", msg)
             }
             WebhookError::Managed => ApiError::new(StatusCode::CONFLICT, "managed_by_config", msg),
+            WebhookError::NoFailedDelivery => {
+                ApiError::new(StatusCode::NOT_FOUND, "delivery_not_found", msg)
+            }
             WebhookError::Store(s) => s.into(),
         }
     }
@@ -113,5 +116,21 @@ pub async fn deliveries(
     };
     Ok(Json(
         json!({"webhook_id": id, "deliveries": st.webhooks().deliveries(&id, limit).await?}),
+    ))
+}
+
+/// `POST /webhooks/{id}/deliveries/{message_id}/retry`: a given-up
+/// delivery is tried once more, now.
+pub async fn retry(
+    State(st): State<AppState>,
+    Path((id, message_id)): Path<(String, String)>,
+    caller: Caller,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    st.webhooks()
+        .retry(&id, &message_id, &caller.admin())
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"webhook_id": id, "message_id": message_id, "status": "pending"})),
     ))
 }

@@ -100,6 +100,11 @@ pub enum WebhookError {
     /// No such endpoint.
     #[error("webhook endpoint not found")]
     NotFound,
+    /// No given-up delivery of that event to that endpoint.
+    #[error(
+        "no failed delivery of that event to that endpoint (only given-up deliveries are retried)"
+    )]
+    NoFailedDelivery,
     /// The endpoint is managed by configuration.
     #[error("this endpoint is configured by WEBHOOK_URL; unset it and restart to remove it")]
     Managed,
@@ -626,6 +631,27 @@ impl Webhooks {
     ) -> Result<Vec<DeliveryView>, WebhookError> {
         self.get(id).await?;
         Ok(self.store.list_deliveries(id, limit).await?)
+    }
+
+    /// Tries a given-up delivery once more, now (audited).
+    pub async fn retry(
+        &self,
+        endpoint_id: &str,
+        message_id: &str,
+        actor: &Actor,
+    ) -> Result<(), WebhookError> {
+        let audit = AuditEvent::new("webhook.delivery_retried")
+            .actor(actor.name.clone())
+            .by(actor)
+            .detail(serde_json::json!({"webhook_id": endpoint_id, "message_id": message_id}));
+        match self
+            .store
+            .retry_delivery(endpoint_id, message_id, &audit)
+            .await
+        {
+            Err(StoreError::NotFound) => Err(WebhookError::NoFailedDelivery),
+            other => Ok(other?),
+        }
     }
 
     /// Makes the `WEBHOOK_URL` endpoint match the configuration (or retires it).

@@ -307,6 +307,38 @@ impl Store {
         Ok(())
     }
 
+    /// Makes a delivery that was given up (`failed`) due again now, with
+    /// its audit event: one more attempt, on the usual schedule after it
+    /// (so an old event gets that one). `NotFound` when the endpoint has no
+    /// such failed delivery (delivered, pending or unknown).
+    pub async fn retry_delivery(
+        &self,
+        endpoint_id: &str,
+        message_id: &str,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        let now = now_ms();
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let res = sqlx::query(
+                "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = $1, lease_owner = NULL, lease_until = NULL
+                  WHERE endpoint_id = $2 AND message_id = $3 AND status = 'failed'
+                    AND endpoint_id IN (SELECT id FROM webhook_endpoints WHERE deleted_at IS NULL)",
+            )
+            .bind(now)
+            .bind(endpoint_id)
+            .bind(message_id)
+            .execute(&mut *tx)
+            .await?;
+            if res.rows_affected() == 0 {
+                return Err(StoreError::NotFound);
+            }
+            super::audit::insert_one(&mut *tx, audit).await?;
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
     /// Leases up to `limit` due deliveries to `owner` until `until`, oldest
     /// first (PostgreSQL skips rows another replica is claiming).
     pub async fn claim_deliveries(

@@ -1622,3 +1622,237 @@ async fn an_operator_sees_a_grant_degrade_and_the_person_reconnects_at_the_real_
         "the client secret in the logs"
     );
 }
+
+/// The console's providers and webhooks: a provider opened from the list
+/// and its profile edited (the secret write-only, a stale edit refused, the
+/// form kept with the reason); a provider added from a typed profile; a
+/// webhook delivery the broker gave up on (the receiver was down) retried
+/// from the page once the receiver is back, and delivered.
+#[tokio::test]
+async fn an_operator_edits_a_provider_and_retries_a_webhook_delivery() {
+    let Some(b) = browser("an_operator_edits_a_provider_and_retries_a_webhook_delivery").await
+    else {
+        return;
+    };
+    let receiver_port = free_port();
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, broker, gateway) = up_full(
+        tmp.path(),
+        &[
+            ("NEXUS_LOG", "warn"),
+            ("EGRESS_ALLOWED_CIDRS", "127.0.0.1/32"),
+            // Given up after the first failed attempt.
+            ("WEBHOOK_MAX_AGE_SECS", "1"),
+        ],
+        &[],
+    )
+    .await;
+    let env = env_file(tmp.path());
+    let admin = env_value(&env, "API_KEY");
+    let agent_key = crate::env_value_last(&env, "AGENT_KEY");
+    let h = http();
+    let hook: Value = h
+        .post(format!("{broker}/webhooks"))
+        .header("x-api-key", &admin)
+        .json(&json!({"url": format!("http://127.0.0.1:{receiver_port}/hook")}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let hook_id = hook["id"].as_str().expect("webhook id").to_string();
+    let r = h
+        .post(format!("{broker}/providers"))
+        .header("x-api-key", &admin)
+        .json(&json!({"profile": {"name": "weather", "auth_type": "header",
+            "params": {"header_name": "X-Key", "credential_field": "api_key", "credential_schema":
+                {"type": "object", "required": ["api_key"], "properties": {"api_key": {"type": "string"}}}}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let provider_id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let back = return_page().await;
+    connect_by_api(&h, &gateway, &agent_key, "ws-a", "weather", &back).await;
+
+    // Nobody listens: the delivery fails and is given up.
+    let deliveries = format!("{broker}/webhooks/{hook_id}/deliveries");
+    let mut given_up = false;
+    for _ in 0..100 {
+        let d = admin_json(&h, deliveries.clone(), &admin).await;
+        if d["deliveries"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["status"] == "failed"))
+        {
+            given_up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(given_up, "a delivery to a closed port is given up");
+
+    let link = console_link(tmp.path(), &broker).await;
+    let c = &b.client;
+    c.goto(&link).await.unwrap();
+    on_page(c, "/console").await;
+    c.find(Locator::LinkText("Webhooks"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    on_page(c, "/console/webhooks").await;
+    let row = text_of(c, "tr.delivery-failed").await;
+    assert!(row.contains("connection."), "{row}");
+    b.shot("console-webhooks-failed").await;
+    let problems = b.accessibility().await;
+    assert!(problems.is_empty(), "axe on the webhooks: {problems:#?}");
+
+    // The receiver is back; the operator retries.
+    let got = std::sync::Arc::new(std::sync::Mutex::new(0usize));
+    let seen = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let seen = seen.clone();
+            async move {
+                *seen.lock().unwrap() += 1;
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", receiver_port))
+        .await
+        .unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    click(c, "tr.delivery-failed form button").await;
+    let note = waited(c, "[role=status].notice")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(note.contains("Retrying"), "{note}");
+    for _ in 0..100 {
+        if *got.lock().unwrap() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(*got.lock().unwrap(), 1, "the retried delivery arrived");
+    let mut delivered = false;
+    for _ in 0..50 {
+        c.goto(&format!("{broker}/console/webhooks")).await.unwrap();
+        if c.find(Locator::Css("tr.delivery-delivered")).await.is_ok() {
+            delivered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(delivered, "the page shows it delivered");
+    b.shot("console-webhooks-delivered").await;
+    // Only given-up deliveries are retried.
+    let again = h
+        .post(format!(
+            "{broker}/webhooks/{hook_id}/deliveries/no-such-message/retry"
+        ))
+        .header("x-api-key", &admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status().as_u16(), 404);
+
+    // A provider, opened from the list, edited.
+    c.goto(&format!("{broker}/console/providers"))
+        .await
+        .unwrap();
+    c.find(Locator::LinkText("weather"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    on_page(c, &format!("/console/providers/{provider_id}")).await;
+    let version: i64 = text_of(c, "dd.version").await.parse().unwrap();
+    let profile: Value = serde_json::from_str(
+        &waited(c, "#p-profile")
+            .await
+            .prop("value")
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(profile.get("client_secret").is_none(), "{profile}");
+    let mut edited = profile.clone();
+    edited["description"] = json!("<img src=x onerror=alert(1)> weather API");
+    let field = waited(c, "#p-profile").await;
+    field.clear().await.unwrap();
+    field.send_keys(&edited.to_string()).await.unwrap();
+    click(c, "form.edit-provider button").await;
+    let note = waited(c, "[role=status].notice")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(note, "Saved.");
+    assert_eq!(
+        text_of(c, "dd.version").await,
+        (version + 1).to_string(),
+        "a new version"
+    );
+    let stored = admin_json(&h, format!("{broker}/providers/{provider_id}"), &admin).await;
+    assert_eq!(
+        stored["description"], "<img src=x onerror=alert(1)> weather API",
+        "{stored}"
+    );
+    b.shot("console-provider").await;
+    let problems = b.accessibility().await;
+    assert!(problems.is_empty(), "axe on a provider: {problems:#?}");
+
+    // Someone else changes it meanwhile: this page's edit is refused.
+    let r = h
+        .patch(format!("{broker}/providers/{provider_id}"))
+        .header("x-api-key", &admin)
+        .json(&json!({"profile": {"description": "changed elsewhere"}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{:?}", r.text().await);
+    click(c, "form.edit-provider button").await;
+    let error = waited(c, ".errors").await.text().await.unwrap();
+    assert!(error.contains("Not saved"), "{error}");
+    let stored = admin_json(&h, format!("{broker}/providers/{provider_id}"), &admin).await;
+    assert_eq!(stored["description"], "changed elsewhere");
+
+    // A provider from a typed profile, its secret write-only.
+    c.goto(&format!("{broker}/console/providers"))
+        .await
+        .unwrap();
+    let typed = json!({"name": "search", "auth_type": "header",
+        "params": {"header_name": "X-Search-Key", "credential_field": "key", "credential_schema":
+            {"type": "object", "required": ["key"], "properties": {"key": {"type": "string"}}}}});
+    let field = waited(c, "#n-profile").await;
+    field.clear().await.unwrap();
+    field.send_keys(&typed.to_string()).await.unwrap();
+    click(c, "form.add-profile button").await;
+    let note = waited(c, "[role=status].notice")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(note.contains("Added search"), "{note}");
+    let field = waited(c, "#n-profile").await;
+    field.clear().await.unwrap();
+    field.send_keys("{\"name\": ").await.unwrap();
+    click(c, "form.add-profile button").await;
+    let error = waited(c, ".errors").await.text().await.unwrap();
+    assert!(error.contains("not JSON"), "{error}");
+
+    let _ = b.client.close().await;
+    let logs = stop(child, "-TERM").await;
+    assert!(!logs.contains(CANARY), "a key in the logs");
+}

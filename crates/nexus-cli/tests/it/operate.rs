@@ -165,6 +165,14 @@ async fn operators_list_refresh_pause_and_revoke_from_the_cli() {
     let hook_id = hook["id"].as_str().unwrap().to_string();
     let (ok, out) = cli(d, &broker, &["webhooks", "deliveries", &hook_id]).await;
     assert!(ok && out.contains("attempts"), "{out}");
+    // Only a given-up delivery is retried: an unknown one is refused, said.
+    let (ok, out) = cli(
+        d,
+        &broker,
+        &["webhooks", "retry", &hook_id, "no-such-event"],
+    )
+    .await;
+    assert!(!ok && out.contains("no failed delivery"), "{out}");
     let (ok, out) = cli(d, &broker, &["webhooks", "remove", &hook_id]).await;
     assert!(ok && out.contains("removed"), "{out}");
 
