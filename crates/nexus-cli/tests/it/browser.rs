@@ -1614,6 +1614,13 @@ async fn an_operator_sees_a_grant_degrade_and_the_person_reconnects_at_the_real_
         c.find(Locator::Css(".banner-red")).await.is_err(),
         "resumed"
     );
+    // A workspace id is text too.
+    type_into(c, "#ws-pause-workspace", "<i>ws-x</i>").await;
+    type_into(c, "#ws-pause-reason", "drill").await;
+    click(c, "#ws-pause-confirm").await;
+    click(c, "form.pause-workspace button").await;
+    let red = waited(c, ".banner-red").await.text().await.unwrap();
+    assert!(red.contains("workspace <i>ws-x</i>"), "{red}");
 
     let _ = b.client.close().await;
     let logs = stop(child, "-TERM").await;
