@@ -265,16 +265,7 @@ pub async fn sso_callback(
             return sso_refused(&st, &headers, e);
         }
     };
-    let now = now_ms();
-    let session_token = browser_session::new_token("nxs_");
-    let session = ConsoleSessionRow {
-        id: format!("con_{}", uuid::Uuid::new_v4().simple()),
-        operator: op.name.clone(),
-        created_at: now,
-        last_seen_at: now,
-        expires_at: now + ABSOLUTE_MS,
-        ended_at: None,
-    };
+    let (session, session_token) = new_session(op.name.clone());
     let mut audit = AuditEvent::new("console.signed_in")
         .actor(format!("console:{}", op.name))
         .detail(json!({"session_id": session.id, "method": "oidc",
@@ -303,17 +294,39 @@ pub async fn sso_callback(
         }),
         Some("/console"),
     );
-    let c = format!(
-        "{COOKIE}={}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={}{}",
-        session_token.expose(),
-        ABSOLUTE_MS / 1000,
-        if secure_cookie(&st) { "; Secure" } else { "" }
-    );
-    if let Ok(v) = HeaderValue::from_str(&c) {
+    if let Some(v) = session_cookie(&st, &session_token) {
         resp.headers_mut().append(header::SET_COOKIE, v);
     }
     clear_sso_cookie(&st, &mut resp);
     resp
+}
+
+/// A new session for `operator` (filled in by the store for a link's
+/// sign-in) and its token, the cookie's value.
+fn new_session(operator: String) -> (ConsoleSessionRow, nexus_core::Secret<String>) {
+    let now = now_ms();
+    (
+        ConsoleSessionRow {
+            id: format!("con_{}", uuid::Uuid::new_v4().simple()),
+            operator,
+            created_at: now,
+            last_seen_at: now,
+            expires_at: now + ABSOLUTE_MS,
+            ended_at: None,
+        },
+        browser_session::new_token("nxs_"),
+    )
+}
+
+/// The session cookie: `HttpOnly`, `SameSite=Strict`, `Secure` with TLS.
+fn session_cookie(st: &AppState, token: &nexus_core::Secret<String>) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!(
+        "{COOKIE}={}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        token.expose(),
+        ABSOLUTE_MS / 1000,
+        if secure_cookie(st) { "; Secure" } else { "" }
+    ))
+    .ok()
 }
 
 fn signed_out() -> ApiError {
@@ -337,16 +350,7 @@ pub async fn sign_in(
     else {
         return refuse(&st, &headers, signed_out());
     };
-    let now = now_ms();
-    let session_token = browser_session::new_token("nxs_");
-    let session = ConsoleSessionRow {
-        id: format!("con_{}", uuid::Uuid::new_v4().simple()),
-        operator: String::new(),
-        created_at: now,
-        last_seen_at: now,
-        expires_at: now + ABSOLUTE_MS,
-        ended_at: None,
-    };
+    let (session, session_token) = new_session(String::new());
     let mut audit = AuditEvent::new("console.signed_in")
         .detail(json!({"session_id": session.id, "method": "link"}));
     audit.ip = caller.ip;
@@ -370,13 +374,7 @@ pub async fn sign_in(
         Err(e) => return refuse(&st, &headers, e.into()),
     }
     let mut resp = nexus_core::pages::redirect("/console", &[]);
-    let c = format!(
-        "{COOKIE}={}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={}{}",
-        session_token.expose(),
-        ABSOLUTE_MS / 1000,
-        if secure_cookie(&st) { "; Secure" } else { "" }
-    );
-    if let Ok(v) = HeaderValue::from_str(&c) {
+    if let Some(v) = session_cookie(&st, &session_token) {
         resp.headers_mut().insert(header::SET_COOKIE, v);
     }
     resp
