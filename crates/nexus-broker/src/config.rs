@@ -151,6 +151,9 @@ pub struct BrokerConfig {
     pub connect_embed_origins: Vec<String>,
     /// Operators' single sign-on to the console, when configured.
     pub console_sso: Option<crate::handshake::operator::OperatorSso>,
+    /// The console's cookies carry `Secure`: `CONSOLE_URL` is https, or
+    /// the broker serves TLS itself.
+    pub console_secure_cookies: bool,
     /// Networks allowed to call the admin API; empty means all.
     pub allowed_cidrs: Vec<IpNet>,
     /// Where calls carrying secrets (providers, webhooks) may go.
@@ -474,6 +477,10 @@ impl BrokerConfig {
         let cache_capacity = v.count(&TOKEN_CACHE_CAPACITY)?;
 
         let console_sso = console_sso(&v, listen_addr, tls.is_some())?;
+        let console_secure_cookies = match v.given(&CONSOLE_URL) {
+            Some(u) => u.starts_with("https://"),
+            None => tls.is_some(),
+        };
 
         let webhook = match (v.given(&WEBHOOK_URL), v.given(&WEBHOOK_SECRET)) {
             (None, None) => None,
@@ -513,6 +520,7 @@ impl BrokerConfig {
             issuance_paused,
             pause_reload: Duration::from_secs(1),
             console_sso,
+            console_secure_cookies,
             database_url,
             keys: Arc::new(keys),
             state_key: Arc::new(Secret::new(state_key)),
@@ -630,15 +638,28 @@ fn console_sso(
     }
     let console_url = match v.given(&CONSOLE_URL) {
         Some(u) => u.trim_end_matches('/').to_string(),
+        None if listen_addr.ip().is_unspecified() => {
+            return Err(ConfigError::new(
+                CONSOLE_URL.name,
+                format!(
+                    "is not set and BROKER_ADDR ({listen_addr}) names no host a browser can reach: set the URL operators open the console at"
+                ),
+            ))
+        }
         None => format!("{}://{listen_addr}", if tls { "https" } else { "http" }),
     };
+    // The console's cookies are scoped to /console: it must be at the root.
     let redirect_uri = Url::parse(&format!("{console_url}/console/sso/callback"))
         .ok()
-        .filter(|u| matches!(u.scheme(), "http" | "https") && u.query().is_none())
+        .filter(|u| {
+            matches!(u.scheme(), "http" | "https")
+                && u.query().is_none()
+                && u.path() == "/console/sso/callback"
+        })
         .ok_or_else(|| {
             ConfigError::new(
                 CONSOLE_URL.name,
-                "is not an http(s) URL without a query (https://nexus-admin.example.com)",
+                "is not an http(s) URL with no path or query (https://nexus-admin.example.com)",
             )
         })?;
     Ok(Some(crate::handshake::operator::OperatorSso {
@@ -764,6 +785,22 @@ mod tests {
                 },
                 "CONSOLE_URL",
                 "http(s)",
+            ),
+            (
+                Settings {
+                    console_url: Some("https://admin.example.com/nexus".into()),
+                    ..sso()
+                },
+                "CONSOLE_URL",
+                "no path",
+            ),
+            (
+                Settings {
+                    broker_addr: Some("0.0.0.0:8080".into()),
+                    ..sso()
+                },
+                "CONSOLE_URL",
+                "no host a browser can reach",
             ),
         ] {
             let e = err(settings);

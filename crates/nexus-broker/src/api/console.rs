@@ -112,8 +112,10 @@ pub async fn mint_link(
     ))
 }
 
+/// Whether the console's cookies carry `Secure` (`CONSOLE_URL` is https,
+/// or the broker serves TLS itself).
 fn secure_cookie(st: &AppState) -> bool {
-    st.config().tls.is_some()
+    st.config().console_secure_cookies
 }
 
 fn page(html: Result<String, nexus_core::pages::PageError>) -> Response {
@@ -252,6 +254,11 @@ pub async fn sso_callback(
         .await;
     let op = match finished {
         Ok(op) => op,
+        // A forged or stale answer is refused without an audit event: anyone
+        // can send those, and the log is for people who reached the provider.
+        Err(e @ crate::handshake::operator::SsoError::State(_)) => {
+            return sso_refused(&st, &headers, e);
+        }
         Err(e) => {
             let mut audit = AuditEvent::new("console.sign_in_refused")
                 .detail(json!({"method": "oidc", "reason": e.code(), "message": e.to_string()}));
@@ -708,7 +715,7 @@ pub async fn connection_action(
                     Ok(_) => "Refreshed.".to_string(),
                     Err(e) => format!("Refresh refused: {}", ApiError::from(e).message),
                 };
-                connection_page(&st, &s, &c.id, json!({"note": note})).await
+                connection_page(&st, &s, &c.id, json!({"note": note, "posted": true})).await
             }
             "revoke" => {
                 if fields.get("confirm") != Some("yes") {
@@ -716,7 +723,7 @@ pub async fn connection_action(
                         &st,
                         &s,
                         &c.id,
-                        json!({"note": "Not revoked: tick the box to confirm."}),
+                        json!({"note": "Not revoked: tick the box to confirm.", "posted": true}),
                     )
                     .await;
                 }
@@ -738,7 +745,7 @@ pub async fn connection_action(
                     &st,
                     &s,
                     &c.id,
-                    json!({"reconnect_url": made.url.expose(), "reconnect_expires": made.expires_at}),
+                    json!({"reconnect_url": made.url.expose(), "reconnect_expires": made.expires_at, "posted": true}),
                 )
                 .await
             }
@@ -1191,13 +1198,18 @@ struct Live {
     token_hash: String,
     rx: tokio::sync::broadcast::Receiver<crate::tokens::edge::EdgeEvent>,
     closing: tokio::sync::watch::Receiver<bool>,
+    /// The last update was sent: the stream ends (the page reconnects).
+    ended: bool,
 }
 
 /// What a burst of changes touched.
 #[derive(Default)]
 struct Burst {
     connections: std::collections::BTreeSet<String>,
-    everything: bool,
+    /// Changes were missed (the stream lagged): the page reloads.
+    missed: bool,
+    /// The broker may miss changes from now on: this is the last update.
+    ended: bool,
 }
 
 impl Burst {
@@ -1213,12 +1225,16 @@ impl Burst {
                 self.connections.insert(id.to_string());
                 true
             }
-            // Missed some: the frame is redrawn; rows wait for the reload.
-            Ok(EdgeEvent::All) | Err(RecvError::Lagged(_)) => {
-                self.everything = true;
+            // A provider or a pause: the frame (sent with every update) says it.
+            Ok(EdgeEvent::All) => true,
+            Err(RecvError::Lagged(_)) => {
+                self.missed = true;
                 true
             }
-            Ok(EdgeEvent::Lost) | Err(RecvError::Closed) => false,
+            Ok(EdgeEvent::Lost) | Err(RecvError::Closed) => {
+                self.ended = true;
+                false
+            }
         }
     }
 }
@@ -1240,6 +1256,9 @@ impl Live {
     /// banners and counts. `None` ends the stream (signed out, shutdown,
     /// or the broker may miss changes: the page reconnects or reloads).
     async fn next(&mut self) -> Option<Vec<axum::response::sse::Event>> {
+        if self.ended {
+            return None;
+        }
         let mut burst = Burst::default();
         loop {
             let first = tokio::select! {
@@ -1269,9 +1288,10 @@ impl Live {
                 Err(_) => break,
             }
         }
+        self.ended = burst.ended;
         let s = self.session().await?;
         let st = &self.st;
-        let mut out = Vec::with_capacity(burst.connections.len() + 1);
+        let mut out = Vec::with_capacity(burst.connections.len() + 2);
         for id in &burst.connections {
             let Ok(Some(c)) = st.store().get_connection(id).await else {
                 continue;
@@ -1291,16 +1311,25 @@ impl Live {
             }
         }
         let f = frame(st, &s).await.ok()?;
-        let part = |name: &str| {
-            nexus_core::pages::render(super::pages::templates(), name, f.clone())
-                .unwrap_or_default()
-        };
-        out.push(
-            axum::response::sse::Event::default().event("frame").data(
-                json!({"banners": part("console_banners.html"), "counts": part("console_counts.html")})
-                    .to_string(),
-            ),
-        );
+        let part =
+            |name: &str| nexus_core::pages::render(super::pages::templates(), name, f.clone());
+        // A frame that cannot be drawn is not sent: empty banners would hide a pause.
+        if let (Ok(banners), Ok(counts)) =
+            (part("console_banners.html"), part("console_counts.html"))
+        {
+            out.push(
+                axum::response::sse::Event::default()
+                    .event("frame")
+                    .data(json!({"banners": banners, "counts": counts}).to_string()),
+            );
+        }
+        if burst.missed {
+            out.push(
+                axum::response::sse::Event::default()
+                    .event("stale")
+                    .data("{}"),
+            );
+        }
         Some(out)
     }
 }
@@ -1313,6 +1342,16 @@ pub async fn events(State(st): State<AppState>, headers: HeaderMap) -> Response 
     if let Err(e) = session(&st, &headers).await {
         return refuse(&st, &headers, e);
     }
+    if !st.tokens().hears_every_change() {
+        // The page falls back to reloading until this replica hears again.
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "changes_unavailable",
+            "this broker cannot hear every change right now; the page reloads instead",
+        )
+        .retry_after(5)
+        .into_response();
+    }
     let token_hash = cookie(&headers, COOKIE)
         .map(|t| browser_session::hash(&t))
         .unwrap_or_default();
@@ -1322,6 +1361,7 @@ pub async fn events(State(st): State<AppState>, headers: HeaderMap) -> Response 
         token_hash,
         rx: edge.subscribe(),
         closing: edge.closing(),
+        ended: false,
     };
     let updates = futures_util::stream::unfold(live, |mut l| async move {
         let batch = l.next().await?;
@@ -1535,6 +1575,7 @@ async fn webhooks_page(
             .await
             .map_err(ApiError::from)?;
         let mut v = json!(e);
+        v["url"] = json!(shown_url(&e.url));
         v["deliveries"] = json!(deliveries);
         endpoints.push(v);
     }
@@ -1544,6 +1585,33 @@ async fn webhooks_page(
         fr,
         [json!({ "endpoints": endpoints }), extra],
     ))
+}
+
+/// A webhook URL as the page shows it: some receivers put their secret in
+/// the path (`hooks.example.com/services/T0/B0/<secret>`), so long path
+/// segments show only their last four characters, and no query.
+fn shown_url(raw: &str) -> String {
+    let Ok(u) = url::Url::parse(raw) else {
+        return "(unreadable URL)".into();
+    };
+    let path: Vec<String> = u
+        .path()
+        .split('/')
+        .map(|seg| {
+            let chars: Vec<char> = seg.chars().collect();
+            if chars.len() > 16 {
+                format!("…{}", chars[chars.len() - 4..].iter().collect::<String>())
+            } else {
+                seg.to_string()
+            }
+        })
+        .collect();
+    format!(
+        "{}{}{}",
+        u.origin().ascii_serialization(),
+        path.join("/"),
+        if u.query().is_some() { "?…" } else { "" }
+    )
 }
 
 /// `POST /console/webhooks/{id}/retry` (`message_id`): a given-up
@@ -1571,4 +1639,21 @@ pub async fn retry_delivery(
         }
     };
     go.await.unwrap_or_else(|e| refuse(&st, &headers, e))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn webhook_urls_show_no_secret_in_their_path() {
+        assert_eq!(
+            super::shown_url(
+                "https://hooks.example.com/services/T000/B000/XXXXsecretXXXXXXXXXXabcd?x=1"
+            ),
+            "https://hooks.example.com/services/T000/B000/…abcd?…"
+        );
+        assert_eq!(
+            super::shown_url("http://127.0.0.1:9000/hook"),
+            "http://127.0.0.1:9000/hook"
+        );
+    }
 }

@@ -252,12 +252,29 @@ async fn render_page(
             failing_scopes: parse_json_list(&c.failing_scopes),
         });
     }
+    // Looked up together, each for a short while (discovery is cached): a
+    // provider that does not answer costs the page two seconds, not its
+    // full timeout, and then only its button fails.
+    let lookups = providers
+        .iter()
+        .filter(|p| may_connect(&p.row.id))
+        .map(|p| async move {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                st.handshakes().authorization_origin(p),
+            )
+            .await
+            .ok()
+            .flatten()
+        });
     let mut form_targets: Vec<String> = Vec::new();
-    for p in providers.iter().filter(|p| may_connect(&p.row.id)) {
-        if let Some(origin) = st.handshakes().authorization_origin(p).await {
-            if !form_targets.contains(&origin) {
-                form_targets.push(origin);
-            }
+    for origin in futures_util::future::join_all(lookups)
+        .await
+        .into_iter()
+        .flatten()
+    {
+        if !form_targets.contains(&origin) {
+            form_targets.push(origin);
         }
     }
     let offer: Vec<ProviderView> = providers

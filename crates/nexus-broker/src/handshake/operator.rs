@@ -151,9 +151,11 @@ impl OperatorSso {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string();
+        // Only an address the provider says it verified: one a person can
+        // type into their profile would let them name any operator.
         let verified = claims
             .get("email_verified")
-            .is_none_or(|v| v.as_bool().unwrap_or(false) || v.as_str() == Some("true"));
+            .is_some_and(|v| v.as_bool() == Some(true) || v.as_str() == Some("true"));
         let email = claims
             .get("email")
             .and_then(Value::as_str)
@@ -181,8 +183,15 @@ impl OperatorSso {
                 allowed_by: format!("group:{g}"),
             });
         }
+        // The refusal names the address the person will recognise.
+        let shown = match (email, claims.get("email").and_then(Value::as_str)) {
+            (None, Some(unverified)) => {
+                format!("{unverified} (an address the provider did not verify)")
+            }
+            _ => name,
+        };
         Err(SsoError::NotAllowed(
-            nexus_core::text::printable(&name, 120).into_owned(),
+            nexus_core::text::printable(&shown, 160).into_owned(),
         ))
     }
 }
@@ -246,7 +255,9 @@ impl Handshakes {
             .and_then(|c| c.split_once('.'))
             .ok_or(SsoError::State("no sign-in cookie in this browser"))?;
         if cookie_login != login_id {
-            return Err(SsoError::State("started in another browser"));
+            return Err(SsoError::State(
+                "started in another browser or tab; one sign-in at a time",
+            ));
         }
         let kept = self
             .keys
@@ -257,10 +268,8 @@ impl Handshakes {
         let verifier = Secret::new(kept["verifier"].as_str().unwrap_or_default().to_string());
         let nonce = kept["nonce"].as_str().unwrap_or_default();
         // RFC 9207: a response from another issuer is a mix-up.
-        if let Some(iss) = query.get("iss") {
-            if *iss != sso.issuer {
-                return Err(SsoError::State("the response names another issuer"));
-            }
+        if query.get("iss").is_some_and(|iss| *iss != sso.issuer) {
+            return Err(SsoError::State("the response names another issuer"));
         }
         if let Some(error) = query.get("error") {
             let described = query
@@ -273,8 +282,15 @@ impl Handshakes {
         }
         let code = query
             .get("code")
-            .ok_or_else(|| SsoError::Denied("no code in the response".into()))?;
+            .filter(|c| !c.is_empty())
+            .ok_or(SsoError::State("no code in the response"))?;
         let endpoints = self.operator_endpoints(sso).await?;
+        // As the handshakes: a provider that advertises `iss` must send it.
+        if endpoints.iss_parameter_supported && !query.contains_key("iss") {
+            return Err(SsoError::State(
+                "the provider advertises iss in its answers but sent none",
+            ));
+        }
         let mut form = vec![
             ("grant_type", "authorization_code"),
             ("code", code.as_str()),
@@ -318,6 +334,7 @@ impl Handshakes {
         .await
         .map_err(|e| SsoError::Provider(format!("ID token: {e}")))?;
         let wants_userinfo = !claims.contains_key("email")
+            || !claims.contains_key("email_verified")
             || (!sso.groups.is_empty() && !claims.contains_key(&sso.groups_claim));
         if let (true, Some(url)) = (wants_userinfo, endpoints.userinfo.as_deref()) {
             let info = self
@@ -378,15 +395,17 @@ mod tests {
             (ok.name.as_str(), ok.allowed_by.as_str()),
             ("alice@example.com", "email")
         );
-        // An unverified address is no address.
-        let e = s
-            .allowed(&claims(
-                json!({"sub": "1", "email": "alice@example.com", "email_verified": false}),
-            ))
-            .unwrap_err();
-        assert_eq!(e.code(), "operator_not_allowed");
+        // An unverified address is no address; nor is one nobody vouched
+        // for (some providers never say).
+        for unverified in [
+            json!({"sub": "1", "email": "alice@example.com", "email_verified": false}),
+            json!({"sub": "1", "email": "alice@example.com"}),
+        ] {
+            let e = s.allowed(&claims(unverified)).unwrap_err();
+            assert_eq!(e.code(), "operator_not_allowed");
+        }
         let g = s
-            .allowed(&claims(json!({"sub": "2", "email": "bob@example.com", "groups": ["staff", "nexus-operators"]})))
+            .allowed(&claims(json!({"sub": "2", "email": "bob@example.com", "email_verified": true, "groups": ["staff", "nexus-operators"]})))
             .unwrap();
         assert_eq!(g.allowed_by, "group:nexus-operators");
         let no = s
