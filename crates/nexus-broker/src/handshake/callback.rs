@@ -334,6 +334,9 @@ impl Handshakes {
         if let Some(v) = verifier {
             form.push(("code_verifier", v.expose()));
         }
+        if let Some(r) = provider.profile.resource() {
+            form.push(("resource", r));
+        }
         let fetched = outbound::send(token_request(
             &self.http,
             &endpoints.token,

@@ -268,6 +268,14 @@ impl ProviderProfile {
         })
     }
 
+    /// The RFC 8707 resource indicator (`params.resource`): sent on the
+    /// authorization request (as any extra parameter) and on every token
+    /// request (code and refresh), so the tokens are for that resource
+    /// (an MCP server, an API with its own audience).
+    pub fn resource(&self) -> Option<&str> {
+        self.params.get("resource").and_then(Value::as_str)
+    }
+
     /// Checks every rule a stored profile must meet and returns the provider's strategy.
     /// `client_secret` stays optional for oauth2: public clients using PKCE alone are legitimate.
     pub fn validate(&mut self) -> Result<Strategy, ProfileError> {
@@ -362,6 +370,9 @@ impl ProviderProfile {
                         "extra authorize parameters must be strings",
                     ));
                 }
+            }
+            if let Some(r) = self.params.get("resource") {
+                check_resource(r)?;
             }
             match self.params.get("scope_separator") {
                 None => {}
@@ -507,6 +518,27 @@ pub fn normalize_alias(raw: &str) -> Option<String> {
     }
     let out = out.trim_matches('-').to_string();
     (!out.is_empty() && out.len() <= 100).then_some(out)
+}
+
+/// RFC 8707 §2: an absolute URI without a fragment (https, or http to a
+/// development host on loopback).
+fn check_resource(v: &Value) -> Result<(), ProfileError> {
+    let bad = |m: &str| perr("params.resource", m);
+    let s = v
+        .as_str()
+        .ok_or_else(|| bad("must be a string (an absolute URI)"))?;
+    if s.len() > 2048 {
+        return Err(bad("must be at most 2048 characters"));
+    }
+    let u = url::Url::parse(s)
+        .map_err(|_| bad("must be an absolute URI (https://api.example.com/mcp)"))?;
+    if u.fragment().is_some() {
+        return Err(bad("must not have a fragment (RFC 8707)"));
+    }
+    if !matches!(u.scheme(), "https" | "http") || nexus_core::egress::plaintext_beyond_loopback(s) {
+        return Err(bad("must be an https URI (http only on loopback)"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -644,10 +644,14 @@ impl Refresher {
             Ok(s) => s,
             Err(e) => return Transient::before_call(e.to_string()),
         };
-        let form = vec![
+        let mut form = vec![
             ("grant_type", "refresh_token"),
             ("refresh_token", refresh_token.expose().as_str()),
         ];
+        // RFC 8707: a refreshed token is for the same resource.
+        if let Some(r) = provider.profile.resource() {
+            form.push(("resource", r));
+        }
         let req = token_request(
             &self.http,
             &endpoints.token,

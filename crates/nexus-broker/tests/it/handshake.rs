@@ -1154,8 +1154,72 @@ async fn comma_separated_scopes_for_providers_that_ask_for_them(b: Backend) {
     t.finish().await;
 }
 
+/// RFC 8707: a provider with `params.resource` sends it on the
+/// authorization request, the code exchange and every refresh; a resource
+/// that is not an absolute URI without a fragment is refused at
+/// registration.
+async fn resource_indicators_travel_with_every_grant(b: Backend) {
+    let (t, idp) = setup(&b).await;
+    let mut p = idp.profile("mcp-like");
+    p["params"]["resource"] = json!("https://mcp.example.com/mcp");
+    t.create_provider(p).await;
+    let flow = start(&t, &idp, "mcp-like", json!({})).await;
+    assert_eq!(
+        flow.param("resource").as_deref(),
+        Some("https://mcp.example.com/mcp")
+    );
+    let (s, _, body) = callback(
+        &t,
+        &[
+            ("code", "code-r"),
+            ("state", &flow.state),
+            ("iss", &idp.base),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::SEE_OTHER, "{body}");
+    {
+        let c = idp.counters();
+        assert_eq!(c.last_token_form["grant_type"], "authorization_code");
+        assert_eq!(c.last_token_form["resource"], "https://mcp.example.com/mcp");
+    }
+    let (s, body) = t
+        .call(
+            reqwest::Method::POST,
+            &format!("/connections/{}/refresh", flow.connection_id),
+            None,
+        )
+        .await;
+    assert!(s.is_success(), "{s} {body}");
+    {
+        let c = idp.counters();
+        assert_eq!(c.last_token_form["grant_type"], "refresh_token");
+        assert_eq!(c.last_token_form["resource"], "https://mcp.example.com/mcp");
+    }
+    // Without the parameter, none is sent.
+    let flow = start(&t, &idp, "fake", json!({})).await;
+    assert_eq!(flow.param("resource"), None);
+    for bad in [
+        json!("https://mcp.example.com/mcp#frag"),
+        json!("not a uri"),
+        json!("http://mcp.example.com/mcp"),
+        json!(["https://a.example.com"]),
+    ] {
+        let mut p = idp.profile("bad-resource");
+        p["params"]["resource"] = bad.clone();
+        let (s, e) = t.post("/providers", json!({ "profile": p })).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {e}");
+        assert!(
+            e["message"].as_str().unwrap().contains("params.resource"),
+            "{e}"
+        );
+    }
+    t.finish().await;
+}
+
 backend_tests!(
     comma_separated_scopes_for_providers_that_ask_for_them,
+    resource_indicators_travel_with_every_grant,
     per_provider_redirect_uris_defend_against_mix_up,
     discovered_endpoints_obey_the_egress_policy,
     discovery_is_shared_through_redis,

@@ -11,7 +11,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 
-use crate::{env_file, env_value, free_port, http, stop, up_full};
+use crate::{env_file, env_value, free_port, http, stop, up_full, up_printed};
 
 /// A headless Chromium session and the chromedriver serving it.
 struct Browser {
@@ -888,7 +888,8 @@ async fn an_operator_works_in_the_console() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let (child, broker, gateway) = up_full(tmp.path(), &[("NEXUS_LOG", "warn")], &[]).await;
+    let (child, broker, gateway, printed) =
+        up_printed(tmp.path(), &[("NEXUS_LOG", "warn")], &[]).await;
     let env = env_file(tmp.path());
     let admin = env_value(&env, "API_KEY");
     let agent_key = crate::env_value_last(&env, "AGENT_KEY");
@@ -909,8 +910,13 @@ async fn an_operator_works_in_the_console() {
         ids.push(connect_by_api(&h, &gateway, &agent_key, ws, "weather", &back).await);
     }
 
-    // Signed in by the link; the link works once.
-    let link = console_link(tmp.path(), &broker).await;
+    // Signed in by the link `nexus up` printed (a newcomer's first step);
+    // the link works once.
+    let link = printed;
+    assert!(
+        link.starts_with(&format!("{broker}/console/sign-in?token=nxl_")),
+        "{link}"
+    );
     let c = &b.client;
     c.goto(&link).await.unwrap();
     on_page(c, "/console").await;

@@ -79,6 +79,16 @@ async fn up_full(
     extra_env: &[(&str, &str)],
     extra_args: &[&str],
 ) -> (Child, String, String) {
+    let (child, broker, gateway, _) = up_printed(dir, extra_env, extra_args).await;
+    (child, broker, gateway)
+}
+
+/// [`up_full`], and the one-time console link `nexus up` printed.
+async fn up_printed(
+    dir: &Path,
+    extra_env: &[(&str, &str)],
+    extra_args: &[&str],
+) -> (Child, String, String, String) {
     let mut cmd = nexus(dir);
     cmd.args(["up", "--state-dir", "state"]);
     // A test that must know an address first (a redirect URI registered at
@@ -98,26 +108,29 @@ async fn up_full(
     let mut child = cmd.spawn().expect("spawn nexus up");
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
-    let (gateway, url) = tokio::time::timeout(Duration::from_secs(30), async {
-        let mut gateway = String::new();
+    let (gateway, url, console) = tokio::time::timeout(Duration::from_secs(30), async {
+        let (mut gateway, mut url, mut console) = (String::new(), String::new(), String::new());
+        let first = |rest: &str| rest.split_whitespace().next().expect("url").to_string();
         while let Some(line) = lines.next_line().await.expect("read stdout") {
-            if let Some(rest) = line.trim().strip_prefix("gateway") {
-                gateway = rest.split_whitespace().next().expect("url").to_string();
-            }
-            if let Some(rest) = line.trim().strip_prefix("broker API") {
-                return (
-                    gateway,
-                    rest.split_whitespace().next().expect("url").to_string(),
-                );
+            let line = line.trim();
+            if let Some(rest) = line.strip_prefix("gateway") {
+                gateway = first(rest);
+            } else if let Some(rest) = line.strip_prefix("broker API") {
+                url = first(rest);
+            } else if let Some(rest) = line.strip_prefix("console") {
+                console = first(rest);
+            } else if line.starts_with("Stop with Ctrl-C") {
+                assert!(!url.is_empty(), "nexus up printed no broker URL");
+                return (gateway, url, console);
             }
         }
-        panic!("nexus up exited before printing its URL");
+        panic!("nexus up exited before it was ready");
     })
     .await
-    .expect("nexus up printed its URL in time");
+    .expect("nexus up printed its URLs in time");
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, url, gateway)
+    (child, url, gateway, console)
 }
 
 /// Sends a signal and waits (bounded) for a clean exit; returns stderr.
