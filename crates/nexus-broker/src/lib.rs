@@ -18,6 +18,7 @@ pub mod browser_session;
 pub mod config;
 pub mod events;
 pub mod handshake;
+pub mod mcp;
 pub mod oauth;
 pub mod portal;
 pub mod registry;

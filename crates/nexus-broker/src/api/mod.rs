@@ -37,6 +37,7 @@ pub mod error;
 pub mod extract;
 pub mod guard;
 pub mod handshake;
+pub mod mcp;
 pub mod ops;
 mod pages;
 pub mod pauses;
@@ -205,6 +206,25 @@ fn admin_routes() -> Vec<Route<AppState>> {
         (
             doc("POST", routes::PROVIDERS, "Register a provider").status(201),
             post(providers::create),
+        ),
+        (
+            doc(
+                "POST",
+                "/providers/mcp",
+                "Register an OAuth-protected MCP server by its URL (metadata discovered and checked)",
+            )
+            .status(201)
+            .fails(502, "the server's metadata is missing, inconsistent or unsafe"),
+            post(mcp::create),
+        ),
+        (
+            doc(
+                "POST",
+                "/providers/mcp/plan",
+                "What an MCP server's metadata says, checked (nothing is stored)",
+            )
+            .fails(502, "the server's metadata is missing, inconsistent or unsafe"),
+            post(mcp::plan),
         ),
         (
             doc(

@@ -395,6 +395,16 @@ impl Handshakes {
         })
     }
 
+    /// The client that calls providers (egress-checked, no redirects).
+    pub fn provider_http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// The redirect URI providers send people back to (the shared one).
+    pub fn shared_redirect_uri(&self) -> &str {
+        &self.redirect_uri
+    }
+
     /// The origin of `provider`'s authorization endpoint: a page whose form
     /// starts that provider's consent must allow it in `form-action` (the
     /// browser checks the redirect a form's answer makes). `None` for

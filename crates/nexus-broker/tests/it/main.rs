@@ -12,6 +12,7 @@ mod edge;
 mod fake_idp;
 mod fuzz;
 mod handshake;
+mod mcp;
 mod mtls;
 mod ops;
 mod pauses;

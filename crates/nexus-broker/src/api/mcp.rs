@@ -1,0 +1,116 @@
+//! `/providers/mcp`: an OAuth-protected MCP server registered by its URL
+//! (see [`crate::mcp`]). `…/plan` tells what Nexus found, changing nothing.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::extract::{ApiJson, Caller};
+use super::AppState;
+use crate::mcp::{self, McpError, McpServer};
+
+impl From<McpError> for ApiError {
+    fn from(e: McpError) -> Self {
+        let status = match e {
+            McpError::BadUrl(_) => StatusCode::BAD_REQUEST,
+            McpError::Egress(_) => StatusCode::FORBIDDEN,
+            // The server or its metadata is at fault, not the request.
+            _ => StatusCode::BAD_GATEWAY,
+        };
+        ApiError::new(status, e.code(), e.to_string())
+    }
+}
+
+/// `POST /providers/mcp/plan {url}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanMcp {
+    /// The MCP server's URL (its Streamable HTTP endpoint).
+    pub url: String,
+}
+
+/// `POST /providers/mcp {url, name, client_id, client_secret?, scopes?}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewMcp {
+    /// The MCP server's URL.
+    pub url: String,
+    /// The provider's name.
+    pub name: String,
+    /// A client registered in advance at the server's authorization server.
+    pub client_id: Option<String>,
+    /// Its secret (none: a public client, PKCE alone).
+    pub client_secret: Option<String>,
+    /// Scopes instead of those the server asks for.
+    pub scopes: Option<Vec<String>>,
+}
+
+async fn found(st: &AppState, url: &str) -> Result<McpServer, ApiError> {
+    Ok(mcp::discover(st.handshakes().provider_http(), &st.config().egress, url).await?)
+}
+
+/// How Nexus would identify itself to the server's authorization server.
+fn client_plan(st: &AppState, server: &McpServer, client_id: Option<&str>) -> Value {
+    match client_id {
+        Some(id) => json!({"method": "pre_registered", "client_id": id}),
+        None => json!({
+            "method": "none",
+            "message": format!(
+                "register a client at {} with redirect URI {} and give its client_id (dynamic registration and client ID metadata documents are not supported yet)",
+                server.issuer,
+                st.handshakes().shared_redirect_uri()
+            ),
+        }),
+    }
+}
+
+/// `POST /providers/mcp/plan`: what the server's metadata says, checked.
+pub async fn plan(
+    State(st): State<AppState>,
+    ApiJson(req): ApiJson<PlanMcp>,
+) -> Result<Json<Value>, ApiError> {
+    let server = found(&st, &req.url).await?;
+    let client = client_plan(&st, &server, None);
+    Ok(Json(json!({"server": server, "client": client,
+        "redirect_uri": st.handshakes().shared_redirect_uri()})))
+}
+
+/// `POST /providers/mcp`: the server as a provider whose tokens are bound
+/// to it (`params.resource`).
+pub async fn create(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<NewMcp>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let server = found(&st, &req.url).await?;
+    let Some(client_id) = req
+        .client_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+    else {
+        let plan = client_plan(&st, &server, None);
+        return Err(ApiError::bad_request(
+            "client_id_required",
+            plan["message"].as_str().unwrap_or_default().to_string(),
+        ));
+    };
+    let profile = server.profile(
+        req.name.trim(),
+        client_id,
+        req.client_secret.as_deref(),
+        req.scopes,
+    );
+    let id = st
+        .registry()
+        .create(json!({ "profile": profile }), &caller.admin())
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": id, "name": req.name.trim(), "server": server,
+            "redirect_uri": st.handshakes().shared_redirect_uri()})),
+    ))
+}

@@ -1,0 +1,460 @@
+//! OAuth-protected MCP servers, found from their URL alone, as the MCP
+//! authorization specification describes: the server's 401 challenge names
+//! its protected-resource metadata (RFC 9728; else the well-known
+//! locations), which names its authorization server, whose metadata
+//! (RFC 8414 with path insertion, then OpenID discovery) gives the
+//! endpoints. Every document is checked: the resource must be this server,
+//! the issuer the one asked for, PKCE S256 offered, and every URL within
+//! the egress policy. The result is an OAuth provider whose tokens are
+//! bound to the server (`params.resource`, RFC 8707).
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use url::Url;
+
+use nexus_core::egress::Egress;
+use nexus_core::outbound;
+
+/// Why an MCP server could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum McpError {
+    /// The URL is not one an MCP client may use.
+    #[error("url: {0}")]
+    BadUrl(String),
+    /// A URL on the way is outside the egress policy.
+    #[error("{0}")]
+    Egress(String),
+    /// A document could not be fetched or read.
+    #[error("{what} at {url}: {reason}")]
+    Fetch {
+        /// Which document.
+        what: &'static str,
+        /// Where.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The server published no protected-resource metadata.
+    #[error("the server names no protected-resource metadata (no resource_metadata in its 401, none at the well-known locations): is it OAuth-protected?")]
+    NoMetadata,
+    /// The metadata describes another resource (a server lending another's
+    /// authorization server to get tokens for it).
+    #[error("the protected-resource metadata is for {got}, not for this server ({expected})")]
+    ResourceMismatch {
+        /// This server's canonical URI.
+        expected: String,
+        /// What the document says.
+        got: String,
+    },
+    /// The authorization server's metadata names another issuer.
+    #[error("the authorization server metadata names issuer {got}, not {expected}")]
+    IssuerMismatch {
+        /// The issuer asked for.
+        expected: String,
+        /// The one in the document.
+        got: String,
+    },
+    /// PKCE with S256 is not offered: the MCP specification forbids going on.
+    #[error("the authorization server {0} does not offer PKCE with S256 (code_challenge_methods_supported); MCP clients must refuse it")]
+    NoS256(String),
+    /// A document misses something required.
+    #[error("{0}")]
+    Incomplete(String),
+}
+
+impl McpError {
+    /// The error code of the JSON body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            McpError::BadUrl(_) => "invalid_request",
+            McpError::Egress(_) => "egress_refused",
+            McpError::Fetch { .. } => "mcp_unreachable",
+            McpError::NoMetadata => "mcp_no_metadata",
+            McpError::ResourceMismatch { .. } => "mcp_resource_mismatch",
+            McpError::IssuerMismatch { .. } => "mcp_issuer_mismatch",
+            McpError::NoS256(_) => "mcp_pkce_unsupported",
+            McpError::Incomplete(_) => "mcp_metadata_incomplete",
+        }
+    }
+}
+
+/// What Nexus found about an MCP server.
+#[derive(Debug, Clone, Serialize)]
+pub struct McpServer {
+    /// The server's canonical URI: the `resource` its tokens are for.
+    pub resource: String,
+    /// Where its protected-resource metadata was.
+    pub resource_metadata: String,
+    /// Its authorization server (issuer).
+    pub issuer: String,
+    /// Where that server's metadata was.
+    pub authorization_server_metadata: String,
+    /// Endpoints.
+    pub authorization_endpoint: String,
+    /// Token endpoint.
+    pub token_endpoint: String,
+    /// RFC 7009 revocation, when offered.
+    pub revocation_endpoint: Option<String>,
+    /// RFC 7591 dynamic registration, when offered.
+    pub registration_endpoint: Option<String>,
+    /// Whether the server takes Client ID Metadata Documents.
+    pub client_id_metadata_document_supported: bool,
+    /// Scopes to ask for: the challenge's, else the metadata's.
+    pub scopes: Vec<String>,
+}
+
+impl McpServer {
+    /// The provider profile for this server with a client registered in
+    /// advance at its authorization server.
+    pub fn profile(
+        &self,
+        name: &str,
+        client_id: &str,
+        client_secret: Option<&str>,
+        scopes: Option<Vec<String>>,
+    ) -> Value {
+        let mut p = json!({
+            "name": name,
+            "auth_type": "oauth2",
+            "client_id": client_id,
+            "auth_url": self.authorization_endpoint,
+            "token_url": self.token_endpoint,
+            "scopes": scopes.unwrap_or_else(|| self.scopes.clone()),
+            "api_base_url": self.resource,
+            "description": format!("MCP server {}", self.resource),
+            "params": {"resource": self.resource},
+        });
+        if let Some(r) = &self.revocation_endpoint {
+            p["revocation_url"] = json!(r);
+        }
+        if let Some(s) = client_secret {
+            p["client_secret"] = json!(s);
+        }
+        p
+    }
+}
+
+/// The canonical URI of an MCP server (MCP authorization, "Canonical
+/// Server URI"): scheme and host lower-case, no fragment, no query, no
+/// trailing slash.
+pub fn canonical(url: &str) -> Result<Url, McpError> {
+    let mut u = Url::parse(url).map_err(|_| McpError::BadUrl("not an absolute URL".into()))?;
+    if !matches!(u.scheme(), "https" | "http") || u.host().is_none() {
+        return Err(McpError::BadUrl("must be an https URL with a host".into()));
+    }
+    if u.fragment().is_some() || u.query().is_some() {
+        return Err(McpError::BadUrl(
+            "must have no query and no fragment".into(),
+        ));
+    }
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(McpError::BadUrl("must not carry credentials".into()));
+    }
+    let path = u.path().trim_end_matches('/').to_string();
+    u.set_path(&path);
+    Ok(u)
+}
+
+/// The canonical URI as text: a server at the root has no trailing slash
+/// (`https://mcp.example.com`), as the specification writes it.
+fn canonical_text(u: &Url) -> String {
+    if u.path() == "/" {
+        u.origin().ascii_serialization()
+    } else {
+        u.as_str().to_string()
+    }
+}
+
+/// The `resource_metadata` and `scope` parameters of a `Bearer` challenge.
+fn challenge(www_authenticate: &str) -> (Option<String>, Option<String>) {
+    let mut metadata = None;
+    let mut scope = None;
+    let rest = www_authenticate
+        .trim()
+        .strip_prefix("Bearer")
+        .or_else(|| www_authenticate.trim().strip_prefix("bearer"))
+        .unwrap_or("");
+    for part in split_params(rest) {
+        if let Some((k, v)) = part.split_once('=') {
+            let v = v.trim().trim_matches('"').to_string();
+            match k.trim().to_ascii_lowercase().as_str() {
+                "resource_metadata" => metadata = Some(v),
+                "scope" => scope = Some(v),
+                _ => {}
+            }
+        }
+    }
+    (metadata, scope)
+}
+
+/// Splits `a="x, y", b=z` on the commas outside quotes.
+fn split_params(s: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut quoted) = (0, false);
+    for (i, c) in s.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                out.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&s[start..]);
+    out
+}
+
+/// `/.well-known/<name>` inserted before the path of `base` (RFC 8414 §3,
+/// RFC 9728 §3): `https://h/a/b` → `https://h/.well-known/<name>/a/b`.
+fn inserted(base: &Url, name: &str) -> String {
+    let path = base.path().trim_end_matches('/');
+    format!(
+        "{}/.well-known/{name}{path}",
+        base.origin().ascii_serialization()
+    )
+}
+
+/// Finds and checks an MCP server's authorization, fetching with `http`
+/// (no redirects, bounded bodies) inside `egress`.
+pub async fn discover(
+    http: &reqwest::Client,
+    egress: &Egress,
+    server_url: &str,
+) -> Result<McpServer, McpError> {
+    let server = canonical(server_url)?;
+    let resource = canonical_text(&server);
+    let check = |what: &str, url: &str| {
+        egress
+            .check_url(what, url, false)
+            .map_err(|e| McpError::Egress(e.to_string()))
+    };
+    check("MCP server", &resource)?;
+
+    // The challenge: an unauthenticated MCP request.
+    let probe = http
+        .post(&resource)
+        .header("accept", "application/json, text/event-stream")
+        .json(
+            &json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "nexus", "version": env!("CARGO_PKG_VERSION")}}}),
+        );
+    let answered = outbound::send(probe).await.map_err(|e| McpError::Fetch {
+        what: "MCP server",
+        url: resource.clone(),
+        reason: e.to_string(),
+    })?;
+    let (named, challenge_scope) = if answered.status.as_u16() == 401 {
+        answered
+            .headers
+            .get_all("www-authenticate")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(challenge)
+            .find(|(m, s)| m.is_some() || s.is_some())
+            .unwrap_or((None, None))
+    } else {
+        (None, None)
+    };
+
+    // The protected-resource metadata: as named, else the well-known
+    // locations (path-inserted first, then the root).
+    let mut candidates = Vec::new();
+    if let Some(m) = named {
+        candidates.push(m);
+    } else {
+        candidates.push(inserted(&server, "oauth-protected-resource"));
+        let root = format!(
+            "{}/.well-known/oauth-protected-resource",
+            server.origin().ascii_serialization()
+        );
+        if !candidates.contains(&root) {
+            candidates.push(root);
+        }
+    }
+    let mut found = None;
+    for url in candidates {
+        check("protected-resource metadata", &url)?;
+        if let Some(doc) = fetch_json(http, "protected-resource metadata", &url, true).await? {
+            found = Some((url, doc));
+            break;
+        }
+    }
+    let (resource_metadata, prm) = found.ok_or(McpError::NoMetadata)?;
+    let named_resource = prm["resource"].as_str().unwrap_or_default();
+    let same = canonical(named_resource)
+        .map(|u| canonical_text(&u) == resource)
+        .unwrap_or(false);
+    if !same {
+        return Err(McpError::ResourceMismatch {
+            expected: resource,
+            got: nexus_core::text::printable(named_resource, 200).into_owned(),
+        });
+    }
+    let issuer = prm["authorization_servers"]
+        .as_array()
+        .and_then(|a| a.iter().find_map(Value::as_str))
+        .ok_or_else(|| {
+            McpError::Incomplete(
+                "the protected-resource metadata lists no authorization_servers".into(),
+            )
+        })?
+        .to_string();
+    check("authorization server", &issuer)?;
+    let issuer_url = Url::parse(&issuer)
+        .map_err(|_| McpError::Incomplete(format!("authorization server {issuer} is not a URL")))?;
+
+    // Its metadata: RFC 8414 (path inserted), then OpenID discovery with
+    // the path inserted, then appended.
+    let mut as_candidates = vec![
+        inserted(&issuer_url, "oauth-authorization-server"),
+        inserted(&issuer_url, "openid-configuration"),
+    ];
+    let appended = format!(
+        "{}/.well-known/openid-configuration",
+        issuer.trim_end_matches('/')
+    );
+    if !as_candidates.contains(&appended) {
+        as_candidates.push(appended);
+    }
+    let mut asm = None;
+    for url in as_candidates {
+        check("authorization server metadata", &url)?;
+        if let Some(doc) = fetch_json(http, "authorization server metadata", &url, true).await? {
+            asm = Some((url, doc));
+            break;
+        }
+    }
+    let (authorization_server_metadata, asm) = asm.ok_or_else(|| {
+        McpError::Incomplete(format!(
+            "authorization server {issuer} publishes no metadata (RFC 8414 or OpenID discovery)"
+        ))
+    })?;
+    let got_issuer = asm["issuer"].as_str().unwrap_or_default();
+    if got_issuer != issuer {
+        return Err(McpError::IssuerMismatch {
+            expected: issuer,
+            got: nexus_core::text::printable(got_issuer, 200).into_owned(),
+        });
+    }
+    let s256 = asm["code_challenge_methods_supported"]
+        .as_array()
+        .is_some_and(|m| m.iter().any(|x| x == "S256"));
+    if !s256 {
+        return Err(McpError::NoS256(issuer));
+    }
+    let endpoint = |k: &str| -> Result<Option<String>, McpError> {
+        match asm[k].as_str() {
+            None => Ok(None),
+            Some(u) => {
+                check(k, u)?;
+                Ok(Some(u.to_string()))
+            }
+        }
+    };
+    let authorization_endpoint = endpoint("authorization_endpoint")?.ok_or_else(|| {
+        McpError::Incomplete(
+            "the authorization server metadata has no authorization_endpoint".into(),
+        )
+    })?;
+    let token_endpoint = endpoint("token_endpoint")?.ok_or_else(|| {
+        McpError::Incomplete("the authorization server metadata has no token_endpoint".into())
+    })?;
+    let scopes = match challenge_scope {
+        Some(s) => s.split_whitespace().map(str::to_string).collect(),
+        None => prm["scopes_supported"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    Ok(McpServer {
+        resource,
+        resource_metadata,
+        issuer,
+        authorization_server_metadata,
+        authorization_endpoint,
+        token_endpoint,
+        revocation_endpoint: endpoint("revocation_endpoint")?,
+        registration_endpoint: endpoint("registration_endpoint")?,
+        client_id_metadata_document_supported: asm["client_id_metadata_document_supported"]
+            .as_bool()
+            .unwrap_or(false),
+        scopes,
+    })
+}
+
+/// A JSON object at `url`; `None` for a 404 when `optional`.
+async fn fetch_json(
+    http: &reqwest::Client,
+    what: &'static str,
+    url: &str,
+    optional: bool,
+) -> Result<Option<Value>, McpError> {
+    let fail = |reason: String| McpError::Fetch {
+        what,
+        url: url.to_string(),
+        reason,
+    };
+    let got = outbound::send(http.get(url).header("accept", "application/json"))
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    if optional && got.status.as_u16() == 404 {
+        return Ok(None);
+    }
+    if !got.status.is_success() {
+        return Err(fail(format!("HTTP {}", got.status.as_u16())));
+    }
+    match serde_json::from_slice::<Value>(&got.body) {
+        Ok(v @ Value::Object(_)) => Ok(Some(v)),
+        _ => Err(fail("not a JSON object".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_server_uris() {
+        assert_eq!(
+            canonical("HTTPS://MCP.Example.com/mcp/").unwrap().as_str(),
+            "https://mcp.example.com/mcp"
+        );
+        assert_eq!(
+            canonical("https://mcp.example.com").unwrap().as_str(),
+            "https://mcp.example.com/"
+        );
+        assert!(canonical("https://mcp.example.com/mcp#x").is_err());
+        assert!(canonical("https://u:p@mcp.example.com/mcp").is_err());
+        assert!(canonical("ftp://mcp.example.com").is_err());
+    }
+
+    #[test]
+    fn challenges_and_well_known_locations() {
+        let (m, s) = challenge(
+            r#"Bearer error="invalid_token", resource_metadata="https://h/.well-known/oauth-protected-resource/mcp", scope="files:read files:write""#,
+        );
+        assert_eq!(
+            m.as_deref(),
+            Some("https://h/.well-known/oauth-protected-resource/mcp")
+        );
+        assert_eq!(s.as_deref(), Some("files:read files:write"));
+        assert_eq!(challenge("Basic realm=x"), (None, None));
+        let u = Url::parse("https://as.example.com/tenant/1").unwrap();
+        assert_eq!(
+            inserted(&u, "oauth-authorization-server"),
+            "https://as.example.com/.well-known/oauth-authorization-server/tenant/1"
+        );
+        let root = Url::parse("https://as.example.com").unwrap();
+        assert_eq!(
+            inserted(&root, "oauth-authorization-server"),
+            "https://as.example.com/.well-known/oauth-authorization-server"
+        );
+    }
+}

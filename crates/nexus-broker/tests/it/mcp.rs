@@ -1,0 +1,220 @@
+//! MCP servers registered by URL: the challenge, the protected-resource
+//! metadata, the authorization server's metadata, each checked, against a
+//! fake MCP server on loopback that can lie in each of the ways the MCP
+//! authorization specification says a client must catch.
+
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode as AxStatus};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::harness::{backend_tests, Backend, TestBroker};
+
+/// How the fake server and its authorization server answer.
+#[derive(Clone, Default)]
+struct Lies {
+    /// The challenge carries no `resource_metadata` (well-known fallback).
+    bare_challenge: bool,
+    /// The metadata's `resource`, instead of this server.
+    resource: Option<String>,
+    /// The authorization server the metadata names, instead of ours.
+    authorization_server: Option<String>,
+    /// The issuer the authorization server's metadata says.
+    issuer: Option<String>,
+    /// PKCE methods offered.
+    pkce: Option<Vec<&'static str>>,
+}
+
+struct Fake {
+    base: String,
+    lies: Mutex<Lies>,
+}
+
+async fn mcp_endpoint(State(f): State<Arc<Fake>>) -> Response {
+    let bare = f.lies.lock().unwrap().bare_challenge;
+    let challenge = if bare {
+        "Bearer".to_string()
+    } else {
+        format!(
+            r#"Bearer error="invalid_token", resource_metadata="{}/.well-known/oauth-protected-resource/mcp", scope="tools:read""#,
+            f.base
+        )
+    };
+    (
+        AxStatus::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, challenge)],
+        Json(json!({"error": "invalid_token"})),
+    )
+        .into_response()
+}
+
+async fn resource_metadata(State(f): State<Arc<Fake>>) -> Json<Value> {
+    let l = f.lies.lock().unwrap().clone();
+    Json(json!({
+        "resource": l.resource.unwrap_or_else(|| format!("{}/mcp", f.base)),
+        "authorization_servers": [l.authorization_server.unwrap_or_else(|| format!("{}/as", f.base))],
+        "scopes_supported": ["tools:read", "tools:write"],
+    }))
+}
+
+async fn server_metadata(State(f): State<Arc<Fake>>) -> Json<Value> {
+    let l = f.lies.lock().unwrap().clone();
+    let b = &f.base;
+    Json(json!({
+        "issuer": l.issuer.unwrap_or_else(|| format!("{b}/as")),
+        "authorization_endpoint": format!("{b}/as/authorize"),
+        "token_endpoint": format!("{b}/as/token"),
+        "registration_endpoint": format!("{b}/as/register"),
+        "code_challenge_methods_supported": l.pkce.unwrap_or_else(|| vec!["S256"]),
+    }))
+}
+
+async fn start_fake() -> Arc<Fake> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fake = Arc::new(Fake {
+        base: format!("http://{}", listener.local_addr().unwrap()),
+        lies: Mutex::new(Lies::default()),
+    });
+    let app = Router::new()
+        .route("/mcp", post(mcp_endpoint))
+        .route(
+            "/.well-known/oauth-protected-resource/mcp",
+            get(resource_metadata),
+        )
+        .route(
+            "/.well-known/oauth-authorization-server/as",
+            get(server_metadata),
+        )
+        .with_state(fake.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    fake
+}
+
+async fn an_mcp_server_is_registered_by_its_url(b: Backend) {
+    let fake = start_fake().await;
+    let t = TestBroker::start_public(&b, |_| {}).await;
+    let url = format!("{}/mcp/", fake.base);
+
+    // Found, checked, nothing stored; the challenge's scope wins.
+    let (s, plan) = t.post("/providers/mcp/plan", json!({"url": url})).await;
+    assert_eq!(s, StatusCode::OK, "{plan}");
+    let server = &plan["server"];
+    assert_eq!(server["resource"], format!("{}/mcp", fake.base));
+    assert_eq!(server["issuer"], format!("{}/as", fake.base));
+    assert_eq!(server["token_endpoint"], format!("{}/as/token", fake.base));
+    assert_eq!(server["scopes"], json!(["tools:read"]));
+    assert_eq!(plan["client"]["method"], "none");
+
+    // Without a client registered in advance: said how to get one.
+    let (s, e) = t
+        .post("/providers/mcp", json!({"url": url, "name": "files"}))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    assert_eq!(e["error"], "client_id_required");
+    let message = e["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("{}/as", fake.base)) && message.contains("/auth/callback"),
+        "{message}"
+    );
+
+    // Registered: an OAuth provider whose tokens are bound to the server.
+    let (s, made) = t
+        .post(
+            "/providers/mcp",
+            json!({"url": url, "name": "files", "client_id": "nexus-mcp"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{made}");
+    let id = made["id"].as_str().unwrap();
+    let (_, p) = t.get(&format!("/providers/{id}")).await;
+    assert_eq!(p["auth_type"], "oauth2");
+    assert_eq!(p["params"]["resource"], format!("{}/mcp", fake.base));
+    assert_eq!(p["auth_url"], format!("{}/as/authorize", fake.base));
+    let (s, spec) = t
+        .post(
+            "/auth/consent-spec",
+            json!({"workspace_id": "ws-mcp", "provider_name": "files",
+                "return_url": "http://localhost:3000/done"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{spec}");
+    let auth = url::Url::parse(spec["authUrl"].as_str().unwrap()).unwrap();
+    let q: std::collections::HashMap<_, _> = auth.query_pairs().into_owned().collect();
+    assert_eq!(q["resource"], format!("{}/mcp", fake.base));
+    assert_eq!(q["code_challenge_method"], "S256");
+    assert_eq!(q["scope"], "tools:read");
+
+    // A server whose challenge names no metadata: the well-known place,
+    // and the metadata's scopes.
+    fake.lies.lock().unwrap().bare_challenge = true;
+    let (s, plan) = t.post("/providers/mcp/plan", json!({"url": url})).await;
+    assert_eq!(s, StatusCode::OK, "{plan}");
+    assert_eq!(
+        plan["server"]["scopes"],
+        json!(["tools:read", "tools:write"])
+    );
+
+    // The lies a client must catch.
+    let lies = [
+        (
+            Lies {
+                resource: Some("https://other.example.com/mcp".into()),
+                ..Default::default()
+            },
+            StatusCode::BAD_GATEWAY,
+            "mcp_resource_mismatch",
+        ),
+        (
+            Lies {
+                pkce: Some(vec!["plain"]),
+                ..Default::default()
+            },
+            StatusCode::BAD_GATEWAY,
+            "mcp_pkce_unsupported",
+        ),
+        (
+            Lies {
+                issuer: Some("https://evil.example.com/as".into()),
+                ..Default::default()
+            },
+            StatusCode::BAD_GATEWAY,
+            "mcp_issuer_mismatch",
+        ),
+        (
+            Lies {
+                authorization_server: Some("http://10.9.8.7/as".into()),
+                ..Default::default()
+            },
+            StatusCode::FORBIDDEN,
+            "egress_refused",
+        ),
+    ];
+    for (lie, status, code) in lies {
+        *fake.lies.lock().unwrap() = lie;
+        let (s, e) = t.post("/providers/mcp/plan", json!({"url": url})).await;
+        assert_eq!((s, e["error"].as_str()), (status, Some(code)), "{e}");
+        let (s, _) = t
+            .post(
+                "/providers/mcp",
+                json!({"url": url, "name": "liar", "client_id": "c"}),
+            )
+            .await;
+        assert_eq!(s, status, "nothing registered for a lie");
+    }
+    let (s, e) = t
+        .post("/providers/mcp/plan", json!({"url": "not a url"}))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    let (s, e) = t
+        .post("/providers/mcp/plan", json!({"url": url, "extra": 1}))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    t.finish().await;
+}
+
+backend_tests!(an_mcp_server_is_registered_by_its_url);
