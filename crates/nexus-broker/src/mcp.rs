@@ -60,6 +60,16 @@ pub enum McpError {
     /// A document misses something required.
     #[error("{0}")]
     Incomplete(String),
+    /// Dynamic registration failed, or answered with a client we would not
+    /// use (other redirect URIs: the authorization server would send
+    /// people's codes elsewhere).
+    #[error("dynamic client registration at {endpoint}: {reason}")]
+    Registration {
+        /// The registration endpoint.
+        endpoint: String,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 impl McpError {
@@ -74,6 +84,7 @@ impl McpError {
             McpError::IssuerMismatch { .. } => "mcp_issuer_mismatch",
             McpError::NoS256(_) => "mcp_pkce_unsupported",
             McpError::Incomplete(_) => "mcp_metadata_incomplete",
+            McpError::Registration { .. } => "mcp_registration_refused",
         }
     }
 }
@@ -103,14 +114,115 @@ pub struct McpServer {
     pub scopes: Vec<String>,
 }
 
+/// A client Nexus registered at an authorization server (RFC 7591).
+pub struct Registered {
+    /// The client id it was given.
+    pub client_id: String,
+    /// Its secret, if the server gave one (sealed in the vault like any
+    /// client secret once the provider is stored).
+    pub client_secret: Option<nexus_core::Secret<String>>,
+    /// How it authenticates at the token endpoint.
+    pub auth_method: String,
+}
+
+/// Registers Nexus at `server`'s authorization server (RFC 7591) as a web
+/// (confidential) client whose one redirect URI is `redirect_uri`. An
+/// answer that changes the redirect URIs is refused.
+pub async fn register(
+    http: &reqwest::Client,
+    server: &McpServer,
+    redirect_uri: &str,
+) -> Result<Registered, McpError> {
+    let endpoint = server.registration_endpoint.clone().ok_or_else(|| {
+        McpError::Incomplete("the authorization server offers no dynamic registration".into())
+    })?;
+    let fail = |reason: String| McpError::Registration {
+        endpoint: endpoint.clone(),
+        reason,
+    };
+    let req = http
+        .post(&endpoint)
+        .header("accept", "application/json")
+        .json(&json!({
+            "client_name": "Nexus",
+            "application_type": "web",
+            "redirect_uris": [redirect_uri],
+            "grant_types": ["authorization_code", "refresh_token"],
+            "response_types": ["code"],
+            "token_endpoint_auth_method": "client_secret_basic",
+            "scope": server.scopes.join(" "),
+        }));
+    let got = outbound::send(req).await.map_err(|e| fail(e.to_string()))?;
+    if !got.status.is_success() {
+        // The body may describe the refusal; it holds no secret of ours.
+        let why = serde_json::from_slice::<Value>(&got.body)
+            .ok()
+            .and_then(|v| {
+                v["error_description"]
+                    .as_str()
+                    .or(v["error"].as_str())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        return Err(fail(format!(
+            "HTTP {} {}",
+            got.status.as_u16(),
+            nexus_core::text::printable(&why, 200)
+        )));
+    }
+    let v: Value = serde_json::from_slice(&got.body).map_err(|_| fail("not JSON".into()))?;
+    let client_id = v["client_id"]
+        .as_str()
+        .filter(|c| !c.is_empty() && c.len() <= 512)
+        .ok_or_else(|| fail("the answer has no client_id".into()))?
+        .to_string();
+    if let Some(uris) = v.get("redirect_uris") {
+        let same = uris
+            .as_array()
+            .is_some_and(|a| a.len() == 1 && a[0].as_str() == Some(redirect_uri));
+        if !same {
+            return Err(fail(format!(
+                "the registered redirect URIs are not ours ({redirect_uri})"
+            )));
+        }
+    }
+    let auth_method = v["token_endpoint_auth_method"]
+        .as_str()
+        .unwrap_or("client_secret_basic")
+        .to_string();
+    if !matches!(
+        auth_method.as_str(),
+        "client_secret_basic" | "client_secret_post" | "none"
+    ) {
+        return Err(fail(format!(
+            "token_endpoint_auth_method {} is not one Nexus speaks",
+            nexus_core::text::printable(&auth_method, 60)
+        )));
+    }
+    let client_secret = v["client_secret"]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .map(|s| nexus_core::Secret::new(s.to_string()));
+    if auth_method != "none" && client_secret.is_none() {
+        return Err(fail(format!("{auth_method} without a client_secret")));
+    }
+    Ok(Registered {
+        client_id,
+        client_secret,
+        auth_method,
+    })
+}
+
 impl McpServer {
-    /// The provider profile for this server with a client registered in
-    /// advance at its authorization server.
+    /// The provider profile for this server with a client registered at its
+    /// authorization server (`auth_method`: how the client authenticates at
+    /// the token endpoint).
     pub fn profile(
         &self,
         name: &str,
         client_id: &str,
         client_secret: Option<&str>,
+        auth_method: Option<&str>,
         scopes: Option<Vec<String>>,
     ) -> Value {
         let mut p = json!({
@@ -129,6 +241,9 @@ impl McpServer {
         }
         if let Some(s) = client_secret {
             p["client_secret"] = json!(s);
+        }
+        if let Some(m @ ("client_secret_basic" | "client_secret_post")) = auth_method {
+            p["auth_header"] = json!(m);
         }
         p
     }

@@ -52,10 +52,16 @@ async fn found(st: &AppState, url: &str) -> Result<McpServer, ApiError> {
     Ok(mcp::discover(st.handshakes().provider_http(), &st.config().egress, url).await?)
 }
 
-/// How Nexus would identify itself to the server's authorization server.
+/// How Nexus would identify itself to the server's authorization server:
+/// a client registered in advance, else dynamic registration (RFC 7591).
 fn client_plan(st: &AppState, server: &McpServer, client_id: Option<&str>) -> Value {
     match client_id {
         Some(id) => json!({"method": "pre_registered", "client_id": id}),
+        None if server.registration_endpoint.is_some() => json!({
+            "method": "dynamic_registration",
+            "registration_endpoint": server.registration_endpoint,
+            "redirect_uri": st.handshakes().shared_redirect_uri(),
+        }),
         None => json!({
             "method": "none",
             "message": format!(
@@ -86,24 +92,42 @@ pub async fn create(
     ApiJson(req): ApiJson<NewMcp>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let server = found(&st, &req.url).await?;
-    let Some(client_id) = req
+    let given = req
         .client_id
         .as_deref()
         .map(str::trim)
-        .filter(|c| !c.is_empty())
-    else {
-        let plan = client_plan(&st, &server, None);
-        return Err(ApiError::bad_request(
-            "client_id_required",
-            plan["message"].as_str().unwrap_or_default().to_string(),
-        ));
+        .filter(|c| !c.is_empty());
+    let profile = match given {
+        Some(client_id) => server.profile(
+            req.name.trim(),
+            client_id,
+            req.client_secret.as_deref(),
+            None,
+            req.scopes,
+        ),
+        None if server.registration_endpoint.is_some() => {
+            let made = mcp::register(
+                st.handshakes().provider_http(),
+                &server,
+                st.handshakes().shared_redirect_uri(),
+            )
+            .await?;
+            server.profile(
+                req.name.trim(),
+                &made.client_id,
+                made.client_secret.as_ref().map(|s| s.expose().as_str()),
+                Some(&made.auth_method),
+                req.scopes,
+            )
+        }
+        None => {
+            let plan = client_plan(&st, &server, None);
+            return Err(ApiError::bad_request(
+                "client_id_required",
+                plan["message"].as_str().unwrap_or_default().to_string(),
+            ));
+        }
     };
-    let profile = server.profile(
-        req.name.trim(),
-        client_id,
-        req.client_secret.as_deref(),
-        req.scopes,
-    );
     let id = st
         .registry()
         .create(json!({ "profile": profile }), &caller.admin())

@@ -28,11 +28,35 @@ struct Lies {
     issuer: Option<String>,
     /// PKCE methods offered.
     pkce: Option<Vec<&'static str>>,
+    /// No dynamic registration offered.
+    no_registration: bool,
+    /// The redirect URIs dynamic registration answers with, instead of
+    /// the ones asked for.
+    registered_redirects: Option<Vec<String>>,
 }
 
 struct Fake {
     base: String,
     lies: Mutex<Lies>,
+    /// Registration requests received.
+    registrations: Mutex<Vec<Value>>,
+}
+
+const DYN_SECRET: &str = "dyn-secret-canary-5b1e";
+
+async fn register(State(f): State<Arc<Fake>>, Json(req): Json<Value>) -> Response {
+    let lie = f.lies.lock().unwrap().registered_redirects.clone();
+    f.registrations.lock().unwrap().push(req.clone());
+    (
+        AxStatus::CREATED,
+        Json(json!({
+            "client_id": "dyn-client",
+            "client_secret": DYN_SECRET,
+            "redirect_uris": lie.map(Value::from).unwrap_or_else(|| req["redirect_uris"].clone()),
+            "token_endpoint_auth_method": "client_secret_basic",
+        })),
+    )
+        .into_response()
 }
 
 async fn mcp_endpoint(State(f): State<Arc<Fake>>) -> Response {
@@ -65,13 +89,16 @@ async fn resource_metadata(State(f): State<Arc<Fake>>) -> Json<Value> {
 async fn server_metadata(State(f): State<Arc<Fake>>) -> Json<Value> {
     let l = f.lies.lock().unwrap().clone();
     let b = &f.base;
-    Json(json!({
+    let mut m = json!({
         "issuer": l.issuer.unwrap_or_else(|| format!("{b}/as")),
         "authorization_endpoint": format!("{b}/as/authorize"),
         "token_endpoint": format!("{b}/as/token"),
-        "registration_endpoint": format!("{b}/as/register"),
         "code_challenge_methods_supported": l.pkce.unwrap_or_else(|| vec!["S256"]),
-    }))
+    });
+    if !l.no_registration {
+        m["registration_endpoint"] = json!(format!("{b}/as/register"));
+    }
+    Json(m)
 }
 
 async fn start_fake() -> Arc<Fake> {
@@ -79,6 +106,7 @@ async fn start_fake() -> Arc<Fake> {
     let fake = Arc::new(Fake {
         base: format!("http://{}", listener.local_addr().unwrap()),
         lies: Mutex::new(Lies::default()),
+        registrations: Mutex::new(Vec::new()),
     });
     let app = Router::new()
         .route("/mcp", post(mcp_endpoint))
@@ -90,6 +118,7 @@ async fn start_fake() -> Arc<Fake> {
             "/.well-known/oauth-authorization-server/as",
             get(server_metadata),
         )
+        .route("/as/register", post(register))
         .with_state(fake.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
     fake
@@ -108,9 +137,46 @@ async fn an_mcp_server_is_registered_by_its_url(b: Backend) {
     assert_eq!(server["issuer"], format!("{}/as", fake.base));
     assert_eq!(server["token_endpoint"], format!("{}/as/token", fake.base));
     assert_eq!(server["scopes"], json!(["tools:read"]));
-    assert_eq!(plan["client"]["method"], "none");
+    assert_eq!(plan["client"]["method"], "dynamic_registration");
 
-    // Without a client registered in advance: said how to get one.
+    // No client given: Nexus registers one (RFC 7591) with its redirect
+    // URI; the secret it gets is kept like any client secret.
+    let (s, made) = t
+        .post("/providers/mcp", json!({"url": url, "name": "dynamic"}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{made}");
+    let asked = fake.registrations.lock().unwrap()[0].clone();
+    assert_eq!(asked["redirect_uris"], json!([made["redirect_uri"]]));
+    assert_eq!(asked["application_type"], "web");
+    let (_, p) = t
+        .get(&format!("/providers/{}", made["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(p["client_id"], "dyn-client");
+    assert_eq!(p["client_secret_set"], true);
+    assert_eq!(p["auth_header"], "client_secret_basic");
+    assert!(!p.to_string().contains(DYN_SECRET) && !made.to_string().contains(DYN_SECRET));
+    // A registration answered with other redirect URIs is not used.
+    fake.lies.lock().unwrap().registered_redirects =
+        Some(vec!["https://evil.example.com/cb".into()]);
+    let (s, e) = t
+        .post("/providers/mcp", json!({"url": url, "name": "redirected"}))
+        .await;
+    assert_eq!(s, StatusCode::BAD_GATEWAY, "{e}");
+    assert_eq!(e["error"], "mcp_registration_refused");
+    let (_, all) = t.get("/providers").await;
+    let names: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(names, ["dynamic"], "nothing stored for the redirected one");
+
+    // Neither a client nor registration: said how to get one.
+    *fake.lies.lock().unwrap() = Lies {
+        no_registration: true,
+        ..Default::default()
+    };
     let (s, e) = t
         .post("/providers/mcp", json!({"url": url, "name": "files"}))
         .await;
