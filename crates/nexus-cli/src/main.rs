@@ -10,6 +10,7 @@ mod agents;
 mod catalogue;
 mod certs;
 mod flags;
+mod mcp;
 mod operate;
 mod providers;
 mod state;
@@ -117,6 +118,11 @@ enum Command {
         workspace: Option<String>,
         #[command(flatten)]
         admin: admin::AdminArgs,
+    },
+    /// OAuth-protected MCP servers, registered by their URL.
+    Mcp {
+        #[command(subcommand)]
+        command: mcp::McpCommand,
     },
     /// Webhook endpoints: list, add, remove, deliveries.
     Webhooks {
@@ -436,6 +442,7 @@ async fn run() -> Result<()> {
         }
         Command::Agents { command } => agents::run(command).await,
         Command::Connections { command } => operate::connections(command).await,
+        Command::Mcp { command } => mcp::run(command).await,
         Command::Webhooks { command } => operate::webhooks(command).await,
         Command::Audit(args) => operate::audit(&args).await,
         Command::Console { operator, admin } => {

@@ -5,6 +5,7 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod certs;
+pub mod mcp;
 
 use std::path::PathBuf;
 use std::process::Stdio;

@@ -238,3 +238,51 @@ async fn operators_list_refresh_pause_and_revoke_from_the_cli() {
     let logs = stop(child, "-TERM").await;
     assert!(!logs.contains(CANARY), "the credential in the broker's log");
 }
+
+/// `nexus mcp plan` and `nexus mcp add` against a fake OAuth-protected MCP
+/// server: what was found, a provider registered through dynamic
+/// registration (its secret never printed), a lying server refused.
+#[tokio::test]
+async fn mcp_servers_are_registered_from_the_cli() {
+    let fake = nexus_testkit::mcp::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, broker) = up(tmp.path(), &[("NEXUS_LOG", "warn")]).await;
+    let d = tmp.path();
+    let url = format!("{}/mcp", fake.base);
+    let (ok, out) = cli(d, &broker, &["mcp", "plan", &url]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("authorization server    {}/as", fake.base))
+            && out.contains("Nexus would register itself"),
+        "{out}"
+    );
+    let (ok, out) = cli(d, &broker, &["mcp", "add", &url, "--name", "files"]).await;
+    assert!(ok && out.contains("registered files"), "{out}");
+    assert!(!out.contains(nexus_testkit::mcp::DYN_SECRET), "{out}");
+    let api_key = env_value(&env_file(d), "API_KEY");
+    let listed: Value = http()
+        .get(format!("{broker}/providers"))
+        .header("x-api-key", &api_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "files"),
+        "{listed}"
+    );
+    fake.lies.lock().unwrap().pkce = Some(vec!["plain"]);
+    let (ok, out) = cli(d, &broker, &["mcp", "add", &url, "--name", "weak"]).await;
+    assert!(!ok && out.contains("S256"), "{out}");
+    let logs = stop(child, "-TERM").await;
+    assert!(
+        !logs.contains(nexus_testkit::mcp::DYN_SECRET),
+        "a secret in the logs"
+    );
+}
