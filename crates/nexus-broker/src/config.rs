@@ -361,6 +361,7 @@ impl BrokerConfig {
             "/auth/capture",
             "/auth/capture-schema",
             "/auth/capture-credential",
+            nexus_core::wire::routes::CLIENT_METADATA,
         ];
         if !redirect_path.starts_with('/')
             || redirect_path.len() < 2

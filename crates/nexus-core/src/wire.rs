@@ -62,6 +62,10 @@ pub mod routes {
     pub const AGENT_KEY_VERIFY: &str = "/agent-keys/verify";
     /// Connect-portal links (the gateway's `POST /v1/connect-sessions`).
     pub const CONNECT_SESSIONS: &str = "/connect-sessions";
+    /// Nexus's client ID metadata document, public: the broker serves it
+    /// and the gateway forwards it (its URL under `BASE_URL` is Nexus's
+    /// client id at MCP authorization servers).
+    pub const CLIENT_METADATA: &str = "/auth/client-metadata.json";
 
     /// Every (method, route) a gateway calls, and all the broker lets its
     /// gateway credential (`GATEWAY_API_KEY`) reach: no key minting, no

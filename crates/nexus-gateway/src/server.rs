@@ -233,6 +233,15 @@ fn public_routes(redirect_path: &str) -> Routes {
             get(nexus_core::pages::stylesheet),
         ),
         (
+            doc(
+                "GET",
+                nexus_core::wire::routes::CLIENT_METADATA,
+                "Nexus's client ID metadata document (its client id at MCP authorization servers)",
+            )
+            .open(),
+            get(proxy::forward),
+        ),
+        (
             doc("GET", "/auth/capture", "Hosted form for static credentials")
                 .open()
                 .query("state", true, "the signed state of the handshake")

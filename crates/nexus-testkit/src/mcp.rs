@@ -27,6 +27,8 @@ pub struct Lies {
     pub pkce: Option<Vec<&'static str>>,
     /// No dynamic registration offered.
     pub no_registration: bool,
+    /// Client ID metadata documents taken.
+    pub cimd: bool,
     /// The redirect URIs dynamic registration answers with, instead of
     /// the ones asked for.
     pub registered_redirects: Option<Vec<String>>,
@@ -94,6 +96,9 @@ async fn server_metadata(State(f): State<Arc<FakeMcp>>) -> Json<Value> {
         "token_endpoint": format!("{b}/as/token"),
         "code_challenge_methods_supported": l.pkce.unwrap_or_else(|| vec!["S256"]),
     });
+    if l.cimd {
+        m["client_id_metadata_document_supported"] = json!(true);
+    }
     if !l.no_registration {
         m["registration_endpoint"] = json!(format!("{b}/as/register"));
     }

@@ -52,11 +52,26 @@ async fn found(st: &AppState, url: &str) -> Result<McpServer, ApiError> {
     Ok(mcp::discover(st.handshakes().provider_http(), &st.config().egress, url).await?)
 }
 
-/// How Nexus would identify itself to the server's authorization server:
-/// a client registered in advance, else dynamic registration (RFC 7591).
+/// Whether Nexus can be known by its client ID metadata document there:
+/// the server takes such documents, and the document's URL (`BASE_URL`)
+/// is https (an authorization server fetches it), or on loopback for
+/// development.
+fn cimd_usable(st: &AppState, server: &McpServer) -> bool {
+    let url = st.handshakes().client_metadata_url();
+    server.client_id_metadata_document_supported
+        && (url.starts_with("https://") || !nexus_core::egress::plaintext_beyond_loopback(url))
+}
+
+/// How Nexus would identify itself to the server's authorization server,
+/// in the MCP specification's order: a client registered in advance, its
+/// client ID metadata document, dynamic registration (RFC 7591).
 fn client_plan(st: &AppState, server: &McpServer, client_id: Option<&str>) -> Value {
     match client_id {
         Some(id) => json!({"method": "pre_registered", "client_id": id}),
+        None if cimd_usable(st, server) => json!({
+            "method": "client_id_metadata_document",
+            "client_id": st.handshakes().client_metadata_url(),
+        }),
         None if server.registration_endpoint.is_some() => json!({
             "method": "dynamic_registration",
             "registration_endpoint": server.registration_endpoint,
@@ -105,6 +120,14 @@ pub async fn create(
             None,
             req.scopes,
         ),
+        // A public client known by its metadata document: PKCE, no secret.
+        None if cimd_usable(&st, &server) => server.profile(
+            req.name.trim(),
+            st.handshakes().client_metadata_url(),
+            None,
+            None,
+            req.scopes,
+        ),
         None if server.registration_endpoint.is_some() => {
             let made = mcp::register(
                 st.handshakes().provider_http(),
@@ -137,4 +160,15 @@ pub async fn create(
         Json(json!({"id": id, "name": req.name.trim(), "server": server,
             "redirect_uri": st.handshakes().shared_redirect_uri()})),
     ))
+}
+
+/// `GET /auth/client-metadata.json`: Nexus's client ID metadata document
+/// (public: authorization servers fetch it).
+pub async fn client_metadata(State(st): State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        [(axum::http::header::CACHE_CONTROL, "public, max-age=3600")],
+        Json(st.handshakes().client_metadata()),
+    )
+        .into_response()
 }

@@ -826,6 +826,15 @@ fn public_routes(redirect_path: &str) -> Vec<Route<AppState>> {
         (
             doc(
                 "GET",
+                nexus_core::wire::routes::CLIENT_METADATA,
+                "Nexus's client ID metadata document (its client id at MCP authorization servers)",
+            )
+            .open(),
+            get(mcp::client_metadata),
+        ),
+        (
+            doc(
+                "GET",
                 "/auth/capture-schema",
                 "The credential schema of a capture (?state=)",
             )

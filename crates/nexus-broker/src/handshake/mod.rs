@@ -167,6 +167,9 @@ pub struct Handshakes {
     http: reqwest::Client,
     redirect_uri: String,
     pub(crate) capture_url: String,
+    /// Where Nexus's client ID metadata document is served (its client id
+    /// at authorization servers that take such documents).
+    client_metadata_url: String,
     allowed_return_domains: Vec<String>,
     refresh: crate::tokens::RefreshSettings,
     /// Handshakes started, per workspace.
@@ -218,6 +221,7 @@ impl Handshakes {
         let base = settings.base_url.as_str().trim_end_matches('/');
         let redirect_uri = format!("{base}{}", settings.redirect_path);
         let capture_url = format!("{base}/auth/capture");
+        let client_metadata_url = format!("{base}{}", nexus_core::wire::routes::CLIENT_METADATA);
         Self {
             store,
             registry,
@@ -227,6 +231,7 @@ impl Handshakes {
             http,
             redirect_uri,
             capture_url,
+            client_metadata_url,
             allowed_return_domains: settings.allowed_return_domains,
             refresh: settings.refresh,
             starts: nexus_core::limit::Windows::new(
@@ -403,6 +408,26 @@ impl Handshakes {
     /// The redirect URI providers send people back to (the shared one).
     pub fn shared_redirect_uri(&self) -> &str {
         &self.redirect_uri
+    }
+
+    /// Nexus's client ID metadata document (OAuth Client ID Metadata
+    /// Documents, as MCP authorization servers take them): a public client
+    /// (PKCE) whose id is the document's own URL and whose one redirect URI
+    /// is the shared callback.
+    pub fn client_metadata(&self) -> serde_json::Value {
+        serde_json::json!({
+            "client_id": self.client_metadata_url,
+            "client_name": "Nexus",
+            "redirect_uris": [self.redirect_uri],
+            "grant_types": ["authorization_code", "refresh_token"],
+            "response_types": ["code"],
+            "token_endpoint_auth_method": "none",
+        })
+    }
+
+    /// The URL of that document: the client id.
+    pub fn client_metadata_url(&self) -> &str {
+        &self.client_metadata_url
     }
 
     /// The origin of `provider`'s authorization endpoint: a page whose form

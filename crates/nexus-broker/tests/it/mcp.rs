@@ -57,6 +57,41 @@ async fn an_mcp_server_is_registered_by_its_url(b: Backend) {
         .collect();
     assert_eq!(names, ["dynamic"], "nothing stored for the redirected one");
 
+    // A server that takes client ID metadata documents: Nexus is known by
+    // its own, a public client (no secret), preferred to registration.
+    *fake.lies.lock().unwrap() = Lies {
+        cimd: true,
+        ..Default::default()
+    };
+    let (_, plan) = t.post("/providers/mcp/plan", json!({"url": url})).await;
+    let document_url = format!("{}/auth/client-metadata.json", t.base);
+    assert_eq!(plan["client"]["method"], "client_id_metadata_document");
+    assert_eq!(plan["client"]["client_id"], document_url);
+    let registrations = fake.registrations.lock().unwrap().len();
+    let (s, made) = t
+        .post("/providers/mcp", json!({"url": url, "name": "documented"}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{made}");
+    assert_eq!(
+        fake.registrations.lock().unwrap().len(),
+        registrations,
+        "no registration"
+    );
+    let (_, p) = t
+        .get(&format!("/providers/{}", made["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(p["client_id"], document_url);
+    assert_eq!(p["client_secret_set"], false);
+    let document: serde_json::Value = reqwest::get(&document_url)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(document["client_id"], document_url, "its own URL");
+    assert_eq!(document["redirect_uris"], json!([made["redirect_uri"]]));
+    assert_eq!(document["token_endpoint_auth_method"], "none");
+
     // Neither a client nor registration: said how to get one.
     *fake.lies.lock().unwrap() = Lies {
         no_registration: true,

@@ -246,7 +246,7 @@ async fn operators_list_refresh_pause_and_revoke_from_the_cli() {
 async fn mcp_servers_are_registered_from_the_cli() {
     let fake = nexus_testkit::mcp::start().await;
     let tmp = tempfile::tempdir().unwrap();
-    let (child, broker) = up(tmp.path(), &[("NEXUS_LOG", "warn")]).await;
+    let (child, broker, gateway) = crate::up_full(tmp.path(), &[("NEXUS_LOG", "warn")], &[]).await;
     let d = tmp.path();
     let url = format!("{}/mcp", fake.base);
     let (ok, out) = cli(d, &broker, &["mcp", "plan", &url]).await;
@@ -280,6 +280,21 @@ async fn mcp_servers_are_registered_from_the_cli() {
     fake.lies.lock().unwrap().pkce = Some(vec!["plain"]);
     let (ok, out) = cli(d, &broker, &["mcp", "add", &url, "--name", "weak"]).await;
     assert!(!ok && out.contains("S256"), "{out}");
+    // The client ID metadata document is public: the gateway serves it,
+    // its client id under the gateway's URL.
+    let document: Value = http()
+        .get(format!("{gateway}/auth/client-metadata.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        document["client_id"],
+        format!("{gateway}/auth/client-metadata.json"),
+        "{document}"
+    );
     let logs = stop(child, "-TERM").await;
     assert!(
         !logs.contains(nexus_testkit::mcp::DYN_SECRET),
