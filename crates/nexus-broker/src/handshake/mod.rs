@@ -188,6 +188,15 @@ pub fn return_host_allowed(host: &str, allowed: &[String]) -> bool {
     })
 }
 
+/// A stored scope list (JSON), its malformed entries dropped: they would
+/// be refused as scope tokens.
+fn json_scopes(stored: &str) -> Vec<String> {
+    crate::store::parse_json_list(stored)
+        .into_iter()
+        .filter(|s| !s.is_empty() && !s.chars().any(|c| c.is_whitespace() || c.is_control()))
+        .collect()
+}
+
 /// What the handshake engine needs of the broker's configuration.
 #[derive(Clone)]
 pub struct HandshakeSettings {
@@ -291,10 +300,10 @@ impl Handshakes {
                 ))
             }
         };
-        let scopes = match req.scopes {
-            Some(s) if !s.is_empty() => s,
-            _ => provider.profile.scopes.clone(),
-        };
+        let asked = req.scopes.filter(|s| !s.is_empty());
+        let mut scopes = asked
+            .clone()
+            .unwrap_or_else(|| provider.profile.scopes.clone());
         if let Some(bad) = scopes
             .iter()
             .find(|s| s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()))
@@ -313,6 +322,19 @@ impl Handshakes {
                 // Another workspace's connection answers exactly like an unknown one.
                 if conn.workspace_id != workspace_id || conn.provider_id != provider.row.id {
                     return Err(HandshakeError::ConnectionNotFound);
+                }
+                // A reconnect asks again for what the connection had and
+                // for what the provider refused (a step-up: a 403 naming
+                // scopes it lacks), unless the caller says which scopes.
+                if asked.is_none() {
+                    for s in json_scopes(&conn.requested_scopes)
+                        .into_iter()
+                        .chain(json_scopes(&conn.failing_scopes))
+                    {
+                        if !scopes.contains(&s) {
+                            scopes.push(s);
+                        }
+                    }
                 }
                 Some(conn)
             }

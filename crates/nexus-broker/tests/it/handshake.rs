@@ -1217,8 +1217,63 @@ async fn resource_indicators_travel_with_every_grant(b: Backend) {
     t.finish().await;
 }
 
+/// A step-up: the provider refused a call for a scope the connection never
+/// had (an MCP server's 403 `insufficient_scope`, `scope="calendar.write"`).
+/// The connection is `degraded` with that scope failing, and a reconnect
+/// without explicit scopes asks for what it had plus that scope; the scopes
+/// granted then clear it.
+async fn a_reconnect_asks_for_the_scopes_that_failed(b: Backend) {
+    let (t, idp) = setup(&b).await;
+    let flow = start(&t, &idp, "fake", json!({})).await;
+    let (s, _, body) = callback(
+        &t,
+        &[("code", "c1"), ("state", &flow.state), ("iss", &idp.base)],
+    )
+    .await;
+    assert_eq!(s, StatusCode::SEE_OTHER, "{body}");
+    let id = flow.connection_id.clone();
+    let (s, r) = t
+        .post(
+            &format!("/connections/{id}/scope-failures"),
+            json!({"status": 403, "www_authenticate":
+                "Bearer error=\"insufficient_scope\", scope=\"calendar.write\""}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{r}");
+    assert_eq!(r["status"], "degraded", "{r}");
+    assert_eq!(r["failing_scopes"], json!(["calendar.write"]));
+    // Explicit scopes are taken as they are.
+    let chosen = start(
+        &t,
+        &idp,
+        "fake",
+        json!({"connection_id": id, "scopes": ["calendar.read"]}),
+    )
+    .await;
+    assert_eq!(chosen.param("scope").as_deref(), Some("calendar.read"));
+    let again = start(&t, &idp, "fake", json!({"connection_id": id})).await;
+    assert_eq!(again.connection_id, id);
+    assert_eq!(
+        again.param("scope").as_deref(),
+        Some("openid email calendar.read calendar.write"),
+        "what it had, and what failed"
+    );
+    idp.knobs().granted_scope = Some("openid email calendar.read calendar.write".into());
+    let (s, _, body) = callback(
+        &t,
+        &[("code", "c2"), ("state", &again.state), ("iss", &idp.base)],
+    )
+    .await;
+    assert_eq!(s, StatusCode::SEE_OTHER, "{body}");
+    let c = connection(&t, &id).await;
+    assert_eq!(c.status, "active");
+    assert_eq!(c.failing_scopes, "[]");
+    t.finish().await;
+}
+
 backend_tests!(
     comma_separated_scopes_for_providers_that_ask_for_them,
+    a_reconnect_asks_for_the_scopes_that_failed,
     resource_indicators_travel_with_every_grant,
     per_provider_redirect_uris_defend_against_mix_up,
     discovered_endpoints_obey_the_egress_policy,
