@@ -225,10 +225,16 @@ impl McpServer {
         auth_method: Option<&str>,
         scopes: Option<Vec<String>>,
     ) -> Value {
+        // The authorization server's metadata stays the source of its
+        // endpoints (re-read as discovery documents are), and its issuer is
+        // what RFC 9207 `iss` in each answer is compared with.
         let mut p = json!({
             "name": name,
             "auth_type": "oauth2",
             "client_id": client_id,
+            "issuer": self.issuer,
+            "well_known_url": self.authorization_server_metadata,
+            "enable_discovery": true,
             "auth_url": self.authorization_endpoint,
             "token_url": self.token_endpoint,
             "scopes": scopes.unwrap_or_else(|| self.scopes.clone()),

@@ -121,6 +121,11 @@ async fn an_mcp_server_is_registered_by_its_url(b: Backend) {
     assert_eq!(p["auth_type"], "oauth2");
     assert_eq!(p["params"]["resource"], format!("{}/mcp", fake.base));
     assert_eq!(p["auth_url"], format!("{}/as/authorize", fake.base));
+    assert_eq!(
+        p["issuer"],
+        format!("{}/as", fake.base),
+        "iss is checked against it"
+    );
     let (s, spec) = t
         .post(
             "/auth/consent-spec",
@@ -134,6 +139,23 @@ async fn an_mcp_server_is_registered_by_its_url(b: Backend) {
     assert_eq!(q["resource"], format!("{}/mcp", fake.base));
     assert_eq!(q["code_challenge_method"], "S256");
     assert_eq!(q["scope"], "tools:read");
+    // RFC 9207: an answer naming another issuer is a mix-up, refused
+    // before any code is exchanged.
+    let answer = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(format!("{}/auth/callback", t.base))
+        .query(&[
+            ("code", "c"),
+            ("state", spec["state"].as_str().unwrap()),
+            ("iss", "https://evil.example.com/as"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let back = answer.headers()["location"].to_str().unwrap().to_string();
+    assert!(back.contains("error=iss_mismatch"), "{back}");
 
     // A server whose challenge names no metadata: the well-known place,
     // and the metadata's scopes.
