@@ -106,6 +106,12 @@ pub async fn create(
     caller: Caller,
     ApiJson(req): ApiJson<NewMcp>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    if req.client_id.as_deref().is_none_or(|c| c.trim().is_empty()) && req.client_secret.is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "client_secret was given without client_id: a secret belongs to a client registered in advance",
+        ));
+    }
     let server = found(&st, &req.url).await?;
     let given = req
         .client_id

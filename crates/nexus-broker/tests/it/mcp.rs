@@ -108,6 +108,19 @@ async fn an_mcp_server_is_registered_by_its_url(b: Backend) {
         "{message}"
     );
 
+    // A secret without its client is a mistake, said before anything is fetched.
+    let (s, e) = t
+        .post(
+            "/providers/mcp",
+            json!({"url": url, "name": "x", "client_secret": "s"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    assert!(
+        !e.to_string().contains("\"s\""),
+        "the secret is not echoed: {e}"
+    );
+
     // Registered: an OAuth provider whose tokens are bound to the server.
     let (s, made) = t
         .post(
