@@ -1,5 +1,6 @@
-//! What the pages' sessions share (the connect portal's and the console's):
-//! random tokens kept only as hashes, and CSRF tokens bound to a session.
+//! What the pages' sessions share (the connect portal's, the console's and
+//! the capture form's): random tokens kept only as hashes, CSRF tokens bound
+//! to a session, and the cookies that carry them.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -45,6 +46,50 @@ pub fn csrf_ok(key: &Secret<Vec<u8>>, purpose: &str, session_id: &str, token: &s
         .is_ok_and(|t| csrf_mac(key, purpose, session_id).verify_slice(&t).is_ok())
 }
 
+/// How a cookie travels with requests other sites start.
+#[derive(Debug, Clone, Copy)]
+pub enum SameSite {
+    /// Never: for pages reached only from Nexus's own.
+    Strict,
+    /// With top-level navigations: for cookies that must survive the way
+    /// back from a provider's page.
+    Lax,
+}
+
+/// A `Set-Cookie` value for a page's cookie: always `HttpOnly`, scoped to
+/// `path`, `Secure` when the pages are served over https. `max_age_secs` 0
+/// removes the cookie. `None` if the value is not header-safe.
+pub fn set_cookie(
+    name: &str,
+    value: &str,
+    path: &str,
+    same_site: SameSite,
+    max_age_secs: i64,
+    secure: bool,
+) -> Option<axum::http::HeaderValue> {
+    let same_site = match same_site {
+        SameSite::Strict => "Strict",
+        SameSite::Lax => "Lax",
+    };
+    axum::http::HeaderValue::from_str(&format!(
+        "{name}={value}; Path={path}; HttpOnly; SameSite={same_site}; Max-Age={max_age_secs}{}",
+        if secure { "; Secure" } else { "" }
+    ))
+    .ok()
+}
+
+/// The value of the cookie `name` the request carries.
+pub fn cookie(headers: &axum::http::HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,5 +105,18 @@ mod tests {
         let a = new_token("nxs_");
         assert!(a.expose().starts_with("nxs_") && a.expose().len() > 40);
         assert_ne!(a.expose(), new_token("nxs_").expose());
+    }
+
+    #[test]
+    fn cookies_are_written_and_read_back() {
+        let v = set_cookie("c", "v1", "/console", SameSite::Strict, 60, true).unwrap();
+        assert_eq!(
+            v.to_str().unwrap(),
+            "c=v1; Path=/console; HttpOnly; SameSite=Strict; Max-Age=60; Secure"
+        );
+        let mut h = axum::http::HeaderMap::new();
+        h.insert(axum::http::header::COOKIE, "a=1; c=v1".parse().unwrap());
+        assert_eq!(cookie(&h, "c").as_deref(), Some("v1"));
+        assert_eq!(cookie(&h, "b"), None);
     }
 }

@@ -595,8 +595,9 @@ fn console_sso(
             "is not a URL (https://id.example.com)",
         )
     })?;
-    let on_this_machine = crate::handshake::operator::on_this_machine(issuer);
-    if parsed.scheme() != "https" && !(parsed.scheme() == "http" && on_this_machine) {
+    if !matches!(parsed.scheme(), "https" | "http")
+        || nexus_core::egress::plaintext_beyond_loopback(issuer)
+    {
         return Err(ConfigError::new(
             CONSOLE_OIDC_ISSUER.name,
             "must be https (plain http only for a provider on this machine)",
@@ -758,6 +759,14 @@ mod tests {
             (
                 Settings {
                     console_oidc_issuer: Some("http://id.example.com".into()),
+                    ..sso()
+                },
+                "CONSOLE_OIDC_ISSUER",
+                "must be https",
+            ),
+            (
+                Settings {
+                    console_oidc_issuer: Some("http://10.0.0.1".into()),
                     ..sso()
                 },
                 "CONSOLE_OIDC_ISSUER",

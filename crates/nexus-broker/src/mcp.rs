@@ -345,11 +345,7 @@ pub async fn discover(
 ) -> Result<McpServer, McpError> {
     let server = canonical(server_url)?;
     let resource = canonical_text(&server);
-    let check = |what: &str, url: &str| {
-        egress
-            .check_url(what, url, false)
-            .map_err(|e| McpError::Egress(e.to_string()))
-    };
+    let check = |what: &str, url: &str| inside(egress, what, url);
     check("MCP server", &resource)?;
 
     // The challenge: an unauthenticated MCP request.
@@ -381,28 +377,20 @@ pub async fn discover(
 
     // The protected-resource metadata: as named, else the well-known
     // locations (path-inserted first, then the root).
-    let mut candidates = Vec::new();
-    if let Some(m) = named {
-        candidates.push(m);
-    } else {
-        candidates.push(inserted(&server, "oauth-protected-resource"));
-        let root = format!(
-            "{}/.well-known/oauth-protected-resource",
-            server.origin().ascii_serialization()
-        );
-        if !candidates.contains(&root) {
-            candidates.push(root);
-        }
-    }
-    let mut found = None;
-    for url in candidates {
-        check("protected-resource metadata", &url)?;
-        if let Some(doc) = fetch_json(http, "protected-resource metadata", &url, true).await? {
-            found = Some((url, doc));
-            break;
-        }
-    }
-    let (resource_metadata, prm) = found.ok_or(McpError::NoMetadata)?;
+    let candidates = match named {
+        Some(m) => vec![m],
+        None => vec![
+            inserted(&server, "oauth-protected-resource"),
+            format!(
+                "{}/.well-known/oauth-protected-resource",
+                server.origin().ascii_serialization()
+            ),
+        ],
+    };
+    let (resource_metadata, prm) =
+        first_found(http, egress, "protected-resource metadata", candidates)
+            .await?
+            .ok_or(McpError::NoMetadata)?;
     let named_resource = prm["resource"].as_str().unwrap_or_default();
     let same = canonical(named_resource)
         .map(|u| canonical_text(&u) == resource)
@@ -428,26 +416,16 @@ pub async fn discover(
 
     // Its metadata: RFC 8414 (path inserted), then OpenID discovery with
     // the path inserted, then appended.
-    let mut as_candidates = vec![
+    let candidates = vec![
         inserted(&issuer_url, "oauth-authorization-server"),
         inserted(&issuer_url, "openid-configuration"),
+        format!(
+            "{}/.well-known/openid-configuration",
+            issuer.trim_end_matches('/')
+        ),
     ];
-    let appended = format!(
-        "{}/.well-known/openid-configuration",
-        issuer.trim_end_matches('/')
-    );
-    if !as_candidates.contains(&appended) {
-        as_candidates.push(appended);
-    }
-    let mut asm = None;
-    for url in as_candidates {
-        check("authorization server metadata", &url)?;
-        if let Some(doc) = fetch_json(http, "authorization server metadata", &url, true).await? {
-            asm = Some((url, doc));
-            break;
-        }
-    }
-    let (authorization_server_metadata, asm) = asm.ok_or_else(|| {
+    let found = first_found(http, egress, "authorization server metadata", candidates).await?;
+    let (authorization_server_metadata, asm) = found.ok_or_else(|| {
         McpError::Incomplete(format!(
             "authorization server {issuer} publishes no metadata (RFC 8414 or OpenID discovery)"
         ))
@@ -510,12 +488,37 @@ pub async fn discover(
     })
 }
 
-/// A JSON object at `url`; `None` for a 404 when `optional`.
+/// `url` is inside the egress policy (https, or http on loopback).
+fn inside(egress: &Egress, what: &str, url: &str) -> Result<(), McpError> {
+    egress
+        .check_url(what, url, false)
+        .map_err(|e| McpError::Egress(e.to_string()))
+}
+
+/// The first of `candidates` (well-known locations, in order; repeats
+/// skipped) that holds a JSON object, each checked against `egress` before
+/// it is fetched; `None` when every one answers 404.
+async fn first_found(
+    http: &reqwest::Client,
+    egress: &Egress,
+    what: &'static str,
+    mut candidates: Vec<String>,
+) -> Result<Option<(String, Value)>, McpError> {
+    candidates.dedup();
+    for url in candidates {
+        inside(egress, what, &url)?;
+        if let Some(doc) = fetch_json(http, what, &url).await? {
+            return Ok(Some((url, doc)));
+        }
+    }
+    Ok(None)
+}
+
+/// A JSON object at `url`; `None` for a 404 (nothing published there).
 async fn fetch_json(
     http: &reqwest::Client,
     what: &'static str,
     url: &str,
-    optional: bool,
 ) -> Result<Option<Value>, McpError> {
     let fail = |reason: String| McpError::Fetch {
         what,
@@ -525,7 +528,7 @@ async fn fetch_json(
     let got = outbound::send(http.get(url).header("accept", "application/json"))
         .await
         .map_err(|e| fail(e.to_string()))?;
-    if optional && got.status.as_u16() == 404 {
+    if got.status.as_u16() == 404 {
         return Ok(None);
     }
     if !got.status.is_success() {

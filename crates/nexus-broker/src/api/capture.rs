@@ -4,7 +4,7 @@
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -13,6 +13,7 @@ use serde_json::{json, Map, Value};
 use super::error::ApiError;
 use super::extract::Caller;
 use super::AppState;
+use crate::browser_session::{cookie, set_cookie, SameSite};
 use crate::events::audit::Actor;
 use crate::handshake::capture::{typed_from_form, CaptureForm, CaptureOutcome, Field};
 
@@ -108,12 +109,15 @@ fn html(
     let targets: Vec<&str> = back.as_deref().into_iter().collect();
     let mut resp = nexus_core::pages::respond(status, body, &targets, framers);
     if let Some((handshake_id, token, secure)) = csrf {
-        let cookie = format!(
-            "{}={token}; Path=/auth; HttpOnly; SameSite=Strict; Max-Age=600{}",
-            csrf_cookie(handshake_id),
-            if secure { "; Secure" } else { "" }
+        let set = set_cookie(
+            &csrf_cookie(handshake_id),
+            token,
+            "/auth",
+            SameSite::Strict,
+            600,
+            secure,
         );
-        if let Ok(v) = HeaderValue::from_str(&cookie) {
+        if let Some(v) = set {
             resp.headers_mut().insert(header::SET_COOKIE, v);
         }
     }
@@ -159,17 +163,6 @@ pub async fn schema(
         "fields": form.fields,
         "expires_at": crate::store::rfc3339(form.handshake.expires_at),
     })))
-}
-
-pub(super) fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_string())
 }
 
 /// `POST /auth/capture-credential`: an HTML form post (`state`, `csrf` and the

@@ -16,11 +16,11 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::capture::cookie;
 use super::error::ApiError;
 use super::extract::Caller;
 use super::AppState;
 use crate::browser_session;
+use crate::browser_session::{cookie, set_cookie, SameSite};
 use crate::events::audit::{Actor, AuditEvent};
 use crate::store::{
     now_ms, parse_json_list, rfc3339, AuditFilter, ConnectionRow, ConsoleSessionRow, PauseScope,
@@ -128,27 +128,19 @@ fn page(html: Result<String, nexus_core::pages::PageError>) -> Response {
 /// A refusal: a page for a browser, the JSON error for anything else. A
 /// signed-out browser is offered single sign-on when it is configured.
 fn refuse(st: &AppState, headers: &HeaderMap, e: ApiError) -> Response {
-    if e.code == "console_signed_out" && st.config().console_sso.is_some() && wants_html(headers) {
-        return super::pages::message_with(
+    if e.code == "console_signed_out" && st.config().console_sso.is_some() {
+        let e = ApiError::new(
             e.status,
-            "Console",
+            e.code,
             "You are signed out. Sign in with your organisation's account, or open a one-time link (`nexus console` prints one).",
-            &[],
-            Some(super::pages::Action {
-                href: "/console/sso",
-                label: "Sign in with single sign-on",
-            }),
-            None,
         );
+        let sso = super::pages::Action {
+            href: "/console/sso",
+            label: "Sign in with single sign-on",
+        };
+        return super::pages::refuse_with(headers, e, "Console", &[], Some(sso));
     }
     super::pages::refuse(headers, e, "Console", &[])
-}
-
-fn wants_html(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("text/html"))
 }
 
 /// The sign-in cookie of a single sign-on under way.
@@ -180,13 +172,8 @@ pub async fn sso_start(
     match started {
         Ok(s) => {
             let mut resp = nexus_core::pages::redirect(s.authorize_url.as_str(), &[]);
-            let c = format!(
-                "{SSO_COOKIE}={}; Path=/console/sso; HttpOnly; SameSite=Lax; Max-Age={}{}",
-                s.cookie,
-                crate::handshake::operator::LOGIN_TTL_SECS,
-                if secure_cookie(&st) { "; Secure" } else { "" }
-            );
-            if let Ok(v) = HeaderValue::from_str(&c) {
+            let set = sso_cookie(&st, &s.cookie, crate::handshake::operator::LOGIN_TTL_SECS);
+            if let Some(v) = set {
                 resp.headers_mut().insert(header::SET_COOKIE, v);
             }
             resp
@@ -206,32 +193,31 @@ fn sso_refused(
         SsoError::Denied(_) | SsoError::NotAllowed(_) => StatusCode::FORBIDDEN,
         SsoError::Provider(_) => StatusCode::BAD_GATEWAY,
     };
-    let err = ApiError::new(status, e.code(), e.to_string());
-    let mut resp = if wants_html(headers) {
-        super::pages::message_with(
-            status,
-            "Console",
-            &err.message,
-            &[],
-            Some(super::pages::Action {
-                href: "/console/sso",
-                label: "Try again",
-            }),
-            None,
-        )
-    } else {
-        err.into_response()
+    let again = super::pages::Action {
+        href: "/console/sso",
+        label: "Try again",
     };
+    let err = ApiError::new(status, e.code(), e.to_string());
+    let mut resp = super::pages::refuse_with(headers, err, "Console", &[], Some(again));
     clear_sso_cookie(st, &mut resp);
     resp
 }
 
+/// The sign-in cookie of a single sign-on under way (`SameSite=Lax`: it
+/// must come back with the provider's top-level redirect).
+fn sso_cookie(st: &AppState, value: &str, max_age_secs: i64) -> Option<HeaderValue> {
+    set_cookie(
+        SSO_COOKIE,
+        value,
+        "/console/sso",
+        SameSite::Lax,
+        max_age_secs,
+        secure_cookie(st),
+    )
+}
+
 fn clear_sso_cookie(st: &AppState, resp: &mut Response) {
-    let c = format!(
-        "{SSO_COOKIE}=; Path=/console/sso; HttpOnly; SameSite=Lax; Max-Age=0{}",
-        if secure_cookie(st) { "; Secure" } else { "" }
-    );
-    if let Ok(v) = HeaderValue::from_str(&c) {
+    if let Some(v) = sso_cookie(st, "", 0) {
         resp.headers_mut().append(header::SET_COOKIE, v);
     }
 }
@@ -301,7 +287,7 @@ pub async fn sso_callback(
         }),
         Some("/console"),
     );
-    if let Some(v) = session_cookie(&st, &session_token) {
+    if let Some(v) = session_cookie(&st, session_token.expose(), ABSOLUTE_MS / 1000) {
         resp.headers_mut().append(header::SET_COOKIE, v);
     }
     clear_sso_cookie(&st, &mut resp);
@@ -325,15 +311,17 @@ fn new_session(operator: String) -> (ConsoleSessionRow, nexus_core::Secret<Strin
     )
 }
 
-/// The session cookie: `HttpOnly`, `SameSite=Strict`, `Secure` with TLS.
-fn session_cookie(st: &AppState, token: &nexus_core::Secret<String>) -> Option<HeaderValue> {
-    HeaderValue::from_str(&format!(
-        "{COOKIE}={}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={}{}",
-        token.expose(),
-        ABSOLUTE_MS / 1000,
-        if secure_cookie(st) { "; Secure" } else { "" }
-    ))
-    .ok()
+/// The session cookie (`SameSite=Strict`); an empty value with no age
+/// removes it.
+fn session_cookie(st: &AppState, value: &str, max_age_secs: i64) -> Option<HeaderValue> {
+    set_cookie(
+        COOKIE,
+        value,
+        "/console",
+        SameSite::Strict,
+        max_age_secs,
+        secure_cookie(st),
+    )
 }
 
 fn signed_out() -> ApiError {
@@ -381,7 +369,7 @@ pub async fn sign_in(
         Err(e) => return refuse(&st, &headers, e.into()),
     }
     let mut resp = nexus_core::pages::redirect("/console", &[]);
-    if let Some(v) = session_cookie(&st, &session_token) {
+    if let Some(v) = session_cookie(&st, session_token.expose(), ABSOLUTE_MS / 1000) {
         resp.headers_mut().insert(header::SET_COOKIE, v);
     }
     resp
@@ -431,10 +419,10 @@ struct PauseView {
 
 /// What every console page shows: who is signed in, the banners.
 async fn frame(st: &AppState, s: &ConsoleSessionRow) -> Result<Value, ApiError> {
+    // The pauses this replica enforces (the banner says what agents meet).
     let pauses: Vec<PauseView> = st
-        .store()
-        .list_pauses()
-        .await?
+        .pauses()
+        .all()
         .into_iter()
         .map(|p| PauseView {
             workspace: match &p.scope {
@@ -772,16 +760,30 @@ pub async fn pause(
     let go = async {
         let (s, fields) = post(&st, &headers, &body).await?;
         let who = actor(&s, &caller);
+        let workspace = || {
+            super::pauses::workspace(
+                fields
+                    .get("workspace")
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
+            )
+        };
+        // A pause needs its reason and the ticked box; a resume neither.
+        let confirmed_reason = || {
+            let reason = super::pauses::reason(fields.get("reason").map(str::to_string), true)?
+                .unwrap_or_default();
+            if fields.get("confirm") != Some("yes") {
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    "Not paused: tick the box to confirm.",
+                ));
+            }
+            Ok(reason)
+        };
         match fields.get("action") {
             Some("pause") => {
-                let reason = super::pauses::reason(fields.get("reason").map(str::to_string), true)?
-                    .unwrap_or_default();
-                if fields.get("confirm") != Some("yes") {
-                    return Err(ApiError::bad_request(
-                        "invalid_request",
-                        "Not paused: tick the box to confirm.",
-                    ));
-                }
+                let reason = confirmed_reason()?;
                 st.pauses()
                     .pause(PauseScope::Operator, reason, &who)
                     .await?;
@@ -790,28 +792,12 @@ pub async fn pause(
                 st.pauses().resume(PauseScope::Operator, &who).await?;
             }
             Some("pause_workspace") => {
-                let scope = super::pauses::workspace(
-                    fields
-                        .get("workspace")
-                        .unwrap_or_default()
-                        .trim()
-                        .to_string(),
-                )?;
-                let reason = super::pauses::reason(fields.get("reason").map(str::to_string), true)?
-                    .unwrap_or_default();
-                if fields.get("confirm") != Some("yes") {
-                    return Err(ApiError::bad_request(
-                        "invalid_request",
-                        "Not paused: tick the box to confirm.",
-                    ));
-                }
+                let scope = workspace()?;
+                let reason = confirmed_reason()?;
                 st.pauses().pause(scope, reason, &who).await?;
             }
             Some("resume_workspace") => {
-                let scope = super::pauses::workspace(
-                    fields.get("workspace").unwrap_or_default().to_string(),
-                )?;
-                st.pauses().resume(scope, &who).await?;
+                st.pauses().resume(workspace()?, &who).await?;
             }
             _ => {
                 return Err(ApiError::bad_request(
@@ -843,8 +829,7 @@ pub async fn sign_out(
             .end_console_session(&s.id, now_ms(), &audit)
             .await?;
         let mut resp = super::pages::message(StatusCode::OK, "Console", "You are signed out.", &[]);
-        let c = format!("{COOKIE}=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0");
-        if let Ok(v) = HeaderValue::from_str(&c) {
+        if let Some(v) = session_cookie(&st, "", 0) {
             resp.headers_mut().insert(header::SET_COOKIE, v);
         }
         Ok::<_, ApiError>(resp)

@@ -144,12 +144,23 @@ pub fn message_with(
 /// A refusal: a page for a browser (it asked for HTML), the JSON error for
 /// anything else.
 pub fn refuse(headers: &HeaderMap, e: ApiError, title: &str, framers: &[String]) -> Response {
+    refuse_with(headers, e, title, framers, None)
+}
+
+/// [`refuse`], the page offering `action` (what to do next).
+pub fn refuse_with(
+    headers: &HeaderMap,
+    e: ApiError,
+    title: &str,
+    framers: &[String],
+    action: Option<Action<'_>>,
+) -> Response {
     let wants_html = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("text/html"));
     if wants_html {
-        message(e.status, title, &e.message, framers)
+        message_with(e.status, title, &e.message, framers, action, None)
     } else {
         e.into_response()
     }

@@ -17,10 +17,10 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::capture::cookie;
 use super::error::ApiError;
 use super::extract::{ApiJson, Caller};
 use super::AppState;
+use crate::browser_session::{cookie, set_cookie, SameSite};
 use crate::events::audit::Actor;
 use crate::handshake::ConsentRequest;
 use crate::portal::{NewSession, Portal, PortalError, COOKIE};
@@ -342,13 +342,16 @@ async fn render_page(
 }
 
 fn session_cookie(token: &str, max_age_secs: i64, secure: bool) -> Option<HeaderValue> {
-    HeaderValue::from_str(&format!(
-        // Lax, not Strict: the way back from a provider's consent page is a
-        // navigation another site started, and it must find the session.
-        "{COOKIE}={token}; Path=/connect; HttpOnly; SameSite=Lax; Max-Age={max_age_secs}{}",
-        if secure { "; Secure" } else { "" }
-    ))
-    .ok()
+    // Lax, not Strict: the way back from a provider's consent page is a
+    // navigation another site started, and it must find the session.
+    set_cookie(
+        COOKIE,
+        token,
+        "/connect",
+        SameSite::Lax,
+        max_age_secs,
+        secure,
+    )
 }
 
 /// `GET /connect`: with `?session=` from the link, the token becomes a

@@ -118,17 +118,6 @@ fn sealed_aad(login_id: &str) -> Aad<'_> {
     Aad::new("console_sso", login_id, "login")
 }
 
-/// Whether `url` names this machine (a loopback address or `localhost`):
-/// the only place a plain-HTTP identity provider is accepted.
-pub fn on_this_machine(url: &str) -> bool {
-    Url::parse(url).ok().is_some_and(|u| match u.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(d)) => d == "localhost",
-        None => false,
-    })
-}
-
 impl OperatorSso {
     fn profile(&self) -> Result<ProviderProfile, SsoError> {
         serde_json::from_value(json!({
@@ -136,10 +125,9 @@ impl OperatorSso {
             "auth_type": "oauth2",
             "client_id": self.client_id,
             "issuer": self.issuer,
+            // Plain HTTP is accepted only on loopback (a test or a local
+            // identity provider), by the egress rules discovery applies.
             "enable_discovery": true,
-            // Plain HTTP only for a provider on this machine (a test or a
-            // local identity provider); the operator configured it.
-            "allow_plaintext": on_this_machine(&self.issuer),
         }))
         .map_err(|e| SsoError::Provider(format!("CONSOLE_OIDC_ISSUER: {e}")))
     }
@@ -414,13 +402,5 @@ mod tests {
             ))
             .unwrap_err();
         assert!(no.to_string().contains("eve@example.com"), "{no}");
-    }
-
-    #[test]
-    fn plain_http_only_for_a_provider_on_this_machine() {
-        assert!(on_this_machine("http://127.0.0.1:9000"));
-        assert!(on_this_machine("http://localhost:9000"));
-        assert!(!on_this_machine("http://id.example.com"));
-        assert!(!on_this_machine("http://10.0.0.1"));
     }
 }

@@ -59,6 +59,17 @@ impl Pauses {
         workspace.and_then(|w| snap.workspaces.get(w).cloned())
     }
 
+    /// Every pause in force: the operator's first, then workspaces' by name.
+    pub fn all(&self) -> Vec<PauseRow> {
+        let snap = self.now.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut workspaces: Vec<&PauseRow> = snap.workspaces.values().collect();
+        workspaces.sort_by(|a, b| match (&a.scope, &b.scope) {
+            (PauseScope::Workspace(x), PauseScope::Workspace(y)) => x.cmp(y),
+            _ => std::cmp::Ordering::Equal,
+        });
+        snap.operator.iter().chain(workspaces).cloned().collect()
+    }
+
     /// Whether an operator-wide pause is in force.
     pub fn operator(&self) -> Option<PauseRow> {
         self.check(None)
