@@ -492,6 +492,24 @@ impl GatewayClient {
             })
     }
 
+    /// `POST /v1/connect-sessions`: a connect-portal link for a person of
+    /// `workspace`, offering `providers` (names or ids; all when empty).
+    /// The answer is `{id, url, token, expires_at, workspace_id}`.
+    pub async fn connect_session(
+        &self,
+        workspace: &str,
+        providers: &[&str],
+    ) -> Result<Value, BridgeError> {
+        let mut body = serde_json::json!({ "workspace_id": workspace });
+        if !providers.is_empty() {
+            body["providers"] = serde_json::json!(providers);
+        }
+        let answer = self
+            .call(Method::POST, &["v1", "connect-sessions"], Some(&body))
+            .await?;
+        Self::json(&answer)
+    }
+
     /// `POST /v1/connections/{id}/scope-failures`.
     pub async fn report_scope_failure(
         &self,

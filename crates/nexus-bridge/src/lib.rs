@@ -294,6 +294,13 @@ impl Bridge {
         self.inner.cache.refreshed(id, generation).await
     }
 
+    /// Forgets the cached credentials of `id` and any error held for it:
+    /// the next [`Self::token`] asks the gateway (after a person was sent
+    /// to consent again, their new grant is then used at once).
+    pub fn forget(&self, id: &str) {
+        self.inner.cache.forget(id);
+    }
+
     /// Reports a scope failure (or success) now and waits for the answer.
     pub async fn report_scope_failure(
         &self,

@@ -48,6 +48,8 @@ nexus_core::declare_settings! {
         allowed_return_domains: ALLOWED_RETURN_DOMAINS = Setting::text("ALLOWED_RETURN_DOMAINS", "Comma-separated hosts a handshake may return the browser to (.example.com: and below)").or("localhost,127.0.0.1"),
         /// `CONNECT_EMBED_ORIGINS`: origins that may frame the connect portal.
         connect_embed_origins: CONNECT_EMBED_ORIGINS = Setting::text("CONNECT_EMBED_ORIGINS", "Comma-separated origins (https://app.example.com) that may show the connect portal in a frame or open it in a popup, and receive its completion message (none by default: no framing)"),
+        /// `MCP_CLIENT_METADATA_URL`: where Nexus's client ID metadata document is published.
+        mcp_client_metadata_url: MCP_CLIENT_METADATA_URL = Setting::text("MCP_CLIENT_METADATA_URL", "The https URL where Nexus's OAuth client ID metadata document is published, if not BASE_URL/auth/client-metadata.json; it is Nexus's client_id at MCP authorization servers that take such documents, so publish there exactly what BASE_URL/auth/client-metadata.json serves"),
         /// `CONSOLE_URL`: the console's base URL as operators' browsers reach the broker.
         console_url: CONSOLE_URL = Setting::text("CONSOLE_URL", "The broker's URL as operators' browsers reach it, for the console's single sign-on redirect (default: http://BROKER_ADDR, https with TLS)"),
         /// `CONSOLE_OIDC_ISSUER`: the OpenID provider operators sign in with.
@@ -149,6 +151,9 @@ pub struct BrokerConfig {
     pub allowed_return_domains: Vec<String>,
     /// Origins that may frame the connect portal and get its messages.
     pub connect_embed_origins: Vec<String>,
+    /// Where the client ID metadata document is published, when not under
+    /// `base_url`.
+    pub mcp_client_metadata_url: Option<String>,
     /// Operators' single sign-on to the console, when configured.
     pub console_sso: Option<crate::handshake::operator::OperatorSso>,
     /// The console's cookies carry `Secure`: `CONSOLE_URL` is https, or
@@ -199,6 +204,7 @@ impl std::fmt::Debug for BrokerConfig {
             .field("redirect_path", &self.redirect_path)
             .field("allowed_return_domains", &self.allowed_return_domains)
             .field("connect_embed_origins", &self.connect_embed_origins)
+            .field("mcp_client_metadata_url", &self.mcp_client_metadata_url)
             .field("allowed_cidrs", &self.allowed_cidrs)
             .field("listen_addr", &self.listen_addr)
             .field("max_body_bytes", &self.max_body_bytes)
@@ -264,6 +270,7 @@ impl BrokerConfig {
             base_url: self.base_url.clone(),
             redirect_path: self.redirect_path.clone(),
             allowed_return_domains: self.allowed_return_domains.clone(),
+            client_metadata_url: self.mcp_client_metadata_url.clone(),
             refresh: self.refresh,
             starts_per_minute: self.handshake_starts_per_minute,
             max_pending: self.max_pending_per_workspace,
@@ -423,6 +430,30 @@ impl BrokerConfig {
             connect_embed_origins.push(origin);
         }
 
+        // An authorization server fetches the document by its URL, which is
+        // also the client id: https, a path, nothing else (CIMD §3).
+        let mcp_client_metadata_url = match v.given(&MCP_CLIENT_METADATA_URL) {
+            None => None,
+            Some(u) => {
+                let ok = Url::parse(u).ok().filter(|p| {
+                    p.scheme() == "https"
+                        && p.host().is_some()
+                        && p.path() != "/"
+                        && p.query().is_none()
+                        && p.fragment().is_none()
+                        && p.username().is_empty()
+                        && p.password().is_none()
+                });
+                if ok.is_none() {
+                    return Err(ConfigError::new(
+                        MCP_CLIENT_METADATA_URL.name,
+                        "is not an https URL with a path and no query, fragment or credentials (https://nexus.example.com/client-metadata.json)",
+                    ));
+                }
+                Some(u.to_string())
+            }
+        };
+
         let allowed_cidrs = match v.given(&ALLOWED_CIDRS) {
             None => Vec::new(),
             Some(c) => nexus_core::net::parse_cidrs(ALLOWED_CIDRS.name, c)?,
@@ -535,6 +566,7 @@ impl BrokerConfig {
             redirect_path,
             allowed_return_domains,
             connect_embed_origins,
+            mcp_client_metadata_url,
             allowed_cidrs,
             egress,
             listen_addr,
@@ -722,6 +754,33 @@ mod tests {
             ..good()
         });
         assert!(e.starts_with("BROKER_CLIENT_IDS"), "{e}");
+    }
+
+    #[test]
+    fn the_client_metadata_document_url_is_https_with_a_path() {
+        let with = |u: &str| Settings {
+            mcp_client_metadata_url: Some(u.into()),
+            ..good()
+        };
+        let c = BrokerConfig::from_settings(&with("https://nexus.example.com/cimd.json")).unwrap();
+        assert_eq!(
+            c.handshake_settings().client_metadata_url.as_deref(),
+            Some("https://nexus.example.com/cimd.json")
+        );
+        for bad in [
+            "http://nexus.example.com/cimd.json",
+            "https://nexus.example.com",
+            "https://nexus.example.com/c.json?x=1",
+            "not a url",
+        ] {
+            let e = err(with(bad));
+            assert!(e.starts_with("MCP_CLIENT_METADATA_URL"), "{bad}: {e}");
+        }
+        assert!(BrokerConfig::from_settings(&good())
+            .unwrap()
+            .handshake_settings()
+            .client_metadata_url
+            .is_none());
     }
 
     #[test]

@@ -92,7 +92,12 @@ impl McpError {
 /// What Nexus found about an MCP server.
 #[derive(Debug, Clone, Serialize)]
 pub struct McpServer {
-    /// The server's canonical URI: the `resource` its tokens are for.
+    /// The server's canonical URI.
+    pub url: String,
+    /// The protected resource its metadata names, which tokens are asked
+    /// for (RFC 8707 `resource`): the server's URI, or a resource above it
+    /// on the same origin (metadata at the root well-known location names
+    /// the origin).
     pub resource: String,
     /// Where its protected-resource metadata was.
     pub resource_metadata: String,
@@ -110,6 +115,9 @@ pub struct McpServer {
     pub registration_endpoint: Option<String>,
     /// Whether the server takes Client ID Metadata Documents.
     pub client_id_metadata_document_supported: bool,
+    /// How clients may authenticate at its token endpoint (empty: not
+    /// said, which RFC 8414 reads as `client_secret_basic`).
+    pub token_endpoint_auth_methods_supported: Vec<String>,
     /// Scopes to ask for: the challenge's, else the metadata's.
     pub scopes: Vec<String>,
 }
@@ -140,18 +148,21 @@ pub async fn register(
         endpoint: endpoint.clone(),
         reason,
     };
+    let mut asked = json!({
+        "client_name": "Nexus",
+        "application_type": "web",
+        "redirect_uris": [redirect_uri],
+        "grant_types": ["authorization_code", "refresh_token"],
+        "response_types": ["code"],
+        "token_endpoint_auth_method": server.preferred_auth_method(),
+    });
+    if !server.scopes.is_empty() {
+        asked["scope"] = json!(server.scopes.join(" "));
+    }
     let req = http
         .post(&endpoint)
         .header("accept", "application/json")
-        .json(&json!({
-            "client_name": "Nexus",
-            "application_type": "web",
-            "redirect_uris": [redirect_uri],
-            "grant_types": ["authorization_code", "refresh_token"],
-            "response_types": ["code"],
-            "token_endpoint_auth_method": "client_secret_basic",
-            "scope": server.scopes.join(" "),
-        }));
+        .json(&asked);
     let got = outbound::send(req).await.map_err(|e| fail(e.to_string()))?;
     if !got.status.is_success() {
         // The body may describe the refusal; it holds no secret of ours.
@@ -214,6 +225,23 @@ pub async fn register(
 }
 
 impl McpServer {
+    /// How a client with a secret should authenticate at the token
+    /// endpoint: `client_secret_basic` unless the server takes only
+    /// `client_secret_post` (or only `none`, for a public client).
+    pub fn preferred_auth_method(&self) -> &'static str {
+        let m = &self.token_endpoint_auth_methods_supported;
+        let takes = |x: &str| m.iter().any(|y| y == x);
+        if m.is_empty() || takes("client_secret_basic") {
+            "client_secret_basic"
+        } else if takes("client_secret_post") {
+            "client_secret_post"
+        } else if takes("none") {
+            "none"
+        } else {
+            "client_secret_basic"
+        }
+    }
+
     /// The provider profile for this server with a client registered at its
     /// authorization server (`auth_method`: how the client authenticates at
     /// the token endpoint).
@@ -238,8 +266,8 @@ impl McpServer {
             "auth_url": self.authorization_endpoint,
             "token_url": self.token_endpoint,
             "scopes": scopes.unwrap_or_else(|| self.scopes.clone()),
-            "api_base_url": self.resource,
-            "description": format!("MCP server {}", self.resource),
+            "api_base_url": self.url,
+            "description": format!("MCP server {}", self.url),
             "params": {"resource": self.resource},
         });
         if let Some(r) = &self.revocation_endpoint {
@@ -248,7 +276,14 @@ impl McpServer {
         if let Some(s) = client_secret {
             p["client_secret"] = json!(s);
         }
-        if let Some(m @ ("client_secret_basic" | "client_secret_post")) = auth_method {
+        // A secret is sent the way the server says it takes them, unless
+        // its registration said otherwise.
+        let method = match auth_method {
+            Some(m) => Some(m),
+            None if client_secret.is_some() => Some(self.preferred_auth_method()),
+            None => None,
+        };
+        if let Some(m @ ("client_secret_basic" | "client_secret_post")) = method {
             p["auth_header"] = json!(m);
         }
         p
@@ -274,6 +309,18 @@ pub fn canonical(url: &str) -> Result<Url, McpError> {
     let path = u.path().trim_end_matches('/').to_string();
     u.set_path(&path);
     Ok(u)
+}
+
+/// Whether the resource `named` by protected-resource metadata covers the
+/// server at `server`: the same origin, and `named`'s path is the server's
+/// or a whole-segment prefix of it (`https://h` covers `https://h/mcp`,
+/// `https://h/m` does not cover `https://h/mcp`).
+fn covers(named: &Url, server: &Url) -> bool {
+    if named.origin() != server.origin() {
+        return false;
+    }
+    let (n, s) = (named.path().trim_end_matches('/'), server.path());
+    n.is_empty() || s == n || s.strip_prefix(n).is_some_and(|r| r.starts_with('/'))
 }
 
 /// The canonical URI as text: a server at the root has no trailing slash
@@ -392,15 +439,16 @@ pub async fn discover(
             .await?
             .ok_or(McpError::NoMetadata)?;
     let named_resource = prm["resource"].as_str().unwrap_or_default();
-    let same = canonical(named_resource)
-        .map(|u| canonical_text(&u) == resource)
-        .unwrap_or(false);
-    if !same {
+    let covering = canonical(named_resource)
+        .ok()
+        .filter(|named| covers(named, &server))
+        .map(|named| canonical_text(&named));
+    let Some(protected) = covering else {
         return Err(McpError::ResourceMismatch {
             expected: resource,
             got: nexus_core::text::printable(named_resource, 200).into_owned(),
         });
-    }
+    };
     let issuer = prm["authorization_servers"]
         .as_array()
         .and_then(|a| a.iter().find_map(Value::as_str))
@@ -472,8 +520,18 @@ pub async fn discover(
             })
             .unwrap_or_default(),
     };
+    let auth_methods = asm["token_endpoint_auth_methods_supported"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
     Ok(McpServer {
-        resource,
+        url: resource,
+        resource: protected,
         resource_metadata,
         issuer,
         authorization_server_metadata,
@@ -484,6 +542,7 @@ pub async fn discover(
         client_id_metadata_document_supported: asm["client_id_metadata_document_supported"]
             .as_bool()
             .unwrap_or(false),
+        token_endpoint_auth_methods_supported: auth_methods,
         scopes,
     })
 }
@@ -543,6 +602,20 @@ async fn fetch_json(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resource_covers_its_own_path_and_below_on_its_origin() {
+        let u = |s: &str| canonical(s).unwrap();
+        let server = u("https://h.example/mcp");
+        assert!(covers(&u("https://h.example/mcp"), &server));
+        assert!(covers(&u("https://h.example"), &server));
+        assert!(covers(&u("https://h.example/"), &server));
+        assert!(!covers(&u("https://h.example/m"), &server));
+        assert!(!covers(&u("https://h.example/mcp/deeper"), &server));
+        assert!(!covers(&u("https://other.example/mcp"), &server));
+        assert!(!covers(&u("http://h.example/mcp"), &server));
+        assert!(!covers(&u("https://h.example:8443/mcp"), &server));
+    }
 
     #[test]
     fn canonical_server_uris() {

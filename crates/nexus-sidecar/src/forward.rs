@@ -17,7 +17,7 @@ use crate::connection::Resolver;
 use crate::error::SidecarError;
 use crate::headers;
 use crate::memory::{self, RateMemory};
-use crate::routes::{Route, Routes};
+use crate::routes::{Route, RouteKind, Routes};
 use crate::target;
 use crate::upstream::Upstreams;
 
@@ -34,6 +34,8 @@ pub struct Proxy {
     pub resolver: Resolver,
     /// Remembered upstream 429s.
     pub rate: RateMemory,
+    /// People sent to consent by `mcp` routes.
+    pub elicitations: crate::mcp::Elicitations,
     /// Bodies kept for a replay.
     pub replay_body_max: usize,
     /// Bodies a strategy may hash.
@@ -83,6 +85,9 @@ impl RouteMetrics {
     }
 }
 
+/// How long an `mcp` route waits for its scope report before answering.
+const REPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The target of the access log (turn it off with `nexus_sidecar::access=off`).
 const ACCESS: &str = "nexus_sidecar::access";
 
@@ -99,7 +104,16 @@ pub async fn handle(State(w): State<Arc<Worker>>, req: Request) -> Response<Body
     });
     let mut route: Option<&str> = None;
     let (resp, code) = match w.forward(req, &mut route).await {
-        Ok(r) => (r, None),
+        // An answer of the sidecar's own that is not an error status (an
+        // MCP elicitation) still says what it was.
+        Ok(r) => {
+            let own = r
+                .headers()
+                .get(crate::error::ERROR_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            (r, own)
+        }
         Err(e) => {
             let code = e.code().to_string();
             (axum::response::IntoResponse::into_response(e), Some(code))
@@ -154,13 +168,27 @@ fn strategy_error(e: BridgeError) -> SidecarError {
 impl Worker {
     async fn forward<'w>(
         &'w self,
-        mut req: Request,
+        req: Request,
         named: &mut Option<&'w str>,
     ) -> Result<Response<Body>, SidecarError> {
         let p = &*self.proxy;
         let (route, rest) = target::split(&p.routes, req.method(), req.version(), req.uri())?;
         *named = Some(&route.name);
         let rest = rest.to_string();
+        match route.kind {
+            RouteKind::Http => self.relay(route, &rest, req).await,
+            RouteKind::Mcp => self.mcp(route, &rest, req).await,
+        }
+    }
+
+    /// Forwards one request of `route` (`rest`: the path after its name).
+    pub(crate) async fn relay(
+        &self,
+        route: &Route,
+        rest: &str,
+        mut req: Request,
+    ) -> Result<Response<Body>, SidecarError> {
+        let p = &*self.proxy;
         let connection = p
             .resolver
             .connection(&p.bridge, route)
@@ -197,7 +225,7 @@ impl Worker {
         let drop = (strategy.kind == "query_param")
             .then(|| strategy.field("param_name"))
             .flatten();
-        parts.uri = target::upstream_uri(route, &rest, parts.uri.query(), drop)?;
+        parts.uri = target::upstream_uri(route, rest, parts.uri.query(), drop)?;
         parts.version = if route.http2 {
             Version::HTTP_2
         } else {
@@ -225,7 +253,8 @@ impl Worker {
                         .send(route, &fresh, parts.clone(), Payload::Kept(body), upgrade)
                         .await?;
                     if again.status() == StatusCode::UNAUTHORIZED {
-                        self.report(route, &connection, &parts.method, &rest, &again);
+                        self.report(route, &connection, &parts.method, rest, &again)
+                            .await;
                     }
                     again
                 }
@@ -241,7 +270,7 @@ impl Worker {
                 }
             },
             StatusCode::FORBIDDEN => {
-                self.report(route, &connection, &method, &rest, &resp);
+                self.report(route, &connection, &method, rest, &resp).await;
                 resp
             }
             StatusCode::TOO_MANY_REQUESTS => {
@@ -361,9 +390,11 @@ impl Worker {
     }
 
     /// Reports the upstream's refusal (in the background, as the bridge
-    /// does); the path is the one after the route name, which the route's
-    /// scope hints are written against.
-    fn report(
+    /// does; on an `mcp` route before answering, so the connect link the
+    /// agent gets already offers the missing scopes); the path is the one
+    /// after the route name, which the route's scope hints are written
+    /// against.
+    async fn report(
         &self,
         route: &Route,
         connection: &str,
@@ -384,7 +415,20 @@ impl Worker {
             www,
             None,
         );
-        self.proxy.bridge.report_in_background(connection, report);
+        if route.kind == RouteKind::Mcp {
+            let sent = self.proxy.bridge.report_scope_failure(connection, &report);
+            match tokio::time::timeout(REPORT_WAIT, sent).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(route = %route.name, error = %e, "a scope report failed")
+                }
+                Err(_) => {
+                    tracing::warn!(route = %route.name, "a scope report took over {} s", REPORT_WAIT.as_secs())
+                }
+            }
+        } else {
+            self.proxy.bridge.report_in_background(connection, report);
+        }
     }
 
     /// The upstream's answer for the agent: hop-by-hop headers dropped, the

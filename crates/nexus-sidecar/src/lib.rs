@@ -24,6 +24,7 @@ pub mod connection;
 pub mod error;
 pub mod forward;
 pub mod headers;
+pub mod mcp;
 pub mod memory;
 pub mod ops;
 pub mod routes;

@@ -14,6 +14,12 @@
 //! upstream = "http://127.0.0.1:9200" # plaintext only to loopback, unless allow_plaintext
 //! connection = "conn_456"
 //! http2 = true                       # HTTP/2 without TLS (h2c) to this upstream, e.g. gRPC
+//!
+//! [routes.linear]                    # an MCP server: agents use http://127.0.0.1:PORT/linear
+//! kind = "mcp"                       # as its Streamable HTTP URL
+//! upstream = "https://mcp.linear.app/mcp"
+//! workspace = "u1"                   # an MCP route names its workspace: a person of it
+//! provider = "linear"                # is sent to consent when the connection needs one
 //! ```
 //!
 //! The agent calls `http://127.0.0.1:PORT/<route>/<path>?<query>`; the
@@ -41,11 +47,26 @@ pub enum ConnectionRef {
     },
 }
 
+/// What a route carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RouteKind {
+    /// Any HTTP API: the upstream's answers reach the agent as they are.
+    #[default]
+    Http,
+    /// An MCP server (Streamable HTTP): when the connection needs a person,
+    /// the agent's MCP client gets a URL-mode elicitation carrying a
+    /// connect-portal link instead of an OAuth challenge (see
+    /// [`crate::mcp`]).
+    Mcp,
+}
+
 /// One route.
 #[derive(Debug, Clone)]
 pub struct Route {
     /// Its name: the first path segment agents use.
     pub name: String,
+    /// What it carries.
+    pub kind: RouteKind,
     /// `http` or `https`.
     pub scheme: http::uri::Scheme,
     /// Host and port of the upstream: the only one this route's credentials reach.
@@ -76,6 +97,8 @@ struct File {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRoute {
+    #[serde(default)]
+    kind: Option<String>,
     upstream: String,
     connection: Option<String>,
     workspace: Option<String>,
@@ -172,6 +195,19 @@ impl Routes {
                 "http2 = true is for plaintext upstreams; over TLS HTTP/2 is negotiated".into(),
             );
         }
+        let kind = match raw.kind.as_deref() {
+            None | Some("http") => RouteKind::Http,
+            Some("mcp") => RouteKind::Mcp,
+            Some(other) => {
+                return Err(format!(
+                    "kind '{}' is not known: use \"http\" (the default) or \"mcp\"",
+                    nexus_core::text::printable(other, 32)
+                ))
+            }
+        };
+        if kind == RouteKind::Mcp && (raw.workspace.is_none() || raw.provider.is_none()) {
+            return Err("an mcp route names its workspace and provider (workspace = \"...\", provider = \"...\"): a person of that workspace is sent to connect when the connection needs one".into());
+        }
         let connection = match (raw.connection, raw.workspace, raw.provider) {
             (Some(id), None, None) if !id.trim().is_empty() => ConnectionRef::Id(id),
             (None, Some(workspace), Some(provider))
@@ -215,6 +251,7 @@ impl Routes {
         }
         Ok(Route {
             name: name.to_string(),
+            kind,
             scheme: if url.scheme() == "https" {
                 http::uri::Scheme::HTTPS
             } else {
@@ -313,5 +350,18 @@ mod tests {
         assert!(
             e("[routes.a]\nupstream = \"https://x?k=1\"\nconnection = \"c\"").contains("query")
         );
+        assert!(
+            e("[routes.a]\nkind = \"mcp\"\nupstream = \"https://x/mcp\"\nconnection = \"c\"")
+                .contains("names its workspace and provider")
+        );
+        assert!(
+            e("[routes.a]\nkind = \"ftp\"\nupstream = \"https://x\"\nconnection = \"c\"")
+                .contains("kind 'ftp'")
+        );
+        let mcp = Routes::parse(
+            "[routes.a]\nkind = \"mcp\"\nupstream = \"https://x/mcp\"\nworkspace = \"w\"\nprovider = \"p\"",
+        )
+        .unwrap();
+        assert_eq!(mcp.get("a").unwrap().kind, RouteKind::Mcp);
     }
 }

@@ -132,6 +132,7 @@ impl Sidecar {
             bridge,
             resolver: Default::default(),
             rate: Default::default(),
+            elicitations: Default::default(),
             replay_body_max: config.replay_body_max,
             signed_body_max: config.signed_body_max,
             upstream_timeout: config.upstream_timeout,

@@ -119,7 +119,9 @@ pub fn upstream_uri(
     let mut target =
         String::with_capacity(route.base_path.len() + rest.len() + query.map_or(0, str::len) + 1);
     target.push_str(&route.base_path);
-    if rest.is_empty() {
+    // `/<route>` alone is the upstream URL itself (an MCP endpoint such as
+    // `https://h/mcp` is not `https://h/mcp/`).
+    if rest.is_empty() && route.base_path.is_empty() {
         target.push('/');
     } else {
         target.push_str(rest);
@@ -174,7 +176,7 @@ mod tests {
             go("/api/users/1?a=1&b=2").unwrap(),
             "https://api.example.com/v1/users/1?a=1&b=2"
         );
-        assert_eq!(go("/api").unwrap(), "https://api.example.com/v1/");
+        assert_eq!(go("/api").unwrap(), "https://api.example.com/v1");
         assert_eq!(go("/api/").unwrap(), "https://api.example.com/v1/");
         assert_eq!(
             go("/api/a%20b").unwrap(),

@@ -210,6 +210,9 @@ pub struct HandshakeSettings {
     pub redirect_path: String,
     /// Hosts a handshake may return the browser to.
     pub allowed_return_domains: Vec<String>,
+    /// Where the client ID metadata document is published (its URL is the
+    /// client id); `None`: `BASE_URL/auth/client-metadata.json`.
+    pub client_metadata_url: Option<String>,
     /// When to schedule the first refresh of the tokens a handshake stores.
     pub refresh: crate::tokens::RefreshSettings,
     /// Handshakes one workspace may start per minute.
@@ -230,7 +233,9 @@ impl Handshakes {
         let base = settings.base_url.as_str().trim_end_matches('/');
         let redirect_uri = format!("{base}{}", settings.redirect_path);
         let capture_url = format!("{base}/auth/capture");
-        let client_metadata_url = format!("{base}{}", nexus_core::wire::routes::CLIENT_METADATA);
+        let client_metadata_url = settings
+            .client_metadata_url
+            .unwrap_or_else(|| format!("{base}{}", nexus_core::wire::routes::CLIENT_METADATA));
         Self {
             store,
             registry,

@@ -2,6 +2,7 @@
 
 mod browser;
 mod deploy;
+mod mcp_conformance;
 mod operate;
 mod providers;
 mod schemathesis;

@@ -2,6 +2,7 @@
 
 mod e2e;
 mod harness;
+mod mcp;
 mod proxy;
 mod sigv4;
 mod streams;
