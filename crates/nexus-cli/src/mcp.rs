@@ -121,10 +121,26 @@ pub async fn run(command: McpCommand) -> Result<()> {
                 .ok(Method::POST, "/providers/mcp", Some(body))
                 .await?;
             show(&made["server"]);
+            let registered = made["name"].as_str().unwrap_or(&name);
             println!(
                 "registered {} ({}); people connect it like any provider",
-                made["name"].as_str().unwrap_or(&name),
+                registered,
                 made["id"].as_str().unwrap_or("-")
+            );
+            // What agents need next: a sidecar route their MCP client uses.
+            let route: String = registered
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .collect();
+            println!(
+                "\nfor agents, a sidecar route (their MCP client's URL: http://127.0.0.1:8070/{route}):\n\n[routes.{route}]\nkind = \"mcp\"\nupstream = \"{}\"\nworkspace = \"<workspace id>\"\nprovider = \"{registered}\"",
+                made["server"]["url"].as_str().unwrap_or(&url)
             );
         }
     }

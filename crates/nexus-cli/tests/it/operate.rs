@@ -258,6 +258,11 @@ async fn mcp_servers_are_registered_from_the_cli() {
     );
     let (ok, out) = cli(d, &broker, &["mcp", "add", &url, "--name", "files"]).await;
     assert!(ok && out.contains("registered files"), "{out}");
+    assert!(
+        out.contains("[routes.files]\nkind = \"mcp\"")
+            && out.contains(&format!("upstream = \"{url}\"")),
+        "the sidecar route to add is printed: {out}"
+    );
     assert!(!out.contains(nexus_testkit::mcp::DYN_SECRET), "{out}");
     let api_key = env_value(&env_file(d), "API_KEY");
     let listed: Value = http()

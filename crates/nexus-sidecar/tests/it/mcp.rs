@@ -146,3 +146,198 @@ async fn an_mcp_client_is_sent_to_the_connect_portal_and_its_retry_goes_through(
         "elicitations are counted: {metrics}"
     );
 }
+
+/// The MCP server peer (`tests/peers/mcp-server`, the official TypeScript
+/// SDK), its tokens checked by introspection at `issuer`; `None` (one line,
+/// outside CI) when it cannot run.
+async fn mcp_server(issuer: &str) -> Option<(tokio::process::Child, String)> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/peers/mcp-server");
+    if !std::path::Path::new(dir)
+        .join("node_modules/@modelcontextprotocol/sdk")
+        .exists()
+    {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "CI=true but the MCP server peer is not installed (npm ci --prefix tests/peers/mcp-server)"
+        );
+        eprintln!("skipped: MCP end to end (npm ci --prefix tests/peers/mcp-server)");
+        return None;
+    }
+    let mut child = tokio::process::Command::new("node")
+        .arg(format!("{dir}/server.mjs"))
+        .env("ISSUER", issuer)
+        .env("INTROSPECTION_CLIENT_ID", "mcp-server")
+        .env("INTROSPECTION_CLIENT_SECRET", "mcp-server-secret")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+    let line = tokio::time::timeout(std::time::Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("the MCP server started in time")
+        .unwrap()
+        .expect("its ready line");
+    let ready: Value = serde_json::from_str(&line).unwrap();
+    Some((child, ready["url"].as_str().unwrap().to_string()))
+}
+
+/// The Python MCP client (official SDK) once through the sidecar at `url`:
+/// its one JSON line. `None` (one line, outside CI) without the SDK.
+async fn mcp_client(url: &str) -> Option<Value> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/agent/mcp_agent.py");
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import mcp"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "CI=true but the Python MCP SDK is missing (pip install -r crates/nexus-sidecar/tests/agent/requirements.txt)"
+        );
+        eprintln!("skipped: MCP end to end (pip install -r crates/nexus-sidecar/tests/agent/requirements.txt)");
+        return None;
+    }
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(url)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", std::env::var("HOME").unwrap_or_default())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), out)
+        .await
+        .expect("the MCP client ended in time")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(serde_json::from_str(stdout.trim()).unwrap())
+}
+
+/// What a person does with a connect link: opens it, presses the first
+/// Connect or Reconnect, and consents at the provider (the peer's login and
+/// consent complete by themselves).
+async fn person_consents(link: &str, gateway: &str) {
+    let b = nexus_testkit::browser();
+    let opened = b.get(link).send().await.unwrap();
+    assert!(opened.status().is_redirection(), "{}", opened.status());
+    let page = b
+        .get(format!("{gateway}/connect"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let at = page
+        .find(r#"action="/connect/start""#)
+        .unwrap_or_else(|| panic!("nothing to connect on the page: {page}"));
+    let form = &page[at..at + page[at..].find("</form>").unwrap()];
+    let fields: Vec<(String, String)> = form
+        .split("<input ")
+        .skip(1)
+        .filter_map(|i| {
+            let attr = |n: &str| {
+                let start = i.find(&format!("{n}=\""))? + n.len() + 2;
+                Some(i[start..start + i[start..].find('"')?].to_string())
+            };
+            Some((attr("name")?, attr("value")?))
+        })
+        .collect();
+    let started = b
+        .post(format!("{gateway}/connect/start"))
+        .form(&fields)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 303, "{fields:?}");
+    let auth = started.headers()["location"].to_str().unwrap().to_string();
+    nexus_testkit::consent(&b, &auth, gateway).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_official_sdk_client_reaches_an_official_sdk_server_and_is_sent_to_consent_after_a_revocation(
+) {
+    let port = nexus_testkit::free_port();
+    let gateway = format!("http://127.0.0.1:{port}");
+    let Some(peer) = nexus_testkit::OidcPeer::start(
+        json!([
+            nexus_testkit::client(
+                "nexus",
+                "client_secret_basic",
+                &format!("{gateway}/auth/callback")
+            ),
+            nexus_testkit::client(
+                "mcp-server",
+                "client_secret_basic",
+                "http://127.0.0.1/unused"
+            ),
+        ]),
+        &[],
+    )
+    .await
+    else {
+        return;
+    };
+    let Some((_server, mcp_url)) = mcp_server(&peer.issuer).await else {
+        return;
+    };
+    let s = Stack::start_on(port).await;
+    // Registered by its URL alone, with the client registered in advance at
+    // the provider (it takes no dynamic registration).
+    let added = s
+        .admin(
+            reqwest::Method::POST,
+            "/providers/mcp",
+            Some(json!({"url": mcp_url, "name": "calendar", "client_id": "nexus", "client_secret": "nexus-secret"})),
+        )
+        .await;
+    assert_eq!(added["server"]["issuer"], peer.issuer, "{added}");
+    let sc = s
+        .sidecar(
+            "[routes.calendar]\nkind = \"mcp\"\nupstream = \"MCP\"\nworkspace = \"u1\"\nprovider = \"calendar\"\n"
+                .replace("MCP", &mcp_url)
+                .as_str(),
+        )
+        .await;
+    let url = format!("{}/calendar", sc.url);
+
+    // Not connected: the client is told where a person connects.
+    let Some(first) = mcp_client(&url).await else {
+        return;
+    };
+    let link = first["elicitation"]["url"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{first}"));
+    person_consents(link, &gateway).await;
+    let answer = mcp_client(&url).await.unwrap();
+    assert_eq!(answer["tools"], json!(["next_meeting"]), "{answer}");
+    assert_eq!(answer["text"], "alice: stand-up at 09:30", "{answer}");
+
+    // The person's grant is revoked at the provider: the server refuses
+    // the token, the refresh fails, and the client is sent to consent again
+    // instead of seeing an OAuth challenge.
+    assert!(peer.revoke_grant("alice", "nexus").await >= 1);
+    let refused = mcp_client(&url).await.unwrap();
+    let link = refused["elicitation"]["url"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{refused}"));
+    person_consents(link, &gateway).await;
+    let again = mcp_client(&url).await.unwrap();
+    assert_eq!(again["text"], "alice: stand-up at 09:30", "{again}");
+
+    let stats: Value = reqwest::get(mcp_url.replace("/mcp", "/__stats"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["tool_calls"], 2, "{stats}");
+}
