@@ -510,25 +510,9 @@ pub async fn discover(
     })?;
     let scopes = match challenge_scope {
         Some(s) => s.split_whitespace().map(str::to_string).collect(),
-        None => prm["scopes_supported"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default(),
+        None => strings(&prm["scopes_supported"]),
     };
-    let auth_methods = asm["token_endpoint_auth_methods_supported"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
+    let auth_methods = strings(&asm["token_endpoint_auth_methods_supported"]);
     Ok(McpServer {
         url: resource,
         resource: protected,
@@ -545,6 +529,16 @@ pub async fn discover(
         token_endpoint_auth_methods_supported: auth_methods,
         scopes,
     })
+}
+
+/// The strings of a metadata array (none when it is absent or not one).
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(str::to_string)
+        .collect()
 }
 
 /// `url` is inside the egress policy (https, or http on loopback).

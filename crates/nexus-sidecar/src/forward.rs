@@ -389,9 +389,11 @@ impl Worker {
         }
     }
 
-    /// Reports the upstream's refusal (in the background, as the bridge
-    /// does; on an `mcp` route before answering, so the connect link the
-    /// agent gets already offers the missing scopes); the path is the one
+    /// Reports the upstream's refusal in the background, as the bridge does
+    /// (the same report at most once a minute). On an `mcp` route a refusal
+    /// that sends a person to consent is reported before answering, so the
+    /// link the agent gets already offers the missing scopes; once a person
+    /// was sent, repeats go to the background again. The path is the one
     /// after the route name, which the route's scope hints are written
     /// against.
     async fn report(
@@ -415,7 +417,12 @@ impl Worker {
             www,
             None,
         );
-        if route.kind == RouteKind::Mcp {
+        let sends_a_person = resp.status() == StatusCode::UNAUTHORIZED
+            || crate::mcp::insufficient_scope(resp.headers());
+        if route.kind == RouteKind::Mcp
+            && sends_a_person
+            && !self.proxy.elicitations.outstanding(&route.name)
+        {
             let sent = self.proxy.bridge.report_scope_failure(connection, &report);
             match tokio::time::timeout(REPORT_WAIT, sent).await {
                 Ok(Ok(_)) => {}

@@ -67,6 +67,12 @@ pub struct Elicitations {
 }
 
 impl Elicitations {
+    /// Whether a person of `route` was sent to consent and no request has
+    /// succeeded since.
+    pub(crate) fn outstanding(&self, route: &str) -> bool {
+        self.lock().contains_key(route)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Outstanding>> {
         // Whole values only; a panic elsewhere cannot leave half an entry.
         self.by_route.lock().unwrap_or_else(|e| e.into_inner())
@@ -89,8 +95,8 @@ pub fn request_id(body: &[u8]) -> Option<Value> {
 /// Whether the server refused for want of scope (RFC 6750 §3.1
 /// `error="insufficient_scope"`), as opposed to a policy refusal a new
 /// consent would not change.
-fn insufficient_scope(resp: &Response<Body>) -> bool {
-    resp.headers()
+pub(crate) fn insufficient_scope(headers: &axum::http::HeaderMap) -> bool {
+    headers
         .get_all(header::WWW_AUTHENTICATE)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -184,7 +190,7 @@ impl Worker {
             Ok(mut resp) => {
                 let status = resp.status();
                 let refused = status == StatusCode::UNAUTHORIZED
-                    || (status == StatusCode::FORBIDDEN && insufficient_scope(&resp));
+                    || (status == StatusCode::FORBIDDEN && insufficient_scope(resp.headers()));
                 // The MCP client must not start an OAuth flow of its own.
                 resp.headers_mut().remove(header::WWW_AUTHENTICATE);
                 match (refused, id) {
