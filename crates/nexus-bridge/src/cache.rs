@@ -167,18 +167,21 @@ impl CredentialCache {
         self.fetch(&slot, id, Fetch::Token).await
     }
 
-    /// Drops what is known of `id` (credentials, a held error, its
-    /// backoff): the next [`Self::get`] asks the gateway. For when a person
+    /// Drops the credentials of `id` and an answer held because a person
+    /// must act: the next [`Self::get`] asks the gateway. For when a person
     /// has just been sent to consent again, so their new grant is used at
-    /// once instead of after a hold.
+    /// once instead of after a hold. A passing failure (the gateway
+    /// unreachable) keeps its backoff.
     pub(crate) fn forget(&self, id: &str) {
         let slot = self.slot(id);
         let mut st = slot.state();
         st.creds = None;
         st.refresh_at = None;
-        st.failures = 0;
-        st.retry_at = None;
-        st.error = None;
+        if !st.error.as_ref().is_some_and(BridgeError::is_retryable) {
+            st.failures = 0;
+            st.retry_at = None;
+            st.error = None;
+        }
     }
 
     /// Which fetch the current credentials of `id` came from (0: none yet).

@@ -294,9 +294,10 @@ impl Bridge {
         self.inner.cache.refreshed(id, generation).await
     }
 
-    /// Forgets the cached credentials of `id` and any error held for it:
-    /// the next [`Self::token`] asks the gateway (after a person was sent
-    /// to consent again, their new grant is then used at once).
+    /// Forgets the cached credentials of `id` and an answer held because a
+    /// person must act: the next [`Self::token`] asks the gateway (after a
+    /// person was sent to consent again, their new grant is then used at
+    /// once). A passing failure keeps its backoff.
     pub fn forget(&self, id: &str) {
         self.inner.cache.forget(id);
     }

@@ -197,9 +197,10 @@ pub async fn register(
             )));
         }
     }
+    // An answer without the method registered what was asked (RFC 7591 §3.2.1).
     let auth_method = v["token_endpoint_auth_method"]
         .as_str()
-        .unwrap_or("client_secret_basic")
+        .unwrap_or(server.preferred_auth_method())
         .to_string();
     if !matches!(
         auth_method.as_str(),
@@ -424,25 +425,33 @@ pub async fn discover(
 
     // The protected-resource metadata: as named, else the well-known
     // locations (path-inserted first, then the root).
-    let candidates = match named {
-        Some(m) => vec![m],
-        None => vec![
-            inserted(&server, "oauth-protected-resource"),
-            format!(
-                "{}/.well-known/oauth-protected-resource",
-                server.origin().ascii_serialization()
-            ),
-        ],
+    let root = format!(
+        "{}/.well-known/oauth-protected-resource",
+        server.origin().ascii_serialization()
+    );
+    let candidates = match &named {
+        Some(m) => vec![m.clone()],
+        None => vec![inserted(&server, "oauth-protected-resource"), root.clone()],
     };
     let (resource_metadata, prm) =
         first_found(http, egress, "protected-resource metadata", candidates)
             .await?
             .ok_or(McpError::NoMetadata)?;
+    // RFC 9728 §3.3: the resource is the one the metadata's location was
+    // derived from. Only the root location, found by falling back to it,
+    // describes a resource above the server (its origin, or a prefix).
     let named_resource = prm["resource"].as_str().unwrap_or_default();
+    let from_root = resource_metadata == root && named.is_none();
     let covering = canonical(named_resource)
         .ok()
-        .filter(|named| covers(named, &server))
-        .map(|named| canonical_text(&named));
+        .filter(|n| {
+            if from_root {
+                covers(n, &server)
+            } else {
+                canonical_text(n) == resource
+            }
+        })
+        .map(|n| canonical_text(&n));
     let Some(protected) = covering else {
         return Err(McpError::ResourceMismatch {
             expected: resource,

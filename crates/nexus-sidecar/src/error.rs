@@ -18,6 +18,13 @@ pub struct SidecarError(pub ErrorBody);
 /// The header naming the sidecar's own errors.
 pub const ERROR_HEADER: &str = "x-nexus-error";
 
+/// Marks an answer of the sidecar's own that is not an error status (an
+/// MCP elicitation), with its code for metrics and the access log. A
+/// response extension, never read from headers: those an upstream sets
+/// are its own (and [`crate::headers::inbound`] drops `x-nexus-error`).
+#[derive(Debug, Clone, Copy)]
+pub struct OwnAnswer(pub &'static str);
+
 impl SidecarError {
     /// An error with a status, code and message.
     pub fn new(

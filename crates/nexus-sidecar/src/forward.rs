@@ -108,10 +108,9 @@ pub async fn handle(State(w): State<Arc<Worker>>, req: Request) -> Response<Body
         // MCP elicitation) still says what it was.
         Ok(r) => {
             let own = r
-                .headers()
-                .get(crate::error::ERROR_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
+                .extensions()
+                .get::<crate::error::OwnAnswer>()
+                .map(|o| o.0.to_string());
             (r, own)
         }
         Err(e) => {
@@ -176,17 +175,19 @@ impl Worker {
         *named = Some(&route.name);
         let rest = rest.to_string();
         match route.kind {
-            RouteKind::Http => self.relay(route, &rest, req).await,
+            RouteKind::Http => self.relay(route, &rest, req, None).await,
             RouteKind::Mcp => self.mcp(route, &rest, req).await,
         }
     }
 
-    /// Forwards one request of `route` (`rest`: the path after its name).
+    /// Forwards one request of `route` (`rest`: the path after its name);
+    /// `kept`: its body, already read (then the request's own is ignored).
     pub(crate) async fn relay(
         &self,
         route: &Route,
         rest: &str,
         mut req: Request,
+        kept: Option<Bytes>,
     ) -> Result<Response<Body>, SidecarError> {
         let p = &*self.proxy;
         let connection = p
@@ -233,7 +234,10 @@ impl Worker {
         };
         headers::outbound(&mut parts.headers, upgrade, strategy);
         parts.extensions = Default::default();
-        let payload = self.payload(&creds, &parts, body).await?;
+        let payload = match kept {
+            Some(bytes) => self.kept(&creds, bytes)?,
+            None => self.payload(&creds, &parts, body).await?,
+        };
 
         let replay = match &payload {
             Payload::Kept(b) => Some((parts.clone(), b.clone())),
@@ -286,6 +290,18 @@ impl Worker {
             _ => resp,
         };
         Ok(self.back_to_agent(resp, on_upgrade))
+    }
+
+    /// A body read already: kept for the replay, within the hashing cap.
+    fn kept(&self, creds: &Credentials, bytes: Bytes) -> Result<Payload, SidecarError> {
+        let strategy = &creds.strategy;
+        let must_hash = strategy.kind == "hmac_payload"
+            || (strategy.kind == "aws_sigv4" && strategy.field("service") != Some("s3"));
+        if must_hash && bytes.len() > self.proxy.signed_body_max {
+            let why = format!("{} signs the whole body", strategy.kind);
+            return Err(too_large(self.proxy.signed_body_max, &why));
+        }
+        Ok(Payload::Kept(bytes))
     }
 
     /// Reads the body into memory when it must be (a strategy hashes it) or

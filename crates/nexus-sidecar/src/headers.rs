@@ -86,6 +86,9 @@ pub fn outbound(headers: &mut HeaderMap, upgrade: bool, strategy: &Strategy) {
 /// The upstream's response headers as they go to the agent.
 pub fn inbound(headers: &mut HeaderMap, upgrade: bool) {
     strip_hop_by_hop(headers, upgrade);
+    // Only the sidecar's own answers say they are (README: anything
+    // without it is the upstream's own answer).
+    headers.remove(crate::error::ERROR_HEADER);
 }
 
 /// Whether a request asks to switch protocols (HTTP/1.1 `Upgrade`, e.g. a

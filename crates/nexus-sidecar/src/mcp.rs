@@ -11,14 +11,17 @@
 //! specification (2025-11-25) defines for URL-mode elicitation, a JSON-RPC
 //! error `-32042` whose `data.elicitations` carries a connect-portal link
 //! for the route's workspace. The client shows "open this link"; after the
-//! person consented, its retry goes through with the new grant.
+//! person consented, its retry goes through with the new grant. (The
+//! sidecar does not track sessions, so it cannot know whether the client
+//! declared URL elicitation; one that did not still gets an error whose
+//! message says what to do.)
 //!
-//! While an elicitation is outstanding, each request on the route drops
-//! the route's cached lookup and credentials and asks again, but no sooner
-//! than [`RECHECK`] after the last time (it waits for that): a retry right
-//! after consent is served with the new grant, while a client looping on
-//! the route is slowed to a few requests a second and costs the gateway no
-//! more.
+//! While an elicitation is outstanding, one request at a time drops the
+//! route's cached lookup and held answers and asks the gateway again, no
+//! sooner than [`RECHECK`] after the last time; requests arriving meanwhile
+//! wait for that check. A retry right after consent is served with the new
+//! grant; a client looping on the route is slowed to a few requests a
+//! second and costs the gateway no more.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -26,12 +29,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
 use axum::extract::Request;
-use axum::http::{header, HeaderValue, Method, Response, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+use nexus_core::Secret;
 use serde_json::{json, Value};
 
-use crate::error::{SidecarError, ERROR_HEADER};
+use crate::error::{OwnAnswer, SidecarError, ERROR_HEADER};
 use crate::forward::Worker;
-use crate::routes::Route;
+use crate::routes::{ConnectionRef, Route};
 
 /// The JSON-RPC error code of `URLElicitationRequiredError` (MCP 2025-11-25).
 pub const URL_ELICITATION_REQUIRED: i64 = -32042;
@@ -43,39 +47,63 @@ pub const RECHECK: Duration = Duration::from_millis(250);
 /// A connect link is handed out again until this long before it expires.
 const LINK_MARGIN: Duration = Duration::from_secs(300);
 
-/// A connect-portal link given to a person, and when it was last checked
-/// whether they used it.
+/// After a connect link could not be made, none is asked for this long.
+const LINK_RETRY: Duration = Duration::from_secs(30);
+
+/// The largest MCP message read to find its JSON-RPC id (bigger ones
+/// stream through; a person-needed answer to them is the plain error).
+const MESSAGE_MAX: usize = 256 * 1024;
+
+/// A person of a route was sent to consent and no request has succeeded
+/// since.
 #[derive(Debug, Clone)]
 struct Outstanding {
-    /// The link (`None` when making one failed: the plain error is told).
-    link: Option<Link>,
     connection: Option<String>,
+    /// When the last (or the claimed next) re-check happens.
     checked: Instant,
 }
 
+/// A connect-portal link (a bearer link to the workspace's portal).
 #[derive(Debug, Clone)]
 struct Link {
-    url: String,
+    url: Secret<String>,
     id: String,
     usable_until: SystemTime,
 }
 
-/// Elicitations outstanding, by route.
+#[derive(Debug, Default)]
+struct State {
+    outstanding: HashMap<String, Outstanding>,
+    links: HashMap<String, Link>,
+    link_failed: HashMap<String, Instant>,
+}
+
+/// Elicitations outstanding and the connect links handed out, by route.
 #[derive(Debug, Default)]
 pub struct Elicitations {
-    by_route: Mutex<HashMap<String, Outstanding>>,
+    state: Mutex<State>,
+    /// One connect link made at a time.
+    making: tokio::sync::Mutex<()>,
 }
 
 impl Elicitations {
     /// Whether a person of `route` was sent to consent and no request has
     /// succeeded since.
     pub(crate) fn outstanding(&self, route: &str) -> bool {
-        self.lock().contains_key(route)
+        self.lock().outstanding.contains_key(route)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Outstanding>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // Whole values only; a panic elsewhere cannot leave half an entry.
-        self.by_route.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn usable_link(&self, route: &str) -> Option<Link> {
+        self.lock()
+            .links
+            .get(route)
+            .filter(|l| SystemTime::now() < l.usable_until)
+            .cloned()
     }
 }
 
@@ -92,34 +120,81 @@ pub fn request_id(body: &[u8]) -> Option<Value> {
     }
 }
 
-/// Whether the server refused for want of scope (RFC 6750 §3.1
-/// `error="insufficient_scope"`), as opposed to a policy refusal a new
-/// consent would not change.
-pub(crate) fn insufficient_scope(headers: &axum::http::HeaderMap) -> bool {
+/// Whether a `WWW-Authenticate` challenge's `error` parameter is
+/// `insufficient_scope` (RFC 6750 §3.1): a refusal for want of scope, which
+/// a new consent can fix, unlike a policy refusal.
+pub(crate) fn insufficient_scope(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::WWW_AUTHENTICATE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .any(|v| v.to_ascii_lowercase().contains("insufficient_scope"))
+        .any(|v| auth_param(v, "error").is_some_and(|e| e == "insufficient_scope"))
 }
 
-/// The JSON-RPC answer sending a person to `link`.
+/// The value of the auth-param `name` in a challenge (`Bearer a="b", c=d`),
+/// quoted or not; quoted commas and escapes are handled.
+fn auth_param<'a>(challenge: &'a str, name: &str) -> Option<std::borrow::Cow<'a, str>> {
+    let mut rest = challenge.trim_start();
+    // The scheme, then `k=v` pairs separated by commas.
+    if let Some(sp) = rest.find(' ') {
+        if !rest[..sp].contains('=') {
+            rest = &rest[sp..];
+        }
+    }
+    loop {
+        rest = rest.trim_start_matches([' ', ',', '\t']);
+        let eq = rest.find('=')?;
+        let key = rest[..eq].trim();
+        rest = rest[eq + 1..].trim_start();
+        let value: std::borrow::Cow<'a, str> = if let Some(q) = rest.strip_prefix('"') {
+            let mut out = String::new();
+            let mut chars = q.char_indices();
+            let mut end = None;
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, n)) = chars.next() {
+                            out.push(n);
+                        }
+                    }
+                    '"' => {
+                        end = Some(i);
+                        break;
+                    }
+                    c => out.push(c),
+                }
+            }
+            let end = end?;
+            rest = &q[end + 1..];
+            out.into()
+        } else {
+            let end = rest.find(',').unwrap_or(rest.len());
+            let v = rest[..end].trim();
+            rest = &rest[end..];
+            v.into()
+        };
+        if key.eq_ignore_ascii_case(name) {
+            return Some(value);
+        }
+    }
+}
+
+/// The JSON-RPC answer sending a person to `link`. The link is a bearer
+/// link to the workspace's portal: it travels in `data.elicitations[].url`
+/// only, where clients that implement URL elicitation show it, not in the
+/// message that clients commonly log.
 fn elicitation(id: Value, link: &Link, why: &str, route: &Route) -> Response<Body> {
-    let message = format!(
-        "{why} Open {} to connect your account, then retry.",
-        link.url
-    );
     let body = json!({
         "jsonrpc": "2.0",
         "id": id,
         "error": {
             "code": URL_ELICITATION_REQUIRED,
-            "message": message,
+            "message": format!("{why} A person must open the connect link of this elicitation, then retry."),
             "data": {
                 "elicitations": [{
                     "mode": "url",
                     "elicitationId": link.id,
-                    "url": link.url,
+                    "url": link.url.expose(),
                     "message": format!(
                         "Connect your account so the agent can use the MCP server of route '{}'.",
                         route.name
@@ -136,6 +211,7 @@ fn elicitation(id: Value, link: &Link, why: &str, route: &Route) -> Response<Bod
     );
     h.insert(ERROR_HEADER, HeaderValue::from_static("url_elicitation"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.extensions_mut().insert(OwnAnswer("url_elicitation"));
     resp
 }
 
@@ -161,43 +237,43 @@ impl Worker {
     ) -> Result<Response<Body>, SidecarError> {
         self.recheck(route).await;
         let (parts, body) = req.into_parts();
-        // The JSON-RPC id is needed to answer with a JSON-RPC error; MCP
-        // messages are small, and the replay after a 401 keeps them anyway.
-        let (id, body) = if parts.method == Method::POST {
-            let max = self.proxy.replay_body_max.max(64 * 1024);
+        // The JSON-RPC id is needed to answer with a JSON-RPC error. MCP
+        // messages are small; one read here is kept for the replay too.
+        let (id, kept, body) = if parts.method == Method::POST {
             let declared = parts
                 .headers
                 .get(header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
-            if declared.is_some_and(|l| l > max as u64) {
-                (None, body)
+            if declared.is_some_and(|l| l > MESSAGE_MAX as u64) {
+                (None, None, body)
             } else {
-                let bytes: Bytes = axum::body::to_bytes(body, max).await.map_err(|e| {
+                let bytes: Bytes = axum::body::to_bytes(body, MESSAGE_MAX).await.map_err(|e| {
                     SidecarError::new(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "body_too_large",
-                        format!("an MCP message without Content-Length must stay under {max} bytes ({e})"),
+                        format!("an MCP message without Content-Length must stay under {MESSAGE_MAX} bytes ({e})"),
                     )
                 })?;
-                (request_id(&bytes), Body::from(bytes))
+                (request_id(&bytes), Some(bytes), Body::empty())
             }
         } else {
-            (None, body)
+            (None, None, body)
         };
         let req = Request::from_parts(parts, body);
-        match self.relay(route, rest, req).await {
+        match self.relay(route, rest, req, kept).await {
             Ok(mut resp) => {
                 let status = resp.status();
+                // A 401 here survived the forced refresh and the replay.
                 let refused = status == StatusCode::UNAUTHORIZED
                     || (status == StatusCode::FORBIDDEN && insufficient_scope(resp.headers()));
                 // The MCP client must not start an OAuth flow of its own.
                 resp.headers_mut().remove(header::WWW_AUTHENTICATE);
                 match (refused, id) {
                     (true, Some(id)) => {
-                        // Reported already (relay waits for it on mcp
-                        // routes): the connection is marked, and the person's
-                        // new grant must replace the cached token.
+                        // Reported already (before the first elicitation,
+                        // awaited): the connection is marked, and the
+                        // person's new grant must replace the cached token.
                         let why = if status == StatusCode::UNAUTHORIZED {
                             "The MCP server no longer accepts this account's access."
                         } else {
@@ -214,7 +290,11 @@ impl Worker {
                     }
                     _ => {
                         if status.is_success() {
-                            self.proxy.elicitations.lock().remove(&route.name);
+                            self.proxy
+                                .elicitations
+                                .lock()
+                                .outstanding
+                                .remove(&route.name);
                         }
                         Ok(resp)
                     }
@@ -243,35 +323,37 @@ impl Worker {
             .map(|c| c.to_string())
     }
 
-    /// Drops the holds of a route whose person was sent to consent, no
-    /// sooner than [`RECHECK`] after the last time (waiting for that).
+    /// While a person of `route` is outstanding: one request per
+    /// [`RECHECK`] claims the next check, waits for its time and drops the
+    /// route's held lookup and answers; the others wait for that check.
     async fn recheck(&self, route: &Route) {
         let p = &*self.proxy;
-        let last = match p.elicitations.lock().get(&route.name) {
-            Some(o) => o.checked,
-            None => return,
-        };
-        if let Some(wait) = RECHECK.checked_sub(last.elapsed()) {
-            tokio::time::sleep(wait).await;
-        }
-        let connection = {
-            let mut all = p.elicitations.lock();
-            let Some(o) = all.get_mut(&route.name) else {
-                // Served meanwhile: nothing is held any more.
+        let now = Instant::now();
+        let (at, connection) = {
+            let mut st = p.elicitations.lock();
+            let Some(o) = st.outstanding.get_mut(&route.name) else {
                 return;
             };
-            o.checked = Instant::now();
-            o.connection.clone()
+            if o.checked > now {
+                // Another request claimed the next check: wait for it.
+                (o.checked, None)
+            } else {
+                o.checked = (o.checked + RECHECK).max(now);
+                (o.checked, Some(o.connection.clone()))
+            }
         };
-        p.resolver.forget(&route.name);
-        if let Some(c) = connection {
-            p.bridge.forget(&c);
+        tokio::time::sleep_until(at.into()).await;
+        if let Some(connection) = connection {
+            p.resolver.forget(&route.name);
+            if let Some(c) = connection {
+                p.bridge.forget(&c);
+            }
         }
     }
 
     /// The elicitation answer for `id`, with the route's connect link (made
-    /// through the gateway, reused while it stays usable); `None` when no
-    /// link could be made (the caller tells the plain error instead).
+    /// through the gateway, one at a time, reused while it stays usable);
+    /// `None` when no link can be had (the caller tells the plain error).
     async fn elicit(
         &self,
         route: &Route,
@@ -279,44 +361,75 @@ impl Worker {
         why: &str,
         connection: Option<String>,
     ) -> Option<Response<Body>> {
-        let crate::routes::ConnectionRef::Lookup {
+        let ConnectionRef::Lookup {
             workspace,
             provider,
         } = &route.connection
         else {
             return None;
         };
-        let p = &*self.proxy;
-        let kept = p
-            .elicitations
-            .lock()
-            .get(&route.name)
-            .and_then(|o| o.link.clone())
-            .filter(|l| SystemTime::now() < l.usable_until);
-        let link = match kept {
-            Some(l) => Some(l),
-            None => match p
-                .bridge
-                .gateway()
-                .connect_session(workspace, &[provider.as_str()])
-                .await
-            {
-                Ok(v) => link_of(&v),
-                Err(e) => {
-                    tracing::warn!(route = %route.name, error = %e, "no connect link could be made for an MCP route");
-                    None
+        let e = &self.proxy.elicitations;
+        {
+            let mut st = e.lock();
+            let checked = st
+                .outstanding
+                .get(&route.name)
+                .map_or_else(Instant::now, |o| o.checked);
+            st.outstanding.insert(
+                route.name.clone(),
+                Outstanding {
+                    connection,
+                    checked,
+                },
+            );
+        }
+        let link = match e.usable_link(&route.name) {
+            Some(l) => l,
+            None => {
+                let _one = e.making.lock().await;
+                match e.usable_link(&route.name) {
+                    Some(l) => l,
+                    None => self.new_link(route, workspace, provider).await?,
                 }
-            },
+            }
         };
-        p.elicitations.lock().insert(
-            route.name.clone(),
-            Outstanding {
-                link: link.clone(),
-                connection,
-                checked: Instant::now(),
-            },
-        );
-        Some(elicitation(id, &link?, why, route))
+        Some(elicitation(id, &link, why, route))
+    }
+
+    /// A new connect link for `route` (kept), unless one failed lately.
+    async fn new_link(&self, route: &Route, workspace: &str, provider: &str) -> Option<Link> {
+        let e = &self.proxy.elicitations;
+        if e.lock()
+            .link_failed
+            .get(&route.name)
+            .is_some_and(|at| at.elapsed() < LINK_RETRY)
+        {
+            return None;
+        }
+        let made = self
+            .proxy
+            .bridge
+            .gateway()
+            .connect_session(workspace, &[provider])
+            .await;
+        let link = match made {
+            Ok(v) => link_of(&v),
+            Err(err) => {
+                tracing::warn!(route = %route.name, error = %err, "no connect link could be made for an MCP route");
+                None
+            }
+        };
+        let mut st = e.lock();
+        match &link {
+            Some(l) => {
+                st.links.insert(route.name.clone(), l.clone());
+                st.link_failed.remove(&route.name);
+            }
+            None => {
+                st.link_failed.insert(route.name.clone(), Instant::now());
+            }
+        }
+        link
     }
 }
 
@@ -332,7 +445,7 @@ fn link_of(v: &Value) -> Option<Link> {
         .map(SystemTime::from)
         .unwrap_or_else(|| SystemTime::now() + Duration::from_secs(600));
     Some(Link {
-        url,
+        url: Secret::new(url),
         id,
         usable_until: expires.checked_sub(LINK_MARGIN).unwrap_or(expires),
     })
@@ -371,6 +484,27 @@ mod tests {
         assert_eq!(l.id, "cs_1");
         let until = time::OffsetDateTime::from(l.usable_until);
         assert_eq!(until.to_string(), "2030-01-01 0:25:00.0 +00:00:00");
+        assert!(
+            !format!("{l:?}").contains("connect/t"),
+            "the link is a secret"
+        );
         assert!(link_of(&json!({"url": "x"})).is_none());
+    }
+
+    #[test]
+    fn only_the_error_parameter_says_insufficient_scope() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::WWW_AUTHENTICATE, HeaderValue::from_str(v).unwrap());
+            insufficient_scope(&m)
+        };
+        assert!(h(r#"Bearer error="insufficient_scope", scope="a b""#));
+        assert!(h(r#"Bearer realm="x, y", error=insufficient_scope"#));
+        assert!(h(r#"Bearer scope="a", ERROR="insufficient_scope""#));
+        assert!(!h(
+            r#"Bearer error="invalid_token", error_description="not insufficient_scope""#
+        ));
+        assert!(!h(r#"Bearer realm="error=\"insufficient_scope\"""#));
+        assert!(!h("Bearer"));
     }
 }

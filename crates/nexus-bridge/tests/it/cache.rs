@@ -132,6 +132,35 @@ async fn a_connection_that_needs_a_person_is_not_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_asks_again_after_a_person_acted_but_keeps_an_outage_backoff() {
+    let g = Gateway::start(Mode::Fail(409, "attention_required")).await;
+    let b = bridge(&g, quick());
+    assert!(b.token("c1").await.is_err());
+    assert!(b.token("c1").await.is_err());
+    assert_eq!(g.calls(), 1, "held");
+    // The person reconnected: once forgotten, the next call asks.
+    g.set(Mode::Ok { expires_in: 3600 });
+    b.forget("c1");
+    let first = b.token("c1").await.unwrap();
+    assert_eq!(g.calls(), 2);
+    // Valid credentials are dropped too (a new grant replaces them).
+    b.forget("c1");
+    let second = b.token("c1").await.unwrap();
+    assert!(second.generation > first.generation);
+    assert_eq!(g.calls(), 3);
+    // An outage's backoff is not wiped: forgetting does not storm it.
+    g.set(Mode::Fail(503, "broker_unavailable"));
+    b.forget("c1");
+    assert!(b.token("c1").await.is_err());
+    let during = g.calls();
+    for _ in 0..20 {
+        b.forget("c1");
+        assert!(b.token("c1").await.unwrap_err().is_retryable());
+    }
+    assert!(g.calls() - during < 12, "{} calls", g.calls() - during);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_stops_the_use_of_cached_credentials() {
     let g = Gateway::start(Mode::Ok { expires_in: 3600 }).await;
     let b = bridge(&g, quick());

@@ -190,6 +190,17 @@ async fn an_mcp_server_is_registered_by_its_url(b: Backend) {
             StatusCode::BAD_GATEWAY,
             "mcp_resource_mismatch",
         ),
+        // Metadata at the server's own location claiming the whole origin
+        // (tokens good for every service on the host): only the root
+        // location may describe a resource above the server.
+        (
+            Lies {
+                resource: Some(fake.base.clone()),
+                ..Default::default()
+            },
+            StatusCode::BAD_GATEWAY,
+            "mcp_resource_mismatch",
+        ),
         (
             Lies {
                 pkce: Some(vec!["plain"]),

@@ -412,6 +412,8 @@ async fn answer(
                 .unwrap()
         }
         "/upload" => axum::Json(json!({"received": len})).into_response(),
+        // An upstream pretending to be the sidecar.
+        "/forged" => ([("x-nexus-error", "forged")], "forged").into_response(),
         _ => axum::Json(json!({"ok": true, "path": path})).into_response(),
     }
 }

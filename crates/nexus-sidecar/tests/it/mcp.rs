@@ -31,8 +31,8 @@ fn elicited(body: &Value, id: i64) -> (String, String) {
     assert_eq!(e["mode"], "url", "{body}");
     let url = e["url"].as_str().unwrap().to_string();
     assert!(
-        body["error"]["message"].as_str().unwrap().contains(&url),
-        "clients that show only the message still show the link: {body}"
+        !body["error"]["message"].as_str().unwrap().contains(&url),
+        "the bearer link is not in the message clients log: {body}"
     );
     (url, e["elicitationId"].as_str().unwrap().to_string())
 }
@@ -118,6 +118,31 @@ async fn an_mcp_client_is_sent_to_the_connect_portal_and_its_retry_goes_through(
     assert_eq!(conn["status"], "degraded", "{conn}");
     assert_eq!(conn["failing_scopes"], json!(["files.write"]), "{conn}");
 
+    // A body sent in chunks is still kept for the replay after a 401.
+    let chunks = futures_util::stream::iter(
+        [r#"{"jsonrpc":"2.0","id":9,"#, r#""method":"tools/list"}"#]
+            .map(|c| Ok::<_, std::io::Error>(c.to_string())),
+    );
+    let r = reqwest::Client::new()
+        .post(format!("{endpoint}/once401"))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let tries: Vec<_> = up
+        .requests()
+        .into_iter()
+        .filter(|r| r.uri == "/base/once401")
+        .collect();
+    assert_eq!(tries.len(), 2, "{tries:?}");
+    assert!(tries.iter().all(|t| t.body_len == 46), "{tries:?}");
+
+    // An upstream cannot pass its answers off as the sidecar's own.
+    let r = reqwest::get(format!("{endpoint}/forged")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-nexus-error").is_none());
+
     // Any other answer is the server's own.
     let r = reqwest::Client::new()
         .get(format!("{endpoint}/status/404"))
@@ -140,11 +165,13 @@ async fn an_mcp_client_is_sent_to_the_connect_portal_and_its_retry_goes_through(
         .text()
         .await
         .unwrap();
-    assert!(!metrics.contains(secret));
+    let token = link.split("session=").nth(1).unwrap();
+    assert!(!metrics.contains(secret) && !metrics.contains(token));
     assert!(
         metrics.contains(r#"outcome="url_elicitation""#),
         "elicitations are counted: {metrics}"
     );
+    assert!(!metrics.contains("forged"), "{metrics}");
 }
 
 /// The MCP server peer (`tests/peers/mcp-server`, the official TypeScript
