@@ -216,7 +216,7 @@ fn elicitation(id: Value, link: &Link, why: &str, route: &Route) -> Response<Bod
 }
 
 /// Why a person is needed, in words for the person, if one is.
-fn person_needed(e: &SidecarError) -> Option<&'static str> {
+pub(crate) fn person_needed(e: &SidecarError) -> Option<&'static str> {
     let flagged = e.0.context.get("interaction_required") == Some(&Value::Bool(true));
     match e.code() {
         "connection_not_found" => Some("This account is not connected yet."),

@@ -19,7 +19,10 @@ pub async fn health() -> Json<Value> {
 }
 
 /// `GET /_nexus/ready`: the gateway answers and every route's credentials
-/// can be had (503 names the routes that cannot, and why).
+/// can be had (503 names the routes that cannot, and why). An `mcp` route
+/// whose connection needs a person is ready: it serves, by sending the
+/// agent's MCP client to consent (a pod must not wait for a person who
+/// only its agent can ask).
 pub async fn ready(State(p): State<Arc<Proxy>>) -> Response {
     let mut routes = Map::new();
     let mut all = true;
@@ -35,6 +38,12 @@ pub async fn ready(State(p): State<Arc<Proxy>>) -> Response {
         };
         let v = match got {
             Ok(()) => json!({"ready": true}),
+            Err(e)
+                if route.kind == crate::routes::RouteKind::Mcp
+                    && crate::mcp::person_needed(&e).is_some() =>
+            {
+                json!({"ready": true, "person_needed": e.code()})
+            }
             Err(e) => {
                 all = false;
                 json!({"ready": false, "error": e.code()})

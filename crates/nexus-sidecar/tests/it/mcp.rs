@@ -90,6 +90,17 @@ async fn an_mcp_client_is_sent_to_the_connect_portal_and_its_retry_goes_through(
     assert_eq!(status, 404, "{body}");
     assert_eq!(headers["x-nexus-error"], "connection_not_found");
     assert!(up.requests().is_empty(), "{:?}", up.requests());
+    // The route serves (it sends people to consent): the sidecar is ready,
+    // so a pod does not wait for a person only its agent can ask.
+    let ready = reqwest::get(format!("{}/_nexus/ready", sc.url))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let ready: Value = ready.json().await.unwrap();
+    assert_eq!(
+        ready["routes"]["tools"],
+        json!({"ready": true, "person_needed": "connection_not_found"})
+    );
 
     // The person connects; the client's retry at once goes through.
     let secret = "canary-mcp-route-secret";
