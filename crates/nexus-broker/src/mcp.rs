@@ -336,42 +336,10 @@ fn canonical_text(u: &Url) -> String {
 
 /// The `resource_metadata` and `scope` parameters of a `Bearer` challenge.
 fn challenge(www_authenticate: &str) -> (Option<String>, Option<String>) {
-    let mut metadata = None;
-    let mut scope = None;
-    let rest = www_authenticate
-        .trim()
-        .strip_prefix("Bearer")
-        .or_else(|| www_authenticate.trim().strip_prefix("bearer"))
-        .unwrap_or("");
-    for part in split_params(rest) {
-        if let Some((k, v)) = part.split_once('=') {
-            let v = v.trim().trim_matches('"').to_string();
-            match k.trim().to_ascii_lowercase().as_str() {
-                "resource_metadata" => metadata = Some(v),
-                "scope" => scope = Some(v),
-                _ => {}
-            }
-        }
-    }
-    (metadata, scope)
-}
-
-/// Splits `a="x, y", b=z` on the commas outside quotes.
-fn split_params(s: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let (mut start, mut quoted) = (0, false);
-    for (i, c) in s.char_indices() {
-        match c {
-            '"' => quoted = !quoted,
-            ',' if !quoted => {
-                out.push(&s[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    out.push(&s[start..]);
-    out
+    use nexus_core::challenge::{bearer_params, param};
+    let params = bearer_params(www_authenticate).unwrap_or_default();
+    let get = |k: &str| param(&params, k).map(str::to_string);
+    (get("resource_metadata"), get("scope"))
 }
 
 /// `/.well-known/<name>` inserted before the path of `base` (RFC 8414 §3,

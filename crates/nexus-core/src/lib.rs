@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod backoff;
+pub mod challenge;
 pub mod egress;
 pub mod error;
 pub mod limit;

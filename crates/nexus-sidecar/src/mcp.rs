@@ -124,59 +124,13 @@ pub fn request_id(body: &[u8]) -> Option<Value> {
 /// `insufficient_scope` (RFC 6750 §3.1): a refusal for want of scope, which
 /// a new consent can fix, unlike a policy refusal.
 pub(crate) fn insufficient_scope(headers: &HeaderMap) -> bool {
+    use nexus_core::challenge::{bearer_params, param};
     headers
         .get_all(header::WWW_AUTHENTICATE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .any(|v| auth_param(v, "error").is_some_and(|e| e == "insufficient_scope"))
-}
-
-/// The value of the auth-param `name` in a challenge (`Bearer a="b", c=d`),
-/// quoted or not; quoted commas and escapes are handled.
-fn auth_param<'a>(challenge: &'a str, name: &str) -> Option<std::borrow::Cow<'a, str>> {
-    let mut rest = challenge.trim_start();
-    // The scheme, then `k=v` pairs separated by commas.
-    if let Some(sp) = rest.find(' ') {
-        if !rest[..sp].contains('=') {
-            rest = &rest[sp..];
-        }
-    }
-    loop {
-        rest = rest.trim_start_matches([' ', ',', '\t']);
-        let eq = rest.find('=')?;
-        let key = rest[..eq].trim();
-        rest = rest[eq + 1..].trim_start();
-        let value: std::borrow::Cow<'a, str> = if let Some(q) = rest.strip_prefix('"') {
-            let mut out = String::new();
-            let mut chars = q.char_indices();
-            let mut end = None;
-            while let Some((i, c)) = chars.next() {
-                match c {
-                    '\\' => {
-                        if let Some((_, n)) = chars.next() {
-                            out.push(n);
-                        }
-                    }
-                    '"' => {
-                        end = Some(i);
-                        break;
-                    }
-                    c => out.push(c),
-                }
-            }
-            let end = end?;
-            rest = &q[end + 1..];
-            out.into()
-        } else {
-            let end = rest.find(',').unwrap_or(rest.len());
-            let v = rest[..end].trim();
-            rest = &rest[end..];
-            v.into()
-        };
-        if key.eq_ignore_ascii_case(name) {
-            return Some(value);
-        }
-    }
+        .filter_map(bearer_params)
+        .any(|p| param(&p, "error") == Some("insufficient_scope"))
 }
 
 /// The JSON-RPC answer sending a person to `link`. The link is a bearer

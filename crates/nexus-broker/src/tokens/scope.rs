@@ -125,64 +125,12 @@ fn invalid(code: &'static str, msg: impl Into<String>) -> ReportError {
 /// (RFC 6750 §3), from a `WWW-Authenticate` value that may hold several
 /// challenges. `None` when there is no such challenge or it names no scope.
 pub fn insufficient_scopes(header: &str) -> Option<Vec<String>> {
-    let mut params: Vec<(String, String)> = Vec::new();
-    let mut in_bearer = false;
-    let mut rest = header.trim();
-    while !rest.is_empty() {
-        rest = rest.trim_start_matches([' ', '\t', ',']);
-        let end = rest
-            .find(|c: char| c == '=' || c == ',' || c.is_whitespace())
-            .unwrap_or(rest.len());
-        let token = &rest[..end];
-        if token.is_empty() {
-            break;
-        }
-        let after = rest[end..].trim_start_matches([' ', '\t']);
-        if let Some(value_part) = after.strip_prefix('=') {
-            // A parameter of the current challenge.
-            let value_part = value_part.trim_start();
-            let (value, remaining) = if let Some(q) = value_part.strip_prefix('"') {
-                let mut v = String::new();
-                let mut chars = q.char_indices();
-                let mut close = None;
-                while let Some((i, c)) = chars.next() {
-                    match c {
-                        '\\' => {
-                            if let Some((_, n)) = chars.next() {
-                                v.push(n);
-                            }
-                        }
-                        '"' => {
-                            close = Some(i);
-                            break;
-                        }
-                        c => v.push(c),
-                    }
-                }
-                let close = close?;
-                (v, &q[close + 1..])
-            } else {
-                let e = value_part.find(',').unwrap_or(value_part.len());
-                (value_part[..e].trim().to_string(), &value_part[e..])
-            };
-            if in_bearer {
-                params.push((token.to_ascii_lowercase(), value));
-            }
-            rest = remaining;
-        } else {
-            // A new challenge's scheme (token68 forms are not Bearer's).
-            if in_bearer {
-                break;
-            }
-            in_bearer = token.eq_ignore_ascii_case("bearer");
-            rest = after;
-        }
-    }
-    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    if get("error") != Some("insufficient_scope") {
+    use nexus_core::challenge::{bearer_params, param};
+    let params = bearer_params(header)?;
+    if param(&params, "error") != Some("insufficient_scope") {
         return None;
     }
-    let scopes: Vec<String> = get("scope")?
+    let scopes: Vec<String> = param(&params, "scope")?
         .split_whitespace()
         .map(str::to_string)
         .collect();
