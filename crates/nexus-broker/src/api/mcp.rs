@@ -62,29 +62,51 @@ fn cimd_usable(st: &AppState, server: &McpServer) -> bool {
         && (url.starts_with("https://") || !nexus_core::egress::plaintext_beyond_loopback(url))
 }
 
-/// How Nexus would identify itself to the server's authorization server,
-/// in the MCP specification's order: a client registered in advance, its
-/// client ID metadata document, dynamic registration (RFC 7591).
-fn client_plan(st: &AppState, server: &McpServer, client_id: Option<&str>) -> Value {
-    match client_id {
-        Some(id) => json!({"method": "pre_registered", "client_id": id}),
-        None if cimd_usable(st, server) => json!({
+/// How Nexus identifies itself to the server's authorization server.
+enum Client<'a> {
+    /// A client registered in advance.
+    PreRegistered(&'a str),
+    /// Its client ID metadata document (a public client).
+    MetadataDocument,
+    /// Dynamic registration (RFC 7591).
+    Register,
+    /// None of these: someone must register a client.
+    Missing,
+}
+
+/// The client, in the MCP specification's order of preference.
+fn choose<'a>(st: &AppState, server: &McpServer, given: Option<&'a str>) -> Client<'a> {
+    match given {
+        Some(id) => Client::PreRegistered(id),
+        None if cimd_usable(st, server) => Client::MetadataDocument,
+        None if server.registration_endpoint.is_some() => Client::Register,
+        None => Client::Missing,
+    }
+}
+
+/// What to do when no client can be had.
+fn missing_client(st: &AppState, server: &McpServer) -> String {
+    format!(
+        "register a client at {} with redirect URI {} and give its client_id (dynamic registration and client ID metadata documents are not supported yet)",
+        server.issuer,
+        st.handshakes().shared_redirect_uri()
+    )
+}
+
+/// The plan's account of the client Nexus would use.
+fn client_plan(st: &AppState, server: &McpServer) -> Value {
+    match choose(st, server, None) {
+        Client::PreRegistered(id) => json!({"method": "pre_registered", "client_id": id}),
+        Client::MetadataDocument => json!({
             "method": "client_id_metadata_document",
             "client_id": st.handshakes().client_metadata_url(),
         }),
-        None if server.registration_endpoint.is_some() => json!({
+        Client::Register => json!({
             "method": "dynamic_registration",
             "registration_endpoint": server.registration_endpoint,
             "redirect_uri": st.handshakes().shared_redirect_uri(),
         }),
-        None => json!({
-            "method": "none",
-            "message": format!(
-                "register a client at {} with redirect URI {} and give its client_id (dynamic registration and client ID metadata documents are not supported yet)",
-                server.issuer,
-                st.handshakes().shared_redirect_uri()
-            ),
-        }),
+        Client::Missing => json!({"method": "none", "message": missing_client(st, server)}),
     }
 }
 
@@ -94,7 +116,7 @@ pub async fn plan(
     ApiJson(req): ApiJson<PlanMcp>,
 ) -> Result<Json<Value>, ApiError> {
     let server = found(&st, &req.url).await?;
-    let client = client_plan(&st, &server, None);
+    let client = client_plan(&st, &server);
     Ok(Json(json!({"server": server, "client": client,
         "redirect_uri": st.handshakes().shared_redirect_uri()})))
 }
@@ -118,8 +140,8 @@ pub async fn create(
         .as_deref()
         .map(str::trim)
         .filter(|c| !c.is_empty());
-    let profile = match given {
-        Some(client_id) => server.profile(
+    let profile = match choose(&st, &server, given) {
+        Client::PreRegistered(client_id) => server.profile(
             req.name.trim(),
             client_id,
             req.client_secret.as_deref(),
@@ -127,14 +149,14 @@ pub async fn create(
             req.scopes,
         ),
         // A public client known by its metadata document: PKCE, no secret.
-        None if cimd_usable(&st, &server) => server.profile(
+        Client::MetadataDocument => server.profile(
             req.name.trim(),
             st.handshakes().client_metadata_url(),
             None,
             None,
             req.scopes,
         ),
-        None if server.registration_endpoint.is_some() => {
+        Client::Register => {
             let made = mcp::register(
                 st.handshakes().provider_http(),
                 &server,
@@ -149,11 +171,10 @@ pub async fn create(
                 req.scopes,
             )
         }
-        None => {
-            let plan = client_plan(&st, &server, None);
+        Client::Missing => {
             return Err(ApiError::bad_request(
                 "client_id_required",
-                plan["message"].as_str().unwrap_or_default().to_string(),
+                missing_client(&st, &server),
             ));
         }
     };

@@ -6,7 +6,9 @@
 use super::{CallbackParams, HandshakeError, Handshakes};
 use crate::events::audit::Actor;
 use crate::events::audit::AuditEvent;
-use crate::oauth::client::{fail, parse_token_response, token_request, Failure, TokenSet};
+use crate::oauth::client::{
+    fail, parse_token_response, token_request, ClientAuth, Failure, TokenSet,
+};
 use crate::oauth::discovery::Endpoints;
 use crate::oauth::id_token::{self, IdTokenError};
 use crate::oauth::state_token::{self, StateError};
@@ -340,8 +342,7 @@ impl Handshakes {
         let fetched = outbound::send(token_request(
             &self.http,
             &endpoints.token,
-            provider,
-            client_secret,
+            ClientAuth::of(provider, client_secret),
             form,
         ))
         .await

@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 use url::Url;
 
 use super::Handshakes;
-use crate::oauth::client::parse_token_response;
+use crate::oauth::client::{parse_token_response, token_request, ClientAuth};
 use crate::oauth::discovery::Endpoints;
 use crate::oauth::id_token::{self, Expected};
 use crate::oauth::{pkce, state_token};
@@ -279,28 +279,20 @@ impl Handshakes {
                 "the provider advertises iss in its answers but sent none",
             ));
         }
-        let mut form = vec![
+        let form = vec![
             ("grant_type", "authorization_code"),
             ("code", code.as_str()),
             ("redirect_uri", sso.redirect_uri.as_str()),
             ("code_verifier", verifier.expose().as_str()),
         ];
-        let mut req = self
-            .http
-            .post(&endpoints.token)
-            .header("accept", "application/json");
-        match &sso.client_secret {
-            // client_secret_basic, OpenID Connect's default (RFC 6749 §2.3.1
-            // form-encodes both parts first).
-            Some(secret) => {
-                let enc = |s: &str| {
-                    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
-                };
-                req = req.basic_auth(enc(&sso.client_id), Some(enc(secret.expose())));
-            }
-            None => form.push(("client_id", sso.client_id.as_str())),
-        }
-        let fetched = outbound::send(req.form(&form))
+        // client_secret_basic: OpenID Connect's default.
+        let client = ClientAuth {
+            client_id: &sso.client_id,
+            secret: sso.client_secret.as_deref(),
+            basic: true,
+        };
+        let req = token_request(&self.http, &endpoints.token, client, form);
+        let fetched = outbound::send(req)
             .await
             .map_err(|e| SsoError::Provider(format!("token endpoint: {e}")))?;
         let tokens = parse_token_response(fetched.status, &fetched.body)

@@ -80,19 +80,40 @@ pub fn classify(error: &str) -> Refusal {
     }
 }
 
-/// A POST to a token endpoint with the provider's client authentication
+/// How a client authenticates at a token endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAuth<'a> {
+    /// Its client id.
+    pub client_id: &'a str,
+    /// Its secret (none: a public client, which sends its id alone).
+    pub secret: Option<&'a Secret<String>>,
+    /// `client_secret_basic` rather than `client_secret_post`.
+    pub basic: bool,
+}
+
+impl<'a> ClientAuth<'a> {
+    /// A provider's client, with its secret unsealed.
+    pub fn of(provider: &'a Provider, secret: Option<&'a Secret<String>>) -> Self {
+        Self {
+            client_id: provider.profile.client_id.as_deref().unwrap_or_default(),
+            secret,
+            basic: provider.profile.auth_header == Some(AuthHeader::ClientSecretBasic),
+        }
+    }
+}
+
+/// A POST to a token endpoint with the client's authentication
 /// (client_secret_post, client_secret_basic, or a public client's id alone).
 pub fn token_request<'a>(
     http: &reqwest::Client,
     token_url: &str,
-    provider: &'a Provider,
-    client_secret: Option<&'a Secret<String>>,
+    client: ClientAuth<'a>,
     mut form: Vec<(&'a str, &'a str)>,
 ) -> reqwest::RequestBuilder {
-    let client_id: &str = provider.profile.client_id.as_deref().unwrap_or_default();
+    let client_id = client.client_id;
     let mut req = http.post(token_url).header("accept", "application/json");
-    match (provider.profile.auth_header, client_secret) {
-        (Some(AuthHeader::ClientSecretBasic), Some(secret)) => {
+    match (client.basic, client.secret) {
+        (true, Some(secret)) => {
             // RFC 6749 §2.3.1: form-urlencode both parts before Basic encoding.
             let enc =
                 |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();

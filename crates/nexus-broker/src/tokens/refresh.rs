@@ -37,7 +37,7 @@ use super::error::{usable, TokenError};
 use super::schedule::{backoff, inside_margin, next_refresh_at, RefreshSettings};
 use crate::events::audit::{AuditEvent, AuditSink};
 use crate::events::webhooks;
-use crate::oauth::client::{classify, parse_token_response, token_request, Refusal};
+use crate::oauth::client::{classify, parse_token_response, token_request, ClientAuth, Refusal};
 use crate::oauth::discovery::Discovery;
 use crate::registry::{Provider, Registry};
 use crate::store::{
@@ -655,8 +655,7 @@ impl Refresher {
         let req = token_request(
             &self.http,
             &endpoints.token,
-            provider,
-            secret.as_ref(),
+            ClientAuth::of(provider, secret.as_ref()),
             form,
         );
         // The intent, then the call: from here until the commit, the

@@ -19,7 +19,7 @@ use super::refresh::Refresher;
 use crate::events::audit::Actor;
 use crate::events::audit::AuditEvent;
 use crate::events::webhooks;
-use crate::oauth::client::token_request;
+use crate::oauth::client::{token_request, ClientAuth};
 use crate::registry::profile::AuthType;
 use crate::registry::Provider;
 use crate::store::{now_ms, ConnectionRow, ConnectionStatus, Transition};
@@ -242,7 +242,12 @@ impl Refresher {
                 ("token", token.expose().as_str()),
                 ("token_type_hint", hint),
             ];
-            let req = token_request(&self.http, &endpoint, p, secret.as_ref(), form);
+            let req = token_request(
+                &self.http,
+                &endpoint,
+                ClientAuth::of(p, secret.as_ref()),
+                form,
+            );
             let retry_after = match outbound::send(req).await {
                 Ok(f) if f.status.is_success() => {
                     out.result = "revoked";
