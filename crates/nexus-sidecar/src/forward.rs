@@ -160,6 +160,14 @@ fn too_large(limit: usize, why: &str) -> SidecarError {
     .with("limit", limit)
 }
 
+/// Why the strategy of `creds` must hash the whole body, if it must
+/// (`hmac_payload`; SigV4 but for S3, which is signed `UNSIGNED-PAYLOAD`).
+fn hashing(creds: &Credentials) -> Option<String> {
+    let s = &creds.strategy;
+    (s.kind == "hmac_payload" || (s.kind == "aws_sigv4" && s.field("service") != Some("s3")))
+        .then(|| format!("{} signs the whole body", s.kind))
+}
+
 fn strategy_error(e: BridgeError) -> SidecarError {
     SidecarError::new(StatusCode::BAD_GATEWAY, "strategy_failed", e.to_string())
 }
@@ -294,14 +302,12 @@ impl Worker {
 
     /// A body read already: kept for the replay, within the hashing cap.
     fn kept(&self, creds: &Credentials, bytes: Bytes) -> Result<Payload, SidecarError> {
-        let strategy = &creds.strategy;
-        let must_hash = strategy.kind == "hmac_payload"
-            || (strategy.kind == "aws_sigv4" && strategy.field("service") != Some("s3"));
-        if must_hash && bytes.len() > self.proxy.signed_body_max {
-            let why = format!("{} signs the whole body", strategy.kind);
-            return Err(too_large(self.proxy.signed_body_max, &why));
+        match hashing(creds) {
+            Some(why) if bytes.len() > self.proxy.signed_body_max => {
+                Err(too_large(self.proxy.signed_body_max, &why))
+            }
+            _ => Ok(Payload::Kept(bytes)),
         }
-        Ok(Payload::Kept(bytes))
     }
 
     /// Reads the body into memory when it must be (a strategy hashes it) or
@@ -312,9 +318,7 @@ impl Worker {
         parts: &request::Parts,
         body: Body,
     ) -> Result<Payload, SidecarError> {
-        let strategy = &creds.strategy;
-        let must_hash = strategy.kind == "hmac_payload"
-            || (strategy.kind == "aws_sigv4" && strategy.field("service") != Some("s3"));
+        let must_hash = hashing(creds);
         if body.is_end_stream() {
             return Ok(Payload::Kept(Bytes::new()));
         }
@@ -330,8 +334,7 @@ impl Worker {
                 format!("the request body could not be read: {e}"),
             )
         };
-        if must_hash {
-            let why = format!("{} signs the whole body", strategy.kind);
+        if let Some(why) = must_hash {
             if length.is_some_and(|l| l > self.proxy.signed_body_max as u64) {
                 return Err(too_large(self.proxy.signed_body_max, &why));
             }
