@@ -436,10 +436,12 @@ impl Worker {
             www,
             None,
         );
-        let sends_a_person = resp.status() == StatusCode::UNAUTHORIZED
-            || crate::mcp::insufficient_scope(resp.headers());
+        let sends_a_person = || {
+            resp.status() == StatusCode::UNAUTHORIZED
+                || crate::mcp::insufficient_scope(resp.headers())
+        };
         if route.kind == RouteKind::Mcp
-            && sends_a_person
+            && sends_a_person()
             && !self.proxy.elicitations.outstanding(&route.name)
         {
             let sent = self.proxy.bridge.report_scope_failure(connection, &report);
