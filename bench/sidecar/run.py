@@ -7,6 +7,9 @@ own process), in alternating rounds of one run:
   sidecar  wrk -> `nexus sidecar` -> upstream    (header strategy, credential
                                                   from the gateway of a `nexus up`)
   nginx    wrk -> nginx (proxy_pass, keep-alive upstream, proxy_set_header) -> upstream
+  floor    wrk -> examples/hyper_proxy -> upstream   (the sidecar's worker model, server
+                                                  and upstream pool with none of its work:
+                                                  what hyper itself costs)
 
 The upstream is the bare axum handler of the HTTP benchmark
 (crates/nexus-gateway/examples/bare.rs, a 1 KB JSON body). For each target:
@@ -193,7 +196,12 @@ def main() -> int:
     nginx = ensure_nginx()
     if not args.no_build:
         hb.build(repo, target_dir)
-    bins = {"nexus": target_dir / "release" / "nexus", "bare": target_dir / "release" / "examples" / "bare"}
+        argv = ["cargo", "build", "--release", "-p", "nexus-sidecar", "--example", "hyper_proxy",
+                "--target-dir", str(target_dir)]
+        hb.log(f"$ (cd {repo} && {' '.join(argv)})")
+        subprocess.run(argv, cwd=repo, check=True)
+    bins = {"nexus": target_dir / "release" / "nexus", "bare": target_dir / "release" / "examples" / "bare",
+            "floor": target_dir / "release" / "examples" / "hyper_proxy"}
     procs = hb.Procs()
     tmp = Path(tempfile.mkdtemp(prefix="nexus-sidecar-bench-"))
     host = args.host
@@ -222,11 +230,17 @@ def main() -> int:
         time.sleep(0.5)
         hb.wait_ready(f"http://{host}:{nport}/api/{conn}", ng, tmp / "nginx-error.log")
 
+        fl = procs.start("floor", [str(bins["floor"]), f"{host}:0", f"{upstream.url}/v1/token", str(workers)],
+                         hb.clean_env(), tmp, tmp / "floor.log", stdout=subprocess.PIPE)
+        floor_url = "http://" + hb.read_line(fl, "listening on ")
+        hb.wait_ready(f"{floor_url}/api/{conn}", fl, tmp / "floor.log")
+
         head = ("X-Bench", "1")
         direct = hb.Target("direct", upstream.url, "/v1/token/", head, dict(upstream.pids), [conn])
         side = hb.Target("sidecar", f"http://{host}:{sport}", "/api/", head, {"sidecar": sidecar.pid}, [conn])
         ngx = hb.Target("nginx", f"http://{host}:{nport}", "/api/", head, nginx_pids(ng.pid), [conn])
-        order = [direct, side, ngx]
+        floor = hb.Target("floor", floor_url, "/api/", head, {"floor": fl.pid}, [conn])
+        order = [direct, side, ngx, floor]
         for t in order:
             hb.prepare(t, [conn], tmp)
             hb.run_wrk(wrk, t, args.threads, args.connections, 2)  # warm-up
@@ -259,6 +273,10 @@ def main() -> int:
             s, n = med["sidecar"], med["nginx"]
             hb.log(f"sidecar/nginx: req/s {100 * s['rps'] / n['rps']:.1f}%, p99 {s['p99_ms'] / n['p99_ms']:.2f}×, "
                    f"CPU/req {s['cpu_us_per_req'] / n['cpu_us_per_req']:.2f}×")
+        if med.get("floor") and med.get("nginx"):
+            f, n = med["floor"], med["nginx"]
+            hb.log(f"floor/nginx: req/s {100 * f['rps'] / n['rps']:.1f}%, p99 {f['p99_ms'] / n['p99_ms']:.2f}×, "
+                   f"CPU/req {f['cpu_us_per_req'] / n['cpu_us_per_req']:.2f}×")
         if args.upload_gib > 0:
             u = upload(side.url, f"/api/{conn}", args.upload_gib, sidecar.pid)
             hb.log(f"\n== {args.upload_gib:g} GiB streamed through the sidecar: {u}")

@@ -19,7 +19,7 @@ use crate::headers;
 use crate::memory::{self, RateMemory};
 use crate::routes::{Route, RouteKind, Routes};
 use crate::target;
-use crate::upstream::Upstreams;
+use crate::upstream::{Upstreams, Via};
 
 /// What every worker shares.
 #[derive(Debug)]
@@ -376,13 +376,14 @@ impl Worker {
             }
         };
         let started = Instant::now();
-        let sent = if route.http2 {
-            self.upstreams.h2c.request(req)
+        let via = if route.http2 {
+            Via::H2c
         } else if upgrade {
-            self.upstreams.h1.request(req)
+            Via::Upgrade
         } else {
-            self.upstreams.auto.request(req)
+            Via::Negotiated
         };
+        let sent = self.upstreams.send(req, via);
         let resp = tokio::time::timeout(self.proxy.upstream_timeout, sent).await;
         if let Some(m) = self.proxy.metrics.get(&route.name) {
             m.upstream.record(started.elapsed().as_secs_f64());
@@ -504,7 +505,7 @@ fn is_length_limit(e: &axum::Error) -> bool {
     false
 }
 
-fn error_kind(e: &hyper_util::client::legacy::Error) -> &'static str {
+fn error_kind(e: &crate::upstream::UpstreamError) -> &'static str {
     if e.is_connect() {
         "connection refused or failed"
     } else {

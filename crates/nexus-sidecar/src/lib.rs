@@ -13,7 +13,7 @@
 //! an upstream call.
 //!
 //! Metrics: `nexus_sidecar_requests_total{route,outcome}`,
-//! `nexus_sidecar_upstream_seconds{route}`,
+//! `nexus_sidecar_upstream_duration_seconds{route}`,
 //! `nexus_sidecar_short_circuits_total{route}`, and the bridge's
 //! `nexus_bridge_fetches_total` and `nexus_bridge_reports_total`.
 
@@ -27,6 +27,7 @@ pub mod headers;
 pub mod mcp;
 pub mod memory;
 pub mod ops;
+pub mod pool;
 pub mod routes;
 pub mod server;
 pub mod target;

@@ -2,7 +2,8 @@
 //! webpki roots where the platform has none) plus an optional extra CA;
 //! HTTP/2 by ALPN over TLS, or by prior knowledge to a plaintext upstream
 //! that asks for it; HTTP/1.1 only for protocol upgrades. Redirects are
-//! never followed: they go back to the agent.
+//! never followed: they go back to the agent. HTTP/1.1 connections are kept
+//! by [`crate::pool`].
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,6 +16,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
+
+use crate::pool::{Pool, PoolError, Sent};
 
 /// Why the upstream clients could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -34,15 +37,51 @@ pub enum TlsSetupError {
 
 type Https = HttpsConnector<HttpConnector>;
 
-/// The three clients, sharing one TLS configuration.
-#[derive(Clone, Debug)]
+/// One worker's clients, sharing one TLS configuration.
+#[derive(Debug)]
 pub struct Upstreams {
-    /// HTTP/1.1 or HTTP/2 (ALPN) over TLS, HTTP/1.1 in plaintext.
-    pub auto: Client<Https, Body>,
+    /// HTTP/1.1 in plaintext, and over TLS to hosts that do not choose
+    /// HTTP/2: kept connections without a task per request.
+    pool: Pool,
+    /// HTTP/2 over TLS, to the hosts that choose it (ALPN).
+    auto: Client<Https, Body>,
     /// HTTP/2 by prior knowledge (plaintext upstreams with `http2 = true`).
-    pub h2c: Client<HttpConnector, Body>,
+    h2c: Client<HttpConnector, Body>,
     /// HTTP/1.1 only: protocol upgrades (WebSocket) need it.
-    pub h1: Client<Https, Body>,
+    h1: Client<Https, Body>,
+}
+
+/// How a request must reach its upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// As the host prefers: HTTP/2 over TLS when it chooses it, else HTTP/1.1.
+    Negotiated,
+    /// HTTP/2 by prior knowledge (a plaintext upstream that asks for it).
+    H2c,
+    /// HTTP/1.1 on a connection of its own: a protocol switch takes it over.
+    Upgrade,
+}
+
+/// Why an upstream gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// From the kept HTTP/1.1 connections.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// From hyper-util's client.
+    #[error(transparent)]
+    Client(#[from] hyper_util::client::legacy::Error),
+}
+
+impl UpstreamError {
+    /// Whether no connection could be made at all (as opposed to one
+    /// failing mid-request).
+    pub fn is_connect(&self) -> bool {
+        match self {
+            Self::Pool(e) => matches!(e, PoolError::Connect(_) | PoolError::NoAuthority),
+            Self::Client(e) => e.is_connect(),
+        }
+    }
 }
 
 fn roots(extra_ca: Option<&Path>) -> Result<rustls::RootCertStore, TlsSetupError> {
@@ -94,6 +133,7 @@ impl Upstreams {
     /// The clients, on `tls` (see [`client_tls`]).
     pub fn new(tls: &rustls::ClientConfig) -> Self {
         let connect = Duration::from_secs(5);
+        let idle = Duration::from_secs(30);
         let https = |h2: bool| {
             let b = hyper_rustls::HttpsConnectorBuilder::new()
                 .with_tls_config(tls.clone())
@@ -107,14 +147,31 @@ impl Upstreams {
         let builder = || {
             let mut b = Client::builder(TokioExecutor::new());
             b.pool_timer(TokioTimer::new())
-                .pool_idle_timeout(Duration::from_secs(30))
+                .pool_idle_timeout(idle)
                 .timer(TokioTimer::new());
             b
         };
         Self {
+            pool: Pool::new(https(true), idle),
             auto: builder().build(https(true)),
             h2c: builder().http2_only(true).build(connector(connect)),
             h1: builder().build(https(false)),
         }
+    }
+
+    /// Sends `req` (absolute URI) to its upstream; the answer's head.
+    pub async fn send(
+        &self,
+        req: axum::http::Request<Body>,
+        via: Via,
+    ) -> Result<axum::http::Response<hyper::body::Incoming>, UpstreamError> {
+        Ok(match via {
+            Via::H2c => self.h2c.request(req).await?,
+            Via::Upgrade => self.h1.request(req).await?,
+            Via::Negotiated => match self.pool.send(req).await? {
+                Sent::Answer(answer) => answer,
+                Sent::Http2(req) => self.auto.request(req).await?,
+            },
+        })
     }
 }

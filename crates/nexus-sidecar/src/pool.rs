@@ -1,0 +1,362 @@
+//! A worker's HTTP/1.1 connections to upstreams, kept open between
+//! requests.
+//!
+//! hyper-util's pooled client returns an HTTP/1.1 connection to its pool
+//! from a task it spawns for every request (the connection is not free
+//! until the answer's body has been read), and builds a connect future
+//! beside every checkout. On the sidecar's hot path that was a fifth of its
+//! user time. Here a connection goes back to its host's list as soon as the
+//! answer's head is in, and a checkout takes the most recently used one
+//! that is free again: no task, no channel. hyper's own connection
+//! (`client::conn::http1`) still does all the HTTP.
+//!
+//! A host whose TLS handshake picks HTTP/2 (ALPN) is remembered and left to
+//! the multiplexing client from then on: one connection carries all its
+//! requests, and there is nothing to pool.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::uri::{Authority, Scheme};
+use axum::http::{header, HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use tower::ServiceExt;
+
+/// Connections kept per host (more are closed once their answer is read).
+const MAX_KEPT: usize = 256;
+
+/// Why a request did not get an answer's head.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// No connection could be made (refused, timed out, TLS failed).
+    #[error("connect: {0}")]
+    Connect(Box<dyn std::error::Error + Send + Sync>),
+    /// The connection failed while the request was sent or answered.
+    #[error("request: {0}")]
+    Request(#[from] hyper::Error),
+    /// The URI has no scheme or authority (routes always give both).
+    #[error("the upstream URI has no scheme or authority")]
+    NoAuthority,
+}
+
+/// What the pool did with a request.
+pub enum Sent {
+    /// The upstream's answer.
+    Answer(Response<Incoming>),
+    /// The host speaks HTTP/2: send it with the multiplexing client.
+    Http2(Request<Body>),
+}
+
+struct Idle {
+    sender: http1::SendRequest<Body>,
+    used: Instant,
+}
+
+enum Host {
+    /// HTTP/1.1: its connections, in use or free, most recent last.
+    Http1(Vec<Idle>),
+    /// Chose HTTP/2 over TLS.
+    Http2,
+}
+
+type Key = (Scheme, Authority);
+
+/// One worker's HTTP/1.1 upstream connections.
+pub struct Pool {
+    https: HttpsConnector<HttpConnector>,
+    idle_timeout: Duration,
+    hosts: Mutex<HashMap<Key, Host>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    /// A pool connecting through `https` (plaintext for `http` URIs; over
+    /// TLS it should offer HTTP/2 too, which sends the host elsewhere);
+    /// connections unused for `idle_timeout` are closed.
+    pub fn new(https: HttpsConnector<HttpConnector>, idle_timeout: Duration) -> Self {
+        Self {
+            https,
+            idle_timeout,
+            hosts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Sends `req` (absolute URI) on a free connection to its host, or a new
+    /// one; a reused connection that turns out closed before the request
+    /// went out is replaced once. The request gets the `Host` header from
+    /// its URI and goes out in origin form, as hyper-util's client sends it.
+    pub async fn send(&self, mut req: Request<Body>) -> Result<Sent, PoolError> {
+        let (Some(scheme), Some(authority)) = (req.uri().scheme(), req.uri().authority()) else {
+            return Err(PoolError::NoAuthority);
+        };
+        let key: Key = (scheme.clone(), authority.clone());
+        let uri = req.uri().clone();
+        if !req.headers().contains_key(header::HOST) {
+            req.headers_mut().insert(header::HOST, host_header(&uri)?);
+        }
+        let mut parts = axum::http::uri::Parts::default();
+        parts.path_and_query = uri.path_and_query().cloned();
+        // A path and query alone always make a URI.
+        *req.uri_mut() = Uri::from_parts(parts).map_err(|_| PoolError::NoAuthority)?;
+        let mut retried = false;
+        loop {
+            let (mut sender, reused) = match self.checkout(&key) {
+                Checkout::Free(s) => (s, true),
+                Checkout::Http2 => return Ok(Sent::Http2(with_uri(req, uri))),
+                Checkout::None => match self.connect(&key, &uri).await? {
+                    Some(s) => (s, false),
+                    None => return Ok(Sent::Http2(with_uri(req, uri))),
+                },
+            };
+            match sender.try_send_request(req).await {
+                Ok(answer) => {
+                    self.checkin(key, sender);
+                    return Ok(Sent::Answer(answer));
+                }
+                Err(mut e) => match e.take_message() {
+                    // The host closed a kept connection as the request
+                    // arrived: nothing was sent, a new connection gets it.
+                    Some(again) if reused && !retried => {
+                        retried = true;
+                        req = again;
+                    }
+                    _ => return Err(PoolError::Request(e.into_error())),
+                },
+            }
+        }
+    }
+
+    fn checkout(&self, key: &Key) -> Checkout {
+        let now = Instant::now();
+        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        match hosts.get_mut(key) {
+            None => Checkout::None,
+            Some(Host::Http2) => Checkout::Http2,
+            Some(Host::Http1(list)) => {
+                list.retain(|c| {
+                    !c.sender.is_closed()
+                        && (now.duration_since(c.used) < self.idle_timeout || !c.sender.is_ready())
+                });
+                match list.iter().rposition(|c| c.sender.is_ready()) {
+                    Some(i) => Checkout::Free(list.swap_remove(i).sender),
+                    None => Checkout::None,
+                }
+            }
+        }
+    }
+
+    /// Back in the list at once: it is free again when the answer's body
+    /// has been read, which `checkout` sees.
+    fn checkin(&self, key: Key, sender: http1::SendRequest<Body>) {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Host::Http1(list) = hosts.entry(key).or_insert_with(|| Host::Http1(Vec::new())) {
+            if list.len() < MAX_KEPT {
+                list.push(Idle {
+                    sender,
+                    used: Instant::now(),
+                });
+            }
+        }
+    }
+
+    /// A new connection to `uri`'s host; `None` when TLS chose HTTP/2 (the
+    /// host is remembered as such).
+    async fn connect(
+        &self,
+        key: &Key,
+        uri: &Uri,
+    ) -> Result<Option<http1::SendRequest<Body>>, PoolError> {
+        let io = self
+            .https
+            .clone()
+            .oneshot(uri.clone())
+            .await
+            .map_err(PoolError::Connect)?;
+        if io.connected().is_negotiated_h2() {
+            let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+            hosts.insert(key.clone(), Host::Http2);
+            return Ok(None);
+        }
+        let (mut sender, conn) = http1::Builder::new().handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "an upstream connection ended");
+            }
+        });
+        sender.ready().await?;
+        Ok(Some(sender))
+    }
+}
+
+enum Checkout {
+    Free(http1::SendRequest<Body>),
+    Http2,
+    None,
+}
+
+fn with_uri(req: Request<Body>, uri: Uri) -> Request<Body> {
+    let (mut parts, body) = req.into_parts();
+    parts.uri = uri;
+    parts.headers.remove(header::HOST);
+    Request::from_parts(parts, body)
+}
+
+/// `Host`: the URI's host, with its port unless it is the scheme's default.
+fn host_header(uri: &Uri) -> Result<HeaderValue, PoolError> {
+    let host = uri.host().ok_or(PoolError::NoAuthority)?;
+    let default = match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    let value = match uri.port_u16() {
+        Some(p) if p != default => HeaderValue::from_str(&format!("{host}:{p}")),
+        _ => HeaderValue::from_str(host),
+    };
+    value.map_err(|_| PoolError::NoAuthority)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[derive(Clone, Copy)]
+    enum Close {
+        Never,
+        AtOnce,
+    }
+
+    /// A raw HTTP/1.1 upstream: answers `ok` to every request head, closing
+    /// the connection after each answer as `close` says; keeps the heads it
+    /// saw and counts connections.
+    async fn upstream(close: Close) -> (String, Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (a, h) = (accepted.clone(), heads.clone());
+        // On a thread of its own: it runs while the test holds its runtime.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        std::thread::spawn(move || {
+            rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                a.fetch_add(1, Ordering::SeqCst);
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let mut chunk = [0u8; 1024];
+                        let n = s.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head: Vec<u8> = buf.drain(..end + 4).collect();
+                            h.lock().unwrap().push(String::from_utf8_lossy(&head).into_owned());
+                            let answer: &[u8] = match close {
+                                Close::Never => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                                Close::AtOnce => b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+                            };
+                            if s.write_all(answer).await.is_err() || matches!(close, Close::AtOnce) {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        })
+        });
+        (format!("http://{addr}"), accepted, heads)
+    }
+
+    fn pool() -> Pool {
+        let tls = crate::upstream::client_tls(None).unwrap();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_all_versions()
+            .build();
+        Pool::new(https, Duration::from_secs(30))
+    }
+
+    async fn get(pool: &Pool, url: &str) -> String {
+        let req = Request::get(url).body(Body::empty()).unwrap();
+        let Sent::Answer(r) = pool.send(req).await.unwrap() else {
+            panic!("a plaintext host is HTTP/1.1");
+        };
+        assert_eq!(r.status(), 200);
+        let body = http_body_util::BodyExt::collect(r.into_body())
+            .await
+            .unwrap();
+        String::from_utf8(body.to_bytes().to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_carries_the_next_request_in_origin_form() {
+        let (url, accepted, heads) = upstream(Close::Never).await;
+        let pool = pool();
+        for i in 0..5 {
+            assert_eq!(get(&pool, &format!("{url}/v1/x?n={i}")).await, "ok");
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connection for all five"
+        );
+        let heads = heads.lock().unwrap();
+        assert!(
+            heads[4].starts_with("GET /v1/x?n=4 HTTP/1.1\r\n"),
+            "{}",
+            heads[4]
+        );
+        let host = url.trim_start_matches("http://");
+        assert!(
+            heads[4]
+                .to_ascii_lowercase()
+                .contains(&format!("\r\nhost: {host}\r\n")),
+            "{}",
+            heads[4]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_is_not_used_again() {
+        let (url, accepted, _) = upstream(Close::AtOnce).await;
+        let pool = pool();
+        // Each answer closes its connection: none is checked out again.
+        for i in 0..20 {
+            assert_eq!(get(&pool, &format!("{url}/{i}")).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 20);
+    }
+
+    #[test]
+    fn the_host_header_leaves_out_a_default_port() {
+        let h = |u: &str| host_header(&u.parse().unwrap()).unwrap();
+        assert_eq!(h("http://api.example:80/x"), "api.example");
+        assert_eq!(h("https://api.example:443/x"), "api.example");
+        assert_eq!(h("https://api.example:8443/x"), "api.example:8443");
+        assert_eq!(h("http://127.0.0.1:9000/"), "127.0.0.1:9000");
+        assert_eq!(h("http://[::1]:9000/"), "[::1]:9000");
+        assert_eq!(h("http://[::1]/"), "[::1]");
+    }
+}
