@@ -164,7 +164,9 @@ impl CredentialCache {
                 g
             }
         };
-        self.fetch(&slot, id, Fetch::Token).await
+        // Boxed: a gateway call is a large future, and every lookup's
+        // future (most answered from the cache above) would carry it.
+        Box::pin(self.fetch(&slot, id, Fetch::Token)).await
     }
 
     /// Drops the credentials of `id` and an answer held because a person

@@ -34,7 +34,8 @@ impl Strategy {
 pub struct Credentials {
     /// The connection.
     pub connection_id: String,
-    /// How to apply them.
+    /// How to apply them. Not to be changed once a request was
+    /// authenticated with them: the header it sets is kept from then on.
     pub strategy: Strategy,
     secrets: HashMap<String, Secret>,
     /// When they expire (`None`: no expiry, e.g. an API key).
@@ -48,6 +49,22 @@ pub struct Credentials {
     pub generation: u64,
     /// When they were fetched.
     pub fetched_at: SystemTime,
+    /// The header a header-setting strategy adds, made on first use.
+    pub(crate) prepared: Prepared,
+}
+
+/// The header (name and sensitive value) an `oauth2`, `header` or
+/// `basic_auth` strategy sets, made once per credentials rather than per
+/// request; or why it cannot be made. `Debug` shows nothing of it.
+#[derive(Clone, Default)]
+pub(crate) struct Prepared(
+    pub(crate) std::sync::OnceLock<Result<(http::HeaderName, http::HeaderValue), String>>,
+);
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Prepared")
+    }
 }
 
 impl Credentials {
@@ -110,6 +127,7 @@ impl Credentials {
             failing_scopes: list("failing_scopes"),
             generation: 0,
             fetched_at: now,
+            prepared: Prepared::default(),
         })
     }
 
@@ -124,6 +142,7 @@ impl Credentials {
             failing_scopes: Vec::new(),
             generation: 0,
             fetched_at: SystemTime::now(),
+            prepared: Prepared::default(),
         }
     }
 

@@ -141,6 +141,49 @@ pub fn apply_reqwest(creds: &Credentials, req: &mut reqwest::Request) -> Result<
     apply(creds, req, SystemTime::now())
 }
 
+/// The header an `oauth2`, `header` or `basic_auth` strategy sets (kept
+/// in the credentials: every request sets the same one), or why not.
+fn simple_header(creds: &Credentials) -> Result<(HeaderName, HeaderValue), String> {
+    let s = &creds.strategy;
+    let config = |name: &str| {
+        s.field(name)
+            .ok_or_else(|| format!("config field '{name}' is missing"))
+    };
+    let secret = |name: &str| {
+        creds
+            .secret(name)
+            .map(|v| v.expose())
+            .ok_or_else(|| format!("the credentials have no '{name}'"))
+    };
+    let value = match s.kind.as_str() {
+        "oauth2" => format!("Bearer {}", secret("access_token")?),
+        "header" => format!(
+            "{}{}",
+            s.field("value_prefix").unwrap_or(""),
+            secret(config("credential_field")?)?
+        ),
+        _ => {
+            let user = secret(config("username_field")?)?;
+            let pass = secret(config("password_field")?)?;
+            let encoded =
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+            format!("Basic {encoded}")
+        }
+    };
+    let mut value = HeaderValue::from_str(&value)
+        .map_err(|_| "the credential is not a valid header value".to_string())?;
+    value.set_sensitive(true);
+    let name = match s.kind.as_str() {
+        "header" => {
+            let n = config("header_name")?;
+            HeaderName::from_bytes(n.as_bytes())
+                .map_err(|_| format!("'{n}' is not a header name"))?
+        }
+        _ => http::header::AUTHORIZATION,
+    };
+    Ok((name, value))
+}
+
 fn apply(creds: &Credentials, req: &mut impl Target, now: SystemTime) -> Result<(), BridgeError> {
     let s = &creds.strategy;
     let kind = s.kind.as_str();
@@ -169,27 +212,18 @@ fn apply(creds: &Credentials, req: &mut impl Target, now: SystemTime) -> Result<
             .map_err(|_| fail(format!("'{n}' is not a header name")))
     };
     match kind {
-        "oauth2" => {
-            let v = header(&format!("Bearer {}", secret("access_token")?))?;
-            req.headers_mut().insert(http::header::AUTHORIZATION, v);
-        }
-        "header" => {
-            let prefix = s.field("value_prefix").unwrap_or("");
-            let value = secret(config("credential_field")?)?;
-            let v = header(&format!("{prefix}{value}"))?;
-            req.headers_mut().insert(name(config("header_name")?)?, v);
+        "oauth2" | "header" | "basic_auth" => {
+            let (n, v) = creds
+                .prepared
+                .0
+                .get_or_init(|| simple_header(creds))
+                .as_ref()
+                .map_err(|m| fail(m.clone()))?;
+            req.headers_mut().insert(n.clone(), v.clone());
         }
         "query_param" => {
             let value = secret(config("credential_field")?)?;
             req.add_query(config("param_name")?, value)?;
-        }
-        "basic_auth" => {
-            let user = secret(config("username_field")?)?;
-            let pass = secret(config("password_field")?)?;
-            let encoded =
-                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
-            let v = header(&format!("Basic {encoded}"))?;
-            req.headers_mut().insert(http::header::AUTHORIZATION, v);
         }
         "aws_sigv4" => {
             let scope = SigV4Scope {

@@ -6,13 +6,13 @@
 //! deadline on graceful shutdown after which the connections left are
 //! dropped.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
-use axum::Router;
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -109,13 +109,41 @@ impl Limits {
     }
 }
 
+/// What a server serves: an [`axum::Router`], or a service like it (the
+/// sidecar sends most requests past its router).
+pub trait App:
+    tower::Service<
+        axum::extract::Request,
+        Response = axum::response::Response,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T> App for T where
+    T: tower::Service<
+            axum::extract::Request,
+            Response = axum::response::Response,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves; then stops
 /// accepting, asks every connection to finish (idle ones close at once), and
 /// after `limits.shutdown_grace` drops the connections still open. Handlers
 /// see the peer address as `ConnectInfo<SocketAddr>`.
 pub async fn serve(
     listener: TcpListener,
-    app: Router,
+    app: impl App,
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
@@ -127,7 +155,7 @@ pub async fn serve(
 /// dropped and counted in `nexus_tls_handshake_failures_total`).
 pub async fn serve_with(
     listener: TcpListener,
-    app: Router,
+    app: impl App,
     limits: Limits,
     tls: Option<Arc<crate::tls::TlsServer>>,
     shutdown: impl Future<Output = ()> + Send,
@@ -244,8 +272,8 @@ pub async fn serve_with(
 }
 
 /// What serving one accepted connection needs.
-struct Conn {
-    router: Router,
+struct Conn<S> {
+    router: S,
     builder: Arc<auto::Builder<TokioExecutor>>,
     graceful: hyper_util::server::graceful::Watcher,
     hard_stopped: watch::Receiver<bool>,
@@ -255,7 +283,7 @@ struct Conn {
     identity: Option<crate::mtls::PeerIdentity>,
 }
 
-impl Conn {
+impl<S: App> Conn<S> {
     /// Serves requests on `io` (plain TCP or TLS) until the connection ends,
     /// the grace period is over, or it stays silent past the head timeout.
     async fn run<I>(self, io: I)
@@ -338,6 +366,7 @@ fn refuse(stream: TcpStream) {
 mod tests {
     use super::*;
     use axum::routing::{get, post};
+    use axum::Router;
     use std::net::SocketAddr;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -50,9 +50,9 @@ impl Resolver {
                 return found.clone();
             }
         }
-        let found = bridge
-            .gateway()
-            .find_connection(workspace, provider)
+        // Boxed: a gateway call is a large future, and every request's
+        // future would carry it otherwise (routes by id never make one).
+        let found = Box::pin(bridge.gateway().find_connection(workspace, provider))
             .await
             .map(|id| Arc::<str>::from(id.as_str()));
         // A gateway that could not be reached is asked again next time.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{request, Method, Response, StatusCode, Version};
 use hyper::body::Body as _;
 use nexus_bridge::{Bridge, BridgeError, Credentials};
@@ -26,8 +26,9 @@ use crate::upstream::{Upstreams, Via};
 pub struct Proxy {
     /// The routes.
     pub routes: Routes,
-    /// Their metric handles, registered once.
-    pub metrics: HashMap<String, RouteMetrics>,
+    /// Their metric handles, registered once (looked up twice a request:
+    /// a fast hash, the keys are the routes file's names).
+    pub metrics: HashMap<String, RouteMetrics, foldhash::fast::RandomState>,
     /// Credentials and reports.
     pub bridge: Bridge,
     /// Connections looked up by workspace and provider.
@@ -92,7 +93,7 @@ const REPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 const ACCESS: &str = "nexus_sidecar::access";
 
 /// The handler of every path but `/_nexus/...`.
-pub async fn handle(State(w): State<Arc<Worker>>, req: Request) -> Response<Body> {
+pub async fn handle(w: Arc<Worker>, req: Request) -> Response<Body> {
     let started = Instant::now();
     // The query can hold anything (even a credential the agent should not
     // have): never logged. Taken only when the access log is on.
@@ -184,7 +185,9 @@ impl Worker {
         let rest = rest.to_string();
         match route.kind {
             RouteKind::Http => self.relay(route, &rest, req, None).await,
-            RouteKind::Mcp => self.mcp(route, &rest, req).await,
+            // Boxed: the MCP path's future is large; HTTP routes' requests
+            // would carry (and copy) it otherwise.
+            RouteKind::Mcp => Box::pin(self.mcp(route, &rest, req)).await,
         }
     }
 
@@ -256,16 +259,16 @@ impl Worker {
             StatusCode::UNAUTHORIZED => match replay {
                 Some((parts, body)) => {
                     // Revoked or rotated early: one forced refresh, one replay.
-                    let fresh = p
-                        .bridge
-                        .refresh_after(&connection, creds.generation)
+                    // The rare paths are boxed: their futures (gateway
+                    // calls) would otherwise make every request's larger.
+                    let fresh = Box::pin(p.bridge.refresh_after(&connection, creds.generation))
                         .await
                         .map_err(|e| SidecarError::from_bridge(&e, &connection))?;
                     let again = self
                         .send(route, &fresh, parts.clone(), Payload::Kept(body), upgrade)
                         .await?;
                     if again.status() == StatusCode::UNAUTHORIZED {
-                        self.report(route, &connection, &parts.method, rest, &again)
+                        Box::pin(self.report(route, &connection, &parts.method, rest, &again))
                             .await;
                     }
                     again
@@ -282,7 +285,7 @@ impl Worker {
                 }
             },
             StatusCode::FORBIDDEN => {
-                self.report(route, &connection, &method, rest, &resp).await;
+                Box::pin(self.report(route, &connection, &method, rest, &resp)).await;
                 resp
             }
             StatusCode::TOO_MANY_REQUESTS => {

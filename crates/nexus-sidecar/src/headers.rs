@@ -6,7 +6,7 @@ use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use nexus_bridge::Strategy;
 
 /// Headers that only mean something on one connection.
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),

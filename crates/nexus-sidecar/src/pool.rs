@@ -14,7 +14,6 @@
 //! the multiplexing client from then on: one connection carries all its
 //! requests, and there is nothing to pool.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -57,20 +56,38 @@ struct Idle {
     used: Instant,
 }
 
-enum Host {
+enum Kind {
     /// HTTP/1.1: its connections, in use or free, most recent last.
     Http1(Vec<Idle>),
     /// Chose HTTP/2 over TLS.
     Http2,
 }
 
-type Key = (Scheme, Authority);
+/// One upstream host. Found by comparing scheme and authority: a worker
+/// talks to a few hosts (its routes'), and hashing an authority (case
+/// folded byte by byte) cost more than the comparisons.
+struct Host {
+    scheme: Scheme,
+    authority: Authority,
+    /// Its `Host` header, made once.
+    header: HeaderValue,
+    kind: Kind,
+}
+
+impl Host {
+    fn is(&self, scheme: &Scheme, authority: &Authority) -> bool {
+        // The same route gives the same bytes: compared as they are first,
+        // case-insensitively only when they differ.
+        (self.authority.as_str() == authority.as_str() || self.authority == *authority)
+            && self.scheme == *scheme
+    }
+}
 
 /// One worker's HTTP/1.1 upstream connections.
 pub struct Pool {
     https: HttpsConnector<HttpConnector>,
     idle_timeout: Duration,
-    hosts: Mutex<HashMap<Key, Host>>,
+    hosts: Mutex<Vec<Host>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -87,7 +104,7 @@ impl Pool {
         Self {
             https,
             idle_timeout,
-            hosts: Mutex::new(HashMap::new()),
+            hosts: Mutex::new(Vec::new()),
         }
     }
 
@@ -96,31 +113,38 @@ impl Pool {
     /// went out is replaced once. The request gets the `Host` header from
     /// its URI and goes out in origin form, as hyper-util's client sends it.
     pub async fn send(&self, mut req: Request<Body>) -> Result<Sent, PoolError> {
-        let (Some(scheme), Some(authority)) = (req.uri().scheme(), req.uri().authority()) else {
+        let uri = req.uri().clone();
+        let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
             return Err(PoolError::NoAuthority);
         };
-        let key: Key = (scheme.clone(), authority.clone());
-        let uri = req.uri().clone();
-        if !req.headers().contains_key(header::HOST) {
-            req.headers_mut().insert(header::HOST, host_header(&uri)?);
-        }
         let mut parts = axum::http::uri::Parts::default();
         parts.path_and_query = uri.path_and_query().cloned();
         // A path and query alone always make a URI.
         *req.uri_mut() = Uri::from_parts(parts).map_err(|_| PoolError::NoAuthority)?;
+        let now = Instant::now();
         let mut retried = false;
         loop {
-            let (mut sender, reused) = match self.checkout(&key) {
-                Checkout::Free(s) => (s, true),
+            let (mut sender, reused) = match self.checkout(scheme, authority, now) {
+                Checkout::Free(s, host) => {
+                    req.headers_mut().entry(header::HOST).or_insert(host);
+                    (s, true)
+                }
                 Checkout::Http2 => return Ok(Sent::Http2(with_uri(req, uri))),
-                Checkout::None => match self.connect(&key, &uri).await? {
-                    Some(s) => (s, false),
+                // Boxed: the connect future is large, and every request's
+                // future would carry (and move) it otherwise.
+                Checkout::None => match Box::pin(self.connect(scheme, authority, &uri)).await? {
+                    Some(s) => {
+                        if !req.headers().contains_key(header::HOST) {
+                            req.headers_mut().insert(header::HOST, host_header(&uri)?);
+                        }
+                        (s, false)
+                    }
                     None => return Ok(Sent::Http2(with_uri(req, uri))),
                 },
             };
             match sender.try_send_request(req).await {
                 Ok(answer) => {
-                    self.checkin(key, sender);
+                    self.checkin(&uri, sender, now)?;
                     return Ok(Sent::Answer(answer));
                 }
                 Err(mut e) => match e.take_message() {
@@ -136,44 +160,73 @@ impl Pool {
         }
     }
 
-    fn checkout(&self, key: &Key) -> Checkout {
-        let now = Instant::now();
-        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
-        match hosts.get_mut(key) {
-            None => Checkout::None,
-            Some(Host::Http2) => Checkout::Http2,
-            Some(Host::Http1(list)) => {
-                list.retain(|c| {
-                    !c.sender.is_closed()
-                        && (now.duration_since(c.used) < self.idle_timeout || !c.sender.is_ready())
-                });
-                match list.iter().rposition(|c| c.sender.is_ready()) {
-                    Some(i) => Checkout::Free(list.swap_remove(i).sender),
-                    None => Checkout::None,
-                }
+    fn hosts(&self) -> std::sync::MutexGuard<'_, Vec<Host>> {
+        // Whole values only; a panic elsewhere cannot leave half an entry.
+        self.hosts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The most recently used free connection (stale ones are closed on the
+    /// way; closed ones are dropped when none is free).
+    fn checkout(&self, scheme: &Scheme, authority: &Authority, now: Instant) -> Checkout {
+        let mut hosts = self.hosts();
+        let Some(host) = hosts.iter_mut().find(|h| h.is(scheme, authority)) else {
+            return Checkout::None;
+        };
+        let list = match &mut host.kind {
+            Kind::Http2 => return Checkout::Http2,
+            Kind::Http1(list) => list,
+        };
+        while let Some(i) = list.iter().rposition(|c| c.sender.is_ready()) {
+            let c = list.swap_remove(i);
+            if now.duration_since(c.used) < self.idle_timeout {
+                return Checkout::Free(c.sender, host.header.clone());
             }
         }
+        list.retain(|c| !c.sender.is_closed());
+        Checkout::None
     }
 
     /// Back in the list at once: it is free again when the answer's body
     /// has been read, which `checkout` sees.
-    fn checkin(&self, key: Key, sender: http1::SendRequest<Body>) {
-        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Host::Http1(list) = hosts.entry(key).or_insert_with(|| Host::Http1(Vec::new())) {
-            if list.len() < MAX_KEPT {
-                list.push(Idle {
-                    sender,
-                    used: Instant::now(),
+    fn checkin(
+        &self,
+        uri: &Uri,
+        sender: http1::SendRequest<Body>,
+        now: Instant,
+    ) -> Result<(), PoolError> {
+        let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
+            return Err(PoolError::NoAuthority);
+        };
+        let mut hosts = self.hosts();
+        let at = match hosts.iter().position(|h| h.is(scheme, authority)) {
+            Some(at) => at,
+            None => {
+                hosts.push(Host {
+                    scheme: scheme.clone(),
+                    authority: authority.clone(),
+                    header: host_header(uri)?,
+                    kind: Kind::Http1(Vec::new()),
                 });
+                hosts.len() - 1
+            }
+        };
+        if let Kind::Http1(list) = &mut hosts[at].kind {
+            if list.len() >= MAX_KEPT {
+                list.retain(|c| !c.sender.is_closed());
+            }
+            if list.len() < MAX_KEPT {
+                list.push(Idle { sender, used: now });
             }
         }
+        Ok(())
     }
 
     /// A new connection to `uri`'s host; `None` when TLS chose HTTP/2 (the
     /// host is remembered as such).
     async fn connect(
         &self,
-        key: &Key,
+        scheme: &Scheme,
+        authority: &Authority,
         uri: &Uri,
     ) -> Result<Option<http1::SendRequest<Body>>, PoolError> {
         let io = self
@@ -183,8 +236,16 @@ impl Pool {
             .await
             .map_err(PoolError::Connect)?;
         if io.connected().is_negotiated_h2() {
-            let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
-            hosts.insert(key.clone(), Host::Http2);
+            let mut hosts = self.hosts();
+            match hosts.iter_mut().find(|h| h.is(scheme, authority)) {
+                Some(h) => h.kind = Kind::Http2,
+                None => hosts.push(Host {
+                    scheme: scheme.clone(),
+                    authority: authority.clone(),
+                    header: host_header(uri)?,
+                    kind: Kind::Http2,
+                }),
+            }
             return Ok(None);
         }
         let (mut sender, conn) = http1::Builder::new().handshake(io).await?;
@@ -199,7 +260,8 @@ impl Pool {
 }
 
 enum Checkout {
-    Free(http1::SendRequest<Body>),
+    /// A connection and the host's `Host` header.
+    Free(http1::SendRequest<Body>, HeaderValue),
     Http2,
     None,
 }

@@ -1,8 +1,10 @@
 //! Starting and running the sidecar.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::routing::{any, get};
 use axum::Router;
@@ -48,19 +50,55 @@ pub struct Sidecar {
     addr: SocketAddr,
 }
 
-/// The router of one worker: `/_nexus/...` for operations, every other
-/// path to a route.
-pub fn router(worker: Arc<Worker>, metrics: PrometheusHandle) -> Router {
-    let proxy = worker.proxy.clone();
-    Router::new()
-        .route("/_nexus/health", get(ops::health))
-        .route("/_nexus/ready", get(ops::ready))
-        .with_state(proxy)
-        .route("/_nexus/metrics", get(ops::metrics).with_state(metrics))
-        .route("/_nexus", any(ops::unknown))
-        .route("/_nexus/{*rest}", any(ops::unknown))
-        .fallback(forward::handle)
-        .with_state(worker)
+/// What one worker serves: `/_nexus/...` through a router (operations),
+/// every other path straight to [`forward::handle`] (a route), without the
+/// router's matching and layers on the proxied path.
+#[derive(Clone)]
+pub struct Entry {
+    ops: Router,
+    worker: Arc<Worker>,
+}
+
+impl Entry {
+    /// The operations router and the proxy of `worker`.
+    pub fn new(worker: Arc<Worker>, metrics: PrometheusHandle) -> Self {
+        let ops = Router::new()
+            .route("/_nexus/health", get(ops::health))
+            .route("/_nexus/ready", get(ops::ready))
+            .with_state(worker.proxy.clone())
+            .route("/_nexus/metrics", get(ops::metrics).with_state(metrics))
+            .route("/_nexus", any(ops::unknown))
+            .route("/_nexus/{*rest}", any(ops::unknown));
+        Self { ops, worker }
+    }
+}
+
+type Answer = Result<axum::response::Response, Infallible>;
+
+impl tower::Service<axum::extract::Request> for Entry {
+    type Response = axum::response::Response;
+    type Error = Infallible;
+    type Future = futures_util::future::Either<
+        <Router as tower::Service<axum::extract::Request>>::Future,
+        std::pin::Pin<Box<dyn Future<Output = Answer> + Send>>,
+    >;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Both sides are always ready (a router is).
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: axum::extract::Request) -> Self::Future {
+        let path = req.uri().path();
+        if path == "/_nexus" || path.starts_with("/_nexus/") {
+            futures_util::future::Either::Left(self.ops.call(req))
+        } else {
+            let worker = self.worker.clone();
+            futures_util::future::Either::Right(Box::pin(async move {
+                Ok(forward::handle(worker, req).await)
+            }))
+        }
+    }
 }
 
 /// `workers` listening sockets on `addr` with `SO_REUSEPORT`: the kernel
@@ -175,7 +213,7 @@ impl Sidecar {
                 proxy: self.proxy.clone(),
                 upstreams,
             });
-            let app = router(worker, self.metrics.clone());
+            let app = Entry::new(worker, self.metrics.clone());
             let limits = self.limits;
             let tls = self.tls.clone();
             let mut stopped = stopped.clone();

@@ -86,7 +86,12 @@ fn decode_once(s: &[u8]) -> Vec<u8> {
 /// Whether a path segment could mean something else to a server that
 /// decodes it (once or more): a dot segment, a slash, a backslash, a NUL.
 fn dangerous(segment: &str) -> bool {
-    let mut s = segment.as_bytes().to_vec();
+    let b = segment.as_bytes();
+    if !b.contains(&b'%') {
+        // Nothing to decode: the loop below would stop at its first check.
+        return b == b"." || b == b".." || b.iter().any(|&c| matches!(c, b'/' | b'\\' | 0));
+    }
+    let mut s = b.to_vec();
     for _ in 0..4 {
         if s == b"." || s == b".." || s.iter().any(|&b| matches!(b, b'/' | b'\\' | 0)) {
             return true;
