@@ -131,7 +131,7 @@ pub fn upstream_uri(
     } else {
         target.push_str(rest);
     }
-    let kept: Vec<&str> = query
+    let kept = query
         .into_iter()
         .flat_map(|q| q.split('&'))
         .filter(|pair| !pair.is_empty())
@@ -140,18 +140,24 @@ pub fn upstream_uri(
                 .next()
                 .is_none_or(|(k, _)| k != name),
             None => true,
-        })
-        .collect();
-    if !kept.is_empty() {
-        target.push('?');
-        target.push_str(&kept.join("&"));
+        });
+    let mut separator = '?';
+    for pair in kept {
+        target.push(separator);
+        target.push_str(pair);
+        separator = '&';
     }
-    Uri::builder()
-        .scheme(route.scheme.clone())
-        .authority(route.authority.clone())
-        .path_and_query(target)
-        .build()
-        .map_err(|_| refused("path_refused", "the path or query is not a valid URI"))
+    let invalid = || refused("path_refused", "the path or query is not a valid URI");
+    // Parts put together directly: the builder moves its whole state on
+    // every step, which showed on the hot path.
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(route.scheme.clone());
+    parts.authority = Some(route.authority.clone());
+    parts.path_and_query = Some(
+        http::uri::PathAndQuery::from_maybe_shared(axum::body::Bytes::from(target))
+            .map_err(|_| invalid())?,
+    );
+    Uri::from_parts(parts).map_err(|_| invalid())
 }
 
 #[cfg(test)]
