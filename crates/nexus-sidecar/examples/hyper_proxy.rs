@@ -41,21 +41,10 @@ fn main() -> Result<(), Failure> {
     let upstream: Arc<str> = upstream.trim_end_matches('/').into();
     let workers: usize = workers.parse()?;
     let tls = nexus_sidecar::upstream::client_tls(None)?;
-    let mut bound = listen;
+    // The sidecar's own listeners: one SO_REUSEPORT socket per worker.
+    let (listeners, bound) = nexus_sidecar::server::bind(listen, workers)?;
     let mut threads = Vec::new();
-    for _ in 0..workers.max(1) {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(listen),
-            socket2::Type::STREAM,
-            None,
-        )?;
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
-        socket.set_nonblocking(true)?;
-        socket.bind(&bound.into())?;
-        socket.listen(1024)?;
-        let listener = std::net::TcpListener::from(socket);
-        bound = listener.local_addr()?;
+    for listener in listeners {
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls.clone())
             .https_or_http()

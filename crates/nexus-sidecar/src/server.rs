@@ -104,8 +104,8 @@ impl tower::Service<axum::extract::Request> for Entry {
 /// `workers` listening sockets on `addr` with `SO_REUSEPORT`: the kernel
 /// spreads connections over them, one per worker thread (as nginx's
 /// workers). Listening from here on, so a client may connect as soon as
-/// `start` returns.
-fn bind(
+/// `start` returns. The listeners and the address bound (port 0 picks one).
+pub fn bind(
     addr: SocketAddr,
     workers: usize,
 ) -> std::io::Result<(Vec<std::net::TcpListener>, SocketAddr)> {
