@@ -145,16 +145,8 @@ pub fn apply_reqwest(creds: &Credentials, req: &mut reqwest::Request) -> Result<
 /// in the credentials: every request sets the same one), or why not.
 fn simple_header(creds: &Credentials) -> Result<(HeaderName, HeaderValue), String> {
     let s = &creds.strategy;
-    let config = |name: &str| {
-        s.field(name)
-            .ok_or_else(|| format!("config field '{name}' is missing"))
-    };
-    let secret = |name: &str| {
-        creds
-            .secret(name)
-            .map(|v| v.expose())
-            .ok_or_else(|| format!("the credentials have no '{name}'"))
-    };
+    let config = |name: &str| config_field(s, name);
+    let secret = |name: &str| secret_of(creds, name);
     let value = match s.kind.as_str() {
         "oauth2" => format!("Bearer {}", secret("access_token")?),
         "header" => format!(
@@ -170,18 +162,37 @@ fn simple_header(creds: &Credentials) -> Result<(HeaderName, HeaderValue), Strin
             format!("Basic {encoded}")
         }
     };
-    let mut value = HeaderValue::from_str(&value)
-        .map_err(|_| "the credential is not a valid header value".to_string())?;
-    value.set_sensitive(true);
     let name = match s.kind.as_str() {
-        "header" => {
-            let n = config("header_name")?;
-            HeaderName::from_bytes(n.as_bytes())
-                .map_err(|_| format!("'{n}' is not a header name"))?
-        }
+        "header" => header_name(config("header_name")?)?,
         _ => http::header::AUTHORIZATION,
     };
-    Ok((name, value))
+    Ok((name, sensitive_value(&value)?))
+}
+
+// What a strategy needs, or why it cannot be had (the message of a
+// `BridgeError::Strategy`).
+
+fn config_field<'a>(s: &'a crate::Strategy, name: &str) -> Result<&'a str, String> {
+    s.field(name)
+        .ok_or_else(|| format!("config field '{name}' is missing"))
+}
+
+fn secret_of<'a>(creds: &'a Credentials, name: &str) -> Result<&'a str, String> {
+    creds
+        .secret(name)
+        .map(|v| v.expose())
+        .ok_or_else(|| format!("the credentials have no '{name}'"))
+}
+
+fn sensitive_value(value: &str) -> Result<HeaderValue, String> {
+    let mut v = HeaderValue::from_str(value)
+        .map_err(|_| "the credential is not a valid header value".to_string())?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+fn header_name(n: &str) -> Result<HeaderName, String> {
+    HeaderName::from_bytes(n.as_bytes()).map_err(|_| format!("'{n}' is not a header name"))
 }
 
 fn apply(creds: &Credentials, req: &mut impl Target, now: SystemTime) -> Result<(), BridgeError> {
@@ -191,26 +202,10 @@ fn apply(creds: &Credentials, req: &mut impl Target, now: SystemTime) -> Result<
         strategy: kind.to_string(),
         message,
     };
-    let config = |name: &str| {
-        s.field(name)
-            .ok_or_else(|| fail(format!("config field '{name}' is missing")))
-    };
-    let secret = |name: &str| {
-        creds
-            .secret(name)
-            .map(|v| v.expose())
-            .ok_or_else(|| fail(format!("the credentials have no '{name}'")))
-    };
-    let header = |value: &str| {
-        let mut v = HeaderValue::from_str(value)
-            .map_err(|_| fail("the credential is not a valid header value".into()))?;
-        v.set_sensitive(true);
-        Ok::<_, BridgeError>(v)
-    };
-    let name = |n: &str| {
-        HeaderName::from_bytes(n.as_bytes())
-            .map_err(|_| fail(format!("'{n}' is not a header name")))
-    };
+    let config = |name: &str| config_field(s, name).map_err(fail);
+    let secret = |name: &str| secret_of(creds, name).map_err(fail);
+    let header = |value: &str| sensitive_value(value).map_err(fail);
+    let name = |n: &str| header_name(n).map_err(fail);
     match kind {
         "oauth2" | "header" | "basic_auth" => {
             let (n, v) = creds

@@ -16,7 +16,6 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderValue, Request, Response, StatusCode, Uri};
@@ -45,12 +44,7 @@ fn main() -> Result<(), Failure> {
     let (listeners, bound) = nexus_sidecar::server::bind(listen, workers)?;
     let mut threads = Vec::new();
     for listener in listeners {
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls.clone())
-            .https_or_http()
-            .enable_all_versions()
-            .build();
-        let pool = Arc::new(Pool::new(https, Duration::from_secs(30)));
+        let pool = Arc::new(nexus_sidecar::upstream::pool(&tls));
         let upstream = upstream.clone();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

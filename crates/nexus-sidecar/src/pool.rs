@@ -124,27 +124,30 @@ impl Pool {
         let now = Instant::now();
         let mut retried = false;
         loop {
-            let (mut sender, reused) = match self.checkout(scheme, authority, now) {
-                Checkout::Free(s, host) => {
+            // Where the host is in the list, or its new `Host` header: the
+            // checkin after the answer does not look or make it again.
+            let (mut sender, reused, known) = match self.checkout(scheme, authority, now) {
+                Checkout::Free(s, host, at) => {
                     req.headers_mut().entry(header::HOST).or_insert(host);
-                    (s, true)
+                    (s, true, Known::At(at))
                 }
                 Checkout::Http2 => return Ok(Sent::Http2(with_uri(req, uri))),
                 // Boxed: the connect future is large, and every request's
                 // future would carry (and move) it otherwise.
                 Checkout::None => match Box::pin(self.connect(scheme, authority, &uri)).await? {
                     Some(s) => {
-                        if !req.headers().contains_key(header::HOST) {
-                            req.headers_mut().insert(header::HOST, host_header(&uri)?);
-                        }
-                        (s, false)
+                        let host = host_header(&uri)?;
+                        req.headers_mut()
+                            .entry(header::HOST)
+                            .or_insert_with(|| host.clone());
+                        (s, false, Known::New(host))
                     }
                     None => return Ok(Sent::Http2(with_uri(req, uri))),
                 },
             };
             match sender.try_send_request(req).await {
                 Ok(answer) => {
-                    self.checkin(&uri, sender, now)?;
+                    self.checkin(scheme, authority, known, sender, now);
                     return Ok(Sent::Answer(answer));
                 }
                 Err(mut e) => match e.take_message() {
@@ -169,7 +172,11 @@ impl Pool {
     /// way; closed ones are dropped when none is free).
     fn checkout(&self, scheme: &Scheme, authority: &Authority, now: Instant) -> Checkout {
         let mut hosts = self.hosts();
-        let Some(host) = hosts.iter_mut().find(|h| h.is(scheme, authority)) else {
+        let Some((at, host)) = hosts
+            .iter_mut()
+            .enumerate()
+            .find(|(_, h)| h.is(scheme, authority))
+        else {
             return Checkout::None;
         };
         let list = match &mut host.kind {
@@ -179,7 +186,7 @@ impl Pool {
         while let Some(i) = list.iter().rposition(|c| c.sender.is_ready()) {
             let c = list.swap_remove(i);
             if now.duration_since(c.used) < self.idle_timeout {
-                return Checkout::Free(c.sender, host.header.clone());
+                return Checkout::Free(c.sender, host.header.clone(), at);
             }
         }
         list.retain(|c| !c.sender.is_closed());
@@ -190,21 +197,29 @@ impl Pool {
     /// has been read, which `checkout` sees.
     fn checkin(
         &self,
-        uri: &Uri,
+        scheme: &Scheme,
+        authority: &Authority,
+        known: Known,
         sender: http1::SendRequest<Body>,
         now: Instant,
-    ) -> Result<(), PoolError> {
-        let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
-            return Err(PoolError::NoAuthority);
-        };
+    ) {
         let mut hosts = self.hosts();
-        let at = match hosts.iter().position(|h| h.is(scheme, authority)) {
-            Some(at) => at,
-            None => {
+        // Hosts are never removed from the list: a place found at checkout
+        // is still theirs.
+        let found = match known {
+            Known::At(at) => Ok(at),
+            Known::New(header) => hosts
+                .iter()
+                .position(|h| h.is(scheme, authority))
+                .ok_or(header),
+        };
+        let at = match found {
+            Ok(at) => at,
+            Err(header) => {
                 hosts.push(Host {
                     scheme: scheme.clone(),
                     authority: authority.clone(),
-                    header: host_header(uri)?,
+                    header,
                     kind: Kind::Http1(Vec::new()),
                 });
                 hosts.len() - 1
@@ -218,7 +233,6 @@ impl Pool {
                 list.push(Idle { sender, used: now });
             }
         }
-        Ok(())
     }
 
     /// A new connection to `uri`'s host; `None` when TLS chose HTTP/2 (the
@@ -259,9 +273,18 @@ impl Pool {
     }
 }
 
+/// Where a request's host is, for its checkin.
+enum Known {
+    /// At this place in the list.
+    At(usize),
+    /// Not looked up yet (a new connection): its `Host` header, should it
+    /// be new.
+    New(HeaderValue),
+}
+
 enum Checkout {
-    /// A connection and the host's `Host` header.
-    Free(http1::SendRequest<Body>, HeaderValue),
+    /// A connection, the host's `Host` header and its place in the list.
+    Free(http1::SendRequest<Body>, HeaderValue, usize),
     Http2,
     None,
 }
@@ -351,13 +374,7 @@ mod tests {
     }
 
     fn pool() -> Pool {
-        let tls = crate::upstream::client_tls(None).unwrap();
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_all_versions()
-            .build();
-        Pool::new(https, Duration::from_secs(30))
+        crate::upstream::pool(&crate::upstream::client_tls(None).unwrap())
     }
 
     async fn get(pool: &Pool, url: &str) -> String {

@@ -110,12 +110,35 @@ fn roots(extra_ca: Option<&Path>) -> Result<rustls::RootCertStore, TlsSetupError
     Ok(roots)
 }
 
-fn connector(connect_timeout: Duration) -> HttpConnector {
+/// Time to connect to an upstream.
+const CONNECT: Duration = Duration::from_secs(5);
+/// Time an upstream connection is kept unused.
+const IDLE: Duration = Duration::from_secs(30);
+
+fn connector() -> HttpConnector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
+    http.set_connect_timeout(Some(CONNECT));
     http
+}
+
+/// TLS (offering HTTP/2 with `h2`) or plaintext, by the URI's scheme.
+fn https(tls: &rustls::ClientConfig, h2: bool) -> Https {
+    let b = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls.clone())
+        .https_or_http();
+    if h2 {
+        b.enable_all_versions().wrap_connector(connector())
+    } else {
+        b.enable_http1().wrap_connector(connector())
+    }
+}
+
+/// A worker's pool of HTTP/1.1 connections as the sidecar makes it (also
+/// the benchmark floor's, `examples/hyper_proxy.rs`).
+pub fn pool(tls: &rustls::ClientConfig) -> Pool {
+    Pool::new(https(tls, true), IDLE)
 }
 
 /// The TLS configuration of every upstream client: the platform's roots
@@ -132,30 +155,18 @@ pub fn client_tls(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, TlsSe
 impl Upstreams {
     /// The clients, on `tls` (see [`client_tls`]).
     pub fn new(tls: &rustls::ClientConfig) -> Self {
-        let connect = Duration::from_secs(5);
-        let idle = Duration::from_secs(30);
-        let https = |h2: bool| {
-            let b = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(tls.clone())
-                .https_or_http();
-            if h2 {
-                b.enable_all_versions().wrap_connector(connector(connect))
-            } else {
-                b.enable_http1().wrap_connector(connector(connect))
-            }
-        };
         let builder = || {
             let mut b = Client::builder(TokioExecutor::new());
             b.pool_timer(TokioTimer::new())
-                .pool_idle_timeout(idle)
+                .pool_idle_timeout(IDLE)
                 .timer(TokioTimer::new());
             b
         };
         Self {
-            pool: Pool::new(https(true), idle),
-            auto: builder().build(https(true)),
-            h2c: builder().http2_only(true).build(connector(connect)),
-            h1: builder().build(https(false)),
+            pool: pool(tls),
+            auto: builder().build(https(tls, true)),
+            h2c: builder().http2_only(true).build(connector()),
+            h1: builder().build(https(tls, false)),
         }
     }
 
